@@ -1,0 +1,1 @@
+//! Wire types of droverd's HTTP/JSON API and a client for it

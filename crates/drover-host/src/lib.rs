@@ -1,0 +1,1 @@
+//! droverd's library: VM manager, guest channel broker, host API

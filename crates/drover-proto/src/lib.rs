@@ -1,0 +1,423 @@
+//! The guest channel between droverd and `drover-agent`.
+//!
+//! Two virtio-serial ports carry it:
+//! - **port A** (`org.drover.req`): the *guest* initiates. The agent sends requests (its `Hello`,
+//!   later save/restore/reconfigure requests from apps) and the host answers each with an [`Body::Ack`].
+//! - **port B** (`org.drover.evt`): the *host* initiates. The host sends commands ([`Body::Ping`],
+//!   [`Body::Exec`], [`Body::Shutdown`]) and events; the agent answers commands on the same port.
+//!
+//! Every message is one [`Frame`]: the 4-byte magic [`MAGIC`], a big-endian `u32` body length, then
+//! the body as JSON. A body longer than [`MAX_FRAME_LEN`] is refused. The magic lets a reader
+//! resynchronise after garbage (an agent restarted mid-write, a hostile guest): [`Decoder`] skips to
+//! the next magic and reports what it dropped, so one bad frame never stops the channel.
+//!
+//! Everything read here may come from an untrusted guest: parsing is strict
+//! (`deny_unknown_fields`), sizes are bounded, and no input can make the decoder buffer more than
+//! `MAX_FRAME_LEN + HEADER_LEN` bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the message schema carried in every frame.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Marks the start of every frame.
+pub const MAGIC: [u8; 4] = *b"DRV1";
+/// Magic plus length.
+pub const HEADER_LEN: usize = 8;
+/// Largest body accepted, in bytes.
+pub const MAX_FRAME_LEN: usize = 256 * 1024;
+/// Largest stdout or stderr an `exec` reply carries, in bytes (each).
+pub const MAX_EXEC_OUTPUT: usize = 64 * 1024;
+/// Longest argv (sum of argument lengths) an `exec` may carry.
+pub const MAX_EXEC_ARGV: usize = 16 * 1024;
+/// Longest stdin an `exec` may carry.
+pub const MAX_EXEC_STDIN: usize = 64 * 1024;
+/// Names of the two virtio-serial ports.
+pub const PORT_A_NAME: &str = "org.drover.req";
+/// Name of the host-initiated port.
+pub const PORT_B_NAME: &str = "org.drover.evt";
+
+/// One message on either port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Frame {
+    /// Schema version ([`PROTOCOL_VERSION`] when sent by this build).
+    pub v: u16,
+    /// Request id chosen by the side that initiates; a reply carries the id of its request.
+    pub id: u64,
+    /// What the message says.
+    pub body: Body,
+}
+
+impl Frame {
+    /// A frame of the current version.
+    pub fn new(id: u64, body: Body) -> Self {
+        Frame {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        }
+    }
+}
+
+/// Message bodies. Each variant says who sends it and on which port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Body {
+    /// Guest → host, port A: the agent is up. Sent each time the agent (re)opens port A.
+    Hello(AgentInfo),
+    /// Host → guest on port A (answering a guest request), or guest → host on port B (answering a
+    /// host command that has no richer reply, such as `shutdown`).
+    Ack {
+        /// Whether the request was accepted.
+        accepted: bool,
+        /// Why not, when refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Host → guest, port B: are you there? Answered with [`Body::Pong`].
+    Ping,
+    /// Guest → host, port B: the answer to [`Body::Ping`].
+    Pong(AgentInfo),
+    /// Host → guest, port B: run a command. Answered with [`Body::ExecResult`].
+    Exec(ExecRequest),
+    /// Guest → host, port B: the outcome of an [`Body::Exec`].
+    ExecResult(ExecResult),
+    /// Host → guest, port B: power the guest off (or reboot). Answered with an `Ack` before the
+    /// agent syncs disks and powers off.
+    Shutdown {
+        /// Reboot instead of powering off.
+        #[serde(default)]
+        reboot: bool,
+    },
+    /// Either direction: the request with this id failed.
+    Error {
+        /// Stable machine-readable code, e.g. `bad_request`, `unsupported`.
+        code: String,
+        /// Human-readable explanation.
+        message: String,
+    },
+}
+
+/// What the agent reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentInfo {
+    /// The agent's version (`CARGO_PKG_VERSION`).
+    pub agent_version: String,
+    /// Highest protocol version the agent speaks.
+    pub protocol: u16,
+    /// Guest uptime in milliseconds (from `/proc/uptime`).
+    pub uptime_ms: u64,
+    /// Changes on every guest boot (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+}
+
+/// A command for the guest to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Bytes written to the command's stdin (UTF-8), then stdin is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Kill the command after this many milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// The outcome of a command run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResult {
+    /// Exit code, when the command exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    pub signal: Option<i32>,
+    /// Whether the agent killed it for exceeding its timeout.
+    pub timed_out: bool,
+    /// Standard output, lossily decoded as UTF-8, at most [`MAX_EXEC_OUTPUT`] bytes.
+    pub stdout: String,
+    /// Standard error, likewise.
+    pub stderr: String,
+    /// Whether stdout was cut at the cap.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut at the cap.
+    pub stderr_truncated: bool,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Why a frame could not be encoded or was dropped while decoding.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtoError {
+    /// The JSON body is larger than [`MAX_FRAME_LEN`].
+    #[error("frame body of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Declared or actual length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Bytes that did not start with [`MAGIC`] were skipped.
+    #[error("skipped {0} bytes of garbage before the next frame")]
+    Garbage(usize),
+    /// The body was not a valid message.
+    #[error("malformed frame body: {0}")]
+    Malformed(String),
+    /// The frame's version is newer than this build understands.
+    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    /// A field breaks a bound (argv too long, ...).
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Encode one frame: magic, length, JSON.
+pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
+    let body = serde_json::to_vec(frame).map_err(|e| ProtoError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME_LEN {
+        return Err(ProtoError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    // Cannot truncate: body.len() <= MAX_FRAME_LEN < u32::MAX.
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Parse and check one frame body.
+pub fn decode_body(body: &[u8]) -> Result<Frame, ProtoError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(ProtoError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let frame: Frame =
+        serde_json::from_slice(body).map_err(|e| ProtoError::Malformed(e.to_string()))?;
+    if frame.v == 0 || frame.v > PROTOCOL_VERSION {
+        return Err(ProtoError::Version(frame.v));
+    }
+    validate(&frame.body)?;
+    Ok(frame)
+}
+
+/// Bounds that JSON parsing alone does not enforce.
+fn validate(body: &Body) -> Result<(), ProtoError> {
+    match body {
+        Body::Exec(req) => {
+            if req.argv.is_empty() {
+                return Err(ProtoError::Invalid("exec argv is empty".into()));
+            }
+            let total: usize = req.argv.iter().map(|a| a.len()).sum();
+            if total > MAX_EXEC_ARGV {
+                return Err(ProtoError::Invalid(format!(
+                    "exec argv is {total} bytes, limit {MAX_EXEC_ARGV}"
+                )));
+            }
+            if req.argv.iter().any(|a| a.contains('\0')) {
+                return Err(ProtoError::Invalid("exec argv contains a NUL byte".into()));
+            }
+            if req.stdin.as_ref().is_some_and(|s| s.len() > MAX_EXEC_STDIN) {
+                return Err(ProtoError::Invalid(format!(
+                    "exec stdin exceeds {MAX_EXEC_STDIN} bytes"
+                )));
+            }
+        }
+        Body::ExecResult(r) => {
+            // A little slack for lossy decoding, which can grow invalid bytes into U+FFFD.
+            let cap = MAX_EXEC_OUTPUT * 3;
+            if r.stdout.len() > cap || r.stderr.len() > cap {
+                return Err(ProtoError::Invalid("exec output exceeds its cap".into()));
+            }
+        }
+        Body::Hello(info) | Body::Pong(info) => {
+            if info.agent_version.len() > 64 || info.boot_id.len() > 64 {
+                return Err(ProtoError::Invalid("agent info field too long".into()));
+            }
+        }
+        Body::Error { code, message } => {
+            if code.len() > 64 || message.len() > 4096 {
+                return Err(ProtoError::Invalid("error field too long".into()));
+            }
+        }
+        Body::Ack { reason, .. } => {
+            if reason.as_ref().is_some_and(|r| r.len() > 4096) {
+                return Err(ProtoError::Invalid("ack reason too long".into()));
+            }
+        }
+        Body::Ping | Body::Shutdown { .. } => {}
+    }
+    Ok(())
+}
+
+/// Incremental decoder for a byte stream of frames.
+///
+/// Feed bytes with [`Decoder::push`], then call [`Decoder::next_frame`] until it returns `None`.
+/// Errors are per frame: after one, decoding continues with the next frame.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append bytes read from the port.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes held, waiting for the rest of a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame, an error for a dropped one, or `None` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Option<Result<Frame, ProtoError>> {
+        // Resynchronise: drop everything before the first possible magic.
+        let start = find_magic(&self.buf);
+        if start > 0 {
+            self.buf.drain(..start);
+            return Some(Err(ProtoError::Garbage(start)));
+        }
+        if self.buf.len() < HEADER_LEN {
+            return None;
+        }
+        let len = u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize;
+        if len > MAX_FRAME_LEN {
+            // Drop the magic so the next call scans for the following frame.
+            self.buf.drain(..MAGIC.len());
+            return Some(Err(ProtoError::TooLarge {
+                len,
+                max: MAX_FRAME_LEN,
+            }));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return None;
+        }
+        let result = decode_body(&self.buf[HEADER_LEN..HEADER_LEN + len]);
+        self.buf.drain(..HEADER_LEN + len);
+        Some(result)
+    }
+}
+
+/// Index of the first position where [`MAGIC`] starts, or where a prefix of it ends the buffer;
+/// `buf.len()` when there is none.
+fn find_magic(buf: &[u8]) -> usize {
+    let mut i = 0;
+    while i < buf.len() {
+        let rest = &buf[i..];
+        let n = rest.len().min(MAGIC.len());
+        if rest[..n] == MAGIC[..n] {
+            return i;
+        }
+        i += 1;
+    }
+    buf.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn info() -> AgentInfo {
+        AgentInfo {
+            agent_version: "0.1.0".into(),
+            protocol: 1,
+            uptime_ms: 1234,
+            boot_id: "abc".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let f = Frame::new(7, Body::Hello(info()));
+        let bytes = encode(&f).unwrap();
+        let mut d = Decoder::new();
+        d.push(&bytes);
+        assert_eq!(d.next_frame(), Some(Ok(f)));
+        assert_eq!(d.next_frame(), None);
+    }
+
+    #[test]
+    fn garbage_then_frame_resyncs() {
+        let f = Frame::new(1, Body::Ping);
+        let mut d = Decoder::new();
+        d.push(b"xx\x00garbage");
+        d.push(&encode(&f).unwrap());
+        assert!(matches!(d.next_frame(), Some(Err(ProtoError::Garbage(_)))));
+        assert_eq!(d.next_frame(), Some(Ok(f)));
+    }
+
+    #[test]
+    fn oversized_is_dropped_and_next_frame_survives() {
+        let mut d = Decoder::new();
+        d.push(&MAGIC);
+        d.push(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes());
+        d.push(b"junk");
+        let f = Frame::new(2, Body::Ping);
+        d.push(&encode(&f).unwrap());
+        assert!(matches!(d.next_frame(), Some(Err(ProtoError::TooLarge { .. }))));
+        assert!(matches!(d.next_frame(), Some(Err(ProtoError::Garbage(_)))));
+        assert_eq!(d.next_frame(), Some(Ok(f)));
+    }
+
+    #[test]
+    fn malformed_and_unknown_fields_rejected() {
+        let bad = br#"{"v":1,"id":1,"body":{"type":"ping"},"extra":1}"#;
+        assert!(matches!(decode_body(bad), Err(ProtoError::Malformed(_))));
+        let newer = br#"{"v":99,"id":1,"body":{"type":"ping"}}"#;
+        assert_eq!(decode_body(newer), Err(ProtoError::Version(99)));
+        let empty_exec = br#"{"v":1,"id":1,"body":{"type":"exec","argv":[],"timeout_ms":1}}"#;
+        assert!(matches!(decode_body(empty_exec), Err(ProtoError::Invalid(_))));
+    }
+
+    #[test]
+    fn encode_refuses_oversized() {
+        let f = Frame::new(
+            1,
+            Body::Error {
+                code: "x".into(),
+                message: "y".repeat(MAX_FRAME_LEN),
+            },
+        );
+        assert!(matches!(encode(&f), Err(ProtoError::TooLarge { .. })));
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder, and it never holds more than one frame's worth.
+        #[test]
+        fn decoder_is_total_and_bounded(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..512), 0..32)) {
+            let mut d = Decoder::new();
+            for c in chunks {
+                d.push(&c);
+                while let Some(_r) = d.next_frame() {}
+                prop_assert!(d.buffered() <= HEADER_LEN + MAX_FRAME_LEN);
+            }
+        }
+
+        /// Valid frames split at any points decode to themselves, even after garbage.
+        #[test]
+        fn split_frames_decode(ids in proptest::collection::vec(any::<u64>(), 1..8), split in 1usize..64, garbage in proptest::collection::vec(any::<u8>(), 0..16)) {
+            let frames: Vec<Frame> = ids.iter().map(|&id| Frame::new(id, Body::Ack { accepted: id % 2 == 0, reason: None })).collect();
+            let mut stream: Vec<u8> = garbage.iter().map(|b| if *b == b'D' { b'x' } else { *b }).collect();
+            for f in &frames { stream.extend(encode(f).unwrap()); }
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(split) {
+                d.push(chunk);
+                while let Some(r) = d.next_frame() { if let Ok(f) = r { got.push(f); } }
+            }
+            prop_assert_eq!(got, frames);
+        }
+    }
+}

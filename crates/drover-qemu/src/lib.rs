@@ -1,0 +1,1 @@
+//! QEMU as a backend: command line from a config, QMP client, accelerator detection, process supervision

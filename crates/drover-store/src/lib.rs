@@ -1,0 +1,1 @@
+//! Durable store for droverd's records (embedded redb engine)
