@@ -1,1 +1,14 @@
-//! Pure VM configuration types, validation and (later) diff/apply/rebase; no I/O
+//! Pure types and logic of Drover's VM configuration. No I/O lives here.
+//!
+//! Two levels:
+//! - [`VmSpec`] is what an operator asks for (CLI flags or a TOML file): sizes as text, disks to
+//!   create or images to attach. It is parsed strictly and validated without touching the host.
+//! - [`VmConfig`] is the resolved configuration droverd stores and boots: absolute paths, sizes in
+//!   bytes, MAC addresses assigned. The host resolves a spec into a config (creating disks, checking
+//!   images) and checks host-dependent limits (CPUs, memory) itself.
+
+mod size;
+mod spec;
+
+pub use size::{format_size, parse_size, SizeError};
+pub use spec::*;
