@@ -1,0 +1,149 @@
+//! Disk images through `qemu-img`.
+
+use drover_model::DiskFormat;
+use std::path::{Path, PathBuf};
+
+/// Disk image failures, each naming the image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImgError {
+    /// qemu-img could not be run.
+    #[error("cannot run qemu-img: {0} (install it: apt-get install qemu-utils)")]
+    Spawn(std::io::Error),
+    /// The image does not exist.
+    #[error("disk image {0} does not exist")]
+    Missing(PathBuf),
+    /// qemu-img refused the image.
+    #[error("disk image {path} is not usable: {message}")]
+    Unusable {
+        /// The image.
+        path: PathBuf,
+        /// What qemu-img said.
+        message: String,
+    },
+    /// Creating an image failed.
+    #[error("cannot create disk image {path}: {message}")]
+    Create {
+        /// The image.
+        path: PathBuf,
+        /// What qemu-img said.
+        message: String,
+    },
+}
+
+/// What `qemu-img info` tells about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Format.
+    pub format: DiskFormat,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+}
+
+fn run(args: &[&str]) -> Result<std::process::Output, ImgError> {
+    std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(ImgError::Spawn)
+}
+
+fn stderr_line(out: &std::process::Output) -> String {
+    let s = String::from_utf8_lossy(&out.stderr);
+    let s = s.trim();
+    s.strip_prefix("qemu-img: ").unwrap_or(s).to_string()
+}
+
+/// Create a qcow2 image of `size` bytes; refuses to overwrite.
+pub fn create_qcow2(path: &Path, size: u64) -> Result<(), ImgError> {
+    if path.exists() {
+        return Err(ImgError::Create {
+            path: path.to_path_buf(),
+            message: "a file already exists there".into(),
+        });
+    }
+    let p = path.to_string_lossy();
+    let out = run(&["create", "-q", "-f", "qcow2", "-o", "compat=1.1", &p, &size.to_string()])?;
+    if !out.status.success() {
+        return Err(ImgError::Create {
+            path: path.to_path_buf(),
+            message: stderr_line(&out),
+        });
+    }
+    Ok(())
+}
+
+/// Inspect an existing image: it must exist, be qcow2 or raw, and (qcow2) pass `qemu-img check`.
+pub fn inspect(path: &Path) -> Result<ImageInfo, ImgError> {
+    if !path.exists() {
+        return Err(ImgError::Missing(path.to_path_buf()));
+    }
+    let unusable = |message: String| ImgError::Unusable {
+        path: path.to_path_buf(),
+        message,
+    };
+    let p = path.to_string_lossy();
+    // -U: read even if a running VM holds the image's lock.
+    let out = run(&["info", "-U", "--output", "json", &p])?;
+    if !out.status.success() {
+        return Err(unusable(stderr_line(&out)));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| unusable(format!("unreadable qemu-img info: {e}")))?;
+    let format = match v.get("format").and_then(|f| f.as_str()) {
+        Some("qcow2") => DiskFormat::Qcow2,
+        Some("raw") => DiskFormat::Raw,
+        Some(other) => return Err(unusable(format!("format {other} is not supported (use qcow2 or raw)"))),
+        None => return Err(unusable("qemu-img reported no format".into())),
+    };
+    let virtual_size = v
+        .get("virtual-size")
+        .and_then(|s| s.as_u64())
+        .ok_or_else(|| unusable("qemu-img reported no size".into()))?;
+    if virtual_size == 0 {
+        return Err(unusable("the image is empty".into()));
+    }
+    if format == DiskFormat::Qcow2 {
+        if v.get("backing-filename").is_some() {
+            // Backing chains are Drover's own business (snapshots); an operator image must stand alone.
+            return Err(unusable("images with a backing file are not supported; flatten it with qemu-img convert".into()));
+        }
+        let out = run(&["check", "-U", "-q", &p])?;
+        if !out.status.success() {
+            return Err(unusable(format!("qemu-img check found damage: {}", stderr_line(&out))));
+        }
+    }
+    Ok(ImageInfo {
+        format,
+        virtual_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn have_qemu_img() -> bool {
+        std::process::Command::new("qemu-img").arg("--version").output().is_ok()
+    }
+
+    #[test]
+    fn create_inspect_and_reject_damage() {
+        if !have_qemu_img() {
+            eprintln!("qemu-img not installed; skipping");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.qcow2");
+        create_qcow2(&p, 64 << 20).unwrap();
+        assert_eq!(inspect(&p).unwrap(), ImageInfo { format: DiskFormat::Qcow2, virtual_size: 64 << 20 });
+        assert!(matches!(create_qcow2(&p, 1 << 20), Err(ImgError::Create { .. })));
+        assert!(matches!(inspect(&dir.path().join("none")), Err(ImgError::Missing(_))));
+        // Truncating a qcow2's header corrupts it.
+        let bytes = std::fs::read(&p).unwrap();
+        let bad = dir.path().join("bad.qcow2");
+        std::fs::write(&bad, &bytes[..40]).unwrap();
+        assert!(matches!(inspect(&bad), Err(ImgError::Unusable { .. })), "{:?}", inspect(&bad));
+        let raw = dir.path().join("r.img");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        assert_eq!(inspect(&raw).unwrap().format, DiskFormat::Raw);
+    }
+}
