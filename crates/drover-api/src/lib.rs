@@ -1,1 +1,279 @@
-//! Wire types of droverd's HTTP/JSON API and a client for it
+//! droverd's HTTP/JSON API: the types both sides share, and a client.
+//!
+//! Routes (all under `/v1`):
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/host` | | [`HostInfo`] |
+//! | GET | `/vms` | | `Vec<VmInfo>` |
+//! | POST | `/vms` | [`drover_model::VmSpec`] | [`VmInfo`] |
+//! | GET | `/vms/{name}` | | [`VmInfo`] |
+//! | DELETE | `/vms/{name}?force=true` | | [`VmInfo`] (as it was) |
+//! | POST | `/vms/{name}/start` | | [`VmInfo`] (QEMU running) |
+//! | POST | `/vms/{name}/stop` | [`StopRequest`] | [`VmInfo`] |
+//! | POST | `/vms/{name}/restart` | [`StopRequest`] | [`VmInfo`] |
+//! | GET | `/vms/{name}/agent?wait_s=N` | | [`AgentStatus`] (waits up to N s for readiness) |
+//! | POST | `/vms/{name}/exec` | [`ExecRequest`] | [`drover_proto::ExecResult`] |
+//! | GET | `/vms/{name}/console?offset=N&max=M` | | bytes; header `x-drover-next-offset` |
+//! | GET | `/image` | | [`ImageInfo`] |
+//! | POST | `/image/build` | [`ImageBuildRequest`] | NDJSON lines of [`StreamItem<ImageInfo>`] |
+//!
+//! Errors are [`ApiError`] with a stable [`ErrorCode`].
+
+mod client;
+pub use client::{Client, ClientError};
+
+use drover_model::{Accel, VmConfig};
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle state of a VM as recorded by droverd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// No QEMU process.
+    Stopped,
+    /// QEMU is being launched.
+    Starting,
+    /// QEMU is running the guest.
+    Running,
+    /// A stop is in progress.
+    Stopping,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+        })
+    }
+}
+
+/// How and when a VM last stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// Stable reason: `guest-poweroff`, `operator-stop`, `killed`, `crashed`, `start-failed`,
+    /// `exited-while-daemon-down`.
+    pub reason: String,
+    /// Details (QEMU's shutdown reason, exit status, log tail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The in-guest agent as droverd sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Both guest-channel sockets are connected.
+    pub connected: bool,
+    /// The agent has answered since QEMU started.
+    pub ready: bool,
+    /// What it said about itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<drover_proto::AgentInfo>,
+    /// Milliseconds from QEMU's start to the agent's first answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_after_ms: Option<u64>,
+}
+
+/// Everything droverd knows about one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: VmState,
+    /// Configuration.
+    pub config: VmConfig,
+    /// Creation time (unix ms).
+    pub created_at_ms: u64,
+    /// QEMU's pid while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Accelerator of the running QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+    /// Start time of the running QEMU (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// The last exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+    /// Agent status while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
+}
+
+/// How to stop a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRequest {
+    /// Seconds for the graceful steps (agent, then ACPI) before QEMU is killed.
+    #[serde(default = "default_stop_timeout")]
+    pub timeout_s: u64,
+    /// Skip the graceful steps.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Default graceful-stop budget.
+pub fn default_stop_timeout() -> u64 {
+    30
+}
+
+impl Default for StopRequest {
+    fn default() -> Self {
+        StopRequest {
+            timeout_s: default_stop_timeout(),
+            force: false,
+        }
+    }
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Standard input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Seconds before the agent kills it.
+    #[serde(default = "default_exec_timeout")]
+    pub timeout_s: u64,
+}
+
+/// Default exec timeout.
+pub fn default_exec_timeout() -> u64 {
+    60
+}
+
+/// The host as `drover host info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// droverd's version.
+    pub daemon_version: String,
+    /// Host name.
+    pub hostname: String,
+    /// Accelerator VMs get by default.
+    pub accel: Accel,
+    /// Why.
+    pub accel_reason: String,
+    /// QEMU binary.
+    pub qemu_binary: String,
+    /// Its version.
+    pub qemu_version: String,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Total memory, bytes.
+    pub memory_total: u64,
+    /// Available memory, bytes.
+    pub memory_available: u64,
+    /// State directory.
+    pub state_dir: String,
+    /// Size of the state directory's filesystem, bytes.
+    pub disk_total: u64,
+    /// Free space there, bytes.
+    pub disk_free: u64,
+    /// VMs defined.
+    pub vms_defined: u32,
+    /// VMs running.
+    pub vms_running: u32,
+    /// Memory given to running VMs, bytes.
+    pub memory_allocated: u64,
+}
+
+/// The default guest image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Image directory.
+    pub dir: String,
+    /// ELF kernel.
+    pub kernel: String,
+    /// Initramfs.
+    pub initrd: String,
+    /// Everything the builder recorded (inputs, sizes, build time).
+    pub manifest: serde_json::Value,
+}
+
+/// Ask for an image build.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageBuildRequest {
+    /// Rebuild even if the inputs are unchanged.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// One line of a streamed (NDJSON) answer: progress, then a result or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamItem<T> {
+    /// A step of a long operation.
+    Progress(String),
+    /// The outcome.
+    Result(T),
+    /// The failure.
+    Error(ApiError),
+}
+
+/// Stable error codes for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The VM (or other object) does not exist.
+    NotFound,
+    /// The name is taken.
+    AlreadyExists,
+    /// The request is malformed or a value is out of range.
+    InvalidArgument,
+    /// The object is in the wrong state for this (running, stopped, busy).
+    Conflict,
+    /// The host cannot give what is asked.
+    InsufficientResources,
+    /// The guest agent is not connected or did not answer.
+    AgentUnavailable,
+    /// The operation did not finish in time.
+    Timeout,
+    /// The default guest image is not built.
+    ImageMissing,
+    /// Something failed inside droverd.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status for this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::NotFound => 404,
+            ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
+            ErrorCode::InvalidArgument => 400,
+            ErrorCode::InsufficientResources => 507,
+            ErrorCode::AgentUnavailable => 503,
+            ErrorCode::Timeout => 504,
+            ErrorCode::ImageMissing => 424,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// One line a person can act on.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Build one.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+}
