@@ -1,1 +1,27 @@
-//! droverd's library: VM manager, guest channel broker, host API
+//! droverd's library: the VM manager, the guest channel broker and the host API.
+//!
+//! - [`manager`]: VM records, lifecycle (create/start/stop/restart/delete), supervision,
+//!   re-adoption of running QEMUs after a daemon restart.
+//! - [`agent_link`]: the host end of a VM's guest channel (ports A and B).
+//! - [`api`]: the HTTP/JSON routes.
+//! - [`action`]: every lifecycle verb with the states it is valid in.
+
+pub mod action;
+pub mod agent_link;
+pub mod api;
+pub mod error;
+pub mod hostfacts;
+pub mod manager;
+
+/// One line of image-build progress for logs and the CLI.
+pub fn image_progress(p: &drover_image::Progress) -> String {
+    use drover_image::Progress;
+    match p {
+        Progress::Step { step } => step.clone(),
+        Progress::WaitingForLock { lock } => format!("waiting for another build (lock {})", lock.display()),
+        Progress::Downloading { package, version } => format!("downloading {package} {version}"),
+        Progress::UpToDate { dir } => format!("image is up to date ({})", dir.display()),
+        Progress::Built { dir, build_ms } => format!("built {} in {:.1}s", dir.display(), *build_ms as f64 / 1000.0),
+        other => format!("{other:?}"),
+    }
+}

@@ -24,7 +24,7 @@ pub const MAGIC: [u8; 4] = *b"DRV1";
 /// Magic plus length.
 pub const HEADER_LEN: usize = 8;
 /// Largest body accepted, in bytes.
-pub const MAX_FRAME_LEN: usize = 256 * 1024;
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// Largest stdout or stderr an `exec` reply carries, in bytes (each).
 pub const MAX_EXEC_OUTPUT: usize = 64 * 1024;
 /// Longest argv (sum of argument lengths) an `exec` may carry.

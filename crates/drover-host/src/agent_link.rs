@@ -1,0 +1,351 @@
+//! The host end of one VM's guest channel (ports A and B).
+//!
+//! droverd connects to the two chardev sockets QEMU serves and keeps them for the VM's life.
+//! Port A: the agent's `Hello` (and later app requests) arrive and are acked. Port B: droverd
+//! sends commands and matches replies by frame id. Everything read is untrusted: the decoder drops
+//! malformed or oversized frames (counted and logged, rate-limited) and the link keeps serving.
+
+use drover_api::AgentStatus;
+use drover_proto::{encode, Body, Decoder, Frame};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, watch};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Body>>>>;
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Port B is not connected (QEMU not up yet, or gone).
+    #[error("the guest channel is not connected")]
+    NotConnected,
+    /// No reply in time (agent not running, guest busy or hung).
+    #[error("the guest agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The agent said no.
+    #[error("the guest agent refused: {0}")]
+    Refused(String),
+    /// The message could not be encoded.
+    #[error("{0}")]
+    Proto(#[from] drover_proto::ProtoError),
+}
+
+/// One VM's guest channel. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentLink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer_b: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    pending: Pending,
+    next_id: AtomicU64,
+    status: watch::Sender<AgentStatus>,
+    dropped_frames: AtomicU64,
+    started: Instant,
+}
+
+impl AgentLink {
+    /// Start the link's tasks; they end when `stop` fires or QEMU closes the sockets for good.
+    pub fn spawn(vm: String, port_a: PathBuf, port_b: PathBuf, started: Instant, stop: watch::Receiver<bool>) -> Self {
+        let (status, _) = watch::channel(AgentStatus::default());
+        let link = AgentLink {
+            inner: Arc::new(Inner {
+                writer_b: tokio::sync::Mutex::new(None),
+                pending: Arc::default(),
+                next_id: AtomicU64::new(1),
+                status,
+                dropped_frames: AtomicU64::new(0),
+                started,
+            }),
+        };
+        tokio::spawn(link.clone().run_port_a(vm.clone(), port_a, stop.clone()));
+        tokio::spawn(link.clone().run_port_b(vm, port_b, stop));
+        link
+    }
+
+    /// Current status.
+    pub fn status(&self) -> AgentStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Frames dropped as malformed, oversized or unexpected.
+    pub fn dropped_frames(&self) -> u64 {
+        self.inner.dropped_frames.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the agent is ready, at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<AgentStatus, LinkError> {
+        let mut rx = self.inner.status.subscribe();
+        let res = tokio::time::timeout(timeout, rx.wait_for(|s| s.ready)).await;
+        match res {
+            Ok(Ok(s)) => Ok(s.clone()),
+            // The sender lives in `inner`, which we hold: a closed channel cannot happen, but
+            // treat it as not connected rather than panic.
+            Ok(Err(_)) => Err(LinkError::NotConnected),
+            Err(_) => Err(LinkError::Timeout(timeout)),
+        }
+    }
+
+    /// Send a command on port B and wait for its reply.
+    pub async fn call(&self, body: Body, timeout: Duration) -> Result<Body, LinkError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = encode(&Frame::new(id, body))?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(id, tx);
+        let sent = {
+            let mut w = self.inner.writer_b.lock().await;
+            match w.as_mut() {
+                None => false,
+                // A write blocks only while the socket buffer is full (guest not reading): bound it.
+                Some(w) => matches!(
+                    tokio::time::timeout(timeout, w.write_all(&bytes)).await,
+                    Ok(Ok(()))
+                ),
+            }
+        };
+        if !sent {
+            lock(&self.inner.pending).remove(&id);
+            return Err(LinkError::NotConnected);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Body::Error { code, message })) => Err(LinkError::Refused(format!("{code}: {message}"))),
+            Ok(Ok(Body::Ack { accepted: false, reason })) => {
+                Err(LinkError::Refused(reason.unwrap_or_else(|| "no reason given".into())))
+            }
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(_)) => Err(LinkError::NotConnected),
+            Err(_) => {
+                lock(&self.inner.pending).remove(&id);
+                Err(LinkError::Timeout(timeout))
+            }
+        }
+    }
+
+    fn mark_ready(&self, info: drover_proto::AgentInfo) {
+        let after = self.inner.started.elapsed().as_millis() as u64;
+        self.inner.status.send_modify(|s| {
+            if !s.ready {
+                s.ready_after_ms = Some(after);
+            }
+            s.ready = true;
+            s.info = Some(info);
+        });
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.inner.status.send_modify(|s| s.connected = connected);
+    }
+
+    fn drop_frame(&self, vm: &str, port: &str, err: &dyn std::fmt::Display) {
+        let n = self.inner.dropped_frames.fetch_add(1, Ordering::Relaxed) + 1;
+        // Log the first few and then every 100th, so a flooding guest cannot flood the host log.
+        if n <= 10 || n % 100 == 0 {
+            tracing::warn!(vm, port, dropped_total = n, "dropped a guest frame: {err}");
+        }
+    }
+
+    async fn connect(path: &PathBuf, stop: &mut watch::Receiver<bool>) -> Option<UnixStream> {
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            if let Ok(s) = UnixStream::connect(path).await {
+                return Some(s);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    async fn run_port_a(self, vm: String, path: PathBuf, mut stop: watch::Receiver<bool>) {
+        while let Some(stream) = Self::connect(&path, &mut stop).await {
+            let (mut r, mut w) = stream.into_split();
+            let mut dec = Decoder::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = tokio::select! {
+                    n = r.read(&mut buf) => n,
+                    _ = stop.changed() => return,
+                };
+                let n = match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                dec.push(&buf[..n]);
+                while let Some(frame) = dec.next_frame() {
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(e) => {
+                            self.drop_frame(&vm, "A", &e);
+                            continue;
+                        }
+                    };
+                    let reply = match frame.body {
+                        Body::Hello(info) => {
+                            tracing::info!(vm, agent = info.agent_version, uptime_ms = info.uptime_ms, "guest agent said hello");
+                            self.mark_ready(info);
+                            Body::Ack { accepted: true, reason: None }
+                        }
+                        other => {
+                            self.drop_frame(&vm, "A", &format!("unexpected {} from guest", kind(&other)));
+                            Body::Error {
+                                code: "unsupported".into(),
+                                message: format!("{} is not a request this host accepts", kind(&other)),
+                            }
+                        }
+                    };
+                    if let Ok(bytes) = encode(&Frame::new(frame.id, reply)) {
+                        if w.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // QEMU closed the socket: it is exiting. Retry until told to stop.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn run_port_b(self, vm: String, path: PathBuf, mut stop: watch::Receiver<bool>) {
+        while let Some(stream) = Self::connect(&path, &mut stop).await {
+            let (mut r, w) = stream.into_split();
+            *self.inner.writer_b.lock().await = Some(w);
+            self.set_connected(true);
+            // Ask once at connect: an agent that was already up (droverd restarted) answers now.
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Ok(Body::Pong(info)) = me.call(Body::Ping, Duration::from_secs(3600)).await {
+                    me.mark_ready(info);
+                }
+            });
+            let mut dec = Decoder::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = tokio::select! {
+                    n = r.read(&mut buf) => n,
+                    _ = stop.changed() => break,
+                };
+                let n = match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                dec.push(&buf[..n]);
+                while let Some(frame) = dec.next_frame() {
+                    match frame {
+                        Ok(f) => {
+                            let waiter = lock(&self.inner.pending).remove(&f.id);
+                            match waiter {
+                                Some(tx) => {
+                                    let _ = tx.send(f.body);
+                                }
+                                None => self.drop_frame(&vm, "B", &format!("reply to unknown request {}", f.id)),
+                            }
+                        }
+                        Err(e) => self.drop_frame(&vm, "B", &e),
+                    }
+                }
+            }
+            *self.inner.writer_b.lock().await = None;
+            self.set_connected(false);
+            lock(&self.inner.pending).clear();
+            if *stop.borrow() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn kind(b: &Body) -> &'static str {
+    match b {
+        Body::Hello(_) => "hello",
+        Body::Ack { .. } => "ack",
+        Body::Ping => "ping",
+        Body::Pong(_) => "pong",
+        Body::Exec(_) => "exec",
+        Body::ExecResult(_) => "exec_result",
+        Body::Shutdown { .. } => "shutdown",
+        Body::Error { .. } => "error",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_proto::AgentInfo;
+    use tokio::net::UnixListener;
+
+    fn info() -> AgentInfo {
+        AgentInfo { agent_version: "t".into(), protocol: 1, uptime_ms: 5, boot_id: "b".into() }
+    }
+
+    /// A fake guest: garbage and an oversized frame on port A, then hello; answers ping on B.
+    #[tokio::test]
+    async fn survives_bad_frames_and_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+        let (la, lb) = (UnixListener::bind(&pa).unwrap(), UnixListener::bind(&pb).unwrap());
+        let guest_a = tokio::spawn(async move {
+            let (mut s, _) = la.accept().await.unwrap();
+            s.write_all(b"garbage!").await.unwrap();
+            s.write_all(&drover_proto::MAGIC).await.unwrap();
+            s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+            s.write_all(&encode(&Frame::new(9, Body::Hello(info()))).unwrap()).await.unwrap();
+            let mut dec = Decoder::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                dec.push(&buf[..n]);
+                if let Some(Ok(f)) = dec.next_frame() {
+                    return f;
+                }
+            }
+        });
+        let guest_b = tokio::spawn(async move {
+            let (mut s, _) = lb.accept().await.unwrap();
+            let mut dec = Decoder::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                dec.push(&buf[..n]);
+                while let Some(Ok(f)) = dec.next_frame() {
+                    let reply = match f.body {
+                        Body::Ping => Body::Pong(info()),
+                        _ => Body::Error { code: "x".into(), message: "y".into() },
+                    };
+                    s.write_all(&encode(&Frame::new(f.id, reply)).unwrap()).await.unwrap();
+                }
+            }
+        });
+        let (stop_tx, stop) = watch::channel(false);
+        let link = AgentLink::spawn("t".into(), pa, pb, Instant::now(), stop);
+        let st = link.wait_ready(Duration::from_secs(5)).await.unwrap();
+        assert!(st.ready);
+        let ack = guest_a.await.unwrap();
+        assert_eq!((ack.id, ack.body), (9, Body::Ack { accepted: true, reason: None }));
+        assert!(link.dropped_frames() >= 2, "garbage and oversized were counted");
+        let pong = link.call(Body::Ping, Duration::from_secs(5)).await.unwrap();
+        assert!(matches!(pong, Body::Pong(_)));
+        let err = link.call(Body::Shutdown { reboot: false }, Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, LinkError::Refused(_)));
+        stop_tx.send(true).unwrap();
+        drop(link);
+        let _ = tokio::time::timeout(Duration::from_secs(2), guest_b).await;
+    }
+}

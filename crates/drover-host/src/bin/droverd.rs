@@ -1,0 +1,100 @@
+//! droverd: the Drover host daemon.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use drover_host::manager::{DaemonConfig, Manager};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+/// Drover's host daemon: runs QEMU virtual machines and serves the API the `drover` CLI uses.
+///
+/// VMs keep running when droverd stops or crashes; on its next start droverd re-adopts them.
+/// Several droverd's can run side by side with different --state-dir and --socket.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Where VM records, disks, logs and the guest image live.
+    #[arg(long, env = "DROVER_STATE_DIR", default_value = "/var/lib/drover")]
+    state_dir: PathBuf,
+    /// Unix socket to serve the API on (mode 0600: host administrators only).
+    #[arg(long, env = "DROVER_SOCKET", default_value = "/run/drover/drover.sock")]
+    socket: PathBuf,
+    /// Guest image cache (default: STATE_DIR/images). Several daemons may share one.
+    #[arg(long, env = "DROVER_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    /// Static drover-agent binary to put into the guest image (default: looked up beside droverd).
+    #[arg(long, env = "DROVER_AGENT_BIN")]
+    agent_binary: Option<PathBuf>,
+    /// QEMU binary.
+    #[arg(long, env = "DROVER_QEMU", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Force the accelerator for every VM (default: KVM only where hardware KVM works, else TCG).
+    #[arg(long, value_parser = ["kvm", "tcg"])]
+    accel: Option<String>,
+    /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
+    #[arg(long, env = "DROVER_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let state_dir = std::path::absolute(&args.state_dir).context("resolving --state-dir")?;
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let store = drover_store::RedbStore::open(&state_dir.join("drover.redb"))?;
+    let qemu = which(&args.qemu).unwrap_or(args.qemu.clone());
+    let cfg = DaemonConfig {
+        image_dir: args.image_dir.clone().unwrap_or_else(|| state_dir.join("images")),
+        state_dir,
+        agent_binary: args.agent_binary.clone(),
+        qemu_binary: qemu,
+        accel: args.accel.as_deref().map(|a| a.parse()).transpose().map_err(anyhow::Error::msg)?,
+    };
+    let listener = bind(&args.socket).await?;
+    let mgr = Manager::open(cfg, Box::new(store)).await?;
+    tracing::info!(socket = %args.socket.display(), vms = mgr.list().len(), "droverd serving");
+    let app = drover_host::api::router(mgr);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        tracing::info!("droverd stopping; running VMs keep running and are re-adopted at the next start");
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}
+
+/// Bind the API socket, refusing to steal one another daemon is serving.
+async fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another droverd is already serving on {}; stop it or pass a different --socket", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+fn which(bin: &std::path::Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 {
+        return Some(bin.to_path_buf());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(bin))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,89 @@
+//! droverd's error type and its mapping to API error codes.
+
+use drover_api::{ApiError, ErrorCode};
+
+/// Everything a host operation can fail with. Messages name the VM and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// No such VM.
+    #[error("VM {0} does not exist (see `drover vm list`)")]
+    NotFound(String),
+    /// Name taken.
+    #[error("a VM named {0} already exists")]
+    AlreadyExists(String),
+    /// Bad input.
+    #[error("{0}")]
+    Invalid(String),
+    /// Wrong state for the operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// The host cannot give it.
+    #[error("{0}")]
+    Resources(String),
+    /// The guest agent is not there.
+    #[error("{0}")]
+    Agent(String),
+    /// Took too long.
+    #[error("{0}")]
+    Timeout(String),
+    /// No guest image.
+    #[error("{0}")]
+    ImageMissing(String),
+    /// Spec validation.
+    #[error(transparent)]
+    Model(#[from] drover_model::ModelError),
+    /// Disk images.
+    #[error(transparent)]
+    Img(#[from] drover_qemu::img::ImgError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] drover_store::StoreError),
+    /// QMP.
+    #[error(transparent)]
+    Qmp(#[from] drover_qemu::qmp::QmpError),
+    /// Processes.
+    #[error(transparent)]
+    Process(#[from] drover_qemu::process::ProcessError),
+    /// Anything else inside droverd.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl HostError {
+    /// The stable code scripts see.
+    pub fn code(&self) -> ErrorCode {
+        use drover_qemu::img::ImgError;
+        match self {
+            HostError::NotFound(_) => ErrorCode::NotFound,
+            HostError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            HostError::Invalid(_) | HostError::Model(_) => ErrorCode::InvalidArgument,
+            HostError::Img(ImgError::Missing(_) | ImgError::Unusable { .. }) => ErrorCode::InvalidArgument,
+            HostError::Conflict(_) => ErrorCode::Conflict,
+            HostError::Resources(_) => ErrorCode::InsufficientResources,
+            HostError::Agent(_) => ErrorCode::AgentUnavailable,
+            HostError::Timeout(_) => ErrorCode::Timeout,
+            HostError::ImageMissing(_) => ErrorCode::ImageMissing,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<std::io::Error> for HostError {
+    fn from(e: std::io::Error) -> Self {
+        HostError::Internal(e.to_string())
+    }
+}
+
+/// Attach a path to an I/O error.
+pub fn io_ctx(what: &str, path: &std::path::Path, e: std::io::Error) -> HostError {
+    HostError::Internal(format!("{what} {}: {e}", path.display()))
+}
+
+/// Result alias.
+pub type Result<T, E = HostError> = std::result::Result<T, E>;

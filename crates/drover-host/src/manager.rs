@@ -1,0 +1,877 @@
+//! The VM manager: records, lifecycle, supervision and re-adoption.
+//!
+//! Rules it keeps:
+//! - A VM's record is written to the store before any answer reports the change.
+//! - One lifecycle operation runs at a time per VM (`VmSlot::op`); reads never wait on it.
+//! - QEMU outlives droverd. At open, every VM recorded as not stopped is re-adopted from its pid
+//!   file and QMP socket, or marked stopped with the reason when its QEMU is gone.
+//! - The QMP connection ending is the authoritative "QEMU exited" signal; the supervisor then
+//!   waits for the process itself to go (so disks are unlocked) and records why it ended.
+
+use crate::action::VmAction;
+use crate::agent_link::{AgentLink, LinkError};
+use crate::error::{io_ctx, HostError, Result};
+use crate::hostfacts;
+use drover_api::{AgentStatus, ExitInfo, HostInfo, ImageInfo, VmInfo, VmState};
+use drover_model::{format_size, Accel, Boot, DiskConfig, DiskSource, MacAddr, NicConfig, VmConfig, VmSpec};
+use drover_qemu::accel::AccelChoice;
+use drover_qemu::cmdline::{self, KernelBoot, LaunchSpec, RunPaths};
+use drover_qemu::qmp::{Qmp, QmpEvent};
+use drover_qemu::{img, process};
+use drover_store::{Store, StoreExt};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+const VMS: &str = "vms";
+/// Root ports kept free for later hot-plug of disks and NICs.
+pub const HOTPLUG_PORTS: u32 = 8;
+/// Memory kept back for the host when checking whether a VM fits.
+const HOST_RESERVE: u64 = 256 << 20;
+
+/// droverd's settings.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Root of everything droverd keeps.
+    pub state_dir: PathBuf,
+    /// Where the default guest image is built and cached.
+    pub image_dir: PathBuf,
+    /// The static `drover-agent` put into the guest image.
+    pub agent_binary: Option<PathBuf>,
+    /// QEMU binary.
+    pub qemu_binary: PathBuf,
+    /// Accelerator override for every VM (auto-detected when `None`).
+    pub accel: Option<Accel>,
+}
+
+struct Runtime {
+    qmp: Qmp,
+    agent: AgentLink,
+    pid: u32,
+    exited: watch::Receiver<bool>,
+    /// Set by an operator stop so the supervisor records the right reason.
+    stop_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Clone for Runtime {
+    fn clone(&self) -> Self {
+        Runtime {
+            qmp: self.qmp.clone(),
+            agent: self.agent.clone(),
+            pid: self.pid,
+            exited: self.exited.clone(),
+            stop_reason: self.stop_reason.clone(),
+        }
+    }
+}
+
+struct VmSlot {
+    op: tokio::sync::Mutex<()>,
+    info: Mutex<VmInfo>,
+    rt: Mutex<Option<Runtime>>,
+}
+
+struct Shared {
+    cfg: DaemonConfig,
+    store: Box<dyn Store>,
+    accel: AccelChoice,
+    qemu_version: String,
+    vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
+    create_lock: tokio::sync::Mutex<()>,
+    image_lock: tokio::sync::Mutex<()>,
+}
+
+/// The VM manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    s: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Manager {
+    /// Open the state dir, detect the accelerator, load records and re-adopt running VMs.
+    pub async fn open(cfg: DaemonConfig, store: Box<dyn Store>) -> Result<Self> {
+        for dir in [&cfg.state_dir, &cfg.state_dir.join("vms"), &cfg.state_dir.join("run"), &cfg.image_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| io_ctx("creating", dir, e))?;
+        }
+        let accel = match cfg.accel {
+            Some(a) => AccelChoice {
+                accel: a,
+                reason: format!("{a} forced with --accel"),
+            },
+            None => drover_qemu::accel::detect(),
+        };
+        tracing::info!(accel = %accel.accel, "accelerator: {}", accel.reason);
+        let qemu_version = process::version(&cfg.qemu_binary).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            "unknown".into()
+        });
+        let records: Vec<(String, VmInfo)> = store.list(VMS)?;
+        let mgr = Manager {
+            s: Arc::new(Shared {
+                cfg,
+                store,
+                accel,
+                qemu_version,
+                vms: Mutex::new(BTreeMap::new()),
+                create_lock: tokio::sync::Mutex::new(()),
+                image_lock: tokio::sync::Mutex::new(()),
+            }),
+        };
+        for (name, info) in records {
+            let state = info.state;
+            let slot = Arc::new(VmSlot {
+                op: tokio::sync::Mutex::new(()),
+                info: Mutex::new(info),
+                rt: Mutex::new(None),
+            });
+            lock(&mgr.s.vms).insert(name.clone(), slot.clone());
+            if state != VmState::Stopped {
+                mgr.readopt(&name, &slot).await?;
+            }
+        }
+        Ok(mgr)
+    }
+
+    fn run_paths(&self, name: &str) -> RunPaths {
+        RunPaths::new(&self.s.cfg.state_dir.join("run").join(name))
+    }
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.s.cfg.state_dir.join("vms").join(name)
+    }
+    /// The serial console log of a VM (kept across runs).
+    pub fn console_path(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("console.log")
+    }
+
+    fn slot(&self, name: &str) -> Result<Arc<VmSlot>> {
+        lock(&self.s.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| HostError::NotFound(name.to_string()))
+    }
+
+    /// Write the record durably, then make it the in-memory truth.
+    fn persist(&self, slot: &VmSlot, change: impl FnOnce(&mut VmInfo)) -> Result<VmInfo> {
+        let mut info = lock(&slot.info);
+        let mut next = info.clone();
+        change(&mut next);
+        next.agent = None;
+        self.s.store.put(VMS, &next.name, &next)?;
+        *info = next.clone();
+        Ok(next)
+    }
+
+    fn view(&self, slot: &Arc<VmSlot>) -> VmInfo {
+        let mut info = lock(&slot.info).clone();
+        info.agent = lock(&slot.rt).as_ref().map(|rt| rt.agent.status());
+        info
+    }
+
+    /// One VM.
+    pub fn get(&self, name: &str) -> Result<VmInfo> {
+        Ok(self.view(&self.slot(name)?))
+    }
+
+    /// All VMs, by name.
+    pub fn list(&self) -> Vec<VmInfo> {
+        let slots: Vec<Arc<VmSlot>> = lock(&self.s.vms).values().cloned().collect();
+        slots.iter().map(|s| self.view(s)).collect()
+    }
+
+    /// Host facts for `drover host info`.
+    pub fn host_info(&self) -> HostInfo {
+        let mem = hostfacts::memory();
+        let (disk_total, disk_free) = hostfacts::disk(&self.s.cfg.state_dir);
+        let vms = self.list();
+        let running: Vec<&VmInfo> = vms.iter().filter(|v| v.state != VmState::Stopped).collect();
+        HostInfo {
+            daemon_version: env!("CARGO_PKG_VERSION").into(),
+            hostname: hostfacts::hostname(),
+            accel: self.s.accel.accel,
+            accel_reason: self.s.accel.reason.clone(),
+            qemu_binary: self.s.cfg.qemu_binary.display().to_string(),
+            qemu_version: self.s.qemu_version.clone(),
+            cpus: hostfacts::cpus(),
+            memory_total: mem.total,
+            memory_available: mem.available,
+            state_dir: self.s.cfg.state_dir.display().to_string(),
+            disk_total,
+            disk_free,
+            vms_defined: vms.len() as u32,
+            vms_running: running.len() as u32,
+            memory_allocated: running.iter().map(|v| v.config.memory).sum(),
+        }
+    }
+
+    // ---------------------------------------------------------------- create / delete
+
+    /// Define a VM: validate, check the host can ever run it, create its disks, record it.
+    pub async fn create(&self, spec: VmSpec) -> Result<VmInfo> {
+        let valid = spec.validate()?;
+        let name = valid.name.to_string();
+        let _guard = self.s.create_lock.lock().await;
+        if lock(&self.s.vms).contains_key(&name) {
+            return Err(HostError::AlreadyExists(name));
+        }
+        let host_cpus = hostfacts::cpus();
+        if valid.cpus > host_cpus {
+            return Err(HostError::Resources(format!(
+                "VM {name} asks for {} vCPUs; this host has {host_cpus} CPUs",
+                valid.cpus
+            )));
+        }
+        let mem = hostfacts::memory();
+        if valid.memory > mem.total.saturating_sub(HOST_RESERVE) {
+            return Err(HostError::Resources(format!(
+                "VM {name} asks for {} of memory; this host has {} in all",
+                format_size(valid.memory),
+                format_size(mem.total)
+            )));
+        }
+        let paths = self.run_paths(&name);
+        if paths.longest_socket().as_os_str().len() > cmdline::MAX_SOCKET_PATH {
+            return Err(HostError::Invalid(format!(
+                "the socket path {} is longer than the {}-byte limit; use a shorter state dir or VM name",
+                paths.longest_socket().display(),
+                cmdline::MAX_SOCKET_PATH
+            )));
+        }
+        let boot = spec.boot.resolve()?;
+        if let Boot::Kernel { kernel, initrd, .. } = &boot {
+            for p in std::iter::once(kernel).chain(initrd.iter()) {
+                if !p.is_file() {
+                    return Err(HostError::Invalid(format!("boot file {} does not exist", p.display())));
+                }
+            }
+        }
+        let vm_dir = self.vm_dir(&name);
+        // A leftover directory from a crash between mkdir and the record write is ours to reuse.
+        std::fs::create_dir_all(vm_dir.join("disks")).map_err(|e| io_ctx("creating", &vm_dir, e))?;
+        let mut disks = Vec::new();
+        let result = async {
+            for (id, source, readonly) in &valid.disks {
+                disks.push(match source {
+                    DiskSource::Create { size } => {
+                        let path = vm_dir.join("disks").join(format!("{id}.qcow2"));
+                        // A stale file from an earlier failed create of the same name: replace it.
+                        let _ = std::fs::remove_file(&path);
+                        let p = path.clone();
+                        let size = *size;
+                        tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
+                            .await
+                            .map_err(|e| HostError::Internal(e.to_string()))??;
+                        DiskConfig { id: id.clone(), path, format: drover_model::DiskFormat::Qcow2, size, readonly: *readonly, owned: true }
+                    }
+                    DiskSource::Image { path } => {
+                        let p = path.clone();
+                        let info = tokio::task::spawn_blocking(move || img::inspect(&p))
+                            .await
+                            .map_err(|e| HostError::Internal(e.to_string()))??;
+                        DiskConfig { id: id.clone(), path: path.clone(), format: info.format, size: info.virtual_size, readonly: *readonly, owned: false }
+                    }
+                });
+            }
+            let nics = valid
+                .nics
+                .iter()
+                .map(|(id, mac, backend)| NicConfig {
+                    id: id.clone(),
+                    mac: mac.unwrap_or_else(|| MacAddr::qemu_local(rand::random())),
+                    backend: backend.clone(),
+                })
+                .collect();
+            let config = VmConfig {
+                name: valid.name.clone(),
+                cpus: valid.cpus,
+                memory: valid.memory,
+                disks: disks.clone(),
+                nics,
+                boot,
+                accel: spec.accel,
+            };
+            let info = VmInfo {
+                name: name.clone(),
+                state: VmState::Stopped,
+                config,
+                created_at_ms: hostfacts::now_ms(),
+                pid: None,
+                accel: None,
+                started_at_ms: None,
+                last_exit: None,
+                agent: None,
+            };
+            self.s.store.put(VMS, &name, &info)?;
+            Ok::<_, HostError>(info)
+        }
+        .await;
+        match result {
+            Ok(info) => {
+                let slot = Arc::new(VmSlot {
+                    op: tokio::sync::Mutex::new(()),
+                    info: Mutex::new(info.clone()),
+                    rt: Mutex::new(None),
+                });
+                lock(&self.s.vms).insert(name.clone(), slot);
+                tracing::info!(vm = name, "created");
+                Ok(info)
+            }
+            Err(e) => {
+                // Nothing half-made stays behind.
+                let _ = std::fs::remove_dir_all(&vm_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Remove a VM, its owned disks and its logs. Operator-provided images are left alone.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<VmInfo> {
+        let slot = self.slot(name)?;
+        let state = lock(&slot.info).state;
+        if force && state == VmState::Running {
+            self.stop(name, 0, true).await?;
+        }
+        let _op = slot.op.lock().await;
+        let info = lock(&slot.info).clone();
+        VmAction::Delete.check(name, info.state).map_err(HostError::Conflict)?;
+        self.s.store.delete(VMS, name)?;
+        lock(&self.s.vms).remove(name);
+        for d in info.config.disks.iter().filter(|d| d.owned) {
+            let _ = std::fs::remove_file(&d.path);
+        }
+        let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        let _ = std::fs::remove_dir_all(self.run_paths(name).dir);
+        tracing::info!(vm = name, "deleted");
+        Ok(info)
+    }
+
+    // ---------------------------------------------------------------- start
+
+    /// Launch QEMU for a stopped VM; returns once QEMU runs and QMP answers.
+    pub async fn start(&self, name: &str) -> Result<VmInfo> {
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        self.start_locked(name, &slot).await
+    }
+
+    async fn start_locked(&self, name: &str, slot: &Arc<VmSlot>) -> Result<VmInfo> {
+        let info = lock(&slot.info).clone();
+        VmAction::Start.check(name, info.state).map_err(HostError::Conflict)?;
+        let config = info.config.clone();
+        let mem = hostfacts::memory();
+        if config.memory > mem.available.saturating_sub(HOST_RESERVE) {
+            return Err(HostError::Resources(format!(
+                "VM {name} needs {} of memory; only {} is available on this host now",
+                format_size(config.memory),
+                format_size(mem.available)
+            )));
+        }
+        for d in &config.disks {
+            if !d.path.exists() {
+                return Err(HostError::Invalid(format!(
+                    "disk {} of VM {name} is missing: {} does not exist",
+                    d.id,
+                    d.path.display()
+                )));
+            }
+        }
+        let kernel = self.kernel_boot(&config).await?;
+        let accel = config.accel.unwrap_or(self.s.accel.accel);
+        let paths = self.run_paths(name);
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        std::fs::create_dir_all(&paths.dir).map_err(|e| io_ctx("creating", &paths.dir, e))?;
+        std::fs::create_dir_all(self.vm_dir(name)).map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
+        let console = self.console_path(name);
+        let args = cmdline::build(&LaunchSpec {
+            config: &config,
+            accel,
+            paths: &paths,
+            console_log: &console,
+            kernel,
+            hotplug_ports: HOTPLUG_PORTS,
+            qboot: Some(PathBuf::from(cmdline::QBOOT)).filter(|p| p.exists()),
+        });
+        self.persist(slot, |i| i.state = VmState::Starting)?;
+        let started = Instant::now();
+        let mut child = match process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log) {
+            Ok(c) => c,
+            Err(e) => {
+                self.persist(slot, |i| {
+                    i.state = VmState::Stopped;
+                    i.last_exit = Some(exit("start-failed", Some(e.to_string())));
+                })?;
+                return Err(e.into());
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let connected = self.connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15)).await;
+        let (qmp, events) = match connected {
+            Ok(c) => c,
+            Err(why) => {
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                let detail = format!("{why}; {}", log_tail(&paths.qemu_log));
+                self.persist(slot, |i| {
+                    i.state = VmState::Stopped;
+                    i.last_exit = Some(exit("start-failed", Some(detail.clone())));
+                })?;
+                return Err(HostError::Internal(format!("QEMU could not start VM {name}: {detail}")));
+            }
+        };
+        let info = self.persist(slot, |i| {
+            i.state = VmState::Running;
+            i.pid = Some(pid);
+            i.accel = Some(accel);
+            i.started_at_ms = Some(hostfacts::now_ms());
+        })?;
+        self.attach(name, slot, qmp, events, Some(child), pid, started);
+        tracing::info!(vm = name, pid, %accel, "started");
+        let _ = info;
+        Ok(self.view(slot))
+    }
+
+    /// Wait for QEMU's QMP socket; fail early if QEMU exits first.
+    async fn connect_qmp(
+        &self,
+        path: &Path,
+        mut child: Option<&mut tokio::process::Child>,
+        pid: u32,
+        timeout: Duration,
+    ) -> std::result::Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>), String> {
+        let deadline = Instant::now() + timeout;
+        let mut last_err = String::from("QMP socket never appeared");
+        while Instant::now() < deadline {
+            if let Some(c) = child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(format!("QEMU exited at once ({status})"));
+                }
+            } else if !process::is_alive(pid, "") {
+                return Err("QEMU is not running".into());
+            }
+            match Qmp::connect(path).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last_err = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(format!("timed out waiting for QMP: {last_err}"))
+    }
+
+    /// Resolve the kernel to boot: the default image (built on first use), a given kernel, or none.
+    async fn kernel_boot(&self, config: &VmConfig) -> Result<Option<KernelBoot>> {
+        match &config.boot {
+            Boot::Disk { .. } => Ok(None),
+            Boot::Kernel { kernel, initrd, cmdline } => Ok(Some(KernelBoot {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: cmdline.clone().unwrap_or_else(|| "console=ttyS0".into()),
+            })),
+            Boot::Default { cmdline } => {
+                let image = match self.current_image()? {
+                    Some(i) => i,
+                    None => {
+                        tracing::info!("no guest image built yet; building it now (first use)");
+                        self.build_image(false, |p| tracing::info!("image: {p}")).await?
+                    }
+                };
+                let mut line = drover_image::default_cmdline().to_string();
+                line.push_str(&format!(" drover.hostname={}", config.name));
+                if let Some(extra) = cmdline {
+                    line.push(' ');
+                    line.push_str(extra);
+                }
+                Ok(Some(KernelBoot {
+                    kernel: PathBuf::from(&image.kernel),
+                    initrd: Some(PathBuf::from(&image.initrd)),
+                    cmdline: line,
+                }))
+            }
+        }
+    }
+
+    /// Install the runtime and its supervisor for a QEMU that is up.
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        qmp: Qmp,
+        events: mpsc::UnboundedReceiver<QmpEvent>,
+        child: Option<tokio::process::Child>,
+        pid: u32,
+        started: Instant,
+    ) {
+        let paths = self.run_paths(name);
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let (link_stop_tx, link_stop_rx) = watch::channel(false);
+        let agent = AgentLink::spawn(name.to_string(), paths.port_a.clone(), paths.port_b.clone(), started, link_stop_rx);
+        let rt = Runtime {
+            qmp,
+            agent,
+            pid,
+            exited: exited_rx,
+            stop_reason: Arc::default(),
+        };
+        *lock(&slot.rt) = Some(rt.clone());
+        let mgr = self.clone();
+        let slot = slot.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            mgr.supervise(&name, &slot, events, child, pid, rt.stop_reason.clone(), paths).await;
+            let _ = link_stop_tx.send(true);
+            *lock(&slot.rt) = None;
+            let _ = exited_tx.send(true);
+        });
+    }
+
+    /// Follow QEMU until it exits, then record how it ended.
+    #[allow(clippy::too_many_arguments)]
+    async fn supervise(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        mut events: mpsc::UnboundedReceiver<QmpEvent>,
+        child: Option<tokio::process::Child>,
+        pid: u32,
+        stop_reason: Arc<Mutex<Option<String>>>,
+        paths: RunPaths,
+    ) {
+        let mut shutdown: Option<serde_json::Value> = None;
+        while let Some(ev) = events.recv().await {
+            match ev.name.as_str() {
+                "SHUTDOWN" => shutdown = Some(ev.data),
+                "RESET" => tracing::info!(vm = name, "guest reset"),
+                "GUEST_PANICKED" => tracing::warn!(vm = name, "guest panicked: {}", ev.data),
+                other => tracing::debug!(vm = name, "QMP event {other}"),
+            }
+        }
+        // QMP closed: QEMU is exiting. Wait for the process itself so its disks are free.
+        let marker = paths.dir.display().to_string();
+        let status = match child {
+            Some(mut c) => match tokio::time::timeout(Duration::from_secs(10), c.wait()).await {
+                Ok(Ok(s)) => Some(s.to_string()),
+                _ => {
+                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = c.wait().await;
+                    Some("killed after QMP closed".into())
+                }
+            },
+            None => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while process::is_alive(pid, &marker) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if process::is_alive(pid, &marker) {
+                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                None
+            }
+        };
+        let operator = lock(&stop_reason).clone();
+        let guest = shutdown.as_ref().and_then(|d| d.get("guest")).and_then(|g| g.as_bool()).unwrap_or(false);
+        let qemu_reason = shutdown
+            .as_ref()
+            .and_then(|d| d.get("reason"))
+            .and_then(|r| r.as_str())
+            .map(str::to_string);
+        let exit_info = match (operator, guest, &qemu_reason) {
+            (Some(how), _, _) => exit("operator-stop", Some(how)),
+            (None, true, r) => exit("guest-poweroff", r.clone()),
+            (None, false, Some(r)) if r == "host-signal" => exit("killed", Some("QEMU received a signal".into())),
+            (None, false, Some(r)) => exit("host-shutdown", Some(r.clone())),
+            (None, false, None) => exit(
+                "crashed",
+                Some(format!(
+                    "QEMU exited without a shutdown{}; {}",
+                    status.map(|s| format!(" ({s})")).unwrap_or_default(),
+                    log_tail(&paths.qemu_log)
+                )),
+            ),
+        };
+        tracing::info!(vm = name, reason = exit_info.reason, "stopped");
+        let recorded = self.persist(slot, |i| {
+            i.state = VmState::Stopped;
+            i.pid = None;
+            i.accel = None;
+            i.started_at_ms = None;
+            i.last_exit = Some(exit_info.clone());
+        });
+        if let Err(e) = recorded {
+            tracing::error!(vm = name, "could not record the stop: {e}");
+        }
+    }
+
+    // ---------------------------------------------------------------- re-adoption
+
+    async fn readopt(&self, name: &str, slot: &Arc<VmSlot>) -> Result<()> {
+        let paths = self.run_paths(name);
+        let marker = paths.dir.display().to_string();
+        let pid = process::read_pidfile(&paths.pidfile).or(lock(&slot.info).pid);
+        if let Some(pid) = pid.filter(|&p| process::is_alive(p, &marker)) {
+            match self.connect_qmp(&paths.qmp, None, pid, Duration::from_secs(5)).await {
+                Ok((qmp, events)) => {
+                    self.persist(slot, |i| {
+                        i.state = VmState::Running;
+                        i.pid = Some(pid);
+                    })?;
+                    self.attach(name, slot, qmp, events, None, pid, Instant::now());
+                    tracing::info!(vm = name, pid, "re-adopted running VM");
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Alive but unreachable: QEMU is wedged. Do not leave an unmanaged VM behind.
+                    tracing::warn!(vm = name, pid, "QEMU alive but QMP unreachable ({e}); killing it");
+                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        let detail = format!("QEMU exited while droverd was not running; {}", log_tail(&paths.qemu_log));
+        self.persist(slot, |i| {
+            i.state = VmState::Stopped;
+            i.pid = None;
+            i.accel = None;
+            i.started_at_ms = None;
+            i.last_exit = Some(exit("exited-while-daemon-down", Some(detail.clone())));
+        })?;
+        tracing::info!(vm = name, "was running before droverd restarted and has since exited");
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- stop / restart
+
+    fn runtime(&self, slot: &Arc<VmSlot>) -> Option<Runtime> {
+        lock(&slot.rt).clone()
+    }
+
+    /// Stop a running VM: the agent's shutdown, then ACPI power-down, then kill.
+    pub async fn stop(&self, name: &str, timeout_s: u64, force: bool) -> Result<VmInfo> {
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        self.stop_locked(name, &slot, timeout_s, force).await
+    }
+
+    async fn stop_locked(&self, name: &str, slot: &Arc<VmSlot>, timeout_s: u64, force: bool) -> Result<VmInfo> {
+        VmAction::Stop.check(name, lock(&slot.info).state).map_err(HostError::Conflict)?;
+        let Some(rt) = self.runtime(slot) else {
+            return Err(HostError::Conflict(format!("VM {name} is not running")));
+        };
+        self.persist(slot, |i| i.state = VmState::Stopping)?;
+        let deadline = Instant::now() + Duration::from_secs(timeout_s);
+        let mut exited = rt.exited.clone();
+        let wait_until = |mut rx: watch::Receiver<bool>, until: Instant| async move {
+            let left = until.saturating_duration_since(Instant::now());
+            matches!(tokio::time::timeout(left, rx.wait_for(|e| *e)).await, Ok(Ok(_)))
+        };
+        let set_reason = |how: &str| *lock(&rt.stop_reason) = Some(how.to_string());
+        let mut done = false;
+        if !force && timeout_s > 0 {
+            // 1. The agent: the cleanest shutdown (syncs disks).
+            let agent_ready = rt.agent.status().ready;
+            if agent_ready {
+                set_reason("shut down by the guest agent");
+                let budget = Duration::from_secs(timeout_s.min(5));
+                match rt.agent.call(drover_proto::Body::Shutdown { reboot: false }, budget).await {
+                    Ok(_) => {
+                        let until = Instant::now() + (deadline - Instant::now()) * 2 / 3;
+                        done = wait_until(exited.clone(), until).await;
+                    }
+                    Err(e) => tracing::info!(vm = name, "agent shutdown failed: {e}; trying ACPI"),
+                }
+            }
+            // 2. ACPI power button.
+            if !done && Instant::now() < deadline {
+                set_reason("ACPI power-down");
+                if rt.qmp.execute("system_powerdown", None).await.is_ok() {
+                    done = wait_until(exited.clone(), deadline).await;
+                }
+            }
+        }
+        if !done {
+            // 3. Ask QEMU to quit (flushes its disks), then SIGKILL.
+            set_reason(if force { "forced stop" } else { "killed after the graceful-stop timeout" });
+            let _ = rt.qmp.execute_timeout("quit", None, Duration::from_secs(2)).await;
+            done = wait_until(exited.clone(), Instant::now() + Duration::from_secs(3)).await;
+            if !done {
+                process::signal(rt.pid, nix::sys::signal::Signal::SIGKILL);
+                done = matches!(
+                    tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await,
+                    Ok(Ok(_))
+                );
+            }
+        }
+        if !done {
+            self.persist(slot, |i| i.state = VmState::Running)?;
+            return Err(HostError::Timeout(format!("VM {name} did not stop even after SIGKILL")));
+        }
+        Ok(self.view(slot))
+    }
+
+    /// Stop, then start again.
+    pub async fn restart(&self, name: &str, timeout_s: u64, force: bool) -> Result<VmInfo> {
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        VmAction::Restart.check(name, lock(&slot.info).state).map_err(HostError::Conflict)?;
+        self.stop_locked(name, &slot, timeout_s, force).await?;
+        self.start_locked(name, &slot).await
+    }
+
+    // ---------------------------------------------------------------- agent
+
+    /// Wait until the VM's agent is ready, up to `wait`.
+    pub async fn wait_agent(&self, name: &str, wait: Duration) -> Result<AgentStatus> {
+        let slot = self.slot(name)?;
+        let Some(rt) = self.runtime(&slot) else {
+            return Err(HostError::Conflict(format!("VM {name} is not running; start it first (`drover vm start {name}`)")));
+        };
+        let mut exited = rt.exited.clone();
+        tokio::select! {
+            r = rt.agent.wait_ready(wait) => r.map_err(|e| match e {
+                LinkError::Timeout(_) => HostError::Timeout(format!(
+                    "the agent in VM {name} did not become ready within {}s; see `drover vm console {name}`",
+                    wait.as_secs()
+                )),
+                other => HostError::Agent(format!("VM {name}: {other}")),
+            }),
+            _ = exited.wait_for(|e| *e) => {
+                let why = lock(&slot.info).last_exit.clone().map(|e| format!("{}: {}", e.reason, e.detail.unwrap_or_default())).unwrap_or_default();
+                Err(HostError::Conflict(format!("VM {name} stopped while waiting for its agent ({why})")))
+            }
+        }
+    }
+
+    /// Run a command in the guest.
+    pub async fn exec(&self, name: &str, req: drover_api::ExecRequest) -> Result<drover_proto::ExecResult> {
+        let slot = self.slot(name)?;
+        VmAction::Exec.check(name, lock(&slot.info).state).map_err(HostError::Conflict)?;
+        if req.argv.is_empty() {
+            return Err(HostError::Invalid("exec needs a command".into()));
+        }
+        if req.timeout_s == 0 || req.timeout_s > 24 * 3600 {
+            return Err(HostError::Invalid("exec timeout must be between 1 s and 24 h".into()));
+        }
+        let Some(rt) = self.runtime(&slot) else {
+            return Err(HostError::Conflict(format!("VM {name} is not running")));
+        };
+        if !rt.agent.status().ready {
+            return Err(HostError::Agent(format!(
+                "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
+            )));
+        }
+        let body = drover_proto::Body::Exec(drover_proto::ExecRequest {
+            argv: req.argv,
+            stdin: req.stdin,
+            timeout_ms: req.timeout_s * 1000,
+        });
+        // Validate locally what the agent would refuse, for a clear error.
+        drover_proto::encode(&drover_proto::Frame::new(0, body.clone()))
+            .map_err(|e| HostError::Invalid(e.to_string()))?;
+        match rt.agent.call(body, Duration::from_secs(req.timeout_s + 10)).await {
+            Ok(drover_proto::Body::ExecResult(r)) => Ok(r),
+            Ok(other) => Err(HostError::Agent(format!("unexpected reply from the agent: {other:?}"))),
+            Err(LinkError::Timeout(d)) => Err(HostError::Timeout(format!("the agent in VM {name} did not answer within {}s", d.as_secs()))),
+            Err(e) => Err(HostError::Agent(format!("VM {name}: {e}"))),
+        }
+    }
+
+    /// Read the console log from `offset`, at most `max` bytes; returns the bytes and the next offset.
+    pub fn console(&self, name: &str, offset: u64, max: usize) -> Result<(Vec<u8>, u64)> {
+        self.slot(name)?;
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.console_path(name);
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(io_ctx("reading", &path, e)),
+        };
+        let len = f.metadata().map_err(|e| io_ctx("reading", &path, e))?.len();
+        let start = offset.min(len);
+        f.seek(SeekFrom::Start(start)).map_err(|e| io_ctx("reading", &path, e))?;
+        let mut buf = Vec::new();
+        f.take(max as u64).read_to_end(&mut buf).map_err(|e| io_ctx("reading", &path, e))?;
+        let next = start + buf.len() as u64;
+        Ok((buf, next))
+    }
+
+    // ---------------------------------------------------------------- image
+
+    fn agent_binary(&self) -> Result<PathBuf> {
+        if let Some(p) = &self.s.cfg.agent_binary {
+            return Ok(p.clone());
+        }
+        let exe = std::env::current_exe().map_err(|e| HostError::Internal(e.to_string()))?;
+        let dir = exe.parent().unwrap_or(Path::new("/"));
+        let candidates = [
+            dir.join("drover-agent-static"),
+            dir.join("../x86_64-unknown-linux-gnu/release/drover-agent"),
+            dir.join("../../x86_64-unknown-linux-gnu/release/drover-agent"),
+            PathBuf::from("/usr/lib/drover/drover-agent"),
+        ];
+        candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+            HostError::ImageMissing(
+                "no static drover-agent binary found to put in the guest image; build it with \
+                 `RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p drover-agent --target x86_64-unknown-linux-gnu` \
+                 or pass droverd --agent-binary PATH"
+                    .into(),
+            )
+        })
+    }
+
+    /// The current default guest image, if built.
+    pub fn current_image(&self) -> Result<Option<ImageInfo>> {
+        let loaded = drover_image::load(&self.s.cfg.image_dir)
+            .map_err(|e| HostError::ImageMissing(e.to_string()))?;
+        Ok(loaded.map(image_info))
+    }
+
+    /// Build (or reuse, when inputs are unchanged) the default guest image.
+    pub async fn build_image(&self, force: bool, mut progress: impl FnMut(String) + Send + 'static) -> Result<ImageInfo> {
+        let _guard = self.s.image_lock.lock().await;
+        let spec = drover_image::ImageSpec {
+            cache_dir: self.s.cfg.image_dir.clone(),
+            agent_binary: self.agent_binary()?,
+            kernel_package: None,
+            force,
+        };
+        let built = tokio::task::spawn_blocking(move || {
+            drover_image::build(&spec, &mut |p| progress(crate::image_progress(&p)))
+        })
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| HostError::ImageMissing(format!("guest image build failed: {e}")))?;
+        Ok(image_info(built))
+    }
+}
+
+fn image_info(b: drover_image::BuiltImage) -> ImageInfo {
+    ImageInfo {
+        dir: b.dir.display().to_string(),
+        kernel: b.kernel.display().to_string(),
+        initrd: b.initrd.display().to_string(),
+        manifest: serde_json::to_value(&b.manifest).unwrap_or_default(),
+    }
+}
+
+fn exit(reason: &str, detail: Option<String>) -> ExitInfo {
+    ExitInfo {
+        at_ms: hostfacts::now_ms(),
+        reason: reason.to_string(),
+        detail,
+    }
+}
+
+/// The last lines of QEMU's own log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if tail.is_empty() {
+        "QEMU logged nothing".into()
+    } else {
+        format!("QEMU log: {tail}")
+    }
+}
