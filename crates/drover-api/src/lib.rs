@@ -22,6 +22,7 @@
 
 mod client;
 pub use client::{Client, ClientError};
+pub use hyper::Method;
 
 use drover_model::{Accel, VmConfig};
 use serde::{Deserialize, Serialize};

@@ -1,1 +1,209 @@
-//! End-to-end test harness.
+//! Harness for end-to-end tests: a real droverd on a private state dir and socket, the real
+//! `drover` CLI, real QEMU guests booted from the shared default image.
+//!
+//! Binaries come from `DROVER_BIN_DIR` (default `target/debug`); the guest image cache is shared
+//! through `DROVER_IMAGE_DIR` (default `target/drover-images`) so it is built once per checkout;
+//! the static agent comes from `DROVER_AGENT_BIN` (default the release static build).
+//! `scripts/test.sh` prepares all three.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn env_path(var: &str, default: PathBuf) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
+}
+
+/// Directory holding `droverd` and `drover`.
+pub fn bin_dir() -> PathBuf {
+    env_path("DROVER_BIN_DIR", workspace().join("target/debug"))
+}
+
+/// Shared guest image cache.
+pub fn image_dir() -> PathBuf {
+    env_path("DROVER_IMAGE_DIR", workspace().join("target/drover-images"))
+}
+
+/// The static agent for the image.
+pub fn agent_bin() -> PathBuf {
+    env_path(
+        "DROVER_AGENT_BIN",
+        workspace().join("target/x86_64-unknown-linux-gnu/release/drover-agent"),
+    )
+}
+
+/// A running droverd with its own state dir and socket. Dropping it kills the daemon and every
+/// QEMU it started.
+pub struct Daemon {
+    /// Private state directory (kept short: unix socket paths are limited to 107 bytes).
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Start droverd on a fresh state dir.
+    pub fn start() -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("drv-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let mut d = Daemon { dir, child: None };
+        d.spawn();
+        d
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("d.sock")
+    }
+
+    /// The state dir.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Start (or start again) droverd on this state dir; waits until it serves.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("droverd.log"))
+            .expect("log file");
+        let child = Command::new(bin_dir().join("droverd"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--image-dir")
+            .arg(image_dir())
+            .arg("--agent-binary")
+            .arg(agent_bin())
+            .arg("--log")
+            .arg("info,drover_host=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn droverd (run `cargo build --workspace` first)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.drover(&["host", "info"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("droverd did not come up; log:\n{}", self.log());
+    }
+
+    /// `kill -9` the daemon (its VMs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("droverd.log")).unwrap_or_default()
+    }
+
+    /// Run the CLI against this daemon.
+    pub fn drover(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("drover"))
+            .args(args)
+            .env("DROVER_SOCKET", self.socket())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run drover")
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.drover(args);
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run the CLI with `--output json` and parse the answer.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--output", "json"];
+        a.extend_from_slice(args);
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("drover {args:?}: bad JSON ({e}): {out}"))
+    }
+
+    /// Run the CLI expecting failure with `code`; returns stderr.
+    pub fn fails(&self, code: i32, args: &[&str]) -> String {
+        let out = self.drover(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "drover {args:?}: expected exit {code}; stdout: {} stderr: {stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        stderr
+    }
+
+    /// Run a shell command in the guest; returns its stdout (must exit 0).
+    pub fn sh(&self, vm: &str, script: &str) -> String {
+        self.ok(&["vm", "exec", vm, "--", "sh", "-c", script])
+    }
+}
+
+/// Last `n` lines.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Pids of processes whose command line mentions `needle`.
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(needle) && pid != std::process::id() as i32 {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        // Leave no QEMU behind, whatever the test did.
+        for pid in pids_mentioning(&self.state_dir().display().to_string()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Poll `f` until it returns `Some`, or panic after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

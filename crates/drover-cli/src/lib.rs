@@ -1,1 +1,0 @@
-//! The drover command-line interface

@@ -1,0 +1,454 @@
+//! `drover`: the command-line interface to droverd.
+
+mod output;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use drover_api::{Client, ClientError, ErrorCode, ExecRequest, ImageBuildRequest, StopRequest, VmInfo};
+use drover_model::{format_size, DiskSpec, NicSpec, VmSpec};
+use output::Out;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Drover: run and manage QEMU virtual machines.
+///
+/// Talks to droverd over its unix socket. Start the daemon with `droverd` (as root), then:
+///
+///   drover vm create web1 --cpus 2 --memory 1G --disk size=4G,id=data --nic user,forward=tcp:2222-:22
+///   drover vm start web1 --wait
+///   drover vm exec web1 -- uname -a
+///   drover vm list
+///
+/// Every command takes --output json for scripts. Exit codes: 0 ok, 1 error, 2 usage,
+/// 3 not found, 4 wrong state or already exists, 5 droverd unreachable, 6 timeout or agent
+/// unavailable, 7 not enough host resources; `vm exec` exits with the guest command's code.
+#[derive(Parser, Debug)]
+#[command(name = "drover", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// droverd's API socket.
+    #[arg(long, global = true, env = "DROVER_SOCKET", default_value = "/run/drover/drover.sock")]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Human-readable.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create, run and inspect virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// This host: accelerator, QEMU, resources.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// The default guest image (Debian kernel + busybox + drover-agent).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    /// Show the accelerator, QEMU version, CPUs, memory and disk.
+    Info,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Build the default guest image (downloads the Debian kernel with apt; cached).
+    Build {
+        /// Rebuild even if nothing changed.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the current image: kernel version, sizes, inputs.
+    Show,
+}
+
+#[derive(Args, Debug)]
+struct WaitArgs {
+    /// Wait until the guest agent answers.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait for the agent with --wait.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    wait_timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// Define a VM (from flags or a TOML file); creates its disks.
+    ///
+    /// Examples:
+    ///   drover vm create web1 --cpus 2 --memory 1G --disk 4G --nic user,forward=tcp:8080-:80
+    ///   drover vm create db --disk size=20G,id=data --disk image=/srv/seed.qcow2,id=seed,ro
+    ///   drover vm create --file web1.toml
+    ///
+    /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image, readonly),
+    /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk).
+    Create {
+        /// VM name (a-z, 0-9, '-'; it becomes the guest's hostname).
+        name: Option<String>,
+        /// Read the VM from this TOML file (flags given as well override it).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// vCPUs [default: 1].
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory, e.g. 512M, 2G [default: 512M].
+        #[arg(long)]
+        memory: Option<String>,
+        /// A disk: SIZE, size=SIZE[,id=ID][,ro], or image=/path[,id=ID][,ro]. Repeatable.
+        #[arg(long = "disk", value_name = "SPEC")]
+        disks: Vec<String>,
+        /// A NIC: user[,id=ID][,mac=MAC][,forward=tcp:HOSTPORT-:GUESTPORT]... or tap=IFNAME. Repeatable.
+        #[arg(long = "nic", value_name = "SPEC")]
+        nics: Vec<String>,
+        /// Boot this kernel instead of the default guest image.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initrd for --kernel.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line (appended to the default image's).
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Boot from this disk id with firmware instead of a kernel.
+        #[arg(long, value_name = "DISK_ID")]
+        boot_disk: Option<String>,
+        /// Force an accelerator for this VM.
+        #[arg(long, value_parser = ["kvm", "tcg"])]
+        accel: Option<String>,
+        /// Start it right away.
+        #[arg(long)]
+        start: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Start a stopped VM.
+    Start {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Stop a VM: the guest agent's shutdown, then ACPI power-down, then kill after --timeout.
+    Stop {
+        /// VM name.
+        name: String,
+        /// Seconds for a graceful shutdown before QEMU is killed.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        timeout: u64,
+        /// Kill at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop then start a VM.
+    Restart {
+        /// VM name.
+        name: String,
+        /// Seconds for a graceful shutdown before QEMU is killed.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        timeout: u64,
+        /// Kill at once instead of shutting down.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Delete a stopped VM and the disks Drover created for it (your own images are kept).
+    Delete {
+        /// VM name.
+        name: String,
+        /// Stop it first if it is running.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List VMs.
+    #[command(alias = "ls")]
+    List,
+    /// Show one VM in detail.
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// Print the VM's serial console log.
+    Console {
+        /// VM name.
+        name: String,
+        /// Keep printing new output (Ctrl-C to stop).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Run a command inside the guest through its agent; exits with the command's exit code.
+    ///
+    /// Example: drover vm exec web1 -- sh -c 'df -h; free -m'
+    Exec {
+        /// VM name.
+        name: String,
+        /// Seconds before the command is killed.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout: u64,
+        /// Send this file as the command's stdin ('-' for drover's own stdin).
+        #[arg(long, value_name = "FILE")]
+        stdin: Option<PathBuf>,
+        /// The command and its arguments (after --).
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+}
+
+/// Exit codes by error kind; documented in `drover --help`.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Unreachable { .. }) => 5,
+        Some(c) => match c.code() {
+            Some(ErrorCode::NotFound) => 3,
+            Some(ErrorCode::Conflict | ErrorCode::AlreadyExists) => 4,
+            Some(ErrorCode::Timeout | ErrorCode::AgentUnavailable) => 6,
+            Some(ErrorCode::InsufficientResources) => 7,
+            _ => 1,
+        },
+        None => 1,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drover: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let out = Out::new(cli.output == Format::Json);
+    match rt.block_on(run(cli, &out)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            out.error(&e);
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn seg(name: &str) -> anyhow::Result<String> {
+    // Names are validated by the daemon; refuse path tricks before they reach a URL.
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        anyhow::bail!("invalid VM name {name:?}: use a-z, 0-9 and '-'");
+    }
+    Ok(name.to_string())
+}
+
+async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
+    let c = Client::new(&cli.socket);
+    match cli.cmd {
+        Cmd::Host(HostCmd::Info) => {
+            let h: drover_api::HostInfo = c.get("/v1/host").await?;
+            out.host(&h);
+        }
+        Cmd::Image(ImageCmd::Show) => {
+            let i: drover_api::ImageInfo = c.get("/v1/image").await?;
+            out.image(&i);
+        }
+        Cmd::Image(ImageCmd::Build { force }) => {
+            let p = out.progress("building the guest image");
+            let started = Instant::now();
+            let i: drover_api::ImageInfo = c
+                .post_stream("/v1/image/build", &ImageBuildRequest { force }, |line| p.set(line))
+                .await?;
+            p.done(&format!("guest image ready in {:.1}s", started.elapsed().as_secs_f64()));
+            out.image(&i);
+        }
+        Cmd::Vm(cmd) => return vm(&c, out, cmd).await,
+    }
+    Ok(0)
+}
+
+async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
+    match cmd {
+        VmCmd::List => {
+            let vms: Vec<VmInfo> = c.get("/v1/vms").await?;
+            out.vm_list(&vms);
+        }
+        VmCmd::Show { name } => {
+            let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(&name)?)).await?;
+            out.vm(&v);
+        }
+        VmCmd::Create { name, file, cpus, memory, disks, nics, kernel, initrd, cmdline, boot_disk, accel, start, wait } => {
+            let mut spec = match &file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+                    VmSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+                }
+                None => VmSpec::named(name.as_deref().ok_or_else(|| anyhow::anyhow!("give a VM name or --file"))?),
+            };
+            if let Some(n) = name {
+                spec.name = n;
+            }
+            if let Some(v) = cpus {
+                spec.cpus = v;
+            }
+            if let Some(v) = memory {
+                spec.memory = v;
+            }
+            for d in disks {
+                spec.disks.push(d.parse::<DiskSpec>()?);
+            }
+            for n in nics {
+                spec.nics.push(n.parse::<NicSpec>()?);
+            }
+            if kernel.is_some() {
+                spec.boot.kernel = kernel.map(absolute).transpose()?;
+            }
+            if initrd.is_some() {
+                spec.boot.initrd = initrd.map(absolute).transpose()?;
+            }
+            if cmdline.is_some() {
+                spec.boot.cmdline = cmdline;
+            }
+            if boot_disk.is_some() {
+                spec.boot.disk = boot_disk;
+            }
+            if let Some(a) = accel {
+                spec.accel = Some(a.parse().map_err(anyhow::Error::msg)?);
+            }
+            for d in &mut spec.disks {
+                if let Some(img) = d.image.take() {
+                    d.image = Some(absolute(img)?);
+                }
+            }
+            // Catch spec mistakes before talking to the daemon, with the same messages it would give.
+            spec.validate()?;
+            let v: VmInfo = c.post("/v1/vms", &spec).await?;
+            if start {
+                return start_vm(c, out, &v.name, &wait).await;
+            }
+            out.created(&v);
+        }
+        VmCmd::Start { name, wait } => return start_vm(c, out, &name, &wait).await,
+        VmCmd::Stop { name, timeout, force } => {
+            let p = out.progress(&format!("stopping {name}"));
+            let v: VmInfo = c
+                .post(&format!("/v1/vms/{}/stop", seg(&name)?), &StopRequest { timeout_s: timeout, force })
+                .await?;
+            p.done(&format!("{name} stopped ({})", stop_how(&v)));
+            out.json_only(&v);
+        }
+        VmCmd::Restart { name, timeout, force, wait } => {
+            let p = out.progress(&format!("restarting {name}"));
+            let v: VmInfo = c
+                .post(&format!("/v1/vms/{}/restart", seg(&name)?), &StopRequest { timeout_s: timeout, force })
+                .await?;
+            p.done(&format!("{name} restarted (pid {})", v.pid.unwrap_or(0)));
+            if wait.wait {
+                wait_agent(c, out, &name, wait.wait_timeout).await?;
+            } else {
+                out.json_only(&v);
+            }
+        }
+        VmCmd::Delete { name, force } => {
+            let v: VmInfo = c
+                .call::<(), VmInfo>(
+                    drover_api::Method::DELETE,
+                    &format!("/v1/vms/{}?force={force}", seg(&name)?),
+                    None,
+                )
+                .await?;
+            out.line(&format!("deleted VM {}", v.name));
+            out.json_only(&v);
+        }
+        VmCmd::Console { name, follow } => {
+            let name = seg(&name)?;
+            let mut offset = 0u64;
+            let mut stdout = std::io::stdout();
+            loop {
+                let (headers, bytes) = c.get_bytes(&format!("/v1/vms/{name}/console?offset={offset}")).await?;
+                let next = headers
+                    .get("x-drover-next-offset")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(offset + bytes.len() as u64);
+                stdout.write_all(&bytes)?;
+                stdout.flush()?;
+                let more = next > offset;
+                offset = next;
+                if !follow && !more {
+                    break;
+                }
+                if !more {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        VmCmd::Exec { name, timeout, stdin, command } => {
+            let stdin = match stdin {
+                None => None,
+                Some(p) if p.as_os_str() == "-" => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    Some(s)
+                }
+                Some(p) => Some(
+                    std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+                ),
+            };
+            let r: drover_proto::ExecResult = c
+                .post(
+                    &format!("/v1/vms/{}/exec", seg(&name)?),
+                    &ExecRequest { argv: command, stdin, timeout_s: timeout },
+                )
+                .await?;
+            return Ok(out.exec(&r));
+        }
+    }
+    Ok(0)
+}
+
+fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
+    Ok(std::path::absolute(&p)?)
+}
+
+fn stop_how(v: &VmInfo) -> String {
+    v.last_exit
+        .as_ref()
+        .map(|e| e.detail.clone().unwrap_or_else(|| e.reason.clone()))
+        .unwrap_or_default()
+}
+
+async fn start_vm(c: &Client, out: &Out, name: &str, wait: &WaitArgs) -> anyhow::Result<u8> {
+    let p = out.progress(&format!("starting {name}"));
+    let v: VmInfo = c.post(&format!("/v1/vms/{}/start", seg(name)?), &serde_json::json!({})).await?;
+    let accel = v.accel.map(|a| a.to_string()).unwrap_or_default();
+    p.done(&format!("{name} running (pid {}, {accel}, {} vCPU, {})", v.pid.unwrap_or(0), v.config.cpus, format_size(v.config.memory)));
+    if wait.wait {
+        wait_agent(c, out, name, wait.wait_timeout).await?;
+    } else {
+        out.json_only(&v);
+    }
+    Ok(0)
+}
+
+async fn wait_agent(c: &Client, out: &Out, name: &str, timeout: u64) -> anyhow::Result<()> {
+    let p = out.progress(&format!("waiting for the guest agent in {name}"));
+    let st: drover_api::AgentStatus = c.get(&format!("/v1/vms/{}/agent?wait_s={timeout}", seg(name)?)).await?;
+    let after = st.ready_after_ms.map(|ms| format!(" {:.2}s after start", ms as f64 / 1000.0)).unwrap_or_default();
+    p.done(&format!(
+        "agent ready{after} (agent {})",
+        st.info.as_ref().map(|i| i.agent_version.as_str()).unwrap_or("?")
+    ));
+    let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(name)?)).await?;
+    out.json_only(&v);
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Everything the CLI prints: tables for people, JSON for scripts, spinners for slow steps.
+
+use comfy_table::{presets::NOTHING, Table};
+use drover_api::{HostInfo, ImageInfo, VmInfo, VmState};
+use drover_model::{format_size, Boot, NicBackend};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+/// The output mode and its printers.
+pub struct Out {
+    json: bool,
+}
+
+/// A spinner on stderr while a slow step runs (plain lines when stderr is not a terminal).
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+impl Progress {
+    /// Show the current step.
+    pub fn set(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.set_message(msg.to_string()),
+            None if !self.quiet => eprintln!("  {msg}"),
+            None => {}
+        }
+    }
+    /// Finish with a summary line (on stderr, so stdout stays clean for data).
+    pub fn done(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.finish_with_message(format!("✓ {msg}")),
+            None if !self.quiet => eprintln!("{msg}"),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            if !b.is_finished() {
+                b.abandon();
+            }
+        }
+    }
+}
+
+fn age(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let secs = now.saturating_sub(ms) / 1000;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+impl Out {
+    /// Printers for the chosen mode.
+    pub fn new(json: bool) -> Self {
+        Out { json }
+    }
+
+    fn print_json<T: Serialize>(&self, v: &T) {
+        match serde_json::to_string_pretty(v) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("drover: cannot encode output: {e}"),
+        }
+    }
+
+    /// A spinner for a slow step.
+    pub fn progress(&self, msg: &str) -> Progress {
+        if self.json || !std::io::stderr().is_terminal() {
+            return Progress { bar: None, quiet: self.json };
+        }
+        let bar = ProgressBar::new_spinner();
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed:.dim}") {
+            bar.set_style(style);
+        }
+        bar.set_message(msg.to_string());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Progress { bar: Some(bar), quiet: false }
+    }
+
+    /// An error: one line for people, an object for scripts.
+    pub fn error(&self, e: &anyhow::Error) {
+        if self.json {
+            let code = e
+                .downcast_ref::<drover_api::ClientError>()
+                .and_then(|c| c.code())
+                .map(|c| serde_json::to_value(c).unwrap_or_default())
+                .unwrap_or(serde_json::Value::String("error".into()));
+            self.print_json(&serde_json::json!({"error": {"code": code, "message": e.to_string()}}));
+        } else {
+            eprintln!("drover: {e}");
+        }
+    }
+
+    /// A line for people only.
+    pub fn line(&self, s: &str) {
+        if !self.json {
+            println!("{s}");
+        }
+    }
+
+    /// A value for scripts only.
+    pub fn json_only<T: Serialize>(&self, v: &T) {
+        if self.json {
+            self.print_json(v);
+        }
+    }
+
+    /// `drover vm list`.
+    pub fn vm_list(&self, vms: &[VmInfo]) {
+        if self.json {
+            return self.print_json(&vms);
+        }
+        if vms.is_empty() {
+            println!("no VMs (create one with `drover vm create NAME`)");
+            return;
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header(["NAME", "STATE", "CPUS", "MEMORY", "DISKS", "NICS", "PID", "AGENT", "UPTIME / LAST EXIT"]);
+        for v in vms {
+            let agent = match &v.agent {
+                Some(a) if a.ready => "ready",
+                Some(a) if a.connected => "booting",
+                Some(_) => "-",
+                None => "",
+            };
+            let when = match (v.state, v.started_at_ms, &v.last_exit) {
+                (VmState::Running, Some(ms), _) => age(ms),
+                (VmState::Stopped, _, Some(e)) => format!("{} {} ago", e.reason, age(e.at_ms)),
+                _ => String::new(),
+            };
+            t.add_row([
+                v.name.clone(),
+                v.state.to_string(),
+                v.config.cpus.to_string(),
+                format_size(v.config.memory),
+                v.config.disks.len().to_string(),
+                v.config.nics.len().to_string(),
+                v.pid.map(|p| p.to_string()).unwrap_or_default(),
+                agent.to_string(),
+                when,
+            ]);
+        }
+        println!("{t}");
+    }
+
+    /// `drover vm create`.
+    pub fn created(&self, v: &VmInfo) {
+        if self.json {
+            return self.print_json(v);
+        }
+        println!("created VM {} ({} vCPU, {}, {} disk(s), {} NIC(s)); start it with `drover vm start {} --wait`",
+            v.name, v.config.cpus, format_size(v.config.memory), v.config.disks.len(), v.config.nics.len(), v.name);
+    }
+
+    /// `drover vm show`.
+    pub fn vm(&self, v: &VmInfo) {
+        if self.json {
+            return self.print_json(v);
+        }
+        let c = &v.config;
+        println!("name:      {}", v.name);
+        println!("state:     {}", v.state);
+        if let Some(pid) = v.pid {
+            println!("pid:       {pid}");
+        }
+        if let Some(a) = v.accel {
+            println!("accel:     {a}");
+        }
+        if let Some(ms) = v.started_at_ms {
+            println!("uptime:    {}", age(ms));
+        }
+        println!("created:   {} ago", age(v.created_at_ms));
+        println!("vcpus:     {}", c.cpus);
+        println!("memory:    {}", format_size(c.memory));
+        match &c.boot {
+            Boot::Default { cmdline } => println!("boot:      default guest image{}", cmdline.as_ref().map(|c| format!(" (+ {c})")).unwrap_or_default()),
+            Boot::Kernel { kernel, .. } => println!("boot:      kernel {}", kernel.display()),
+            Boot::Disk { disk } => println!("boot:      disk {disk}"),
+        }
+        for d in &c.disks {
+            println!(
+                "disk:      {} {} {} {}{}{}",
+                d.id,
+                format_size(d.size),
+                d.format,
+                d.path.display(),
+                if d.readonly { " read-only" } else { "" },
+                if d.owned { "" } else { " (not owned: kept on delete)" }
+            );
+        }
+        for n in &c.nics {
+            let backend = match &n.backend {
+                NicBackend::User { forwards } if forwards.is_empty() => "user".to_string(),
+                NicBackend::User { forwards } => format!(
+                    "user, forwards {}",
+                    forwards.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(" ")
+                ),
+                NicBackend::Tap { ifname } => format!("tap {ifname}"),
+            };
+            println!("nic:       {} {} {backend}", n.id, n.mac);
+        }
+        if let Some(a) = &v.agent {
+            match &a.info {
+                Some(i) if a.ready => println!(
+                    "agent:     ready (version {}, guest uptime {}s at hello{})",
+                    i.agent_version,
+                    i.uptime_ms / 1000,
+                    a.ready_after_ms.map(|m| format!(", ready {:.2}s after start", m as f64 / 1000.0)).unwrap_or_default()
+                ),
+                _ if a.connected => println!("agent:     not ready yet (channel connected)"),
+                _ => println!("agent:     not connected"),
+            }
+        }
+        if let Some(e) = &v.last_exit {
+            println!("last exit: {} {} ago{}", e.reason, age(e.at_ms), e.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+        }
+    }
+
+    /// `drover host info`.
+    pub fn host(&self, h: &HostInfo) {
+        if self.json {
+            return self.print_json(h);
+        }
+        println!("host:         {}", h.hostname);
+        println!("droverd:      {}", h.daemon_version);
+        println!("accelerator:  {} ({})", h.accel, h.accel_reason);
+        println!("qemu:         {} ({})", h.qemu_version, h.qemu_binary);
+        println!("cpus:         {}", h.cpus);
+        println!("memory:       {} total, {} available, {} given to running VMs", fmt_bytes(h.memory_total), fmt_bytes(h.memory_available), fmt_bytes(h.memory_allocated));
+        println!("disk:         {} free of {} ({})", fmt_bytes(h.disk_free), fmt_bytes(h.disk_total), h.state_dir);
+        println!("vms:          {} defined, {} running", h.vms_defined, h.vms_running);
+    }
+
+    /// `drover image show|build`.
+    pub fn image(&self, i: &ImageInfo) {
+        if self.json {
+            return self.print_json(i);
+        }
+        let m = &i.manifest;
+        let s = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
+        let n = |k: &str| m.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        println!("image:    {}", i.dir);
+        println!("kernel:   {} ({}, {})", i.kernel, s("kernel_version"), fmt_bytes(n("kernel_bytes")));
+        println!("initrd:   {} ({})", i.initrd, fmt_bytes(n("initrd_bytes")));
+        println!("size:     {} in all", fmt_bytes(n("kernel_bytes") + n("initrd_bytes")));
+        println!("busybox:  {}", s("busybox_version"));
+        println!("agent:    sha256 {}", s("agent_sha256").chars().take(16).collect::<String>());
+        if let Some(mods) = m.get("modules").and_then(|v| v.as_array()) {
+            println!("modules:  {}", mods.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" "));
+        }
+    }
+
+    /// `drover vm exec`: the command's output, and its exit code for ours.
+    pub fn exec(&self, r: &drover_proto::ExecResult) -> u8 {
+        if self.json {
+            self.print_json(r);
+        } else {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(r.stdout.as_bytes());
+            let _ = std::io::stderr().write_all(r.stderr.as_bytes());
+            if r.stdout_truncated || r.stderr_truncated {
+                eprintln!("drover: output was truncated at {} per stream", fmt_bytes(drover_proto::MAX_EXEC_OUTPUT as u64));
+            }
+            if r.timed_out {
+                eprintln!("drover: the command timed out and was killed");
+            }
+        }
+        if r.timed_out {
+            return 124;
+        }
+        match (r.exit_code, r.signal) {
+            (Some(c), _) => u8::try_from(c).unwrap_or(1),
+            (None, Some(s)) => u8::try_from(128 + s).unwrap_or(255),
+            (None, None) => 1,
+        }
+    }
+}
+
+/// Bytes in a readable unit (1.5G, 300M).
+fn fmt_bytes(b: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (size, unit) in UNITS {
+        if b >= size {
+            return format!("{:.1}{unit}", b as f64 / size as f64);
+        }
+    }
+    format!("{b}B")
+}

@@ -1,0 +1,88 @@
+//! A VM's life seen from inside the guest: CPUs and memory as asked, a disk whose data survives a
+//! stop/start, state and console as a user checks them, graceful stop, guest power-off.
+
+use drover_e2e::{wait_for, Daemon};
+use std::time::Duration;
+
+#[test]
+fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {
+    let d = Daemon::start();
+    d.ok(&["vm", "create", "web1", "--cpus", "2", "--memory", "384M", "--disk", "size=64M,id=data", "--nic", "user"]);
+    d.ok(&["vm", "start", "web1", "--wait"]);
+
+    // From inside the guest.
+    assert_eq!(d.sh("web1", "nproc").trim(), "2");
+    let mem_kb: u64 = d
+        .sh("web1", "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        .trim()
+        .parse()
+        .expect("MemTotal");
+    // The kernel keeps some memory for itself; MemTotal is a little under what was given.
+    assert!((300 * 1024..=384 * 1024).contains(&mem_kb), "MemTotal {mem_kb} kB for a 384M VM");
+    assert_eq!(d.sh("web1", "cat /sys/block/vda/serial").trim(), "data");
+    assert_eq!(d.sh("web1", "cat /sys/block/vda/size").trim(), (64 * 2048).to_string());
+    assert_eq!(d.sh("web1", "hostname").trim(), "web1");
+    assert!(d.sh("web1", "cat /proc/net/dev").contains("eth0"));
+
+    // Exit codes and stderr of guest commands come back.
+    let out = d.drover(&["vm", "exec", "web1", "--", "sh", "-c", "echo oops >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops");
+
+    // Write data to the disk, then stop and start.
+    d.sh("web1", "echo drover-data-kept > /tmp/m && dd if=/tmp/m of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null");
+    let v = d.json(&["vm", "show", "web1"]);
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["agent"]["ready"], true);
+    let boot1 = d.sh("web1", "cat /proc/sys/kernel/random/boot_id");
+
+    // Starting a running VM and deleting it are refused with exit code 4, nothing changed.
+    assert!(d.fails(4, &["vm", "start", "web1"]).contains("already running"));
+    assert!(d.fails(4, &["vm", "delete", "web1"]).contains("stop it first or pass --force"));
+
+    let stopped = d.json(&["vm", "stop", "web1"]);
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["last_exit"]["reason"], "operator-stop");
+    // The agent shut the guest down cleanly; no kill was needed.
+    assert_eq!(stopped["last_exit"]["detail"], "shut down by the guest agent");
+
+    d.ok(&["vm", "start", "web1", "--wait"]);
+    let boot2 = d.sh("web1", "cat /proc/sys/kernel/random/boot_id");
+    assert_ne!(boot1, boot2, "the guest really rebooted");
+    assert_eq!(d.sh("web1", "head -c 16 /dev/vda"), "drover-data-kept");
+
+    // The console log holds the boots.
+    let console = d.ok(&["vm", "console", "web1"]);
+    assert!(console.matches("DROVER-INIT-READY").count() >= 2, "console:\n{console}");
+
+    // The guest powers itself off: droverd notices and records why.
+    let _ = d.drover(&["vm", "exec", "web1", "--timeout", "5", "--", "poweroff", "-f"]);
+    let v = wait_for("the VM to stop", Duration::from_secs(20), || {
+        let v = d.json(&["vm", "show", "web1"]);
+        (v["state"] == "stopped").then_some(v)
+    });
+    assert_eq!(v["last_exit"]["reason"], "guest-poweroff", "{v}");
+
+    let list = d.json(&["vm", "list"]);
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    d.ok(&["vm", "delete", "web1"]);
+    assert!(d.json(&["vm", "list"]).as_array().is_some_and(|a| a.is_empty()));
+    assert!(!d.state_dir().join("vms/web1").exists(), "owned disks and logs are removed");
+}
+
+#[test]
+fn force_delete_and_kill_when_the_guest_ignores_shutdown() {
+    let d = Daemon::start();
+    d.ok(&["vm", "create", "k1", "--memory", "256M"]);
+    d.ok(&["vm", "start", "k1", "--wait"]);
+    // Take the agent away (its respawn loop finds no binary): now nothing in the guest handles a
+    // shutdown request or the ACPI button, so droverd must end up killing QEMU.
+    d.sh("k1", "(sleep 0.3; mv /usr/bin/drover-agent /usr/bin/agent.off; kill -9 $(pidof drover-agent)) >/dev/null 2>&1 &");
+    std::thread::sleep(Duration::from_millis(1000));
+    let v = d.json(&["vm", "stop", "k1", "--timeout", "3"]);
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["last_exit"]["detail"], "killed after the graceful-stop timeout", "{v}");
+    d.ok(&["vm", "start", "k1", "--wait"]);
+    d.ok(&["vm", "delete", "k1", "--force"]);
+    assert_eq!(drover_e2e::pids_mentioning(&d.state_dir().display().to_string()).len(), 0, "no QEMU left");
+}
