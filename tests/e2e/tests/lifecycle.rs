@@ -84,5 +84,5 @@ fn force_delete_and_kill_when_the_guest_ignores_shutdown() {
     assert_eq!(v["last_exit"]["detail"], "killed after the graceful-stop timeout", "{v}");
     d.ok(&["vm", "start", "k1", "--wait"]);
     d.ok(&["vm", "delete", "k1", "--force"]);
-    assert_eq!(drover_e2e::pids_mentioning(&d.state_dir().display().to_string()).len(), 0, "no QEMU left");
+    assert_eq!(drover_e2e::pids_mentioning(&d.state_dir().join("run").display().to_string()).len(), 0, "no QEMU left");
 }
