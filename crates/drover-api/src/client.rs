@@ -66,11 +66,19 @@ impl Client {
         &self.socket
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|source| ClientError::Unreachable {
-            socket: self.socket.clone(),
-            source,
-        })?;
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<RawResponse, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -78,7 +86,10 @@ impl Client {
             let _ = conn.await;
         });
         let has_body = body.is_some();
-        let mut req = Request::builder().method(method).uri(path).header("host", "droverd");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "droverd");
         if has_body {
             req = req.header("content-type", "application/json");
         }
@@ -98,7 +109,9 @@ impl Client {
         })
     }
 
-    async fn collect(raw: RawResponse) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+    async fn collect(
+        raw: RawResponse,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
         let body = raw
             .body
             .collect()
@@ -134,7 +147,12 @@ impl Client {
         if !status.is_success() {
             return Err(Self::error_from(status, &bytes));
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{e} in {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ClientError::Protocol(format!(
+                "{e} in {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            ))
+        })
     }
 
     /// GET and decode.
@@ -143,7 +161,11 @@ impl Client {
     }
 
     /// POST a JSON body and decode.
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         self.call(Method::POST, path, Some(body)).await
     }
 
@@ -173,7 +195,9 @@ impl Client {
         let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = raw.body.frame().await {
             let frame = frame.map_err(|e| ClientError::Protocol(format!("reading stream: {e}")))?;
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             buf.extend_from_slice(&data);
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
@@ -186,6 +210,8 @@ impl Client {
                 }
             }
         }
-        Err(ClientError::Protocol("the stream ended without a result".into()))
+        Err(ClientError::Protocol(
+            "the stream ended without a result".into(),
+        ))
     }
 }

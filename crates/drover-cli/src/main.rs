@@ -3,7 +3,9 @@
 mod output;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use drover_api::{Client, ClientError, ErrorCode, ExecRequest, ImageBuildRequest, StopRequest, VmInfo};
+use drover_api::{
+    Client, ClientError, ErrorCode, ExecRequest, ImageBuildRequest, StopRequest, VmInfo,
+};
 use drover_model::{format_size, DiskSpec, NicSpec, VmSpec};
 use output::Out;
 use std::io::Write;
@@ -27,7 +29,12 @@ use std::time::{Duration, Instant};
 #[command(name = "drover", version, about, long_about, max_term_width = 100)]
 struct Cli {
     /// droverd's API socket.
-    #[arg(long, global = true, env = "DROVER_SOCKET", default_value = "/run/drover/drover.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_SOCKET",
+        default_value = "/run/drover/drover.sock"
+    )]
     socket: PathBuf,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
@@ -48,7 +55,7 @@ enum Format {
 enum Cmd {
     /// Create, run and inspect virtual machines.
     #[command(subcommand)]
-    Vm(VmCmd),
+    Vm(Box<VmCmd>),
     /// This host: accelerator, QEMU, resources.
     #[command(subcommand)]
     Host(HostCmd),
@@ -225,7 +232,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("drover: cannot start: {e}");
@@ -244,7 +254,11 @@ fn main() -> ExitCode {
 
 fn seg(name: &str) -> anyhow::Result<String> {
     // Names are validated by the daemon; refuse path tricks before they reach a URL.
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         anyhow::bail!("invalid VM name {name:?}: use a-z, 0-9 and '-'");
     }
     Ok(name.to_string())
@@ -265,12 +279,17 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             let p = out.progress("building the guest image");
             let started = Instant::now();
             let i: drover_api::ImageInfo = c
-                .post_stream("/v1/image/build", &ImageBuildRequest { force }, |line| p.set(line))
+                .post_stream("/v1/image/build", &ImageBuildRequest { force }, |line| {
+                    p.set(line)
+                })
                 .await?;
-            p.done(&format!("guest image ready in {:.1}s", started.elapsed().as_secs_f64()));
+            p.done(&format!(
+                "guest image ready in {:.1}s",
+                started.elapsed().as_secs_f64()
+            ));
             out.image(&i);
         }
-        Cmd::Vm(cmd) => return vm(&c, out, cmd).await,
+        Cmd::Vm(cmd) => return vm(&c, out, *cmd).await,
     }
     Ok(0)
 }
@@ -285,14 +304,31 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(&name)?)).await?;
             out.vm(&v);
         }
-        VmCmd::Create { name, file, cpus, memory, disks, nics, kernel, initrd, cmdline, boot_disk, accel, start, wait } => {
+        VmCmd::Create {
+            name,
+            file,
+            cpus,
+            memory,
+            disks,
+            nics,
+            kernel,
+            initrd,
+            cmdline,
+            boot_disk,
+            accel,
+            start,
+            wait,
+        } => {
             let mut spec = match &file {
                 Some(f) => {
                     let text = std::fs::read_to_string(f)
                         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
                     VmSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
                 }
-                None => VmSpec::named(name.as_deref().ok_or_else(|| anyhow::anyhow!("give a VM name or --file"))?),
+                None => VmSpec::named(
+                    name.as_deref()
+                        .ok_or_else(|| anyhow::anyhow!("give a VM name or --file"))?,
+                ),
             };
             if let Some(n) = name {
                 spec.name = n;
@@ -338,18 +374,39 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             out.created(&v);
         }
         VmCmd::Start { name, wait } => return start_vm(c, out, &name, &wait).await,
-        VmCmd::Stop { name, timeout, force } => {
+        VmCmd::Stop {
+            name,
+            timeout,
+            force,
+        } => {
             let p = out.progress(&format!("stopping {name}"));
             let v: VmInfo = c
-                .post(&format!("/v1/vms/{}/stop", seg(&name)?), &StopRequest { timeout_s: timeout, force })
+                .post(
+                    &format!("/v1/vms/{}/stop", seg(&name)?),
+                    &StopRequest {
+                        timeout_s: timeout,
+                        force,
+                    },
+                )
                 .await?;
             p.done(&format!("{name} stopped ({})", stop_how(&v)));
             out.json_only(&v);
         }
-        VmCmd::Restart { name, timeout, force, wait } => {
+        VmCmd::Restart {
+            name,
+            timeout,
+            force,
+            wait,
+        } => {
             let p = out.progress(&format!("restarting {name}"));
             let v: VmInfo = c
-                .post(&format!("/v1/vms/{}/restart", seg(&name)?), &StopRequest { timeout_s: timeout, force })
+                .post(
+                    &format!("/v1/vms/{}/restart", seg(&name)?),
+                    &StopRequest {
+                        timeout_s: timeout,
+                        force,
+                    },
+                )
                 .await?;
             p.done(&format!("{name} restarted (pid {})", v.pid.unwrap_or(0)));
             if wait.wait {
@@ -374,7 +431,9 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             let mut offset = 0u64;
             let mut stdout = std::io::stdout();
             loop {
-                let (headers, bytes) = c.get_bytes(&format!("/v1/vms/{name}/console?offset={offset}")).await?;
+                let (headers, bytes) = c
+                    .get_bytes(&format!("/v1/vms/{name}/console?offset={offset}"))
+                    .await?;
                 let next = headers
                     .get("x-drover-next-offset")
                     .and_then(|v| v.to_str().ok())
@@ -392,7 +451,12 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                 }
             }
         }
-        VmCmd::Exec { name, timeout, stdin, command } => {
+        VmCmd::Exec {
+            name,
+            timeout,
+            stdin,
+            command,
+        } => {
             let stdin = match stdin {
                 None => None,
                 Some(p) if p.as_os_str() == "-" => {
@@ -401,13 +465,18 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                     Some(s)
                 }
                 Some(p) => Some(
-                    std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
                 ),
             };
             let r: drover_proto::ExecResult = c
                 .post(
                     &format!("/v1/vms/{}/exec", seg(&name)?),
-                    &ExecRequest { argv: command, stdin, timeout_s: timeout },
+                    &ExecRequest {
+                        argv: command,
+                        stdin,
+                        timeout_s: timeout,
+                    },
                 )
                 .await?;
             return Ok(out.exec(&r));
@@ -429,9 +498,19 @@ fn stop_how(v: &VmInfo) -> String {
 
 async fn start_vm(c: &Client, out: &Out, name: &str, wait: &WaitArgs) -> anyhow::Result<u8> {
     let p = out.progress(&format!("starting {name}"));
-    let v: VmInfo = c.post(&format!("/v1/vms/{}/start", seg(name)?), &serde_json::json!({})).await?;
+    let v: VmInfo = c
+        .post(
+            &format!("/v1/vms/{}/start", seg(name)?),
+            &serde_json::json!({}),
+        )
+        .await?;
     let accel = v.accel.map(|a| a.to_string()).unwrap_or_default();
-    p.done(&format!("{name} running (pid {}, {accel}, {} vCPU, {})", v.pid.unwrap_or(0), v.config.cpus, format_size(v.config.memory)));
+    p.done(&format!(
+        "{name} running (pid {}, {accel}, {} vCPU, {})",
+        v.pid.unwrap_or(0),
+        v.config.cpus,
+        format_size(v.config.memory)
+    ));
     if wait.wait {
         wait_agent(c, out, name, wait.wait_timeout).await?;
     } else {
@@ -442,11 +521,19 @@ async fn start_vm(c: &Client, out: &Out, name: &str, wait: &WaitArgs) -> anyhow:
 
 async fn wait_agent(c: &Client, out: &Out, name: &str, timeout: u64) -> anyhow::Result<()> {
     let p = out.progress(&format!("waiting for the guest agent in {name}"));
-    let st: drover_api::AgentStatus = c.get(&format!("/v1/vms/{}/agent?wait_s={timeout}", seg(name)?)).await?;
-    let after = st.ready_after_ms.map(|ms| format!(" {:.2}s after start", ms as f64 / 1000.0)).unwrap_or_default();
+    let st: drover_api::AgentStatus = c
+        .get(&format!("/v1/vms/{}/agent?wait_s={timeout}", seg(name)?))
+        .await?;
+    let after = st
+        .ready_after_ms
+        .map(|ms| format!(" {:.2}s after start", ms as f64 / 1000.0))
+        .unwrap_or_default();
     p.done(&format!(
         "agent ready{after} (agent {})",
-        st.info.as_ref().map(|i| i.agent_version.as_str()).unwrap_or("?")
+        st.info
+            .as_ref()
+            .map(|i| i.agent_version.as_str())
+            .unwrap_or("?")
     ));
     let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(name)?)).await?;
     out.json_only(&v);

@@ -73,7 +73,10 @@ impl Out {
     /// A spinner for a slow step.
     pub fn progress(&self, msg: &str) -> Progress {
         if self.json || !std::io::stderr().is_terminal() {
-            return Progress { bar: None, quiet: self.json };
+            return Progress {
+                bar: None,
+                quiet: self.json,
+            };
         }
         let bar = ProgressBar::new_spinner();
         if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed:.dim}") {
@@ -81,7 +84,10 @@ impl Out {
         }
         bar.set_message(msg.to_string());
         bar.enable_steady_tick(Duration::from_millis(100));
-        Progress { bar: Some(bar), quiet: false }
+        Progress {
+            bar: Some(bar),
+            quiet: false,
+        }
     }
 
     /// An error: one line for people, an object for scripts.
@@ -92,7 +98,9 @@ impl Out {
                 .and_then(|c| c.code())
                 .map(|c| serde_json::to_value(c).unwrap_or_default())
                 .unwrap_or(serde_json::Value::String("error".into()));
-            self.print_json(&serde_json::json!({"error": {"code": code, "message": e.to_string()}}));
+            self.print_json(
+                &serde_json::json!({"error": {"code": code, "message": e.to_string()}}),
+            );
         } else {
             eprintln!("drover: {e}");
         }
@@ -123,7 +131,17 @@ impl Out {
         }
         let mut t = Table::new();
         t.load_preset(NOTHING);
-        t.set_header(["NAME", "STATE", "CPUS", "MEMORY", "DISKS", "NICS", "PID", "AGENT", "UPTIME / LAST EXIT"]);
+        t.set_header([
+            "NAME",
+            "STATE",
+            "CPUS",
+            "MEMORY",
+            "DISKS",
+            "NICS",
+            "PID",
+            "AGENT",
+            "UPTIME / LAST EXIT",
+        ]);
         for v in vms {
             let agent = match &v.agent {
                 Some(a) if a.ready => "ready",
@@ -181,7 +199,13 @@ impl Out {
         println!("vcpus:     {}", c.cpus);
         println!("memory:    {}", format_size(c.memory));
         match &c.boot {
-            Boot::Default { cmdline } => println!("boot:      default guest image{}", cmdline.as_ref().map(|c| format!(" (+ {c})")).unwrap_or_default()),
+            Boot::Default { cmdline } => println!(
+                "boot:      default guest image{}",
+                cmdline
+                    .as_ref()
+                    .map(|c| format!(" (+ {c})"))
+                    .unwrap_or_default()
+            ),
             Boot::Kernel { kernel, .. } => println!("boot:      kernel {}", kernel.display()),
             Boot::Disk { disk } => println!("boot:      disk {disk}"),
         }
@@ -193,7 +217,11 @@ impl Out {
                 d.format,
                 d.path.display(),
                 if d.readonly { " read-only" } else { "" },
-                if d.owned { "" } else { " (not owned: kept on delete)" }
+                if d.owned {
+                    ""
+                } else {
+                    " (not owned: kept on delete)"
+                }
             );
         }
         for n in &c.nics {
@@ -201,7 +229,11 @@ impl Out {
                 NicBackend::User { forwards } if forwards.is_empty() => "user".to_string(),
                 NicBackend::User { forwards } => format!(
                     "user, forwards {}",
-                    forwards.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(" ")
+                    forwards
+                        .iter()
+                        .map(|f| f.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 ),
                 NicBackend::Tap { ifname } => format!("tap {ifname}"),
             };
@@ -213,14 +245,24 @@ impl Out {
                     "agent:     ready (version {}, guest uptime {}s at hello{})",
                     i.agent_version,
                     i.uptime_ms / 1000,
-                    a.ready_after_ms.map(|m| format!(", ready {:.2}s after start", m as f64 / 1000.0)).unwrap_or_default()
+                    a.ready_after_ms
+                        .map(|m| format!(", ready {:.2}s after start", m as f64 / 1000.0))
+                        .unwrap_or_default()
                 ),
                 _ if a.connected => println!("agent:     not ready yet (channel connected)"),
                 _ => println!("agent:     not connected"),
             }
         }
         if let Some(e) = &v.last_exit {
-            println!("last exit: {} {} ago{}", e.reason, age(e.at_ms), e.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+            println!(
+                "last exit: {} {} ago{}",
+                e.reason,
+                age(e.at_ms),
+                e.detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
         }
     }
 
@@ -234,9 +276,22 @@ impl Out {
         println!("accelerator:  {} ({})", h.accel, h.accel_reason);
         println!("qemu:         {} ({})", h.qemu_version, h.qemu_binary);
         println!("cpus:         {}", h.cpus);
-        println!("memory:       {} total, {} available, {} given to running VMs", fmt_bytes(h.memory_total), fmt_bytes(h.memory_available), fmt_bytes(h.memory_allocated));
-        println!("disk:         {} free of {} ({})", fmt_bytes(h.disk_free), fmt_bytes(h.disk_total), h.state_dir);
-        println!("vms:          {} defined, {} running", h.vms_defined, h.vms_running);
+        println!(
+            "memory:       {} total, {} available, {} given to running VMs",
+            fmt_bytes(h.memory_total),
+            fmt_bytes(h.memory_available),
+            fmt_bytes(h.memory_allocated)
+        );
+        println!(
+            "disk:         {} free of {} ({})",
+            fmt_bytes(h.disk_free),
+            fmt_bytes(h.disk_total),
+            h.state_dir
+        );
+        println!(
+            "vms:          {} defined, {} running",
+            h.vms_defined, h.vms_running
+        );
     }
 
     /// `drover image show|build`.
@@ -248,13 +303,30 @@ impl Out {
         let s = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
         let n = |k: &str| m.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         println!("image:    {}", i.dir);
-        println!("kernel:   {} ({}, {})", i.kernel, s("kernel_version"), fmt_bytes(n("kernel_bytes")));
+        println!(
+            "kernel:   {} ({}, {})",
+            i.kernel,
+            s("kernel_version"),
+            fmt_bytes(n("kernel_bytes"))
+        );
         println!("initrd:   {} ({})", i.initrd, fmt_bytes(n("initrd_bytes")));
-        println!("size:     {} in all", fmt_bytes(n("kernel_bytes") + n("initrd_bytes")));
+        println!(
+            "size:     {} in all",
+            fmt_bytes(n("kernel_bytes") + n("initrd_bytes"))
+        );
         println!("busybox:  {}", s("busybox_version"));
-        println!("agent:    sha256 {}", s("agent_sha256").chars().take(16).collect::<String>());
+        println!(
+            "agent:    sha256 {}",
+            s("agent_sha256").chars().take(16).collect::<String>()
+        );
         if let Some(mods) = m.get("modules").and_then(|v| v.as_array()) {
-            println!("modules:  {}", mods.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" "));
+            println!(
+                "modules:  {}",
+                mods.iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
         }
     }
 
@@ -267,7 +339,10 @@ impl Out {
             let _ = std::io::stdout().write_all(r.stdout.as_bytes());
             let _ = std::io::stderr().write_all(r.stderr.as_bytes());
             if r.stdout_truncated || r.stderr_truncated {
-                eprintln!("drover: output was truncated at {} per stream", fmt_bytes(drover_proto::MAX_EXEC_OUTPUT as u64));
+                eprintln!(
+                    "drover: output was truncated at {} per stream",
+                    fmt_bytes(drover_proto::MAX_EXEC_OUTPUT as u64)
+                );
             }
             if r.timed_out {
                 eprintln!("drover: the command timed out and was killed");
@@ -286,7 +361,12 @@ impl Out {
 
 /// Bytes in a readable unit (1.5G, 300M).
 fn fmt_bytes(b: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
     for (size, unit) in UNITS {
         if b >= size {
             return format!("{:.1}{unit}", b as f64 / size as f64);

@@ -47,8 +47,13 @@ impl VmAction {
             (VmAction::Delete, VmState::Running) => {
                 format!("VM {name} is running; stop it first or pass --force")
             }
-            (_, VmState::Stopped) => format!("VM {name} is not running; start it first (`drover vm start {name}`)"),
-            (_, s) => format!("VM {name} is {s}; wait for that to finish, then {} it", self.verb()),
+            (_, VmState::Stopped) => {
+                format!("VM {name} is not running; start it first (`drover vm start {name}`)")
+            }
+            (_, s) => format!(
+                "VM {name} is {s}; wait for that to finish, then {} it",
+                self.verb()
+            ),
         })
     }
 }
@@ -72,7 +77,13 @@ mod tests {
                 assert_eq!(ok, expected, "{a:?} in {s:?}");
             }
         }
-        assert_eq!(Delete.check("web1", Running).unwrap_err(), "VM web1 is running; stop it first or pass --force");
-        assert!(Exec.check("w", Stopped).unwrap_err().contains("drover vm start w"));
+        assert_eq!(
+            Delete.check("web1", Running).unwrap_err(),
+            "VM web1 is running; stop it first or pass --force"
+        );
+        assert!(Exec
+            .check("w", Stopped)
+            .unwrap_err()
+            .contains("drover vm start w"));
     }
 }

@@ -53,7 +53,13 @@ struct Inner {
 
 impl AgentLink {
     /// Start the link's tasks; they end when `stop` fires or QEMU closes the sockets for good.
-    pub fn spawn(vm: String, port_a: PathBuf, port_b: PathBuf, started: Instant, stop: watch::Receiver<bool>) -> Self {
+    pub fn spawn(
+        vm: String,
+        port_a: PathBuf,
+        port_b: PathBuf,
+        started: Instant,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
         let (status, _) = watch::channel(AgentStatus::default());
         let link = AgentLink {
             inner: Arc::new(Inner {
@@ -115,10 +121,15 @@ impl AgentLink {
             return Err(LinkError::NotConnected);
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Body::Error { code, message })) => Err(LinkError::Refused(format!("{code}: {message}"))),
-            Ok(Ok(Body::Ack { accepted: false, reason })) => {
-                Err(LinkError::Refused(reason.unwrap_or_else(|| "no reason given".into())))
+            Ok(Ok(Body::Error { code, message })) => {
+                Err(LinkError::Refused(format!("{code}: {message}")))
             }
+            Ok(Ok(Body::Ack {
+                accepted: false,
+                reason,
+            })) => Err(LinkError::Refused(
+                reason.unwrap_or_else(|| "no reason given".into()),
+            )),
             Ok(Ok(body)) => Ok(body),
             Ok(Err(_)) => Err(LinkError::NotConnected),
             Err(_) => {
@@ -146,7 +157,7 @@ impl AgentLink {
     fn drop_frame(&self, vm: &str, port: &str, err: &dyn std::fmt::Display) {
         let n = self.inner.dropped_frames.fetch_add(1, Ordering::Relaxed) + 1;
         // Log the first few and then every 100th, so a flooding guest cannot flood the host log.
-        if n <= 10 || n % 100 == 0 {
+        if n <= 10 || n.is_multiple_of(100) {
             tracing::warn!(vm, port, dropped_total = n, "dropped a guest frame: {err}");
         }
     }
@@ -191,15 +202,30 @@ impl AgentLink {
                     };
                     let reply = match frame.body {
                         Body::Hello(info) => {
-                            tracing::info!(vm, agent = info.agent_version, uptime_ms = info.uptime_ms, "guest agent said hello");
+                            tracing::info!(
+                                vm,
+                                agent = info.agent_version,
+                                uptime_ms = info.uptime_ms,
+                                "guest agent said hello"
+                            );
                             self.mark_ready(info);
-                            Body::Ack { accepted: true, reason: None }
+                            Body::Ack {
+                                accepted: true,
+                                reason: None,
+                            }
                         }
                         other => {
-                            self.drop_frame(&vm, "A", &format!("unexpected {} from guest", kind(&other)));
+                            self.drop_frame(
+                                &vm,
+                                "A",
+                                &format!("unexpected {} from guest", kind(&other)),
+                            );
                             Body::Error {
                                 code: "unsupported".into(),
-                                message: format!("{} is not a request this host accepts", kind(&other)),
+                                message: format!(
+                                    "{} is not a request this host accepts",
+                                    kind(&other)
+                                ),
                             }
                         }
                     };
@@ -247,7 +273,11 @@ impl AgentLink {
                                 Some(tx) => {
                                     let _ = tx.send(f.body);
                                 }
-                                None => self.drop_frame(&vm, "B", &format!("reply to unknown request {}", f.id)),
+                                None => self.drop_frame(
+                                    &vm,
+                                    "B",
+                                    &format!("reply to unknown request {}", f.id),
+                                ),
                             }
                         }
                         Err(e) => self.drop_frame(&vm, "B", &e),
@@ -289,7 +319,12 @@ mod tests {
     use tokio::net::UnixListener;
 
     fn info() -> AgentInfo {
-        AgentInfo { agent_version: "t".into(), protocol: 1, uptime_ms: 5, boot_id: "b".into() }
+        AgentInfo {
+            agent_version: "t".into(),
+            protocol: 1,
+            uptime_ms: 5,
+            boot_id: "b".into(),
+        }
     }
 
     /// A fake guest: garbage and an oversized frame on port A, then hello; answers ping on B.
@@ -297,13 +332,18 @@ mod tests {
     async fn survives_bad_frames_and_answers() {
         let dir = tempfile::tempdir().unwrap();
         let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
-        let (la, lb) = (UnixListener::bind(&pa).unwrap(), UnixListener::bind(&pb).unwrap());
+        let (la, lb) = (
+            UnixListener::bind(&pa).unwrap(),
+            UnixListener::bind(&pb).unwrap(),
+        );
         let guest_a = tokio::spawn(async move {
             let (mut s, _) = la.accept().await.unwrap();
             s.write_all(b"garbage!").await.unwrap();
             s.write_all(&drover_proto::MAGIC).await.unwrap();
             s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-            s.write_all(&encode(&Frame::new(9, Body::Hello(info()))).unwrap()).await.unwrap();
+            s.write_all(&encode(&Frame::new(9, Body::Hello(info()))).unwrap())
+                .await
+                .unwrap();
             let mut dec = Decoder::new();
             let mut buf = [0u8; 1024];
             loop {
@@ -327,9 +367,14 @@ mod tests {
                 while let Some(Ok(f)) = dec.next_frame() {
                     let reply = match f.body {
                         Body::Ping => Body::Pong(info()),
-                        _ => Body::Error { code: "x".into(), message: "y".into() },
+                        _ => Body::Error {
+                            code: "x".into(),
+                            message: "y".into(),
+                        },
                     };
-                    s.write_all(&encode(&Frame::new(f.id, reply)).unwrap()).await.unwrap();
+                    s.write_all(&encode(&Frame::new(f.id, reply)).unwrap())
+                        .await
+                        .unwrap();
                 }
             }
         });
@@ -338,11 +383,26 @@ mod tests {
         let st = link.wait_ready(Duration::from_secs(5)).await.unwrap();
         assert!(st.ready);
         let ack = guest_a.await.unwrap();
-        assert_eq!((ack.id, ack.body), (9, Body::Ack { accepted: true, reason: None }));
-        assert!(link.dropped_frames() >= 2, "garbage and oversized were counted");
+        assert_eq!(
+            (ack.id, ack.body),
+            (
+                9,
+                Body::Ack {
+                    accepted: true,
+                    reason: None
+                }
+            )
+        );
+        assert!(
+            link.dropped_frames() >= 2,
+            "garbage and oversized were counted"
+        );
         let pong = link.call(Body::Ping, Duration::from_secs(5)).await.unwrap();
         assert!(matches!(pong, Body::Pong(_)));
-        let err = link.call(Body::Shutdown { reboot: false }, Duration::from_secs(5)).await.unwrap_err();
+        let err = link
+            .call(Body::Shutdown { reboot: false }, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(err, LinkError::Refused(_)));
         stop_tx.send(true).unwrap();
         drop(link);

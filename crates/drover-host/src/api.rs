@@ -28,7 +28,8 @@ impl From<HostError> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.0)).into_response()
     }
 }
@@ -41,7 +42,12 @@ async fn detached<T: Send + 'static>(
 ) -> Result<T, Failure> {
     tokio::spawn(fut)
         .await
-        .map_err(|e| Failure(ApiError::new(ErrorCode::Internal, format!("operation failed: {e}"))))?
+        .map_err(|e| {
+            Failure(ApiError::new(
+                ErrorCode::Internal,
+                format!("operation failed: {e}"),
+            ))
+        })?
         .map_err(Failure::from)
 }
 
@@ -73,10 +79,17 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| Failure(ApiError::new(ErrorCode::InvalidArgument, e.body_text())))?;
-        let bytes = if bytes.is_empty() { axum::body::Bytes::from_static(b"{}") } else { bytes };
-        serde_json::from_slice(&bytes)
-            .map(Body)
-            .map_err(|e| Failure(ApiError::new(ErrorCode::InvalidArgument, format!("invalid request: {e}"))))
+        let bytes = if bytes.is_empty() {
+            axum::body::Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map(Body).map_err(|e| {
+            Failure(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("invalid request: {e}"),
+            ))
+        })
     }
 }
 
@@ -102,20 +115,38 @@ struct ForceQuery {
     force: bool,
 }
 
-async fn delete(State(m): State<Manager>, Path(name): Path<String>, Query(q): Query<ForceQuery>) -> Res<drover_api::VmInfo> {
-    Ok(Json(detached(async move { m.delete(&name, q.force).await }).await?))
+async fn delete(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.delete(&name, q.force).await }).await?,
+    ))
 }
 
 async fn start(State(m): State<Manager>, Path(name): Path<String>) -> Res<drover_api::VmInfo> {
     Ok(Json(detached(async move { m.start(&name).await }).await?))
 }
 
-async fn stop(State(m): State<Manager>, Path(name): Path<String>, Body(req): Body<StopRequest>) -> Res<drover_api::VmInfo> {
-    Ok(Json(detached(async move { m.stop(&name, req.timeout_s, req.force).await }).await?))
+async fn stop(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    Body(req): Body<StopRequest>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.stop(&name, req.timeout_s, req.force).await }).await?,
+    ))
 }
 
-async fn restart(State(m): State<Manager>, Path(name): Path<String>, Body(req): Body<StopRequest>) -> Res<drover_api::VmInfo> {
-    Ok(Json(detached(async move { m.restart(&name, req.timeout_s, req.force).await }).await?))
+async fn restart(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    Body(req): Body<StopRequest>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.restart(&name, req.timeout_s, req.force).await }).await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -124,15 +155,26 @@ struct WaitQuery {
     wait_s: u64,
 }
 
-async fn agent(State(m): State<Manager>, Path(name): Path<String>, Query(q): Query<WaitQuery>) -> Res<drover_api::AgentStatus> {
+async fn agent(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Res<drover_api::AgentStatus> {
     if q.wait_s == 0 {
         let info = m.get(&name)?;
         return Ok(Json(info.agent.unwrap_or_default()));
     }
-    Ok(Json(m.wait_agent(&name, Duration::from_secs(q.wait_s.min(3600))).await?))
+    Ok(Json(
+        m.wait_agent(&name, Duration::from_secs(q.wait_s.min(3600)))
+            .await?,
+    ))
 }
 
-async fn exec(State(m): State<Manager>, Path(name): Path<String>, Body(req): Body<ExecRequest>) -> Res<drover_proto::ExecResult> {
+async fn exec(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    Body(req): Body<ExecRequest>,
+) -> Res<drover_proto::ExecResult> {
     Ok(Json(m.exec(&name, req).await?))
 }
 
@@ -147,7 +189,11 @@ fn default_console_max() -> usize {
     256 * 1024
 }
 
-async fn console(State(m): State<Manager>, Path(name): Path<String>, Query(q): Query<ConsoleQuery>) -> Result<Response, Failure> {
+async fn console(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Response, Failure> {
     let (bytes, next) = m.console(&name, q.offset, q.max.min(4 << 20))?;
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&next.to_string()) {
@@ -159,7 +205,10 @@ async fn console(State(m): State<Manager>, Path(name): Path<String>, Query(q): Q
 async fn image(State(m): State<Manager>) -> Res<drover_api::ImageInfo> {
     match m.current_image()? {
         Some(i) => Ok(Json(i)),
-        None => Err(Failure(ApiError::new(ErrorCode::ImageMissing, "the default guest image is not built yet; run `drover image build`"))),
+        None => Err(Failure(ApiError::new(
+            ErrorCode::ImageMissing,
+            "the default guest image is not built yet; run `drover image build`",
+        ))),
     }
 }
 
@@ -189,7 +238,10 @@ async fn image_build(State(m): State<Manager>, Body(req): Body<ImageBuildRequest
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
         .map(|s| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(s)));
     let mut resp = axum::body::Body::from_stream(stream).into_response();
-    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/x-ndjson"));
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/x-ndjson"),
+    );
     resp
 }
 

@@ -57,7 +57,9 @@ impl HostError {
             HostError::NotFound(_) => ErrorCode::NotFound,
             HostError::AlreadyExists(_) => ErrorCode::AlreadyExists,
             HostError::Invalid(_) | HostError::Model(_) => ErrorCode::InvalidArgument,
-            HostError::Img(ImgError::Missing(_) | ImgError::Unusable { .. }) => ErrorCode::InvalidArgument,
+            HostError::Img(ImgError::Missing(_) | ImgError::Unusable { .. }) => {
+                ErrorCode::InvalidArgument
+            }
             HostError::Conflict(_) => ErrorCode::Conflict,
             HostError::Resources(_) => ErrorCode::InsufficientResources,
             HostError::Agent(_) => ErrorCode::AgentUnavailable,

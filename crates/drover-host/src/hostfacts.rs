@@ -16,7 +16,13 @@ pub fn parse_meminfo(text: &str) -> Memory {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map(|kb| kb * 1024)
             .unwrap_or(0)
     };
@@ -44,8 +50,14 @@ pub fn cpus() -> u32 {
 pub fn disk(path: &Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(path) {
         Ok(s) => {
-            let frag = s.fragment_size() as u64;
-            (s.blocks() as u64 * frag, s.blocks_available() as u64 * frag)
+            // The field widths differ between libc targets; u64 holds them all.
+            #[allow(clippy::unnecessary_cast)]
+            let (frag, blocks, avail) = (
+                s.fragment_size() as u64,
+                s.blocks() as u64,
+                s.blocks_available() as u64,
+            );
+            (blocks * frag, avail * frag)
         }
         Err(_) => (0, 0),
     }
@@ -74,7 +86,9 @@ mod tests {
 
     #[test]
     fn meminfo() {
-        let m = parse_meminfo("MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   23000000 kB\n");
+        let m = parse_meminfo(
+            "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   23000000 kB\n",
+        );
         assert_eq!(m.total, 24_000_000 * 1024);
         assert_eq!(m.available, 23_000_000 * 1024);
         assert!(memory().total > 0);

@@ -18,10 +18,16 @@ pub fn image_progress(p: &drover_image::Progress) -> String {
     use drover_image::Progress;
     match p {
         Progress::Step { step } => step.clone(),
-        Progress::WaitingForLock { lock } => format!("waiting for another build (lock {})", lock.display()),
+        Progress::WaitingForLock { lock } => {
+            format!("waiting for another build (lock {})", lock.display())
+        }
         Progress::Downloading { package, version } => format!("downloading {package} {version}"),
         Progress::UpToDate { dir } => format!("image is up to date ({})", dir.display()),
-        Progress::Built { dir, build_ms } => format!("built {} in {:.1}s", dir.display(), *build_ms as f64 / 1000.0),
+        Progress::Built { dir, build_ms } => format!(
+            "built {} in {:.1}s",
+            dir.display(),
+            *build_ms as f64 / 1000.0
+        ),
         other => format!("{other:?}"),
     }
 }

@@ -13,7 +13,9 @@ use crate::agent_link::{AgentLink, LinkError};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
 use drover_api::{AgentStatus, ExitInfo, HostInfo, ImageInfo, VmInfo, VmState};
-use drover_model::{format_size, Accel, Boot, DiskConfig, DiskSource, MacAddr, NicConfig, VmConfig, VmSpec};
+use drover_model::{
+    format_size, Accel, Boot, DiskConfig, DiskSource, MacAddr, NicConfig, VmConfig, VmSpec,
+};
 use drover_qemu::accel::AccelChoice;
 use drover_qemu::cmdline::{self, KernelBoot, LaunchSpec, RunPaths};
 use drover_qemu::qmp::{Qmp, QmpEvent};
@@ -96,7 +98,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Manager {
     /// Open the state dir, detect the accelerator, load records and re-adopt running VMs.
     pub async fn open(cfg: DaemonConfig, store: Box<dyn Store>) -> Result<Self> {
-        for dir in [&cfg.state_dir, &cfg.state_dir.join("vms"), &cfg.state_dir.join("run"), &cfg.image_dir] {
+        for dir in [
+            &cfg.state_dir,
+            &cfg.state_dir.join("vms"),
+            &cfg.state_dir.join("run"),
+            &cfg.image_dir,
+        ] {
             std::fs::create_dir_all(dir).map_err(|e| io_ctx("creating", dir, e))?;
         }
         let accel = match cfg.accel {
@@ -246,13 +253,17 @@ impl Manager {
         if let Boot::Kernel { kernel, initrd, .. } = &boot {
             for p in std::iter::once(kernel).chain(initrd.iter()) {
                 if !p.is_file() {
-                    return Err(HostError::Invalid(format!("boot file {} does not exist", p.display())));
+                    return Err(HostError::Invalid(format!(
+                        "boot file {} does not exist",
+                        p.display()
+                    )));
                 }
             }
         }
         let vm_dir = self.vm_dir(&name);
         // A leftover directory from a crash between mkdir and the record write is ours to reuse.
-        std::fs::create_dir_all(vm_dir.join("disks")).map_err(|e| io_ctx("creating", &vm_dir, e))?;
+        std::fs::create_dir_all(vm_dir.join("disks"))
+            .map_err(|e| io_ctx("creating", &vm_dir, e))?;
         let mut disks = Vec::new();
         let result = async {
             for (id, source, readonly) in &valid.disks {
@@ -266,14 +277,28 @@ impl Manager {
                         tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
                             .await
                             .map_err(|e| HostError::Internal(e.to_string()))??;
-                        DiskConfig { id: id.clone(), path, format: drover_model::DiskFormat::Qcow2, size, readonly: *readonly, owned: true }
+                        DiskConfig {
+                            id: id.clone(),
+                            path,
+                            format: drover_model::DiskFormat::Qcow2,
+                            size,
+                            readonly: *readonly,
+                            owned: true,
+                        }
                     }
                     DiskSource::Image { path } => {
                         let p = path.clone();
                         let info = tokio::task::spawn_blocking(move || img::inspect(&p))
                             .await
                             .map_err(|e| HostError::Internal(e.to_string()))??;
-                        DiskConfig { id: id.clone(), path: path.clone(), format: info.format, size: info.virtual_size, readonly: *readonly, owned: false }
+                        DiskConfig {
+                            id: id.clone(),
+                            path: path.clone(),
+                            format: info.format,
+                            size: info.virtual_size,
+                            readonly: *readonly,
+                            owned: false,
+                        }
                     }
                 });
             }
@@ -338,7 +363,9 @@ impl Manager {
         }
         let _op = slot.op.lock().await;
         let info = lock(&slot.info).clone();
-        VmAction::Delete.check(name, info.state).map_err(HostError::Conflict)?;
+        VmAction::Delete
+            .check(name, info.state)
+            .map_err(HostError::Conflict)?;
         self.s.store.delete(VMS, name)?;
         lock(&self.s.vms).remove(name);
         for d in info.config.disks.iter().filter(|d| d.owned) {
@@ -361,7 +388,9 @@ impl Manager {
 
     async fn start_locked(&self, name: &str, slot: &Arc<VmSlot>) -> Result<VmInfo> {
         let info = lock(&slot.info).clone();
-        VmAction::Start.check(name, info.state).map_err(HostError::Conflict)?;
+        VmAction::Start
+            .check(name, info.state)
+            .map_err(HostError::Conflict)?;
         let config = info.config.clone();
         let mem = hostfacts::memory();
         if config.memory > mem.available.saturating_sub(HOST_RESERVE) {
@@ -385,7 +414,8 @@ impl Manager {
         let paths = self.run_paths(name);
         let _ = std::fs::remove_dir_all(&paths.dir);
         std::fs::create_dir_all(&paths.dir).map_err(|e| io_ctx("creating", &paths.dir, e))?;
-        std::fs::create_dir_all(self.vm_dir(name)).map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
+        std::fs::create_dir_all(self.vm_dir(name))
+            .map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
         let console = self.console_path(name);
         let args = cmdline::build(&LaunchSpec {
             config: &config,
@@ -409,7 +439,9 @@ impl Manager {
             }
         };
         let pid = child.id().unwrap_or(0);
-        let connected = self.connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15)).await;
+        let connected = self
+            .connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15))
+            .await;
         let (qmp, events) = match connected {
             Ok(c) => c,
             Err(why) => {
@@ -420,7 +452,9 @@ impl Manager {
                     i.state = VmState::Stopped;
                     i.last_exit = Some(exit("start-failed", Some(detail.clone())));
                 })?;
-                return Err(HostError::Internal(format!("QEMU could not start VM {name}: {detail}")));
+                return Err(HostError::Internal(format!(
+                    "QEMU could not start VM {name}: {detail}"
+                )));
             }
         };
         let info = self.persist(slot, |i| {
@@ -466,7 +500,11 @@ impl Manager {
     async fn kernel_boot(&self, config: &VmConfig) -> Result<Option<KernelBoot>> {
         match &config.boot {
             Boot::Disk { .. } => Ok(None),
-            Boot::Kernel { kernel, initrd, cmdline } => Ok(Some(KernelBoot {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => Ok(Some(KernelBoot {
                 kernel: kernel.clone(),
                 initrd: initrd.clone(),
                 cmdline: cmdline.clone().unwrap_or_else(|| "console=ttyS0".into()),
@@ -476,7 +514,8 @@ impl Manager {
                     Some(i) => i,
                     None => {
                         tracing::info!("no guest image built yet; building it now (first use)");
-                        self.build_image(false, |p| tracing::info!("image: {p}")).await?
+                        self.build_image(false, |p| tracing::info!("image: {p}"))
+                            .await?
                     }
                 };
                 let mut line = drover_image::default_cmdline().to_string();
@@ -509,7 +548,13 @@ impl Manager {
         let paths = self.run_paths(name);
         let (exited_tx, exited_rx) = watch::channel(false);
         let (link_stop_tx, link_stop_rx) = watch::channel(false);
-        let agent = AgentLink::spawn(name.to_string(), paths.port_a.clone(), paths.port_b.clone(), started, link_stop_rx);
+        let agent = AgentLink::spawn(
+            name.to_string(),
+            paths.port_a.clone(),
+            paths.port_b.clone(),
+            started,
+            link_stop_rx,
+        );
         let rt = Runtime {
             qmp,
             agent,
@@ -522,7 +567,16 @@ impl Manager {
         let slot = slot.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            mgr.supervise(&name, &slot, events, child, pid, rt.stop_reason.clone(), paths).await;
+            mgr.supervise(
+                &name,
+                &slot,
+                events,
+                child,
+                pid,
+                rt.stop_reason.clone(),
+                paths,
+            )
+            .await;
             let _ = link_stop_tx.send(true);
             *lock(&slot.rt) = None;
             let _ = exited_tx.send(true);
@@ -573,7 +627,11 @@ impl Manager {
             }
         };
         let operator = lock(&stop_reason).clone();
-        let guest = shutdown.as_ref().and_then(|d| d.get("guest")).and_then(|g| g.as_bool()).unwrap_or(false);
+        let guest = shutdown
+            .as_ref()
+            .and_then(|d| d.get("guest"))
+            .and_then(|g| g.as_bool())
+            .unwrap_or(false);
         let qemu_reason = shutdown
             .as_ref()
             .and_then(|d| d.get("reason"))
@@ -582,7 +640,9 @@ impl Manager {
         let exit_info = match (operator, guest, &qemu_reason) {
             (Some(how), _, _) => exit("operator-stop", Some(how)),
             (None, true, r) => exit("guest-poweroff", r.clone()),
-            (None, false, Some(r)) if r == "host-signal" => exit("killed", Some("QEMU received a signal".into())),
+            (None, false, Some(r)) if r == "host-signal" => {
+                exit("killed", Some("QEMU received a signal".into()))
+            }
             (None, false, Some(r)) => exit("host-shutdown", Some(r.clone())),
             (None, false, None) => exit(
                 "crashed",
@@ -613,7 +673,10 @@ impl Manager {
         let marker = paths.dir.display().to_string();
         let pid = process::read_pidfile(&paths.pidfile).or(lock(&slot.info).pid);
         if let Some(pid) = pid.filter(|&p| process::is_alive(p, &marker)) {
-            match self.connect_qmp(&paths.qmp, None, pid, Duration::from_secs(5)).await {
+            match self
+                .connect_qmp(&paths.qmp, None, pid, Duration::from_secs(5))
+                .await
+            {
                 Ok((qmp, events)) => {
                     self.persist(slot, |i| {
                         i.state = VmState::Running;
@@ -625,12 +688,19 @@ impl Manager {
                 }
                 Err(e) => {
                     // Alive but unreachable: QEMU is wedged. Do not leave an unmanaged VM behind.
-                    tracing::warn!(vm = name, pid, "QEMU alive but QMP unreachable ({e}); killing it");
+                    tracing::warn!(
+                        vm = name,
+                        pid,
+                        "QEMU alive but QMP unreachable ({e}); killing it"
+                    );
                     process::signal(pid, nix::sys::signal::Signal::SIGKILL);
                 }
             }
         }
-        let detail = format!("QEMU exited while droverd was not running; {}", log_tail(&paths.qemu_log));
+        let detail = format!(
+            "QEMU exited while droverd was not running; {}",
+            log_tail(&paths.qemu_log)
+        );
         self.persist(slot, |i| {
             i.state = VmState::Stopped;
             i.pid = None;
@@ -638,7 +708,10 @@ impl Manager {
             i.started_at_ms = None;
             i.last_exit = Some(exit("exited-while-daemon-down", Some(detail.clone())));
         })?;
-        tracing::info!(vm = name, "was running before droverd restarted and has since exited");
+        tracing::info!(
+            vm = name,
+            "was running before droverd restarted and has since exited"
+        );
         Ok(())
     }
 
@@ -655,8 +728,16 @@ impl Manager {
         self.stop_locked(name, &slot, timeout_s, force).await
     }
 
-    async fn stop_locked(&self, name: &str, slot: &Arc<VmSlot>, timeout_s: u64, force: bool) -> Result<VmInfo> {
-        VmAction::Stop.check(name, lock(&slot.info).state).map_err(HostError::Conflict)?;
+    async fn stop_locked(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        timeout_s: u64,
+        force: bool,
+    ) -> Result<VmInfo> {
+        VmAction::Stop
+            .check(name, lock(&slot.info).state)
+            .map_err(HostError::Conflict)?;
         let Some(rt) = self.runtime(slot) else {
             return Err(HostError::Conflict(format!("VM {name} is not running")));
         };
@@ -665,7 +746,10 @@ impl Manager {
         let mut exited = rt.exited.clone();
         let wait_until = |mut rx: watch::Receiver<bool>, until: Instant| async move {
             let left = until.saturating_duration_since(Instant::now());
-            matches!(tokio::time::timeout(left, rx.wait_for(|e| *e)).await, Ok(Ok(_)))
+            matches!(
+                tokio::time::timeout(left, rx.wait_for(|e| *e)).await,
+                Ok(Ok(_))
+            )
         };
         let set_reason = |how: &str| *lock(&rt.stop_reason) = Some(how.to_string());
         let mut done = false;
@@ -675,7 +759,11 @@ impl Manager {
             if agent_ready {
                 set_reason("shut down by the guest agent");
                 let budget = Duration::from_secs(timeout_s.min(5));
-                match rt.agent.call(drover_proto::Body::Shutdown { reboot: false }, budget).await {
+                match rt
+                    .agent
+                    .call(drover_proto::Body::Shutdown { reboot: false }, budget)
+                    .await
+                {
                     Ok(_) => {
                         let until = Instant::now() + (deadline - Instant::now()) * 2 / 3;
                         done = wait_until(exited.clone(), until).await;
@@ -693,8 +781,15 @@ impl Manager {
         }
         if !done {
             // 3. Ask QEMU to quit (flushes its disks), then SIGKILL.
-            set_reason(if force { "forced stop" } else { "killed after the graceful-stop timeout" });
-            let _ = rt.qmp.execute_timeout("quit", None, Duration::from_secs(2)).await;
+            set_reason(if force {
+                "forced stop"
+            } else {
+                "killed after the graceful-stop timeout"
+            });
+            let _ = rt
+                .qmp
+                .execute_timeout("quit", None, Duration::from_secs(2))
+                .await;
             done = wait_until(exited.clone(), Instant::now() + Duration::from_secs(3)).await;
             if !done {
                 process::signal(rt.pid, nix::sys::signal::Signal::SIGKILL);
@@ -706,7 +801,9 @@ impl Manager {
         }
         if !done {
             self.persist(slot, |i| i.state = VmState::Running)?;
-            return Err(HostError::Timeout(format!("VM {name} did not stop even after SIGKILL")));
+            return Err(HostError::Timeout(format!(
+                "VM {name} did not stop even after SIGKILL"
+            )));
         }
         Ok(self.view(slot))
     }
@@ -715,7 +812,9 @@ impl Manager {
     pub async fn restart(&self, name: &str, timeout_s: u64, force: bool) -> Result<VmInfo> {
         let slot = self.slot(name)?;
         let _op = slot.op.lock().await;
-        VmAction::Restart.check(name, lock(&slot.info).state).map_err(HostError::Conflict)?;
+        VmAction::Restart
+            .check(name, lock(&slot.info).state)
+            .map_err(HostError::Conflict)?;
         self.stop_locked(name, &slot, timeout_s, force).await?;
         self.start_locked(name, &slot).await
     }
@@ -726,7 +825,9 @@ impl Manager {
     pub async fn wait_agent(&self, name: &str, wait: Duration) -> Result<AgentStatus> {
         let slot = self.slot(name)?;
         let Some(rt) = self.runtime(&slot) else {
-            return Err(HostError::Conflict(format!("VM {name} is not running; start it first (`drover vm start {name}`)")));
+            return Err(HostError::Conflict(format!(
+                "VM {name} is not running; start it first (`drover vm start {name}`)"
+            )));
         };
         let mut exited = rt.exited.clone();
         tokio::select! {
@@ -745,14 +846,22 @@ impl Manager {
     }
 
     /// Run a command in the guest.
-    pub async fn exec(&self, name: &str, req: drover_api::ExecRequest) -> Result<drover_proto::ExecResult> {
+    pub async fn exec(
+        &self,
+        name: &str,
+        req: drover_api::ExecRequest,
+    ) -> Result<drover_proto::ExecResult> {
         let slot = self.slot(name)?;
-        VmAction::Exec.check(name, lock(&slot.info).state).map_err(HostError::Conflict)?;
+        VmAction::Exec
+            .check(name, lock(&slot.info).state)
+            .map_err(HostError::Conflict)?;
         if req.argv.is_empty() {
             return Err(HostError::Invalid("exec needs a command".into()));
         }
         if req.timeout_s == 0 || req.timeout_s > 24 * 3600 {
-            return Err(HostError::Invalid("exec timeout must be between 1 s and 24 h".into()));
+            return Err(HostError::Invalid(
+                "exec timeout must be between 1 s and 24 h".into(),
+            ));
         }
         let Some(rt) = self.runtime(&slot) else {
             return Err(HostError::Conflict(format!("VM {name} is not running")));
@@ -770,10 +879,19 @@ impl Manager {
         // Validate locally what the agent would refuse, for a clear error.
         drover_proto::encode(&drover_proto::Frame::new(0, body.clone()))
             .map_err(|e| HostError::Invalid(e.to_string()))?;
-        match rt.agent.call(body, Duration::from_secs(req.timeout_s + 10)).await {
+        match rt
+            .agent
+            .call(body, Duration::from_secs(req.timeout_s + 10))
+            .await
+        {
             Ok(drover_proto::Body::ExecResult(r)) => Ok(r),
-            Ok(other) => Err(HostError::Agent(format!("unexpected reply from the agent: {other:?}"))),
-            Err(LinkError::Timeout(d)) => Err(HostError::Timeout(format!("the agent in VM {name} did not answer within {}s", d.as_secs()))),
+            Ok(other) => Err(HostError::Agent(format!(
+                "unexpected reply from the agent: {other:?}"
+            ))),
+            Err(LinkError::Timeout(d)) => Err(HostError::Timeout(format!(
+                "the agent in VM {name} did not answer within {}s",
+                d.as_secs()
+            ))),
             Err(e) => Err(HostError::Agent(format!("VM {name}: {e}"))),
         }
     }
@@ -790,9 +908,12 @@ impl Manager {
         };
         let len = f.metadata().map_err(|e| io_ctx("reading", &path, e))?.len();
         let start = offset.min(len);
-        f.seek(SeekFrom::Start(start)).map_err(|e| io_ctx("reading", &path, e))?;
+        f.seek(SeekFrom::Start(start))
+            .map_err(|e| io_ctx("reading", &path, e))?;
         let mut buf = Vec::new();
-        f.take(max as u64).read_to_end(&mut buf).map_err(|e| io_ctx("reading", &path, e))?;
+        f.take(max as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| io_ctx("reading", &path, e))?;
         let next = start + buf.len() as u64;
         Ok((buf, next))
     }
@@ -829,7 +950,11 @@ impl Manager {
     }
 
     /// Build (or reuse, when inputs are unchanged) the default guest image.
-    pub async fn build_image(&self, force: bool, mut progress: impl FnMut(String) + Send + 'static) -> Result<ImageInfo> {
+    pub async fn build_image(
+        &self,
+        force: bool,
+        mut progress: impl FnMut(String) + Send + 'static,
+    ) -> Result<ImageInfo> {
         let _guard = self.s.image_lock.lock().await;
         let spec = drover_image::ImageSpec {
             cache_dir: self.s.cfg.image_dir.clone(),

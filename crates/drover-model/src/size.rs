@@ -45,7 +45,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
         let unit_bytes = 1u64 << shift;
-        if bytes >= unit_bytes && bytes % unit_bytes == 0 {
+        if bytes >= unit_bytes && bytes.is_multiple_of(unit_bytes) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

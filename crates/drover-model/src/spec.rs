@@ -95,7 +95,8 @@ fn valid_label(s: &str, max: usize, extra: &[char]) -> bool {
     };
     s.len() <= max
         && (first.is_ascii_lowercase() || first.is_ascii_digit())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || extra.contains(&c))
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || extra.contains(&c))
 }
 
 /// A VM name: a DNS label (so it can be the guest's hostname), lower case.
@@ -269,10 +270,7 @@ impl FromStr for PortForward {
         };
         let (host, guest) = rest.split_once("-:").ok_or_else(|| bad("missing '-:'"))?;
         let (host_addr, host_port) = match host.rsplit_once(':') {
-            Some((addr, port)) => (
-                addr.parse().map_err(|_| bad("bad host address"))?,
-                port,
-            ),
+            Some((addr, port)) => (addr.parse().map_err(|_| bad("bad host address"))?, port),
             None => (std::net::IpAddr::from([127, 0, 0, 1]), host),
         };
         let port = |p: &str, what: &str| -> Result<u16, ModelError> {
@@ -520,7 +518,7 @@ impl VmSpec {
             return Err(ModelError::BadCpus(self.cpus));
         }
         let memory = parse_size(&self.memory)?;
-        if memory < MIN_MEMORY || memory % (1 << 20) != 0 {
+        if memory < MIN_MEMORY || !memory.is_multiple_of(1 << 20) {
             return Err(ModelError::BadMemory(self.memory.clone()));
         }
         if self.disks.len() > MAX_DISKS {
@@ -600,14 +598,18 @@ impl VmSpec {
                     }
                     if tap.is_empty()
                         || tap.len() > 15
-                        || !tap.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                        || !tap
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                     {
                         return Err(ModelError::BadNic {
                             id: id.to_string(),
                             reason: format!("invalid tap name {tap:?}"),
                         });
                     }
-                    NicBackend::Tap { ifname: tap.clone() }
+                    NicBackend::Tap {
+                        ifname: tap.clone(),
+                    }
                 }
                 None => NicBackend::User { forwards },
             };
@@ -615,10 +617,14 @@ impl VmSpec {
         }
         if let Some(disk) = &self.boot.disk {
             if self.boot.kernel.is_some() {
-                return Err(ModelError::BadBoot("give a kernel or a boot disk, not both".into()));
+                return Err(ModelError::BadBoot(
+                    "give a kernel or a boot disk, not both".into(),
+                ));
             }
             if !disks.iter().any(|(id, _, _)| id.as_str() == disk) {
-                return Err(ModelError::BadBoot(format!("boot disk {disk:?} is not one of the VM's disks")));
+                return Err(ModelError::BadBoot(format!(
+                    "boot disk {disk:?} is not one of the VM's disks"
+                )));
             }
         }
         if self.boot.initrd.is_some() && self.boot.kernel.is_none() {
@@ -626,12 +632,17 @@ impl VmSpec {
         }
         for p in [&self.boot.kernel, &self.boot.initrd].into_iter().flatten() {
             if !p.is_absolute() {
-                return Err(ModelError::BadBoot(format!("path {} must be absolute", p.display())));
+                return Err(ModelError::BadBoot(format!(
+                    "path {} must be absolute",
+                    p.display()
+                )));
             }
         }
         if let Some(cmdline) = &self.boot.cmdline {
             if cmdline.len() > 2048 || cmdline.contains('\n') {
-                return Err(ModelError::BadBoot("cmdline must be one line of at most 2048 bytes".into()));
+                return Err(ModelError::BadBoot(
+                    "cmdline must be one line of at most 2048 bytes".into(),
+                ));
             }
         }
         Ok(ValidSpec {
@@ -810,7 +821,17 @@ mod tests {
     fn names() {
         assert!(VmName::new("web-1").is_ok());
         assert!(VmName::new("1abc").is_ok());
-        for bad in ["", "-a", "a-", "Web", "a_b", "a.b", &"a".repeat(64), "a b", "ä"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Web",
+            "a_b",
+            "a.b",
+            &"a".repeat(64),
+            "a b",
+            "ä",
+        ] {
             assert!(VmName::new(bad).is_err(), "{bad:?}");
         }
     }
@@ -869,8 +890,14 @@ mod tests {
         s.memory = "1M".into();
         assert!(matches!(s.validate(), Err(ModelError::BadMemory(_))));
         let mut s = VmSpec::named("a");
-        s.disks = vec!["size=1G,id=x".parse().unwrap(), "size=1G,id=x".parse().unwrap()];
-        assert_eq!(s.validate().unwrap_err(), ModelError::DuplicateId("x".into()));
+        s.disks = vec![
+            "size=1G,id=x".parse().unwrap(),
+            "size=1G,id=x".parse().unwrap(),
+        ];
+        assert_eq!(
+            s.validate().unwrap_err(),
+            ModelError::DuplicateId("x".into())
+        );
         let mut s = VmSpec::named("a");
         s.disks = vec!["image=relative.qcow2".parse().unwrap()];
         assert!(matches!(s.validate(), Err(ModelError::BadDisk { .. })));
@@ -887,7 +914,9 @@ mod tests {
         assert_eq!(d.size.as_deref(), Some("2G"));
         let d: DiskSpec = "image=/x.qcow2,id=os,ro".parse().unwrap();
         assert!(d.readonly && d.id.as_deref() == Some("os"));
-        let n: NicSpec = "user,forward=tcp:2222-:22,forward=8080-:80".parse().unwrap();
+        let n: NicSpec = "user,forward=tcp:2222-:22,forward=8080-:80"
+            .parse()
+            .unwrap();
         assert_eq!(n.forward.len(), 2);
     }
 }

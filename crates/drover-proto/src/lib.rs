@@ -366,7 +366,10 @@ mod tests {
         d.push(b"junk");
         let f = Frame::new(2, Body::Ping);
         d.push(&encode(&f).unwrap());
-        assert!(matches!(d.next_frame(), Some(Err(ProtoError::TooLarge { .. }))));
+        assert!(matches!(
+            d.next_frame(),
+            Some(Err(ProtoError::TooLarge { .. }))
+        ));
         assert!(matches!(d.next_frame(), Some(Err(ProtoError::Garbage(_)))));
         assert_eq!(d.next_frame(), Some(Ok(f)));
     }
@@ -378,7 +381,10 @@ mod tests {
         let newer = br#"{"v":99,"id":1,"body":{"type":"ping"}}"#;
         assert_eq!(decode_body(newer), Err(ProtoError::Version(99)));
         let empty_exec = br#"{"v":1,"id":1,"body":{"type":"exec","argv":[],"timeout_ms":1}}"#;
-        assert!(matches!(decode_body(empty_exec), Err(ProtoError::Invalid(_))));
+        assert!(matches!(
+            decode_body(empty_exec),
+            Err(ProtoError::Invalid(_))
+        ));
     }
 
     #[test]

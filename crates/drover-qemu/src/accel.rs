@@ -26,7 +26,9 @@ pub fn detect_in(sys_module: &Path, dev_kvm: &Path) -> AccelChoice {
     let hw = ["kvm_intel", "kvm_amd"]
         .into_iter()
         .find(|m| sys_module.join(m).exists());
-    let soft = ["kvm_pvm"].into_iter().find(|m| sys_module.join(m).exists());
+    let soft = ["kvm_pvm"]
+        .into_iter()
+        .find(|m| sys_module.join(m).exists());
     let openable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -74,6 +76,9 @@ mod tests {
         let kvm = dir.path().join("kvm");
         std::fs::write(&kvm, b"").unwrap();
         assert_eq!(detect_in(dir.path(), &kvm).accel, Accel::Kvm);
-        assert_eq!(detect_in(dir.path(), &dir.path().join("missing")).accel, Accel::Tcg);
+        assert_eq!(
+            detect_in(dir.path(), &dir.path().join("missing")).accel,
+            Accel::Tcg
+        );
     }
 }

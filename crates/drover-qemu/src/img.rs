@@ -61,7 +61,16 @@ pub fn create_qcow2(path: &Path, size: u64) -> Result<(), ImgError> {
         });
     }
     let p = path.to_string_lossy();
-    let out = run(&["create", "-q", "-f", "qcow2", "-o", "compat=1.1", &p, &size.to_string()])?;
+    let out = run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=1.1",
+        &p,
+        &size.to_string(),
+    ])?;
     if !out.status.success() {
         return Err(ImgError::Create {
             path: path.to_path_buf(),
@@ -86,12 +95,16 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, ImgError> {
     if !out.status.success() {
         return Err(unusable(stderr_line(&out)));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| unusable(format!("unreadable qemu-img info: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| unusable(format!("unreadable qemu-img info: {e}")))?;
     let format = match v.get("format").and_then(|f| f.as_str()) {
         Some("qcow2") => DiskFormat::Qcow2,
         Some("raw") => DiskFormat::Raw,
-        Some(other) => return Err(unusable(format!("format {other} is not supported (use qcow2 or raw)"))),
+        Some(other) => {
+            return Err(unusable(format!(
+                "format {other} is not supported (use qcow2 or raw)"
+            )))
+        }
         None => return Err(unusable("qemu-img reported no format".into())),
     };
     let virtual_size = v
@@ -104,11 +117,17 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, ImgError> {
     if format == DiskFormat::Qcow2 {
         if v.get("backing-filename").is_some() {
             // Backing chains are Drover's own business (snapshots); an operator image must stand alone.
-            return Err(unusable("images with a backing file are not supported; flatten it with qemu-img convert".into()));
+            return Err(unusable(
+                "images with a backing file are not supported; flatten it with qemu-img convert"
+                    .into(),
+            ));
         }
         let out = run(&["check", "-U", "-q", &p])?;
         if !out.status.success() {
-            return Err(unusable(format!("qemu-img check found damage: {}", stderr_line(&out))));
+            return Err(unusable(format!(
+                "qemu-img check found damage: {}",
+                stderr_line(&out)
+            )));
         }
     }
     Ok(ImageInfo {
@@ -122,7 +141,10 @@ mod tests {
     use super::*;
 
     fn have_qemu_img() -> bool {
-        std::process::Command::new("qemu-img").arg("--version").output().is_ok()
+        std::process::Command::new("qemu-img")
+            .arg("--version")
+            .output()
+            .is_ok()
     }
 
     #[test]
@@ -134,14 +156,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.qcow2");
         create_qcow2(&p, 64 << 20).unwrap();
-        assert_eq!(inspect(&p).unwrap(), ImageInfo { format: DiskFormat::Qcow2, virtual_size: 64 << 20 });
-        assert!(matches!(create_qcow2(&p, 1 << 20), Err(ImgError::Create { .. })));
-        assert!(matches!(inspect(&dir.path().join("none")), Err(ImgError::Missing(_))));
+        assert_eq!(
+            inspect(&p).unwrap(),
+            ImageInfo {
+                format: DiskFormat::Qcow2,
+                virtual_size: 64 << 20
+            }
+        );
+        assert!(matches!(
+            create_qcow2(&p, 1 << 20),
+            Err(ImgError::Create { .. })
+        ));
+        assert!(matches!(
+            inspect(&dir.path().join("none")),
+            Err(ImgError::Missing(_))
+        ));
         // Truncating a qcow2's header corrupts it.
         let bytes = std::fs::read(&p).unwrap();
         let bad = dir.path().join("bad.qcow2");
         std::fs::write(&bad, &bytes[..40]).unwrap();
-        assert!(matches!(inspect(&bad), Err(ImgError::Unusable { .. })), "{:?}", inspect(&bad));
+        assert!(
+            matches!(inspect(&bad), Err(ImgError::Unusable { .. })),
+            "{:?}",
+            inspect(&bad)
+        );
         let raw = dir.path().join("r.img");
         std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
         assert_eq!(inspect(&raw).unwrap().format, DiskFormat::Raw);

@@ -32,7 +32,11 @@ pub enum ProcessError {
 /// It gets its own session (so a terminal's Ctrl-C or droverd's death does not reach it) and no
 /// pipes (a dead reader would kill it with SIGPIPE). droverd stays its parent while it lives, so
 /// exits are reaped promptly; after a droverd restart the QMP socket's end tells instead.
-pub fn spawn(binary: &Path, args: &[String], log: &Path) -> Result<tokio::process::Child, ProcessError> {
+pub fn spawn(
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<tokio::process::Child, ProcessError> {
     let io = |source| ProcessError::Io {
         path: log.to_path_buf(),
         source,
@@ -72,7 +76,9 @@ pub fn is_alive(pid: u32, marker: &str) -> bool {
         Err(_) => return false,
     };
     // The state follows the last ')' (the command name may contain spaces and parentheses).
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
     if matches!(state, Some('Z') | Some('X') | None) {
         return false;
     }
@@ -127,7 +133,12 @@ mod tests {
     async fn spawned_process_survives_in_own_session() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let mut child = spawn(Path::new("/bin/sh"), &["-c".into(), "echo hi; exit 3".into()], &log).unwrap();
+        let mut child = spawn(
+            Path::new("/bin/sh"),
+            &["-c".into(), "echo hi; exit 3".into()],
+            &log,
+        )
+        .unwrap();
         let status = child.wait().await.unwrap();
         assert_eq!(status.code(), Some(3));
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "hi\n");

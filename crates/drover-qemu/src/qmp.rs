@@ -80,7 +80,9 @@ impl std::fmt::Debug for Qmp {
 
 impl Qmp {
     /// Connect, read the greeting, negotiate capabilities. Returns the client and its events.
-    pub async fn connect(path: &Path) -> Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>), QmpError> {
+    pub async fn connect(
+        path: &Path,
+    ) -> Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>), QmpError> {
         let io = |source| QmpError::Io {
             path: path.display().to_string(),
             source,
@@ -112,7 +114,11 @@ impl Qmp {
     /// QEMU's version as `major.minor.micro`.
     pub fn version(&self) -> String {
         let q = self.version.get("qemu");
-        let n = |k: &str| q.and_then(|q| q.get(k)).and_then(Value::as_u64).unwrap_or(0);
+        let n = |k: &str| {
+            q.and_then(|q| q.get(k))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
         format!("{}.{}.{}", n("major"), n("minor"), n("micro"))
     }
 
@@ -281,9 +287,15 @@ mod tests {
         let ev = events.recv().await.unwrap();
         assert_eq!(ev.name, "RESET");
         let err = qmp.execute("bogus", None).await.unwrap_err();
-        assert!(err.to_string().contains("bogus failed: CommandNotFound"), "{err}");
+        assert!(
+            err.to_string().contains("bogus failed: CommandNotFound"),
+            "{err}"
+        );
         server.await.unwrap();
         assert!(events.recv().await.is_none(), "EOF ends the event stream");
-        assert!(matches!(qmp.execute("x", None).await, Err(QmpError::Disconnected)));
+        assert!(matches!(
+            qmp.execute("x", None).await,
+            Err(QmpError::Disconnected)
+        ));
     }
 }

@@ -80,11 +80,15 @@ pub trait StoreExt: Store {
     fn get<T: DeserializeOwned>(&self, table: &str, key: &str) -> Result<Option<T>, StoreError> {
         match self.get_raw(table, key)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Decode {
-                table: table.into(),
-                key: key.into(),
-                message: e.to_string(),
-            }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Decode {
+                        table: table.into(),
+                        key: key.into(),
+                        message: e.to_string(),
+                    })
+            }
         }
     }
     /// Read and decode a whole table.
@@ -217,7 +221,8 @@ impl Store for RedbStore {
             match w {
                 Write::Put { table, key, value } => {
                     let mut t = tx.open_table(def(table)).map_err(|e| err(e.to_string()))?;
-                    t.insert(key.as_str(), value.as_slice()).map_err(|e| err(e.to_string()))?;
+                    t.insert(key.as_str(), value.as_slice())
+                        .map_err(|e| err(e.to_string()))?;
                 }
                 Write::Delete { table, key } => {
                     let mut t = tx.open_table(def(table)).map_err(|e| err(e.to_string()))?;

@@ -143,7 +143,8 @@ impl Daemon {
         let mut a = vec!["--output", "json"];
         a.extend_from_slice(args);
         let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("drover {args:?}: bad JSON ({e}): {out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("drover {args:?}: bad JSON ({e}): {out}"))
     }
 
     /// Run the CLI expecting failure with `code`; returns stderr.
@@ -174,9 +175,13 @@ pub fn tail(s: &str, n: usize) -> String {
 /// Pids of processes whose command line mentions `needle`.
 pub fn pids_mentioning(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             if String::from_utf8_lossy(&cmd).contains(needle) && pid != std::process::id() as i32 {
                 out.push(pid);
@@ -191,7 +196,10 @@ impl Drop for Daemon {
         self.kill9();
         // Leave no QEMU behind, whatever the test did.
         for pid in pids_mentioning(&self.state_dir().display().to_string()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -7,7 +7,19 @@ use std::time::Duration;
 #[test]
 fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {
     let d = Daemon::start();
-    d.ok(&["vm", "create", "web1", "--cpus", "2", "--memory", "384M", "--disk", "size=64M,id=data", "--nic", "user"]);
+    d.ok(&[
+        "vm",
+        "create",
+        "web1",
+        "--cpus",
+        "2",
+        "--memory",
+        "384M",
+        "--disk",
+        "size=64M,id=data",
+        "--nic",
+        "user",
+    ]);
     d.ok(&["vm", "start", "web1", "--wait"]);
 
     // From inside the guest.
@@ -18,14 +30,28 @@ fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {
         .parse()
         .expect("MemTotal");
     // The kernel keeps some memory for itself; MemTotal is a little under what was given.
-    assert!((300 * 1024..=384 * 1024).contains(&mem_kb), "MemTotal {mem_kb} kB for a 384M VM");
+    assert!(
+        (300 * 1024..=384 * 1024).contains(&mem_kb),
+        "MemTotal {mem_kb} kB for a 384M VM"
+    );
     assert_eq!(d.sh("web1", "cat /sys/block/vda/serial").trim(), "data");
-    assert_eq!(d.sh("web1", "cat /sys/block/vda/size").trim(), (64 * 2048).to_string());
+    assert_eq!(
+        d.sh("web1", "cat /sys/block/vda/size").trim(),
+        (64 * 2048).to_string()
+    );
     assert_eq!(d.sh("web1", "hostname").trim(), "web1");
     assert!(d.sh("web1", "cat /proc/net/dev").contains("eth0"));
 
     // Exit codes and stderr of guest commands come back.
-    let out = d.drover(&["vm", "exec", "web1", "--", "sh", "-c", "echo oops >&2; exit 7"]);
+    let out = d.drover(&[
+        "vm",
+        "exec",
+        "web1",
+        "--",
+        "sh",
+        "-c",
+        "echo oops >&2; exit 7",
+    ]);
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops");
 
@@ -37,14 +63,21 @@ fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {
     let boot1 = d.sh("web1", "cat /proc/sys/kernel/random/boot_id");
 
     // Starting a running VM and deleting it are refused with exit code 4, nothing changed.
-    assert!(d.fails(4, &["vm", "start", "web1"]).contains("already running"));
-    assert!(d.fails(4, &["vm", "delete", "web1"]).contains("stop it first or pass --force"));
+    assert!(d
+        .fails(4, &["vm", "start", "web1"])
+        .contains("already running"));
+    assert!(d
+        .fails(4, &["vm", "delete", "web1"])
+        .contains("stop it first or pass --force"));
 
     let stopped = d.json(&["vm", "stop", "web1"]);
     assert_eq!(stopped["state"], "stopped");
     assert_eq!(stopped["last_exit"]["reason"], "operator-stop");
     // The agent shut the guest down cleanly; no kill was needed.
-    assert_eq!(stopped["last_exit"]["detail"], "shut down by the guest agent");
+    assert_eq!(
+        stopped["last_exit"]["detail"],
+        "shut down by the guest agent"
+    );
 
     d.ok(&["vm", "start", "web1", "--wait"]);
     let boot2 = d.sh("web1", "cat /proc/sys/kernel/random/boot_id");
@@ -53,10 +86,22 @@ fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {
 
     // The console log holds the boots.
     let console = d.ok(&["vm", "console", "web1"]);
-    assert!(console.matches("DROVER-INIT-READY").count() >= 2, "console:\n{console}");
+    assert!(
+        console.matches("DROVER-INIT-READY").count() >= 2,
+        "console:\n{console}"
+    );
 
     // The guest powers itself off: droverd notices and records why.
-    let _ = d.drover(&["vm", "exec", "web1", "--timeout", "5", "--", "poweroff", "-f"]);
+    let _ = d.drover(&[
+        "vm",
+        "exec",
+        "web1",
+        "--timeout",
+        "5",
+        "--",
+        "poweroff",
+        "-f",
+    ]);
     let v = wait_for("the VM to stop", Duration::from_secs(20), || {
         let v = d.json(&["vm", "show", "web1"]);
         (v["state"] == "stopped").then_some(v)
@@ -66,8 +111,14 @@ fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {
     let list = d.json(&["vm", "list"]);
     assert_eq!(list.as_array().map(|a| a.len()), Some(1));
     d.ok(&["vm", "delete", "web1"]);
-    assert!(d.json(&["vm", "list"]).as_array().is_some_and(|a| a.is_empty()));
-    assert!(!d.state_dir().join("vms/web1").exists(), "owned disks and logs are removed");
+    assert!(d
+        .json(&["vm", "list"])
+        .as_array()
+        .is_some_and(|a| a.is_empty()));
+    assert!(
+        !d.state_dir().join("vms/web1").exists(),
+        "owned disks and logs are removed"
+    );
 }
 
 #[test]
@@ -81,8 +132,15 @@ fn force_delete_and_kill_when_the_guest_ignores_shutdown() {
     std::thread::sleep(Duration::from_millis(1000));
     let v = d.json(&["vm", "stop", "k1", "--timeout", "3"]);
     assert_eq!(v["state"], "stopped");
-    assert_eq!(v["last_exit"]["detail"], "killed after the graceful-stop timeout", "{v}");
+    assert_eq!(
+        v["last_exit"]["detail"], "killed after the graceful-stop timeout",
+        "{v}"
+    );
     d.ok(&["vm", "start", "k1", "--wait"]);
     d.ok(&["vm", "delete", "k1", "--force"]);
-    assert_eq!(drover_e2e::pids_mentioning(&d.state_dir().join("run").display().to_string()).len(), 0, "no QEMU left");
+    assert_eq!(
+        drover_e2e::pids_mentioning(&d.state_dir().join("run").display().to_string()).len(),
+        0,
+        "no QEMU left"
+    );
 }

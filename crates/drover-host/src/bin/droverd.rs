@@ -40,33 +40,49 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?,
+        )
         .with_writer(std::io::stderr)
         .init();
     let state_dir = std::path::absolute(&args.state_dir).context("resolving --state-dir")?;
-    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     let store = drover_store::RedbStore::open(&state_dir.join("drover.redb"))?;
     let qemu = which(&args.qemu).unwrap_or(args.qemu.clone());
     let cfg = DaemonConfig {
-        image_dir: args.image_dir.clone().unwrap_or_else(|| state_dir.join("images")),
+        image_dir: args
+            .image_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("images")),
         state_dir,
         agent_binary: args.agent_binary.clone(),
         qemu_binary: qemu,
-        accel: args.accel.as_deref().map(|a| a.parse()).transpose().map_err(anyhow::Error::msg)?,
+        accel: args
+            .accel
+            .as_deref()
+            .map(|a| a.parse())
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let listener = bind(&args.socket).await?;
     let mgr = Manager::open(cfg, Box::new(store)).await?;
     tracing::info!(socket = %args.socket.display(), vms = mgr.list().len(), "droverd serving");
     let app = drover_host::api::router(mgr);
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
-        tracing::info!("droverd stopping; running VMs keep running and are re-adopted at the next start");
+        tracing::info!(
+            "droverd stopping; running VMs keep running and are re-adopted at the next start"
+        );
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }
@@ -78,11 +94,16 @@ async fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("another droverd is already serving on {}; stop it or pass a different --socket", path.display());
+            bail!(
+                "another droverd is already serving on {}; stop it or pass a different --socket",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
