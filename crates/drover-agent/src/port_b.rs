@@ -470,8 +470,9 @@ mod tests {
             exit_code: Some(0),
             signal: None,
             timed_out: false,
-            stdout: "\0".repeat(MAX_EXEC_OUTPUT),
-            stderr: "\0".repeat(MAX_EXEC_OUTPUT),
+            // NUL encodes as six JSON bytes: this is far over the frame limit.
+            stdout: "\0".repeat(MAX_EXEC_OUTPUT * 3),
+            stderr: "\0".repeat(MAX_EXEC_OUTPUT * 3),
             stdout_truncated: false,
             stderr_truncated: false,
             duration_ms: 1,
