@@ -25,7 +25,11 @@ fn main() -> ExitCode {
     }
     let t = Instant::now();
     let res = drover_image::build(&spec, &mut |p| {
-        eprintln!("[{:>7.3}s] {}", t.elapsed().as_secs_f64(), serde_json::to_string(&p).unwrap_or_default())
+        eprintln!(
+            "[{:>7.3}s] {}",
+            t.elapsed().as_secs_f64(),
+            serde_json::to_string(&p).unwrap_or_default()
+        )
     });
     match res {
         Ok(img) => {

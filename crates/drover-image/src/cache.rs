@@ -63,7 +63,9 @@ pub fn lock(cache_dir: &Path, on_wait: &mut dyn FnMut(&Path)) -> Result<Lock, Im
 
 /// fsyncs a directory, making renames and creations inside it durable.
 pub fn sync_dir(dir: &Path) -> Result<(), ImageError> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx("fsync directory", dir)
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", dir)
 }
 
 /// Writes `data` to `path` and fsyncs it.
@@ -117,7 +119,9 @@ pub fn install_dir(from: &Path, to: &Path, parent: &Path) -> Result<(), ImageErr
 /// Removes entries of `dir` for which `stale(name)` holds. Only call with the lock held. Failures
 /// are logged, not returned: cleanup must not fail a build that succeeded.
 pub fn remove_stale(dir: &Path, stale: &dyn Fn(&str) -> bool) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !stale(&name) {
@@ -130,14 +134,19 @@ pub fn remove_stale(dir: &Path, stale: &dyn Fn(&str) -> bool) {
         };
         match res {
             Ok(()) => tracing::debug!(path = %path.display(), "removed old cache entry"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not remove old cache entry"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove old cache entry")
+            }
         }
     }
 }
 
 /// True for image directory names (16 lowercase hex digits).
 pub fn is_image_dir_name(name: &str) -> bool {
-    name.len() == 16 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -149,9 +158,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(read_current(d.path()).unwrap(), None);
         set_current(d.path(), "0123456789abcdef").unwrap();
-        assert_eq!(read_current(d.path()).unwrap(), Some(d.path().join("0123456789abcdef")));
+        assert_eq!(
+            read_current(d.path()).unwrap(),
+            Some(d.path().join("0123456789abcdef"))
+        );
         set_current(d.path(), "fedcba9876543210").unwrap();
-        assert_eq!(read_current(d.path()).unwrap(), Some(d.path().join("fedcba9876543210")));
+        assert_eq!(
+            read_current(d.path()).unwrap(),
+            Some(d.path().join("fedcba9876543210"))
+        );
         // A pointer escaping the cache is ignored.
         fs::remove_file(d.path().join(CURRENT)).unwrap();
         std::os::unix::fs::symlink("../etc", d.path().join(CURRENT)).unwrap();
@@ -170,9 +185,15 @@ mod tests {
             tx.send(waited).unwrap();
         });
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(rx.try_recv().is_err(), "second lock taken while the first is held");
+        assert!(
+            rx.try_recv().is_err(),
+            "second lock taken while the first is held"
+        );
         drop(first);
-        assert!(rx.recv().unwrap(), "second locker should have reported waiting");
+        assert!(
+            rx.recv().unwrap(),
+            "second locker should have reported waiting"
+        );
         t.join().unwrap();
     }
 
@@ -190,7 +211,10 @@ mod tests {
         fs::create_dir(p.join("0123456789abcdef")).unwrap();
         fs::write(p.join("keep"), "").unwrap();
         remove_stale(p, &|n| is_image_dir_name(n) || n == "b");
-        let mut left: Vec<_> = fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut left: Vec<_> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         left.sort();
         assert_eq!(left, ["keep"]);
     }

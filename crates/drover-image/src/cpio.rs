@@ -21,7 +21,11 @@ pub struct CpioWriter<W: Write> {
 impl<W: Write> CpioWriter<W> {
     /// Starts an archive.
     pub fn new(out: W) -> Self {
-        Self { out, next_ino: 1, written: 0 }
+        Self {
+            out,
+            next_ino: 1,
+            written: 0,
+        }
     }
 
     /// A directory with permission bits `perm`.
@@ -36,13 +40,21 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// A regular file of exactly `size` bytes read from `data` (errors if it has fewer).
-    pub fn file_from(&mut self, name: &str, perm: u32, size: u64, data: &mut dyn Read) -> io::Result<()> {
+    pub fn file_from(
+        &mut self,
+        name: &str,
+        perm: u32,
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
         self.header(name, S_IFREG | (perm & 0o7777), 1, size, (0, 0))?;
         let copied = io::copy(&mut data.take(size), &mut self.out)?;
         if copied != size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("{name}: expected {size} bytes, got {copied} (file changed while archiving?)"),
+                format!(
+                    "{name}: expected {size} bytes, got {copied} (file changed while archiving?)"
+                ),
             ));
         }
         self.written += copied;
@@ -72,13 +84,27 @@ impl<W: Write> CpioWriter<W> {
         Ok((self.out, self.written))
     }
 
-    fn header(&mut self, name: &str, mode: u32, nlink: u32, size: u64, rdev: (u32, u32)) -> io::Result<()> {
+    fn header(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        size: u64,
+        rdev: (u32, u32),
+    ) -> io::Result<()> {
         let name = name.trim_start_matches('/');
         if name.is_empty() || name.contains('\0') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad cpio entry name {name:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad cpio entry name {name:?}"),
+            ));
         }
-        let size = u32::try_from(size)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name}: newc entries are limited to 4 GiB")))?;
+        let size = u32::try_from(size).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name}: newc entries are limited to 4 GiB"),
+            )
+        })?;
         let ino = self.next_ino;
         self.next_ino = self.next_ino.wrapping_add(1);
         let fields = [
@@ -148,8 +174,15 @@ pub fn parse(mut b: &[u8]) -> Result<Vec<Entry>, String> {
             let s = std::str::from_utf8(&b[6 + 8 * i..14 + 8 * i]).map_err(|e| e.to_string())?;
             u32::from_str_radix(s, 16).map_err(|e| format!("bad header field at offset {at}: {e}"))
         };
-        let (mode, uid, gid, size, rmaj, rmin, namesize) =
-            (field(1)?, field(2)?, field(3)?, field(6)? as usize, field(9)?, field(10)?, field(11)? as usize);
+        let (mode, uid, gid, size, rmaj, rmin, namesize) = (
+            field(1)?,
+            field(2)?,
+            field(3)?,
+            field(6)? as usize,
+            field(9)?,
+            field(10)?,
+            field(11)? as usize,
+        );
         let name_end = 110 + namesize;
         let data_start = name_end.div_ceil(4) * 4;
         let data_end = data_start + size;
@@ -179,7 +212,8 @@ mod tests {
     fn sample() -> Vec<u8> {
         let mut w = CpioWriter::new(Vec::new());
         w.dir("bin", 0o755).unwrap();
-        w.file("bin/busybox", 0o755, b"\x7fELF fake busybox").unwrap();
+        w.file("bin/busybox", 0o755, b"\x7fELF fake busybox")
+            .unwrap();
         w.symlink("bin/sh", "busybox").unwrap();
         w.dir("dev", 0o755).unwrap();
         w.char_dev("dev/console", 0o600, 5, 1).unwrap();
@@ -196,7 +230,19 @@ mod tests {
     fn round_trips_through_parser() {
         let e = parse(&sample()).unwrap();
         let names: Vec<_> = e.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["bin", "bin/busybox", "bin/sh", "dev", "dev/console", "etc", "etc/empty", "init"]);
+        assert_eq!(
+            names,
+            [
+                "bin",
+                "bin/busybox",
+                "bin/sh",
+                "dev",
+                "dev/console",
+                "etc",
+                "etc/empty",
+                "init"
+            ]
+        );
         assert_eq!(e[1].mode, 0o100_755);
         assert_eq!(e[1].data, b"\x7fELF fake busybox");
         assert_eq!(e[2].mode, 0o120_777);
@@ -221,8 +267,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a.cpio");
         std::fs::write(&archive, sample()).unwrap();
-        let list = Command::new("cpio").args(["-it", "--quiet", "-F"]).arg(&archive).output().unwrap();
-        assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+        let list = Command::new("cpio")
+            .args(["-it", "--quiet", "-F"])
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(
+            list.status.success(),
+            "{}",
+            String::from_utf8_lossy(&list.stderr)
+        );
         assert_eq!(
             String::from_utf8_lossy(&list.stdout),
             "bin\nbin/busybox\nbin/sh\ndev\ndev/console\netc\netc/empty\ninit\n"
@@ -238,9 +292,18 @@ mod tests {
             .output()
             .unwrap();
         assert!(x.status.success(), "{}", String::from_utf8_lossy(&x.stderr));
-        assert_eq!(std::fs::read(root.join("bin/busybox")).unwrap(), b"\x7fELF fake busybox");
-        assert_eq!(std::fs::read_link(root.join("bin/sh")).unwrap().to_str(), Some("busybox"));
-        assert_eq!(std::fs::read(root.join("init")).unwrap(), b"#!/bin/sh\necho hi\n");
+        assert_eq!(
+            std::fs::read(root.join("bin/busybox")).unwrap(),
+            b"\x7fELF fake busybox"
+        );
+        assert_eq!(
+            std::fs::read_link(root.join("bin/sh")).unwrap().to_str(),
+            Some("busybox")
+        );
+        assert_eq!(
+            std::fs::read(root.join("init")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
         assert_eq!(std::fs::read(root.join("etc/empty")).unwrap(), b"");
     }
 }

@@ -112,7 +112,9 @@ pub fn check_static_executable(b: &[u8]) -> StaticCheck {
         match off.and_then(|o| u32_at(b, o)) {
             Some(PT_INTERP) => return StaticCheck::Dynamic,
             Some(_) => {}
-            None => return StaticCheck::Invalid("program headers run past the end of the file".into()),
+            None => {
+                return StaticCheck::Invalid("program headers run past the end of the file".into())
+            }
         }
     }
     StaticCheck::Static
@@ -201,7 +203,7 @@ pub(crate) mod testutil {
         let strtab = b"\0.modinfo\0.shstrtab\0.text\0";
         let str_off = b.len() as u64;
         b.extend_from_slice(strtab);
-        while b.len() % 8 != 0 {
+        while b.len() & 7 != 0 {
             b.push(0);
         }
         let shoff = b.len() as u64;
@@ -234,14 +236,26 @@ mod tests {
 
     #[test]
     fn static_and_static_pie_pass() {
-        assert_eq!(check_static_executable(&exec(ET_EXEC, EM_X86_64, false)), StaticCheck::Static);
-        assert_eq!(check_static_executable(&exec(ET_DYN, EM_X86_64, false)), StaticCheck::Static);
+        assert_eq!(
+            check_static_executable(&exec(ET_EXEC, EM_X86_64, false)),
+            StaticCheck::Static
+        );
+        assert_eq!(
+            check_static_executable(&exec(ET_DYN, EM_X86_64, false)),
+            StaticCheck::Static
+        );
     }
 
     #[test]
     fn interpreter_means_dynamic() {
-        assert_eq!(check_static_executable(&exec(ET_DYN, EM_X86_64, true)), StaticCheck::Dynamic);
-        assert_eq!(check_static_executable(&exec(ET_EXEC, EM_X86_64, true)), StaticCheck::Dynamic);
+        assert_eq!(
+            check_static_executable(&exec(ET_DYN, EM_X86_64, true)),
+            StaticCheck::Dynamic
+        );
+        assert_eq!(
+            check_static_executable(&exec(ET_EXEC, EM_X86_64, true)),
+            StaticCheck::Dynamic
+        );
     }
 
     #[test]
@@ -254,10 +268,16 @@ mod tests {
             check_static_executable(&exec(1, EM_X86_64, false)),
             StaticCheck::Invalid(_)
         ));
-        assert!(matches!(check_static_executable(b"#!/bin/sh\necho hi\n"), StaticCheck::Invalid(_)));
+        assert!(matches!(
+            check_static_executable(b"#!/bin/sh\necho hi\n"),
+            StaticCheck::Invalid(_)
+        ));
         let mut truncated = exec(ET_EXEC, EM_X86_64, false);
         truncated.truncate(80);
-        assert!(matches!(check_static_executable(&truncated), StaticCheck::Invalid(_)));
+        assert!(matches!(
+            check_static_executable(&truncated),
+            StaticCheck::Invalid(_)
+        ));
     }
 
     #[test]
@@ -271,7 +291,10 @@ mod tests {
     #[test]
     fn finds_modinfo_section() {
         let ko = module(b"license=GPL\0depends=a,b\0");
-        assert_eq!(section(&ko, ".modinfo").unwrap(), Some(&b"license=GPL\0depends=a,b\0"[..]));
+        assert_eq!(
+            section(&ko, ".modinfo").unwrap(),
+            Some(&b"license=GPL\0depends=a,b\0"[..])
+        );
         assert_eq!(section(&ko, ".text").unwrap(), Some(&b""[..]));
         assert_eq!(section(&ko, ".nothere").unwrap(), None);
         assert!(section(&ko[..100], ".modinfo").is_err());

@@ -97,8 +97,16 @@ pub enum ImageError {
 
 impl ImageError {
     /// Shorthand for [`ImageError::Io`].
-    pub(crate) fn io(action: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ImageError::Io { action: action.into(), path: path.into(), source }
+    pub(crate) fn io(
+        action: impl Into<String>,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        ImageError::Io {
+            action: action.into(),
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -11,6 +11,8 @@ use crate::error::{ImageError, IoContext};
 
 /// Where `/init` reads the module load order from (one absolute `.ko` path per line).
 pub const MODULES_LIST: &str = "etc/drover/modules";
+/// Modules `/init` loads in the background after the ready marker (same format).
+pub const LATE_MODULES_LIST: &str = "etc/drover/modules.late";
 /// Path of the agent in the guest.
 pub const AGENT_PATH: &str = "usr/bin/drover-agent";
 /// Marker `/init` prints on the console when userspace is up (tests and benchmarks wait for it).
@@ -33,14 +35,17 @@ mkdir -p /dev/pts
 # The kernel opened the archive's /dev/console before devtmpfs hid it; reopen the real one.
 exec </dev/console >/dev/console 2>&1
 
-# Drivers, dependencies first (the order was resolved from modules.dep when the image was built).
-while read -r m; do
-    [ -n "$m" ] || continue
-    if ! insmod "$m" 2>/dev/null; then
-        n=${m##*/}; n=${n%.ko}
-        grep -q "^$(echo "$n" | tr - _) " /proc/modules || echo "drover-init: insmod $m failed"
-    fi
-done </etc/drover/modules
+# Loads the modules listed in $1, in order (dependencies first, resolved when the image was built).
+load_modules() {
+    while read -r m; do
+        [ -n "$m" ] || continue
+        if ! insmod "$m" 2>/dev/null; then
+            n=${m##*/}; n=${n%.ko}
+            grep -q "^$(echo "$n" | tr - _) " /proc/modules || echo "drover-init: insmod $m failed"
+        fi
+    done <"$1"
+}
+load_modules /etc/drover/modules
 
 # No udev: a small listener handles what appears later (hot-plugged NICs, late port names).
 # Started before the first scan so that no event falls in between.
@@ -79,7 +84,7 @@ for d in /sys/class/net/eth*; do
     [ -e "$d" ] || continue
     ip link set "${d##*/}" up
     # In the background: a missing DHCP server must not delay boot.
-    udhcpc -b -q -s /usr/share/udhcpc/default.script -i "${d##*/}" >/dev/null 2>&1 &
+    udhcpc -b -s /usr/share/udhcpc/default.script -i "${d##*/}" >/dev/null 2>&1 &
 done
 
 # One line of what the host can rely on now (no forks: this is on the boot's critical path).
@@ -88,6 +93,14 @@ for l in /dev/virtio-ports/*; do [ -L "$l" ] && ports="$ports ${l##*/}"; done
 for d in /sys/class/net/eth*; do [ -e "$d" ] && nics="$nics ${d##*/}"; done
 echo "drover-init: hostname $hn; ports:${ports:- none}; nics:${nics:- none}" >/dev/console
 echo DROVER-INIT-READY >/dev/console
+
+# Drivers only data disks need (ext4 alone costs ~0.5 s under TCG): in the background, after the
+# marker. /run/drover/late-modules-loaded appears once they are in.
+(
+    load_modules /etc/drover/modules.late
+    mkdir -p /run/drover
+    : >/run/drover/late-modules-loaded
+) &
 
 while true; do
     /usr/bin/drover-agent
@@ -124,7 +137,7 @@ net)
     case "$ACTION:$INTERFACE" in
     add:eth*)
         ip link set "$INTERFACE" up
-        udhcpc -b -q -s /usr/share/udhcpc/default.script -i "$INTERFACE" >/dev/null 2>&1 &
+        udhcpc -b -s /usr/share/udhcpc/default.script -i "$INTERFACE" >/dev/null 2>&1 &
         ;;
     esac
     ;;
@@ -175,7 +188,8 @@ fn power_script(action: &str) -> String {
     )
 }
 
-const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+const PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
 const GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
 
 /// Every generated text that ends up in the image, for the cache key: a change to any of them
@@ -222,8 +236,10 @@ pub struct Inputs<'a> {
     pub agent: &'a Path,
     /// Directory holding the selected modules at their paths relative to `/lib/modules/<ver>/`.
     pub modules_root: &'a Path,
-    /// Those relative paths (plain `.ko`), in load order.
+    /// Those relative paths (plain `.ko`) of the modules loaded before the ready marker, in order.
     pub modules: &'a [String],
+    /// Same, for the modules loaded in the background after it.
+    pub late_modules: &'a [String],
     /// A `modules.dep` covering them, for busybox `modprobe` in the guest.
     pub modules_dep: &'a str,
 }
@@ -237,13 +253,18 @@ impl Tree {
     fn add(&mut self, path: &str, node: Node) {
         let path = path.trim_matches('/');
         for (i, _) in path.match_indices('/') {
-            self.0.entry(path[..i].to_string()).or_insert(Node::Dir(0o755));
+            self.0
+                .entry(path[..i].to_string())
+                .or_insert(Node::Dir(0o755));
         }
         self.0.insert(path.to_string(), node);
     }
 
     fn text(&mut self, path: &str, mode: u32, text: &str) {
-        self.add(path, Node::File(mode, Source::Bytes(text.as_bytes().to_vec())));
+        self.add(
+            path,
+            Node::File(mode, Source::Bytes(text.as_bytes().to_vec())),
+        );
     }
 }
 
@@ -277,23 +298,41 @@ fn build_tree(inp: &Inputs<'_>) -> Tree {
         };
         t.add(applet, Node::Symlink(target));
     }
-    t.add("bin/busybox", Node::File(0o755, Source::Host(inp.busybox.to_path_buf())));
+    t.add(
+        "bin/busybox",
+        Node::File(0o755, Source::Host(inp.busybox.to_path_buf())),
+    );
 
-    t.add(AGENT_PATH, Node::File(0o755, Source::Host(inp.agent.to_path_buf())));
+    t.add(
+        AGENT_PATH,
+        Node::File(0o755, Source::Host(inp.agent.to_path_buf())),
+    );
     t.add("usr/bin/drover-guest", Node::Symlink("drover-agent".into()));
 
     let mod_dir = format!("lib/modules/{}", inp.kernel_version);
-    let mut list = String::new();
-    for rel in inp.modules {
-        t.add(&format!("{mod_dir}/{rel}"), Node::File(0o644, Source::Host(inp.modules_root.join(rel))));
-        list.push_str(&format!("/{mod_dir}/{rel}\n"));
+    for (list_path, rels) in [
+        (MODULES_LIST, inp.modules),
+        (LATE_MODULES_LIST, inp.late_modules),
+    ] {
+        let mut list = String::new();
+        for rel in rels {
+            t.add(
+                &format!("{mod_dir}/{rel}"),
+                Node::File(0o644, Source::Host(inp.modules_root.join(rel))),
+            );
+            list.push_str(&format!("/{mod_dir}/{rel}\n"));
+        }
+        t.text(list_path, 0o644, &list);
     }
     t.text(&format!("{mod_dir}/modules.dep"), 0o644, inp.modules_dep);
-    t.text(MODULES_LIST, 0o644, &list);
 
     // Generated scripts last: they replace applet links of the same name (poweroff, reboot, halt).
     for (path, text) in generated_texts() {
-        let mode = if path.starts_with("etc/") { 0o644 } else { 0o755 };
+        let mode = if path.starts_with("etc/") {
+            0o644
+        } else {
+            0o755
+        };
         t.text(path, mode, &text);
     }
     t
@@ -309,17 +348,22 @@ pub fn write(out: &Path, inp: &Inputs<'_>) -> Result<u64, ImageError> {
         match node {
             Node::Dir(mode) => w.dir(path, *mode).map_err(wr)?,
             Node::Symlink(target) => w.symlink(path, target).map_err(wr)?,
-            Node::CharDev(mode, major, minor) => w.char_dev(path, *mode, *major, *minor).map_err(wr)?,
+            Node::CharDev(mode, major, minor) => {
+                w.char_dev(path, *mode, *major, *minor).map_err(wr)?
+            }
             Node::File(mode, Source::Bytes(b)) => w.file(path, *mode, b).map_err(wr)?,
             Node::File(mode, Source::Host(src)) => {
                 let mut f = File::open(src).ctx("open", src)?;
                 let len = f.metadata().ctx("stat", src)?.len();
-                w.file_from(path, *mode, len, &mut f).ctx(&format!("copy {} into", src.display()), out)?;
+                w.file_from(path, *mode, len, &mut f)
+                    .ctx(&format!("copy {} into", src.display()), out)?;
             }
         }
     }
     let (buf, size) = w.finish().map_err(wr)?;
-    let file = buf.into_inner().map_err(|e| ImageError::io("write", out, e.into_error()))?;
+    let file = buf
+        .into_inner()
+        .map_err(|e| ImageError::io("write", out, e.into_error()))?;
     file.sync_all().ctx("fsync", out)?;
     Ok(size)
 }
@@ -337,10 +381,19 @@ mod tests {
         std::fs::write(d.join("agent"), b"\x7fELF agent").unwrap();
         std::fs::create_dir_all(d.join("mods/kernel/drivers/virtio")).unwrap();
         std::fs::write(d.join("mods/kernel/drivers/virtio/virtio.ko"), b"ko").unwrap();
-        let applets: Vec<String> = ["bin/sh", "sbin/insmod", "usr/bin/[", "sbin/poweroff", "bin/busybox"]
-            .map(String::from)
-            .to_vec();
+        let applets: Vec<String> = [
+            "bin/sh",
+            "sbin/insmod",
+            "usr/bin/[",
+            "sbin/poweroff",
+            "bin/busybox",
+        ]
+        .map(String::from)
+        .to_vec();
+        std::fs::create_dir_all(d.join("mods/kernel/fs/ext4")).unwrap();
+        std::fs::write(d.join("mods/kernel/fs/ext4/ext4.ko"), b"ext4").unwrap();
         let mods = vec!["kernel/drivers/virtio/virtio.ko".to_string()];
+        let late = vec!["kernel/fs/ext4/ext4.ko".to_string()];
         let out = d.join("initramfs.cpio");
         let size = write(
             &out,
@@ -351,6 +404,7 @@ mod tests {
                 agent: &d.join("agent"),
                 modules_root: &d.join("mods"),
                 modules: &mods,
+                late_modules: &late,
                 modules_dep: "kernel/drivers/virtio/virtio.ko:\n",
             },
         )
@@ -358,7 +412,12 @@ mod tests {
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(size as usize, bytes.len());
         let entries = cpio::parse(&bytes).unwrap();
-        let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap_or_else(|| panic!("no {n}"));
+        let get = |n: &str| {
+            entries
+                .iter()
+                .find(|e| e.name == n)
+                .unwrap_or_else(|| panic!("no {n}"))
+        };
         // Parents precede children.
         for (i, e) in entries.iter().enumerate() {
             if let Some((parent, _)) = e.name.rsplit_once('/') {
@@ -377,8 +436,22 @@ mod tests {
         assert_eq!(get("usr/bin/drover-guest").data, b"drover-agent");
         assert_eq!(get("dev/console").rdev, (5, 1));
         assert_eq!(get("etc/drover/hooks/migrated.d").mode, 0o040_755);
-        assert_eq!(get(MODULES_LIST).data, b"/lib/modules/6.1.0-9-amd64/kernel/drivers/virtio/virtio.ko\n");
-        assert_eq!(get("lib/modules/6.1.0-9-amd64/kernel/drivers/virtio/virtio.ko").data, b"ko");
+        assert_eq!(
+            get(MODULES_LIST).data,
+            b"/lib/modules/6.1.0-9-amd64/kernel/drivers/virtio/virtio.ko\n"
+        );
+        assert_eq!(
+            get("lib/modules/6.1.0-9-amd64/kernel/drivers/virtio/virtio.ko").data,
+            b"ko"
+        );
+        assert_eq!(
+            get(LATE_MODULES_LIST).data,
+            b"/lib/modules/6.1.0-9-amd64/kernel/fs/ext4/ext4.ko\n"
+        );
+        assert_eq!(
+            get("lib/modules/6.1.0-9-amd64/kernel/fs/ext4/ext4.ko").data,
+            b"ext4"
+        );
         assert!(get("etc/passwd").data.starts_with(b"root:x:0:0:"));
         assert_eq!(get("tmp").mode, 0o041_777);
         assert!(entries.iter().all(|e| e.owner == (0, 0)));
@@ -391,10 +464,17 @@ mod tests {
             if !text.starts_with("#!") {
                 continue;
             }
-            let Ok(out) = std::process::Command::new("sh").args(["-n", "-c", &text]).output() else {
+            let Ok(out) = std::process::Command::new("sh")
+                .args(["-n", "-c", &text])
+                .output()
+            else {
                 return;
             };
-            assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 

@@ -6,11 +6,11 @@
 //! `ImageSpec::cache_dir` under a key over all inputs, serialised between processes by a file lock,
 //! and installed atomically (see [`build`]).
 //!
-//! What the image expects of the VM (see [`default_cmdline`] and the README-style notes on
-//! [`build`]): the kernel command line from [`default_cmdline`] (optionally plus
-//! `drover.hostname=<name>`), a serial console on ttyS0, virtio-serial ports named
-//! `org.drover.req` / `org.drover.evt` (linked as `/dev/virtio-ports/<name>`), and virtio NICs,
-//! which come up as `eth0`, `eth1`, ... and are configured by DHCP.
+//! What the image expects of the VM: the kernel command line from [`default_cmdline`] (optionally
+//! plus `drover.hostname=<name>`), a serial console on ttyS0 (where `/init` prints
+//! [`READY_MARKER`]), virtio-serial ports named `org.drover.req` / `org.drover.evt` (linked as
+//! `/dev/virtio-ports/<name>`, as is any other named port), and virtio NICs, which come up as
+//! `eth0`, `eth1`, ... and are configured by DHCP (hot-plugged ones too).
 
 mod cache;
 pub mod cpio;
@@ -56,7 +56,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 ///
 /// `/init` needs nothing more. Append `drover.hostname=<name>` to set the guest's hostname
 /// (default `drover-guest`).
-const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet loglevel=0 mitigations=off i8042.noaux i8042.nokbd i8042.nopnp \
+const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 quiet loglevel=0 mitigations=off i8042.noaux i8042.nokbd i8042.nopnp \
 8250.nr_uarts=1 no_timer_check cryptomgr.notests tsc=reliable random.trust_cpu=on";
 
 /// What to build.
@@ -76,7 +77,12 @@ pub struct ImageSpec {
 impl ImageSpec {
     /// A spec with the default kernel and no forced rebuild.
     pub fn new(cache_dir: impl Into<PathBuf>, agent_binary: impl Into<PathBuf>) -> Self {
-        Self { cache_dir: cache_dir.into(), agent_binary: agent_binary.into(), kernel_package: None, force: false }
+        Self {
+            cache_dir: cache_dir.into(),
+            agent_binary: agent_binary.into(),
+            kernel_package: None,
+            force: false,
+        }
     }
 }
 
@@ -108,7 +114,8 @@ pub struct ImageManifest {
     pub busybox_version: String,
     /// sha256 (hex) of the agent binary.
     pub agent_sha256: String,
-    /// Module names in the order `/init` loads them.
+    /// Module names in the order `/init` loads them: those before the ready marker, then those
+    /// loaded in the background after it (ext4 and its dependencies, for data disks).
     pub modules: Vec<String>,
     /// Size of `vmlinux`.
     pub kernel_bytes: u64,
@@ -178,28 +185,44 @@ pub fn default_cmdline() -> &'static str {
 ///
 /// If the package index cannot be read (offline, no `apt-get update`) but the current image was
 /// built from the same agent and busybox, that image is returned with a warning in the log.
-pub fn build(spec: &ImageSpec, progress: &mut dyn FnMut(Progress)) -> Result<BuiltImage, ImageError> {
+pub fn build(
+    spec: &ImageSpec,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<BuiltImage, ImageError> {
     let started = Instant::now();
     let cache_dir = &spec.cache_dir;
     fs::create_dir_all(cache_dir).ctx("create", cache_dir)?;
-    let _lock = cache::lock(cache_dir, &mut |lock| progress(Progress::WaitingForLock { lock: lock.to_path_buf() }))?;
+    let _lock = cache::lock(cache_dir, &mut |lock| {
+        progress(Progress::WaitingForLock {
+            lock: lock.to_path_buf(),
+        })
+    })?;
 
     progress(step("checking the agent and busybox binaries"));
     let agent_sha256 = inspect_agent(&spec.agent_binary)?;
     let busybox = inspect_busybox(Path::new(BUSYBOX))?;
 
-    let wanted_kernel = spec.kernel_package.as_deref().unwrap_or(DEFAULT_KERNEL_METAPACKAGE);
+    let wanted_kernel = spec
+        .kernel_package
+        .as_deref()
+        .unwrap_or(DEFAULT_KERNEL_METAPACKAGE);
     progress(step(format!("resolving kernel package {wanted_kernel}")));
-    let (package, version) = match host::resolve_kernel(wanted_kernel) {
+    let (package, version) = match resolve_kernel_cached(cache_dir, wanted_kernel, spec.force) {
         Ok(v) => v,
         Err(e) => {
             if !spec.force {
                 if let Some(img) = load(cache_dir)? {
                     let m = &img.manifest;
-                    let same_kernel = spec.kernel_package.as_ref().map_or(true, |k| *k == m.kernel_package);
-                    if same_kernel && m.agent_sha256 == agent_sha256 && m.busybox_version == busybox.version {
+                    let same_kernel =
+                        !matches!(&spec.kernel_package, Some(k) if *k != m.kernel_package);
+                    if same_kernel
+                        && m.agent_sha256 == agent_sha256
+                        && m.busybox_version == busybox.version
+                    {
                         tracing::warn!(error = %e, dir = %img.dir.display(), "cannot check for a newer kernel; using the current image");
-                        progress(Progress::UpToDate { dir: img.dir.clone() });
+                        progress(Progress::UpToDate {
+                            dir: img.dir.clone(),
+                        });
                         return Ok(img);
                     }
                 }
@@ -244,6 +267,7 @@ pub fn build(spec: &ImageSpec, progress: &mut dyn FnMut(Progress)) -> Result<Bui
             agent: &spec.agent_binary,
             modules_root: &stage.dir.join("modules"),
             modules: &stage.info.module_paths,
+            late_modules: &stage.info.late_module_paths,
             modules_dep: &stage.info.modules_dep,
         },
     )?;
@@ -262,16 +286,27 @@ pub fn build(spec: &ImageSpec, progress: &mut dyn FnMut(Progress)) -> Result<Bui
         kernel_version: stage.info.kernel_version.clone(),
         busybox_version: busybox.version.clone(),
         agent_sha256,
-        modules: stage.info.modules.clone(),
+        modules: stage
+            .info
+            .modules
+            .iter()
+            .chain(&stage.info.late_modules)
+            .cloned()
+            .collect(),
         kernel_bytes: stage.info.vmlinux_bytes,
         initrd_bytes,
-        built_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        built_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         build_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         default_cmdline: DEFAULT_CMDLINE.to_string(),
     };
     let manifest_path = work.join(MANIFEST_FILE);
-    let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| ImageError::Manifest { path: manifest_path.clone(), message: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Manifest {
+        path: manifest_path.clone(),
+        message: e.to_string(),
+    })?;
     cache::write_synced(&manifest_path, &json)?;
     cache::sync_dir(&work)?;
     cache::install_dir(&work, &dir, cache_dir)?;
@@ -281,13 +316,23 @@ pub fn build(spec: &ImageSpec, progress: &mut dyn FnMut(Progress)) -> Result<Bui
     // Only the current image, its kernel stage and its package stay.
     let stage_name = stage.name.clone();
     let deb_name = host::deb_file_name(&package, &version);
-    cache::remove_stale(cache_dir, &|n| (cache::is_image_dir_name(n) && n != name) || n.starts_with(cache::TMP_PREFIX));
+    cache::remove_stale(cache_dir, &|n| {
+        (cache::is_image_dir_name(n) && n != name) || n.starts_with(cache::TMP_PREFIX)
+    });
     cache::remove_stale(&cache_dir.join("kernels"), &|n| n != stage_name);
     cache::remove_stale(&cache_dir.join("downloads"), &|n| n != deb_name);
 
     tracing::info!(dir = %dir.display(), build_ms = manifest.build_ms, kernel = %manifest.kernel_version, "guest image built");
-    progress(Progress::Built { dir: dir.clone(), build_ms: manifest.build_ms });
-    Ok(BuiltImage { kernel: dir.join(VMLINUX_FILE), initrd: dir.join(INITRAMFS_FILE), dir, manifest })
+    progress(Progress::Built {
+        dir: dir.clone(),
+        build_ms: manifest.build_ms,
+    });
+    Ok(BuiltImage {
+        kernel: dir.join(VMLINUX_FILE),
+        initrd: dir.join(INITRAMFS_FILE),
+        dir,
+        manifest,
+    })
 }
 
 /// The current image in `cache_dir`, if one is built and intact (files present with the sizes in
@@ -308,6 +353,52 @@ pub fn load(cache_dir: &Path) -> Result<Option<BuiltImage>, ImageError> {
         }
     }
     Ok(None)
+}
+
+/// A kernel package resolution, remembered with the apt state it was made in
+/// (`cache_dir/resolved.json`).
+#[derive(Serialize, Deserialize)]
+struct Resolution {
+    wanted: String,
+    apt_fingerprint: String,
+    package: String,
+    version: String,
+}
+
+/// [`host::resolve_kernel`], skipped while apt's lists, sources and dpkg status are unchanged: it
+/// is what makes a cached build take milliseconds instead of an `apt-cache` run (~1 s here).
+fn resolve_kernel_cached(
+    cache_dir: &Path,
+    wanted: &str,
+    force: bool,
+) -> Result<(String, String), ImageError> {
+    let path = cache_dir.join("resolved.json");
+    let fingerprint = host::apt_fingerprint();
+    if !force {
+        let cached = fs::read(&path)
+            .ok()
+            .and_then(|d| serde_json::from_slice::<Resolution>(&d).ok());
+        if let Some(r) = cached.filter(|r| r.wanted == wanted && r.apt_fingerprint == fingerprint) {
+            return Ok((r.package, r.version));
+        }
+    }
+    let (package, version) = host::resolve_kernel(wanted)?;
+    let r = Resolution {
+        wanted: wanted.to_string(),
+        apt_fingerprint: fingerprint,
+        package,
+        version,
+    };
+    // Best effort: without the file the next build just asks apt again.
+    let tmp = cache_dir.join("resolved.json.tmp");
+    let saved = serde_json::to_vec_pretty(&r)
+        .map_err(std::io::Error::other)
+        .and_then(|json| fs::write(&tmp, json))
+        .and_then(|()| fs::rename(&tmp, &path));
+    if let Err(e) = saved {
+        tracing::warn!(path = %path.display(), error = %e, "could not remember the kernel package resolution");
+    }
+    Ok((r.package, r.version))
 }
 
 fn step(s: impl Into<String>) -> Progress {
@@ -331,7 +422,10 @@ fn check_image(dir: &Path) -> Result<Option<BuiltImage>, ImageError> {
     };
     let kernel = dir.join(VMLINUX_FILE);
     let initrd = dir.join(INITRAMFS_FILE);
-    for (path, size) in [(&kernel, manifest.kernel_bytes), (&initrd, manifest.initrd_bytes)] {
+    for (path, size) in [
+        (&kernel, manifest.kernel_bytes),
+        (&initrd, manifest.initrd_bytes),
+    ] {
         match fs::metadata(path) {
             Ok(m) if m.is_file() && m.len() == size => {}
             Ok(_) => {
@@ -342,7 +436,12 @@ fn check_image(dir: &Path) -> Result<Option<BuiltImage>, ImageError> {
             Err(e) => return Err(ImageError::io("stat", path, e)),
         }
     }
-    Ok(Some(BuiltImage { dir: dir.to_path_buf(), kernel, initrd, manifest }))
+    Ok(Some(BuiltImage {
+        dir: dir.to_path_buf(),
+        kernel,
+        initrd,
+        manifest,
+    }))
 }
 
 fn sha256_file(path: &Path) -> Result<String, ImageError> {
@@ -352,7 +451,8 @@ fn sha256_file(path: &Path) -> Result<String, ImageError> {
 
 /// Checks that the agent is a static x86-64 executable; returns its sha256.
 fn inspect_agent(path: &Path) -> Result<String, ImageError> {
-    const BUILD: &str = "build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
+    const BUILD: &str =
+        "build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
                          -p drover-agent --target x86_64-unknown-linux-gnu";
     let data = fs::read(path).map_err(|e| ImageError::Agent {
         path: path.to_path_buf(),
@@ -383,25 +483,44 @@ struct Busybox {
 }
 
 fn inspect_busybox(path: &Path) -> Result<Busybox, ImageError> {
-    let bad = |message: String| ImageError::Busybox { path: path.to_path_buf(), message };
+    let bad = |message: String| ImageError::Busybox {
+        path: path.to_path_buf(),
+        message,
+    };
     let data = fs::read(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
     match elf::check_static_executable(&data) {
         elf::StaticCheck::Static => {}
         elf::StaticCheck::Dynamic => {
-            return Err(bad("is dynamically linked (from the `busybox` package, not `busybox-static`)".into()))
+            return Err(bad(
+                "is dynamically linked (from the `busybox` package, not `busybox-static`)".into(),
+            ))
         }
-        elf::StaticCheck::Invalid(why) => return Err(bad(format!("is not a usable executable: {why}"))),
+        elf::StaticCheck::Invalid(why) => {
+            return Err(bad(format!("is not a usable executable: {why}")))
+        }
     }
     let version = host::installed_version("busybox-static")
         .or_else(|| host::busybox_banner(path))
-        .ok_or_else(|| bad("cannot tell its version (dpkg-query and `busybox` both failed)".into()))?;
+        .ok_or_else(|| {
+            bad("cannot tell its version (dpkg-query and `busybox` both failed)".into())
+        })?;
     let applets = host::busybox_applets(path)?;
-    for needed in ["bin/sh", "sbin/insmod", "bin/mount", "sbin/ip", "sbin/udhcpc"] {
+    for needed in [
+        "bin/sh",
+        "sbin/insmod",
+        "bin/mount",
+        "sbin/ip",
+        "sbin/udhcpc",
+    ] {
         if !applets.iter().any(|a| a == needed) {
             return Err(bad(format!("has no `{needed}` applet")));
         }
     }
-    Ok(Busybox { version, sha256: hex::encode(Sha256::digest(&data)), applets })
+    Ok(Busybox {
+        version,
+        sha256: hex::encode(Sha256::digest(&data)),
+        applets,
+    })
 }
 
 /// The cache key: sha256 over everything that determines the image's contents.
@@ -414,7 +533,10 @@ fn input_key(package: &str, version: &str, busybox: &Busybox, agent_sha256: &str
         h.update(b"\n");
     };
     field("format", FORMAT.to_string().as_bytes());
-    field("kernel-stage-format", KERNEL_STAGE_FORMAT.to_string().as_bytes());
+    field(
+        "kernel-stage-format",
+        KERNEL_STAGE_FORMAT.to_string().as_bytes(),
+    );
     field("kernel-package", package.as_bytes());
     field("kernel-version", version.as_bytes());
     field("busybox-version", busybox.version.as_bytes());
@@ -423,10 +545,24 @@ fn input_key(package: &str, version: &str, busybox: &Busybox, agent_sha256: &str
     for (path, text) in initramfs::generated_texts() {
         field(path, text.as_bytes());
     }
-    let wanted: Vec<String> = modules::WANTED.iter().map(|(n, need)| format!("{n}:{need:?}")).collect();
-    field("modules", wanted.join(" ").as_bytes());
+    field("modules", wanted_modules().as_bytes());
     field("cmdline", DEFAULT_CMDLINE.as_bytes());
     hex::encode(h.finalize())
+}
+
+/// The wanted module lists as one string (part of both cache keys).
+fn wanted_modules() -> String {
+    let list = |l: &[(&str, modules::Need)]| {
+        l.iter()
+            .map(|(n, need)| format!("{n}:{need:?}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        "boot: {}; late: {}",
+        list(modules::BOOT),
+        list(modules::LATE)
+    )
 }
 
 fn link_or_copy(from: &Path, to: &Path) -> Result<(), ImageError> {
@@ -435,21 +571,29 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), ImageError> {
         return Ok(());
     }
     fs::copy(from, to).ctx(&format!("copy {} to", from.display()), to)?;
-    fs::File::open(to).and_then(|f| f.sync_all()).ctx("fsync", to)
+    fs::File::open(to)
+        .and_then(|f| f.sync_all())
+        .ctx("fsync", to)
 }
 
 /// Description of an unpacked kernel stage (`kernels/<name>/kernel.json`).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct KernelInfo {
     format: u32,
+    /// The module lists the selection was made from ([`wanted_modules`]).
+    wanted: String,
     package: String,
     version: String,
     kernel_version: String,
     vmlinux_bytes: u64,
-    /// Module names in load order.
+    /// Names of the modules loaded before the ready marker, in load order.
     modules: Vec<String>,
     /// Their paths relative to `modules/` (plain `.ko`), same order.
     module_paths: Vec<String>,
+    /// Names of the modules loaded in the background after it.
+    late_modules: Vec<String>,
+    /// Their paths, same order.
+    late_module_paths: Vec<String>,
     modules_dep: String,
     builtin: Vec<String>,
     missing_optional: Vec<String>,
@@ -469,7 +613,10 @@ fn kernel_stage(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<KernelStage, ImageError> {
     let kernels = spec.cache_dir.join("kernels");
-    let name = format!("{package}_{}.k{KERNEL_STAGE_FORMAT}", version.replace(':', "%3a"));
+    let name = format!(
+        "{package}_{}.k{KERNEL_STAGE_FORMAT}",
+        version.replace(':', "%3a")
+    );
     let dir = kernels.join(&name);
     if !spec.force {
         if let Some(info) = check_stage(&dir, package, version) {
@@ -479,8 +626,14 @@ fn kernel_stage(
     fs::create_dir_all(&kernels).ctx("create", &kernels)?;
 
     let downloads = spec.cache_dir.join("downloads");
-    if !downloads.join(host::deb_file_name(package, version)).is_file() {
-        progress(Progress::Downloading { package: package.to_string(), version: version.to_string() });
+    if !downloads
+        .join(host::deb_file_name(package, version))
+        .is_file()
+    {
+        progress(Progress::Downloading {
+            package: package.to_string(),
+            version: version.to_string(),
+        });
     }
     let deb = host::download(package, version, &downloads)?;
 
@@ -495,9 +648,15 @@ fn kernel_stage(
     fs::create_dir(&work).ctx("create", &work)?;
 
     let (bzimage, kernel_version) = find_vmlinuz(&unpacked, package)?;
-    progress(step(format!("extracting the ELF vmlinux from {}", bzimage.display())));
+    progress(step(format!(
+        "extracting the ELF vmlinux from {}",
+        bzimage.display()
+    )));
     let compressed = fs::read(&bzimage).ctx("read", &bzimage)?;
-    let elf = vmlinux::extract(&compressed).map_err(|message| ImageError::Vmlinux { path: bzimage.clone(), message })?;
+    let elf = vmlinux::extract(&compressed).map_err(|message| ImageError::Vmlinux {
+        path: bzimage.clone(),
+        message,
+    })?;
     drop(compressed);
     cache::write_synced(&work.join(VMLINUX_FILE), &elf)?;
     let vmlinux_bytes = elf.len() as u64;
@@ -505,7 +664,10 @@ fn kernel_stage(
 
     progress(step("selecting kernel modules"));
     let mod_root = unpacked.join("lib/modules").join(&kernel_version);
-    let module_err = |message: String| ImageError::Module { modules_dir: mod_root.clone(), message };
+    let module_err = |message: String| ImageError::Module {
+        modules_dir: mod_root.clone(),
+        message,
+    };
     let builtin = match fs::read_to_string(mod_root.join("modules.builtin")) {
         Ok(t) => modules::parse_modules_builtin(&t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
@@ -516,50 +678,78 @@ fn kernel_stage(
         Ok(text) => modules::parse_modules_dep(&text).map_err(module_err)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Debian's packages leave modules.dep to depmod in postinst: read .modinfo instead.
-            let files =
-                modules::scan_module_files(&mod_root).map_err(|(p, e)| ImageError::io("list", p, e))?;
-            let roots: Vec<&str> = modules::WANTED.iter().map(|(n, _)| *n).collect();
+            let files = modules::scan_module_files(&mod_root)
+                .map_err(|(p, e)| ImageError::io("list", p, e))?;
+            let roots: Vec<&str> = modules::BOOT
+                .iter()
+                .chain(modules::LATE)
+                .map(|(n, _)| *n)
+                .collect();
             modules::index_from_modinfo(&mod_root, &files, &roots).map_err(module_err)?
         }
         Err(e) => return Err(ImageError::io("read", dep_path, e)),
     };
-    let resolved = modules::resolve(&index, &builtin, modules::WANTED).map_err(|m| {
-        module_err(format!(
-            "{m}; the guest needs the virtio drivers: use a kernel package that has them \
-             (Debian's linux-image-*-amd64 does)"
-        ))
-    })?;
-    if !resolved.missing_optional.is_empty() {
-        tracing::warn!(missing = ?resolved.missing_optional, kernel = %kernel_version, "optional modules not in this kernel");
+    let hint = "the guest needs the virtio drivers: use a kernel package that has them (Debian's \
+                linux-image-*-amd64 does)";
+    let boot = modules::resolve(&index, &builtin, modules::BOOT, &[])
+        .map_err(|m| module_err(format!("{m}; {hint}")))?;
+    let late =
+        modules::resolve(&index, &builtin, modules::LATE, &boot.order).map_err(module_err)?;
+    let missing: Vec<&String> = boot
+        .missing_optional
+        .iter()
+        .chain(&late.missing_optional)
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(?missing, kernel = %kernel_version, "optional modules not in this kernel");
     }
-    let mut module_paths = Vec::new();
-    for name in &resolved.order {
-        let Some(entry) = index.get(name) else { continue };
-        let src = mod_root.join(&entry.path);
-        let data = modules::read_module(&src).map_err(|m| module_err(format!("{}: {m}", src.display())))?;
-        let rel = modules::plain_ko(&entry.path);
-        let dst = work.join("modules").join(&rel);
-        if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).ctx("create", parent)?;
+    // Copies the modules of one phase into the stage, decompressed; returns their paths.
+    let copy = |order: &[String]| -> Result<Vec<String>, ImageError> {
+        let mut paths = Vec::new();
+        for name in order {
+            let Some(entry) = index.get(name) else {
+                continue;
+            };
+            let src = mod_root.join(&entry.path);
+            let data = modules::read_module(&src)
+                .map_err(|m| module_err(format!("{}: {m}", src.display())))?;
+            let rel = modules::plain_ko(&entry.path);
+            let dst = work.join("modules").join(&rel);
+            if let Some(parent) = dst.parent() {
+                fs::create_dir_all(parent).ctx("create", parent)?;
+            }
+            cache::write_synced(&dst, &data)?;
+            paths.push(rel);
         }
-        cache::write_synced(&dst, &data)?;
-        module_paths.push(rel);
-    }
+        Ok(paths)
+    };
+    let module_paths = copy(&boot.order)?;
+    let late_module_paths = copy(&late.order)?;
+    let all: Vec<String> = boot.order.iter().chain(&late.order).cloned().collect();
     let info = KernelInfo {
         format: KERNEL_STAGE_FORMAT,
+        wanted: wanted_modules(),
         package: package.to_string(),
         version: version.to_string(),
         kernel_version,
         vmlinux_bytes,
-        modules_dep: modules::render_modules_dep(&index, &resolved.order),
-        modules: resolved.order,
+        modules_dep: modules::render_modules_dep(&index, &all),
+        modules: boot.order,
         module_paths,
-        builtin: resolved.builtin,
-        missing_optional: resolved.missing_optional,
+        late_modules: late.order,
+        late_module_paths,
+        builtin: boot.builtin.into_iter().chain(late.builtin).collect(),
+        missing_optional: boot
+            .missing_optional
+            .into_iter()
+            .chain(late.missing_optional)
+            .collect(),
     };
     let info_path = work.join("kernel.json");
-    let json = serde_json::to_vec_pretty(&info)
-        .map_err(|e| ImageError::Manifest { path: info_path.clone(), message: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(&info).map_err(|e| ImageError::Manifest {
+        path: info_path.clone(),
+        message: e.to_string(),
+    })?;
     cache::write_synced(&info_path, &json)?;
     cache::sync_dir(&work)?;
     cache::install_dir(&work, &dir, &kernels)?;
@@ -570,10 +760,15 @@ fn kernel_stage(
 fn check_stage(dir: &Path, package: &str, version: &str) -> Option<KernelInfo> {
     let info: KernelInfo = serde_json::from_slice(&fs::read(dir.join("kernel.json")).ok()?).ok()?;
     let ok = info.format == KERNEL_STAGE_FORMAT
+        && info.wanted == wanted_modules()
         && info.package == package
         && info.version == version
         && fs::metadata(dir.join(VMLINUX_FILE)).is_ok_and(|m| m.len() == info.vmlinux_bytes)
-        && info.module_paths.iter().all(|p| dir.join("modules").join(p).is_file());
+        && info
+            .module_paths
+            .iter()
+            .chain(&info.late_module_paths)
+            .all(|p| dir.join("modules").join(p).is_file());
     ok.then_some(info)
 }
 
@@ -585,7 +780,8 @@ fn find_vmlinuz(root: &Path, package: &str) -> Result<(PathBuf, String), ImageEr
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("vmlinuz-").map(|v| (e.path(), v.to_string()))
+            name.strip_prefix("vmlinuz-")
+                .map(|v| (e.path(), v.to_string()))
         })
         .collect();
     match found.as_slice() {
@@ -609,7 +805,11 @@ mod tests {
     use super::*;
 
     fn busybox_fixture() -> Busybox {
-        Busybox { version: "1:1.35.0-4".into(), sha256: "bb".into(), applets: vec![] }
+        Busybox {
+            version: "1:1.35.0-4".into(),
+            sha256: "bb".into(),
+            applets: vec![],
+        }
     }
 
     #[test]
@@ -617,17 +817,39 @@ mod tests {
         let bb = busybox_fixture();
         let k = input_key("linux-image-6.1.0-28-amd64", "6.1.119-1", &bb, "aa");
         assert_eq!(k.len(), 64);
-        assert_eq!(k, input_key("linux-image-6.1.0-28-amd64", "6.1.119-1", &bb, "aa"));
-        assert_ne!(k, input_key("linux-image-6.1.0-28-amd64", "6.1.119-2", &bb, "aa"));
-        assert_ne!(k, input_key("linux-image-6.1.0-28-amd64", "6.1.119-1", &bb, "ab"));
-        let bb2 = Busybox { sha256: "bc".into(), ..busybox_fixture() };
-        assert_ne!(k, input_key("linux-image-6.1.0-28-amd64", "6.1.119-1", &bb2, "aa"));
+        assert_eq!(
+            k,
+            input_key("linux-image-6.1.0-28-amd64", "6.1.119-1", &bb, "aa")
+        );
+        assert_ne!(
+            k,
+            input_key("linux-image-6.1.0-28-amd64", "6.1.119-2", &bb, "aa")
+        );
+        assert_ne!(
+            k,
+            input_key("linux-image-6.1.0-28-amd64", "6.1.119-1", &bb, "ab")
+        );
+        let bb2 = Busybox {
+            sha256: "bc".into(),
+            ..busybox_fixture()
+        };
+        assert_ne!(
+            k,
+            input_key("linux-image-6.1.0-28-amd64", "6.1.119-1", &bb2, "aa")
+        );
     }
 
     #[test]
     fn cmdline_is_the_tuned_one() {
         let c = default_cmdline();
-        for p in ["console=ttyS0", "quiet", "loglevel=0", "mitigations=off", "8250.nr_uarts=1", "random.trust_cpu=on"] {
+        for p in [
+            "console=ttyS0",
+            "quiet",
+            "loglevel=0",
+            "mitigations=off",
+            "8250.nr_uarts=1",
+            "random.trust_cpu=on",
+        ] {
             assert!(c.split(' ').any(|w| w == p), "{p} missing from {c}");
         }
     }
@@ -638,10 +860,15 @@ mod tests {
         let p = d.path().join("agent");
         fs::write(&p, elf::testutil::exec(3, 62, true)).unwrap();
         let msg = inspect_agent(&p).unwrap_err().to_string();
-        assert!(msg.contains("dynamically linked") && msg.contains("+crt-static"), "{msg}");
+        assert!(
+            msg.contains("dynamically linked") && msg.contains("+crt-static"),
+            "{msg}"
+        );
         fs::write(&p, elf::testutil::exec(3, 62, false)).unwrap();
         assert_eq!(inspect_agent(&p).unwrap().len(), 64);
-        let msg = inspect_agent(&d.path().join("missing")).unwrap_err().to_string();
+        let msg = inspect_agent(&d.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("cannot read"), "{msg}");
     }
 
@@ -675,6 +902,9 @@ mod tests {
         assert_eq!(img.manifest, m);
         assert_eq!(img.kernel, dir.join(VMLINUX_FILE));
         fs::write(dir.join(INITRAMFS_FILE), b"0707").unwrap();
-        assert!(load(cache).unwrap().is_none(), "truncated initramfs must not load");
+        assert!(
+            load(cache).unwrap().is_none(),
+            "truncated initramfs must not load"
+        );
     }
 }

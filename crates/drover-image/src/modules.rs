@@ -21,8 +21,9 @@ pub enum Need {
     Optional,
 }
 
-/// The modules Drover guests load, in the order given in PLATFORM.md, then the extras.
-pub const WANTED: &[(&str, Need)] = &[
+/// The modules `/init` loads before it reports ready: the virtio drivers in the order given in
+/// PLATFORM.md, then what the agent needs to see the ACPI power button (evdev, button).
+pub const BOOT: &[(&str, Need)] = &[
     ("virtio_ring", Need::Required),
     ("virtio", Need::Required),
     ("virtio_console", Need::Required),
@@ -34,16 +35,16 @@ pub const WANTED: &[(&str, Need)] = &[
     ("virtio_pci_legacy_dev", Need::Required),
     ("virtio_pci", Need::Required),
     ("virtio_mmio", Need::Required),
-    // The agent watches the ACPI power button through evdev.
     ("evdev", Need::Optional),
     ("button", Need::Optional),
-    // Users' data disks. ext4 and jbd2 only name their checksum driver as a soft dependency on the
-    // alias `crypto-crc32c`, and without it mounting a metadata_csum filesystem (mke2fs's default)
-    // fails, so ask for the generic implementation explicitly.
-    ("crc32c_generic", Need::Optional),
-    ("ext4", Need::Optional),
     ("vmgenid", Need::Optional),
 ];
+
+/// Modules only users' data disks need, loaded in the background after the ready marker: ext4
+/// alone costs ~0.5 s of TCG boot time. ext4 and jbd2 name their checksum driver only as a soft
+/// dependency on the alias `crypto-crc32c`, and without it mounting a metadata_csum filesystem
+/// (mke2fs's default) fails, so the generic implementation is asked for explicitly.
+pub const LATE: &[(&str, Need)] = &[("crc32c_generic", Need::Optional), ("ext4", Need::Optional)];
 
 /// One module in the dependency table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +103,11 @@ pub fn parse_modules_dep(text: &str) -> Result<ModuleIndex, String> {
 
 /// Parses `modules.builtin` (one path per line) into module names.
 pub fn parse_modules_builtin(text: &str) -> HashSet<String> {
-    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(name_from_path).collect()
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(name_from_path)
+        .collect()
 }
 
 /// Parses a `.modinfo` section (NUL-separated `key=value` strings) into (depends, softdep pre).
@@ -112,7 +117,12 @@ pub fn parse_modinfo(section: &[u8]) -> (Vec<String>, Vec<String>) {
     for item in section.split(|&b| b == 0) {
         let item = String::from_utf8_lossy(item);
         if let Some(v) = item.strip_prefix("depends=") {
-            deps.extend(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.replace('-', "_")));
+            deps.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.replace('-', "_")),
+            );
         } else if let Some(v) = item.strip_prefix("softdep=") {
             // "pre: a b post: c": only the names after "pre:" and before the next section.
             let mut in_pre = false;
@@ -130,7 +140,9 @@ pub fn parse_modinfo(section: &[u8]) -> (Vec<String>, Vec<String>) {
 }
 
 /// All `.ko*` files under `root` (the `/lib/modules/<version>` directory), name → relative path.
-pub fn scan_module_files(root: &Path) -> Result<BTreeMap<String, String>, (PathBuf, std::io::Error)> {
+pub fn scan_module_files(
+    root: &Path,
+) -> Result<BTreeMap<String, String>, (PathBuf, std::io::Error)> {
     let mut found = BTreeMap::new();
     let mut stack = vec![root.join("kernel")];
     while let Some(dir) = stack.pop() {
@@ -155,12 +167,16 @@ pub fn scan_module_files(root: &Path) -> Result<BTreeMap<String, String>, (PathB
 /// Reads a module file, decompressing `.ko.xz`; other compressions are refused with a reason.
 pub fn read_module(path: &Path) -> Result<Vec<u8>, String> {
     let data = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name.ends_with(".ko") {
         Ok(data)
     } else if name.ends_with(".ko.xz") {
         let mut out = Vec::new();
-        lzma_rs::xz_decompress(&mut &data[..], &mut out).map_err(|e| format!("xz decoding failed: {e:?}"))?;
+        lzma_rs::xz_decompress(&mut &data[..], &mut out)
+            .map_err(|e| format!("xz decoding failed: {e:?}"))?;
         Ok(out)
     } else {
         Err("compressed with a method drover-image cannot decompress (only plain .ko and .ko.xz are \
@@ -171,40 +187,69 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, String> {
 
 /// Builds a dependency table from the `.modinfo` sections of the modules reachable from `roots`
 /// (hard and soft-pre dependencies), reading only those files.
-pub fn index_from_modinfo(root: &Path, files: &BTreeMap<String, String>, roots: &[&str]) -> Result<ModuleIndex, String> {
+pub fn index_from_modinfo(
+    root: &Path,
+    files: &BTreeMap<String, String>,
+    roots: &[&str],
+) -> Result<ModuleIndex, String> {
     let mut index = ModuleIndex::new();
     let mut queue: Vec<String> = roots.iter().map(|s| s.to_string()).collect();
     while let Some(name) = queue.pop() {
         if index.contains_key(&name) {
             continue;
         }
-        let Some(rel) = files.get(&name) else { continue };
+        let Some(rel) = files.get(&name) else {
+            continue;
+        };
         let path = root.join(rel);
         let data = read_module(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let section = elf::section(&data, ".modinfo").map_err(|e| format!("{}: {e}", path.display()))?;
+        let section =
+            elf::section(&data, ".modinfo").map_err(|e| format!("{}: {e}", path.display()))?;
         let (deps, soft_pre) = section.map(parse_modinfo).unwrap_or_default();
         queue.extend(deps.iter().cloned());
         queue.extend(soft_pre.iter().cloned());
-        index.insert(name, ModuleEntry { path: rel.clone(), deps, soft_pre });
+        index.insert(
+            name,
+            ModuleEntry {
+                path: rel.clone(),
+                deps,
+                soft_pre,
+            },
+        );
     }
     Ok(index)
 }
 
 /// Resolves `wanted` against `index` into a load order: depth-first, dependencies before the
-/// module, each module once. Built-in names are skipped; a missing required module or a missing
-/// hard dependency is an error (the kernel tree would be inconsistent).
-pub fn resolve(index: &ModuleIndex, builtin: &HashSet<String>, wanted: &[(&str, Need)]) -> Result<Resolved, String> {
+/// module, each module once, none of those in `loaded` (already loaded by an earlier phase).
+/// Built-in names are skipped; a missing required module or a missing hard dependency is an error
+/// (the kernel tree would be inconsistent).
+pub fn resolve(
+    index: &ModuleIndex,
+    builtin: &HashSet<String>,
+    wanted: &[(&str, Need)],
+    loaded: &[String],
+) -> Result<Resolved, String> {
     let mut out = Resolved::default();
-    let mut done = BTreeSet::new();
+    let mut done: BTreeSet<String> = loaded.iter().cloned().collect();
     let mut visiting = Vec::new();
     for &(name, need) in wanted {
         let name = name.replace('-', "_");
         if index.contains_key(&name) {
-            visit(index, builtin, &name, &mut done, &mut visiting, &mut out.order)?;
+            visit(
+                index,
+                builtin,
+                &name,
+                &mut done,
+                &mut visiting,
+                &mut out.order,
+            )?;
         } else if builtin.contains(&name) {
             out.builtin.push(name);
         } else if need == Need::Required {
-            return Err(format!("required module {name} is neither a module nor built into the kernel"));
+            return Err(format!(
+                "required module {name} is neither a module nor built into the kernel"
+            ));
         } else {
             out.missing_optional.push(name);
         }
@@ -224,7 +269,10 @@ fn visit(
         return Ok(());
     }
     if visiting.iter().any(|v| v == name) {
-        return Err(format!("dependency cycle: {} -> {name}", visiting.join(" -> ")));
+        return Err(format!(
+            "dependency cycle: {} -> {name}",
+            visiting.join(" -> ")
+        ));
     }
     let Some(entry) = index.get(name) else {
         return Err(format!("module {name} is not in the module tree"));
@@ -234,7 +282,9 @@ fn visit(
         if index.contains_key(dep) {
             visit(index, builtin, dep, done, visiting, order)?;
         } else if !builtin.contains(dep) {
-            return Err(format!("module {name} depends on {dep}, which is neither a module nor built in"));
+            return Err(format!(
+                "module {name} depends on {dep}, which is neither a module nor built in"
+            ));
         }
     }
     // Soft dependencies name aliases as often as modules (e.g. `crypto-crc32c`); only real
@@ -296,13 +346,18 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
 ";
 
     fn pos(order: &[String], n: &str) -> usize {
-        order.iter().position(|x| x == n).unwrap_or_else(|| panic!("{n} not in {order:?}"))
+        order
+            .iter()
+            .position(|x| x == n)
+            .unwrap_or_else(|| panic!("{n} not in {order:?}"))
     }
 
     #[test]
     fn resolves_dependencies_first_without_duplicates() {
         let index = parse_modules_dep(DEP).unwrap();
-        let builtin = parse_modules_builtin("kernel/drivers/virt/vmgenid.ko\nkernel/drivers/input/evdev.ko\n");
+        let builtin = parse_modules_builtin(
+            "kernel/drivers/virt/vmgenid.ko\nkernel/drivers/input/evdev.ko\n",
+        );
         let wanted = [
             ("virtio_net", Need::Required),
             ("virtio_console", Need::Required),
@@ -313,7 +368,7 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
             ("vmgenid", Need::Optional),
             ("button", Need::Optional),
         ];
-        let r = resolve(&index, &builtin, &wanted).unwrap();
+        let r = resolve(&index, &builtin, &wanted, &[]).unwrap();
         assert_eq!(
             r.order,
             [
@@ -348,11 +403,17 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
     #[test]
     fn missing_required_module_is_an_error() {
         let index = parse_modules_dep(DEP).unwrap();
-        let err = resolve(&index, &HashSet::new(), &[("virtio_blk", Need::Required)]).unwrap_err();
+        let err = resolve(
+            &index,
+            &HashSet::new(),
+            &[("virtio_blk", Need::Required)],
+            &[],
+        )
+        .unwrap_err();
         assert!(err.contains("virtio_blk"), "{err}");
         // Built in is fine.
         let builtin = parse_modules_builtin("kernel/drivers/block/virtio_blk.ko\n");
-        let r = resolve(&index, &builtin, &[("virtio_blk", Need::Required)]).unwrap();
+        let r = resolve(&index, &builtin, &[("virtio_blk", Need::Required)], &[]).unwrap();
         assert!(r.order.is_empty());
         assert_eq!(r.builtin, ["virtio_blk"]);
     }
@@ -360,17 +421,32 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
     #[test]
     fn missing_dependency_and_cycles_are_errors() {
         let index = parse_modules_dep("kernel/a.ko: kernel/b.ko\n").unwrap();
-        assert!(resolve(&index, &HashSet::new(), &[("a", Need::Required)]).unwrap_err().contains("depends on b"));
-        let index = parse_modules_dep("kernel/a.ko: kernel/b.ko\nkernel/b.ko: kernel/a.ko\n").unwrap();
-        assert!(resolve(&index, &HashSet::new(), &[("a", Need::Required)]).unwrap_err().contains("cycle"));
+        assert!(
+            resolve(&index, &HashSet::new(), &[("a", Need::Required)], &[])
+                .unwrap_err()
+                .contains("depends on b")
+        );
+        let index =
+            parse_modules_dep("kernel/a.ko: kernel/b.ko\nkernel/b.ko: kernel/a.ko\n").unwrap();
+        assert!(
+            resolve(&index, &HashSet::new(), &[("a", Need::Required)], &[])
+                .unwrap_err()
+                .contains("cycle")
+        );
         assert!(parse_modules_dep("garbage line\n").is_err());
     }
 
     #[test]
     fn names_from_paths() {
-        assert_eq!(name_from_path("kernel/arch/x86/crypto/crc32c-intel.ko"), "crc32c_intel");
+        assert_eq!(
+            name_from_path("kernel/arch/x86/crypto/crc32c-intel.ko"),
+            "crc32c_intel"
+        );
         assert_eq!(name_from_path("kernel/fs/ext4/ext4.ko.zst"), "ext4");
-        assert_eq!(plain_ko("kernel/fs/ext4/ext4.ko.xz"), "kernel/fs/ext4/ext4.ko");
+        assert_eq!(
+            plain_ko("kernel/fs/ext4/ext4.ko.xz"),
+            "kernel/fs/ext4/ext4.ko"
+        );
     }
 
     #[test]
@@ -392,10 +468,16 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, module(modinfo)).unwrap();
         };
-        put("kernel/fs/ext4/ext4.ko", b"softdep=pre: crypto-crc32c\0depends=jbd2,crc16\0");
+        put(
+            "kernel/fs/ext4/ext4.ko",
+            b"softdep=pre: crypto-crc32c\0depends=jbd2,crc16\0",
+        );
         put("kernel/fs/jbd2/jbd2.ko", b"depends=\0");
         put("kernel/lib/crc16.ko", b"depends=\0");
-        put("kernel/crypto/crc32c_generic.ko", b"alias=crypto-crc32c\0depends=\0");
+        put(
+            "kernel/crypto/crc32c_generic.ko",
+            b"alias=crypto-crc32c\0depends=\0",
+        );
         put("kernel/drivers/gpu/huge.ko", b"depends=nothing\0");
         // An xz-compressed module is read through lzma-rs.
         let mut xz = Vec::new();
@@ -406,11 +488,31 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
         let files = scan_module_files(root).unwrap();
         assert_eq!(files.len(), 6);
         assert_eq!(files["crc32c_generic"], "kernel/crypto/crc32c_generic.ko");
-        let index = index_from_modinfo(root, &files, &["ext4", "evdev", "crc32c_generic", "absent"]).unwrap();
+        let index =
+            index_from_modinfo(root, &files, &["ext4", "evdev", "crc32c_generic", "absent"])
+                .unwrap();
         // Only the closure was read, not the unrelated module.
-        assert_eq!(index.keys().collect::<Vec<_>>(), ["crc16", "crc32c_generic", "evdev", "ext4", "jbd2"]);
-        let r = resolve(&index, &HashSet::new(), &[("evdev", Need::Optional), ("ext4", Need::Optional)]).unwrap();
+        assert_eq!(
+            index.keys().collect::<Vec<_>>(),
+            ["crc16", "crc32c_generic", "evdev", "ext4", "jbd2"]
+        );
+        let r = resolve(
+            &index,
+            &HashSet::new(),
+            &[("evdev", Need::Optional), ("ext4", Need::Optional)],
+            &[],
+        )
+        .unwrap();
         assert_eq!(r.order, ["evdev", "jbd2", "crc16", "ext4"]);
+        // A later phase skips what an earlier one loaded.
+        let late = resolve(
+            &index,
+            &HashSet::new(),
+            &[("ext4", Need::Optional)],
+            &["jbd2".to_string()],
+        )
+        .unwrap();
+        assert_eq!(late.order, ["crc16", "ext4"]);
         assert_eq!(
             render_modules_dep(&index, &r.order),
             "kernel/input/evdev.ko:\nkernel/fs/jbd2/jbd2.ko:\nkernel/lib/crc16.ko:\n\
@@ -423,6 +525,8 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.ko.zst");
         fs::write(&p, b"zstd").unwrap();
-        assert!(read_module(&p).unwrap_err().contains("only plain .ko and .ko.xz"));
+        assert!(read_module(&p)
+            .unwrap_err()
+            .contains("only plain .ko and .ko.xz"));
     }
 }
