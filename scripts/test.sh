@@ -11,6 +11,7 @@ PROFILE=debug scripts/build.sh
 export DROVER_BIN_DIR=$PWD/target/debug
 export DROVER_AGENT_BIN=$PWD/target/x86_64-unknown-linux-gnu/release/drover-agent
 export DROVER_IMAGE_DIR=$PWD/target/drover-images
+export DROVER_IMAGE_CACHE=$DROVER_IMAGE_DIR
 echo "==> building the guest image (cached in $DROVER_IMAGE_DIR)" >&2
 scripts/image-build.sh
 echo "==> clippy" >&2
