@@ -11,6 +11,10 @@ use drover_proto::{Body, Frame};
 
 use crate::wire::{body_name, FrameReader, FrameWriter, Incoming};
 
+/// Created once the host has acknowledged a hello; `/init` waits for it before loading the
+/// modules only data disks need, so they do not compete with the agent's start.
+pub const READY_FLAG: &str = "/run/drover/agent-ready";
+
 /// The guest-initiated side of the channel. One per agent, shared across connections, so request
 /// ids keep increasing over host reconnects.
 #[derive(Debug)]
@@ -66,6 +70,9 @@ impl PortA {
             match frame.body {
                 Body::Ack { accepted: true, .. } if id == hello_id => {
                     crate::log!("host connected (hello {id} acknowledged)");
+                    // /init holds back non-essential boot work until the host has heard us.
+                    let _ = std::fs::create_dir_all("/run/drover")
+                        .and_then(|_| std::fs::write(READY_FLAG, b""));
                 }
                 Body::Ack { accepted, reason } => {
                     crate::log!(

@@ -79,6 +79,16 @@ hostname "$hn"
 echo "$hn" >/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$hn" >/etc/hosts
 
+# The agent is what makes the guest usable: start it (respawned if it dies) as soon as its ports
+# exist and the hostname is set; the rest of /init runs beside it.
+(
+    while true; do
+        /usr/bin/drover-agent
+        echo "drover-agent exited ($?), restarting" >/dev/console
+        sleep 1
+    done
+) &
+
 ip link set lo up
 for d in /sys/class/net/eth*; do
     [ -e "$d" ] || continue
@@ -94,17 +104,23 @@ for d in /sys/class/net/eth*; do [ -e "$d" ] && nics="$nics ${d##*/}"; done
 echo "drover-init: hostname $hn; ports:${ports:- none}; nics:${nics:- none}" >/dev/console
 echo DROVER-INIT-READY >/dev/console
 
-# Drivers only data disks need (ext4 alone costs ~0.5 s under TCG): in the background, after the
-# marker. /run/drover/late-modules-loaded appears once they are in.
+# Drivers only data disks need (ext4 alone costs ~0.5 s under TCG): in the background, once the
+# agent has reached the host (or after 3 s), so they do not slow the agent's start.
+# /run/drover/late-modules-loaded appears once they are in.
 (
+    i=0
+    while [ ! -e /run/drover/agent-ready ] && [ "$i" -lt 150 ]; do
+        sleep 0.02
+        i=$((i + 1))
+    done
     load_modules /etc/drover/modules.late
     mkdir -p /run/drover
     : >/run/drover/late-modules-loaded
 ) &
 
+# PID 1 stays here, reaping orphans, for ever.
 while true; do
-    /usr/bin/drover-agent
-    echo "drover-agent exited ($?), restarting" >/dev/console
+    wait
     sleep 1
 done
 "#;
@@ -482,7 +498,7 @@ mod tests {
     fn init_prints_the_marker_and_never_exits() {
         assert!(INIT.contains(&format!("echo {READY_MARKER} >/dev/console")));
         assert!(INIT.trim_end().ends_with("done"));
-        assert!(INIT.contains("while true; do\n    /usr/bin/drover-agent\n"));
+        assert!(INIT.contains("    while true; do\n        /usr/bin/drover-agent\n"));
         assert!(!INIT.contains("set -e"));
     }
 }

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""bench/boot: time to a usable guest, Drover vs raw QEMU, same kernel, initramfs, shape, accel.
+
+  drover: `drover vm start NAME --wait`, until the in-guest agent has answered the host; the
+          moment the guest's /init printed its marker is recorded too (console log polled), so
+          the management overhead and the agent's own start are reported apart
+  raw:    qemu-system-x86_64 with PLATFORM.md's fastest command line, until /init prints
+          DROVER-INIT-READY on the serial console
+
+Runs alternate (drover, raw, drover, raw, ...) so drift on the machine hits both alike; medians
+and the ratio are printed, then droverd's RSS with 10 VMs defined and 2 running.
+
+Usage: bench/boot.py [RUNS]   (default 15; needs `PROFILE=release scripts/build.sh` first)
+"""
+import json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("DROVER_BIN_DIR", f"{ROOT}/target/release")
+AGENT = os.environ.get("DROVER_AGENT_BIN", f"{ROOT}/target/x86_64-unknown-linux-gnu/release/drover-agent")
+IMAGES = os.environ.get("DROVER_IMAGE_DIR", f"{ROOT}/target/drover-images")
+MARKER = b"DROVER-INIT-READY"
+
+
+def poll(pred, timeout=60.0, step=0.005):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return time.monotonic()
+        time.sleep(step)
+    raise SystemExit("timed out")
+
+
+def count_markers(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(MARKER)
+    except FileNotFoundError:
+        return 0
+
+
+def main():
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 15
+    tmp = tempfile.mkdtemp(prefix="drover-bench.", dir="/tmp")
+    sock = f"{tmp}/d.sock"
+    log = open(f"{tmp}/droverd.log", "w")
+    daemon = subprocess.Popen([f"{BIN}/droverd", "--state-dir", f"{tmp}/state", "--socket", sock,
+                               "--image-dir", IMAGES, "--agent-binary", AGENT, "--log", "warn"],
+                              stdout=log, stderr=log)
+
+    def drover(*args, check=True):
+        r = subprocess.run([f"{BIN}/drover", "--socket", sock, *args], capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise SystemExit(f"drover {' '.join(args)}: {r.stderr}")
+        return r.stdout
+
+    try:
+        poll(lambda: os.path.exists(sock), 10)
+        time.sleep(0.2)
+        drover("image", "build")
+        image = json.loads(drover("--output", "json", "image", "show"))
+        drover("vm", "create", "bench", "--cpus", "1", "--memory", "512M")
+        console = f"{tmp}/state/vms/bench/console.log"
+
+        def drover_boot():
+            before = count_markers(console)
+            t0 = time.monotonic()
+            p = subprocess.Popen([f"{BIN}/drover", "--socket", sock, "vm", "start", "bench", "--wait"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            t_marker = poll(lambda: count_markers(console) > before)
+            p.wait()
+            t_agent = time.monotonic()
+            drover("vm", "stop", "bench", "--force")
+            return t_agent - t0, t_marker - t0
+
+        def raw_boot():
+            d = f"{tmp}/raw"
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+            args = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-M", "q35",
+                    "-bios", "/usr/share/qemu/qboot.rom", "-smp", "1", "-m", "512",
+                    "-nodefaults", "-no-user-config", "-display", "none", "-serial", f"file:{d}/console.log",
+                    "-kernel", image["kernel"], "-initrd", image["initrd"],
+                    "-append", image["manifest"]["default_cmdline"],
+                    "-device", "virtio-serial-pci,id=vser0",
+                    "-chardev", f"socket,id=req,path={d}/req.sock,server=on,wait=off",
+                    "-device", "virtserialport,bus=vser0.0,chardev=req,name=org.drover.req",
+                    "-chardev", f"socket,id=evt,path={d}/evt.sock,server=on,wait=off",
+                    "-device", "virtserialport,bus=vser0.0,chardev=evt,name=org.drover.evt",
+                    "-qmp", f"unix:{d}/qmp.sock,server=on,wait=off"]
+            t0 = time.monotonic()
+            q = subprocess.Popen(args)
+            t = poll(lambda: count_markers(f"{d}/console.log") > 0)
+            q.kill()
+            q.wait()
+            return t - t0
+
+        print(f"boot to a usable guest, TCG, 1 vCPU, 512 MiB, {runs} runs each (alternating)")
+        agent, marker, raw = [], [], []
+        for i in range(runs):
+            a, m = drover_boot()
+            r = raw_boot()
+            agent.append(a); marker.append(m); raw.append(r)
+            print(f"  run {i + 1}: drover agent ready {a:.3f} s (its /init marker at {m:.3f} s)   raw marker {r:.3f} s")
+        ma, mm, mr = statistics.median(agent), statistics.median(marker), statistics.median(raw)
+        print(f"median: drover start --wait {ma:.3f} s, raw QEMU to /init marker {mr:.3f} s, ratio {ma / mr:.3f} (goal <= 1.05)")
+        print(f"        drover to the same marker {mm:.3f} s (ratio {mm / mr:.3f}); marker to agent answering {ma - mm:.3f} s")
+
+        for i in range(1, 10):
+            drover("vm", "create", f"idle{i}", "--memory", "256M")
+        drover("vm", "start", "bench", "--wait")
+        drover("vm", "start", "idle1", "--wait")
+        with open(f"/proc/{daemon.pid}/status") as f:
+            rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+        print(f"droverd RSS with 10 VMs defined, 2 running: {rss / 1024:.1f} MiB")
+        drover("vm", "stop", "bench", "--force")
+        drover("vm", "stop", "idle1", "--force")
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
