@@ -2,25 +2,43 @@
 //! stop/start, state and console as a user checks them, graceful stop, guest power-off.
 
 use drover_e2e::{wait_for, Daemon};
+use std::io::{Read, Write};
 use std::time::Duration;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// GET / from 127.0.0.1:port; `None` until something answers with a body.
+fn http_get(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains("200").then_some(out)
+}
 
 #[test]
 fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {
     let d = Daemon::start();
-    d.ok(&[
-        "vm",
-        "create",
-        "web1",
-        "--cpus",
-        "2",
-        "--memory",
-        "384M",
-        "--disk",
-        "size=64M,id=data",
-        "--nic",
-        "user",
-    ]);
+    let port = free_port();
+    let nic = format!("user,forward=tcp:127.0.0.1:{port}-:80");
+    #[rustfmt::skip]
+    d.ok(&["vm", "create", "web1", "--cpus", "2", "--memory", "384M", "--disk", "size=64M,id=data", "--nic", &nic]);
     d.ok(&["vm", "start", "web1", "--wait"]);
+
+    // A web server in the guest answers on the forwarded host port.
+    d.sh("web1", "mkdir -p /tmp/www && echo hello-from-web1 > /tmp/www/index.html && httpd -p 80 -h /tmp/www");
+    let body = wait_for(
+        "the forwarded port to answer",
+        Duration::from_secs(30),
+        || http_get(port),
+    );
+    assert!(body.contains("hello-from-web1"), "{body}");
 
     // From inside the guest.
     assert_eq!(d.sh("web1", "nproc").trim(), "2");
@@ -137,6 +155,26 @@ fn force_delete_and_kill_when_the_guest_ignores_shutdown() {
         "{v}"
     );
     d.ok(&["vm", "start", "k1", "--wait"]);
+
+    // A hostile guest: with the agent out of the way, it writes garbage, a frame claiming 4 GiB and
+    // malformed JSON to the host's port. droverd drops them, says so in its log, and keeps serving:
+    // the agent, once back, answers as before.
+    d.sh(
+        "k1",
+        "(sleep 0.3; mv /usr/bin/drover-agent /usr/bin/agent.off; kill -9 $(pidof drover-agent); sleep 0.3; \
+          p=/dev/virtio-ports/org.drover.req; head -c 300000 /dev/urandom >$p; printf 'DRV1\\377\\377\\377\\377' >$p; \
+          printf 'DRV1\\000\\000\\000\\005{bad}' >$p; mv /usr/bin/agent.off /usr/bin/drover-agent) >/dev/null 2>&1 &",
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_for("the agent to come back", Duration::from_secs(30), || {
+        let out = d.drover(&["vm", "exec", "k1", "--", "true"]);
+        out.status.success().then_some(())
+    });
+    assert!(
+        d.log().contains("dropped a guest frame"),
+        "droverd logged the bad input"
+    );
+    assert_eq!(d.json(&["vm", "show", "k1"])["state"], "running");
     d.ok(&["vm", "delete", "k1", "--force"]);
     assert_eq!(
         drover_e2e::pids_mentioning(&d.state_dir().join("run").display().to_string()).len(),
