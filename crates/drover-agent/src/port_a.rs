@@ -74,7 +74,9 @@ impl PortA {
                     let _ = std::fs::create_dir_all("/run/drover")
                         .and_then(|_| std::fs::write(READY_FLAG, b""));
                 }
-                Body::Ack { accepted, reason } => {
+                Body::Ack {
+                    accepted, reason, ..
+                } => {
                     crate::log!(
                         "port A: request {id} {}{}",
                         if accepted { "accepted" } else { "refused" },

@@ -85,6 +85,7 @@ impl PortB {
                     Body::Ack {
                         accepted: true,
                         reason: None,
+                        ticket: None,
                     },
                 );
                 thread::sleep(SHUTDOWN_DRAIN);
@@ -97,7 +98,11 @@ impl PortB {
                     body_name(&frame.body)
                 );
             }
-            body @ (Body::Hello(_) | Body::Pong(_) | Body::ExecResult(_)) => {
+            body @ (Body::Hello(_)
+            | Body::Pong(_)
+            | Body::ExecResult(_)
+            | Body::Request(_)
+            | Body::Event(_)) => {
                 let name = body_name(&body);
                 crate::log!("port B: {name} is not a host command (id {id})");
                 writer.reply_error(

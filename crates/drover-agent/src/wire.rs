@@ -125,16 +125,7 @@ pub fn error_body(code: &str, message: &str) -> Body {
 
 /// The wire name of a body's type, for logs.
 pub fn body_name(body: &Body) -> &'static str {
-    match body {
-        Body::Hello(_) => "hello",
-        Body::Ack { .. } => "ack",
-        Body::Ping => "ping",
-        Body::Pong(_) => "pong",
-        Body::Exec(_) => "exec",
-        Body::ExecResult(_) => "exec_result",
-        Body::Shutdown { .. } => "shutdown",
-        Body::Error { .. } => "error",
-    }
+    body.name()
 }
 
 #[cfg(test)]

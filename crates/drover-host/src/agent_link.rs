@@ -127,6 +127,7 @@ impl AgentLink {
             Ok(Ok(Body::Ack {
                 accepted: false,
                 reason,
+                ..
             })) => Err(LinkError::Refused(
                 reason.unwrap_or_else(|| "no reason given".into()),
             )),
@@ -212,19 +213,20 @@ impl AgentLink {
                             Body::Ack {
                                 accepted: true,
                                 reason: None,
+                                ticket: None,
                             }
                         }
                         other => {
                             self.drop_frame(
                                 &vm,
                                 "A",
-                                &format!("unexpected {} from guest", kind(&other)),
+                                &format!("unexpected {} from guest", other.name()),
                             );
                             Body::Error {
                                 code: "unsupported".into(),
                                 message: format!(
                                     "{} is not a request this host accepts",
-                                    kind(&other)
+                                    other.name()
                                 ),
                             }
                         }
@@ -292,19 +294,6 @@ impl AgentLink {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-}
-
-fn kind(b: &Body) -> &'static str {
-    match b {
-        Body::Hello(_) => "hello",
-        Body::Ack { .. } => "ack",
-        Body::Ping => "ping",
-        Body::Pong(_) => "pong",
-        Body::Exec(_) => "exec",
-        Body::ExecResult(_) => "exec_result",
-        Body::Shutdown { .. } => "shutdown",
-        Body::Error { .. } => "error",
     }
 }
 

@@ -73,7 +73,18 @@ pub enum Body {
         /// Why not, when refused.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// For an accepted guest [`Body::Request`]: the host's handle for it, repeated in the
+        /// [`Body::Event`] that reports its outcome.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ticket: Option<String>,
     },
+    /// Guest → host, port A: an app's request (through the agent). The host answers at once with
+    /// an `Ack` (accepted with a ticket, or refused with a reason) and later reports the outcome as
+    /// an [`Body::Event`] on port B. Nothing in the guest waits on the host in between.
+    Request(GuestRequest),
+    /// Host → guest, port B: the outcome of a request, or a notice from the host. The agent
+    /// answers with an `Ack` once it has taken it (so the host can redeliver after a reconnect).
+    Event(GuestEvent),
     /// Host → guest, port B: are you there? Answered with [`Body::Pong`].
     Ping,
     /// Guest → host, port B: the answer to [`Body::Ping`].
@@ -96,6 +107,173 @@ pub enum Body {
         /// Human-readable explanation.
         message: String,
     },
+}
+
+/// Longest principal name.
+pub const MAX_PRINCIPAL: usize = 64;
+/// Longest secret.
+pub const MAX_SECRET: usize = 256;
+/// Longest app id.
+pub const MAX_APP_ID: usize = 64;
+/// Largest app data (encoded JSON) attached to a request or event.
+pub const MAX_APP_DATA: usize = 64 * 1024;
+/// Most changes in one reconfigure request.
+pub const MAX_CHANGES: usize = 16;
+
+/// An app's request, as the agent forwards it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestRequest {
+    /// The guest principal the app acts as (granted by a host administrator).
+    pub principal: String,
+    /// Its secret; checked against a hash on the host, never stored there in clear.
+    pub secret: String,
+    /// The app's id, stable across saved states: events go to the listener with this id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    /// What is asked.
+    pub op: GuestOp,
+    /// Opaque app data, returned with the outcome (at most [`MAX_APP_DATA`] bytes encoded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+/// Operations a guest may ask for. The host checks each against the principal's allowed ops,
+/// named by [`GuestOp::name`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GuestOp {
+    /// Change the VM's configuration (live where possible).
+    Reconfigure {
+        /// The changes, applied in order, all or nothing.
+        changes: Vec<ConfigChange>,
+    },
+    /// Save the VM's state.
+    Save {
+        /// A name for the state.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// List saved states.
+    List,
+    /// Restore a saved state.
+    Restore {
+        /// The state's name or id.
+        state: String,
+    },
+    /// Report the host facts the guest may see.
+    HostInfo,
+}
+
+impl GuestOp {
+    /// The permission name of the op (`reconfigure`, `save`, `list`, `restore`, `host-info`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            GuestOp::Reconfigure { .. } => "reconfigure",
+            GuestOp::Save { .. } => "save",
+            GuestOp::List => "list",
+            GuestOp::Restore { .. } => "restore",
+            GuestOp::HostInfo => "host-info",
+        }
+    }
+}
+
+/// One configuration change asked for from inside the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConfigChange {
+    /// Set the vCPU count.
+    SetCpus {
+        /// vCPUs.
+        count: u32,
+    },
+    /// Set the memory size.
+    SetMemory {
+        /// Bytes.
+        bytes: u64,
+    },
+    /// Add a new empty disk.
+    AttachDisk {
+        /// Disk id (becomes its serial).
+        id: String,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// Add a NIC (user-mode networking).
+    AttachNic {
+        /// NIC id.
+        id: String,
+    },
+    /// Remove a disk or NIC by id.
+    Detach {
+        /// Element id.
+        id: String,
+    },
+}
+
+/// The outcome of a guest request, or a notice from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestEvent {
+    /// The request's ticket (from its `Ack`); a host notice has its own.
+    pub ticket: String,
+    /// The app the event is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    /// The op's name ([`GuestOp::name`]) or the notice's kind (e.g. `migrated`).
+    pub op: String,
+    /// `completed`, `failed` or `notice`.
+    pub status: EventStatus,
+    /// Op-specific result.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub result: serde_json::Value,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The app data attached to the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStatus {
+    /// Done.
+    Completed,
+    /// Not done; see `error`.
+    Failed,
+    /// Not an answer to a request.
+    Notice,
+}
+
+fn valid_app_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_APP_ID
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn data_len(d: &Option<serde_json::Value>) -> usize {
+    d.as_ref().map(|v| v.to_string().len()).unwrap_or(0)
+}
+
+impl Body {
+    /// The wire name of the body's type, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Body::Hello(_) => "hello",
+            Body::Ack { .. } => "ack",
+            Body::Request(_) => "request",
+            Body::Event(_) => "event",
+            Body::Ping => "ping",
+            Body::Pong(_) => "pong",
+            Body::Exec(_) => "exec",
+            Body::ExecResult(_) => "exec_result",
+            Body::Shutdown { .. } => "shutdown",
+            Body::Error { .. } => "error",
+        }
+    }
 }
 
 /// What the agent reports about itself.
@@ -245,9 +423,75 @@ fn validate(body: &Body) -> Result<(), ProtoError> {
                 return Err(ProtoError::Invalid("error field too long".into()));
             }
         }
-        Body::Ack { reason, .. } => {
+        Body::Ack { reason, ticket, .. } => {
             if reason.as_ref().is_some_and(|r| r.len() > 4096) {
                 return Err(ProtoError::Invalid("ack reason too long".into()));
+            }
+            if ticket.as_ref().is_some_and(|t| t.len() > 64) {
+                return Err(ProtoError::Invalid("ack ticket too long".into()));
+            }
+        }
+        Body::Request(r) => {
+            if r.principal.is_empty() || r.principal.len() > MAX_PRINCIPAL {
+                return Err(ProtoError::Invalid(format!(
+                    "principal must be 1-{MAX_PRINCIPAL} bytes"
+                )));
+            }
+            if r.secret.len() > MAX_SECRET {
+                return Err(ProtoError::Invalid(format!(
+                    "secret exceeds {MAX_SECRET} bytes"
+                )));
+            }
+            if r.app_id.as_deref().is_some_and(|a| !valid_app_id(a)) {
+                return Err(ProtoError::Invalid(format!(
+                    "app id must be 1-{MAX_APP_ID} characters of a-z, A-Z, 0-9, '.', '_', '-'"
+                )));
+            }
+            if data_len(&r.data) > MAX_APP_DATA {
+                return Err(ProtoError::Invalid(format!(
+                    "app data exceeds {MAX_APP_DATA} bytes"
+                )));
+            }
+            match &r.op {
+                GuestOp::Reconfigure { changes } => {
+                    if changes.is_empty() || changes.len() > MAX_CHANGES {
+                        return Err(ProtoError::Invalid(format!(
+                            "reconfigure needs 1-{MAX_CHANGES} changes"
+                        )));
+                    }
+                    for c in changes {
+                        if let ConfigChange::AttachDisk { id, .. }
+                        | ConfigChange::AttachNic { id }
+                        | ConfigChange::Detach { id } = c
+                        {
+                            if id.is_empty() || id.len() > 32 {
+                                return Err(ProtoError::Invalid(
+                                    "element id must be 1-32 bytes".into(),
+                                ));
+                            }
+                        }
+                    }
+                }
+                GuestOp::Save { name: Some(n) } | GuestOp::Restore { state: n }
+                    if n.is_empty() || n.len() > 64 =>
+                {
+                    return Err(ProtoError::Invalid("state name must be 1-64 bytes".into()));
+                }
+                _ => {}
+            }
+        }
+        Body::Event(e) => {
+            if e.ticket.len() > 64
+                || e.op.len() > 32
+                || e.error.as_ref().is_some_and(|m| m.len() > 4096)
+            {
+                return Err(ProtoError::Invalid("event field too long".into()));
+            }
+            if e.app_id.as_deref().is_some_and(|a| !valid_app_id(a)) {
+                return Err(ProtoError::Invalid("bad app id in event".into()));
+            }
+            if data_len(&e.data) > MAX_APP_DATA || e.result.to_string().len() > MAX_APP_DATA {
+                return Err(ProtoError::Invalid("event data too large".into()));
             }
         }
         Body::Ping | Body::Shutdown { .. } => {}
@@ -388,6 +632,61 @@ mod tests {
     }
 
     #[test]
+    fn requests_and_events_round_trip_and_are_bounded() {
+        let req = Frame::new(
+            3,
+            Body::Request(GuestRequest {
+                principal: "backup".into(),
+                secret: "s3cret".into(),
+                app_id: Some("app-1".into()),
+                op: GuestOp::Reconfigure {
+                    changes: vec![
+                        ConfigChange::SetMemory { bytes: 1 << 30 },
+                        ConfigChange::AttachDisk {
+                            id: "d2".into(),
+                            size: 1 << 26,
+                        },
+                    ],
+                },
+                data: Some(serde_json::json!({"k": [1, 2]})),
+            }),
+        );
+        let mut d = Decoder::new();
+        d.push(&encode(&req).unwrap());
+        assert_eq!(d.next_frame(), Some(Ok(req)));
+        let bad_app = br#"{"v":1,"id":1,"body":{"type":"request","principal":"p","secret":"s","app_id":"a b","op":{"op":"list"}}}"#;
+        assert!(matches!(decode_body(bad_app), Err(ProtoError::Invalid(_))));
+        let no_changes = br#"{"v":1,"id":1,"body":{"type":"request","principal":"p","secret":"s","op":{"op":"reconfigure","changes":[]}}}"#;
+        assert!(matches!(
+            decode_body(no_changes),
+            Err(ProtoError::Invalid(_))
+        ));
+        let unknown_op = br#"{"v":1,"id":1,"body":{"type":"request","principal":"p","secret":"s","op":{"op":"format_host"}}}"#;
+        assert!(matches!(
+            decode_body(unknown_op),
+            Err(ProtoError::Malformed(_))
+        ));
+        let big = "x".repeat(MAX_APP_DATA + 1);
+        let ev = Frame::new(
+            4,
+            Body::Event(GuestEvent {
+                ticket: "t1".into(),
+                app_id: None,
+                op: "save".into(),
+                status: EventStatus::Completed,
+                result: serde_json::Value::Null,
+                error: None,
+                data: Some(serde_json::Value::String(big)),
+            }),
+        );
+        let bytes = encode(&ev).unwrap();
+        assert!(matches!(
+            decode_body(&bytes[HEADER_LEN..]),
+            Err(ProtoError::Invalid(_))
+        ));
+    }
+
+    #[test]
     fn encode_refuses_oversized() {
         let f = Frame::new(
             1,
@@ -414,7 +713,7 @@ mod tests {
         /// Valid frames split at any points decode to themselves, even after garbage.
         #[test]
         fn split_frames_decode(ids in proptest::collection::vec(any::<u64>(), 1..8), split in 1usize..64, garbage in proptest::collection::vec(any::<u8>(), 0..16)) {
-            let frames: Vec<Frame> = ids.iter().map(|&id| Frame::new(id, Body::Ack { accepted: id % 2 == 0, reason: None })).collect();
+            let frames: Vec<Frame> = ids.iter().map(|&id| Frame::new(id, Body::Ack { accepted: id % 2 == 0, reason: None, ticket: None })).collect();
             let mut stream: Vec<u8> = garbage.iter().map(|b| if *b == b'D' { b'x' } else { *b }).collect();
             for f in &frames { stream.extend(encode(f).unwrap()); }
             let mut d = Decoder::new();
