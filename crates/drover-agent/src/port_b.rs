@@ -429,7 +429,8 @@ mod tests {
             f.body,
             Body::Ack {
                 accepted: true,
-                reason: None
+                reason: None,
+                ticket: None
             }
         );
         h.send(31, Body::Shutdown { reboot: true });

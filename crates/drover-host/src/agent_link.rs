@@ -378,7 +378,8 @@ mod tests {
                 9,
                 Body::Ack {
                     accepted: true,
-                    reason: None
+                    reason: None,
+                    ticket: None
                 }
             )
         );
