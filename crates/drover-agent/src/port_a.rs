@@ -141,6 +141,7 @@ mod tests {
             let ack = Body::Ack {
                 accepted: true,
                 reason: None,
+                ticket: None,
             };
             host.write_all(&drover_proto::encode(&Frame::new(hello.id, ack)).unwrap())
                 .unwrap();

@@ -452,6 +452,7 @@ mod tests {
             Body::Ack {
                 accepted: true,
                 reason: None,
+                ticket: None,
             },
         );
         h.send(41, Body::Pong(crate::info::agent_info()));
