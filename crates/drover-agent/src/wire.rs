@@ -156,6 +156,7 @@ mod tests {
             Body::Ack {
                 accepted: false,
                 reason: Some("x".repeat(drover_proto::MAX_FRAME_LEN)),
+                ticket: None,
             },
         );
         let out = crate::lock(&w.inner).clone();
