@@ -1,4 +1,5 @@
-//! The agent process: one thread per port plus the power-button watcher.
+//! The agent process: one thread per port, the app socket, the power-button watcher and the
+//! hot-plug onliner.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -7,6 +8,9 @@ use std::thread;
 
 use anyhow::Context as _;
 
+use crate::app::AppServer;
+use crate::hotplug::Onliner;
+use crate::hub::EventHub;
 use crate::port_a::PortA;
 use crate::port_b::PortB;
 use crate::power::{Power, SystemPower};
@@ -20,6 +24,10 @@ pub struct Config {
     pub port_b: PathBuf,
     /// Directory of evdev nodes.
     pub input_dir: PathBuf,
+    /// The app socket.
+    pub app_socket: PathBuf,
+    /// Sysfs root for onlining hot-plugged CPUs and memory.
+    pub sysfs: PathBuf,
 }
 
 /// Run the agent. Its threads run forever; this returns (with an error) only if one of them
@@ -33,13 +41,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let power: Arc<dyn Power> = Arc::new(SystemPower);
     let (died_tx, died_rx) = mpsc::channel::<&'static str>();
 
-    let port_a = PortA::new();
+    // Shared by port A (which sends apps' requests), port B (which delivers the events) and the
+    // app socket (which connects the two to apps).
+    let hub = EventHub::new();
+    let port_a = Arc::new(PortA::new());
+    let app_server = Arc::new(AppServer::new(Arc::clone(&port_a), Arc::clone(&hub)));
+
     let path_a = config.port_a.clone();
     spawn_service("port-a", &died_tx, move || {
         crate::device::run_port(&path_a, "port A", |file, writer| port_a.serve(file, writer))
     })?;
 
-    let port_b = PortB::new(Arc::clone(&power));
+    let port_b = PortB::new(Arc::clone(&power), hub);
     let path_b = config.port_b.clone();
     spawn_service("port-b", &died_tx, move || {
         crate::device::run_port(&path_b, "port B", |file, writer| port_b.serve(file, writer))
@@ -49,6 +62,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     spawn_service("power-button", &died_tx, move || {
         crate::power::watch_power_button(&input_dir, power)
     })?;
+
+    let socket = config.app_socket.clone();
+    spawn_service("app-socket", &died_tx, move || app_server.run(&socket))?;
+
+    let onliner = Onliner::new(config.sysfs.clone());
+    spawn_service("hotplug", &died_tx, move || onliner.run())?;
 
     drop(died_tx);
     let name = died_rx.recv().context("all service threads vanished")?;

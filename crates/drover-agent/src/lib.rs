@@ -4,14 +4,17 @@
 //! `/init`, as root. It speaks the [`drover_proto`] guest channel over two virtio-serial ports:
 //!
 //! - port A (`org.drover.req`, [`port_a`]): guest-initiated; the agent says `Hello` whenever the host
-//!   (re)connects, and later forwards app requests.
-//! - port B (`org.drover.evt`, [`port_b`]): host-initiated; ping, exec, shutdown.
+//!   (re)connects, and forwards apps' requests, handing each the host's immediate `Ack`.
+//! - port B (`org.drover.evt`, [`port_b`]): host-initiated; ping, exec, shutdown, and events (the
+//!   outcomes of apps' requests), which [`hub`] routes to the apps waiting or listening for them.
+//!
+//! Apps reach the agent on a unix socket ([`app`], `/run/drover/agent.sock`), directly or through
+//! the `drover-guest` commands ([`cli`], [`guest`]). The agent also brings hot-plugged CPUs and
+//! memory online ([`hotplug`]).
 //!
 //! Layout: the protocol logic ([`port_a::PortA`], [`port_b::PortB`]) is generic over `Read + Write`
 //! streams so it is tested over socket pairs; [`device`] owns the virtio-serial quirks (waiting for
-//! the device, EBUSY, EOF while the host is away); [`agent`] wires the threads together. An
-//! app-facing unix socket (`/run/drover/agent.sock`) and its `drover-guest` commands (save,
-//! restore, listen) belong in their own module next to [`guest`], feeding requests into port A.
+//! the device, EBUSY, EOF while the host is away); [`agent`] wires the threads together.
 
 #![warn(missing_docs)]
 
@@ -36,15 +39,21 @@ macro_rules! log {
 }
 
 pub mod agent;
+pub mod app;
 pub mod cli;
 pub mod device;
 pub mod exec;
 pub mod guest;
+pub mod hotplug;
+pub mod hub;
 pub mod info;
 pub mod port_a;
 pub mod port_b;
 pub mod power;
 pub mod wire;
+
+#[cfg(test)]
+mod test_support;
 
 /// Lock a mutex even if a thread panicked while holding it.
 ///

@@ -1,5 +1,9 @@
-//! Port B (`org.drover.evt`): commands the host initiates, answered on the same port with the
-//! request's id.
+//! Port B (`org.drover.evt`): commands and events the host initiates, answered on the same port
+//! with the frame's id.
+//!
+//! Events (outcomes of app requests, host notices) are acknowledged as soon as the agent has taken
+//! them, then handed to the [`EventHub`], which passes them to the app connections waiting for
+//! them; an event no app waits for is logged and dropped.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +13,7 @@ use std::time::Duration;
 
 use drover_proto::{Body, ExecRequest, ExecResult, Frame, MAX_FRAME_LEN};
 
+use crate::hub::EventHub;
 use crate::power::{Power, PowerAction};
 use crate::wire::{body_name, FrameReader, FrameWriter, Incoming};
 
@@ -23,15 +28,17 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(100);
 /// host reconnects.
 pub struct PortB {
     power: Arc<dyn Power>,
+    hub: Arc<EventHub>,
     running: Arc<AtomicUsize>,
     max_execs: usize,
 }
 
 impl PortB {
-    /// A handler that stops the guest through `power`.
-    pub fn new(power: Arc<dyn Power>) -> Self {
+    /// A handler that stops the guest through `power` and passes events to `hub`.
+    pub fn new(power: Arc<dyn Power>, hub: Arc<EventHub>) -> Self {
         PortB {
             power,
+            hub,
             running: Arc::new(AtomicUsize::new(0)),
             max_execs: MAX_CONCURRENT_EXECS,
         }
@@ -91,6 +98,19 @@ impl PortB {
                 thread::sleep(SHUTDOWN_DRAIN);
                 self.power.stop(action);
             }
+            Body::Event(event) => {
+                // Ack first: the event is ours now, so the host need not redeliver it; delivery
+                // never blocks, so the ack does not wait on slow apps either.
+                writer.reply(
+                    id,
+                    Body::Ack {
+                        accepted: true,
+                        reason: None,
+                        ticket: None,
+                    },
+                );
+                self.hub.deliver(event);
+            }
             // Replies are never answered, so two confused peers cannot ping-pong errors forever.
             Body::Ack { .. } | Body::Error { .. } => {
                 crate::log!(
@@ -98,11 +118,7 @@ impl PortB {
                     body_name(&frame.body)
                 );
             }
-            body @ (Body::Hello(_)
-            | Body::Pong(_)
-            | Body::ExecResult(_)
-            | Body::Request(_)
-            | Body::Event(_)) => {
+            body @ (Body::Hello(_) | Body::Pong(_) | Body::ExecResult(_) | Body::Request(_)) => {
                 let name = body_name(&body);
                 crate::log!("port B: {name} is not a host command (id {id})");
                 writer.reply_error(
@@ -233,6 +249,7 @@ fn json_prefix(s: &str, budget: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::event;
     use drover_proto::MAX_EXEC_OUTPUT;
     use std::os::unix::net::UnixStream;
     use std::sync::Mutex;
@@ -252,6 +269,7 @@ mod tests {
         sock: UnixStream,
         frames: FrameReader<UnixStream>,
         power: Arc<FakePower>,
+        hub: Arc<EventHub>,
         agent: Option<thread::JoinHandle<io::Result<u64>>>,
     }
 
@@ -261,7 +279,8 @@ mod tests {
             host.set_read_timeout(Some(Duration::from_secs(20)))
                 .unwrap();
             let power = Arc::new(FakePower::default());
-            let port = PortB::new(power.clone()).with_max_execs(max_execs);
+            let hub = EventHub::new();
+            let port = PortB::new(power.clone(), hub.clone()).with_max_execs(max_execs);
             let agent = thread::spawn(move || {
                 let writer = FrameWriter::new(agent.try_clone()?);
                 port.serve(agent, &writer)
@@ -270,6 +289,7 @@ mod tests {
                 frames: FrameReader::new(host.try_clone().unwrap()),
                 sock: host,
                 power,
+                hub,
                 agent: Some(agent),
             }
         }
@@ -458,6 +478,47 @@ mod tests {
         h.send(41, Body::Pong(crate::info::agent_info()));
         let f = h.recv();
         assert_eq!(f.id, 41);
+        assert!(matches!(f.body, Body::Error { ref code, .. } if code == "unsupported"));
+    }
+
+    #[test]
+    fn events_are_acked_then_delivered() {
+        let mut h = Host::start(8);
+        let listener = h.hub.listen("app");
+        let waiter = h.hub.expect().claim("t1");
+        h.send(60, Body::Event(event("t1", Some("app"))));
+        let f = h.recv();
+        assert_eq!(f.id, 60);
+        assert_eq!(
+            f.body,
+            Body::Ack {
+                accepted: true,
+                reason: None,
+                ticket: None
+            }
+        );
+        let wait = Duration::from_secs(5);
+        assert_eq!(listener.events().recv_timeout(wait).unwrap().ticket, "t1");
+        assert_eq!(waiter.events().recv_timeout(wait).unwrap().ticket, "t1");
+
+        // Nobody listens for this one: still acked (then dropped), and serving goes on.
+        h.send(61, Body::Event(event("t2", Some("nobody"))));
+        assert_eq!(h.recv().id, 61);
+        assert!(listener.events().try_recv().is_err());
+
+        // A request on the host's port is still refused.
+        h.send(
+            62,
+            Body::Request(drover_proto::GuestRequest {
+                principal: "p".into(),
+                secret: "s".into(),
+                app_id: None,
+                op: drover_proto::GuestOp::List,
+                data: None,
+            }),
+        );
+        let f = h.recv();
+        assert_eq!(f.id, 62);
         assert!(matches!(f.body, Body::Error { ref code, .. } if code == "unsupported"));
     }
 

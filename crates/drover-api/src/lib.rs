@@ -24,7 +24,7 @@ mod client;
 pub use client::{Client, ClientError};
 pub use hyper::Method;
 
-use drover_model::{Accel, VmConfig};
+use drover_model::{Accel, PersistMode, VmConfig};
 use serde::{Deserialize, Serialize};
 
 /// Lifecycle state of a VM as recorded by droverd.
@@ -106,6 +106,195 @@ pub struct VmInfo {
     /// Agent status while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentStatus>,
+    /// Whether live changes are kept (sealed as a generation at shutdown).
+    #[serde(default)]
+    pub persist: bool,
+    /// How a generation is stored: the whole config, or a diff against the initial config.
+    #[serde(default = "default_mode")]
+    pub persist_mode: PersistMode,
+    /// While running: the configuration QEMU runs now, live changes included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_config: Option<VmConfig>,
+    /// While running: what will be sealed at shutdown when it differs from `running_config`
+    /// (changes made with `--next-boot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_config: Option<VmConfig>,
+    /// While running: where its config came from (`initial`, `generation 3`, `composed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_from: Option<String>,
+}
+
+fn default_mode() -> PersistMode {
+    PersistMode::Diff
+}
+
+/// Options of `start`: which configuration to boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Boot this generation (0 = the initial config) instead of the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<u32>,
+    /// Leave out these elements (`disk:data2`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub without: Vec<String>,
+    /// Take these elements from other generations (`3:nic:net1`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub with: Vec<String>,
+    /// Override `cpus=N` or `memory=SIZE`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<String>,
+    /// Store the composed config as a new generation.
+    #[serde(default)]
+    pub save_as_generation: bool,
+}
+
+/// A live change: attach a disk or NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    /// `disk` or `nic`.
+    pub kind: DeviceKind,
+    /// The new element's id.
+    pub id: String,
+    /// Disk: create a new qcow2 of this size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// Disk: attach this existing image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<std::path::PathBuf>,
+    /// Disk: read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// NIC: MAC address (assigned when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// NIC: user-mode port forwards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<String>,
+    /// Record for the next start instead of changing the running VM.
+    #[serde(default)]
+    pub next_boot: bool,
+}
+
+/// Disk or NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// A disk.
+    Disk,
+    /// A NIC.
+    Nic,
+}
+
+/// A live change: remove a disk or NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetachRequest {
+    /// Element id.
+    pub id: String,
+    /// Record for the next start instead of changing the running VM.
+    #[serde(default)]
+    pub next_boot: bool,
+}
+
+/// A live change: vCPUs and/or memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRequest {
+    /// New vCPU count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// New memory size (`2G`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Record for the next start instead of changing the running VM.
+    #[serde(default)]
+    pub next_boot: bool,
+}
+
+/// What a change did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResult {
+    /// The VM after the change.
+    pub vm: VmInfo,
+    /// `live` (applied to the running VM), `next-boot` (recorded for the next start) or
+    /// `config` (the VM is stopped: its next start uses it).
+    pub applied: String,
+    /// One line per element changed.
+    pub changes: Vec<String>,
+    /// Something the operator should know (persistence off, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// A VM's configuration history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigHistoryView {
+    /// VM name.
+    pub name: String,
+    /// Whether live changes are kept.
+    pub persist: bool,
+    /// How generations are stored.
+    pub persist_mode: PersistMode,
+    /// What a plain `start` boots (0 = the initial config).
+    pub default_start: u32,
+    /// The generations, oldest first; generation 0 is the initial config.
+    pub generations: Vec<GenerationView>,
+}
+
+/// One stored generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationView {
+    /// Its id (0 = the initial config).
+    pub id: u32,
+    /// When it was stored (unix ms).
+    pub created_at_ms: u64,
+    /// Who stored it.
+    pub who: String,
+    /// Why.
+    pub why: String,
+    /// `initial`, `snapshot` or `diff`.
+    pub kind: String,
+    /// How it differs from the initial config, one line per element.
+    pub changes: Vec<String>,
+    /// The config it yields.
+    pub config: VmConfig,
+}
+
+/// Set the persistence flag or mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistRequest {
+    /// On or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Snapshot or diff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PersistMode>,
+}
+
+/// Promote a generation to be the initial config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// The generation.
+    pub generation: u32,
+}
+
+/// One journaled change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Sequence number within the VM.
+    pub seq: u64,
+    /// When (unix ms).
+    pub at_ms: u64,
+    /// Who asked (`uid 0`, `guest:backup`).
+    pub who: String,
+    /// What changed, one line per element.
+    pub changes: Vec<String>,
+    /// `live`, `next-boot`, `config`, `sealed generation N`, `promoted N`, `persist on`, ...
+    pub kind: String,
 }
 
 /// How to stop a VM.
@@ -239,6 +428,8 @@ pub enum ErrorCode {
     Timeout,
     /// The default guest image is not built.
     ImageMissing,
+    /// The caller lacks the permission.
+    Forbidden,
     /// Something failed inside droverd.
     Internal,
 }
@@ -250,6 +441,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
             ErrorCode::InvalidArgument => 400,
+            ErrorCode::Forbidden => 403,
             ErrorCode::InsufficientResources => 507,
             ErrorCode::AgentUnavailable => 503,
             ErrorCode::Timeout => 504,

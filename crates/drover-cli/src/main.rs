@@ -62,6 +62,9 @@ enum Cmd {
     /// The default guest image (Debian kernel + busybox + drover-agent).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Who may do what on this host (roles by uid; root is always admin).
+    #[command(subcommand)]
+    Auth(AuthCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,6 +85,27 @@ enum ImageCmd {
     Show,
 }
 
+#[derive(Subcommand, Debug)]
+enum AuthCmd {
+    /// Give a local user (by uid) a role: admin, operator (run and change VMs) or viewer.
+    Grant {
+        /// The user's uid.
+        #[arg(long)]
+        uid: u32,
+        /// The role.
+        #[arg(long, value_parser = ["admin", "operator", "viewer"])]
+        role: String,
+    },
+    /// Take a user's role away.
+    Revoke {
+        /// The user's uid.
+        #[arg(long)]
+        uid: u32,
+    },
+    /// List granted roles.
+    List,
+}
+
 #[derive(Args, Debug)]
 struct WaitArgs {
     /// Wait until the guest agent answers.
@@ -90,6 +114,81 @@ struct WaitArgs {
     /// Seconds to wait for the agent with --wait.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     wait_timeout: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    /// A disk.
+    Disk,
+    /// A NIC.
+    Nic,
+}
+
+#[derive(Args, Debug, Default)]
+struct PickArgs {
+    /// Boot this config generation (0 = the initial config).
+    #[arg(long, value_name = "GEN")]
+    config: Option<u32>,
+    /// Leave out an element, e.g. disk:data2. Repeatable.
+    #[arg(long, value_name = "KEY")]
+    without: Vec<String>,
+    /// Take an element from a generation, e.g. 3:nic:net1. Repeatable.
+    #[arg(long, value_name = "GEN:KEY")]
+    with: Vec<String>,
+    /// Override cpus=N or memory=SIZE. Repeatable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Store the composed config as a new generation.
+    #[arg(long)]
+    save_as_generation: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// List the generations: who stored them, when, why, and how they differ from the initial.
+    List {
+        /// VM name.
+        name: String,
+    },
+    /// Show one generation's full config.
+    Show {
+        /// VM name.
+        name: String,
+        /// Generation (0 = initial).
+        generation: u32,
+    },
+    /// How generation TO differs from FROM.
+    Diff {
+        /// VM name.
+        name: String,
+        /// From this generation.
+        from: u32,
+        /// To this one.
+        to: u32,
+    },
+    /// Make a generation the new initial config (other generations keep what they yield).
+    Promote {
+        /// VM name.
+        name: String,
+        /// Generation.
+        generation: u32,
+    },
+    /// Keep live changes across shutdown (on) or not (off); needs the config.persist permission.
+    Persist {
+        /// VM name.
+        name: String,
+        /// on or off (omit to change only the mode).
+        #[arg(value_parser = ["on", "off"])]
+        state: Option<String>,
+        /// Store generations as the whole config or as a diff against the initial one.
+        #[arg(long, value_parser = ["snapshot", "diff"])]
+        mode: Option<String>,
+    },
+    /// Every recorded change: live, next-boot, sealed, promoted, persistence flips.
+    Journal {
+        /// VM name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,6 +235,9 @@ enum VmCmd {
         /// Force an accelerator for this VM.
         #[arg(long, value_parser = ["kvm", "tcg"])]
         accel: Option<String>,
+        /// Allow memory hot-plug up to this size (costs some boot time).
+        #[arg(long, value_name = "SIZE")]
+        max_memory: Option<String>,
         /// Start it right away.
         #[arg(long)]
         start: bool,
@@ -143,12 +245,81 @@ enum VmCmd {
         wait: WaitArgs,
     },
     /// Start a stopped VM.
+    /// Start a stopped VM.
+    ///
+    /// By default it boots its latest config generation when persistence is on, else its
+    /// initial config. Pick another, or compose one:
+    ///   drover vm start web1 --config 0                     # the initial config
+    ///   drover vm start web1 --config 3 --without disk:data2 --with 2:nic:net1 --set memory=2G
     Start {
         /// VM name.
         name: String,
         #[command(flatten)]
+        pick: PickArgs,
+        #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Attach a disk or NIC; live when the VM runs (hot-plug), else for its next start.
+    ///
+    /// Examples:
+    ///   drover vm attach web1 disk --id data2 --size 1G
+    ///   drover vm attach web1 disk --id seed --image /srv/seed.qcow2 --readonly
+    ///   drover vm attach web1 nic --id net1 --forward tcp:8081-:80
+    Attach {
+        /// VM name.
+        name: String,
+        /// What to attach.
+        #[arg(value_enum)]
+        kind: Kind,
+        /// The new element's id (a disk's id is its serial in the guest).
+        #[arg(long)]
+        id: String,
+        /// Disk: create a new qcow2 of this size.
+        #[arg(long)]
+        size: Option<String>,
+        /// Disk: attach an existing image.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Disk: read-only.
+        #[arg(long)]
+        readonly: bool,
+        /// NIC: MAC address.
+        #[arg(long)]
+        mac: Option<String>,
+        /// NIC: port forward, e.g. tcp:8081-:80. Repeatable.
+        #[arg(long)]
+        forward: Vec<String>,
+        /// Do not change the running VM; record the change for its next start.
+        #[arg(long)]
+        next_boot: bool,
+    },
+    /// Detach a disk or NIC (hot-unplug: the guest must release it).
+    Detach {
+        /// VM name.
+        name: String,
+        /// Element id.
+        id: String,
+        /// Do not change the running VM; record the change for its next start.
+        #[arg(long)]
+        next_boot: bool,
+    },
+    /// Change vCPUs or memory: `drover vm set web1 cpus=2 memory=1G`.
+    ///
+    /// Live, vCPUs and memory can only grow (memory needs --max-memory at create, in 128M steps);
+    /// anything else takes --next-boot.
+    Set {
+        /// VM name.
+        name: String,
+        /// cpus=N and/or memory=SIZE.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// Do not change the running VM; record the change for its next start.
+        #[arg(long)]
+        next_boot: bool,
+    },
+    /// The VM's configuration history: generations, diffs, promote, persistence.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Stop a VM: the guest agent's shutdown, then ACPI power-down, then kill after --timeout.
     Stop {
         /// VM name.
@@ -290,6 +461,24 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             out.image(&i);
         }
         Cmd::Vm(cmd) => return vm(&c, out, *cmd).await,
+        Cmd::Auth(cmd) => {
+            let (uid, role) = match cmd {
+                AuthCmd::List => {
+                    let roles: Vec<(u32, String)> = c.get("/v1/auth/roles").await?;
+                    out.roles(&roles);
+                    return Ok(0);
+                }
+                AuthCmd::Grant { uid, role } => (uid, Some(role)),
+                AuthCmd::Revoke { uid } => (uid, None),
+            };
+            let roles: Vec<(u32, String)> = c
+                .post(
+                    "/v1/auth/roles",
+                    &serde_json::json!({"uid": uid, "role": role}),
+                )
+                .await?;
+            out.roles(&roles);
+        }
     }
     Ok(0)
 }
@@ -316,6 +505,7 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             cmdline,
             boot_disk,
             accel,
+            max_memory,
             start,
             wait,
         } => {
@@ -357,6 +547,9 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             if boot_disk.is_some() {
                 spec.boot.disk = boot_disk;
             }
+            if max_memory.is_some() {
+                spec.max_memory = max_memory;
+            }
             if let Some(a) = accel {
                 spec.accel = Some(a.parse().map_err(anyhow::Error::msg)?);
             }
@@ -369,11 +562,137 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             spec.validate()?;
             let v: VmInfo = c.post("/v1/vms", &spec).await?;
             if start {
-                return start_vm(c, out, &v.name, &wait).await;
+                return start_vm(c, out, &v.name, &PickArgs::default(), &wait).await;
             }
             out.created(&v);
         }
-        VmCmd::Start { name, wait } => return start_vm(c, out, &name, &wait).await,
+        VmCmd::Start { name, pick, wait } => return start_vm(c, out, &name, &pick, &wait).await,
+        VmCmd::Attach {
+            name,
+            kind,
+            id,
+            size,
+            image,
+            readonly,
+            mac,
+            forward,
+            next_boot,
+        } => {
+            let req = drover_api::AttachRequest {
+                kind: match kind {
+                    Kind::Disk => drover_api::DeviceKind::Disk,
+                    Kind::Nic => drover_api::DeviceKind::Nic,
+                },
+                id,
+                size,
+                image: image.map(absolute).transpose()?,
+                readonly,
+                mac,
+                forward,
+                next_boot,
+            };
+            let r: drover_api::ChangeResult = c
+                .post(&format!("/v1/vms/{}/attach", seg(&name)?), &req)
+                .await?;
+            out.change(&r);
+        }
+        VmCmd::Detach {
+            name,
+            id,
+            next_boot,
+        } => {
+            let req = drover_api::DetachRequest { id, next_boot };
+            let p = out.progress(&format!(
+                "detaching from {name} (the guest must release it)"
+            ));
+            let r: drover_api::ChangeResult = c
+                .post(&format!("/v1/vms/{}/detach", seg(&name)?), &req)
+                .await?;
+            drop(p);
+            out.change(&r);
+        }
+        VmCmd::Set {
+            name,
+            settings,
+            next_boot,
+        } => {
+            let mut req = drover_api::SetRequest {
+                next_boot,
+                ..Default::default()
+            };
+            for kv in settings {
+                match kv.split_once('=') {
+                    Some(("cpus", v)) => {
+                        req.cpus = Some(
+                            v.parse()
+                                .map_err(|_| anyhow::anyhow!("cpus={v}: not a number"))?,
+                        )
+                    }
+                    Some(("memory", v)) => req.memory = Some(v.to_string()),
+                    _ => anyhow::bail!("cannot set {kv:?}: use cpus=N or memory=SIZE"),
+                }
+            }
+            let r: drover_api::ChangeResult = c
+                .post(&format!("/v1/vms/{}/set", seg(&name)?), &req)
+                .await?;
+            out.change(&r);
+        }
+        VmCmd::Config(cmd) => match cmd {
+            ConfigCmd::List { name } => {
+                let h: drover_api::ConfigHistoryView =
+                    c.get(&format!("/v1/vms/{}/config", seg(&name)?)).await?;
+                out.history(&h);
+            }
+            ConfigCmd::Show { name, generation } => {
+                let cfg: drover_model::VmConfig = c
+                    .get(&format!("/v1/vms/{}/config/{generation}", seg(&name)?))
+                    .await?;
+                out.config(&cfg);
+            }
+            ConfigCmd::Diff { name, from, to } => {
+                let lines: Vec<String> = c
+                    .get(&format!(
+                        "/v1/vms/{}/config/diff?from={from}&to={to}",
+                        seg(&name)?
+                    ))
+                    .await?;
+                out.lines(&lines, &format!("generations {from} and {to} are the same"));
+            }
+            ConfigCmd::Promote { name, generation } => {
+                let h: drover_api::ConfigHistoryView = c
+                    .post(
+                        &format!("/v1/vms/{}/config/promote", seg(&name)?),
+                        &drover_api::PromoteRequest { generation },
+                    )
+                    .await?;
+                out.line(&format!(
+                    "generation {generation} is now the initial config of {name}"
+                ));
+                out.history(&h);
+            }
+            ConfigCmd::Persist { name, state, mode } => {
+                let req = drover_api::PersistRequest {
+                    enabled: state.map(|s| s == "on"),
+                    mode: mode
+                        .map(|m| m.parse::<drover_model::PersistMode>())
+                        .transpose()?,
+                };
+                let v: VmInfo = c
+                    .post(&format!("/v1/vms/{}/config/persist", seg(&name)?), &req)
+                    .await?;
+                out.line(&format!(
+                    "persistence for {name}: {} (mode {})",
+                    if v.persist { "on" } else { "off" },
+                    v.persist_mode
+                ));
+                out.json_only(&v);
+            }
+            ConfigCmd::Journal { name } => {
+                let j: Vec<drover_api::JournalEntry> =
+                    c.get(&format!("/v1/vms/{}/journal", seg(&name)?)).await?;
+                out.journal(&j);
+            }
+        },
         VmCmd::Stop {
             name,
             timeout,
@@ -496,13 +815,23 @@ fn stop_how(v: &VmInfo) -> String {
         .unwrap_or_default()
 }
 
-async fn start_vm(c: &Client, out: &Out, name: &str, wait: &WaitArgs) -> anyhow::Result<u8> {
+async fn start_vm(
+    c: &Client,
+    out: &Out,
+    name: &str,
+    pick: &PickArgs,
+    wait: &WaitArgs,
+) -> anyhow::Result<u8> {
     let p = out.progress(&format!("starting {name}"));
+    let req = drover_api::StartRequest {
+        config: pick.config,
+        without: pick.without.clone(),
+        with: pick.with.clone(),
+        set: pick.set.clone(),
+        save_as_generation: pick.save_as_generation,
+    };
     let v: VmInfo = c
-        .post(
-            &format!("/v1/vms/{}/start", seg(name)?),
-            &serde_json::json!({}),
-        )
+        .post(&format!("/v1/vms/{}/start", seg(name)?), &req)
         .await?;
     let accel = v.accel.map(|a| a.to_string()).unwrap_or_default();
     p.done(&format!(

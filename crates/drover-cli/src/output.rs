@@ -359,6 +359,106 @@ impl Out {
     }
 }
 
+impl Out {
+    /// A live or next-boot change.
+    pub fn change(&self, r: &drover_api::ChangeResult) {
+        if self.json {
+            return self.print_json(r);
+        }
+        let how = match r.applied.as_str() {
+            "live" => "applied live",
+            "next-boot" => "recorded for the next boot",
+            _ => "stored for the next start",
+        };
+        println!("{} {how}:", r.vm.name);
+        for l in &r.changes {
+            println!("  {l}");
+        }
+        if let Some(w) = &r.warning {
+            eprintln!("note: {w}");
+        }
+    }
+
+    /// `drover vm config list`.
+    pub fn history(&self, h: &drover_api::ConfigHistoryView) {
+        if self.json {
+            return self.print_json(h);
+        }
+        println!(
+            "{}: persistence {} (mode {}); a plain start boots generation {}",
+            h.name,
+            if h.persist { "on" } else { "off" },
+            h.persist_mode,
+            h.default_start
+        );
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header(["GEN", "STORED", "BY", "KIND", "WHY", "CHANGES FROM INITIAL"]);
+        for g in &h.generations {
+            t.add_row([
+                g.id.to_string(),
+                format!("{} ago", age(g.created_at_ms)),
+                g.who.clone(),
+                g.kind.clone(),
+                g.why.clone(),
+                if g.changes.is_empty() {
+                    "-".to_string()
+                } else {
+                    g.changes.join("; ")
+                },
+            ]);
+        }
+        println!("{t}");
+    }
+
+    /// One config.
+    pub fn config(&self, c: &drover_model::VmConfig) {
+        if self.json {
+            return self.print_json(c);
+        }
+        for (key, el) in c.elements() {
+            println!("{key:<16} {el}");
+        }
+    }
+
+    /// Lines, or a note when there are none.
+    pub fn lines(&self, lines: &[String], empty: &str) {
+        if self.json {
+            return self.print_json(&lines);
+        }
+        if lines.is_empty() {
+            println!("{empty}");
+        }
+        for l in lines {
+            println!("{l}");
+        }
+    }
+
+    /// `drover vm config journal`.
+    pub fn journal(&self, j: &[drover_api::JournalEntry]) {
+        if self.json {
+            return self.print_json(&j);
+        }
+        for e in j {
+            println!("{} ago  {}  {}", age(e.at_ms), e.who, e.kind);
+            for c in &e.changes {
+                println!("    {c}");
+            }
+        }
+    }
+
+    /// `drover auth list`.
+    pub fn roles(&self, roles: &[(u32, String)]) {
+        if self.json {
+            return self.print_json(&roles);
+        }
+        println!("uid 0: admin (always)");
+        for (uid, role) in roles {
+            println!("uid {uid}: {role}");
+        }
+    }
+}
+
 /// Bytes in a readable unit (1.5G, 300M).
 fn fmt_bytes(b: u64) -> String {
     const UNITS: [(u64, &str); 4] = [

@@ -2,6 +2,7 @@
 //! [`ApiError`]s. Mutating calls run in their own task, so a client that hangs up mid-way cannot
 //! leave a VM half-started or half-stopped.
 
+use crate::auth::{Caller, Permission, Role};
 use crate::error::HostError;
 use crate::manager::Manager;
 use axum::extract::{Path, Query, State};
@@ -9,13 +10,57 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use drover_api::{ApiError, ErrorCode, ExecRequest, ImageBuildRequest, StopRequest, StreamItem};
+use drover_api::{
+    ApiError, AttachRequest, DetachRequest, ErrorCode, ExecRequest, ImageBuildRequest,
+    PersistRequest, PromoteRequest, SetRequest, StartRequest, StopRequest, StreamItem,
+};
 use drover_model::VmSpec;
 use serde::Deserialize;
 use std::time::Duration;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
+
+/// Who is on the other end of an API connection (unix socket peer credentials).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The peer's uid, when the socket reports it.
+    pub uid: Option<u32>,
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Peer {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+/// The request's caller, resolved to a role.
+pub struct Who(pub Caller);
+
+impl axum::extract::FromRequestParts<Manager> for Who {
+    type Rejection = Failure;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        m: &Manager,
+    ) -> Result<Self, Self::Rejection> {
+        let uid = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .and_then(|c| c.0.uid);
+        Ok(Who(m.caller(uid)))
+    }
+}
+
+/// Resolve the caller and check one permission.
+fn need(who: &Who, p: Permission) -> Result<(), Failure> {
+    who.0.require(p).map_err(Failure::from)
+}
 
 /// An error answer.
 pub struct Failure(ApiError);
@@ -63,8 +108,18 @@ pub fn router(mgr: Manager) -> Router {
         .route("/v1/vms/{name}/agent", get(agent))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/attach", post(attach))
+        .route("/v1/vms/{name}/detach", post(detach))
+        .route("/v1/vms/{name}/set", post(set))
+        .route("/v1/vms/{name}/config", get(config_list))
+        .route("/v1/vms/{name}/config/diff", get(config_diff))
+        .route("/v1/vms/{name}/config/promote", post(config_promote))
+        .route("/v1/vms/{name}/config/persist", post(config_persist))
+        .route("/v1/vms/{name}/config/{gen}", get(config_show))
+        .route("/v1/vms/{name}/journal", get(journal))
         .route("/v1/image", get(image))
         .route("/v1/image/build", post(image_build))
+        .route("/v1/auth/roles", get(roles).post(grant))
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such API route")) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(mgr)
@@ -93,19 +148,31 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
-async fn host(State(m): State<Manager>) -> Res<drover_api::HostInfo> {
+async fn host(State(m): State<Manager>, who: Who) -> Res<drover_api::HostInfo> {
+    need(&who, Permission::Read)?;
     Ok(Json(m.host_info()))
 }
 
-async fn list(State(m): State<Manager>) -> Res<Vec<drover_api::VmInfo>> {
+async fn list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::VmInfo>> {
+    need(&who, Permission::Read)?;
     Ok(Json(m.list()))
 }
 
-async fn create(State(m): State<Manager>, Body(spec): Body<VmSpec>) -> Res<drover_api::VmInfo> {
+async fn create(
+    State(m): State<Manager>,
+    who: Who,
+    Body(spec): Body<VmSpec>,
+) -> Res<drover_api::VmInfo> {
+    need(&who, Permission::Lifecycle)?;
     Ok(Json(detached(async move { m.create(spec).await }).await?))
 }
 
-async fn show(State(m): State<Manager>, Path(name): Path<String>) -> Res<drover_api::VmInfo> {
+async fn show(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::VmInfo> {
+    need(&who, Permission::Read)?;
     Ok(Json(m.get(&name)?))
 }
 
@@ -117,23 +184,35 @@ struct ForceQuery {
 
 async fn delete(
     State(m): State<Manager>,
+    who: Who,
     Path(name): Path<String>,
     Query(q): Query<ForceQuery>,
 ) -> Res<drover_api::VmInfo> {
+    need(&who, Permission::Lifecycle)?;
     Ok(Json(
         detached(async move { m.delete(&name, q.force).await }).await?,
     ))
 }
 
-async fn start(State(m): State<Manager>, Path(name): Path<String>) -> Res<drover_api::VmInfo> {
-    Ok(Json(detached(async move { m.start(&name).await }).await?))
+async fn start(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<StartRequest>,
+) -> Res<drover_api::VmInfo> {
+    need(&who, Permission::Lifecycle)?;
+    Ok(Json(
+        detached(async move { m.start(&name, &req, &who.0).await }).await?,
+    ))
 }
 
 async fn stop(
     State(m): State<Manager>,
+    who: Who,
     Path(name): Path<String>,
     Body(req): Body<StopRequest>,
 ) -> Res<drover_api::VmInfo> {
+    need(&who, Permission::Lifecycle)?;
     Ok(Json(
         detached(async move { m.stop(&name, req.timeout_s, req.force).await }).await?,
     ))
@@ -141,12 +220,132 @@ async fn stop(
 
 async fn restart(
     State(m): State<Manager>,
+    who: Who,
     Path(name): Path<String>,
     Body(req): Body<StopRequest>,
 ) -> Res<drover_api::VmInfo> {
+    need(&who, Permission::Lifecycle)?;
     Ok(Json(
         detached(async move { m.restart(&name, req.timeout_s, req.force).await }).await?,
     ))
+}
+
+async fn attach(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<AttachRequest>,
+) -> Res<drover_api::ChangeResult> {
+    Ok(Json(
+        detached(async move { m.attach_device(&name, req, &who.0).await }).await?,
+    ))
+}
+
+async fn detach(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<DetachRequest>,
+) -> Res<drover_api::ChangeResult> {
+    Ok(Json(
+        detached(async move { m.detach_device(&name, req, &who.0).await }).await?,
+    ))
+}
+
+async fn set(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<SetRequest>,
+) -> Res<drover_api::ChangeResult> {
+    Ok(Json(
+        detached(async move { m.set(&name, req, &who.0).await }).await?,
+    ))
+}
+
+async fn config_list(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::ConfigHistoryView> {
+    Ok(Json(m.config_history(&name, &who.0)?))
+}
+
+async fn config_show(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, gen)): Path<(String, u32)>,
+) -> Res<drover_model::VmConfig> {
+    Ok(Json(m.generation_config(&name, gen, &who.0)?))
+}
+
+#[derive(Deserialize)]
+struct DiffQuery {
+    from: u32,
+    to: u32,
+}
+
+async fn config_diff(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Query(q): Query<DiffQuery>,
+) -> Res<Vec<String>> {
+    Ok(Json(m.config_diff(&name, q.from, q.to, &who.0)?))
+}
+
+async fn config_promote(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<PromoteRequest>,
+) -> Res<drover_api::ConfigHistoryView> {
+    Ok(Json(
+        detached(async move { m.promote(&name, req.generation, &who.0).await }).await?,
+    ))
+}
+
+async fn config_persist(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<PersistRequest>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.set_persist(&name, req, &who.0).await }).await?,
+    ))
+}
+
+async fn journal(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<Vec<drover_api::JournalEntry>> {
+    need(&who, Permission::Read)?;
+    Ok(Json(m.journal_of(&name)?))
+}
+
+/// A role grant.
+#[derive(Deserialize, serde::Serialize)]
+pub struct GrantRequest {
+    /// The uid.
+    pub uid: u32,
+    /// The role, or none to revoke.
+    pub role: Option<Role>,
+}
+
+async fn roles(State(m): State<Manager>, who: Who) -> Res<Vec<(u32, Role)>> {
+    need(&who, Permission::Admin)?;
+    Ok(Json(m.roles()?))
+}
+
+async fn grant(
+    State(m): State<Manager>,
+    who: Who,
+    Body(req): Body<GrantRequest>,
+) -> Res<Vec<(u32, Role)>> {
+    m.set_role(&who.0, req.uid, req.role)?;
+    Ok(Json(m.roles()?))
 }
 
 #[derive(Deserialize)]
@@ -157,9 +356,11 @@ struct WaitQuery {
 
 async fn agent(
     State(m): State<Manager>,
+    who: Who,
     Path(name): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Res<drover_api::AgentStatus> {
+    need(&who, Permission::Read)?;
     if q.wait_s == 0 {
         let info = m.get(&name)?;
         return Ok(Json(info.agent.unwrap_or_default()));
@@ -172,9 +373,11 @@ async fn agent(
 
 async fn exec(
     State(m): State<Manager>,
+    who: Who,
     Path(name): Path<String>,
     Body(req): Body<ExecRequest>,
 ) -> Res<drover_proto::ExecResult> {
+    need(&who, Permission::Exec)?;
     Ok(Json(m.exec(&name, req).await?))
 }
 
@@ -191,9 +394,11 @@ fn default_console_max() -> usize {
 
 async fn console(
     State(m): State<Manager>,
+    who: Who,
     Path(name): Path<String>,
     Query(q): Query<ConsoleQuery>,
 ) -> Result<Response, Failure> {
+    need(&who, Permission::Read)?;
     let (bytes, next) = m.console(&name, q.offset, q.max.min(4 << 20))?;
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&next.to_string()) {
@@ -202,7 +407,8 @@ async fn console(
     Ok((headers, bytes).into_response())
 }
 
-async fn image(State(m): State<Manager>) -> Res<drover_api::ImageInfo> {
+async fn image(State(m): State<Manager>, who: Who) -> Res<drover_api::ImageInfo> {
+    need(&who, Permission::Read)?;
     match m.current_image()? {
         Some(i) => Ok(Json(i)),
         None => Err(Failure(ApiError::new(
@@ -213,7 +419,14 @@ async fn image(State(m): State<Manager>) -> Res<drover_api::ImageInfo> {
 }
 
 /// Streams progress lines, then the result, as NDJSON.
-async fn image_build(State(m): State<Manager>, Body(req): Body<ImageBuildRequest>) -> Response {
+async fn image_build(
+    State(m): State<Manager>,
+    who: Who,
+    Body(req): Body<ImageBuildRequest>,
+) -> Response {
+    if let Err(f) = need(&who, Permission::Admin) {
+        return f.into_response();
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let line = |item: &StreamItem<drover_api::ImageInfo>| {
         let mut s = serde_json::to_string(item).unwrap_or_default();

@@ -29,6 +29,12 @@ pub enum HostError {
     /// No guest image.
     #[error("{0}")]
     ImageMissing(String),
+    /// The caller may not do this.
+    #[error("permission denied: {0}")]
+    Forbidden(String),
+    /// A configuration (history) rule was broken.
+    #[error(transparent)]
+    Config(#[from] drover_model::ConfigError),
     /// Spec validation.
     #[error(transparent)]
     Model(#[from] drover_model::ModelError),
@@ -56,7 +62,10 @@ impl HostError {
         match self {
             HostError::NotFound(_) => ErrorCode::NotFound,
             HostError::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            HostError::Invalid(_) | HostError::Model(_) => ErrorCode::InvalidArgument,
+            HostError::Invalid(_) | HostError::Model(_) | HostError::Config(_) => {
+                ErrorCode::InvalidArgument
+            }
+            HostError::Forbidden(_) => ErrorCode::Forbidden,
             HostError::Img(ImgError::Missing(_) | ImgError::Unusable { .. }) => {
                 ErrorCode::InvalidArgument
             }
@@ -73,6 +82,12 @@ impl HostError {
 impl From<HostError> for ApiError {
     fn from(e: HostError) -> Self {
         ApiError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<drover_model::SizeError> for HostError {
+    fn from(e: drover_model::SizeError) -> Self {
+        HostError::Model(e.into())
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod action;
 pub mod agent_link;
 pub mod api;
+pub mod auth;
 pub mod error;
 pub mod hostfacts;
 pub mod manager;

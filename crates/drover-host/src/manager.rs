@@ -10,24 +10,34 @@
 
 use crate::action::VmAction;
 use crate::agent_link::{AgentLink, LinkError};
+use crate::auth::{Caller, Permission, Role};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
-use drover_api::{AgentStatus, ExitInfo, HostInfo, ImageInfo, VmInfo, VmState};
+use drover_api::{
+    AgentStatus, ExitInfo, HostInfo, ImageInfo, JournalEntry, StartRequest, VmInfo, VmState,
+};
 use drover_model::{
-    format_size, Accel, Boot, DiskConfig, DiskSource, MacAddr, NicConfig, VmConfig, VmSpec,
+    format_size, Accel, Boot, ConfigHistory, DiskConfig, DiskSource, MacAddr, NicConfig,
+    PersistMode, VmConfig, VmSpec,
 };
 use drover_qemu::accel::AccelChoice;
 use drover_qemu::cmdline::{self, KernelBoot, LaunchSpec, RunPaths};
 use drover_qemu::qmp::{Qmp, QmpEvent};
 use drover_qemu::{img, process};
+use drover_store::Write;
 use drover_store::{Store, StoreExt};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
+
+mod live;
 
 const VMS: &str = "vms";
+const HISTORY: &str = "history";
+const JOURNAL: &str = "journal";
+const ROLES: &str = "roles";
 /// Root ports kept free for later hot-plug of disks and NICs. Each costs the guest ~25 ms of
 /// boot under TCG (ACPI hot-plug tables the kernel parses), so few are reserved: after a restart
 /// hot-plugged devices are cold-plugged and the ports are free again.
@@ -48,11 +58,17 @@ pub struct DaemonConfig {
     pub qemu_binary: PathBuf,
     /// Accelerator override for every VM (auto-detected when `None`).
     pub accel: Option<Accel>,
+    /// Whether new VMs keep their live changes.
+    pub persist_default: bool,
+    /// How new VMs store generations.
+    pub persist_mode_default: PersistMode,
 }
 
 struct Runtime {
     qmp: Qmp,
     agent: AgentLink,
+    /// Every QMP event, for operations that wait on one (DEVICE_DELETED).
+    events: broadcast::Sender<QmpEvent>,
     pid: u32,
     exited: watch::Receiver<bool>,
     /// Set by an operator stop so the supervisor records the right reason.
@@ -64,6 +80,7 @@ impl Clone for Runtime {
         Runtime {
             qmp: self.qmp.clone(),
             agent: self.agent.clone(),
+            events: self.events.clone(),
             pid: self.pid,
             exited: self.exited.clone(),
             stop_reason: self.stop_reason.clone(),
@@ -85,6 +102,7 @@ struct Shared {
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
     create_lock: tokio::sync::Mutex<()>,
     image_lock: tokio::sync::Mutex<()>,
+    journal_seq: std::sync::atomic::AtomicU64,
 }
 
 /// The VM manager. Cheap to clone.
@@ -130,9 +148,12 @@ impl Manager {
                 vms: Mutex::new(BTreeMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
                 image_lock: tokio::sync::Mutex::new(()),
+                // Journal keys sort by time across restarts.
+                journal_seq: std::sync::atomic::AtomicU64::new(hostfacts::now_ms() * 1000),
             }),
         };
-        for (name, info) in records {
+        for (name, mut info) in records {
+            info.config.normalize();
             let state = info.state;
             let slot = Arc::new(VmSlot {
                 op: tokio::sync::Mutex::new(()),
@@ -167,13 +188,117 @@ impl Manager {
 
     /// Write the record durably, then make it the in-memory truth.
     fn persist(&self, slot: &VmSlot, change: impl FnOnce(&mut VmInfo)) -> Result<VmInfo> {
+        self.commit(slot, |i| {
+            change(i);
+            Ok(Vec::new())
+        })
+    }
+
+    /// Change the record and write it, with the other writes `change` returns, in one durable
+    /// transaction; only then does the in-memory record change. An error changes nothing.
+    fn commit(
+        &self,
+        slot: &VmSlot,
+        change: impl FnOnce(&mut VmInfo) -> Result<Vec<Write>>,
+    ) -> Result<VmInfo> {
         let mut info = lock(&slot.info);
         let mut next = info.clone();
-        change(&mut next);
+        let mut writes = change(&mut next)?;
         next.agent = None;
-        self.s.store.put(VMS, &next.name, &next)?;
+        writes.insert(0, drover_store::put(VMS, &next.name, &next)?);
+        self.s.store.apply(writes)?;
         *info = next.clone();
         Ok(next)
+    }
+
+    /// A VM's configuration history (a VM created before histories existed has an empty one).
+    fn history(&self, info: &VmInfo) -> Result<ConfigHistory> {
+        Ok(self
+            .s
+            .store
+            .get::<ConfigHistory>(HISTORY, &info.name)?
+            .unwrap_or_else(|| ConfigHistory::new(info.config.clone())))
+    }
+
+    /// A journal record of a change, as a store write.
+    fn journal(&self, vm: &str, who: &str, kind: &str, changes: Vec<String>) -> Result<Write> {
+        let seq = self
+            .s
+            .journal_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = JournalEntry {
+            seq,
+            at_ms: hostfacts::now_ms(),
+            who: who.to_string(),
+            changes,
+            kind: kind.to_string(),
+        };
+        Ok(drover_store::put(
+            JOURNAL,
+            &format!("{vm}/{seq:020}"),
+            &entry,
+        )?)
+    }
+
+    /// The journal of one VM, oldest first.
+    pub fn journal_of(&self, name: &str) -> Result<Vec<JournalEntry>> {
+        self.slot(name)?;
+        let prefix = format!("{name}/");
+        Ok(self
+            .s
+            .store
+            .list::<JournalEntry>(JOURNAL)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// The caller behind a uid: uid 0 is admin, others have the role granted to them, if any.
+    pub fn caller(&self, uid: Option<u32>) -> Caller {
+        match uid {
+            Some(0) => Caller {
+                name: "uid 0".into(),
+                role: Some(Role::Admin),
+            },
+            Some(uid) => Caller {
+                name: format!("uid {uid}"),
+                role: self
+                    .s
+                    .store
+                    .get::<Role>(ROLES, &uid.to_string())
+                    .ok()
+                    .flatten(),
+            },
+            None => Caller {
+                name: "unknown caller".into(),
+                role: None,
+            },
+        }
+    }
+
+    /// Give a uid a role (or take it away with `None`).
+    pub fn set_role(&self, caller: &Caller, uid: u32, role: Option<Role>) -> Result<()> {
+        caller.require(Permission::Admin)?;
+        if uid == 0 {
+            return Err(HostError::Invalid("uid 0 is always admin".into()));
+        }
+        match role {
+            Some(r) => self.s.store.put(ROLES, &uid.to_string(), &r)?,
+            None => self.s.store.delete(ROLES, &uid.to_string())?,
+        }
+        Ok(())
+    }
+
+    /// Every granted role.
+    pub fn roles(&self) -> Result<Vec<(u32, Role)>> {
+        Ok(self
+            .s
+            .store
+            .list::<Role>(ROLES)?
+            .into_iter()
+            .filter_map(|(k, r)| k.parse().ok().map(|uid| (uid, r)))
+            .collect())
     }
 
     fn view(&self, slot: &Arc<VmSlot>) -> VmInfo {
@@ -286,6 +411,8 @@ impl Manager {
                             size,
                             readonly: *readonly,
                             owned: true,
+                            index: disks.len() as u32,
+                            slot: None,
                         }
                     }
                     DiskSource::Image { path } => {
@@ -300,6 +427,8 @@ impl Manager {
                             size: info.virtual_size,
                             readonly: *readonly,
                             owned: false,
+                            index: disks.len() as u32,
+                            slot: None,
                         }
                     }
                 });
@@ -311,6 +440,7 @@ impl Manager {
                     id: id.clone(),
                     mac: mac.unwrap_or_else(|| MacAddr::qemu_local(rand::random())),
                     backend: backend.clone(),
+                    slot: None,
                 })
                 .collect();
             let config = VmConfig {
@@ -321,7 +451,9 @@ impl Manager {
                 nics,
                 boot,
                 accel: spec.accel,
+                max_memory: valid.max_memory,
             };
+            config.validate_config()?;
             let info = VmInfo {
                 name: name.clone(),
                 state: VmState::Stopped,
@@ -332,8 +464,16 @@ impl Manager {
                 started_at_ms: None,
                 last_exit: None,
                 agent: None,
+                persist: self.s.cfg.persist_default,
+                persist_mode: self.s.cfg.persist_mode_default,
+                running_config: None,
+                next_config: None,
+                started_from: None,
             };
-            self.s.store.put(VMS, &name, &info)?;
+            self.s.store.apply(vec![
+                drover_store::put(VMS, &name, &info)?,
+                drover_store::put(HISTORY, &name, &ConfigHistory::new(info.config.clone()))?,
+            ])?;
             Ok::<_, HostError>(info)
         }
         .await;
@@ -368,7 +508,30 @@ impl Manager {
         VmAction::Delete
             .check(name, info.state)
             .map_err(HostError::Conflict)?;
-        self.s.store.delete(VMS, name)?;
+        let prefix = format!("{name}/");
+        let mut writes = vec![
+            Write::Delete {
+                table: VMS.into(),
+                key: name.into(),
+            },
+            Write::Delete {
+                table: HISTORY.into(),
+                key: name.into(),
+            },
+        ];
+        for (key, _) in self
+            .s
+            .store
+            .list_raw(JOURNAL)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+        {
+            writes.push(Write::Delete {
+                table: JOURNAL.into(),
+                key,
+            });
+        }
+        self.s.store.apply(writes)?;
         lock(&self.s.vms).remove(name);
         for d in info.config.disks.iter().filter(|d| d.owned) {
             let _ = std::fs::remove_file(&d.path);
@@ -381,36 +544,27 @@ impl Manager {
 
     // ---------------------------------------------------------------- start
 
-    /// Launch QEMU for a stopped VM; returns once QEMU runs and QMP answers.
-    pub async fn start(&self, name: &str) -> Result<VmInfo> {
+    /// Launch QEMU for a stopped VM; returns once QEMU runs and QMP answers. `req` picks the
+    /// configuration: by default the latest generation when persistence is on, else the initial.
+    pub async fn start(&self, name: &str, req: &StartRequest, caller: &Caller) -> Result<VmInfo> {
         let slot = self.slot(name)?;
         let _op = slot.op.lock().await;
-        self.start_locked(name, &slot).await
+        self.start_locked(name, &slot, req, caller).await
     }
 
-    async fn start_locked(&self, name: &str, slot: &Arc<VmSlot>) -> Result<VmInfo> {
+    async fn start_locked(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        req: &StartRequest,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
         let info = lock(&slot.info).clone();
         VmAction::Start
             .check(name, info.state)
             .map_err(HostError::Conflict)?;
-        let config = info.config.clone();
-        let mem = hostfacts::memory();
-        if config.memory > mem.available.saturating_sub(HOST_RESERVE) {
-            return Err(HostError::Resources(format!(
-                "VM {name} needs {} of memory; only {} is available on this host now",
-                format_size(config.memory),
-                format_size(mem.available)
-            )));
-        }
-        for d in &config.disks {
-            if !d.path.exists() {
-                return Err(HostError::Invalid(format!(
-                    "disk {} of VM {name} is missing: {} does not exist",
-                    d.id,
-                    d.path.display()
-                )));
-            }
-        }
+        let (config, started_from) = self.choose_config(slot, &info, req, caller)?;
+        self.check_fits(name, &config)?;
         let kernel = self.kernel_boot(&config).await?;
         let accel = config.accel.unwrap_or(self.s.accel.accel);
         let paths = self.run_paths(name);
@@ -426,6 +580,7 @@ impl Manager {
             console_log: &console,
             kernel,
             hotplug_ports: HOTPLUG_PORTS,
+            max_cpus: hostfacts::cpus().clamp(config.cpus, drover_model::MAX_VCPUS),
             qboot: Some(PathBuf::from(cmdline::QBOOT)).filter(|p| p.exists()),
         });
         self.persist(slot, |i| i.state = VmState::Starting)?;
@@ -464,6 +619,9 @@ impl Manager {
             i.pid = Some(pid);
             i.accel = Some(accel);
             i.started_at_ms = Some(hostfacts::now_ms());
+            i.running_config = Some(config.clone());
+            i.next_config = None;
+            i.started_from = Some(started_from.clone());
         })?;
         self.attach(name, slot, qmp, events, Some(child), pid, started);
         tracing::info!(vm = name, pid, %accel, "started");
@@ -557,9 +715,11 @@ impl Manager {
             started,
             link_stop_rx,
         );
+        let (events_tx, _) = broadcast::channel(64);
         let rt = Runtime {
             qmp,
             agent,
+            events: events_tx.clone(),
             pid,
             exited: exited_rx,
             stop_reason: Arc::default(),
@@ -573,6 +733,7 @@ impl Manager {
                 &name,
                 &slot,
                 events,
+                events_tx,
                 child,
                 pid,
                 rt.stop_reason.clone(),
@@ -592,6 +753,7 @@ impl Manager {
         name: &str,
         slot: &Arc<VmSlot>,
         mut events: mpsc::UnboundedReceiver<QmpEvent>,
+        events_tx: broadcast::Sender<QmpEvent>,
         child: Option<tokio::process::Child>,
         pid: u32,
         stop_reason: Arc<Mutex<Option<String>>>,
@@ -599,6 +761,8 @@ impl Manager {
     ) {
         let mut shutdown: Option<serde_json::Value> = None;
         while let Some(ev) = events.recv().await {
+            // Nobody listening is the normal case.
+            let _ = events_tx.send(ev.clone());
             match ev.name.as_str() {
                 "SHUTDOWN" => shutdown = Some(ev.data),
                 "RESET" => tracing::info!(vm = name, "guest reset"),
@@ -656,16 +820,189 @@ impl Manager {
             ),
         };
         tracing::info!(vm = name, reason = exit_info.reason, "stopped");
-        let recorded = self.persist(slot, |i| {
+        let recorded = self.record_stopped(slot, exit_info.clone());
+        if let Err(e) = recorded {
+            tracing::error!(vm = name, "could not record the stop: {e}");
+        }
+    }
+
+    /// Record a stop and, with persistence on, seal the config the VM ran with (live changes and
+    /// next-boot changes included) as a new generation, in one transaction.
+    fn record_stopped(&self, slot: &VmSlot, exit_info: ExitInfo) -> Result<VmInfo> {
+        let mut sealed = None;
+        let info = self.commit(slot, |i| {
+            let mut writes = Vec::new();
+            let ran = i.next_config.take().or_else(|| i.running_config.take());
+            if let (true, Some(cfg)) = (i.persist, ran) {
+                let mut history = self.history(i)?;
+                let why = format!("sealed at shutdown ({})", exit_info.reason);
+                if let Some(gen) = history.seal(
+                    &cfg.cold_plugged(),
+                    i.persist_mode,
+                    "droverd",
+                    &why,
+                    hostfacts::now_ms(),
+                )? {
+                    writes.push(drover_store::put(HISTORY, &i.name, &history)?);
+                    writes.push(self.journal(
+                        &i.name,
+                        "droverd",
+                        &format!("sealed generation {gen}"),
+                        Vec::new(),
+                    )?);
+                    sealed = Some(gen);
+                }
+            }
             i.state = VmState::Stopped;
             i.pid = None;
             i.accel = None;
             i.started_at_ms = None;
-            i.last_exit = Some(exit_info.clone());
-        });
-        if let Err(e) = recorded {
-            tracing::error!(vm = name, "could not record the stop: {e}");
+            i.running_config = None;
+            i.next_config = None;
+            i.started_from = None;
+            i.last_exit = Some(exit_info);
+            Ok(writes)
+        })?;
+        if let Some(gen) = sealed {
+            tracing::info!(
+                vm = info.name,
+                generation = gen,
+                "sealed the running config"
+            );
         }
+        Ok(info)
+    }
+
+    /// Pick the config a start boots, per the request and the persistence flag. Stores a
+    /// composed config as a generation when asked.
+    fn choose_config(
+        &self,
+        slot: &VmSlot,
+        info: &VmInfo,
+        req: &StartRequest,
+        caller: &Caller,
+    ) -> Result<(VmConfig, String)> {
+        let mut history = self.history(info)?;
+        let (gen, mut from) = match req.config {
+            Some(g) => (
+                g,
+                if g == 0 {
+                    "initial".to_string()
+                } else {
+                    format!("generation {g}")
+                },
+            ),
+            None => match history.latest().filter(|_| info.persist) {
+                Some(g) => (g, format!("generation {g}")),
+                None => (0, "initial".to_string()),
+            },
+        };
+        let base = history.resolve(gen)?;
+        let composing = !(req.without.is_empty() && req.with.is_empty() && req.set.is_empty());
+        if !composing {
+            if req.save_as_generation {
+                return Err(HostError::Invalid(
+                    "--save-as-generation stores a composed config: give --without, --with or --set too".into(),
+                ));
+            }
+            return Ok((base, from));
+        }
+        let without = req
+            .without
+            .iter()
+            .map(|k| k.parse::<drover_model::ElementKey>())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut with = Vec::new();
+        for w in &req.with {
+            let (g, key) = w.split_once(':').ok_or_else(|| {
+                HostError::Invalid(format!("--with {w:?}: use GEN:KEY, e.g. 3:nic:net1"))
+            })?;
+            let g: u32 = g.parse().map_err(|_| {
+                HostError::Invalid(format!("--with {w:?}: {g:?} is not a generation number"))
+            })?;
+            let key: drover_model::ElementKey = key.parse()?;
+            let element = history.element(g, &key)?;
+            with.push((format!("generation {g}"), key, element));
+        }
+        let (mut set_cpus, mut set_memory) = (None, None);
+        for kv in &req.set {
+            match kv.split_once('=') {
+                Some(("cpus", v)) => {
+                    set_cpus =
+                        Some(v.parse().map_err(|_| {
+                            HostError::Invalid(format!("--set {kv:?}: not a number"))
+                        })?)
+                }
+                Some(("memory", v)) => set_memory = Some(drover_model::parse_size(v)?),
+                _ => {
+                    return Err(HostError::Invalid(format!(
+                        "--set {kv:?}: use cpus=N or memory=SIZE"
+                    )))
+                }
+            }
+        }
+        let composed = drover_model::compose(&drover_model::Compose {
+            base,
+            without,
+            with,
+            set_cpus,
+            set_memory,
+        })?;
+        from = format!("composed from {from}");
+        if req.save_as_generation {
+            if let Some(g) = history.seal(
+                &composed,
+                info.persist_mode,
+                &caller.name,
+                "composed at start",
+                hostfacts::now_ms(),
+            )? {
+                let name = info.name.clone();
+                let hist = history.clone();
+                self.commit(slot, |_| {
+                    Ok(vec![
+                        drover_store::put(HISTORY, &name, &hist)?,
+                        self.journal(
+                            &name,
+                            &caller.name,
+                            &format!("stored composed config as generation {g}"),
+                            Vec::new(),
+                        )?,
+                    ])
+                })?;
+                from = format!("generation {g} (composed)");
+            }
+        }
+        Ok((composed, from))
+    }
+
+    /// Whether the host can run `config` now: memory available, vCPUs, disks present.
+    fn check_fits(&self, name: &str, config: &VmConfig) -> Result<()> {
+        let mem = hostfacts::memory();
+        if config.memory > mem.available.saturating_sub(HOST_RESERVE) {
+            return Err(HostError::Resources(format!(
+                "VM {name} needs {} of memory; only {} is available on this host now",
+                format_size(config.memory),
+                format_size(mem.available)
+            )));
+        }
+        let cpus = hostfacts::cpus();
+        if config.cpus > cpus {
+            return Err(HostError::Resources(format!(
+                "VM {name} asks for {} vCPUs; this host has {cpus} CPUs",
+                config.cpus
+            )));
+        }
+        for d in &config.disks {
+            if !d.path.exists() {
+                return Err(HostError::Invalid(format!(
+                    "disk {} of VM {name} is missing: {} does not exist",
+                    d.id,
+                    d.path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- re-adoption
@@ -703,13 +1040,7 @@ impl Manager {
             "QEMU exited while droverd was not running; {}",
             log_tail(&paths.qemu_log)
         );
-        self.persist(slot, |i| {
-            i.state = VmState::Stopped;
-            i.pid = None;
-            i.accel = None;
-            i.started_at_ms = None;
-            i.last_exit = Some(exit("exited-while-daemon-down", Some(detail.clone())));
-        })?;
+        self.record_stopped(slot, exit("exited-while-daemon-down", Some(detail.clone())))?;
         tracing::info!(
             vm = name,
             "was running before droverd restarted and has since exited"
@@ -818,7 +1149,8 @@ impl Manager {
             .check(name, lock(&slot.info).state)
             .map_err(HostError::Conflict)?;
         self.stop_locked(name, &slot, timeout_s, force).await?;
-        self.start_locked(name, &slot).await
+        self.start_locked(name, &slot, &StartRequest::default(), &Caller::daemon())
+            .await
     }
 
     // ---------------------------------------------------------------- agent

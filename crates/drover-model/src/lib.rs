@@ -6,9 +6,15 @@
 //! - [`VmConfig`] is the resolved configuration droverd stores and boots: absolute paths, sizes in
 //!   bytes, MAC addresses assigned. The host resolves a spec into a config (creating disks, checking
 //!   images) and checks host-dependent limits (CPUs, memory) itself.
+//!
+//! A config is also a set of elements (`cpu`, `memory`, `disk:<id>`, ...; see [`ElementKey`]):
+//! [`diff`], [`apply`], [`rebase`] and [`compose`] work on such sets, and [`ConfigHistory`] keeps
+//! the generations of a VM's config.
 
+mod config;
 mod size;
 mod spec;
 
+pub use config::*;
 pub use size::{format_size, parse_size, SizeError};
 pub use spec::*;

@@ -483,6 +483,9 @@ pub struct VmSpec {
     /// Force an accelerator for this VM (the host decides when absent).
     #[serde(default)]
     pub accel: Option<Accel>,
+    /// Allow memory hot-plug up to this size (`4G`); off when absent, since it slows boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<String>,
 }
 
 fn default_cpus() -> u32 {
@@ -503,6 +506,7 @@ impl VmSpec {
             nics: Vec::new(),
             boot: BootSpec::default(),
             accel: None,
+            max_memory: None,
         }
     }
 
@@ -645,10 +649,23 @@ impl VmSpec {
                 ));
             }
         }
+        let max_memory = match &self.max_memory {
+            None => None,
+            Some(m) => {
+                let max = parse_size(m)?;
+                if max < memory || !max.is_multiple_of(1 << 20) {
+                    return Err(ModelError::BadMemory(format!(
+                        "max_memory {m} (it must be at least the memory size, in whole MiB)"
+                    )));
+                }
+                Some(max)
+            }
+        };
         Ok(ValidSpec {
             name,
             cpus: self.cpus,
             memory,
+            max_memory,
             disks,
             nics,
         })
@@ -664,6 +681,8 @@ pub struct ValidSpec {
     pub cpus: u32,
     /// Memory in bytes.
     pub memory: u64,
+    /// Memory hot-plug limit in bytes.
+    pub max_memory: Option<u64>,
     /// Disks: id, where it comes from, read-only.
     pub disks: Vec<(ElementId, DiskSource, bool)>,
     /// NICs: id, MAC if given, backend.
@@ -719,6 +738,16 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Created by Drover and deleted with the VM (operator images are never deleted).
     pub owned: bool,
+    /// Place in the guest's disk order (vda, vdb, ...): `disks` is sorted by it, each disk has its
+    /// own, gaps are allowed. Stored so the order survives when a config is rebuilt from its
+    /// elements (diffs, composition); 0 in configs written before it existed, see
+    /// [`VmConfig::normalize`].
+    #[serde(default)]
+    pub index: u32,
+    /// Hot-plug port the disk sits on when it was hot-plugged; None when cold-plugged on the root
+    /// bus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
 }
 
 /// How a NIC reaches the world.
@@ -746,6 +775,10 @@ pub struct NicConfig {
     pub mac: MacAddr,
     /// Backend.
     pub backend: NicBackend,
+    /// Hot-plug port the NIC sits on when it was hot-plugged; None when cold-plugged on the root
+    /// bus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
 }
 
 /// A resolved boot source.
@@ -792,6 +825,19 @@ pub struct VmConfig {
     /// Accelerator forced for this VM.
     #[serde(default)]
     pub accel: Option<Accel>,
+    /// Memory hot-plug limit; None disables memory hot-plug (its ACPI set-up slows boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<u64>,
+}
+
+impl VmConfig {
+    /// The config as the next boot lays it out: every device cold-plugged (no hot-plug slot).
+    pub fn cold_plugged(&self) -> VmConfig {
+        let mut c = self.clone();
+        c.disks.iter_mut().for_each(|d| d.slot = None);
+        c.nics.iter_mut().for_each(|n| n.slot = None);
+        c
+    }
 }
 
 impl BootSpec {

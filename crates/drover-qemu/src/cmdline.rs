@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 /// The qboot firmware shipped in Debian's QEMU package; ~3.5 s faster than SeaBIOS here.
 pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+/// DIMM slots reserved when memory hot-plug is on.
+pub const MEMORY_SLOTS: u32 = 8;
 /// Longest unix socket path the kernel accepts (`sun_path` minus its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -78,6 +80,8 @@ pub struct LaunchSpec<'a> {
     pub kernel: Option<KernelBoot>,
     /// Free root ports reserved for hot-plug.
     pub hotplug_ports: u32,
+    /// vCPUs the VM may grow to while running.
+    pub max_cpus: u32,
     /// Use qboot for kernel boots when it exists.
     pub qboot: Option<PathBuf>,
 }
@@ -90,6 +94,11 @@ fn esc(p: &Path) -> String {
 /// QEMU device/node id of a disk.
 pub fn disk_node(d: &DiskConfig) -> String {
     format!("disk-{}", d.id)
+}
+
+/// QEMU id of hot-plug root port `slot`.
+pub fn port_id(slot: u8) -> String {
+    format!("hp{slot}")
 }
 
 /// QEMU id of a NIC's netdev and device.
@@ -116,8 +125,23 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             push(&["-bios", &esc(qboot)]);
         }
     }
-    push(&["-smp", &c.cpus.to_string()]);
-    push(&["-m", &format!("{}M", c.memory >> 20)]);
+    push(&[
+        "-smp",
+        &format!("cpus={},maxcpus={}", c.cpus, spec.max_cpus.max(c.cpus)),
+    ]);
+    match c.max_memory {
+        // DIMM slots for memory hot-plug; only when asked for, since the ACPI memory devices
+        // cost the guest boot time.
+        Some(max) => push(&[
+            "-m",
+            &format!(
+                "size={}M,slots={MEMORY_SLOTS},maxmem={}M",
+                c.memory >> 20,
+                max.max(c.memory) >> 20
+            ),
+        ]),
+        None => push(&["-m", &format!("{}M", c.memory >> 20)]),
+    }
     push(&[
         "-chardev",
         &format!("file,id=console,path={},append=on", esc(spec.console_log)),
@@ -134,7 +158,11 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
     for i in 0..spec.hotplug_ports {
         push(&[
             "-device",
-            &format!("pcie-root-port,id=hp{i},chassis={},bus=pcie.0", i + 1),
+            &format!(
+                "pcie-root-port,id={},chassis={},bus=pcie.0",
+                port_id(i as u8),
+                i + 1
+            ),
         ]);
     }
     push(&["-device", "virtio-serial-pci,id=vser0"]);
@@ -164,6 +192,9 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
         });
         push(&["-blockdev", &blockdev.to_string()]);
         let mut dev = format!("virtio-blk-pci,drive={node},id={node},serial={}", d.id);
+        if let Some(slot) = d.slot {
+            dev.push_str(&format!(",bus={}", port_id(slot)));
+        }
         if boot_disk.as_ref() == Some(&d.id) {
             dev.push_str(",bootindex=0");
         }
@@ -194,7 +225,13 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
         push(&["-netdev", &netdev]);
         push(&[
             "-device",
-            &format!("virtio-net-pci,netdev={node},id={node},mac={}", n.mac),
+            &format!(
+                "virtio-net-pci,netdev={node},id={node},mac={}{}",
+                n.mac,
+                n.slot
+                    .map(|s| format!(",bus={}", port_id(s)))
+                    .unwrap_or_default()
+            ),
         ]);
     }
     push(&["-qmp", &format!("unix:{},server=on,wait=off", esc(&p.qmp))]);
@@ -220,6 +257,8 @@ mod tests {
                 size: 1 << 30,
                 readonly: false,
                 owned: true,
+                index: 0,
+                slot: None,
             }],
             nics: vec![NicConfig {
                 id: ElementId::new("net0").unwrap(),
@@ -227,9 +266,11 @@ mod tests {
                 backend: NicBackend::User {
                     forwards: vec!["tcp:2222-:22".parse().unwrap()],
                 },
+                slot: None,
             }],
             boot: Boot::Default { cmdline: None },
             accel: None,
+            max_memory: Some(4 << 30),
         }
     }
 
@@ -248,12 +289,13 @@ mod tests {
                 cmdline: "console=ttyS0".into(),
             }),
             hotplug_ports: 4,
+            max_cpus: 4,
             qboot: Some(QBOOT.into()),
         });
         let joined = args.join(" ");
+        assert!(joined.contains("-smp cpus=2,maxcpus=4 -m size=1024M,slots=8,maxmem=4096M"));
         assert!(joined.contains("-accel tcg -cpu max"));
         assert!(joined.contains("-bios /usr/share/qemu/qboot.rom"));
-        assert!(joined.contains("-smp 2 -m 1024M"));
         assert_eq!(joined.matches("pcie-root-port").count(), 4);
         assert!(joined.contains("name=org.drover.req") && joined.contains("name=org.drover.evt"));
         assert!(joined.contains("serial=data"));
@@ -278,6 +320,7 @@ mod tests {
             console_log: Path::new("/c,log"),
             kernel: None,
             hotplug_ports: 0,
+            max_cpus: 1,
             qboot: Some(QBOOT.into()),
         });
         let joined = args.join(" ");

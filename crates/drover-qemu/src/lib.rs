@@ -8,6 +8,7 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod hotplug;
 pub mod img;
 pub mod process;
 pub mod qmp;

@@ -31,6 +31,16 @@ struct Args {
     /// Force the accelerator for every VM (default: KVM only where hardware KVM works, else TCG).
     #[arg(long, value_parser = ["kvm", "tcg"])]
     accel: Option<String>,
+    /// Whether new VMs keep live changes across shutdown (each VM can change it later).
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    persist_default: String,
+    /// How new VMs store kept configurations: `diff` (against the initial config) or `snapshot`.
+    #[arg(long, value_parser = ["diff", "snapshot"], default_value = "diff")]
+    persist_mode_default: String,
+    /// Permissions of the API socket, octal. 0600 lets only root in; 0660 or 0666 let other
+    /// users connect, who then need a role (`drover auth grant`).
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
     /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
     #[arg(long, env = "DROVER_LOG", default_value = "info")]
     log: String,
@@ -64,8 +74,13 @@ async fn main() -> anyhow::Result<()> {
             .map(|a| a.parse())
             .transpose()
             .map_err(anyhow::Error::msg)?,
+        persist_default: args.persist_default == "on",
+        persist_mode_default: args
+            .persist_mode_default
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
     };
-    let listener = bind(&args.socket).await?;
+    let listener = bind(&args.socket, args.socket_mode).await?;
     let mgr = Manager::open(cfg, Box::new(store)).await?;
     tracing::info!(socket = %args.socket.display(), vms = mgr.list().len(), "droverd serving");
     let app = drover_host::api::router(mgr);
@@ -80,15 +95,18 @@ async fn main() -> anyhow::Result<()> {
             "droverd stopping; running VMs keep running and are re-adopted at the next start"
         );
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<drover_host::api::Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }
 
 /// Bind the API socket, refusing to steal one another daemon is serving.
-async fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+async fn bind(path: &std::path::Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -104,9 +122,16 @@ async fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener
     }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode like 600 or 660"))
 }
 
 fn which(bin: &std::path::Path) -> Option<PathBuf> {

@@ -1,0 +1,767 @@
+//! Persistent runtime configuration: live changes (hot-plug through QMP), changes for the next
+//! boot, the config history (generations, promote) and the persistence flag.
+//!
+//! Every change is checked against the config model first, applied to QEMU second (undone there
+//! if a step fails), and journaled durably third, in the same transaction as the VM's new
+//! running config: a crash after a change loses nothing, a failed change leaves no trace.
+
+use super::{lock, Manager, VmSlot, HISTORY, HOTPLUG_PORTS};
+use crate::auth::{Caller, Permission};
+use crate::error::{HostError, Result};
+use crate::hostfacts;
+use drover_api::{
+    AttachRequest, ChangeResult, ConfigHistoryView, DetachRequest, DeviceKind, GenerationView,
+    PersistRequest, SetRequest, VmInfo, VmState,
+};
+use drover_model::{
+    describe, diff, format_size, parse_size, DiskConfig, ElementId, MacAddr, NicBackend, NicConfig,
+    StoredConfig, VmConfig,
+};
+use drover_qemu::{hotplug, img};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Linux adds memory in blocks of this size on x86-64; a DIMM must be a multiple of it.
+const MEMORY_BLOCK: u64 = 128 << 20;
+/// How long a guest gets to acknowledge an unplug.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One change, resolved against the config it applies to.
+enum Change {
+    AddDisk(DiskConfig, bool),
+    AddNic(NicConfig),
+    Remove(String),
+    Cpus(u32),
+    Memory(u64),
+}
+
+impl Manager {
+    /// Attach a disk or NIC: live to a running VM, for the next boot with `next_boot`, or to a
+    /// stopped VM's next start.
+    pub async fn attach_device(
+        &self,
+        name: &str,
+        req: AttachRequest,
+        caller: &Caller,
+    ) -> Result<ChangeResult> {
+        caller.require(Permission::Change)?;
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        let id = ElementId::new(&req.id)?;
+        let change = match req.kind {
+            DeviceKind::Disk => {
+                if !req.forward.is_empty() || req.mac.is_some() {
+                    return Err(HostError::Invalid(
+                        "--forward and --mac are for NICs".into(),
+                    ));
+                }
+                let (path, format, size, owned) = match (&req.size, &req.image) {
+                    (Some(size), None) => {
+                        let bytes = parse_size(size)?;
+                        if !(drover_model::MIN_DISK_SIZE..=drover_model::MAX_DISK_SIZE)
+                            .contains(&bytes)
+                        {
+                            return Err(HostError::Invalid(format!(
+                                "disk size {size} is out of range"
+                            )));
+                        }
+                        let path = self.vm_dir(name).join("disks").join(format!("{id}.qcow2"));
+                        (path, drover_model::DiskFormat::Qcow2, bytes, true)
+                    }
+                    (None, Some(image)) => {
+                        if !image.is_absolute() {
+                            return Err(HostError::Invalid(
+                                "the image path must be absolute".into(),
+                            ));
+                        }
+                        let p = image.clone();
+                        let info = tokio::task::spawn_blocking(move || img::inspect(&p))
+                            .await
+                            .map_err(|e| HostError::Internal(e.to_string()))??;
+                        (image.clone(), info.format, info.virtual_size, false)
+                    }
+                    _ => {
+                        return Err(HostError::Invalid(
+                            "give either --size (a new disk) or --image (an existing one)".into(),
+                        ))
+                    }
+                };
+                let disk = DiskConfig {
+                    id,
+                    path,
+                    format,
+                    size,
+                    readonly: req.readonly,
+                    owned,
+                    index: 0,
+                    slot: None,
+                };
+                Change::AddDisk(disk, owned)
+            }
+            DeviceKind::Nic => {
+                if req.size.is_some() || req.image.is_some() || req.readonly {
+                    return Err(HostError::Invalid(
+                        "--size, --image and --readonly are for disks".into(),
+                    ));
+                }
+                let mac = match &req.mac {
+                    Some(m) => m.parse::<MacAddr>()?,
+                    None => MacAddr::qemu_local(rand::random()),
+                };
+                let forwards = req
+                    .forward
+                    .iter()
+                    .map(|f| f.parse::<drover_model::PortForward>())
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Change::AddNic(NicConfig {
+                    id,
+                    mac,
+                    backend: NicBackend::User { forwards },
+                    slot: None,
+                })
+            }
+        };
+        self.change(name, &slot, vec![change], req.next_boot, caller)
+            .await
+    }
+
+    /// Detach a disk or NIC by id.
+    pub async fn detach_device(
+        &self,
+        name: &str,
+        req: DetachRequest,
+        caller: &Caller,
+    ) -> Result<ChangeResult> {
+        caller.require(Permission::Change)?;
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        self.change(
+            name,
+            &slot,
+            vec![Change::Remove(req.id)],
+            req.next_boot,
+            caller,
+        )
+        .await
+    }
+
+    /// Set vCPUs and/or memory.
+    pub async fn set(&self, name: &str, req: SetRequest, caller: &Caller) -> Result<ChangeResult> {
+        caller.require(Permission::Change)?;
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        let mut changes = Vec::new();
+        if let Some(c) = req.cpus {
+            changes.push(Change::Cpus(c));
+        }
+        if let Some(m) = &req.memory {
+            changes.push(Change::Memory(parse_size(m)?));
+        }
+        if changes.is_empty() {
+            return Err(HostError::Invalid(
+                "nothing to set: give cpus=N and/or memory=SIZE".into(),
+            ));
+        }
+        self.change(name, &slot, changes, req.next_boot, caller)
+            .await
+    }
+
+    /// Apply changes. The op lock is held by the caller.
+    async fn change(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        changes: Vec<Change>,
+        next_boot: bool,
+        caller: &Caller,
+    ) -> Result<ChangeResult> {
+        let info = lock(&slot.info).clone();
+        match info.state {
+            VmState::Running => {}
+            VmState::Stopped => {
+                if next_boot {
+                    return Err(HostError::Invalid(format!(
+                        "VM {name} is stopped: a change applies to its next start anyway; drop --next-boot"
+                    )));
+                }
+                return self
+                    .change_stopped(name, slot, &info, changes, caller)
+                    .await;
+            }
+            s => {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} is {s}; wait for that to finish"
+                )))
+            }
+        }
+        let running = info.running_config.clone().ok_or_else(|| {
+            HostError::Internal(format!("VM {name} is running without a recorded config"))
+        })?;
+        let next = info.next_config.clone().unwrap_or_else(|| running.clone());
+        let host_cpus = hostfacts::cpus();
+        if next_boot {
+            // Checked against the model only; QEMU is not touched.
+            let mut cfg = next.clone();
+            for c in &changes {
+                apply_to(&mut cfg, c, None, host_cpus)?;
+            }
+            let lines = describe(&next, &diff(&next, &cfg));
+            let for_persist = info.persist;
+            let cfg_saved = cfg.clone();
+            let vm = self.commit(slot, |i| {
+                i.next_config = Some(cfg_saved);
+                Ok(vec![self.journal(
+                    name,
+                    &caller.name,
+                    "next-boot",
+                    lines.clone(),
+                )?])
+            })?;
+            return Ok(ChangeResult {
+                vm: self.with_agent(slot, vm),
+                applied: "next-boot".into(),
+                changes: lines,
+                warning: (!for_persist).then(|| persist_off_warning(name)),
+            });
+        }
+        let rt = self
+            .runtime(slot)
+            .ok_or_else(|| HostError::Conflict(format!("VM {name} is not running")))?;
+        // Plan: check every change on a copy first, so nothing is applied when one is invalid.
+        let mut planned = running.clone();
+        let mut plan = Vec::new();
+        for c in changes {
+            let slot_no = match &c {
+                Change::AddDisk(..) | Change::AddNic(_) => Some(free_port(&planned).ok_or_else(|| {
+                    HostError::Resources(format!(
+                        "all {HOTPLUG_PORTS} hot-plug ports of VM {name} are in use; detach a hot-plugged device, or use --next-boot"
+                    ))
+                })?),
+                _ => None,
+            };
+            check_live(name, &planned, &c)?;
+            apply_to(&mut planned, &c, slot_no, host_cpus)?;
+            plan.push((c, slot_no));
+        }
+        // Apply in order; on failure undo what was done (reverse order) and report.
+        let mut done: Vec<(Change, Option<u8>)> = Vec::new();
+        let mut cfg = running.clone();
+        for (c, slot_no) in plan {
+            let step = self.apply_live(name, &rt, &cfg, &c, slot_no).await;
+            match step {
+                Ok(()) => {
+                    apply_to(&mut cfg, &c, slot_no, host_cpus)?;
+                    done.push((c, slot_no));
+                }
+                Err(e) => {
+                    for (c, slot_no) in done.into_iter().rev() {
+                        self.undo_live(&rt, &c, slot_no).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // The same changes go into what will be sealed (next-boot changes made earlier stay).
+        let mut next_after = next.clone();
+        for (c, _) in &done {
+            let _ = apply_to(&mut next_after, c, None, host_cpus);
+        }
+        let lines = describe(&running, &diff(&running, &cfg));
+        let (cfg_saved, next_saved) = (cfg.clone(), next_after.clone());
+        let vm = self.commit(slot, |i| {
+            i.next_config = (next_saved != cfg_saved).then_some(next_saved);
+            i.running_config = Some(cfg_saved);
+            Ok(vec![self.journal(
+                name,
+                &caller.name,
+                "live",
+                lines.clone(),
+            )?])
+        })?;
+        Ok(ChangeResult {
+            vm: self.with_agent(slot, vm),
+            applied: "live".into(),
+            changes: lines,
+            warning: (!info.persist).then(|| persist_off_warning(name)),
+        })
+    }
+
+    fn with_agent(&self, slot: &Arc<VmSlot>, mut vm: VmInfo) -> VmInfo {
+        vm.agent = lock(&slot.rt).as_ref().map(|rt| rt.agent.status());
+        vm
+    }
+
+    /// A change to a stopped VM: stored as a new generation its next start uses (promoted to the
+    /// initial config when persistence is off, since a start then boots the initial config).
+    async fn change_stopped(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        info: &VmInfo,
+        changes: Vec<Change>,
+        caller: &Caller,
+    ) -> Result<ChangeResult> {
+        let mut history = self.history(info)?;
+        let base_gen = history.latest().filter(|_| info.persist).unwrap_or(0);
+        let base = history.resolve(base_gen)?;
+        let mut cfg = base.clone();
+        let mut created = Vec::new();
+        for c in &changes {
+            apply_to(&mut cfg, c, None, hostfacts::cpus())?;
+            if let Change::AddDisk(d, true) = c {
+                created.push(d.clone());
+            }
+        }
+        for d in &created {
+            if d.path.exists() {
+                return Err(HostError::Conflict(format!(
+                    "{} already exists; pick another disk id",
+                    d.path.display()
+                )));
+            }
+        }
+        for d in &created {
+            let (p, size) = (d.path.clone(), d.size);
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| crate::error::io_ctx("creating", dir, e))?;
+            }
+            tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))??;
+        }
+        let lines = describe(&base, &diff(&base, &cfg));
+        let gen = history.seal(
+            &cfg,
+            info.persist_mode,
+            &caller.name,
+            "changed while stopped",
+            hostfacts::now_ms(),
+        )?;
+        let kind = match gen {
+            Some(g) if !info.persist => {
+                history.promote(g)?;
+                format!("config (generation {g}, promoted to initial: persistence is off)")
+            }
+            Some(g) => format!("config (generation {g})"),
+            None => "config (no change)".to_string(),
+        };
+        let hist = history.clone();
+        let result = self.commit(slot, |i| {
+            i.config = hist.initial.clone();
+            Ok(vec![
+                drover_store::put(HISTORY, name, &hist)?,
+                self.journal(name, &caller.name, &kind, lines.clone())?,
+            ])
+        });
+        let vm = match result {
+            Ok(vm) => vm,
+            Err(e) => {
+                for d in &created {
+                    let _ = std::fs::remove_file(&d.path);
+                }
+                return Err(e);
+            }
+        };
+        Ok(ChangeResult {
+            vm,
+            applied: "config".into(),
+            changes: lines,
+            warning: None,
+        })
+    }
+
+    /// One live step through QMP. Returns what was removed, for the record.
+    async fn apply_live(
+        &self,
+        name: &str,
+        rt: &super::Runtime,
+        cfg: &VmConfig,
+        c: &Change,
+        slot_no: Option<u8>,
+    ) -> Result<()> {
+        let port = slot_no.unwrap_or(0);
+        match c {
+            Change::AddDisk(d, owned) => {
+                if *owned {
+                    if d.path.exists() {
+                        return Err(HostError::Conflict(format!(
+                            "{} already exists; pick another disk id",
+                            d.path.display()
+                        )));
+                    }
+                    let (p, size) = (d.path.clone(), d.size);
+                    if let Some(dir) = p.parent() {
+                        std::fs::create_dir_all(dir)
+                            .map_err(|e| crate::error::io_ctx("creating", dir, e))?;
+                    }
+                    tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
+                        .await
+                        .map_err(|e| HostError::Internal(e.to_string()))??;
+                }
+                if let Err(e) = hotplug::add_disk(&rt.qmp, d, port).await {
+                    if *owned {
+                        let _ = std::fs::remove_file(&d.path);
+                    }
+                    return Err(e.into());
+                }
+                Ok(())
+            }
+            Change::AddNic(n) => {
+                hotplug::add_nic(&rt.qmp, n, port).await?;
+                Ok(())
+            }
+            Change::Remove(id) => {
+                let disk = cfg.disks.iter().find(|d| d.id.as_str() == id).cloned();
+                let nic = cfg.nics.iter().find(|n| n.id.as_str() == id).cloned();
+                let device = match (&disk, &nic) {
+                    (Some(d), _) => drover_qemu::cmdline::disk_node(d),
+                    (_, Some(n)) => drover_qemu::cmdline::nic_node(n.id.as_str()),
+                    _ => {
+                        return Err(HostError::Invalid(format!(
+                            "VM {name} has no disk or NIC {id}"
+                        )))
+                    }
+                };
+                let mut events = rt.events.subscribe();
+                hotplug::request_unplug(&rt.qmp, &device).await?;
+                let deleted = tokio::time::timeout(UNPLUG_TIMEOUT, async {
+                    loop {
+                        match events.recv().await {
+                            Ok(ev)
+                                if ev.name == "DEVICE_DELETED"
+                                    && ev.data.get("device").and_then(|d| d.as_str())
+                                        == Some(device.as_str()) =>
+                            {
+                                return true
+                            }
+                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                continue
+                            }
+                            Err(_) => return false,
+                        }
+                    }
+                })
+                .await;
+                if !matches!(deleted, Ok(true)) {
+                    return Err(HostError::Timeout(format!(
+                        "the guest in VM {name} did not release {id} within {}s; it stays attached (try again, or use --next-boot)",
+                        UNPLUG_TIMEOUT.as_secs()
+                    )));
+                }
+                if let Some(d) = &disk {
+                    hotplug::remove_disk_backend(&rt.qmp, d).await?;
+                }
+                if let Some(n) = &nic {
+                    hotplug::remove_nic_backend(&rt.qmp, n).await?;
+                }
+                Ok(())
+            }
+            Change::Cpus(n) => {
+                hotplug::add_cpus(&rt.qmp, *n).await?;
+                Ok(())
+            }
+            Change::Memory(bytes) => {
+                let add = bytes - cfg.memory;
+                let id = format!("m{}", hostfacts::now_ms());
+                hotplug::add_memory(&rt.qmp, &id, add).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Best-effort undo of a live step after a later step failed.
+    async fn undo_live(&self, rt: &super::Runtime, c: &Change, _slot: Option<u8>) {
+        match c {
+            Change::AddDisk(d, owned) => {
+                let _ = hotplug::request_unplug(&rt.qmp, &drover_qemu::cmdline::disk_node(d)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = hotplug::remove_disk_backend(&rt.qmp, d).await;
+                if *owned {
+                    let _ = std::fs::remove_file(&d.path);
+                }
+            }
+            Change::AddNic(n) => {
+                let _ = hotplug::request_unplug(
+                    &rt.qmp,
+                    &drover_qemu::cmdline::nic_node(n.id.as_str()),
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = hotplug::remove_nic_backend(&rt.qmp, n).await;
+            }
+            // vCPUs and DIMMs cannot be taken back without the guest; removals are not undone.
+            Change::Cpus(_) | Change::Memory(_) | Change::Remove(_) => {}
+        }
+    }
+
+    // ------------------------------------------------------------ history, persistence
+
+    /// The VM's config history.
+    pub fn config_history(&self, name: &str, caller: &Caller) -> Result<ConfigHistoryView> {
+        caller.require(Permission::Read)?;
+        let slot = self.slot(name)?;
+        let info = lock(&slot.info).clone();
+        let history = self.history(&info)?;
+        let mut generations = vec![GenerationView {
+            id: 0,
+            created_at_ms: info.created_at_ms,
+            who: "-".into(),
+            why: if history.initial_version > 1 {
+                "initial (promoted)".into()
+            } else {
+                "initial".into()
+            },
+            kind: "initial".into(),
+            changes: Vec::new(),
+            config: history.initial.clone(),
+        }];
+        for g in &history.generations {
+            let config = history.resolve(g.id)?;
+            generations.push(GenerationView {
+                id: g.id,
+                created_at_ms: g.created_at_ms,
+                who: g.who.clone(),
+                why: g.why.clone(),
+                kind: match g.stored {
+                    StoredConfig::Snapshot(_) => "snapshot".into(),
+                    StoredConfig::Diff(_) => "diff".into(),
+                },
+                changes: describe(&history.initial, &diff(&history.initial, &config)),
+                config,
+            });
+        }
+        Ok(ConfigHistoryView {
+            name: info.name.clone(),
+            persist: info.persist,
+            persist_mode: info.persist_mode,
+            default_start: history.latest().filter(|_| info.persist).unwrap_or(0),
+            generations,
+        })
+    }
+
+    /// How generation `to` differs from `from`.
+    pub fn config_diff(
+        &self,
+        name: &str,
+        from: u32,
+        to: u32,
+        caller: &Caller,
+    ) -> Result<Vec<String>> {
+        caller.require(Permission::Read)?;
+        let info = lock(&self.slot(name)?.info).clone();
+        let history = self.history(&info)?;
+        let (a, b) = (history.resolve(from)?, history.resolve(to)?);
+        Ok(describe(&a, &diff(&a, &b)))
+    }
+
+    /// Make generation `gen` the initial config; other diffs are rebased.
+    pub async fn promote(
+        &self,
+        name: &str,
+        gen: u32,
+        caller: &Caller,
+    ) -> Result<ConfigHistoryView> {
+        caller.require(Permission::ConfigPersist)?;
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        let info = lock(&slot.info).clone();
+        let mut history = self.history(&info)?;
+        history.promote(gen)?;
+        self.commit(&slot, |i| {
+            i.config = history.initial.clone();
+            Ok(vec![
+                drover_store::put(HISTORY, name, &history)?,
+                self.journal(
+                    name,
+                    &caller.name,
+                    &format!("promoted generation {gen} to initial"),
+                    Vec::new(),
+                )?,
+            ])
+        })?;
+        self.config_history(name, caller)
+    }
+
+    /// Turn persistence on or off, or change its mode; allowed while the VM runs.
+    pub async fn set_persist(
+        &self,
+        name: &str,
+        req: PersistRequest,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
+        caller.require(Permission::ConfigPersist)?;
+        if req.enabled.is_none() && req.mode.is_none() {
+            return Err(HostError::Invalid(
+                "give on|off and/or --mode snapshot|diff".into(),
+            ));
+        }
+        let slot = self.slot(name)?;
+        let what = format!(
+            "persist {}{}",
+            req.enabled
+                .map(|e| if e { "on" } else { "off" })
+                .unwrap_or("unchanged"),
+            req.mode.map(|m| format!(", mode {m}")).unwrap_or_default()
+        );
+        let vm = self.commit(&slot, |i| {
+            if let Some(e) = req.enabled {
+                i.persist = e;
+            }
+            if let Some(m) = req.mode {
+                i.persist_mode = m;
+            }
+            Ok(vec![self.journal(name, &caller.name, &what, Vec::new())?])
+        })?;
+        Ok(self.with_agent(&slot, vm))
+    }
+
+    /// Resolve one generation's config.
+    pub fn generation_config(&self, name: &str, gen: u32, caller: &Caller) -> Result<VmConfig> {
+        caller.require(Permission::Read)?;
+        let info = lock(&self.slot(name)?.info).clone();
+        Ok(self.history(&info)?.resolve(gen)?)
+    }
+}
+
+fn persist_off_warning(name: &str) -> String {
+    format!(
+        "persistence is off for VM {name}: this change lasts until it stops. Keep it with `drover vm config persist {name} on`"
+    )
+}
+
+/// The first hot-plug port no device of `cfg` uses.
+fn free_port(cfg: &VmConfig) -> Option<u8> {
+    let used: Vec<u8> = cfg
+        .disks
+        .iter()
+        .filter_map(|d| d.slot)
+        .chain(cfg.nics.iter().filter_map(|n| n.slot))
+        .collect();
+    (0..HOTPLUG_PORTS as u8).find(|p| !used.contains(p))
+}
+
+/// What QEMU and the guest cannot do live, refused with the reason and the way out.
+fn check_live(name: &str, cfg: &VmConfig, c: &Change) -> Result<()> {
+    match c {
+        Change::Remove(id) => {
+            let slot = cfg
+                .disks
+                .iter()
+                .find(|d| d.id.as_str() == id)
+                .map(|d| d.slot)
+                .or_else(|| cfg.nics.iter().find(|n| n.id.as_str() == id).map(|n| n.slot));
+            match slot {
+                None => Err(HostError::Invalid(format!("VM {name} has no disk or NIC {id}"))),
+                Some(None) => Err(HostError::Conflict(format!(
+                    "{id} was attached when VM {name} started and cannot be unplugged live; remove it for the next boot with --next-boot"
+                ))),
+                Some(Some(_)) => Ok(()),
+            }
+        }
+        Change::Cpus(n) if *n < cfg.cpus => Err(HostError::Conflict(format!(
+            "vCPUs can only be added live ({} now); fewer vCPUs take effect at the next boot: use --next-boot",
+            cfg.cpus
+        ))),
+        Change::Memory(m) if *m < cfg.memory => Err(HostError::Conflict(format!(
+            "memory can only grow live ({} now); less memory takes effect at the next boot: use --next-boot",
+            format_size(cfg.memory)
+        ))),
+        Change::Memory(m) if *m > cfg.memory => {
+            let Some(max) = cfg.max_memory else {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} was started without memory hot-plug; set a limit with --max-memory at create, or use --next-boot"
+                )));
+            };
+            if *m > max {
+                return Err(HostError::Resources(format!(
+                    "VM {name} can grow to {} live (its memory hot-plug limit); use --next-boot for more",
+                    format_size(max)
+                )));
+            }
+            if !(m - cfg.memory).is_multiple_of(MEMORY_BLOCK) {
+                return Err(HostError::Invalid(format!(
+                    "live memory grows in steps of {}: {} -> {} is not one",
+                    format_size(MEMORY_BLOCK),
+                    format_size(cfg.memory),
+                    format_size(*m)
+                )));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Apply a change to a config in the model, with validation.
+fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32) -> Result<()> {
+    let mut next = cfg.clone();
+    match c {
+        Change::AddDisk(d, _) => {
+            if next.disks.iter().any(|x| x.id == d.id) || next.nics.iter().any(|n| n.id == d.id) {
+                return Err(HostError::Invalid(format!(
+                    "VM {} already has an element with id {}",
+                    cfg.name, d.id
+                )));
+            }
+            let mut d = d.clone();
+            d.index = next.disks.iter().map(|x| x.index + 1).max().unwrap_or(0);
+            d.slot = slot_no;
+            next.disks.push(d);
+        }
+        Change::AddNic(n) => {
+            if next.disks.iter().any(|x| x.id == n.id) || next.nics.iter().any(|x| x.id == n.id) {
+                return Err(HostError::Invalid(format!(
+                    "VM {} already has an element with id {}",
+                    cfg.name, n.id
+                )));
+            }
+            let mut n = n.clone();
+            n.slot = slot_no;
+            next.nics.push(n);
+        }
+        Change::Remove(id) => {
+            if let drover_model::Boot::Disk { disk } = &next.boot {
+                if disk.as_str() == id {
+                    return Err(HostError::Invalid(format!(
+                        "cannot remove disk {id}: it is the boot disk"
+                    )));
+                }
+            }
+            let before = next.disks.len() + next.nics.len();
+            next.disks.retain(|d| d.id.as_str() != id);
+            next.nics.retain(|n| n.id.as_str() != id);
+            if next.disks.len() + next.nics.len() == before {
+                return Err(HostError::Invalid(format!(
+                    "VM {} has no disk or NIC {id}",
+                    cfg.name
+                )));
+            }
+        }
+        Change::Cpus(n) => {
+            if *n > host_cpus {
+                return Err(HostError::Resources(format!(
+                    "{n} vCPUs asked; this host has {host_cpus} CPUs"
+                )));
+            }
+            next.cpus = *n;
+        }
+        Change::Memory(m) => {
+            let total = hostfacts::memory().total;
+            if *m > total {
+                return Err(HostError::Resources(format!(
+                    "{} of memory asked; this host has {} in all",
+                    format_size(*m),
+                    format_size(total)
+                )));
+            }
+            next.memory = *m;
+            if let Some(max) = next.max_memory {
+                next.max_memory = Some(max.max(*m));
+            }
+        }
+    }
+    next.validate_config()?;
+    *cfg = next;
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Live reconfiguration through QMP: disks, NICs, vCPUs and memory added to (or removed from) a
+//! running QEMU. Each add is all-or-nothing: a failed step undoes the steps before it, so a
+//! failure leaves QEMU as it was.
+
+use crate::cmdline::{disk_node, nic_node, port_id};
+use crate::qmp::{Qmp, QmpError};
+use drover_model::{DiskConfig, NicBackend, NicConfig, Proto};
+use serde_json::{json, Value};
+
+/// Hot-plug a disk onto root port `slot` (the disk's `slot` field is ignored here).
+pub async fn add_disk(qmp: &Qmp, d: &DiskConfig, slot: u8) -> Result<(), QmpError> {
+    let node = disk_node(d);
+    qmp.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": d.format.to_string(),
+            "node-name": node,
+            "read-only": d.readonly,
+            "discard": "unmap",
+            "file": {"driver": "file", "filename": d.path, "read-only": d.readonly},
+        })),
+    )
+    .await?;
+    let dev = json!({
+        "driver": "virtio-blk-pci",
+        "id": node,
+        "drive": node,
+        "serial": d.id.as_str(),
+        "bus": port_id(slot),
+    });
+    if let Err(e) = qmp.execute("device_add", Some(dev)).await {
+        let _ = qmp
+            .execute("blockdev-del", Some(json!({"node-name": node})))
+            .await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Hot-plug a NIC onto root port `slot`.
+pub async fn add_nic(qmp: &Qmp, n: &NicConfig, slot: u8) -> Result<(), QmpError> {
+    let node = nic_node(n.id.as_str());
+    let netdev = match &n.backend {
+        NicBackend::User { forwards } => {
+            let fwd: Vec<Value> = forwards
+                .iter()
+                .map(|f| {
+                    let proto = match f.proto {
+                        Proto::Tcp => "tcp",
+                        Proto::Udp => "udp",
+                    };
+                    json!({"str": format!("{proto}:{}:{}-:{}", f.host_addr, f.host_port, f.guest_port)})
+                })
+                .collect();
+            let mut v = json!({"type": "user", "id": node});
+            if !fwd.is_empty() {
+                v["hostfwd"] = Value::Array(fwd);
+            }
+            v
+        }
+        NicBackend::Tap { ifname } => json!({
+            "type": "tap", "id": node, "ifname": ifname, "script": "no", "downscript": "no", "vhost": false,
+        }),
+    };
+    qmp.execute("netdev_add", Some(netdev)).await?;
+    let dev = json!({
+        "driver": "virtio-net-pci",
+        "id": node,
+        "netdev": node,
+        "mac": n.mac.to_string(),
+        "bus": port_id(slot),
+    });
+    if let Err(e) = qmp.execute("device_add", Some(dev)).await {
+        let _ = qmp.execute("netdev_del", Some(json!({"id": node}))).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Ask QEMU to unplug a device; the guest must acknowledge (QEMU then emits `DEVICE_DELETED`).
+pub async fn request_unplug(qmp: &Qmp, device_id: &str) -> Result<(), QmpError> {
+    qmp.execute("device_del", Some(json!({"id": device_id})))
+        .await
+        .map(|_| ())
+}
+
+/// Free a disk's block node after its device is gone.
+pub async fn remove_disk_backend(qmp: &Qmp, d: &DiskConfig) -> Result<(), QmpError> {
+    qmp.execute("blockdev-del", Some(json!({"node-name": disk_node(d)})))
+        .await
+        .map(|_| ())
+}
+
+/// Free a NIC's netdev after its device is gone.
+pub async fn remove_nic_backend(qmp: &Qmp, n: &NicConfig) -> Result<(), QmpError> {
+    qmp.execute("netdev_del", Some(json!({"id": nic_node(n.id.as_str())})))
+        .await
+        .map(|_| ())
+}
+
+/// One vCPU slot from `query-hotpluggable-cpus`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuSlot {
+    /// The CPU device type (`max-x86_64-cpu`).
+    pub driver: String,
+    /// Topology properties to plug it with.
+    pub props: Value,
+    /// Its QOM path when present (plugged).
+    pub qom_path: Option<String>,
+}
+
+/// All vCPU slots, plugged or not.
+pub async fn cpu_slots(qmp: &Qmp) -> Result<Vec<CpuSlot>, QmpError> {
+    let v = qmp.execute("query-hotpluggable-cpus", None).await?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| QmpError::Protocol(format!("query-hotpluggable-cpus returned {v}")))?;
+    Ok(arr
+        .iter()
+        .map(|c| CpuSlot {
+            driver: c
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            props: c.get("props").cloned().unwrap_or(Value::Null),
+            qom_path: c
+                .get("qom-path")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        })
+        .collect())
+}
+
+/// The device id Drover gives the vCPU it plugs into topology slot `props`.
+fn cpu_device_id(props: &Value) -> String {
+    let n = |k: &str| props.get(k).and_then(Value::as_u64).unwrap_or(0);
+    format!(
+        "vcpu-s{}-c{}-t{}",
+        n("socket-id"),
+        n("core-id"),
+        n("thread-id")
+    )
+}
+
+/// Plug vCPUs until `target` are present. Returns how many were added.
+pub async fn add_cpus(qmp: &Qmp, target: u32) -> Result<u32, QmpError> {
+    let slots = cpu_slots(qmp).await?;
+    let present = slots.iter().filter(|s| s.qom_path.is_some()).count() as u32;
+    if target <= present {
+        return Ok(0);
+    }
+    let mut free: Vec<&CpuSlot> = slots.iter().filter(|s| s.qom_path.is_none()).collect();
+    // query-hotpluggable-cpus lists the highest ids first; plug in ascending order.
+    free.reverse();
+    let need = (target - present) as usize;
+    if free.len() < need {
+        return Err(QmpError::Command {
+            command: "device_add".into(),
+            class: "GenericError".into(),
+            desc: format!("only {} vCPU slots are free, {need} needed", free.len()),
+        });
+    }
+    let mut added: Vec<String> = Vec::new();
+    for slot in free.into_iter().take(need) {
+        let mut args = json!({"driver": slot.driver, "id": cpu_device_id(&slot.props)});
+        if let (Some(obj), Some(props)) = (args.as_object_mut(), slot.props.as_object()) {
+            for (k, v) in props {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        if let Err(e) = qmp.execute("device_add", Some(args)).await {
+            for id in added.iter().rev() {
+                let _ = qmp.execute("device_del", Some(json!({"id": id}))).await;
+            }
+            return Err(e);
+        }
+        added.push(cpu_device_id(&slot.props));
+    }
+    Ok(need as u32)
+}
+
+/// Plug a DIMM of `bytes` backed by anonymous memory. `id` names both backend and device.
+pub async fn add_memory(qmp: &Qmp, id: &str, bytes: u64) -> Result<(), QmpError> {
+    let mem = format!("mem-{id}");
+    qmp.execute(
+        "object-add",
+        Some(json!({"qom-type": "memory-backend-ram", "id": mem, "size": bytes})),
+    )
+    .await?;
+    let dev = json!({"driver": "pc-dimm", "id": format!("dimm-{id}"), "memdev": mem});
+    if let Err(e) = qmp.execute("device_add", Some(dev)).await {
+        let _ = qmp.execute("object-del", Some(json!({"id": mem}))).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Memory QEMU reports as present: base plus plugged DIMMs, in bytes.
+pub async fn memory_size(qmp: &Qmp) -> Result<u64, QmpError> {
+    let v = qmp.execute("query-memory-size-summary", None).await?;
+    let base = v.get("base-memory").and_then(Value::as_u64).unwrap_or(0);
+    let plugged = v.get("plugged-memory").and_then(Value::as_u64).unwrap_or(0);
+    Ok(base + plugged)
+}
