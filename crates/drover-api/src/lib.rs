@@ -282,6 +282,64 @@ pub struct PromoteRequest {
     pub generation: u32,
 }
 
+/// Grant a guest principal access to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestGrantRequest {
+    /// Principal name (what apps in the guest pass as DROVER_PRINCIPAL).
+    pub principal: String,
+    /// Ops it may ask for: reconfigure, save, list, restore, host-info.
+    pub ops: Vec<String>,
+}
+
+/// A granted principal with its secret, shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestGrant {
+    /// Principal.
+    pub principal: String,
+    /// The secret, in clear, only in this answer (droverd keeps a hash).
+    pub secret: String,
+    /// Allowed ops.
+    pub ops: Vec<String>,
+}
+
+/// A guest principal as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestPrincipal {
+    /// Principal.
+    pub principal: String,
+    /// Allowed ops.
+    pub ops: Vec<String>,
+    /// When granted (unix ms).
+    pub created_at_ms: u64,
+    /// By whom.
+    pub created_by: String,
+}
+
+/// One audited guest request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Order.
+    pub seq: u64,
+    /// When (unix ms).
+    pub at_ms: u64,
+    /// The principal named in the request.
+    pub principal: String,
+    /// The op.
+    pub op: String,
+    /// The app id, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    /// The ticket, when accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// `accepted`, `refused`, `completed`, `failed`.
+    pub outcome: String,
+    /// Why (refusals, failures) or what (completions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// One journaled change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalEntry {

@@ -144,6 +144,37 @@ struct PickArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum GuestAccessCmd {
+    /// Let a principal ask for some ops; prints its secret once (give it to the app in the guest
+    /// as DROVER_PRINCIPAL / DROVER_SECRET).
+    ///
+    /// Example: drover vm guest-access grant web1 --principal backup --ops save,list,restore,host-info
+    Grant {
+        /// VM name.
+        name: String,
+        /// Principal name.
+        #[arg(long)]
+        principal: String,
+        /// Comma-separated ops: reconfigure, save, list, restore, host-info.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ops: Vec<String>,
+    },
+    /// Take a principal's access away.
+    Revoke {
+        /// VM name.
+        name: String,
+        /// Principal name.
+        #[arg(long)]
+        principal: String,
+    },
+    /// List the principals and their ops.
+    List {
+        /// VM name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum ConfigCmd {
     /// List the generations: who stored them, when, why, and how they differ from the initial.
     List {
@@ -320,6 +351,14 @@ enum VmCmd {
     /// The VM's configuration history: generations, diffs, promote, persistence.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Which apps inside the VM may ask the host for things (guest principals).
+    #[command(subcommand, name = "guest-access")]
+    GuestAccess(GuestAccessCmd),
+    /// The audit trail of requests from inside the VM.
+    Audit {
+        /// VM name.
+        name: String,
+    },
     /// Stop a VM: the guest agent's shutdown, then ACPI power-down, then kill after --timeout.
     Stop {
         /// VM name.
@@ -636,6 +675,51 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                 .post(&format!("/v1/vms/{}/set", seg(&name)?), &req)
                 .await?;
             out.change(&r);
+        }
+        VmCmd::GuestAccess(cmd) => match cmd {
+            GuestAccessCmd::Grant {
+                name,
+                principal,
+                ops,
+            } => {
+                let g: drover_api::GuestGrant = c
+                    .post(
+                        &format!("/v1/vms/{}/guest-access", seg(&name)?),
+                        &drover_api::GuestGrantRequest { principal, ops },
+                    )
+                    .await?;
+                if out.is_json() {
+                    out.json_only(&g);
+                } else {
+                    println!("granted {} on {name}: {}", g.principal, g.ops.join(", "));
+                    println!("secret (shown once): {}", g.secret);
+                    println!(
+                        "in the guest: DROVER_PRINCIPAL={} DROVER_SECRET={} drover-guest ...",
+                        g.principal, g.secret
+                    );
+                }
+            }
+            GuestAccessCmd::Revoke { name, principal } => {
+                let _: serde_json::Value = c
+                    .call::<(), serde_json::Value>(
+                        drover_api::Method::DELETE,
+                        &format!("/v1/vms/{}/guest-access/{}", seg(&name)?, seg(&principal)?),
+                        None,
+                    )
+                    .await?;
+                out.line(&format!("revoked {principal} on {name}"));
+            }
+            GuestAccessCmd::List { name } => {
+                let list: Vec<drover_api::GuestPrincipal> = c
+                    .get(&format!("/v1/vms/{}/guest-access", seg(&name)?))
+                    .await?;
+                out.principals(&list);
+            }
+        },
+        VmCmd::Audit { name } => {
+            let list: Vec<drover_api::AuditEntry> =
+                c.get(&format!("/v1/vms/{}/audit", seg(&name)?)).await?;
+            out.audit(&list);
         }
         VmCmd::Config(cmd) => match cmd {
             ConfigCmd::List { name } => {

@@ -154,13 +154,14 @@ impl Out {
                 (VmState::Stopped, _, Some(e)) => format!("{} {} ago", e.reason, age(e.at_ms)),
                 _ => String::new(),
             };
+            let c = v.running_config.as_ref().unwrap_or(&v.config);
             t.add_row([
                 v.name.clone(),
                 v.state.to_string(),
-                v.config.cpus.to_string(),
-                format_size(v.config.memory),
-                v.config.disks.len().to_string(),
-                v.config.nics.len().to_string(),
+                c.cpus.to_string(),
+                format_size(c.memory),
+                c.disks.len().to_string(),
+                c.nics.len().to_string(),
                 v.pid.map(|p| p.to_string()).unwrap_or_default(),
                 agent.to_string(),
                 when,
@@ -183,7 +184,7 @@ impl Out {
         if self.json {
             return self.print_json(v);
         }
-        let c = &v.config;
+        let c = v.running_config.as_ref().unwrap_or(&v.config);
         println!("name:      {}", v.name);
         println!("state:     {}", v.state);
         if let Some(pid) = v.pid {
@@ -196,6 +197,21 @@ impl Out {
             println!("uptime:    {}", age(ms));
         }
         println!("created:   {} ago", age(v.created_at_ms));
+        if let Some(from) = &v.started_from {
+            println!(
+                "config:    {from}{}",
+                if v.next_config.is_some() {
+                    " (+ changes for the next boot)"
+                } else {
+                    ""
+                }
+            );
+        }
+        println!(
+            "persist:   {} (mode {})",
+            if v.persist { "on" } else { "off" },
+            v.persist_mode
+        );
         println!("vcpus:     {}", c.cpus);
         println!("memory:    {}", format_size(c.memory));
         match &c.boot {
@@ -444,6 +460,58 @@ impl Out {
             for c in &e.changes {
                 println!("    {c}");
             }
+        }
+    }
+
+    /// Whether output is JSON.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// `drover vm guest-access list`.
+    pub fn principals(&self, list: &[drover_api::GuestPrincipal]) {
+        if self.json {
+            return self.print_json(&list);
+        }
+        if list.is_empty() {
+            println!("no guest principals: nothing inside the VM may ask the host for anything");
+        }
+        for p in list {
+            println!(
+                "{}: {} (granted by {} {} ago)",
+                p.principal,
+                p.ops.join(", "),
+                p.created_by,
+                age(p.created_at_ms)
+            );
+        }
+    }
+
+    /// `drover vm audit`.
+    pub fn audit(&self, list: &[drover_api::AuditEntry]) {
+        if self.json {
+            return self.print_json(&list);
+        }
+        for e in list {
+            println!(
+                "{} ago  {:<10} {:<12} {:<10}{}{}{}",
+                age(e.at_ms),
+                e.principal,
+                e.op,
+                e.outcome,
+                e.ticket
+                    .as_ref()
+                    .map(|t| format!(" {t}"))
+                    .unwrap_or_default(),
+                e.app_id
+                    .as_ref()
+                    .map(|a| format!(" app {a}"))
+                    .unwrap_or_default(),
+                e.detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
         }
     }
 

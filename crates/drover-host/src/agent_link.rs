@@ -19,6 +19,16 @@ use tokio::sync::{oneshot, watch};
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Body>>>>;
 
+/// Decides on a guest's request (port A) and returns the `Ack` to send: accepted with a ticket,
+/// or refused with a reason. The work itself happens later; its outcome goes out as an event.
+pub type RequestHandler = Arc<
+    dyn Fn(
+            drover_proto::GuestRequest,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Body> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -59,6 +69,7 @@ impl AgentLink {
         port_b: PathBuf,
         started: Instant,
         stop: watch::Receiver<bool>,
+        requests: Option<RequestHandler>,
     ) -> Self {
         let (status, _) = watch::channel(AgentStatus::default());
         let link = AgentLink {
@@ -71,7 +82,10 @@ impl AgentLink {
                 started,
             }),
         };
-        tokio::spawn(link.clone().run_port_a(vm.clone(), port_a, stop.clone()));
+        tokio::spawn(
+            link.clone()
+                .run_port_a(vm.clone(), port_a, stop.clone(), requests),
+        );
         tokio::spawn(link.clone().run_port_b(vm, port_b, stop));
         link
     }
@@ -178,7 +192,13 @@ impl AgentLink {
         }
     }
 
-    async fn run_port_a(self, vm: String, path: PathBuf, mut stop: watch::Receiver<bool>) {
+    async fn run_port_a(
+        self,
+        vm: String,
+        path: PathBuf,
+        mut stop: watch::Receiver<bool>,
+        requests: Option<RequestHandler>,
+    ) {
         while let Some(stream) = Self::connect(&path, &mut stop).await {
             let (mut r, mut w) = stream.into_split();
             let mut dec = Decoder::new();
@@ -216,6 +236,14 @@ impl AgentLink {
                                 ticket: None,
                             }
                         }
+                        Body::Request(req) => match &requests {
+                            Some(handle) => handle(req).await,
+                            None => Body::Ack {
+                                accepted: false,
+                                reason: Some("this host takes no guest requests".into()),
+                                ticket: None,
+                            },
+                        },
                         other => {
                             self.drop_frame(
                                 &vm,
@@ -368,7 +396,7 @@ mod tests {
             }
         });
         let (stop_tx, stop) = watch::channel(false);
-        let link = AgentLink::spawn("t".into(), pa, pb, Instant::now(), stop);
+        let link = AgentLink::spawn("t".into(), pa, pb, Instant::now(), stop, None);
         let st = link.wait_ready(Duration::from_secs(5)).await.unwrap();
         assert!(st.ready);
         let ack = guest_a.await.unwrap();

@@ -117,6 +117,15 @@ pub fn router(mgr: Manager) -> Router {
         .route("/v1/vms/{name}/config/persist", post(config_persist))
         .route("/v1/vms/{name}/config/{gen}", get(config_show))
         .route("/v1/vms/{name}/journal", get(journal))
+        .route(
+            "/v1/vms/{name}/guest-access",
+            get(guest_list).post(guest_grant),
+        )
+        .route(
+            "/v1/vms/{name}/guest-access/{principal}",
+            axum::routing::delete(guest_revoke),
+        )
+        .route("/v1/vms/{name}/audit", get(guest_audit))
         .route("/v1/image", get(image))
         .route("/v1/image/build", post(image_build))
         .route("/v1/auth/roles", get(roles).post(grant))
@@ -323,6 +332,42 @@ async fn journal(
 ) -> Res<Vec<drover_api::JournalEntry>> {
     need(&who, Permission::Read)?;
     Ok(Json(m.journal_of(&name)?))
+}
+
+async fn guest_list(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<Vec<drover_api::GuestPrincipal>> {
+    Ok(Json(m.guest_principals(&name, &who.0)?))
+}
+
+async fn guest_grant(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<drover_api::GuestGrantRequest>,
+) -> Res<drover_api::GuestGrant> {
+    Ok(Json(
+        detached(async move { m.guest_grant(&name, &req.principal, &req.ops, &who.0) }).await?,
+    ))
+}
+
+async fn guest_revoke(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, principal)): Path<(String, String)>,
+) -> Res<serde_json::Value> {
+    m.guest_revoke(&name, &principal, &who.0)?;
+    Ok(Json(serde_json::json!({"revoked": principal})))
+}
+
+async fn guest_audit(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<Vec<drover_api::AuditEntry>> {
+    Ok(Json(m.guest_audit(&name, &who.0)?))
 }
 
 /// A role grant.

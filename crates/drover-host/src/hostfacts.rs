@@ -72,6 +72,15 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// A stable id of this host: from /etc/machine-id (first 12 hex digits), else the host name.
+pub fn host_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().chars().take(12).collect::<String>())
+        .filter(|s| s.len() == 12)
+        .unwrap_or_else(hostname)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

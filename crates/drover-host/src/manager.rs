@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
+mod guest;
 mod live;
 
 const VMS: &str = "vms";
@@ -103,6 +104,7 @@ struct Shared {
     create_lock: tokio::sync::Mutex<()>,
     image_lock: tokio::sync::Mutex<()>,
     journal_seq: std::sync::atomic::AtomicU64,
+    buckets: Mutex<std::collections::HashMap<String, guest::Bucket>>,
 }
 
 /// The VM manager. Cheap to clone.
@@ -150,6 +152,7 @@ impl Manager {
                 image_lock: tokio::sync::Mutex::new(()),
                 // Journal keys sort by time across restarts.
                 journal_seq: std::sync::atomic::AtomicU64::new(hostfacts::now_ms() * 1000),
+                buckets: Mutex::default(),
             }),
         };
         for (name, mut info) in records {
@@ -714,6 +717,7 @@ impl Manager {
             paths.port_b.clone(),
             started,
             link_stop_rx,
+            Some(self.request_handler(name)),
         );
         let (events_tx, _) = broadcast::channel(64);
         let rt = Runtime {
@@ -1022,6 +1026,7 @@ impl Manager {
                         i.pid = Some(pid);
                     })?;
                     self.attach(name, slot, qmp, events, None, pid, Instant::now());
+                    self.resume_requests(name);
                     tracing::info!(vm = name, pid, "re-adopted running VM");
                     return Ok(());
                 }
@@ -1041,6 +1046,7 @@ impl Manager {
             log_tail(&paths.qemu_log)
         );
         self.record_stopped(slot, exit("exited-while-daemon-down", Some(detail.clone())))?;
+        self.resume_requests(name);
         tracing::info!(
             vm = name,
             "was running before droverd restarted and has since exited"

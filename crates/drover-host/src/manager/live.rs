@@ -27,7 +27,7 @@ const MEMORY_BLOCK: u64 = 128 << 20;
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One change, resolved against the config it applies to.
-enum Change {
+pub(super) enum Change {
     AddDisk(DiskConfig, bool),
     AddNic(NicConfig),
     Remove(String),
@@ -167,7 +167,7 @@ impl Manager {
     }
 
     /// Apply changes. The op lock is held by the caller.
-    async fn change(
+    pub(super) async fn change(
         &self,
         name: &str,
         slot: &Arc<VmSlot>,

@@ -1,0 +1,575 @@
+//! Requests from inside a guest (port A): guest principals with hashed secrets and allowed ops,
+//! rate limiting, an audit trail, a durable per-VM queue, and outcomes delivered as events on
+//! port B.
+//!
+//! A request is written to the store before it is acknowledged, and removed only once its
+//! outcome has reached the guest's agent: a droverd that dies in between finds it at its next
+//! start and reports it (never lost silently).
+
+use super::live::Change;
+use super::{lock, Manager};
+use crate::agent_link::RequestHandler;
+use crate::auth::{Caller, Permission};
+use crate::error::{HostError, Result};
+use crate::hostfacts;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use drover_api::{AuditEntry, GuestGrant, GuestPrincipal, VmState};
+use drover_model::{DiskConfig, ElementId, MacAddr, NicBackend, NicConfig};
+use drover_proto::{Body, ConfigChange, EventStatus, GuestEvent, GuestOp, GuestRequest};
+use drover_store::StoreExt;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PRINCIPALS: &str = "principals";
+const AUDIT: &str = "audit";
+const REQUESTS: &str = "requests";
+/// Ops a principal can be granted.
+pub const GUEST_OPS: [&str; 5] = ["reconfigure", "save", "list", "restore", "host-info"];
+/// Sustained guest requests per second per VM, and the burst allowed above it.
+const RATE: f64 = 5.0;
+const BURST: f64 = 20.0;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Principal {
+    ops: Vec<String>,
+    secret_hash: String,
+    created_at_ms: u64,
+    created_by: String,
+}
+
+/// A request accepted and not yet reported back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Pending {
+    ticket: String,
+    principal: String,
+    app_id: Option<String>,
+    op: GuestOp,
+    data: Option<serde_json::Value>,
+    accepted_at_ms: u64,
+}
+
+/// Token bucket per VM.
+#[derive(Debug)]
+pub(super) struct Bucket {
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            tokens: BURST,
+            last: Instant::now(),
+            dropped: 0,
+        }
+    }
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * RATE).min(BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+}
+
+fn refuse(reason: impl Into<String>) -> Body {
+    Body::Ack {
+        accepted: false,
+        reason: Some(reason.into()),
+        ticket: None,
+    }
+}
+
+impl Manager {
+    /// Grant `principal` the `ops` on VM `name`; returns its secret, once.
+    pub fn guest_grant(
+        &self,
+        name: &str,
+        principal: &str,
+        ops: &[String],
+        caller: &Caller,
+    ) -> Result<GuestGrant> {
+        caller.require(Permission::GuestAccess)?;
+        self.slot(name)?;
+        if principal.is_empty()
+            || principal.len() > drover_proto::MAX_PRINCIPAL
+            || !principal
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(HostError::Invalid(format!(
+                "invalid principal {principal:?}: 1-{} characters of a-z, A-Z, 0-9, '-', '_', '.'",
+                drover_proto::MAX_PRINCIPAL
+            )));
+        }
+        if ops.is_empty() {
+            return Err(HostError::Invalid(format!(
+                "give at least one op: {}",
+                GUEST_OPS.join(", ")
+            )));
+        }
+        for op in ops {
+            if !GUEST_OPS.contains(&op.as_str()) {
+                return Err(HostError::Invalid(format!(
+                    "unknown op {op:?}: use {}",
+                    GUEST_OPS.join(", ")
+                )));
+            }
+        }
+        let secret = hex::encode(rand::random::<[u8; 24]>());
+        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+        let hash = argon2::Argon2::default()
+            .hash_password(secret.as_bytes(), &salt)
+            .map_err(|e| HostError::Internal(format!("hashing the secret: {e}")))?
+            .to_string();
+        let p = Principal {
+            ops: ops.to_vec(),
+            secret_hash: hash,
+            created_at_ms: hostfacts::now_ms(),
+            created_by: caller.name.clone(),
+        };
+        self.s.store.apply(vec![drover_store::put(
+            PRINCIPALS,
+            &format!("{name}/{principal}"),
+            &p,
+        )?])?;
+        Ok(GuestGrant {
+            principal: principal.to_string(),
+            secret,
+            ops: ops.to_vec(),
+        })
+    }
+
+    /// Take a principal's access away.
+    pub fn guest_revoke(&self, name: &str, principal: &str, caller: &Caller) -> Result<()> {
+        caller.require(Permission::GuestAccess)?;
+        self.slot(name)?;
+        let key = format!("{name}/{principal}");
+        if self.s.store.get_raw(PRINCIPALS, &key)?.is_none() {
+            return Err(HostError::NotFound(format!(
+                "principal {principal} of VM {name}"
+            )));
+        }
+        self.s.store.apply(vec![drover_store::Write::Delete {
+            table: PRINCIPALS.into(),
+            key,
+        }])?;
+        Ok(())
+    }
+
+    /// The principals of a VM.
+    pub fn guest_principals(&self, name: &str, caller: &Caller) -> Result<Vec<GuestPrincipal>> {
+        caller.require(Permission::GuestAccess)?;
+        self.slot(name)?;
+        let prefix = format!("{name}/");
+        Ok(self
+            .s
+            .store
+            .list::<Principal>(PRINCIPALS)?
+            .into_iter()
+            .filter_map(|(k, p)| {
+                k.strip_prefix(&prefix).map(|n| GuestPrincipal {
+                    principal: n.to_string(),
+                    ops: p.ops,
+                    created_at_ms: p.created_at_ms,
+                    created_by: p.created_by,
+                })
+            })
+            .collect())
+    }
+
+    /// The audit trail of a VM's guest requests.
+    pub fn guest_audit(&self, name: &str, caller: &Caller) -> Result<Vec<AuditEntry>> {
+        caller.require(Permission::GuestAccess)?;
+        self.slot(name)?;
+        let prefix = format!("{name}/");
+        Ok(self
+            .s
+            .store
+            .list::<AuditEntry>(AUDIT)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    // The audit record's fields, spelled out at each call site on purpose.
+    #[allow(clippy::too_many_arguments)]
+    fn audit_write(
+        &self,
+        vm: &str,
+        principal: &str,
+        op: &str,
+        app_id: Option<&str>,
+        ticket: Option<&str>,
+        outcome: &str,
+        detail: Option<String>,
+    ) -> Result<drover_store::Write> {
+        let seq = self
+            .s
+            .journal_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let e = AuditEntry {
+            seq,
+            at_ms: hostfacts::now_ms(),
+            principal: principal.to_string(),
+            op: op.to_string(),
+            app_id: app_id.map(str::to_string),
+            ticket: ticket.map(str::to_string),
+            outcome: outcome.to_string(),
+            detail,
+        };
+        Ok(drover_store::put(AUDIT, &format!("{vm}/{seq:020}"), &e)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit(
+        &self,
+        vm: &str,
+        principal: &str,
+        op: &str,
+        app_id: Option<&str>,
+        ticket: Option<&str>,
+        outcome: &str,
+        detail: Option<String>,
+    ) {
+        let written = self
+            .audit_write(vm, principal, op, app_id, ticket, outcome, detail)
+            .and_then(|w| Ok(self.s.store.apply(vec![w])?));
+        if let Err(e) = written {
+            tracing::error!(vm, "could not write the audit record: {e}");
+        }
+    }
+
+    /// The port-A handler of VM `name`.
+    pub(super) fn request_handler(&self, name: &str) -> RequestHandler {
+        let mgr = self.clone();
+        let vm = name.to_string();
+        Arc::new(move |req: GuestRequest| {
+            let mgr = mgr.clone();
+            let vm = vm.clone();
+            Box::pin(async move { mgr.accept(&vm, req).await })
+        })
+    }
+
+    /// Check and queue one request; the answer is the `Ack`.
+    async fn accept(&self, vm: &str, req: GuestRequest) -> Body {
+        let op = req.op.name();
+        let allowed = lock(&self.s.buckets)
+            .entry(vm.to_string())
+            .or_default()
+            .take();
+        if !allowed {
+            let dropped = lock(&self.s.buckets)
+                .get(vm)
+                .map(|b| b.dropped)
+                .unwrap_or(0);
+            if dropped == 1 || dropped.is_multiple_of(100) {
+                tracing::warn!(vm, dropped, "guest requests rate-limited");
+            }
+            return refuse(format!("rate limited: at most {RATE} requests per second"));
+        }
+        let key = format!("{vm}/{}", req.principal);
+        let principal = match self.s.store.get::<Principal>(PRINCIPALS, &key) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.audit(
+                    vm,
+                    &req.principal,
+                    op,
+                    req.app_id.as_deref(),
+                    None,
+                    "refused",
+                    Some("unknown principal".into()),
+                );
+                return refuse("unknown principal or wrong secret");
+            }
+            Err(e) => return refuse(format!("host error: {e}")),
+        };
+        // argon2 is deliberately slow: keep it off the async workers.
+        let (hash, secret) = (principal.secret_hash.clone(), req.secret.clone());
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|h| {
+                    argon2::Argon2::default()
+                        .verify_password(secret.as_bytes(), &h)
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if !ok {
+            self.audit(
+                vm,
+                &req.principal,
+                op,
+                req.app_id.as_deref(),
+                None,
+                "refused",
+                Some("wrong secret".into()),
+            );
+            return refuse("unknown principal or wrong secret");
+        }
+        if !principal.ops.iter().any(|o| o == op) {
+            self.audit(
+                vm,
+                &req.principal,
+                op,
+                req.app_id.as_deref(),
+                None,
+                "refused",
+                Some("op not granted".into()),
+            );
+            return refuse(format!(
+                "principal {} may not ask for {op} (granted: {})",
+                req.principal,
+                principal.ops.join(", ")
+            ));
+        }
+        let ticket = format!(
+            "g{}",
+            self.s
+                .journal_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let pending = Pending {
+            ticket: ticket.clone(),
+            principal: req.principal.clone(),
+            app_id: req.app_id.clone(),
+            op: req.op,
+            data: req.data,
+            accepted_at_ms: hostfacts::now_ms(),
+        };
+        // Durable before acknowledged.
+        let stored =
+            drover_store::put(REQUESTS, &format!("{vm}/{ticket}"), &pending).and_then(|w| {
+                let a = self
+                    .audit_write(
+                        vm,
+                        &pending.principal,
+                        op,
+                        pending.app_id.as_deref(),
+                        Some(&ticket),
+                        "accepted",
+                        None,
+                    )
+                    .map_err(|e| drover_store::StoreError::Op {
+                        op: "audit",
+                        table: AUDIT.into(),
+                        key: vm.into(),
+                        message: e.to_string(),
+                    })?;
+                self.s.store.apply(vec![w, a])
+            });
+        if let Err(e) = stored {
+            return refuse(format!("host error: {e}"));
+        }
+        let mgr = self.clone();
+        let vm_name = vm.to_string();
+        // One request at a time per VM: the op lock inside serializes them.
+        tokio::spawn(async move { mgr.run_request(&vm_name, pending).await });
+        Body::Ack {
+            accepted: true,
+            reason: None,
+            ticket: Some(ticket),
+        }
+    }
+
+    /// Do the work, report it to the guest, then forget the request.
+    async fn run_request(&self, vm: &str, p: Pending) {
+        let caller = Caller {
+            name: format!("guest:{}", p.principal),
+            role: None,
+        };
+        let outcome: std::result::Result<serde_json::Value, String> = match &p.op {
+            GuestOp::Reconfigure { changes } => self.guest_reconfigure(vm, changes, &caller).await,
+            GuestOp::HostInfo => Ok(self.guest_host_info()),
+            other => Err(format!(
+                "{} is not available on this host yet",
+                other.name()
+            )),
+        };
+        self.finish(vm, &p, outcome).await;
+    }
+
+    /// Report an outcome on port B (retrying while the VM runs), audit it, drop the request.
+    pub(super) async fn finish(
+        &self,
+        vm: &str,
+        p: &Pending,
+        outcome: std::result::Result<serde_json::Value, String>,
+    ) {
+        let (status, result, error) = match outcome {
+            Ok(v) => (EventStatus::Completed, v, None),
+            Err(e) => (EventStatus::Failed, serde_json::Value::Null, Some(e)),
+        };
+        let event = GuestEvent {
+            ticket: p.ticket.clone(),
+            app_id: p.app_id.clone(),
+            op: p.op.name().to_string(),
+            status,
+            result,
+            error: error.clone(),
+            data: p.data.clone(),
+        };
+        let mut delivered = false;
+        for attempt in 0..5u32 {
+            let Ok(slot) = self.slot(vm) else { break };
+            let Some(rt) = self.runtime(&slot) else { break };
+            if rt
+                .agent
+                .call(Body::Event(event.clone()), Duration::from_secs(10))
+                .await
+                .is_ok()
+            {
+                delivered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500 * (attempt as u64 + 1))).await;
+        }
+        let outcome = match status {
+            EventStatus::Completed => "completed",
+            _ => "failed",
+        };
+        let detail = match (&error, delivered) {
+            (Some(e), true) => Some(e.clone()),
+            (Some(e), false) => Some(format!("{e}; the guest could not be told")),
+            (None, false) => Some("the guest could not be told".into()),
+            (None, true) => None,
+        };
+        let writes = self
+            .audit_write(
+                vm,
+                &p.principal,
+                p.op.name(),
+                p.app_id.as_deref(),
+                Some(&p.ticket),
+                outcome,
+                detail,
+            )
+            .map(|a| {
+                vec![
+                    a,
+                    drover_store::Write::Delete {
+                        table: REQUESTS.into(),
+                        key: format!("{vm}/{}", p.ticket),
+                    },
+                ]
+            });
+        if let Err(e) = writes.and_then(|w| Ok(self.s.store.apply(w)?)) {
+            tracing::error!(
+                vm,
+                "could not record the outcome of guest request {}: {e}",
+                p.ticket
+            );
+        }
+    }
+
+    /// Requests left from before a droverd restart: report each as failed (their effect, if any,
+    /// is in the VM's journal), so no app waits for an answer that never comes.
+    pub(super) fn resume_requests(&self, vm: &str) {
+        let prefix = format!("{vm}/");
+        let pending: Vec<Pending> = match self.s.store.list::<Pending>(REQUESTS) {
+            Ok(list) => list
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(_, p)| p)
+                .collect(),
+            Err(e) => {
+                tracing::error!(vm, "cannot read queued guest requests: {e}");
+                return;
+            }
+        };
+        for p in pending {
+            let mgr = self.clone();
+            let vm = vm.to_string();
+            tokio::spawn(async move {
+                tracing::warn!(
+                    vm,
+                    ticket = p.ticket,
+                    "guest request interrupted by a droverd restart; reporting it failed"
+                );
+                mgr.finish(
+                    &vm,
+                    &p,
+                    Err("droverd restarted before this request completed; see `drover vm config journal` for what was applied, and ask again".into()),
+                )
+                .await;
+            });
+        }
+    }
+
+    async fn guest_reconfigure(
+        &self,
+        vm: &str,
+        changes: &[ConfigChange],
+        caller: &Caller,
+    ) -> std::result::Result<serde_json::Value, String> {
+        let slot = self.slot(vm).map_err(|e| e.to_string())?;
+        let mut list = Vec::new();
+        for c in changes {
+            list.push(match c {
+                ConfigChange::SetCpus { count } => Change::Cpus(*count),
+                ConfigChange::SetMemory { bytes } => Change::Memory(*bytes),
+                ConfigChange::AttachDisk { id, size } => {
+                    let id = ElementId::new(id).map_err(|e| e.to_string())?;
+                    if !(drover_model::MIN_DISK_SIZE..=drover_model::MAX_DISK_SIZE).contains(size) {
+                        return Err(format!("disk size {size} is out of range"));
+                    }
+                    let path = self.vm_dir(vm).join("disks").join(format!("{id}.qcow2"));
+                    Change::AddDisk(
+                        DiskConfig {
+                            id,
+                            path,
+                            format: drover_model::DiskFormat::Qcow2,
+                            size: *size,
+                            readonly: false,
+                            owned: true,
+                            index: 0,
+                            slot: None,
+                        },
+                        true,
+                    )
+                }
+                ConfigChange::AttachNic { id } => Change::AddNic(NicConfig {
+                    id: ElementId::new(id).map_err(|e| e.to_string())?,
+                    mac: MacAddr::qemu_local(rand::random()),
+                    backend: NicBackend::User {
+                        forwards: Vec::new(),
+                    },
+                    slot: None,
+                }),
+                ConfigChange::Detach { id } => Change::Remove(id.clone()),
+            });
+        }
+        let _op = slot.op.lock().await;
+        if lock(&slot.info).state != VmState::Running {
+            return Err(format!("VM {vm} is not running"));
+        }
+        let r = self
+            .change(vm, &slot, list, false, caller)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({"applied": r.applied, "changes": r.changes}))
+    }
+
+    fn guest_host_info(&self) -> serde_json::Value {
+        let (_, free) = hostfacts::disk(&self.s.cfg.state_dir);
+        serde_json::json!({
+            "host_id": hostfacts::host_id(),
+            "hostname": hostfacts::hostname(),
+            "free_disk_bytes": free,
+        })
+    }
+}
