@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 ///
 /// Every command takes --output json for scripts. Exit codes: 0 ok, 1 error, 2 usage,
 /// 3 not found, 4 wrong state or already exists, 5 droverd unreachable, 6 timeout or agent
-/// unavailable, 7 not enough host resources; `vm exec` exits with the guest command's code.
+/// unavailable, 7 not enough host resources, 8 permission denied; `vm exec` exits with the guest
+/// command's code.
 #[derive(Parser, Debug)]
 #[command(name = "drover", version, about, long_about, max_term_width = 100)]
 struct Cli {
@@ -434,6 +435,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             Some(ErrorCode::Conflict | ErrorCode::AlreadyExists) => 4,
             Some(ErrorCode::Timeout | ErrorCode::AgentUnavailable) => 6,
             Some(ErrorCode::InsufficientResources) => 7,
+            Some(ErrorCode::Forbidden) => 8,
             _ => 1,
         },
         None => 1,

@@ -43,16 +43,26 @@ pub struct Daemon {
     /// Private state directory (kept short: unix socket paths are limited to 107 bytes).
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl Daemon {
     /// Start droverd on a fresh state dir.
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Start droverd with extra flags (kept across `spawn`s).
+    pub fn start_with(extra: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("drv-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let mut d = Daemon { dir, child: None };
+        let mut d = Daemon {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         d.spawn();
         d
     }
@@ -85,6 +95,7 @@ impl Daemon {
             .arg(agent_bin())
             .arg("--log")
             .arg("info,drover_host=debug")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
