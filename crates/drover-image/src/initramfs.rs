@@ -149,6 +149,10 @@ case "$SUBSYSTEM" in
 virtio-ports)
     exec /usr/lib/drover/vport-links
     ;;
+block)
+    # Hot-plugged disks show on the console (and benchmarks time them from there).
+    case "$ACTION" in add|remove) echo "drover-uevent: block $ACTION $DEVNAME" >/dev/console ;; esac
+    ;;
 net)
     case "$ACTION:$INTERFACE" in
     add:eth*)
