@@ -211,7 +211,11 @@ impl Manager {
         writes.insert(0, drover_store::put(VMS, &next.name, &next)?);
         let t = Instant::now();
         self.s.store.apply(writes)?;
-        tracing::debug!(vm = next.name, us = t.elapsed().as_micros() as u64, "record committed");
+        tracing::debug!(
+            vm = next.name,
+            us = t.elapsed().as_micros() as u64,
+            "record committed"
+        );
         *info = next.clone();
         Ok(next)
     }
