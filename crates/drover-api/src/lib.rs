@@ -282,6 +282,87 @@ pub struct PromoteRequest {
     pub generation: u32,
 }
 
+/// A saved VM state: device state, memory, pinned disk layers and the config it ran with.
+/// Stored as `manifest.json` beside its sections; the format is versioned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateInfo {
+    /// Manifest format ([`STATE_FORMAT`]); newer ones are refused, not misread.
+    pub format: u32,
+    /// Id within the VM (`s1`, `s2`, ...).
+    pub id: String,
+    /// Name given at save (defaults to the id).
+    pub name: String,
+    /// The VM.
+    pub vm: String,
+    /// When (unix ms).
+    pub created_at_ms: u64,
+    /// Who asked (`uid 0`, `guest:backup`).
+    pub created_by: String,
+    /// `fast` (RAM file + x-ignore-shared) or `classic` (RAM in the migration stream).
+    pub mode: String,
+    /// The config the VM ran with; its disks point at the layers this state pins.
+    pub config: VmConfig,
+    /// Device state (and, for classic saves, RAM).
+    pub devices: StateSection,
+    /// Guest RAM (fast saves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<StateSection>,
+    /// How long the VM was paused, in milliseconds.
+    pub paused_ms: u64,
+    /// For a save asked from inside the guest: the request's ticket, app and data, re-announced
+    /// as completed when this state is restored (the instance that asked is gone by then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_save: Option<GuestSaveNote>,
+}
+
+/// Current state manifest format.
+pub const STATE_FORMAT: u32 = 1;
+
+/// One stored part of a state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSection {
+    /// File name inside the state's directory.
+    pub file: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// sha256, hex; `None` while it is still being computed (large memory files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// What a guest save remembers of its request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSaveNote {
+    /// The ticket.
+    pub ticket: String,
+    /// The app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    /// Its data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+/// Save a VM's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// A name (1-64 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Put RAM in the migration stream instead of copying the RAM file (for comparison).
+    #[serde(default)]
+    pub classic: bool,
+}
+
+/// Restore a saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// State id or name.
+    pub state: String,
+}
+
 /// Grant a guest principal access to a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -66,6 +66,52 @@ enum Cmd {
     /// Who may do what on this host (roles by uid; root is always admin).
     #[command(subcommand)]
     Auth(AuthCmd),
+    /// Saved VM states: device state, memory and disk layers, restored in milliseconds.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Save a running VM's state (it pauses for the save, then runs on).
+    ///
+    /// Example: drover snapshot create web1 --name before-upgrade
+    Create {
+        /// VM name.
+        vm: String,
+        /// A name for the state.
+        #[arg(long)]
+        name: Option<String>,
+        /// Put RAM in QEMU's migration stream (slow; for comparison with the fast path).
+        #[arg(long)]
+        classic: bool,
+    },
+    /// List a VM's saved states.
+    List {
+        /// VM name.
+        vm: String,
+    },
+    /// Show one state: its sections, checksums, config.
+    Show {
+        /// VM name.
+        vm: String,
+        /// State id or name.
+        state: String,
+    },
+    /// Restore a state: the VM (stopped, or running: it is replaced) runs from the saved moment.
+    Restore {
+        /// VM name.
+        vm: String,
+        /// State id or name.
+        state: String,
+    },
+    /// Delete a state.
+    Delete {
+        /// VM name.
+        vm: String,
+        /// State id or name.
+        state: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -502,6 +548,57 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             out.image(&i);
         }
         Cmd::Vm(cmd) => return vm(&c, out, *cmd).await,
+        Cmd::Snapshot(cmd) => match cmd {
+            SnapshotCmd::Create { vm, name, classic } => {
+                let p = out.progress(&format!("saving the state of {vm}"));
+                let st: drover_api::StateInfo = c
+                    .post(
+                        &format!("/v1/vms/{}/states", seg(&vm)?),
+                        &drover_api::SnapshotRequest { name, classic },
+                    )
+                    .await?;
+                p.done(&format!(
+                    "saved {} ({}) of {vm}; the VM was paused {} ms",
+                    st.id, st.name, st.paused_ms
+                ));
+                out.json_only(&st);
+            }
+            SnapshotCmd::List { vm } => {
+                let list: Vec<drover_api::StateInfo> =
+                    c.get(&format!("/v1/vms/{}/states", seg(&vm)?)).await?;
+                out.states(&list);
+            }
+            SnapshotCmd::Show { vm, state } => {
+                let st: drover_api::StateInfo = c
+                    .get(&format!("/v1/vms/{}/states/{}", seg(&vm)?, seg(&state)?))
+                    .await?;
+                out.state(&st);
+            }
+            SnapshotCmd::Restore { vm, state } => {
+                let p = out.progress(&format!("restoring {state} of {vm}"));
+                let v: VmInfo = c
+                    .post(
+                        &format!("/v1/vms/{}/states/{}/restore", seg(&vm)?, seg(&state)?),
+                        &serde_json::json!({}),
+                    )
+                    .await?;
+                p.done(&format!(
+                    "{vm} runs from {state} (pid {})",
+                    v.pid.unwrap_or(0)
+                ));
+                out.json_only(&v);
+            }
+            SnapshotCmd::Delete { vm, state } => {
+                let st: drover_api::StateInfo = c
+                    .call::<(), drover_api::StateInfo>(
+                        drover_api::Method::DELETE,
+                        &format!("/v1/vms/{}/states/{}", seg(&vm)?, seg(&state)?),
+                        None,
+                    )
+                    .await?;
+                out.line(&format!("deleted state {} ({}) of {vm}", st.id, st.name));
+            }
+        },
         Cmd::Auth(cmd) => {
             let (uid, role) = match cmd {
                 AuthCmd::List => {

@@ -463,6 +463,85 @@ impl Out {
         }
     }
 
+    /// `drover snapshot list`.
+    pub fn states(&self, list: &[drover_api::StateInfo]) {
+        if self.json {
+            return self.print_json(&list);
+        }
+        if list.is_empty() {
+            println!("no saved states (save one with `drover snapshot create VM`)");
+            return;
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header([
+            "ID",
+            "NAME",
+            "SAVED",
+            "BY",
+            "MODE",
+            "PAUSED",
+            "MEMORY",
+            "DEVICE STATE",
+        ]);
+        for s in list {
+            t.add_row([
+                s.id.clone(),
+                s.name.clone(),
+                format!("{} ago", age(s.created_at_ms)),
+                s.created_by.clone(),
+                s.mode.clone(),
+                format!("{} ms", s.paused_ms),
+                s.memory
+                    .as_ref()
+                    .map(|m| fmt_bytes(m.bytes))
+                    .unwrap_or_else(|| "in stream".into()),
+                fmt_bytes(s.devices.bytes),
+            ]);
+        }
+        println!("{t}");
+    }
+
+    /// `drover snapshot show`.
+    pub fn state(&self, s: &drover_api::StateInfo) {
+        if self.json {
+            return self.print_json(s);
+        }
+        println!(
+            "state:    {} ({}) of {}, format {}",
+            s.id, s.name, s.vm, s.format
+        );
+        println!(
+            "saved:    {} ago by {}, {} save, VM paused {} ms",
+            age(s.created_at_ms),
+            s.created_by,
+            s.mode,
+            s.paused_ms
+        );
+        println!(
+            "devices:  {} {} sha256 {}",
+            s.devices.file,
+            fmt_bytes(s.devices.bytes),
+            s.devices.sha256.as_deref().unwrap_or("(pending)")
+        );
+        if let Some(m) = &s.memory {
+            println!(
+                "memory:   {} {} sha256 {}",
+                m.file,
+                fmt_bytes(m.bytes),
+                m.sha256.as_deref().unwrap_or("(being computed)")
+            );
+        }
+        for d in &s.config.disks {
+            println!("disk:     {} layer {}", d.id, d.path.display());
+        }
+        println!(
+            "shape:    {} vCPU, {}",
+            s.config.cpus,
+            format_size(s.config.memory)
+        );
+    }
+
     /// Whether output is JSON.
     pub fn is_json(&self) -> bool {
         self.json

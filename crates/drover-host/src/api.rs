@@ -126,6 +126,12 @@ pub fn router(mgr: Manager) -> Router {
             axum::routing::delete(guest_revoke),
         )
         .route("/v1/vms/{name}/audit", get(guest_audit))
+        .route("/v1/vms/{name}/states", get(states_list).post(state_create))
+        .route(
+            "/v1/vms/{name}/states/{state}",
+            get(state_show).delete(state_delete),
+        )
+        .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
         .route("/v1/image", get(image))
         .route("/v1/image/build", post(image_build))
         .route("/v1/auth/roles", get(roles).post(grant))
@@ -368,6 +374,59 @@ async fn guest_audit(
     Path(name): Path<String>,
 ) -> Res<Vec<drover_api::AuditEntry>> {
     Ok(Json(m.guest_audit(&name, &who.0)?))
+}
+
+async fn states_list(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<Vec<drover_api::StateInfo>> {
+    need(&who, Permission::Read)?;
+    Ok(Json(m.states(&name)?))
+}
+
+async fn state_show(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+) -> Res<drover_api::StateInfo> {
+    need(&who, Permission::Read)?;
+    Ok(Json(m.state(&name, &state)?))
+}
+
+async fn state_create(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<drover_api::SnapshotRequest>,
+) -> Res<drover_api::StateInfo> {
+    Ok(Json(
+        detached(async move {
+            m.snapshot_create(&name, req.name, req.classic, &who.0)
+                .await
+        })
+        .await?,
+    ))
+}
+
+async fn state_restore(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.snapshot_restore(&name, &state, &who.0).await }).await?,
+    ))
+}
+
+async fn state_delete(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+) -> Res<drover_api::StateInfo> {
+    Ok(Json(
+        detached(async move { m.snapshot_delete(&name, &state, &who.0).await }).await?,
+    ))
 }
 
 /// A role grant.

@@ -34,6 +34,15 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 mod guest;
 mod live;
+mod state;
+
+/// A saved state to load at launch.
+pub(crate) struct RestoreSpec {
+    /// Device state (and RAM, for classic saves).
+    pub devices: PathBuf,
+    /// The RAM file of a fast save.
+    pub memory: Option<PathBuf>,
+}
 
 const VMS: &str = "vms";
 const HISTORY: &str = "history";
@@ -68,6 +77,10 @@ pub struct DaemonConfig {
 struct Runtime {
     qmp: Qmp,
     agent: AgentLink,
+    /// The config QEMU was launched with.
+    launched: VmConfig,
+    /// Active block node per disk id, when it differs from the launch-time `disk-<id>`.
+    nodes: Arc<Mutex<std::collections::HashMap<String, String>>>,
     /// Every QMP event, for operations that wait on one (DEVICE_DELETED).
     events: broadcast::Sender<QmpEvent>,
     pid: u32,
@@ -76,11 +89,23 @@ struct Runtime {
     stop_reason: Arc<Mutex<Option<String>>>,
 }
 
+impl Runtime {
+    /// The block node a disk's guest device writes to now.
+    fn active_node(&self, d: &DiskConfig) -> String {
+        lock(&self.nodes)
+            .get(d.id.as_str())
+            .cloned()
+            .unwrap_or_else(|| cmdline::disk_node(d))
+    }
+}
+
 impl Clone for Runtime {
     fn clone(&self) -> Self {
         Runtime {
             qmp: self.qmp.clone(),
             agent: self.agent.clone(),
+            launched: self.launched.clone(),
+            nodes: self.nodes.clone(),
             events: self.events.clone(),
             pid: self.pid,
             exited: self.exited.clone(),
@@ -574,6 +599,19 @@ impl Manager {
             .map_err(HostError::Conflict)?;
         let (config, started_from) = self.choose_config(slot, &info, req, caller)?;
         self.check_fits(name, &config)?;
+        self.launch(name, slot, config.cold_plugged(), started_from, None)
+            .await
+    }
+
+    /// Launch QEMU with `config`; with `restore`, load that saved state instead of booting.
+    async fn launch(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        config: VmConfig,
+        started_from: String,
+        restore: Option<&RestoreSpec>,
+    ) -> Result<VmInfo> {
         let kernel = self.kernel_boot(&config).await?;
         let accel = config.accel.unwrap_or(self.s.accel.accel);
         let paths = self.run_paths(name);
@@ -591,7 +629,17 @@ impl Manager {
             hotplug_ports: HOTPLUG_PORTS,
             max_cpus: hostfacts::cpus().clamp(config.cpus, drover_model::MAX_VCPUS),
             qboot: Some(PathBuf::from(cmdline::QBOOT)).filter(|p| p.exists()),
+            ram_file: true,
+            incoming: restore.is_some(),
         });
+        if let Some(memory) = restore.and_then(|r| r.memory.as_ref()) {
+            // The RAM file IS the guest's memory: the state keeps its own copy untouched.
+            let (src, dst) = (memory.clone(), paths.ram.clone());
+            tokio::task::spawn_blocking(move || crate::filecopy::copy(&src, &dst))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))?
+                .map_err(|e| io_ctx("copying the saved memory to", &paths.ram, e))?;
+        }
         self.persist(slot, |i| i.state = VmState::Starting)?;
         let started = Instant::now();
         let mut child = match process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log) {
@@ -623,6 +671,27 @@ impl Manager {
                 )));
             }
         };
+        if let Some(r) = restore {
+            let loaded = async {
+                drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await?;
+                qmp.execute("cont", None).await.map(|_| ())
+            }
+            .await;
+            if let Err(e) = loaded {
+                let _ = qmp.execute("quit", None).await;
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                let detail = format!(
+                    "loading the saved state failed: {e}; {}",
+                    log_tail(&paths.qemu_log)
+                );
+                self.persist(slot, |i| {
+                    i.state = VmState::Stopped;
+                    i.last_exit = Some(exit("start-failed", Some(detail.clone())));
+                })?;
+                return Err(HostError::Internal(format!("VM {name}: {detail}")));
+            }
+        }
         let info = self.persist(slot, |i| {
             i.state = VmState::Running;
             i.pid = Some(pid);
@@ -632,7 +701,16 @@ impl Manager {
             i.next_config = None;
             i.started_from = Some(started_from.clone());
         })?;
-        self.attach(name, slot, qmp, events, Some(child), pid, started);
+        self.attach(
+            name,
+            slot,
+            qmp,
+            events,
+            Some(child),
+            pid,
+            started,
+            config.clone(),
+        );
         tracing::info!(vm = name, pid, %accel, "started");
         let _ = info;
         Ok(self.view(slot))
@@ -713,6 +791,7 @@ impl Manager {
         child: Option<tokio::process::Child>,
         pid: u32,
         started: Instant,
+        launched: VmConfig,
     ) {
         let paths = self.run_paths(name);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -729,6 +808,8 @@ impl Manager {
         let rt = Runtime {
             qmp,
             agent,
+            launched,
+            nodes: Arc::default(),
             events: events_tx.clone(),
             pid,
             exited: exited_rx,
@@ -1031,7 +1112,15 @@ impl Manager {
                         i.state = VmState::Running;
                         i.pid = Some(pid);
                     })?;
-                    self.attach(name, slot, qmp, events, None, pid, Instant::now());
+                    let launched = {
+                        let i = lock(&slot.info);
+                        i.running_config.clone().unwrap_or_else(|| i.config.clone())
+                    };
+                    let nodes = block_nodes(&qmp).await;
+                    self.attach(name, slot, qmp, events, None, pid, Instant::now(), launched);
+                    if let Some(rt) = self.runtime(slot) {
+                        *lock(&rt.nodes) = nodes;
+                    }
                     self.resume_requests(name);
                     tracing::info!(vm = name, pid, "re-adopted running VM");
                     return Ok(());
@@ -1333,6 +1422,25 @@ fn exit(reason: &str, detail: Option<String>) -> ExitInfo {
         reason: reason.to_string(),
         detail,
     }
+}
+
+/// Which block node each Drover disk device writes to (after saves, no longer `disk-<id>`).
+async fn block_nodes(qmp: &Qmp) -> std::collections::HashMap<String, String> {
+    let mut map = std::collections::HashMap::new();
+    if let Ok(serde_json::Value::Array(list)) = qmp.execute("query-block", None).await {
+        for b in list {
+            let qdev = b.get("qdev").and_then(|q| q.as_str()).unwrap_or_default();
+            let node = b
+                .get("inserted")
+                .and_then(|i| i.get("node-name"))
+                .and_then(|n| n.as_str());
+            let id = qdev.split('/').find_map(|part| part.strip_prefix("disk-"));
+            if let (Some(id), Some(node)) = (id, node) {
+                map.insert(id.to_string(), node.to_string());
+            }
+        }
+    }
+    map
 }
 
 /// The last lines of QEMU's own log, for error messages.

@@ -29,6 +29,8 @@ pub struct RunPaths {
     pub pidfile: PathBuf,
     /// QEMU's own stdout/stderr.
     pub qemu_log: PathBuf,
+    /// Guest RAM as a shared file: saving state then needs only the device state.
+    pub ram: PathBuf,
 }
 
 impl RunPaths {
@@ -41,6 +43,7 @@ impl RunPaths {
             port_b: dir.join("port-b.sock"),
             pidfile: dir.join("qemu.pid"),
             qemu_log: dir.join("qemu.log"),
+            ram: dir.join("ram"),
         }
     }
 
@@ -84,6 +87,10 @@ pub struct LaunchSpec<'a> {
     pub max_cpus: u32,
     /// Use qboot for kernel boots when it exists.
     pub qboot: Option<PathBuf>,
+    /// Back guest RAM with `paths.ram` (shared), for millisecond state saves.
+    pub ram_file: bool,
+    /// Wait for an incoming migration (a state restore) instead of booting.
+    pub incoming: bool,
 }
 
 /// QEMU's option-value escaping: a comma inside a value is doubled.
@@ -141,6 +148,21 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             ),
         ]),
         None => push(&["-m", &format!("{}M", c.memory >> 20)]),
+    }
+    if spec.ram_file {
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                c.memory >> 20,
+                esc(&p.ram)
+            ),
+            "-machine",
+            "memory-backend=ram0",
+        ]);
+    }
+    if spec.incoming {
+        push(&["-incoming", "defer"]);
     }
     push(&[
         "-chardev",
@@ -291,6 +313,8 @@ mod tests {
             hotplug_ports: 4,
             max_cpus: 4,
             qboot: Some(QBOOT.into()),
+            ram_file: true,
+            incoming: false,
         });
         let joined = args.join(" ");
         assert!(joined.contains("-smp cpus=2,maxcpus=4 -m size=1024M,slots=8,maxmem=4096M"));
@@ -304,6 +328,10 @@ mod tests {
         assert!(joined.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
         assert!(joined.contains("mac=52:54:00:00:00:01"));
         assert!(joined.contains("-qmp unix:/run/x/qmp.sock,server=on,wait=off"));
+        assert!(
+            joined.contains("memory-backend-file,id=ram0,size=1024M,mem-path=/run/x/ram,share=on")
+        );
+        assert!(!joined.contains("-incoming"));
     }
 
     #[test]
@@ -322,11 +350,14 @@ mod tests {
             hotplug_ports: 0,
             max_cpus: 1,
             qboot: Some(QBOOT.into()),
+            ram_file: false,
+            incoming: true,
         });
         let joined = args.join(" ");
         assert!(!joined.contains("-bios"));
         assert!(joined.contains("bootindex=0"));
         assert!(joined.contains("path=/c,,log"));
         assert!(joined.contains("-accel kvm"));
+        assert!(joined.contains("-incoming defer") && !joined.contains("memory-backend-file"));
     }
 }

@@ -84,9 +84,9 @@ pub async fn request_unplug(qmp: &Qmp, device_id: &str) -> Result<(), QmpError> 
         .map(|_| ())
 }
 
-/// Free a disk's block node after its device is gone.
-pub async fn remove_disk_backend(qmp: &Qmp, d: &DiskConfig) -> Result<(), QmpError> {
-    qmp.execute("blockdev-del", Some(json!({"node-name": disk_node(d)})))
+/// Free a disk's (top) block node after its device is gone.
+pub async fn remove_disk_backend(qmp: &Qmp, node: &str) -> Result<(), QmpError> {
+    qmp.execute("blockdev-del", Some(json!({"node-name": node})))
         .await
         .map(|_| ())
 }

@@ -80,6 +80,38 @@ pub fn create_qcow2(path: &Path, size: u64) -> Result<(), ImgError> {
     Ok(())
 }
 
+/// Create a qcow2 overlay at `path` whose backing file is `backing` (a qcow2 of `size` bytes).
+/// Does not open the backing file (a running QEMU may hold its lock).
+pub fn create_overlay(path: &Path, backing: &Path, size: u64) -> Result<(), ImgError> {
+    if path.exists() {
+        return Err(ImgError::Create {
+            path: path.to_path_buf(),
+            message: "a file already exists there".into(),
+        });
+    }
+    let (p, b) = (path.to_string_lossy(), backing.to_string_lossy());
+    let out = run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        &b,
+        "-F",
+        "qcow2",
+        &p,
+        &size.to_string(),
+    ])?;
+    if !out.status.success() {
+        return Err(ImgError::Create {
+            path: path.to_path_buf(),
+            message: stderr_line(&out),
+        });
+    }
+    Ok(())
+}
+
 /// Inspect an existing image: it must exist, be qcow2 or raw, and (qcow2) pass `qemu-img check`.
 pub fn inspect(path: &Path) -> Result<ImageInfo, ImgError> {
     if !path.exists() {

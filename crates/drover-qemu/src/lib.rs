@@ -10,5 +10,6 @@ pub mod accel;
 pub mod cmdline;
 pub mod hotplug;
 pub mod img;
+pub mod migrate;
 pub mod process;
 pub mod qmp;

@@ -395,21 +395,73 @@ impl Manager {
         let outcome: std::result::Result<serde_json::Value, String> = match &p.op {
             GuestOp::Reconfigure { changes } => self.guest_reconfigure(vm, changes, &caller).await,
             GuestOp::HostInfo => Ok(self.guest_host_info()),
-            other => Err(format!(
-                "{} is not available on this host yet",
-                other.name()
-            )),
+            GuestOp::List => self
+                .states(vm)
+                .map(|list| {
+                    serde_json::Value::Array(
+                        list.into_iter()
+                            .map(|s| serde_json::json!({"id": s.id, "name": s.name, "created_at_ms": s.created_at_ms, "created_by": s.created_by}))
+                            .collect(),
+                    )
+                })
+                .map_err(|e| e.to_string()),
+            GuestOp::Save { name } => {
+                let note = drover_api::GuestSaveNote { ticket: p.ticket.clone(), app_id: p.app_id.clone(), data: p.data.clone() };
+                match self.slot(vm) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(slot) => {
+                        let _op = slot.op.lock().await;
+                        self.save_locked(vm, &slot, name.clone(), false, &caller.name, Some(note))
+                            .await
+                            .map(|s| serde_json::json!({"state": s.id, "name": s.name, "paused_ms": s.paused_ms}))
+                            .map_err(|e| e.to_string())
+                    }
+                }
+            }
+            GuestOp::Restore { state } => match self.guest_restore(vm, state).await {
+                Ok(restored) => {
+                    // The guest now runs from the saved state. If that state was saved at a guest's
+                    // request, the app waiting there for the save's answer gets it now.
+                    if let Some(note) = restored.guest_save.clone() {
+                        let save = Pending {
+                            ticket: note.ticket,
+                            principal: restored.created_by.trim_start_matches("guest:").to_string(),
+                            app_id: note.app_id,
+                            op: GuestOp::Save { name: Some(restored.name.clone()) },
+                            data: note.data,
+                            accepted_at_ms: restored.created_at_ms,
+                        };
+                        self.deliver(vm, &save, Ok(serde_json::json!({"state": restored.id, "name": restored.name, "restored": true}))).await;
+                    }
+                    Ok(serde_json::json!({"state": restored.id, "name": restored.name}))
+                }
+                Err(e) => Err(e),
+            },
         };
         self.finish(vm, &p, outcome).await;
     }
 
-    /// Report an outcome on port B (retrying while the VM runs), audit it, drop the request.
-    pub(super) async fn finish(
+    async fn guest_restore(
+        &self,
+        vm: &str,
+        state: &str,
+    ) -> std::result::Result<drover_api::StateInfo, String> {
+        let slot = self.slot(vm).map_err(|e| e.to_string())?;
+        let _op = slot.op.lock().await;
+        let st = self.state(vm, state).map_err(|e| e.to_string())?;
+        self.restore_locked(vm, &slot, state)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(st)
+    }
+
+    /// Send an outcome event on port B, retrying while the VM runs. Returns whether it arrived.
+    async fn deliver(
         &self,
         vm: &str,
         p: &Pending,
         outcome: std::result::Result<serde_json::Value, String>,
-    ) {
+    ) -> bool {
         let (status, result, error) = match outcome {
             Ok(v) => (EventStatus::Completed, v, None),
             Err(e) => (EventStatus::Failed, serde_json::Value::Null, Some(e)),
@@ -420,24 +472,45 @@ impl Manager {
             op: p.op.name().to_string(),
             status,
             result,
-            error: error.clone(),
+            error,
             data: p.data.clone(),
         };
-        let mut delivered = false;
         for attempt in 0..5u32 {
-            let Ok(slot) = self.slot(vm) else { break };
-            let Some(rt) = self.runtime(&slot) else { break };
+            let Ok(slot) = self.slot(vm) else {
+                return false;
+            };
+            let Some(rt) = self.runtime(&slot) else {
+                return false;
+            };
+            // After a restore the agent reconnects; give it a moment.
+            let _ = rt.agent.wait_ready(Duration::from_secs(10)).await;
             if rt
                 .agent
                 .call(Body::Event(event.clone()), Duration::from_secs(10))
                 .await
                 .is_ok()
             {
-                delivered = true;
-                break;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(500 * (attempt as u64 + 1))).await;
         }
+        false
+    }
+
+    /// Report an outcome on port B (retrying while the VM runs), audit it, drop the request.
+    pub(super) async fn finish(
+        &self,
+        vm: &str,
+        p: &Pending,
+        outcome: std::result::Result<serde_json::Value, String>,
+    ) {
+        let status = if outcome.is_ok() {
+            EventStatus::Completed
+        } else {
+            EventStatus::Failed
+        };
+        let error = outcome.as_ref().err().cloned();
+        let delivered = self.deliver(vm, p, outcome).await;
         let outcome = match status {
             EventStatus::Completed => "completed",
             _ => "failed",

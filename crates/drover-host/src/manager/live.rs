@@ -450,7 +450,7 @@ impl Manager {
                     )));
                 }
                 if let Some(d) = &disk {
-                    hotplug::remove_disk_backend(&rt.qmp, d).await?;
+                    hotplug::remove_disk_backend(&rt.qmp, &rt.active_node(d)).await?;
                 }
                 if let Some(n) = &nic {
                     hotplug::remove_nic_backend(&rt.qmp, n).await?;
@@ -476,7 +476,7 @@ impl Manager {
             Change::AddDisk(d, owned) => {
                 let _ = hotplug::request_unplug(&rt.qmp, &drover_qemu::cmdline::disk_node(d)).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = hotplug::remove_disk_backend(&rt.qmp, d).await;
+                let _ = hotplug::remove_disk_backend(&rt.qmp, &rt.active_node(d)).await;
                 if *owned {
                     let _ = std::fs::remove_file(&d.path);
                 }
