@@ -1301,7 +1301,8 @@ impl Manager {
         let Some(rt) = self.runtime(&slot) else {
             return Err(HostError::Conflict(format!("VM {name} is not running")));
         };
-        if !rt.agent.status().ready {
+        // Right after a start or restore the agent may be seconds away: wait a little for it.
+        if !rt.agent.status().ready && rt.agent.wait_ready(Duration::from_secs(10)).await.is_err() {
             return Err(HostError::Agent(format!(
                 "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
             )));
