@@ -1117,6 +1117,15 @@ impl Manager {
                         i.running_config.clone().unwrap_or_else(|| i.config.clone())
                     };
                     let nodes = block_nodes(&qmp).await;
+                    // Drover pauses a VM only inside a state save; a VM still paused now was
+                    // left so by a droverd that died mid-save.
+                    if qmp.status().await.ok().as_deref() == Some("paused") {
+                        tracing::warn!(
+                            vm = name,
+                            "VM was left paused by an interrupted save; resuming it"
+                        );
+                        let _ = qmp.execute("cont", None).await;
+                    }
                     self.attach(name, slot, qmp, events, None, pid, Instant::now(), launched);
                     if let Some(rt) = self.runtime(slot) {
                         *lock(&rt.nodes) = nodes;

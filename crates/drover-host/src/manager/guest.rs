@@ -447,7 +447,9 @@ impl Manager {
         state: &str,
     ) -> std::result::Result<drover_api::StateInfo, String> {
         let slot = self.slot(vm).map_err(|e| e.to_string())?;
-        let _op = slot.op.lock().await;
+        let _op = slot.op.try_lock().map_err(|_| {
+            format!("another operation is running on VM {vm}; ask again when it has finished")
+        })?;
         let st = self.state(vm, state).map_err(|e| e.to_string())?;
         self.restore_locked(vm, &slot, state)
             .await
@@ -630,11 +632,27 @@ impl Manager {
         if lock(&slot.info).state != VmState::Running {
             return Err(format!("VM {vm} is not running"));
         }
-        let r = self
-            .change(vm, &slot, list, false, caller)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(serde_json::json!({"applied": r.applied, "changes": r.changes}))
+        match self.change(vm, &slot, list.clone(), false, caller).await {
+            Ok(r) => Ok(serde_json::json!({"applied": r.applied, "changes": r.changes})),
+            Err(HostError::Conflict(why)) => {
+                // Not possible live (shrinking, memory without hot-plug, ...): do what the app
+                // asked the long way — shut down, reconfigure, start again.
+                tracing::info!(vm, "guest reconfigure needs a restart: {why}");
+                let restart = async {
+                    self.stop_locked(vm, &slot, 30, false).await?;
+                    let r = self.change(vm, &slot, list, false, caller).await?;
+                    self.start_locked(vm, &slot, &drover_api::StartRequest::default(), caller)
+                        .await?;
+                    Ok::<_, HostError>(r)
+                }
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(
+                    serde_json::json!({"applied": "restart", "changes": restart.changes, "why": why}),
+                )
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn guest_host_info(&self) -> serde_json::Value {

@@ -27,6 +27,7 @@ const MEMORY_BLOCK: u64 = 128 << 20;
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One change, resolved against the config it applies to.
+#[derive(Clone)]
 pub(super) enum Change {
     AddDisk(DiskConfig, bool),
     AddNic(NicConfig),
@@ -385,7 +386,7 @@ impl Manager {
             Change::AddDisk(d, owned) => {
                 if *owned {
                     if d.path.exists() {
-                        return Err(HostError::Conflict(format!(
+                        return Err(HostError::Invalid(format!(
                             "{} already exists; pick another disk id",
                             d.path.display()
                         )));
