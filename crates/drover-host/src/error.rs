@@ -8,6 +8,9 @@ pub enum HostError {
     /// No such VM.
     #[error("VM {0} does not exist (see `drover vm list`)")]
     NotFound(String),
+    /// Something else that does not exist; the message says what.
+    #[error("{0}")]
+    Missing(String),
     /// Name taken.
     #[error("a VM named {0} already exists")]
     AlreadyExists(String),
@@ -60,7 +63,7 @@ impl HostError {
     pub fn code(&self) -> ErrorCode {
         use drover_qemu::img::ImgError;
         match self {
-            HostError::NotFound(_) => ErrorCode::NotFound,
+            HostError::NotFound(_) | HostError::Missing(_) => ErrorCode::NotFound,
             HostError::AlreadyExists(_) => ErrorCode::AlreadyExists,
             HostError::Invalid(_) | HostError::Model(_) | HostError::Config(_) => {
                 ErrorCode::InvalidArgument

@@ -63,7 +63,19 @@ pub fn copy(src: &Path, dst: &Path) -> io::Result<CopyKind> {
                 )
             };
             if n < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                // Across filesystems (tmpfs -> ext4) older kernels refuse: copy through memory.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV)
+                        | Some(libc::EINVAL)
+                        | Some(libc::ENOSYS)
+                        | Some(libc::EOPNOTSUPP)
+                ) {
+                    copy_range(&from, &to, off_in as u64, left)?;
+                    break;
+                }
+                return Err(e);
             }
             if n == 0 {
                 break;
@@ -72,8 +84,25 @@ pub fn copy(src: &Path, dst: &Path) -> io::Result<CopyKind> {
         }
         pos = hole;
     }
-    to.sync_all()?;
+    // Durability is the caller's call: a save syncs after the guest has resumed.
     Ok(CopyKind::Sparse)
+}
+
+/// Copy `len` bytes at `offset` with plain reads and writes.
+fn copy_range(from: &File, to: &File, offset: u64, len: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut done = 0usize;
+    while done < len {
+        let want = buf.len().min(len - done);
+        let n = from.read_at(&mut buf[..want], offset + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..n], offset + done as u64)?;
+        done += n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -95,5 +124,12 @@ mod tests {
         copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         assert!(copy(&src, &dst).is_err(), "never overwrites");
+        // Across filesystems when /dev/shm is there (the RAM-file case).
+        if std::path::Path::new("/dev/shm").is_dir() {
+            let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+            let dst2 = shm.path().join("c");
+            copy(&src, &dst2).unwrap();
+            assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst2).unwrap());
+        }
     }
 }

@@ -26,6 +26,7 @@ use drover_qemu::qmp::{Qmp, QmpEvent};
 use drover_qemu::{img, process};
 use drover_store::Write;
 use drover_store::{Store, StoreExt};
+use sha2::Digest as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -197,7 +198,23 @@ impl Manager {
     }
 
     fn run_paths(&self, name: &str) -> RunPaths {
-        RunPaths::new(&self.s.cfg.state_dir.join("run").join(name))
+        let mut p = RunPaths::new(&self.s.cfg.state_dir.join("run").join(name));
+        p.ram = self.ram_dir().join(name);
+        p
+    }
+
+    /// Where guest RAM files live: in memory (/dev/shm) when it exists, so a running guest's
+    /// memory never becomes disk writeback; one directory per state dir so daemons do not meet.
+    fn ram_dir(&self) -> PathBuf {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let key = hex::encode(
+                &sha2::Sha256::digest(self.s.cfg.state_dir.as_os_str().as_encoded_bytes())[..6],
+            );
+            shm.join(format!("drover-{key}"))
+        } else {
+            self.s.cfg.state_dir.join("run")
+        }
     }
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.s.cfg.state_dir.join("vms").join(name)
@@ -572,6 +589,7 @@ impl Manager {
         }
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
         let _ = std::fs::remove_dir_all(self.run_paths(name).dir);
+        let _ = std::fs::remove_file(self.run_paths(name).ram);
         tracing::info!(vm = name, "deleted");
         Ok(info)
     }
@@ -616,7 +634,10 @@ impl Manager {
         let accel = config.accel.unwrap_or(self.s.accel.accel);
         let paths = self.run_paths(name);
         let _ = std::fs::remove_dir_all(&paths.dir);
+        let _ = std::fs::remove_file(&paths.ram);
         std::fs::create_dir_all(&paths.dir).map_err(|e| io_ctx("creating", &paths.dir, e))?;
+        let ram_dir = self.ram_dir();
+        std::fs::create_dir_all(&ram_dir).map_err(|e| io_ctx("creating", &ram_dir, e))?;
         std::fs::create_dir_all(self.vm_dir(name))
             .map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
         let console = self.console_path(name);
@@ -883,6 +904,8 @@ impl Manager {
                 None
             }
         };
+        // The guest's memory is gone with it; free the RAM file (it lives in /dev/shm).
+        let _ = std::fs::remove_file(&paths.ram);
         let operator = lock(&stop_reason).clone();
         let guest = shutdown
             .as_ref()

@@ -66,8 +66,8 @@ impl Manager {
         all.into_iter()
             .find(|s| s.id == which || s.name == which)
             .ok_or_else(|| {
-                HostError::NotFound(format!(
-                    "state {which} of VM {vm}; known: {}",
+                HostError::Missing(format!(
+                    "VM {vm} has no state {which}; known: {}",
                     if known.is_empty() {
                         "none".to_string()
                     } else {
@@ -115,7 +115,9 @@ impl Manager {
                 )));
             }
             if self.states(vm)?.iter().any(|s| &s.name == n) {
-                return Err(HostError::AlreadyExists(format!("state {n} of VM {vm}")));
+                return Err(HostError::Conflict(format!(
+                    "VM {vm} already has a state named {n}"
+                )));
             }
         }
         let rt = self
@@ -169,10 +171,11 @@ impl Manager {
         rt.qmp.execute("stop", None).await?;
         let saved = async {
             for (i, d) in running.disks.iter().enumerate() {
-                let overlay = self
-                    .vm_dir(vm)
-                    .join("disks")
-                    .join(format!("{}.{id}.qcow2", d.id));
+                let overlay = self.vm_dir(vm).join("disks").join(format!(
+                    "{}.{id}-{}.qcow2",
+                    d.id,
+                    hostfacts::now_ms()
+                ));
                 let (o, b, size) = (overlay.clone(), d.path.clone(), d.size);
                 tokio::task::spawn_blocking(move || img::create_overlay(&o, &b, size))
                     .await
@@ -223,6 +226,14 @@ impl Manager {
             return Err(e);
         }
         resumed?;
+        // Durable before acknowledged, but after the guest runs again.
+        for f in [&devices, &memory] {
+            if f.exists() {
+                std::fs::File::open(f)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| io_ctx("syncing", f, e))?;
+            }
+        }
         let dev_bytes = std::fs::metadata(&devices).map(|m| m.len()).unwrap_or(0);
         let mut state = StateInfo {
             format: STATE_FORMAT,

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""bench/state: saving and restoring VM state, for 512 MiB and 2 GiB guests with their RAM filled.
+
+For each size, median of RUNS:
+  guest save     `drover-guest save --wait` started in the guest -> the saved event printed on
+                 the guest's console (host polls the console log every 2 ms)
+  guest restore  `drover-guest restore` started in the guest -> the listener in the restored
+                 state prints the restore event with the app's data on the console
+  host fast      `drover snapshot create` / `drover snapshot restore` (CLI round trips)
+  host classic   the same with --classic (RAM in QEMU's migration stream, as plain QEMU saves)
+Times from the host include starting the guest command through `drover vm exec` (~20-40 ms).
+
+Usage: bench/state.py [RUNS]   (default 5; needs `PROFILE=release scripts/build.sh` first)
+"""
+import json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("DROVER_BIN_DIR", f"{ROOT}/target/release")
+AGENT = os.environ.get("DROVER_AGENT_BIN", f"{ROOT}/target/x86_64-unknown-linux-gnu/release/drover-agent")
+IMAGES = os.environ.get("DROVER_IMAGE_DIR", f"{ROOT}/target/drover-images")
+
+
+def poll(pred, timeout=120.0, step=0.002):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return time.monotonic()
+        time.sleep(step)
+    raise SystemExit("timed out")
+
+
+def count(path, needle):
+    with open(path, "rb") as f:
+        return f.read().count(needle)
+
+
+def main():
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    tmp = tempfile.mkdtemp(prefix="drover-st.", dir="/tmp")
+    sock = f"{tmp}/d.sock"
+    log = open(f"{tmp}/droverd.log", "w")
+    daemon = subprocess.Popen([f"{BIN}/droverd", "--state-dir", f"{tmp}/state", "--socket", sock,
+                               "--image-dir", IMAGES, "--agent-binary", AGENT, "--log", "warn"],
+                              stdout=log, stderr=log)
+
+    def drover(*args):
+        r = subprocess.run([f"{BIN}/drover", "--socket", sock, *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"drover {' '.join(args)}: {r.stderr}")
+        return r.stdout
+
+    def sh(vm, script):
+        return drover("vm", "exec", vm, "--timeout", "600", "--", "sh", "-c", script)
+
+    try:
+        poll(lambda: os.path.exists(sock), 10)
+        time.sleep(0.2)
+        drover("image", "build")
+        for size_mib in (512, 2048):
+            vm = f"b{size_mib}"
+            drover("vm", "create", vm, "--memory", f"{size_mib}M")
+            drover("vm", "start", vm, "--wait")
+            console = f"{tmp}/state/vms/{vm}/console.log"
+            secret = json.loads(drover("--output", "json", "vm", "guest-access", "grant", vm,
+                                       "--principal", "bench", "--ops", "save,restore"))["secret"]
+            fill = int(size_mib * 0.75)
+            sh(vm, f"echo 'export DROVER_PRINCIPAL=bench DROVER_SECRET={secret}' > /tmp/cred; "
+                   f"mount -o remount,size=95% /tmp; yes drover-fills-ram | head -c {fill * 1048576} > /tmp/fill")
+            sh(vm, "(drover-guest listen --app-id bench > /dev/console 2>&1 &); sleep 0.5")
+            gsave, grest, hsave, hrest, csave, crest = [], [], [], [], [], []
+            for i in range(runs):
+                n = count(console, b'"op":"save","result"')
+                t0 = time.monotonic()
+                sh(vm, f". /tmp/cred; (drover-guest save --name g{i} --app-id bench --wait > /dev/null &)")
+                gsave.append(poll(lambda: count(console, b'"op":"save","result"') > n) - t0)
+                time.sleep(0.5)
+                n = count(console, b'"op":"restore"')
+                t0 = time.monotonic()
+                sh(vm, f". /tmp/cred; (drover-guest restore g{i} --app-id bench --data '{{\"run\":{i}}}' > /dev/null 2>&1 &)")
+                grest.append(poll(lambda: count(console, b'"op":"restore"') > n) - t0)
+                time.sleep(0.5)
+                for classic, saves, restores in ((False, hsave, hrest), (True, csave, crest)):
+                    name = f"{'c' if classic else 'h'}{i}"
+                    t0 = time.monotonic()
+                    drover("snapshot", "create", vm, "--name", name, *(["--classic"] if classic else []))
+                    saves.append(time.monotonic() - t0)
+                    t0 = time.monotonic()
+                    drover("snapshot", "restore", vm, name)
+                    restores.append(time.monotonic() - t0)
+                    time.sleep(0.3)
+                print(f"  {size_mib} MiB run {i + 1}: guest save {gsave[-1] * 1000:.0f} ms, guest restore {grest[-1] * 1000:.0f} ms, "
+                      f"host fast {hsave[-1] * 1000:.0f}/{hrest[-1] * 1000:.0f} ms, classic {csave[-1] * 1000:.0f}/{crest[-1] * 1000:.0f} ms")
+            m = lambda v: statistics.median(v) * 1000
+            print(f"{size_mib} MiB ({fill} MiB filled), medians: guest save {m(gsave):.0f} ms, guest restore -> listener has data {m(grest):.0f} ms; "
+                  f"host fast save/restore {m(hsave):.0f}/{m(hrest):.0f} ms; classic {m(csave):.0f}/{m(crest):.0f} ms; "
+                  f"classic/fast: save {m(csave) / m(hsave):.1f}x, restore {m(crest) / m(hrest):.1f}x")
+            drover("vm", "stop", vm, "--force")
+            drover("vm", "delete", vm)
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        subprocess.run(["pkill", "-9", "-f", tmp])
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
