@@ -12,51 +12,21 @@ and the ratio are printed, then droverd's RSS with 10 VMs defined and 2 running.
 
 Usage: bench/boot.py [RUNS]   (default 15; needs `PROFILE=release scripts/build.sh` first)
 """
-import json, os, shutil, statistics, subprocess, sys, tempfile, time
+import json, os, shutil, statistics, subprocess, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("DROVER_BIN_DIR", f"{ROOT}/target/release")
-AGENT = os.environ.get("DROVER_AGENT_BIN", f"{ROOT}/target/x86_64-unknown-linux-gnu/release/drover-agent")
-IMAGES = os.environ.get("DROVER_IMAGE_DIR", f"{ROOT}/target/drover-images")
+from common import BIN, Droverd, count, poll
+
 MARKER = b"DROVER-INIT-READY"
 
 
-def poll(pred, timeout=60.0, step=0.005):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return time.monotonic()
-        time.sleep(step)
-    raise SystemExit("timed out")
-
-
 def count_markers(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(MARKER)
-    except FileNotFoundError:
-        return 0
+    return count(path, MARKER)
 
 
 def main():
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    tmp = tempfile.mkdtemp(prefix="drover-bench.", dir="/tmp")
-    sock = f"{tmp}/d.sock"
-    log = open(f"{tmp}/droverd.log", "w")
-    daemon = subprocess.Popen([f"{BIN}/droverd", "--state-dir", f"{tmp}/state", "--socket", sock,
-                               "--image-dir", IMAGES, "--agent-binary", AGENT, "--log", "warn"],
-                              stdout=log, stderr=log)
-
-    def drover(*args, check=True):
-        r = subprocess.run([f"{BIN}/drover", "--socket", sock, *args], capture_output=True, text=True)
-        if check and r.returncode != 0:
-            raise SystemExit(f"drover {' '.join(args)}: {r.stderr}")
-        return r.stdout
-
-    try:
-        poll(lambda: os.path.exists(sock), 10)
-        time.sleep(0.2)
-        drover("image", "build")
+    with Droverd("drover-bench.") as drover:
+        tmp, sock, daemon = drover.tmp, drover.sock, drover.proc
         image = json.loads(drover("--output", "json", "image", "show"))
         drover("vm", "create", "bench", "--cpus", "1", "--memory", "512M")
         console = f"{tmp}/state/vms/bench/console.log"
@@ -114,10 +84,6 @@ def main():
         print(f"droverd RSS with 10 VMs defined, 2 running: {rss / 1024:.1f} MiB")
         drover("vm", "stop", "bench", "--force")
         drover("vm", "stop", "idle1", "--force")
-    finally:
-        daemon.terminate()
-        daemon.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

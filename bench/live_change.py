@@ -10,29 +10,9 @@ commit (the journal write) per change, from its debug log.
 
 Usage: bench/live_change.py [RUNS]   (default 11; needs `PROFILE=release scripts/build.sh` first)
 """
-import json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
+import json, os, re, socket, statistics, subprocess, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("DROVER_BIN_DIR", f"{ROOT}/target/release")
-AGENT = os.environ.get("DROVER_AGENT_BIN", f"{ROOT}/target/x86_64-unknown-linux-gnu/release/drover-agent")
-IMAGES = os.environ.get("DROVER_IMAGE_DIR", f"{ROOT}/target/drover-images")
-
-
-def poll(pred, timeout=30.0, step=0.002):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return time.monotonic()
-        time.sleep(step)
-    raise SystemExit("timed out")
-
-
-def count(path, needle):
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(needle)
-    except FileNotFoundError:
-        return 0
+from common import Droverd, count, poll
 
 
 class Qmp:
@@ -57,24 +37,9 @@ class Qmp:
 
 def main():
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 11
-    tmp = tempfile.mkdtemp(prefix="drover-lc.", dir="/tmp")
-    sock = f"{tmp}/d.sock"
-    log = open(f"{tmp}/droverd.log", "w")
-    daemon = subprocess.Popen([f"{BIN}/droverd", "--state-dir", f"{tmp}/state", "--socket", sock,
-                               "--image-dir", IMAGES, "--agent-binary", AGENT, "--log", "warn,drover_host=debug"],
-                              stdout=log, stderr=log)
     raw = None
-
-    def drover(*args):
-        r = subprocess.run([f"{BIN}/drover", "--socket", sock, *args], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"drover {' '.join(args)}: {r.stderr}")
-        return r.stdout
-
-    try:
-        poll(lambda: os.path.exists(sock), 10)
-        time.sleep(0.2)
-        drover("image", "build")
+    with Droverd("drover-lc.", log="warn,drover_host=debug") as drover:
+        tmp, log = drover.tmp, drover.log
         image = json.loads(drover("--output", "json", "image", "show"))
         drover("vm", "create", "lc", "--memory", "512M")
         drover("vm", "start", "lc", "--wait")
@@ -132,14 +97,9 @@ def main():
         us = [int(m) for m in re.findall(r"record committed.*?us=(\d+)", open(f"{tmp}/droverd.log").read())]
         if us:
             print(f"journal: durable record commit per change, median {statistics.median(us) / 1000:.2f} ms over {len(us)} commits")
-    finally:
         if raw:
             raw.kill()
             raw.wait()
-        daemon.terminate()
-        daemon.wait()
-        subprocess.run(["pkill", "-9", "-f", tmp])
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

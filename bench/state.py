@@ -12,50 +12,19 @@ Times from the host include starting the guest command through `drover vm exec` 
 
 Usage: bench/state.py [RUNS]   (default 5; needs `PROFILE=release scripts/build.sh` first)
 """
-import json, os, shutil, statistics, subprocess, sys, tempfile, time
+import json, os, statistics, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("DROVER_BIN_DIR", f"{ROOT}/target/release")
-AGENT = os.environ.get("DROVER_AGENT_BIN", f"{ROOT}/target/x86_64-unknown-linux-gnu/release/drover-agent")
-IMAGES = os.environ.get("DROVER_IMAGE_DIR", f"{ROOT}/target/drover-images")
-
-
-def poll(pred, timeout=120.0, step=0.002):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return time.monotonic()
-        time.sleep(step)
-    raise SystemExit("timed out")
-
-
-def count(path, needle):
-    with open(path, "rb") as f:
-        return f.read().count(needle)
+from common import Droverd, count, poll
 
 
 def main():
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    tmp = tempfile.mkdtemp(prefix="drover-st.", dir="/tmp")
-    sock = f"{tmp}/d.sock"
-    log = open(f"{tmp}/droverd.log", "w")
-    daemon = subprocess.Popen([f"{BIN}/droverd", "--state-dir", f"{tmp}/state", "--socket", sock,
-                               "--image-dir", IMAGES, "--agent-binary", AGENT, "--log", "warn"],
-                              stdout=log, stderr=log)
+    with Droverd("drover-st.") as drover:
+        tmp = drover.tmp
 
-    def drover(*args):
-        r = subprocess.run([f"{BIN}/drover", "--socket", sock, *args], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"drover {' '.join(args)}: {r.stderr}")
-        return r.stdout
+        def sh(vm, script):
+            return drover("vm", "exec", vm, "--timeout", "600", "--", "sh", "-c", script)
 
-    def sh(vm, script):
-        return drover("vm", "exec", vm, "--timeout", "600", "--", "sh", "-c", script)
-
-    try:
-        poll(lambda: os.path.exists(sock), 10)
-        time.sleep(0.2)
-        drover("image", "build")
         for size_mib in (512, 2048):
             vm = f"b{size_mib}"
             drover("vm", "create", vm, "--memory", f"{size_mib}M")
@@ -96,11 +65,6 @@ def main():
                   f"classic/fast: save {m(csave) / m(hsave):.1f}x, restore {m(crest) / m(hrest):.1f}x")
             drover("vm", "stop", vm, "--force")
             drover("vm", "delete", vm)
-    finally:
-        daemon.terminate()
-        daemon.wait()
-        subprocess.run(["pkill", "-9", "-f", tmp])
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -54,55 +54,29 @@ fn stderr_line(out: &std::process::Output) -> String {
 
 /// Create a qcow2 image of `size` bytes; refuses to overwrite.
 pub fn create_qcow2(path: &Path, size: u64) -> Result<(), ImgError> {
-    if path.exists() {
-        return Err(ImgError::Create {
-            path: path.to_path_buf(),
-            message: "a file already exists there".into(),
-        });
-    }
-    let p = path.to_string_lossy();
-    let out = run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=1.1",
-        &p,
-        &size.to_string(),
-    ])?;
-    if !out.status.success() {
-        return Err(ImgError::Create {
-            path: path.to_path_buf(),
-            message: stderr_line(&out),
-        });
-    }
-    Ok(())
+    create(path, size, &["-o", "compat=1.1"])
 }
 
 /// Create a qcow2 overlay at `path` whose backing file is `backing` (a qcow2 of `size` bytes).
 /// Does not open the backing file (a running QEMU may hold its lock).
 pub fn create_overlay(path: &Path, backing: &Path, size: u64) -> Result<(), ImgError> {
+    let b = backing.to_string_lossy();
+    create(path, size, &["-u", "-b", &b, "-F", "qcow2"])
+}
+
+/// `qemu-img create -f qcow2 OPTIONS PATH SIZE`, never over an existing file.
+fn create(path: &Path, size: u64, options: &[&str]) -> Result<(), ImgError> {
     if path.exists() {
         return Err(ImgError::Create {
             path: path.to_path_buf(),
             message: "a file already exists there".into(),
         });
     }
-    let (p, b) = (path.to_string_lossy(), backing.to_string_lossy());
-    let out = run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        &b,
-        "-F",
-        "qcow2",
-        &p,
-        &size.to_string(),
-    ])?;
+    let (p, size) = (path.to_string_lossy(), size.to_string());
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&[&p, &size]);
+    let out = run(&args)?;
     if !out.status.success() {
         return Err(ImgError::Create {
             path: path.to_path_buf(),

@@ -279,20 +279,28 @@ impl Manager {
             }
             return refuse(format!("rate limited: at most {RATE} requests per second"));
         }
+        // A refusal is audited with the reason for the host, and answered with one for the guest
+        // that does not tell a wrong secret from an unknown principal.
+        let refused = |why: &str, tell: String| {
+            self.audit(
+                vm,
+                &req.principal,
+                op,
+                req.app_id.as_deref(),
+                None,
+                "refused",
+                Some(why.into()),
+            );
+            refuse(tell)
+        };
         let key = format!("{vm}/{}", req.principal);
         let principal = match self.s.store.get::<Principal>(PRINCIPALS, &key) {
             Ok(Some(p)) => p,
             Ok(None) => {
-                self.audit(
-                    vm,
-                    &req.principal,
-                    op,
-                    req.app_id.as_deref(),
-                    None,
-                    "refused",
-                    Some("unknown principal".into()),
-                );
-                return refuse("unknown principal or wrong secret");
+                return refused(
+                    "unknown principal",
+                    "unknown principal or wrong secret".into(),
+                )
             }
             Err(e) => return refuse(format!("host error: {e}")),
         };
@@ -310,32 +318,17 @@ impl Manager {
         .await
         .unwrap_or(false);
         if !ok {
-            self.audit(
-                vm,
-                &req.principal,
-                op,
-                req.app_id.as_deref(),
-                None,
-                "refused",
-                Some("wrong secret".into()),
-            );
-            return refuse("unknown principal or wrong secret");
+            return refused("wrong secret", "unknown principal or wrong secret".into());
         }
         if !principal.ops.iter().any(|o| o == op) {
-            self.audit(
-                vm,
-                &req.principal,
-                op,
-                req.app_id.as_deref(),
-                None,
-                "refused",
-                Some("op not granted".into()),
+            return refused(
+                "op not granted",
+                format!(
+                    "principal {} may not ask for {op} (granted: {})",
+                    req.principal,
+                    principal.ops.join(", ")
+                ),
             );
-            return refuse(format!(
-                "principal {} may not ask for {op} (granted: {})",
-                req.principal,
-                principal.ops.join(", ")
-            ));
         }
         let ticket = format!(
             "g{}",
