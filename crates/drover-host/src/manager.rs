@@ -570,17 +570,27 @@ impl Manager {
                 key: name.into(),
             },
         ];
-        for (key, _) in self
-            .s
-            .store
-            .list_raw(JOURNAL)?
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-        {
-            writes.push(Write::Delete {
-                table: JOURNAL.into(),
-                key,
-            });
+        // Everything keyed under the VM goes with it: a new VM of the same name must not inherit
+        // its guest principals, states or queued requests.
+        for table in [
+            JOURNAL,
+            guest::PRINCIPALS,
+            guest::AUDIT,
+            guest::REQUESTS,
+            state::STATES,
+        ] {
+            for (key, _) in self
+                .s
+                .store
+                .list_raw(table)?
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+            {
+                writes.push(Write::Delete {
+                    table: table.into(),
+                    key,
+                });
+            }
         }
         self.s.store.apply(writes)?;
         lock(&self.s.vms).remove(name);

@@ -325,6 +325,24 @@ fn crash_after_change_refusals_guest_requests_and_persistence_off() {
         )
         .contains("disk:data"));
     assert_eq!(d.json(&["vm", "show", "po"])["state"], "stopped");
+
+    // A new VM of the same name starts clean: no principals, history or journal of the old one.
+    d.ok(&["vm", "delete", "po"]);
+    d.ok(&["vm", "create", "po"]);
+    assert_eq!(
+        d.json(&["vm", "guest-access", "list", "po"]),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        d.json(&["vm", "config", "list", "po"])["generations"]
+            .as_array()
+            .map(|a| a.len()),
+        Some(1)
+    );
+    assert_eq!(
+        d.json(&["vm", "config", "journal", "po"]),
+        serde_json::json!([])
+    );
 }
 
 #[test]

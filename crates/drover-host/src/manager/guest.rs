@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const PRINCIPALS: &str = "principals";
-const AUDIT: &str = "audit";
-const REQUESTS: &str = "requests";
+pub(super) const PRINCIPALS: &str = "principals";
+pub(super) const AUDIT: &str = "audit";
+pub(super) const REQUESTS: &str = "requests";
 /// Ops a principal can be granted.
 pub const GUEST_OPS: [&str; 5] = ["reconfigure", "save", "list", "restore", "host-info"];
 /// Sustained guest requests per second per VM, and the burst allowed above it.
