@@ -27,7 +27,14 @@ use std::time::{Duration, Instant};
 /// unavailable, 7 not enough host resources, 8 permission denied; `vm exec` exits with the guest
 /// command's code.
 #[derive(Parser, Debug)]
-#[command(name = "drover", version, about, long_about, max_term_width = 100)]
+#[command(
+    name = "drover",
+    version,
+    about,
+    long_about,
+    max_term_width = 100,
+    verbatim_doc_comment
+)]
 struct Cli {
     /// droverd's API socket.
     #[arg(
@@ -66,7 +73,7 @@ enum Cmd {
     /// Who may do what on this host (roles by uid; root is always admin).
     #[command(subcommand)]
     Auth(AuthCmd),
-    /// Saved VM states: device state, memory and disk layers, restored in milliseconds.
+    /// Saved VM states: device state, memory and disk layers; save, list, restore, delete.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
 }
@@ -76,6 +83,7 @@ enum SnapshotCmd {
     /// Save a running VM's state (it pauses for the save, then runs on).
     ///
     /// Example: drover snapshot create web1 --name before-upgrade
+    #[command(verbatim_doc_comment)]
     Create {
         /// VM name.
         vm: String,
@@ -196,6 +204,7 @@ enum GuestAccessCmd {
     /// as DROVER_PRINCIPAL / DROVER_SECRET).
     ///
     /// Example: drover vm guest-access grant web1 --principal backup --ops save,list,restore,host-info
+    #[command(verbatim_doc_comment)]
     Grant {
         /// VM name.
         name: String,
@@ -280,6 +289,7 @@ enum VmCmd {
     ///
     /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image, readonly),
     /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk).
+    #[command(verbatim_doc_comment)]
     Create {
         /// VM name (a-z, 0-9, '-'; it becomes the guest's hostname).
         name: Option<String>,
@@ -323,12 +333,12 @@ enum VmCmd {
         wait: WaitArgs,
     },
     /// Start a stopped VM.
-    /// Start a stopped VM.
     ///
     /// By default it boots its latest config generation when persistence is on, else its
     /// initial config. Pick another, or compose one:
     ///   drover vm start web1 --config 0                     # the initial config
     ///   drover vm start web1 --config 3 --without disk:data2 --with 2:nic:net1 --set memory=2G
+    #[command(verbatim_doc_comment)]
     Start {
         /// VM name.
         name: String,
@@ -343,6 +353,7 @@ enum VmCmd {
     ///   drover vm attach web1 disk --id data2 --size 1G
     ///   drover vm attach web1 disk --id seed --image /srv/seed.qcow2 --readonly
     ///   drover vm attach web1 nic --id net1 --forward tcp:8081-:80
+    #[command(verbatim_doc_comment)]
     Attach {
         /// VM name.
         name: String,
@@ -457,6 +468,7 @@ enum VmCmd {
     /// Run a command inside the guest through its agent; exits with the command's exit code.
     ///
     /// Example: drover vm exec web1 -- sh -c 'df -h; free -m'
+    #[command(verbatim_doc_comment)]
     Exec {
         /// VM name.
         name: String,
