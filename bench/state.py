@@ -60,6 +60,11 @@ def main():
                 print(f"  {size_mib} MiB run {i + 1}: guest save {gsave[-1] * 1000:.0f} ms, guest restore {grest[-1] * 1000:.0f} ms, "
                       f"host fast {hsave[-1] * 1000:.0f}/{hrest[-1] * 1000:.0f} ms, classic {csave[-1] * 1000:.0f}/{crest[-1] * 1000:.0f} ms")
             m = lambda v: statistics.median(v) * 1000
+            states = json.loads(drover("--output", "json", "snapshot", "list", vm))
+            paused = {mode: statistics.median([x["paused_ms"] for x in states if x["mode"] == mode] or [0])
+                      for mode in ("fast", "classic")}
+            print(f"{size_mib} MiB: the guest was paused (median) {paused['fast']:.0f} ms per fast save, "
+                  f"{paused['classic']:.0f} ms per classic save")
             print(f"{size_mib} MiB ({fill} MiB filled), medians: guest save {m(gsave):.0f} ms, guest restore -> listener has data {m(grest):.0f} ms; "
                   f"host fast save/restore {m(hsave):.0f}/{m(hrest):.0f} ms; classic {m(csave):.0f}/{m(crest):.0f} ms; "
                   f"classic/fast: save {m(csave) / m(hsave):.1f}x, restore {m(crest) / m(hrest):.1f}x")
