@@ -164,6 +164,8 @@ impl Manager {
         let paths = self.run_paths(vm);
         let devices = dir.join("devices.bin");
         let memory = dir.join("memory.bin");
+        let staging = paths.ram.with_extension(format!("save-{id}"));
+        let _ = std::fs::remove_file(&staging);
         // The state's config: disks at the layers it pins. The running VM moves to new overlays.
         let mut state_cfg = running.clone();
         let mut new_running = running.clone();
@@ -189,11 +191,13 @@ impl Manager {
             }
             migrate::save_state(&rt.qmp, &devices, !classic).await?;
             if !classic {
-                let (src, dst) = (paths.ram.clone(), memory.clone());
+                // While paused, copy only as far as the fastest place: beside the RAM file (in
+                // memory when that is /dev/shm). The trip to disk happens after the guest runs on.
+                let (src, dst) = (paths.ram.clone(), staging.clone());
                 let kind = tokio::task::spawn_blocking(move || crate::filecopy::copy(&src, &dst))
                     .await
                     .map_err(|e| HostError::Internal(e.to_string()))?
-                    .map_err(|e| io_ctx("copying guest memory to", &memory, e))?;
+                    .map_err(|e| io_ctx("copying guest memory to", &staging, e))?;
                 tracing::debug!(vm, ?kind, "memory copied");
             }
             Ok::<_, HostError>(())
@@ -223,9 +227,25 @@ impl Manager {
         })?;
         if let Err(e) = saved {
             let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(&staging);
             return Err(e);
         }
         resumed?;
+        if !classic {
+            let (src, dst) = (staging.clone(), memory.clone());
+            let moved = tokio::task::spawn_blocking(move || {
+                // Same filesystem: a rename; else a copy.
+                std::fs::rename(&src, &dst)
+                    .or_else(|_| crate::filecopy::copy(&src, &dst).map(|_| ()))
+            })
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))?;
+            let _ = std::fs::remove_file(&staging);
+            if let Err(e) = moved {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(io_ctx("storing guest memory in", &memory, e));
+            }
+        }
         // Durable before acknowledged, but after the guest runs again.
         for f in [&devices, &memory] {
             if f.exists() {
