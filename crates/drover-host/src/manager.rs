@@ -294,14 +294,17 @@ impl Manager {
     /// The journal of one VM, oldest first.
     pub fn journal_of(&self, name: &str) -> Result<Vec<JournalEntry>> {
         self.slot(name)?;
-        let prefix = format!("{name}/");
+        Ok(self.vm_records(JOURNAL, name)?)
+    }
+
+    /// The records of one VM in a table keyed `<vm>/<key>`, in key order.
+    fn vm_records<T: serde::de::DeserializeOwned>(&self, table: &str, vm: &str) -> Result<Vec<T>> {
         Ok(self
             .s
             .store
-            .list::<JournalEntry>(JOURNAL)?
+            .list_prefix::<T>(table, &format!("{vm}/"))?
             .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-            .map(|(_, e)| e)
+            .map(|(_, v)| v)
             .collect())
     }
 

@@ -106,6 +106,18 @@ pub trait StoreExt: Store {
             })
             .collect()
     }
+    /// Records whose key starts with `prefix` (e.g. `"web1/"`), with the rest of each key.
+    fn list_prefix<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        Ok(self
+            .list::<T>(table)?
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), v)))
+            .collect())
+    }
     /// Encode and write one record durably.
     fn put<T: Serialize>(&self, table: &str, key: &str, value: &T) -> Result<(), StoreError> {
         self.apply(vec![put(table, key, value)?])

@@ -171,19 +171,16 @@ impl Manager {
     pub fn guest_principals(&self, name: &str, caller: &Caller) -> Result<Vec<GuestPrincipal>> {
         caller.require(Permission::GuestAccess)?;
         self.slot(name)?;
-        let prefix = format!("{name}/");
         Ok(self
             .s
             .store
-            .list::<Principal>(PRINCIPALS)?
+            .list_prefix::<Principal>(PRINCIPALS, &format!("{name}/"))?
             .into_iter()
-            .filter_map(|(k, p)| {
-                k.strip_prefix(&prefix).map(|n| GuestPrincipal {
-                    principal: n.to_string(),
-                    ops: p.ops,
-                    created_at_ms: p.created_at_ms,
-                    created_by: p.created_by,
-                })
+            .map(|(n, p)| GuestPrincipal {
+                principal: n,
+                ops: p.ops,
+                created_at_ms: p.created_at_ms,
+                created_by: p.created_by,
             })
             .collect())
     }
@@ -192,15 +189,7 @@ impl Manager {
     pub fn guest_audit(&self, name: &str, caller: &Caller) -> Result<Vec<AuditEntry>> {
         caller.require(Permission::GuestAccess)?;
         self.slot(name)?;
-        let prefix = format!("{name}/");
-        Ok(self
-            .s
-            .store
-            .list::<AuditEntry>(AUDIT)?
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-            .map(|(_, e)| e)
-            .collect())
+        self.vm_records(AUDIT, name)
     }
 
     // The audit record's fields, spelled out at each call site on purpose.
@@ -547,13 +536,8 @@ impl Manager {
     /// Requests left from before a droverd restart: report each as failed (their effect, if any,
     /// is in the VM's journal), so no app waits for an answer that never comes.
     pub(super) fn resume_requests(&self, vm: &str) {
-        let prefix = format!("{vm}/");
-        let pending: Vec<Pending> = match self.s.store.list::<Pending>(REQUESTS) {
-            Ok(list) => list
-                .into_iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(_, p)| p)
-                .collect(),
+        let pending: Vec<Pending> = match self.vm_records(REQUESTS, vm) {
+            Ok(list) => list,
             Err(e) => {
                 tracing::error!(vm, "cannot read queued guest requests: {e}");
                 return;

@@ -43,15 +43,7 @@ impl Manager {
     /// A VM's saved states, oldest first.
     pub fn states(&self, vm: &str) -> Result<Vec<StateInfo>> {
         self.slot(vm)?;
-        let prefix = format!("{vm}/");
-        let mut v: Vec<StateInfo> = self
-            .s
-            .store
-            .list::<StateInfo>(STATES)?
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-            .map(|(_, s)| s)
-            .collect();
+        let mut v: Vec<StateInfo> = self.vm_records(STATES, vm)?;
         v.sort_by_key(|s| s.id.trim_start_matches('s').parse::<u64>().unwrap_or(0));
         Ok(v)
     }
