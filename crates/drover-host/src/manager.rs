@@ -294,7 +294,7 @@ impl Manager {
     /// The journal of one VM, oldest first.
     pub fn journal_of(&self, name: &str) -> Result<Vec<JournalEntry>> {
         self.slot(name)?;
-        Ok(self.vm_records(JOURNAL, name)?)
+        self.vm_records(JOURNAL, name)
     }
 
     /// The records of one VM in a table keyed `<vm>/<key>`, in key order.
