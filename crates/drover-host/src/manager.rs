@@ -1181,6 +1181,8 @@ impl Manager {
                 }
             }
         }
+        // Its memory file outlived it (QEMU was not around to see it removed).
+        let _ = std::fs::remove_file(&paths.ram);
         let detail = format!(
             "QEMU exited while droverd was not running; {}",
             log_tail(&paths.qemu_log)

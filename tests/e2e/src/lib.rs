@@ -212,6 +212,13 @@ impl Drop for Daemon {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+
+        // Nor their memory files, which droverd keeps in /dev/shm under a hash of the state dir.
+        use sha2::Digest;
+        let key = hex::encode(
+            &sha2::Sha256::digest(self.state_dir().as_os_str().as_encoded_bytes())[..6],
+        );
+        let _ = std::fs::remove_dir_all(format!("/dev/shm/drover-{key}"));
     }
 }
 
