@@ -271,12 +271,17 @@ impl Manager {
             .unwrap_or_else(|| ConfigHistory::new(info.config.clone())))
     }
 
+    /// A sequence number for journal and audit keys and guest tickets: increasing, and (seeded
+    /// from the clock at start) still increasing across droverd restarts.
+    fn next_seq(&self) -> u64 {
+        self.s
+            .journal_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A journal record of a change, as a store write.
     fn journal(&self, vm: &str, who: &str, kind: &str, changes: Vec<String>) -> Result<Write> {
-        let seq = self
-            .s
-            .journal_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self.next_seq();
         let entry = JournalEntry {
             seq,
             at_ms: hostfacts::now_ms(),

@@ -204,10 +204,7 @@ impl Manager {
         outcome: &str,
         detail: Option<String>,
     ) -> Result<drover_store::Write> {
-        let seq = self
-            .s
-            .journal_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self.next_seq();
         let e = AuditEntry {
             seq,
             at_ms: hostfacts::now_ms(),
@@ -319,12 +316,7 @@ impl Manager {
                 ),
             );
         }
-        let ticket = format!(
-            "g{}",
-            self.s
-                .journal_seq
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        let ticket = format!("g{}", self.next_seq());
         let pending = Pending {
             ticket: ticket.clone(),
             principal: req.principal.clone(),
