@@ -163,10 +163,26 @@ pub enum GuestOp {
     },
     /// Report the host facts the guest may see.
     HostInfo,
+    /// Which host runs the VM now, and the VM's generation id: answered (as the event's
+    /// `result`, a [`HostIdentityAnswer`]) by the host that currently runs the VM, so the answer
+    /// changes when the VM moves or is restored.
+    ///
+    /// Needs no grant ([`GuestOp::needs_grant`]): the agent asks it for itself and for scans,
+    /// without a principal. It reveals nothing secret (a host's id, DMI serial and model, and a
+    /// random generation id); the host still rate-limits it like every request.
+    // A struct variant, not a unit one: serde rejects unknown fields only for those.
+    HostIdentity {},
+    /// The guest noticed that it moved (or was restored) and ran its `migrated.d` hooks: the host
+    /// records it in the VM's audit trail (`drover vm audit NAME`).
+    ///
+    /// Needs no grant, like [`GuestOp::HostIdentity`]: it only adds one bounded audit record and
+    /// changes nothing; the rate limit still applies.
+    MigrationNotice(MigrationNotice),
 }
 
 impl GuestOp {
-    /// The permission name of the op (`reconfigure`, `save`, `list`, `restore`, `host-info`).
+    /// The permission name of the op (`reconfigure`, `save`, `list`, `restore`, `host-info`,
+    /// `host-identity`, `migration-notice`).
     pub fn name(&self) -> &'static str {
         match self {
             GuestOp::Reconfigure { .. } => "reconfigure",
@@ -174,7 +190,212 @@ impl GuestOp {
             GuestOp::List => "list",
             GuestOp::Restore { .. } => "restore",
             GuestOp::HostInfo => "host-info",
+            GuestOp::HostIdentity {} => "host-identity",
+            GuestOp::MigrationNotice(_) => "migration-notice",
         }
+    }
+
+    /// Whether the op needs a principal granted it. Ops that do not are answered without checking
+    /// credentials (the request may carry an empty principal and secret); see each op for why.
+    pub fn needs_grant(&self) -> bool {
+        !matches!(self, GuestOp::HostIdentity {} | GuestOp::MigrationNotice(_))
+    }
+}
+
+/// Longest host id ([`valid_host_id`]).
+pub const MAX_HOST_ID: usize = 64;
+/// Longest serial, model or name in a [`HostIdentity`].
+pub const MAX_HOST_FIELD: usize = 128;
+/// Longest generation id (a UUID is 36 bytes).
+pub const MAX_GENERATION_ID: usize = 64;
+/// The [`GuestEvent::op`] of the host's notice that the VM has just been live-migrated.
+pub const NOTICE_MIGRATED: &str = "migrated";
+
+/// Whether `s` is a well-formed host id: 1-[`MAX_HOST_ID`] characters of `A-Z a-z 0-9 . _ -`.
+pub fn valid_host_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_HOST_ID
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Printable ASCII or any non-control character, at most `max` bytes.
+fn valid_text(s: &str, max: usize) -> bool {
+    s.len() <= max && !s.chars().any(char::is_control)
+}
+
+/// A generation id: 1-[`MAX_GENERATION_ID`] characters of hex digits and `-`.
+pub fn valid_generation_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_GENERATION_ID
+        && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+/// A host's component id: what a guest (or a licence scanner in it) sees of the machine it runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostIdentity {
+    /// The host id (droverd `--host-id`; default derived from /etc/machine-id), unique in a fleet.
+    pub id: String,
+    /// The machine's serial number (DMI `product_serial`, else derived from the id).
+    pub serial: String,
+    /// The machine's model (DMI `product_name`, else a fixed description).
+    pub model: String,
+    /// The host's name.
+    pub name: String,
+}
+
+impl HostIdentity {
+    /// Check the bounds an untrusted peer's identity must keep.
+    pub fn check(&self) -> Result<(), ProtoError> {
+        if !valid_host_id(&self.id) {
+            return Err(ProtoError::Invalid(format!(
+                "host id must be 1-{MAX_HOST_ID} characters of a-z, A-Z, 0-9, '.', '_', '-'"
+            )));
+        }
+        for (what, v) in [
+            ("serial", &self.serial),
+            ("model", &self.model),
+            ("name", &self.name),
+        ] {
+            if !valid_text(v, MAX_HOST_FIELD) {
+                return Err(ProtoError::Invalid(format!(
+                    "host {what} must be at most {MAX_HOST_FIELD} bytes without control characters"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `result` of a [`GuestOp::HostIdentity`] request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostIdentityAnswer {
+    /// The host that runs the VM now.
+    pub host: HostIdentity,
+    /// The VM's generation id (QEMU `vmgenid`): new on every restore or clone.
+    pub generation_id: String,
+}
+
+impl HostIdentityAnswer {
+    /// Parse and check an event's `result`.
+    pub fn from_result(v: &serde_json::Value) -> Result<Self, ProtoError> {
+        let a: HostIdentityAnswer = serde_json::from_value(v.clone())
+            .map_err(|e| ProtoError::Malformed(format!("host identity answer: {e}")))?;
+        a.host.check()?;
+        if !valid_generation_id(&a.generation_id) {
+            return Err(ProtoError::Invalid("malformed generation id".into()));
+        }
+        Ok(a)
+    }
+}
+
+/// What set off a [`GuestOp::MigrationNotice`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeTrigger {
+    /// `drover-guest scan --notify-if-migrated` saw the host id change during a scan.
+    Scan,
+    /// The host pushed a `migrated` event.
+    Pushed,
+    /// The agent's own check saw a new host id or generation id.
+    Agent,
+}
+
+/// The guest's report that it moved, as [`GuestOp::MigrationNotice`] carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationNotice {
+    /// The host id before.
+    pub old_host_id: String,
+    /// The host id now.
+    pub new_host_id: String,
+    /// The generation id before, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_generation_id: Option<String>,
+    /// The generation id now, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_generation_id: Option<String>,
+    /// Who noticed.
+    pub trigger: NoticeTrigger,
+    /// How many `migrated.d` hooks ran.
+    pub hooks_run: u32,
+    /// Of those, how many failed or timed out.
+    pub hooks_failed: u32,
+}
+
+impl MigrationNotice {
+    fn check(&self) -> Result<(), ProtoError> {
+        if !valid_host_id(&self.old_host_id) || !valid_host_id(&self.new_host_id) {
+            return Err(ProtoError::Invalid(
+                "malformed host id in migration notice".into(),
+            ));
+        }
+        for g in [&self.old_generation_id, &self.new_generation_id]
+            .into_iter()
+            .flatten()
+        {
+            if !valid_generation_id(g) {
+                return Err(ProtoError::Invalid(
+                    "malformed generation id in migration notice".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The host's notice that the VM was just live-migrated: a [`GuestEvent`] with op
+/// [`NOTICE_MIGRATED`], status [`EventStatus::Notice`] and this as its `result`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigratedNotice {
+    /// The host id of the source.
+    pub from: String,
+    /// The host id of the destination (the host sending this).
+    pub to: String,
+    /// How long the guest was paused, as QEMU measured it.
+    pub downtime_ms: u64,
+}
+
+impl GuestEvent {
+    /// The `migrated` notice event, with the host's `ticket` for it.
+    pub fn migrated(ticket: String, notice: &MigratedNotice) -> GuestEvent {
+        GuestEvent {
+            ticket,
+            app_id: None,
+            op: NOTICE_MIGRATED.to_string(),
+            status: EventStatus::Notice,
+            result: serde_json::json!({
+                "from": notice.from,
+                "to": notice.to,
+                "downtime_ms": notice.downtime_ms,
+            }),
+            error: None,
+            data: None,
+        }
+    }
+
+    /// This event as a `migrated` notice: `None` if it is another event, `Some(Err)` if it claims
+    /// to be one but is malformed (bad host ids, unknown fields).
+    pub fn migrated_notice(&self) -> Option<Result<MigratedNotice, ProtoError>> {
+        if self.op != NOTICE_MIGRATED || self.status != EventStatus::Notice {
+            return None;
+        }
+        Some(
+            serde_json::from_value::<MigratedNotice>(self.result.clone())
+                .map_err(|e| ProtoError::Malformed(format!("migrated notice: {e}")))
+                .and_then(|n| {
+                    if valid_host_id(&n.from) && valid_host_id(&n.to) {
+                        Ok(n)
+                    } else {
+                        Err(ProtoError::Invalid(
+                            "malformed host id in migrated notice".into(),
+                        ))
+                    }
+                }),
+        )
     }
 }
 
@@ -432,7 +653,13 @@ fn validate(body: &Body) -> Result<(), ProtoError> {
             }
         }
         Body::Request(r) => {
-            if r.principal.is_empty() || r.principal.len() > MAX_PRINCIPAL {
+            // Ops without a grant may come without a principal (the agent asks for itself).
+            let principal_ok = if r.op.needs_grant() {
+                !r.principal.is_empty()
+            } else {
+                true
+            };
+            if !principal_ok || r.principal.len() > MAX_PRINCIPAL {
                 return Err(ProtoError::Invalid(format!(
                     "principal must be 1-{MAX_PRINCIPAL} bytes"
                 )));
@@ -477,6 +704,7 @@ fn validate(body: &Body) -> Result<(), ProtoError> {
                 {
                     return Err(ProtoError::Invalid("state name must be 1-64 bytes".into()));
                 }
+                GuestOp::MigrationNotice(n) => n.check()?,
                 _ => {}
             }
         }
@@ -684,6 +912,122 @@ mod tests {
             decode_body(&bytes[HEADER_LEN..]),
             Err(ProtoError::Invalid(_))
         ));
+    }
+
+    fn request(principal: &str, op: GuestOp) -> Frame {
+        Frame::new(
+            5,
+            Body::Request(GuestRequest {
+                principal: principal.into(),
+                secret: String::new(),
+                app_id: None,
+                op,
+                data: None,
+            }),
+        )
+    }
+
+    fn round(f: &Frame) -> Result<Frame, ProtoError> {
+        decode_body(&encode(f).unwrap()[HEADER_LEN..])
+    }
+
+    #[test]
+    fn identity_ops_need_no_principal_and_are_bounded() {
+        let f = request("", GuestOp::HostIdentity {});
+        assert_eq!(round(&f), Ok(f));
+        assert!(!GuestOp::HostIdentity {}.needs_grant());
+        assert!(GuestOp::List.needs_grant());
+        // Ops that need a grant still need a principal.
+        assert!(matches!(
+            round(&request("", GuestOp::List)),
+            Err(ProtoError::Invalid(_))
+        ));
+        let notice = MigrationNotice {
+            old_host_id: "h1".into(),
+            new_host_id: "h2.b_c-d".into(),
+            old_generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into()),
+            new_generation_id: None,
+            trigger: NoticeTrigger::Scan,
+            hooks_run: 1,
+            hooks_failed: 0,
+        };
+        let f = request("", GuestOp::MigrationNotice(notice.clone()));
+        assert_eq!(round(&f), Ok(f.clone()));
+        let wire = String::from_utf8(encode(&f).unwrap()[HEADER_LEN..].to_vec()).unwrap();
+        assert!(wire.contains(r#""op":"migration_notice""#), "{wire}");
+        for bad in [
+            MigrationNotice {
+                new_host_id: "has space".into(),
+                ..notice.clone()
+            },
+            MigrationNotice {
+                old_host_id: "x".repeat(MAX_HOST_ID + 1),
+                ..notice.clone()
+            },
+            MigrationNotice {
+                new_generation_id: Some("not-a-uuid!".into()),
+                ..notice.clone()
+            },
+        ] {
+            assert!(matches!(
+                round(&request("", GuestOp::MigrationNotice(bad))),
+                Err(ProtoError::Invalid(_))
+            ));
+        }
+        let unknown = br#"{"v":1,"id":1,"body":{"type":"request","principal":"","secret":"","op":{"op":"host_identity","x":1}}}"#;
+        assert!(matches!(
+            decode_body(unknown),
+            Err(ProtoError::Malformed(_))
+        ));
+        let extra = br#"{"v":1,"id":1,"body":{"type":"request","principal":"","secret":"","op":{"op":"migration_notice","old_host_id":"a","new_host_id":"b","trigger":"scan","hooks_run":0,"hooks_failed":0,"extra":1}}}"#;
+        assert!(matches!(decode_body(extra), Err(ProtoError::Malformed(_))));
+    }
+
+    #[test]
+    fn host_identity_answer_parses_strictly() {
+        let good = serde_json::json!({
+            "host": {"id": "h1", "serial": "S-1", "model": "Standard PC", "name": "box"},
+            "generation_id": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+        });
+        let a = HostIdentityAnswer::from_result(&good).unwrap();
+        assert_eq!(a.host.id, "h1");
+        let mut bad = good.clone();
+        bad["host"]["id"] = "".into();
+        assert!(HostIdentityAnswer::from_result(&bad).is_err());
+        let mut bad = good.clone();
+        bad["host"]["model"] = serde_json::Value::String(format!("bell{}", '\u{7}'));
+        assert!(HostIdentityAnswer::from_result(&bad).is_err());
+        let mut bad = good.clone();
+        bad["generation_id"] = "zz".into();
+        assert!(HostIdentityAnswer::from_result(&bad).is_err());
+        let mut bad = good;
+        bad["extra"] = 1.into();
+        assert!(HostIdentityAnswer::from_result(&bad).is_err());
+    }
+
+    #[test]
+    fn migrated_notice_round_trips_and_is_checked() {
+        let n = MigratedNotice {
+            from: "h1".into(),
+            to: "h2".into(),
+            downtime_ms: 12,
+        };
+        let ev = GuestEvent::migrated("m1".into(), &n);
+        let f = Frame::new(9, Body::Event(ev.clone()));
+        let Ok(Frame {
+            body: Body::Event(back),
+            ..
+        }) = round(&f)
+        else {
+            panic!("round trip")
+        };
+        assert_eq!(back.migrated_notice(), Some(Ok(n)));
+        let mut other = ev.clone();
+        other.op = "save".into();
+        assert_eq!(other.migrated_notice(), None);
+        let mut bad = ev;
+        bad.result["to"] = "no way".into();
+        assert!(matches!(bad.migrated_notice(), Some(Err(_))));
     }
 
     #[test]
