@@ -512,6 +512,10 @@ pub struct HostInfo {
     pub vms_running: u32,
     /// Memory given to running VMs, bytes.
     pub memory_allocated: u64,
+    /// The host's component id (id, serial, model, name): what its guests read as their host.
+    /// Absent from daemons older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<drover_proto::HostIdentity>,
 }
 
 /// The default guest image.

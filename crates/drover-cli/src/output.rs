@@ -288,6 +288,11 @@ impl Out {
             return self.print_json(h);
         }
         println!("host:         {}", h.hostname);
+        if let Some(id) = &h.identity {
+            println!("host id:      {}", id.id);
+            println!("serial:       {}", id.serial);
+            println!("model:        {}", id.model);
+        }
         println!("droverd:      {}", h.daemon_version);
         println!("accelerator:  {} ({})", h.accel, h.accel_reason);
         println!("qemu:         {} ({})", h.qemu_version, h.qemu_binary);

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
 mod guest;
+mod identity;
 mod live;
 mod state;
 
@@ -73,6 +74,8 @@ pub struct DaemonConfig {
     pub persist_default: bool,
     /// How new VMs store generations.
     pub persist_mode_default: PersistMode,
+    /// This host's component id, what guests see (`drover-guest host-id`) and `GET /v1/host` shows.
+    pub identity: drover_proto::HostIdentity,
 }
 
 struct Runtime {
@@ -399,6 +402,7 @@ impl Manager {
             vms_defined: vms.len() as u32,
             vms_running: running.len() as u32,
             memory_allocated: running.iter().map(|v| v.config.memory).sum(),
+            identity: Some(self.s.cfg.identity.clone()),
         }
     }
 
@@ -532,6 +536,7 @@ impl Manager {
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
                 drover_store::put(HISTORY, &name, &ConfigHistory::new(info.config.clone()))?,
+                identity::generation_write(&name, "created")?,
             ])?;
             Ok::<_, HostError>(info)
         }
@@ -575,6 +580,10 @@ impl Manager {
             },
             Write::Delete {
                 table: HISTORY.into(),
+                key: name.into(),
+            },
+            Write::Delete {
+                table: identity::GENERATIONS.into(),
                 key: name.into(),
             },
         ];
@@ -659,6 +668,7 @@ impl Manager {
         std::fs::create_dir_all(self.vm_dir(name))
             .map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
         let console = self.console_path(name);
+        let generation_id = self.generation_id(name)?;
         let args = cmdline::build(&LaunchSpec {
             config: &config,
             accel,
@@ -670,6 +680,7 @@ impl Manager {
             qboot: Some(PathBuf::from(cmdline::QBOOT)).filter(|p| p.exists()),
             ram_file: true,
             incoming: restore.is_some(),
+            generation_id: Some(&generation_id),
         });
         if let Some(memory) = restore.and_then(|r| r.memory.as_ref()) {
             // The RAM file IS the guest's memory: the state keeps its own copy untouched.

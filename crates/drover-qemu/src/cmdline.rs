@@ -91,11 +91,24 @@ pub struct LaunchSpec<'a> {
     pub ram_file: bool,
     /// Wait for an incoming migration (a state restore) instead of booting.
     pub incoming: bool,
+    /// The VM's generation id (a UUID), given to the guest by a `vmgenid` device; a new one on
+    /// every restore or clone tells the guest it is not the only copy of its past. Anything that
+    /// is not a UUID is left out rather than let into the command line.
+    pub generation_id: Option<&'a str>,
 }
 
 /// QEMU's option-value escaping: a comma inside a value is doubled.
 fn esc(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
+}
+
+/// `8-4-4-4-12` hex digits.
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && parts
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// QEMU device/node id of a disk.
@@ -186,6 +199,9 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
                 i + 1
             ),
         ]);
+    }
+    if let Some(g) = spec.generation_id.filter(|g| is_uuid(g)) {
+        push(&["-device", &format!("vmgenid,id=vmgenid0,guid={g}")]);
     }
     push(&["-device", "virtio-serial-pci,id=vser0"]);
     for (id, path, name) in [
@@ -315,6 +331,7 @@ mod tests {
             qboot: Some(QBOOT.into()),
             ram_file: true,
             incoming: false,
+            generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
         });
         let joined = args.join(" ");
         assert!(joined.contains("-smp cpus=2,maxcpus=4 -m size=1024M,slots=8,maxmem=4096M"));
@@ -332,6 +349,8 @@ mod tests {
             joined.contains("memory-backend-file,id=ram0,size=1024M,mem-path=/run/x/ram,share=on")
         );
         assert!(!joined.contains("-incoming"));
+        assert!(joined
+            .contains("-device vmgenid,id=vmgenid0,guid=0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"));
     }
 
     #[test]
@@ -352,6 +371,7 @@ mod tests {
             qboot: Some(QBOOT.into()),
             ram_file: false,
             incoming: true,
+            generation_id: Some("not,a-uuid"),
         });
         let joined = args.join(" ");
         assert!(!joined.contains("-bios"));
@@ -359,5 +379,9 @@ mod tests {
         assert!(joined.contains("path=/c,,log"));
         assert!(joined.contains("-accel kvm"));
         assert!(joined.contains("-incoming defer") && !joined.contains("memory-backend-file"));
+        assert!(
+            !joined.contains("vmgenid"),
+            "a malformed generation id stays out"
+        );
     }
 }

@@ -41,6 +41,11 @@ struct Args {
     /// users connect, who then need a role (`drover auth grant`).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// This host's id, what guests read with `drover-guest host-id` (1-64 characters of
+    /// A-Z a-z 0-9 . _ -). Default: derived from /etc/machine-id. Give each droverd sharing a
+    /// machine its own.
+    #[arg(long, env = "DROVER_HOST_ID", value_parser = parse_host_id)]
+    host_id: Option<String>,
     /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
     #[arg(long, env = "DROVER_LOG", default_value = "info")]
     log: String,
@@ -81,6 +86,10 @@ async fn main() -> anyhow::Result<()> {
             .persist_mode_default
             .parse()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
+        identity: drover_host::hostfacts::host_identity(
+            args.host_id.as_deref(),
+            std::path::Path::new(drover_host::hostfacts::DMI_DIR),
+        ),
     };
     let listener = bind(&args.socket, args.socket_mode).await?;
     let mgr = Manager::open(cfg, Box::new(store)).await?;
@@ -127,6 +136,10 @@ async fn bind(path: &std::path::Path, mode: u32) -> anyhow::Result<tokio::net::U
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
+}
+
+fn parse_host_id(s: &str) -> Result<String, String> {
+    drover_host::hostfacts::check_host_id(s).map(|()| s.to_string())
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

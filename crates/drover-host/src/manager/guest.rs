@@ -219,7 +219,7 @@ impl Manager {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn audit(
+    pub(super) fn audit(
         &self,
         vm: &str,
         principal: &str,
@@ -264,6 +264,9 @@ impl Manager {
                 tracing::warn!(vm, dropped, "guest requests rate-limited");
             }
             return refuse(format!("rate limited: at most {RATE} requests per second"));
+        }
+        if !req.op.needs_grant() {
+            return self.accept_ungranted(vm, req);
         }
         // A refusal is audited with the reason for the host, and answered with one for the guest
         // that does not tell a wrong secret from an unknown principal.
@@ -360,6 +363,80 @@ impl Manager {
         }
     }
 
+    /// Ops that need no grant (see [`GuestOp::needs_grant`]): credentials are not checked, and
+    /// nothing is queued durably. They are cheap, change nothing but one audit record, and a
+    /// guest whose answer is lost (droverd restarted) simply asks again.
+    fn accept_ungranted(&self, vm: &str, req: GuestRequest) -> Body {
+        let ticket = format!("g{}", self.next_seq());
+        let outcome = match &req.op {
+            // Not audited: scans ask twice per run, and the answer is no secret.
+            GuestOp::HostIdentity {} => self
+                .identity_answer(vm)
+                .and_then(|a| serde_json::to_value(a).map_err(|e| e.to_string())),
+            GuestOp::MigrationNotice(n) => {
+                let generations = match (&n.old_generation_id, &n.new_generation_id) {
+                    (Some(a), Some(b)) if a != b => format!("; generation {a} -> {b}"),
+                    _ => String::new(),
+                };
+                let detail = format!(
+                    "guest reports host {} -> {} (noticed by {}){generations}; hooks run {}, failed {}",
+                    n.old_host_id,
+                    n.new_host_id,
+                    serde_json::to_value(n.trigger)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    n.hooks_run,
+                    n.hooks_failed
+                );
+                tracing::info!(vm, "{detail}");
+                // Durable before acknowledged, like every accepted request.
+                let written = self
+                    .audit_write(
+                        vm,
+                        "agent",
+                        req.op.name(),
+                        req.app_id.as_deref(),
+                        Some(&ticket),
+                        "recorded",
+                        Some(detail),
+                    )
+                    .and_then(|w| Ok(self.s.store.apply(vec![w])?));
+                if let Err(e) = written {
+                    return refuse(format!("host error: {e}"));
+                }
+                Ok(serde_json::json!({"recorded": true}))
+            }
+            // needs_grant() is true for every other op; refuse rather than panic if that changes.
+            other => return refuse(format!("{} needs a principal", other.name())),
+        };
+        let pending = Pending {
+            ticket: ticket.clone(),
+            principal: String::new(),
+            app_id: req.app_id,
+            op: req.op,
+            data: req.data,
+            accepted_at_ms: hostfacts::now_ms(),
+        };
+        let mgr = self.clone();
+        let vm_name = vm.to_string();
+        tokio::spawn(async move {
+            if !mgr.deliver(&vm_name, &pending, outcome).await {
+                tracing::debug!(
+                    vm = vm_name,
+                    ticket = pending.ticket,
+                    "could not deliver the answer to {}",
+                    pending.op.name()
+                );
+            }
+        });
+        Body::Ack {
+            accepted: true,
+            reason: None,
+            ticket: Some(ticket),
+        }
+    }
+
     /// Do the work, report it to the guest, then forget the request.
     async fn run_request(&self, vm: &str, p: Pending) {
         let caller = Caller {
@@ -368,6 +445,11 @@ impl Manager {
         };
         let outcome: std::result::Result<serde_json::Value, String> = match &p.op {
             GuestOp::Reconfigure { changes } => self.guest_reconfigure(vm, changes, &caller).await,
+            // Answered at accept time; only a request queued by a build before that could get here.
+            GuestOp::HostIdentity {} => self
+                .identity_answer(vm)
+                .and_then(|a| serde_json::to_value(a).map_err(|e| e.to_string())),
+            GuestOp::MigrationNotice(_) => Ok(serde_json::json!({"recorded": false})),
             GuestOp::HostInfo => Ok(self.guest_host_info()),
             GuestOp::List => self
                 .states(vm)
@@ -627,7 +709,7 @@ impl Manager {
     fn guest_host_info(&self) -> serde_json::Value {
         let (_, free) = hostfacts::disk(&self.s.cfg.state_dir);
         serde_json::json!({
-            "host_id": hostfacts::host_id(),
+            "host_id": self.s.cfg.identity.id,
             "hostname": hostfacts::hostname(),
             "free_disk_bytes": free,
         })
