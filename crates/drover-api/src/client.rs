@@ -1,13 +1,27 @@
-//! A client for droverd's API over its unix socket.
+//! A client for droverd's API: over its unix socket (local, the caller is the peer's uid), or
+//! over HTTPS to `https://HOST:PORT` with a bearer token (remote hosts, and droverd calling a
+//! peer droverd). The server's certificate is checked against a PEM file the caller trusts: a
+//! certificate equal to one in it is accepted as pinned (droverd's self-signed one), otherwise the
+//! PEM's certificates act as CAs and the usual name checks apply.
 
 use crate::{ApiError, ErrorCode, StreamItem};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
-use tokio::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+
+/// How long to wait for a remote host to accept a connection and finish the TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Client failures.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +34,25 @@ pub enum ClientError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A remote droverd did not accept a connection.
+    #[error("cannot reach droverd at {url}: {source}. Is it running with --listen, and is the address reachable from here?")]
+    RemoteUnreachable {
+        /// The remote's URL.
+        url: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The remote's TLS certificate is not the trusted one (or TLS failed otherwise).
+    #[error("TLS with {url} failed: {message}")]
+    Tls {
+        /// The remote's URL.
+        url: String,
+        /// What went wrong and what to check.
+        message: String,
+    },
+    /// The remote's URL or trust settings are unusable.
+    #[error("{0}")]
+    Config(String),
     /// The daemon answered with an error.
     #[error("{0}")]
     Api(#[from] ApiError),
@@ -36,12 +69,62 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether no conversation with droverd happened at all (not listening, unreachable, or its
+    /// certificate was refused), as opposed to droverd answering with an error.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable { .. }
+                | ClientError::RemoteUnreachable { .. }
+                | ClientError::Tls { .. }
+        )
+    }
+}
+
+/// Where a [`Client`] sends requests.
+#[derive(Clone)]
+pub enum Endpoint {
+    /// droverd's unix socket.
+    Unix(PathBuf),
+    /// A droverd serving HTTPS (`droverd --listen`).
+    Https(Arc<Remote>),
+}
+
+/// A remote droverd: its address, bearer token and TLS trust.
+pub struct Remote {
+    url: String,
+    authority: String,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    token: Option<String>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for Endpoint {
+    // By hand, so a token never lands in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Https(r) => write!(
+                f,
+                "{} ({})",
+                r.url,
+                if r.token.is_some() {
+                    "with token"
+                } else {
+                    "no token"
+                }
+            ),
+        }
+    }
 }
 
 /// A connection factory for one droverd.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    endpoint: Endpoint,
 }
 
 /// A raw answer: status, headers, body.
@@ -57,13 +140,91 @@ impl Client {
     /// A client for the daemon at `socket`.
     pub fn new(socket: &Path) -> Self {
         Client {
-            socket: socket.to_path_buf(),
+            endpoint: Endpoint::Unix(socket.to_path_buf()),
         }
     }
 
-    /// The socket path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// A client for a droverd serving HTTPS at `url` (`https://HOST[:PORT]`, port 7443 by
+    /// default), sending `token` as `Authorization: Bearer`, and trusting the server certificate
+    /// if it is one of the certificates in `ca_pem` (pinned) or is issued by one of them.
+    pub fn https(url: &str, token: Option<&str>, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        let (host, port) = parse_url(url)?;
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|e| ClientError::Config(format!("{url}: bad host name {host:?}: {e}")))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ClientError::Config(format!("the CA file for {url} is not PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(ClientError::Config(format!(
+                "the CA file for {url} holds no certificate (droverd's own is STATE_DIR/tls/cert.pem)"
+            )));
+        }
+        let verifier = Arc::new(PinnedOrCa::new(certs)?);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Config(format!("TLS setup: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        if token.is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace())) {
+            return Err(ClientError::Config(format!(
+                "the token for {url} is empty or contains white space"
+            )));
+        }
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Client {
+            endpoint: Endpoint::Https(Arc::new(Remote {
+                url: format!("https://{authority}"),
+                authority,
+                host,
+                port,
+                server_name,
+                token: token.map(str::to_string),
+                tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            })),
+        })
+    }
+
+    /// [`Client::https`] with the token and the trusted certificates read from files.
+    pub fn https_from_files(
+        url: &str,
+        token_file: Option<&Path>,
+        ca_file: &Path,
+    ) -> Result<Self, ClientError> {
+        let read = |p: &Path| {
+            std::fs::read(p)
+                .map_err(|e| ClientError::Config(format!("cannot read {}: {e}", p.display())))
+        };
+        let token = token_file
+            .map(|p| read(p).map(|b| String::from_utf8_lossy(&b).trim().to_string()))
+            .transpose()?;
+        Client::https(url, token.as_deref(), &read(ca_file)?)
+    }
+
+    /// Where requests go.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The socket path, for a local client.
+    pub fn socket(&self) -> Option<&Path> {
+        match &self.endpoint {
+            Endpoint::Unix(p) => Some(p),
+            Endpoint::Https(_) => None,
+        }
+    }
+
+    /// The remote's URL (`https://HOST:PORT`), for a remote client.
+    pub fn url(&self) -> Option<&str> {
+        match &self.endpoint {
+            Endpoint::Unix(_) => None,
+            Endpoint::Https(r) => Some(&r.url),
+        }
     }
 
     async fn send(
@@ -72,41 +233,37 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<RawResponse, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let has_body = body.is_some();
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "droverd");
+        let mut req = Request::builder().method(method).uri(path);
         if has_body {
             req = req.header("content-type", "application/json");
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Protocol(format!("request failed: {e}")))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        Ok(RawResponse {
-            status,
-            headers,
-            body: resp.into_body(),
-        })
+        match &self.endpoint {
+            Endpoint::Unix(socket) => {
+                let stream = UnixStream::connect(socket).await.map_err(|source| {
+                    ClientError::Unreachable {
+                        socket: socket.clone(),
+                        source,
+                    }
+                })?;
+                let req = req
+                    .header("host", "droverd")
+                    .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                exchange(stream, req).await
+            }
+            Endpoint::Https(r) => {
+                let stream = r.connect().await?;
+                req = req.header("host", &r.authority);
+                if let Some(t) = &r.token {
+                    req = req.header("authorization", format!("Bearer {t}"));
+                }
+                let req = req
+                    .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                exchange(stream, req).await
+            }
+        }
     }
 
     async fn collect(
@@ -213,5 +370,226 @@ impl Client {
         Err(ClientError::Protocol(
             "the stream ended without a result".into(),
         ))
+    }
+}
+
+/// One HTTP/1 request on a fresh connection.
+async fn exchange<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<RawResponse, ClientError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError::Protocol(format!("request failed: {e}")))?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    Ok(RawResponse {
+        status,
+        headers,
+        body: resp.into_body(),
+    })
+}
+
+impl Remote {
+    async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+        let unreachable = |source| ClientError::RemoteUnreachable {
+            url: self.url.clone(),
+            source,
+        };
+        let timed_out = || {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            ))
+        };
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(unreachable)?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.tls.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| timed_out())?;
+        tls.map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::InvalidCertificate(c)) => ClientError::Tls {
+                url: self.url.clone(),
+                message: format!(
+                    "the server's certificate is not trusted ({c:?}): it is neither in the CA file given for this remote nor issued by one in it. Use the server's STATE_DIR/tls/cert.pem as --ca-file"
+                ),
+            },
+            Some(other) => ClientError::Tls {
+                url: self.url.clone(),
+                message: other.to_string(),
+            },
+            None => unreachable(e),
+        })
+    }
+}
+
+/// `https://HOST[:PORT][/]` → host and port.
+fn parse_url(url: &str) -> Result<(String, u16), ClientError> {
+    let bad = |why: &str| {
+        ClientError::Config(format!(
+            "bad remote URL {url:?}: {why} (expected https://HOST:PORT)"
+        ))
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| bad("only https:// is served"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+        return Err(bad("give only a host and a port"));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+        match after {
+            "" => (h, None),
+            p => (
+                h,
+                Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
+            ),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = match port {
+        None => 7443,
+        Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+    };
+    Ok((host.to_string(), port))
+}
+
+/// Accepts a server certificate that equals a pinned one, else verifies it against the same
+/// certificates as CAs (so a CA-issued droverd certificate also works).
+#[derive(Debug)]
+struct PinnedOrCa {
+    pins: Vec<CertificateDer<'static>>,
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl PinnedOrCa {
+    fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, ClientError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        // A self-signed leaf may not parse as a trust anchor; then it can only be pinned.
+        let (_added, _skipped) = roots.add_parsable_certificates(certs.iter().cloned());
+        let webpki = if roots.is_empty() {
+            None
+        } else {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .ok()
+        };
+        Ok(PinnedOrCa {
+            pins: certs,
+            webpki,
+            algs: provider.signature_verification_algorithms,
+        })
+    }
+}
+
+impl ServerCertVerifier for PinnedOrCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.pins.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match &self.webpki {
+            Some(v) => {
+                v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(
+            parse_url("https://10.77.0.12:7443").unwrap(),
+            ("10.77.0.12".into(), 7443)
+        );
+        assert_eq!(
+            parse_url("https://host.example/").unwrap(),
+            ("host.example".into(), 7443)
+        );
+        assert_eq!(parse_url("https://[::1]:99").unwrap(), ("::1".into(), 99));
+        for bad in [
+            "http://h:1",
+            "h:1",
+            "https://",
+            "https://h:x",
+            "https://h:1/v1",
+            "https://u@h:1",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn https_client_needs_a_certificate_and_hides_its_token() {
+        let err = Client::https("https://h:1", Some("t"), b"not pem").unwrap_err();
+        assert!(err.to_string().contains("no certificate"), "{err}");
+        assert!(matches!(
+            Client::https("https://h:1", Some("a b"), b""),
+            Err(ClientError::Config(_))
+        ));
     }
 }

@@ -17,11 +17,17 @@
 //! | GET | `/vms/{name}/console?offset=N&max=M` | | bytes; header `x-drover-next-offset` |
 //! | GET | `/image` | | [`ImageInfo`] |
 //! | POST | `/image/build` | [`ImageBuildRequest`] | NDJSON lines of [`StreamItem<ImageInfo>`] |
+//! | GET | `/auth/tokens` | | `Vec<TokenInfo>` |
+//! | POST | `/auth/tokens` | [`TokenCreateRequest`] | [`TokenCreated`] (the token, shown once) |
+//! | DELETE | `/auth/tokens/{name}` | | [`TokenInfo`] (as it was) |
+//!
+//! On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of the
+//! `Authorization: Bearer <token>` header, with the token's role.
 //!
 //! Errors are [`ApiError`] with a stable [`ErrorCode`].
 
 mod client;
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, Endpoint};
 pub use hyper::Method;
 
 use drover_model::{Accel, PersistMode, VmConfig};
@@ -539,6 +545,37 @@ pub struct ImageBuildRequest {
     pub force: bool,
 }
 
+/// Ask for a new API token for TCP callers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreateRequest {
+    /// `admin`, `operator` or `viewer`.
+    pub role: String,
+    /// A name to list and revoke it by (default: chosen by droverd).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A token as droverd keeps it: never the token itself, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// The first hex digits of sha256(token), to tell tokens apart.
+    pub sha256_prefix: String,
+}
+
+/// A new token: `token` is shown this once and stored only hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The bearer token.
+    pub token: String,
+    /// What droverd recorded.
+    #[serde(flatten)]
+    pub info: TokenInfo,
+}
+
 /// One line of a streamed (NDJSON) answer: progress, then a result or an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -573,6 +610,8 @@ pub enum ErrorCode {
     ImageMissing,
     /// The caller lacks the permission.
     Forbidden,
+    /// A TCP caller gave no bearer token, or one droverd does not know.
+    Unauthenticated,
     /// Something failed inside droverd.
     Internal,
 }
@@ -585,6 +624,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
             ErrorCode::InvalidArgument => 400,
             ErrorCode::Forbidden => 403,
+            ErrorCode::Unauthenticated => 401,
             ErrorCode::InsufficientResources => 507,
             ErrorCode::AgentUnavailable => 503,
             ErrorCode::Timeout => 504,

@@ -1,7 +1,9 @@
 //! `drover`: the command-line interface to droverd.
 
 mod output;
+mod remotes;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use drover_api::{
     Client, ClientError, ErrorCode, ExecRequest, ImageBuildRequest, StopRequest, VmInfo,
@@ -15,7 +17,8 @@ use std::time::{Duration, Instant};
 
 /// Drover: run and manage QEMU virtual machines.
 ///
-/// Talks to droverd over its unix socket. Start the daemon with `droverd` (as root), then:
+/// Talks to droverd over its unix socket, or to a remote droverd over HTTPS with --remote NAME
+/// (see `drover remote add`). Start the daemon with `droverd` (as root), then:
 ///
 ///   drover vm create web1 --cpus 2 --memory 1G --disk size=4G,id=data --nic user,forward=tcp:2222-:22
 ///   drover vm start web1 --wait
@@ -44,6 +47,9 @@ struct Cli {
         default_value = "/run/drover/drover.sock"
     )]
     socket: PathBuf,
+    /// Send the command to this remote droverd instead of the local socket (see `drover remote`).
+    #[arg(long, global = true, env = "DROVER_REMOTE", value_name = "NAME")]
+    remote: Option<String>,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -70,9 +76,12 @@ enum Cmd {
     /// The default guest image (Debian kernel + busybox + drover-agent).
     #[command(subcommand)]
     Image(ImageCmd),
-    /// Who may do what on this host (roles by uid; root is always admin).
+    /// Who may do what on this host (roles by uid; root is always admin; tokens for TCP callers).
     #[command(subcommand)]
     Auth(AuthCmd),
+    /// Named remote droverd's (HTTPS + bearer token) that --remote NAME sends commands to.
+    #[command(subcommand)]
+    Remote(RemoteCmd),
     /// Saved VM states: device state, memory and disk layers; save, list, restore, delete.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -159,6 +168,73 @@ enum AuthCmd {
     },
     /// List granted roles.
     List,
+    /// Bearer tokens for callers over TCP (`droverd --listen`): create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a token with a role; prints it once (droverd keeps only its sha256).
+    ///
+    /// Example: drover auth token create --role operator --name ci > ci.token
+    #[command(verbatim_doc_comment)]
+    Create {
+        /// The role: admin, operator (run and change VMs) or viewer (read only).
+        #[arg(long, value_parser = ["admin", "operator", "viewer"])]
+        role: String,
+        /// A name to list and revoke it by [default: ROLE-N].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens: name, role, the start of their hash.
+    List,
+    /// Revoke a token by name; callers holding it are refused from the next request on.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RemoteCmd {
+    /// Remember a remote droverd; checks that it answers unless --no-check.
+    ///
+    /// Example (droverd --listen 10.77.0.12:7443 --state-dir /var/lib/drover-h2):
+    ///   drover remote add h2 https://10.77.0.12:7443 \
+    ///       --token-file /var/lib/drover-h2/tls/admin.token --ca-file /var/lib/drover-h2/tls/cert.pem
+    ///   drover --remote h2 vm list
+    ///
+    /// The token and certificate are copied into the remotes file (mode 0600):
+    /// $DROVER_CONFIG_DIR/remotes.toml, default ~/.config/drover/remotes.toml.
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// A name for it (letters, digits, '-', '_', '.').
+        name: String,
+        /// https://HOST:PORT
+        url: String,
+        /// A file holding the bearer token (`drover auth token create` on that host prints one).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The certificate to trust (PEM): the remote's STATE_DIR/tls/cert.pem, or its CA.
+        #[arg(long, value_name = "FILE")]
+        ca_file: PathBuf,
+        /// Overwrite a remote of that name.
+        #[arg(long)]
+        replace: bool,
+        /// Save it without checking that it answers.
+        #[arg(long)]
+        no_check: bool,
+    },
+    /// List remotes (never their tokens).
+    #[command(alias = "ls")]
+    List,
+    /// Forget a remote.
+    #[command(alias = "rm")]
+    Remove {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -486,14 +562,17 @@ enum VmCmd {
 
 /// Exit codes by error kind; documented in `drover --help`.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<remotes::UnknownRemote>().is_some() {
+        return 2;
+    }
     match e.downcast_ref::<ClientError>() {
-        Some(ClientError::Unreachable { .. }) => 5,
+        Some(c) if c.is_unreachable() => 5,
         Some(c) => match c.code() {
             Some(ErrorCode::NotFound) => 3,
             Some(ErrorCode::Conflict | ErrorCode::AlreadyExists) => 4,
             Some(ErrorCode::Timeout | ErrorCode::AgentUnavailable) => 6,
             Some(ErrorCode::InsufficientResources) => 7,
-            Some(ErrorCode::Forbidden) => 8,
+            Some(ErrorCode::Forbidden | ErrorCode::Unauthenticated) => 8,
             _ => 1,
         },
         None => 1,
@@ -513,13 +592,179 @@ fn main() -> ExitCode {
         }
     };
     let out = Out::new(cli.output == Format::Json);
+    let remote = cli.remote.clone();
     match rt.block_on(run(cli, &out)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             out.error(&e);
+            let unauthenticated = e
+                .downcast_ref::<ClientError>()
+                .and_then(|c| c.code())
+                .is_some_and(|c| c == ErrorCode::Unauthenticated);
+            if let (Some(r), true, false) = (remote, unauthenticated, out.is_json()) {
+                eprintln!("drover: remote {r} has no token droverd accepts; store a valid one with `drover remote add {r} URL --token-file FILE --ca-file FILE --replace`");
+            }
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+async fn token_cmd(c: &Client, out: &Out, cmd: TokenCmd) -> anyhow::Result<u8> {
+    match cmd {
+        TokenCmd::Create { role, name } => {
+            let t: drover_api::TokenCreated = c
+                .post(
+                    "/v1/auth/tokens",
+                    &drover_api::TokenCreateRequest { role, name },
+                )
+                .await?;
+            if out.is_json() {
+                out.json_only(&t);
+            } else {
+                // The token alone on stdout, so `> file` captures just it.
+                println!("{}", t.token);
+                eprintln!(
+                    "created token {} (role {}); shown once, droverd keeps only its hash",
+                    t.info.name, t.info.role
+                );
+            }
+        }
+        TokenCmd::List => {
+            let list: Vec<drover_api::TokenInfo> = c.get("/v1/auth/tokens").await?;
+            if out.is_json() {
+                out.json_only(&list);
+            } else if list.is_empty() {
+                println!("no tokens");
+            } else {
+                for t in &list {
+                    println!("{:<20} {:<9} sha256 {}…", t.name, t.role, t.sha256_prefix);
+                }
+            }
+        }
+        TokenCmd::Revoke { name } => {
+            let t: drover_api::TokenInfo = c
+                .call::<(), drover_api::TokenInfo>(
+                    drover_api::Method::DELETE,
+                    &format!("/v1/auth/tokens/{}", token_name(&name)?),
+                    None,
+                )
+                .await?;
+            out.line(&format!("revoked token {} (role {})", t.name, t.role));
+            out.json_only(&t);
+        }
+    }
+    Ok(0)
+}
+
+/// The client for this invocation: the named remote, or the local socket.
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let Some(name) = cli.remote.as_deref().filter(|n| !n.is_empty()) else {
+        return Ok(Client::new(&cli.socket));
+    };
+    let path = remotes::config_file()?;
+    let all = remotes::Remotes::load(&path)?;
+    let r = all.get(name)?;
+    Ok(Client::https(&r.url, r.token.as_deref(), r.ca.as_bytes())?)
+}
+
+async fn remote_cmd(cmd: RemoteCmd, out: &Out) -> anyhow::Result<u8> {
+    let path = remotes::config_file()?;
+    let mut all = remotes::Remotes::load(&path)?;
+    match cmd {
+        RemoteCmd::List => {
+            if out.is_json() {
+                let list: Vec<serde_json::Value> = all
+                    .remote
+                    .iter()
+                    .map(|(n, r)| serde_json::json!({"name": n, "url": r.url, "token": r.token.is_some()}))
+                    .collect();
+                out.json_only(&list);
+            } else if all.remote.is_empty() {
+                println!("no remotes (add one with `drover remote add NAME https://HOST:PORT --token-file F --ca-file F`)");
+            } else {
+                for (n, r) in &all.remote {
+                    let tok = if r.token.is_some() {
+                        ""
+                    } else {
+                        "  (no token)"
+                    };
+                    println!("{n:<12} {}{tok}", r.url);
+                }
+            }
+        }
+        RemoteCmd::Remove { name } => {
+            all.get(&name)?;
+            all.remote.remove(&name);
+            all.save(&path)?;
+            out.line(&format!("removed remote {name}"));
+            out.json_only(&serde_json::json!({"removed": name}));
+        }
+        RemoteCmd::Add {
+            name,
+            url,
+            token_file,
+            ca_file,
+            replace,
+            no_check,
+        } => {
+            if !remotes::valid_name(&name) {
+                anyhow::bail!("bad remote name {name:?}: use letters, digits, '-', '_', '.'");
+            }
+            if all.remote.contains_key(&name) && !replace {
+                anyhow::bail!("a remote named {name} exists already; pass --replace to overwrite it, or `drover remote remove {name}`");
+            }
+            let token = token_file
+                .as_deref()
+                .map(|p| {
+                    std::fs::read_to_string(p)
+                        .map(|t| t.trim().to_string())
+                        .with_context(|| format!("reading the token file {}", p.display()))
+                })
+                .transpose()?;
+            let ca = std::fs::read_to_string(&ca_file)
+                .with_context(|| format!("reading the CA file {}", ca_file.display()))?;
+            // Builds the TLS setup, so a bad URL or CA file is refused before anything is saved.
+            let c = Client::https(&url, token.as_deref(), ca.as_bytes())?;
+            let url = c.url().unwrap_or(&url).to_string();
+            let host = if no_check {
+                None
+            } else {
+                Some(c.get::<drover_api::HostInfo>("/v1/host").await?)
+            };
+            all.remote.insert(
+                name.clone(),
+                remotes::Remote {
+                    url: url.clone(),
+                    token,
+                    ca,
+                },
+            );
+            all.save(&path)?;
+            match &host {
+                Some(h) => out.line(&format!(
+                    "added remote {name}: {url} (host {}, droverd {})",
+                    h.hostname, h.daemon_version
+                )),
+                None => out.line(&format!("added remote {name}: {url} (not checked)")),
+            }
+            out.json_only(
+                &serde_json::json!({"name": name, "url": url, "checked": host.is_some()}),
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn token_name(name: &str) -> anyhow::Result<&str> {
+    // Token names are checked by droverd; refuse what would not fit a URL path segment.
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+    {
+        anyhow::bail!("invalid token name {name:?}: use letters, digits, '-', '_', '.', '@'");
+    }
+    Ok(name)
 }
 
 fn seg(name: &str) -> anyhow::Result<String> {
@@ -535,8 +780,13 @@ fn seg(name: &str) -> anyhow::Result<String> {
 }
 
 async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
-    let c = Client::new(&cli.socket);
+    // `remote` commands edit the remotes file and must work whatever --remote says.
+    let c = match cli.cmd {
+        Cmd::Remote(_) => Client::new(&cli.socket),
+        _ => client(&cli)?,
+    };
     match cli.cmd {
+        Cmd::Remote(cmd) => return remote_cmd(cmd, out).await,
         Cmd::Host(HostCmd::Info) => {
             let h: drover_api::HostInfo = c.get("/v1/host").await?;
             out.host(&h);
@@ -613,6 +863,7 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
         },
         Cmd::Auth(cmd) => {
             let (uid, role) = match cmd {
+                AuthCmd::Token(cmd) => return token_cmd(&c, out, cmd).await,
                 AuthCmd::List => {
                     let roles: Vec<(u32, String)> = c.get("/v1/auth/roles").await?;
                     out.roles(&roles);

@@ -2,9 +2,10 @@
 //! [`ApiError`]s. Mutating calls run in their own task, so a client that hangs up mid-way cannot
 //! leave a VM half-started or half-stopped.
 
-use crate::auth::{Caller, Permission, Role};
+use crate::auth::{bearer, Caller, Permission, Role, TokenStore};
 use crate::error::HostError;
 use crate::manager::Manager;
+use crate::tls::TlsListener;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,16 +17,20 @@ use drover_api::{
 };
 use drover_model::VmSpec;
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
 
-/// Who is on the other end of an API connection (unix socket peer credentials).
-#[derive(Clone, Debug)]
+/// Who is on the other end of an API connection: a local process (unix socket peer
+/// credentials) or a TCP client (which must then bring a bearer token).
+#[derive(Clone, Debug, Default)]
 pub struct Peer {
-    /// The peer's uid, when the socket reports it.
+    /// The peer's uid, when the unix socket reports it.
     pub uid: Option<u32>,
+    /// The TCP client's address; set for every connection that came in over TCP (TLS).
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 impl
@@ -36,6 +41,16 @@ impl
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
         Peer {
             uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+            remote: None,
+        }
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        Peer {
+            uid: None,
+            remote: Some(*stream.remote_addr()),
         }
     }
 }
@@ -49,11 +64,44 @@ impl axum::extract::FromRequestParts<Manager> for Who {
         parts: &mut axum::http::request::Parts,
         m: &Manager,
     ) -> Result<Self, Self::Rejection> {
-        let uid = parts
+        let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<Peer>>()
-            .and_then(|c| c.0.uid);
-        Ok(Who(m.caller(uid)))
+            .map(|c| c.0.clone())
+            .unwrap_or_default();
+        match peer.remote {
+            // Local: the kernel vouches for the uid; a token header is ignored.
+            None => Ok(Who(m.caller(peer.uid))),
+            Some(addr) => {
+                let header = parts
+                    .headers
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                token_caller(parts.extensions.get::<Arc<TokenStore>>(), header)
+                    .map(Who)
+                    .inspect_err(|f| tracing::info!(peer = %addr, error = %f.0.message, "refused a TCP caller"))
+            }
+        }
+    }
+}
+
+/// The caller behind an `Authorization` header on a TCP connection.
+fn token_caller(tokens: Option<&Arc<TokenStore>>, header: Option<&str>) -> Result<Caller, Failure> {
+    let unauth = |m: &str| Failure(ApiError::new(ErrorCode::Unauthenticated, m));
+    let Some(token) = header.and_then(bearer) else {
+        return Err(unauth(
+            "this droverd needs a bearer token on TCP (Authorization: Bearer TOKEN); with the CLI: `drover remote add NAME URL --token-file FILE`. An admin on the host makes one with `drover auth token create --role viewer`",
+        ));
+    };
+    let Some(tokens) = tokens else {
+        return Err(unauth("this droverd accepts no tokens"));
+    };
+    match tokens.resolve(token) {
+        Ok(Some(entry)) => Ok(entry.caller()),
+        Ok(None) => Err(unauth(
+            "this droverd does not know the bearer token (revoked, mistyped, or meant for another host); ask its admin for one (`drover auth token create`)",
+        )),
+        Err(e) => Err(Failure(ApiError::new(ErrorCode::Internal, e.to_string()))),
     }
 }
 
@@ -96,9 +144,14 @@ async fn detached<T: Send + 'static>(
         .map_err(Failure::from)
 }
 
-/// Build the router.
+/// Build the router, with no token store (TCP callers are all refused).
 pub fn router(mgr: Manager) -> Router {
-    Router::new()
+    router_with(mgr, None)
+}
+
+/// Build the router; `tokens` resolves TCP callers' bearer tokens and backs `/v1/auth/tokens`.
+pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
+    let r = Router::new()
         .route("/v1/host", get(host))
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(show).delete(delete))
@@ -135,9 +188,18 @@ pub fn router(mgr: Manager) -> Router {
         .route("/v1/image", get(image))
         .route("/v1/image/build", post(image_build))
         .route("/v1/auth/roles", get(roles).post(grant))
+        .route("/v1/auth/tokens", get(tokens_list).post(token_create))
+        .route(
+            "/v1/auth/tokens/{name}",
+            axum::routing::delete(token_revoke),
+        )
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such API route")) })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(mgr)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+    let r = match tokens {
+        Some(t) => r.layer(axum::Extension(t)),
+        None => r,
+    };
+    r.with_state(mgr)
 }
 
 /// A JSON body whose parse errors become `invalid_argument` answers.
@@ -450,6 +512,59 @@ async fn grant(
 ) -> Res<Vec<(u32, Role)>> {
     m.set_role(&who.0, req.uid, req.role)?;
     Ok(Json(m.roles()?))
+}
+
+/// The token store behind a request, or a clear refusal.
+fn token_store(ext: Option<axum::Extension<Arc<TokenStore>>>) -> Result<Arc<TokenStore>, Failure> {
+    ext.map(|axum::Extension(t)| t).ok_or_else(|| {
+        Failure(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "this droverd keeps no API tokens",
+        ))
+    })
+}
+
+async fn tokens_list(
+    who: Who,
+    ext: Option<axum::Extension<Arc<TokenStore>>>,
+) -> Res<Vec<drover_api::TokenInfo>> {
+    need(&who, Permission::Admin)?;
+    let t = token_store(ext)?;
+    let list = t.entries().map_err(HostError::from)?;
+    Ok(Json(list.iter().map(|e| e.info()).collect()))
+}
+
+async fn token_create(
+    who: Who,
+    ext: Option<axum::Extension<Arc<TokenStore>>>,
+    Body(req): Body<drover_api::TokenCreateRequest>,
+) -> Res<drover_api::TokenCreated> {
+    need(&who, Permission::Admin)?;
+    let t = token_store(ext)?;
+    let role: Role = req
+        .role
+        .parse()
+        .map_err(|e: String| Failure(ApiError::new(ErrorCode::InvalidArgument, e)))?;
+    let (token, entry) = t
+        .create(role, req.name.as_deref())
+        .map_err(HostError::from)?;
+    tracing::info!(name = %entry.name, role = %entry.role, by = %who.0.name, "API token created");
+    Ok(Json(drover_api::TokenCreated {
+        token,
+        info: entry.info(),
+    }))
+}
+
+async fn token_revoke(
+    who: Who,
+    ext: Option<axum::Extension<Arc<TokenStore>>>,
+    Path(name): Path<String>,
+) -> Res<drover_api::TokenInfo> {
+    need(&who, Permission::Admin)?;
+    let t = token_store(ext)?;
+    let gone = t.revoke(&name).map_err(HostError::from)?;
+    tracing::info!(name = %gone.name, by = %who.0.name, "API token revoked");
+    Ok(Json(gone.info()))
 }
 
 #[derive(Deserialize)]

@@ -14,6 +14,7 @@ pub mod error;
 pub mod filecopy;
 pub mod hostfacts;
 pub mod manager;
+pub mod tls;
 
 /// One line of image-build progress for logs and the CLI.
 pub fn image_progress(p: &drover_image::Progress) -> String {

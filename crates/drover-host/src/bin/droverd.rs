@@ -2,9 +2,12 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use drover_host::auth::{Role, TokenStore};
 use drover_host::manager::{DaemonConfig, Manager};
+use drover_host::tls;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Drover's host daemon: runs QEMU virtual machines and serves the API the `drover` CLI uses.
 ///
@@ -46,6 +49,22 @@ struct Args {
     /// machine its own.
     #[arg(long, env = "DROVER_HOST_ID", value_parser = parse_host_id)]
     host_id: Option<String>,
+    /// Also serve the API on TCP, with TLS, at this address (e.g. 10.77.0.11:7443). TCP callers
+    /// need a bearer token (see --tokens); the unix socket keeps working as before.
+    #[arg(long, env = "DROVER_LISTEN", value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// TLS certificate chain (PEM) for --listen [default: a self-signed one, made once and kept
+    /// in STATE_DIR/tls/cert.pem; give that file to clients as their CA file].
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Bearer tokens for TCP callers, one `SHA256-HEX ROLE NAME` line each (manage them with
+    /// `drover auth token`) [default: STATE_DIR/tokens]. When it holds none, the first start
+    /// with --listen creates an admin token in STATE_DIR/tls/admin.token.
+    #[arg(long, env = "DROVER_TOKENS", value_name = "FILE")]
+    tokens: Option<PathBuf>,
     /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
     #[arg(long, env = "DROVER_LOG", default_value = "info")]
     log: String,
@@ -91,11 +110,23 @@ async fn main() -> anyhow::Result<()> {
             std::path::Path::new(drover_host::hostfacts::DMI_DIR),
         ),
     };
+    let tokens = Arc::new(TokenStore::new(
+        &args
+            .tokens
+            .clone()
+            .unwrap_or_else(|| cfg.state_dir.join("tokens")),
+    ));
+    // Bind everything before the manager re-adopts VMs, so a taken address fails fast.
     let listener = bind(&args.socket, args.socket_mode).await?;
+    let tcp = match args.listen {
+        Some(addr) => Some(listen_tls(&args, addr, &cfg.state_dir, &tokens).await?),
+        None => None,
+    };
     let mgr = Manager::open(cfg, Box::new(store)).await?;
-    tracing::info!(socket = %args.socket.display(), vms = mgr.list().len(), "droverd serving");
-    let app = drover_host::api::router(mgr);
-    let shutdown = async {
+    tracing::info!(socket = %args.socket.display(), listen = ?args.listen, vms = mgr.list().len(), "droverd serving");
+    let app = drover_host::api::router_with(mgr, Some(tokens));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -105,15 +136,69 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(
             "droverd stopping; running VMs keep running and are re-adopted at the next start"
         );
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
+    let tcp_task = tcp.map(|l| {
+        let serve = axum::serve(
+            l,
+            app.clone()
+                .into_make_service_with_connect_info::<drover_host::api::Peer>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        tokio::spawn(async move { serve.await })
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<drover_host::api::Peer>(),
     )
-    .with_graceful_shutdown(shutdown)
+    .with_graceful_shutdown(stopped(stop_rx))
     .await?;
     let _ = std::fs::remove_file(&args.socket);
+    if let Some(t) = tcp_task {
+        t.await.context("the TCP listener task failed")??;
+    }
     Ok(())
+}
+
+/// Bind `addr`, set up TLS (the given or the self-signed certificate) and make sure some token
+/// can get in: with none yet, create an admin token in STATE_DIR/tls/admin.token.
+async fn listen_tls(
+    args: &Args,
+    addr: std::net::SocketAddr,
+    state_dir: &std::path::Path,
+    tokens: &TokenStore,
+) -> anyhow::Result<tls::TlsListener> {
+    let tls_dir = state_dir.join("tls");
+    let files = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => tls::CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => {
+            let (files, created) = tls::ensure_self_signed(&tls_dir, &tls::wanted_sans(addr.ip()))?;
+            if created {
+                tracing::info!(cert = %files.cert.display(), "created a self-signed TLS certificate; clients use it as their CA file");
+            }
+            files
+        }
+    };
+    let cfg = tls::server_config(&files)?;
+    if tokens.entries()?.is_empty() {
+        let (token, entry) = tokens.create(Role::Admin, Some("admin"))?;
+        std::fs::create_dir_all(&tls_dir)
+            .with_context(|| format!("creating {}", tls_dir.display()))?;
+        let path = tls_dir.join("admin.token");
+        tls::write_private(&path, format!("{token}\n").as_bytes())?;
+        tracing::info!(token_file = %path.display(), name = %entry.name, "no API token existed: created an admin token (keep it secret; make narrower ones with `drover auth token create`)");
+    }
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (--listen)"))?;
+    tracing::info!(listen = %addr, cert = %files.cert.display(), tokens = %tokens.path().display(), "serving the API on TCP with TLS");
+    Ok(tls::TlsListener::new(tcp, cfg)?)
 }
 
 /// Bind the API socket, refusing to steal one another daemon is serving.

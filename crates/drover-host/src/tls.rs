@@ -1,0 +1,250 @@
+//! The API on TCP: TLS (rustls) around the same router the unix socket serves.
+//!
+//! droverd's certificate is either given (`--tls-cert/--tls-key`) or self-signed once and kept in
+//! `STATE_DIR/tls/` (`cert.pem`, `key.pem`); clients pin that certificate (it is its own CA).
+//! Handshakes run in their own tasks, so a slow or hostile client cannot hold up the others.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A client has this long to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS setup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{path}: {why}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Certificate generation or the TLS configuration failed.
+    #[error("TLS setup: {0}")]
+    Setup(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The files droverd serves TLS with.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    /// The certificate chain (PEM); for a self-signed one, also what clients trust.
+    pub cert: PathBuf,
+    /// The private key (PEM).
+    pub key: PathBuf,
+}
+
+/// The host's name, for the certificate (falls back to `localhost`).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The names a self-signed certificate for `listen` carries: the listen IP (unless it is a
+/// wildcard), the host name, `localhost`.
+pub fn wanted_sans(listen: IpAddr) -> Vec<String> {
+    let mut sans = Vec::new();
+    if !listen.is_unspecified() {
+        sans.push(listen.to_string());
+    }
+    for n in [host_name(), "localhost".to_string()] {
+        if !sans.contains(&n) {
+            sans.push(n);
+        }
+    }
+    sans
+}
+
+/// The self-signed certificate in `dir` (`cert.pem`, `key.pem`, 0600), created when missing or
+/// when it does not name every one of `sans` (the listen address changed).
+pub fn ensure_self_signed(dir: &Path, sans: &[String]) -> Result<(CertFiles, bool), TlsError> {
+    let files = CertFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    let sans_file = dir.join("cert.sans");
+    let have: Vec<String> = std::fs::read_to_string(&sans_file)
+        .map(|s| s.lines().map(str::to_string).collect())
+        .unwrap_or_default();
+    if files.cert.exists() && files.key.exists() && sans.iter().all(|s| have.contains(s)) {
+        return Ok((files, false));
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut params = rcgen::CertificateParams::new(sans.to_vec())
+        .map_err(|e| TlsError::Setup(format!("certificate names {sans:?}: {e}")))?;
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("droverd {}", host_name()),
+    );
+    let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Setup(e.to_string()))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    // The key first and private, so a crash in between never leaves a readable key.
+    write_private(&files.key, key.serialize_pem().as_bytes())?;
+    std::fs::write(&files.cert, cert.pem()).map_err(io_err(&files.cert))?;
+    std::fs::write(&sans_file, sans.join("\n")).map_err(io_err(&sans_file))?;
+    Ok((files, true))
+}
+
+/// Write a file only its owner can read (created 0600, not chmod'ed afterwards).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    // An existing file keeps its old mode through open(); make sure it is private.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(path))?;
+    f.write_all(data).map_err(io_err(path))
+}
+
+/// A rustls server configuration from PEM files.
+pub fn server_config(files: &CertFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pem_err = |path: &Path, why: String| TlsError::Pem {
+        path: path.to_path_buf(),
+        why,
+    };
+    let cert_pem = std::fs::read(&files.cert).map_err(io_err(&files.cert))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err(&files.cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_err(&files.cert, "no certificate in it".into()));
+    }
+    let key_pem = std::fs::read(&files.key).map_err(io_err(&files.key))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| pem_err(&files.key, format!("no usable private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Setup(format!("certificate and key do not fit: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A TCP listener that hands out connections after their TLS handshake; usable with
+/// `axum::serve`.
+pub struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Accept on `tcp`, handshaking with `cfg`.
+    pub fn new(tcp: TcpListener, cfg: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        let local = tcp.local_addr()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (sock, addr) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait rather than spin.
+                        tracing::warn!(error = %e, "accepting a TCP connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let conn_tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = conn_tx.send((tls, addr)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(peer = %addr, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::info!(peer = %addr, "TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(TlsListener { rx, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept task ended (droverd is stopping): no more connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_cert_is_made_once_and_remade_for_new_names() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sans = wanted_sans("10.77.0.11".parse().unwrap());
+        assert_eq!(sans[0], "10.77.0.11");
+        let (f, created) = ensure_self_signed(dir.path(), &sans).unwrap();
+        assert!(created);
+        let mode = std::fs::metadata(&f.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let first = std::fs::read(&f.cert).unwrap();
+        assert!(server_config(&f).is_ok());
+        let (_, again) = ensure_self_signed(dir.path(), &sans).unwrap();
+        assert!(!again);
+        assert_eq!(std::fs::read(&f.cert).unwrap(), first);
+        let (_, remade) =
+            ensure_self_signed(dir.path(), &wanted_sans("10.77.0.12".parse().unwrap())).unwrap();
+        assert!(remade);
+        assert_ne!(std::fs::read(&f.cert).unwrap(), first);
+        // Junk is refused with the file named.
+        std::fs::write(&f.cert, "junk").unwrap();
+        let err = server_config(&f).unwrap_err().to_string();
+        assert!(err.contains("cert.pem"), "{err}");
+    }
+}
