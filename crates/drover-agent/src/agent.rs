@@ -47,12 +47,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let port_a = Arc::new(PortA::new());
     let app_server = Arc::new(AppServer::new(Arc::clone(&port_a), Arc::clone(&hub)));
 
+    // Notices moves (pushed notice, new host at a reconnect, new generation) and runs the
+    // migrated.d hooks once per change.
+    let triggers = crate::migration::spawn_watcher(crate::migration::Watcher {
+        port_a: Arc::clone(&port_a),
+        hub: Arc::clone(&hub),
+        hooks: crate::migration::Hooks::default(),
+    })
+    .context("starting the migration watcher")?;
+    let on_connect = std::sync::Mutex::new(triggers.clone());
+    port_a.on_connect(move || {
+        let _ = crate::lock(&on_connect).send(crate::migration::Trigger::Connected);
+    });
+
     let path_a = config.port_a.clone();
     spawn_service("port-a", &died_tx, move || {
         crate::device::run_port(&path_a, "port A", |file, writer| port_a.serve(file, writer))
     })?;
 
-    let port_b = PortB::new(Arc::clone(&power), hub);
+    let port_b = PortB::new(Arc::clone(&power), hub).with_migration_watcher(triggers);
     let path_b = config.port_b.clone();
     spawn_service("port-b", &died_tx, move || {
         crate::device::run_port(&path_b, "port B", |file, writer| port_b.serve(file, writer))

@@ -71,9 +71,14 @@ An --app-id names your app; every event for it reaches `drover-guest listen --ap
 after the VM was saved and restored (where no request is pending any more). --data JSON is handed
 back with the outcome, so an app can carry its own context across a restore.
 
+`host-id` and `scan` need no principal: the host that runs the VM answers them for anyone in the
+guest (what they reveal is no secret), within the host's rate limit.
+
 Exit codes: 0 done (accepted, or completed with --wait), 1 usage or bad input, 2 refused by the
 host (reason on stderr), 3 completed with status failed (error on stderr), 4 agent not reachable,
-host did not acknowledge, or timed out waiting.";
+host did not acknowledge, or timed out waiting, 5 `scan` only: the VM moved to another host (or
+was restored) during the scan, RC_INCONSISTENT_OUTPUT (the inventory is discarded; stdout has the
+old and new host ids as JSON).";
 
 const GUEST_EXAMPLES: &str = "\
 Examples:
@@ -83,6 +88,8 @@ Examples:
   drover-guest save --name before-upgrade --app-id upgrader --data '{\"step\":3}'
   drover-guest listen --app-id upgrader
   drover-guest list
+  drover-guest host-id
+  drover-guest scan --repeat-if-migrated --notify-if-migrated
   drover-guest help reconfigure";
 
 /// The in-guest CLI for apps and operators inside the VM.
@@ -148,6 +155,66 @@ Examples:
 Example:
   drover-guest listen --app-id backup | while read -r ev; do echo \"got $ev\"; done")]
     Listen(ListenArgs),
+    /// Print the identity of the host running this VM (id, serial, model, name) and the VM's
+    /// generation id, as JSON. Needs no principal.
+    ///
+    /// The host that runs the VM answers, so the id changes when the VM is migrated; the
+    /// generation id changes when the VM is restored from a saved state or cloned.
+    #[command(after_help = "Example:\n  drover-guest host-id")]
+    HostId(HostIdArgs),
+    /// Inventory this VM (CPUs, memory, disks, NICs, DMI, kernel) safely across migrations.
+    ///
+    /// Reads the host id, scans, reads the host id again. Unchanged: prints the inventory as one
+    /// JSON line and exits 0. Changed (the VM moved, or was restored, meanwhile): the inventory may
+    /// mix two machines and is discarded; prints RC_INCONSISTENT_OUTPUT on stderr and the old and
+    /// new host ids as JSON on stdout, and exits 5.
+    ///
+    /// --notify-if-migrated runs every executable in /etc/drover/hooks/migrated.d/ in name order
+    /// (each at most 30 s; environment DROVER_OLD_HOST_ID, DROVER_NEW_HOST_ID,
+    /// DROVER_OLD_GENERATION_ID, DROVER_NEW_GENERATION_ID, DROVER_MIGRATION_TRIGGER) and tells the
+    /// host, which records it in the VM's audit trail (`drover vm audit VM` on the host, op
+    /// migration-notice). Once per change: the agent runs the same hooks by itself when it notices a
+    /// move (a pushed `migrated` event, a new host id or generation id), and whichever of the two
+    /// comes first runs them; the other finds the change handled (recorded in /run/drover).
+    /// Needs no principal.
+    #[command(after_help = "\
+Examples:
+  drover-guest scan > inventory.json || echo \"scan failed: $?\"
+  drover-guest scan --repeat-if-migrated=5 --notify-if-migrated")]
+    Scan(ScanArgs),
+}
+
+/// `drover-guest host-id`.
+#[derive(Debug, Clone, Args)]
+pub struct HostIdArgs {
+    /// The agent's app socket.
+    #[arg(long, value_name = "PATH", default_value = crate::app::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Seconds to keep asking while the agent has no host (droverd restarting, VM moving).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
+}
+
+/// `drover-guest scan`.
+#[derive(Debug, Clone, Args)]
+pub struct ScanArgs {
+    /// Scan again when the host changed, at most N more times (default 3).
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "3",
+          value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat_if_migrated: Option<u32>,
+    /// When the host changed, run the hooks in /etc/drover/hooks/migrated.d/ and tell the host.
+    #[arg(long)]
+    pub notify_if_migrated: bool,
+    /// The agent's app socket.
+    #[arg(long, value_name = "PATH", default_value = crate::app::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Seconds each read of the host id may take while the agent has no host.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
+    /// For tests: sleep this many milliseconds between the inventory and the second read of the
+    /// host id, widening the window for a migration (also $DROVER_SCAN_PAUSE_MS).
+    #[arg(long, value_name = "MS", hide = true)]
+    pub pause_between: Option<u64>,
 }
 
 /// What every request to the host needs.
@@ -556,6 +623,40 @@ mod tests {
             GuestCommand::HostInfo(_)
         ));
         assert!(guest(&["listen"]).is_err(), "listen needs --app-id");
+        assert!(matches!(
+            guest(&["host-id"]).unwrap(),
+            GuestCommand::HostId(HostIdArgs { timeout: 60, .. })
+        ));
+        let GuestCommand::Scan(s) = guest(&["scan"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (s.repeat_if_migrated, s.notify_if_migrated, s.pause_between),
+            (None, false, None)
+        );
+        let GuestCommand::Scan(s) =
+            guest(&["scan", "--repeat-if-migrated", "--notify-if-migrated"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (s.repeat_if_migrated, s.notify_if_migrated),
+            (Some(3), true)
+        );
+        let GuestCommand::Scan(s) =
+            guest(&["scan", "--repeat-if-migrated=5", "--pause-between", "100"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (s.repeat_if_migrated, s.pause_between),
+            (Some(5), Some(100))
+        );
+        assert!(guest(&["scan", "--repeat-if-migrated=0"]).is_err());
+        assert!(
+            guest(&["scan", "--repeat-if-migrated=99"]).is_err(),
+            "bounded"
+        );
         assert!(matches!(
             guest(&["listen", "--app-id", "a", "--socket", "/tmp/s"]).unwrap(),
             GuestCommand::Listen(ListenArgs { ref app_id, .. }) if app_id == "a"

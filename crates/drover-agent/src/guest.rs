@@ -28,6 +28,9 @@ pub mod exit {
     pub const FAILED: u8 = 3;
     /// The agent is not reachable, the host did not acknowledge, or waiting timed out.
     pub const UNAVAILABLE: u8 = 4;
+    /// `scan`: the host changed between the scan's two reads of its id (`RC_INCONSISTENT_OUTPUT`);
+    /// the inventory was discarded.
+    pub const INCONSISTENT: u8 = 5;
 }
 
 /// How long to wait for the agent's answer to a request: its own ack bound plus a margin.
@@ -48,7 +51,7 @@ pub struct Failure {
     pub timed_out: bool,
 }
 
-fn fail(code: u8, message: impl Into<String>) -> Failure {
+pub(crate) fn fail(code: u8, message: impl Into<String>) -> Failure {
     Failure {
         code,
         message: message.into(),
@@ -118,7 +121,50 @@ pub fn execute(command: &GuestCommand, out: &mut dyn Write) -> Result<(), Failur
             request(out, &a.request, GuestOp::HostInfo, Some(Output::Result))
         }
         GuestCommand::Listen(a) => listen(out, a),
+        GuestCommand::HostId(a) => {
+            let answer = crate::scan::host_identity(&a.socket, Duration::from_secs(a.timeout))?;
+            let v = serde_json::to_value(answer)
+                .map_err(|e| fail(exit::USAGE, format!("encoding the answer: {e}")))?;
+            print_pretty(out, &v)
+        }
+        GuestCommand::Scan(a) => crate::scan::scan(out, a),
     }
+}
+
+/// Send `op` as the agent's own kind of request (no principal: only ops that need no grant) and,
+/// with `wait`, return the outcome event (a `failed` one as [`exit::FAILED`]); without, the ack.
+pub(crate) fn ask(socket: &Path, op: &GuestOp, wait: Option<Duration>) -> Result<Value, Failure> {
+    let line = json!({
+        "cmd": "request",
+        "principal": "",
+        "secret": "",
+        "op": op,
+        "wait": wait.is_some(),
+    });
+    let mut conn = Conn::connect(socket)?;
+    conn.send(&line)?;
+    let reply = conn.recv(Some(Instant::now() + ACK_WAIT), "the agent's answer")?;
+    let ack = agent_reply(&reply, "ack")?;
+    if ack["accepted"] != Value::Bool(true) {
+        let reason = ack["reason"].as_str().unwrap_or("no reason given");
+        return Err(fail(
+            exit::REFUSED,
+            format!("refused by the host: {reason}"),
+        ));
+    }
+    let Some(wait) = wait else {
+        return Ok(ack.clone());
+    };
+    let reply = conn.recv(Some(Instant::now() + wait), "the outcome")?;
+    let event = agent_reply(&reply, "event")?;
+    if event["status"] == "failed" {
+        let error = event["error"].as_str().unwrap_or("no error given");
+        return Err(fail(
+            exit::FAILED,
+            format!("{} failed: {error}", op_name(event)),
+        ));
+    }
+    Ok(event.clone())
 }
 
 /// Send one request; print the ticket, or (when `wait` says how) the outcome.
@@ -324,13 +370,13 @@ impl Conn {
     }
 }
 
-fn print_line(out: &mut dyn Write, v: &Value) -> Result<(), Failure> {
+pub(crate) fn print_line(out: &mut dyn Write, v: &Value) -> Result<(), Failure> {
     writeln!(out, "{v}")
         .and_then(|()| out.flush())
         .map_err(stdout_failure)
 }
 
-fn print_pretty(out: &mut dyn Write, v: &Value) -> Result<(), Failure> {
+pub(crate) fn print_pretty(out: &mut dyn Write, v: &Value) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
     writeln!(out, "{text}")
         .and_then(|()| out.flush())

@@ -47,9 +47,12 @@ pub mod guest;
 pub mod hotplug;
 pub mod hub;
 pub mod info;
+pub mod inventory;
+pub mod migration;
 pub mod port_a;
 pub mod port_b;
 pub mod power;
+pub mod scan;
 pub mod wire;
 
 #[cfg(test)]

@@ -113,6 +113,8 @@ pub struct PortA {
     pending: Pending,
     /// Where to drop the ready flag (`None`: don't).
     ready_flag: Option<std::path::PathBuf>,
+    /// Told each time a host acknowledges a hello (it may be a new host: see `migration`).
+    on_connect: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Default for PortA {
@@ -129,7 +131,13 @@ impl PortA {
             link: Mutex::new(None),
             pending: Arc::default(),
             ready_flag: Some(READY_FLAG.into()),
+            on_connect: Mutex::new(None),
         }
+    }
+
+    /// Call `f` (which must not block) each time a host acknowledges this agent's hello.
+    pub fn on_connect(&self, f: impl Fn() + Send + Sync + 'static) {
+        *crate::lock(&self.on_connect) = Some(Box::new(f));
     }
 
     /// Like [`PortA::new`] but never writes the ready flag (for tests).
@@ -273,6 +281,9 @@ impl PortA {
                         crate::log!("host connected (hello {id} acknowledged)");
                         self.open_link(writer);
                         self.mark_ready();
+                        if let Some(f) = crate::lock(&self.on_connect).as_ref() {
+                            f();
+                        }
                     } else {
                         crate::log!("host refused hello {id}; app requests stay off");
                     }

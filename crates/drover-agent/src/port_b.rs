@@ -7,13 +7,15 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use drover_proto::{Body, ExecRequest, ExecResult, Frame, MAX_FRAME_LEN};
 
 use crate::hub::EventHub;
+use crate::migration::Trigger;
 use crate::power::{Power, PowerAction};
 use crate::wire::{body_name, FrameReader, FrameWriter, Incoming};
 
@@ -29,6 +31,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(100);
 pub struct PortB {
     power: Arc<dyn Power>,
     hub: Arc<EventHub>,
+    /// Where the host's `migrated` notices go (the migration watcher).
+    migrated: Option<Mutex<Sender<Trigger>>>,
     running: Arc<AtomicUsize>,
     max_execs: usize,
 }
@@ -39,9 +43,16 @@ impl PortB {
         PortB {
             power,
             hub,
+            migrated: None,
             running: Arc::new(AtomicUsize::new(0)),
             max_execs: MAX_CONCURRENT_EXECS,
         }
+    }
+
+    /// Hand the host's `migrated` notices to `tx` (see [`crate::migration`]).
+    pub fn with_migration_watcher(mut self, tx: Sender<Trigger>) -> Self {
+        self.migrated = Some(Mutex::new(tx));
+        self
     }
 
     /// Change the cap on concurrent execs.
@@ -109,7 +120,25 @@ impl PortB {
                         ticket: None,
                     },
                 );
-                self.hub.deliver(event);
+                match event.migrated_notice() {
+                    None => {
+                        self.hub.deliver(event);
+                    }
+                    Some(Ok(notice)) => {
+                        crate::log!(
+                            "host says: migrated from {} to {} ({} ms downtime)",
+                            notice.from,
+                            notice.to,
+                            notice.downtime_ms
+                        );
+                        if let Some(tx) = &self.migrated {
+                            let _ = crate::lock(tx).send(Trigger::Pushed(notice));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        crate::log!("port B: ignoring a malformed migrated notice: {e}")
+                    }
+                }
             }
             // Replies are never answered, so two confused peers cannot ping-pong errors forever.
             Body::Ack { .. } | Body::Error { .. } => {
@@ -271,6 +300,54 @@ mod tests {
         power: Arc<FakePower>,
         hub: Arc<EventHub>,
         agent: Option<thread::JoinHandle<io::Result<u64>>>,
+    }
+
+    /// A pushed `migrated` notice is acked and handed to the migration watcher, not to apps;
+    /// a malformed one is acked and dropped.
+    #[test]
+    fn migrated_notice_goes_to_the_watcher() {
+        let (mut host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let port =
+            PortB::new(Arc::new(FakePower::default()), EventHub::new()).with_migration_watcher(tx);
+        thread::spawn(move || {
+            let writer = FrameWriter::new(agent.try_clone()?);
+            port.serve(agent, &writer)
+        });
+        let notice = drover_proto::MigratedNotice {
+            from: "h1".into(),
+            to: "h2".into(),
+            downtime_ms: 9,
+        };
+        let mut bad = drover_proto::GuestEvent::migrated("m2".into(), &notice);
+        bad.result["from"] = "not valid".into();
+        for (id, ev) in [
+            (1, drover_proto::GuestEvent::migrated("m1".into(), &notice)),
+            (2, bad),
+        ] {
+            let bytes = drover_proto::encode(&Frame::new(id, Body::Event(ev))).unwrap();
+            host.write_all(&bytes).unwrap();
+        }
+        let mut frames = FrameReader::new(host.try_clone().unwrap());
+        for id in [1, 2] {
+            match frames.next_incoming().unwrap() {
+                Some(Incoming::Frame(f)) => {
+                    assert_eq!(f.id, id);
+                    assert!(matches!(f.body, Body::Ack { accepted: true, .. }));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+            Trigger::Pushed(n) => assert_eq!(n, notice),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "malformed one dropped"
+        );
     }
 
     impl Host {

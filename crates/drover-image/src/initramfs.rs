@@ -76,6 +76,8 @@ for a in $cmdline; do
     case "$a" in drover.hostname=?*) hn=${a#drover.hostname=} ;; esac
 done
 hostname "$hn"
+# This guest's agent id; the example migrated.d hook makes a new one when the guest moves.
+[ -s /etc/drover/agent-id ] || cat /proc/sys/kernel/random/uuid >/etc/drover/agent-id
 echo "$hn" >/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$hn" >/etc/hosts
 
@@ -199,6 +201,27 @@ esac
 exit 0
 "#;
 
+/// Where the example hook keeps the agent id it regenerates.
+pub const AGENT_ID_PATH: &str = "etc/drover/agent-id";
+/// The example `migrated.d` hook's path in the image.
+pub const AGENT_ID_HOOK_PATH: &str = "etc/drover/hooks/migrated.d/50-agent-id";
+
+/// Example `migrated.d` hook: a guest that moved (or was restored or cloned) gets a new agent id,
+/// so software keyed on it does not take a copy for the original. `drover-agent` (or
+/// `drover-guest scan --notify-if-migrated`) runs every executable there once per change.
+pub const AGENT_ID_HOOK: &str = r#"#!/bin/sh
+# Example migrated.d hook, shipped by drover-image: give this guest a new agent id after it moved
+# to another host or was restored or cloned. Run once per change, with DROVER_OLD_HOST_ID,
+# DROVER_NEW_HOST_ID, DROVER_OLD_GENERATION_ID, DROVER_NEW_GENERATION_ID and
+# DROVER_MIGRATION_TRIGGER (scan, pushed or agent) in the environment; stdout goes to stderr.
+set -e
+mkdir -p /etc/drover
+old=$(cat /etc/drover/agent-id 2>/dev/null || true)
+cat /proc/sys/kernel/random/uuid >/etc/drover/agent-id.tmp
+mv -f /etc/drover/agent-id.tmp /etc/drover/agent-id
+echo "drover-hook: agent id ${old:-none} -> $(cat /etc/drover/agent-id) (host $DROVER_OLD_HOST_ID -> $DROVER_NEW_HOST_ID)"
+"#;
+
 /// `poweroff`, `reboot` and `halt` replacements. Busybox's applets signal PID 1 and expect busybox
 /// `init` to act; our PID 1 is a shell busy in the agent loop, so force the action directly.
 fn power_script(action: &str) -> String {
@@ -225,6 +248,7 @@ pub fn generated_texts() -> Vec<(&'static str, String)> {
         ("sbin/halt", power_script("halt")),
         ("etc/passwd", PASSWD.to_string()),
         ("etc/group", GROUP.to_string()),
+        (AGENT_ID_HOOK_PATH, AGENT_ID_HOOK.to_string()),
     ]
 }
 
@@ -348,7 +372,7 @@ fn build_tree(inp: &Inputs<'_>) -> Tree {
 
     // Generated scripts last: they replace applet links of the same name (poweroff, reboot, halt).
     for (path, text) in generated_texts() {
-        let mode = if path.starts_with("etc/") {
+        let mode = if path.starts_with("etc/") && !path.starts_with("etc/drover/hooks/") {
             0o644
         } else {
             0o755
@@ -457,6 +481,13 @@ mod tests {
         assert_eq!(get("dev/console").rdev, (5, 1));
         assert_eq!(get("etc/drover/hooks/migrated.d").mode, 0o040_755);
         assert_eq!(
+            get(AGENT_ID_HOOK_PATH).mode,
+            0o100_755,
+            "hooks are executable"
+        );
+        assert_eq!(get(AGENT_ID_HOOK_PATH).data, AGENT_ID_HOOK.as_bytes());
+        assert_eq!(get("etc/passwd").mode, 0o100_644);
+        assert_eq!(
             get(MODULES_LIST).data,
             b"/lib/modules/6.1.0-9-amd64/kernel/drivers/virtio/virtio.ko\n"
         );
@@ -496,6 +527,42 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// The example hook makes a new agent id each run, from the environment the agent gives it.
+    #[test]
+    fn agent_id_hook_regenerates_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let script = AGENT_ID_HOOK.replace(
+            "/etc/drover",
+            &root.join("etc/drover").display().to_string(),
+        );
+        let run = || {
+            std::process::Command::new("sh")
+                .args(["-c", &script])
+                .env("DROVER_OLD_HOST_ID", "h1")
+                .env("DROVER_NEW_HOST_ID", "h2")
+                .output()
+                .unwrap()
+        };
+        let Ok(true) = std::fs::exists("/proc/sys/kernel/random/uuid") else {
+            return;
+        };
+        let out = run();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let first = std::fs::read_to_string(root.join(AGENT_ID_PATH)).unwrap();
+        assert_eq!(first.trim().len(), 36);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("host h1 -> h2"));
+        run();
+        assert_ne!(
+            std::fs::read_to_string(root.join(AGENT_ID_PATH)).unwrap(),
+            first
+        );
     }
 
     #[test]
