@@ -201,8 +201,6 @@ esac
 exit 0
 "#;
 
-/// Where the example hook keeps the agent id it regenerates.
-pub const AGENT_ID_PATH: &str = "etc/drover/agent-id";
 /// The example `migrated.d` hook's path in the image.
 pub const AGENT_ID_HOOK_PATH: &str = "etc/drover/hooks/migrated.d/50-agent-id";
 
@@ -555,12 +553,12 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let first = std::fs::read_to_string(root.join(AGENT_ID_PATH)).unwrap();
+        let first = std::fs::read_to_string(root.join("etc/drover/agent-id")).unwrap();
         assert_eq!(first.trim().len(), 36);
         assert!(String::from_utf8_lossy(&out.stdout).contains("host h1 -> h2"));
         run();
         assert_ne!(
-            std::fs::read_to_string(root.join(AGENT_ID_PATH)).unwrap(),
+            std::fs::read_to_string(root.join("etc/drover/agent-id")).unwrap(),
             first
         );
     }
