@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Several Drover hosts on one machine, for tests and demos of what crosses a network.
+#
+#   scripts/netns-hosts.sh up N      # N droverd's (1..8), each in its own network namespace
+#   scripts/netns-hosts.sh status    # what runs
+#   scripts/netns-hosts.sh down      # stop them (and their VMs), remove namespaces, veths, bridge
+#   scripts/netns-hosts.sh down --purge   # ... and their state dirs
+#
+# Host I lives in namespace drover-hI, reached through a veth pair on the bridge drover-br0
+# (root side 10.77.0.1/24, host I = 10.77.0.(10+I)). Each droverd has its own state dir
+# ($DROVER_NETNS_ROOT/drover-hI, default /var/lib/drover-hI), its own unix socket
+# (/run/drover/hI.sock), host id hI, serves HTTPS on 10.77.0.(10+I):7443 and logs to
+# STATE_DIR/droverd.log. All share one guest image dir ($DROVER_IMAGE_DIR, default
+# $DROVER_NETNS_ROOT/drover-images). `up` registers each as the remote hI (`drover remote add`),
+# in $DROVER_CONFIG_DIR or ~/.config/drover, so `drover --remote h2 vm list` works at once.
+# Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
+# (built if neither has them), else PATH. Needs root and iproute2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BRIDGE=drover-br0
+NET=10.77.0
+PORT=7443
+ROOT=${DROVER_NETNS_ROOT:-/var/lib}
+IMAGES=${DROVER_IMAGE_DIR:-$ROOT/drover-images}
+RUN=/run/drover
+
+die() { echo "netns-hosts: $*" >&2; exit 1; }
+say() { echo "==> $*" >&2; }
+
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces, bridge)"
+command -v ip >/dev/null || die "needs iproute2 (apt-get install iproute2)"
+
+# Sets BIN to where droverd and drover are; fails when there are none.
+find_bins() {
+  if [ -n "${DROVER_BIN_DIR:-}" ]; then
+    BIN=$DROVER_BIN_DIR
+  elif [ -x target/debug/droverd ] && [ -x target/debug/drover ]; then
+    BIN=$PWD/target/debug
+  elif [ -x target/release/droverd ] && [ -x target/release/drover ]; then
+    BIN=$PWD/target/release
+  elif command -v droverd >/dev/null && command -v drover >/dev/null; then
+    BIN=$(dirname "$(command -v droverd)")
+  else
+    return 1
+  fi
+  [ -x "$BIN/droverd" ] && [ -x "$BIN/drover" ]
+}
+
+bins() {
+  if ! find_bins; then
+    say "building droverd and drover (debug)"
+    cargo build -q -p drover-host -p drover-cli
+    BIN=$PWD/target/debug
+  fi
+  [ -x "$BIN/droverd" ] && [ -x "$BIN/drover" ] || die "no droverd/drover in $BIN"
+}
+
+state_dir() { echo "$ROOT/drover-h$1"; }
+sock() { echo "$RUN/h$1.sock"; }
+ipof() { echo "$NET.$((10 + $1))"; }
+
+# Our namespaces, as host numbers.
+hosts() { ip netns list 2>/dev/null | sed -n 's/^drover-h\([0-9]\+\)\b.*/\1/p' | sort -n; }
+
+# Pid of host I's droverd, if it runs.
+daemon_pid() {
+  local f pid
+  f=$(state_dir "$1")/droverd.pid
+  [ -f "$f" ] || return 1
+  pid=$(cat "$f")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *droverd* ]] && echo "$pid"
+}
+
+net_up() {
+  local i=$1 ns=drover-h$1 veth=drv-h$1
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+  fi
+  # Output into a variable first: `ip ... | grep -q` can fail under pipefail when grep quits early.
+  local addrs
+  addrs=$(ip addr show dev "$BRIDGE")
+  [[ "$addrs" == *"inet $NET.1/24"* ]] || ip addr add "$NET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  [ -e "/run/netns/$ns" ] || ip netns add "$ns"
+  if ! ip link show "$veth" >/dev/null 2>&1; then
+    ip link add "$veth" type veth peer name "$veth-ns"
+    ip link set "$veth-ns" netns "$ns"
+    ip -n "$ns" link set "$veth-ns" name eth0
+  fi
+  ip link set "$veth" master "$BRIDGE" up
+  addrs=$(ip -n "$ns" addr show dev eth0)
+  [[ "$addrs" == *"inet $(ipof "$i")/24"* ]] || ip -n "$ns" addr add "$(ipof "$i")/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  ip -n "$ns" link set lo up
+  ip -n "$ns" route replace default via "$NET.1" dev eth0
+}
+
+start_daemon() {
+  local i=$1 dir log extra=()
+  dir=$(state_dir "$i")
+  log=$dir/droverd.log
+  mkdir -p "$dir" "$IMAGES" "$RUN"
+  if daemon_pid "$i" >/dev/null; then
+    say "h$i: droverd already runs (pid $(daemon_pid "$i"))"
+    return
+  fi
+  # Another helper adds --host-id; older droverd's run without it.
+  local help
+  help=$("$BIN/droverd" --help 2>/dev/null || true)
+  if [[ "$help" == *--host-id* ]]; then
+    extra+=(--host-id "h$i")
+  fi
+  local agent=${DROVER_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/drover-agent}
+  [ -x "$agent" ] && extra+=(--agent-binary "$agent")
+  say "h$i: starting droverd in namespace drover-h$i (log: $log)"
+  # setsid: the daemon outlives this script and gets no signal from its terminal.
+  ip netns exec "drover-h$i" setsid "$BIN/droverd" \
+    --state-dir "$dir" --socket "$(sock "$i")" --image-dir "$IMAGES" \
+    --listen "$(ipof "$i"):$PORT" "${extra[@]}" \
+    </dev/null >>"$log" 2>&1 &
+  echo $! >"$dir/droverd.pid"
+}
+
+wait_and_register() {
+  local i=$1 dir
+  dir=$(state_dir "$i")
+  for _ in $(seq 200); do
+    "$BIN/drover" --socket "$(sock "$i")" host info >/dev/null 2>&1 && break
+    daemon_pid "$i" >/dev/null || die "h$i: droverd exited; see $dir/droverd.log:
+$(tail -n 20 "$dir/droverd.log")"
+    sleep 0.1
+  done
+  "$BIN/drover" --socket "$(sock "$i")" host info >/dev/null 2>&1 ||
+    die "h$i: droverd does not answer on $(sock "$i"); see $dir/droverd.log"
+  [ -f "$dir/tls/admin.token" ] ||
+    die "h$i: no $dir/tls/admin.token (the token file $dir/tokens had tokens before); register it by hand with drover remote add"
+  # Over TCP through the veth: proves the HTTPS side answers too.
+  "$BIN/drover" remote add "h$i" "https://$(ipof "$i"):$PORT" \
+    --token-file "$dir/tls/admin.token" --ca-file "$dir/tls/cert.pem" --replace >/dev/null ||
+    die "h$i: https://$(ipof "$i"):$PORT does not answer; see $dir/droverd.log"
+}
+
+up() {
+  local n=${1:-}
+  [[ "$n" =~ ^[1-8]$ ]] || die "usage: $0 up N (N = 1..8)"
+  bins
+  for i in $(seq "$n"); do
+    net_up "$i"
+    start_daemon "$i"
+  done
+  for i in $(seq "$n"); do wait_and_register "$i"; done
+  status
+}
+
+status() {
+  local any=
+  printf '%-6s %-25s %-38s %-36s %s\n' REMOTE URL TOKEN_FILE CA_FILE SOCKET
+  for i in $(hosts); do
+    any=1
+    local dir state=running
+    dir=$(state_dir "$i")
+    daemon_pid "$i" >/dev/null || state="droverd not running"
+    printf '%-6s %-25s %-38s %-36s %s%s\n' "h$i" "https://$(ipof "$i"):$PORT" \
+      "$dir/tls/admin.token" "$dir/tls/cert.pem" "$(sock "$i")" \
+      "$([ "$state" = running ] || echo "  ($state)")"
+  done
+  [ -n "$any" ] || echo "(no drover-h* namespaces)"
+}
+
+# Stop host I's VMs (force: these are test hosts), then its droverd, then anything left in its
+# namespace (QEMUs of a droverd that would not answer).
+stop_host() {
+  local i=$1 ns=drover-h$1 s pid
+  s=$(sock "$i")
+  if [ -n "${BIN:-}" ] && [ -S "$s" ] && command -v python3 >/dev/null; then
+    for vm in $("$BIN/drover" --socket "$s" -o json vm list 2>/dev/null |
+      python3 -c 'import json,sys; [print(v["name"]) for v in json.load(sys.stdin) if v.get("state") not in ("stopped","created")]' 2>/dev/null); do
+      say "h$i: stopping VM $vm"
+      "$BIN/drover" --socket "$s" vm stop "$vm" --force >/dev/null 2>&1 || true
+    done
+  fi
+  if pid=$(daemon_pid "$i"); then
+    say "h$i: stopping droverd (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  for p in $(ip netns pids "$ns" 2>/dev/null); do
+    say "h$i: killing leftover process $p ($(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-60))"
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -f "$(state_dir "$i")/droverd.pid" "$s"
+}
+
+down() {
+  local purge=${1:-}
+  find_bins || BIN=
+  for i in $(hosts); do
+    stop_host "$i"
+    ip netns del "drover-h$i" 2>/dev/null || true
+    ip link del "drv-h$i" 2>/dev/null || true
+    [ -n "$BIN" ] && "$BIN/drover" remote remove "h$i" >/dev/null 2>&1 || true
+    if [ "$purge" = --purge ]; then rm -rf "$(state_dir "$i")"; fi
+    say "h$i: removed"
+  done
+  # veths whose namespace vanished some other way.
+  for v in $(ip -o link show 2>/dev/null | sed -n 's/^[0-9]\+: \(drv-h[0-9]\+\)@.*/\1/p'); do
+    ip link del "$v" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+}
+
+case "${1:-}" in
+  up) up "${2:-}" ;;
+  down) down "${2:-}" ;;
+  status) status ;;
+  *) die "usage: $0 up N | status | down [--purge]" ;;
+esac
