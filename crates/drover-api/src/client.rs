@@ -439,6 +439,125 @@ impl Remote {
     }
 }
 
+/// The certificate a droverd at `url` presents, as PEM, and its SHA-256 fingerprint
+/// (`AA:BB:...`, as `openssl x509 -noout -fingerprint -sha256` prints it).
+///
+/// Nothing is verified: this is for trust on first use (`drover remote add` without
+/// `--ca-file`), where a person compares the fingerprint with the one on the server.
+pub async fn fetch_server_cert(url: &str) -> Result<(String, String), ClientError> {
+    let (host, port) = parse_url(url)?;
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|e| ClientError::Config(format!("{url}: bad host name {host:?}: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let seen = Arc::new(AcceptAndKeep {
+        algs: provider.signature_verification_algorithms,
+        cert: std::sync::Mutex::new(None),
+    });
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Config(format!("TLS setup: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(seen.clone())
+        .with_no_client_auth();
+    let unreachable = |source| ClientError::RemoteUnreachable {
+        url: url.to_string(),
+        source,
+    };
+    let connect = async {
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(unreachable)?;
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| ClientError::Tls {
+                url: url.to_string(),
+                message: e.to_string(),
+            })
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            ))
+        })??;
+    let der = seen
+        .cert
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| ClientError::Protocol("the server presented no certificate".into()))?;
+    Ok((pem_encode(&der), fingerprint(&der)))
+}
+
+/// SHA-256 of a DER certificate as colon-separated upper-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        s.push_str(&String::from_utf8_lossy(chunk));
+        s.push('\n');
+    }
+    s.push_str("-----END CERTIFICATE-----\n");
+    s
+}
+
+/// Accepts any certificate and keeps it (trust on first use); signatures are still checked, so
+/// the peer holds the key of the certificate it showed.
+#[derive(Debug)]
+struct AcceptAndKeep {
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+    cert: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl ServerCertVerifier for AcceptAndKeep {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.cert.lock().unwrap_or_else(|p| p.into_inner()) = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// `https://HOST[:PORT][/]` → host and port.
 fn parse_url(url: &str) -> Result<(String, u16), ClientError> {
     let bad = |why: &str| {
@@ -584,7 +703,7 @@ mod tests {
     }
 
     #[test]
-    fn https_client_needs_a_certificate_and_hides_its_token() {
+    fn https_client_needs_a_certificate_and_a_clean_token() {
         let err = Client::https("https://h:1", Some("t"), b"not pem").unwrap_err();
         assert!(err.to_string().contains("no certificate"), "{err}");
         assert!(matches!(

@@ -217,8 +217,12 @@ enum RemoteCmd {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
         /// The certificate to trust (PEM): the remote's STATE_DIR/tls/cert.pem, or its CA.
-        #[arg(long, value_name = "FILE")]
-        ca_file: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "trust_first_use")]
+        ca_file: Option<PathBuf>,
+        /// No CA file: pin the certificate the remote presents now (trust on first use). Its
+        /// SHA-256 fingerprint is printed; compare it with droverd's log on that host.
+        #[arg(long, conflicts_with = "ca_file")]
+        trust_first_use: bool,
         /// Overwrite a remote of that name.
         #[arg(long)]
         replace: bool,
@@ -704,6 +708,8 @@ async fn remote_cmd(cmd: RemoteCmd, out: &Out) -> anyhow::Result<u8> {
             url,
             token_file,
             ca_file,
+            // clap requires it when --ca-file is absent; the match on ca_file covers both.
+            trust_first_use: _,
             replace,
             no_check,
         } => {
@@ -721,8 +727,15 @@ async fn remote_cmd(cmd: RemoteCmd, out: &Out) -> anyhow::Result<u8> {
                         .with_context(|| format!("reading the token file {}", p.display()))
                 })
                 .transpose()?;
-            let ca = std::fs::read_to_string(&ca_file)
-                .with_context(|| format!("reading the CA file {}", ca_file.display()))?;
+            let ca = match &ca_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the CA file {}", f.display()))?,
+                None => {
+                    let (pem, fp) = drover_api::fetch_server_cert(&url).await?;
+                    eprintln!("drover: pinned the certificate {url} presents, SHA-256 {fp}; droverd logs its fingerprint at start (\"serving the API on TCP\") - compare them");
+                    pem
+                }
+            };
             // Builds the TLS setup, so a bad URL or CA file is refused before anything is saved.
             let c = Client::https(&url, token.as_deref(), ca.as_bytes())?;
             let url = c.url().unwrap_or(&url).to_string();

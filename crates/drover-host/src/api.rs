@@ -678,3 +678,37 @@ async fn image_build(
 }
 
 use futures_util::StreamExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_callers_need_a_known_bearer_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(TokenStore::new(&dir.path().join("tokens")));
+        let (t, _) = store.create(Role::Viewer, Some("ci")).unwrap();
+        let code = |r: Result<Caller, Failure>| r.err().map(|f| f.0.code);
+        assert_eq!(
+            code(token_caller(Some(&store), None)),
+            Some(ErrorCode::Unauthenticated)
+        );
+        assert_eq!(
+            code(token_caller(Some(&store), Some("Basic eDp5"))),
+            Some(ErrorCode::Unauthenticated)
+        );
+        assert_eq!(
+            code(token_caller(Some(&store), Some("Bearer drv_wrong"))),
+            Some(ErrorCode::Unauthenticated)
+        );
+        assert_eq!(
+            code(token_caller(None, Some(&format!("Bearer {t}")))),
+            Some(ErrorCode::Unauthenticated)
+        );
+        let c = token_caller(Some(&store), Some(&format!("Bearer {t}")))
+            .ok()
+            .unwrap();
+        assert_eq!((c.name.as_str(), c.role), ("token ci", Some(Role::Viewer)));
+        assert_eq!(ErrorCode::Unauthenticated.http_status(), 401);
+    }
+}

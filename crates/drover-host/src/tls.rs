@@ -128,6 +128,17 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     f.write_all(data).map_err(io_err(path))
 }
 
+/// The SHA-256 fingerprint of the (first) certificate in `files.cert`, as
+/// `openssl x509 -noout -fingerprint -sha256` prints it.
+pub fn cert_fingerprint(files: &CertFiles) -> Result<String, TlsError> {
+    let pem = std::fs::read(&files.cert).map_err(io_err(&files.cert))?;
+    let der = CertificateDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        path: files.cert.clone(),
+        why: e.to_string(),
+    })?;
+    Ok(drover_api::fingerprint(&der))
+}
+
 /// A rustls server configuration from PEM files.
 pub fn server_config(files: &CertFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let pem_err = |path: &Path, why: String| TlsError::Pem {
@@ -222,6 +233,48 @@ impl axum::serve::Listener for TlsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What droverd does to call a peer: `drover_api::Client::https` with the peer's URL, token
+    /// and certificate, against a TLS listener serving a router.
+    #[tokio::test]
+    async fn client_talks_to_a_tls_listener_with_a_pinned_cert() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) =
+            ensure_self_signed(dir.path(), &wanted_sans("127.0.0.1".parse().unwrap())).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let listener = TlsListener::new(tcp, server_config(&files).unwrap()).unwrap();
+        let app = axum::Router::new().route(
+            "/v1/echo",
+            axum::routing::get(|h: axum::http::HeaderMap| async move {
+                axum::Json(
+                    h.get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string(),
+                )
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let url = format!("https://127.0.0.1:{port}");
+        let pem = std::fs::read(&files.cert).unwrap();
+        let c = drover_api::Client::https(&url, Some("drv_abc"), &pem).unwrap();
+        let got: String = c.get("/v1/echo").await.unwrap();
+        assert_eq!(got, "Bearer drv_abc");
+        // The token never shows in Debug output (logs).
+        assert!(!format!("{c:?}").contains("drv_abc"));
+        // Another certificate is refused before any request is sent.
+        let other = tempfile::tempdir().unwrap();
+        let (of, _) = ensure_self_signed(other.path(), &["localhost".into()]).unwrap();
+        let c = drover_api::Client::https(&url, Some("drv_abc"), &std::fs::read(&of.cert).unwrap())
+            .unwrap();
+        let err = c.get::<String>("/v1/echo").await.unwrap_err();
+        assert!(matches!(err, drover_api::ClientError::Tls { .. }), "{err}");
+        assert!(err.is_unreachable());
+        // The trust-on-first-use fetch sees the same certificate droverd reports.
+        let (_, fp) = drover_api::fetch_server_cert(&url).await.unwrap();
+        assert_eq!(fp, cert_fingerprint(&files).unwrap());
+    }
 
     #[test]
     fn self_signed_cert_is_made_once_and_remade_for_new_names() {

@@ -249,6 +249,36 @@ fn operator_token_runs_vms_but_not_persistence() {
     );
     assert!(err.contains("config.persist"), "{err}");
     r.ok(&["--remote", "op", "vm", "delete", "remote1"]);
+
+    // Without a CA file the CLI insists on an explicit trust-on-first-use, then pins what the
+    // server presents and prints the fingerprint droverd logs.
+    let opf = op.display().to_string();
+    let err = r.fails(2, &["remote", "add", "tofu", &r.url, "--token-file", &opf]);
+    assert!(err.contains("--ca-file"), "{err}");
+    let out = r.cli(
+        &[
+            "remote",
+            "add",
+            "tofu",
+            &r.url,
+            "--token-file",
+            &opf,
+            "--trust-first-use",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    let fp = said
+        .split("SHA-256 ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .unwrap_or_else(|| panic!("no fingerprint in {said}"));
+    assert!(
+        r.d.log().contains(&format!("sha256={fp}")),
+        "{fp} not in the log"
+    );
+    r.ok(&["--remote", "tofu", "vm", "list"]);
 }
 
 /// `scripts/netns-hosts.sh up 2`: two droverd's in their own network namespaces, registered as

@@ -197,7 +197,8 @@ async fn listen_tls(
     let tcp = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} (--listen)"))?;
-    tracing::info!(listen = %addr, cert = %files.cert.display(), tokens = %tokens.path().display(), "serving the API on TCP with TLS");
+    let fingerprint = tls::cert_fingerprint(&files)?;
+    tracing::info!(listen = %addr, cert = %files.cert.display(), sha256 = %fingerprint, tokens = %tokens.path().display(), "serving the API on TCP with TLS");
     Ok(tls::TlsListener::new(tcp, cfg)?)
 }
 
