@@ -16,13 +16,15 @@
 # Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
 # (built if neither has them), else PATH. Needs root and iproute2.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 BRIDGE=drover-br0
 NET=10.77.0
 PORT=7443
-ROOT=${DROVER_NETNS_ROOT:-/var/lib}
-IMAGES=${DROVER_IMAGE_DIR:-$ROOT/drover-images}
+# Absolute before the cd below; droverd keys its /dev/shm dir on the absolute state dir.
+ROOT=$(realpath -m "${DROVER_NETNS_ROOT:-/var/lib}")
+IMAGES=$(realpath -m "${DROVER_IMAGE_DIR:-$ROOT/drover-images}")
+[ -z "${DROVER_BIN_DIR:-}" ] || DROVER_BIN_DIR=$(realpath -m "$DROVER_BIN_DIR")
+cd "$(dirname "$0")/.."
 RUN=/run/drover
 
 die() { echo "netns-hosts: $*" >&2; exit 1; }
@@ -192,6 +194,12 @@ stop_host() {
     kill -KILL "$p" 2>/dev/null || true
   done
   rm -f "$(state_dir "$i")/droverd.pid" "$s"
+  # droverd keeps guest RAM in /dev/shm/drover-<first 12 hex of sha256(state dir)>; the VMs are
+  # stopped, so only an empty dir (or files of killed QEMUs) can be left.
+  local shm
+  shm=/dev/shm/drover-$(printf %s "$(state_dir "$i")" | sha256sum | cut -c1-12)
+  [ -d "$shm" ] && rm -rf "$shm"
+  return 0
 }
 
 down() {

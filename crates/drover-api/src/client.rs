@@ -502,6 +502,13 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
+/// The fingerprint ([`fingerprint`]) of the first certificate in a PEM text, if it has one.
+pub fn pem_fingerprint(pem: &[u8]) -> Option<String> {
+    CertificateDer::from_pem_slice(pem)
+        .ok()
+        .map(|c| fingerprint(c.as_ref()))
+}
+
 fn pem_encode(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);

@@ -676,11 +676,14 @@ async fn remote_cmd(cmd: RemoteCmd, out: &Out) -> anyhow::Result<u8> {
     let mut all = remotes::Remotes::load(&path)?;
     match cmd {
         RemoteCmd::List => {
+            let fp = |r: &remotes::Remote| drover_api::pem_fingerprint(r.ca.as_bytes());
             if out.is_json() {
                 let list: Vec<serde_json::Value> = all
                     .remote
                     .iter()
-                    .map(|(n, r)| serde_json::json!({"name": n, "url": r.url, "token": r.token.is_some()}))
+                    .map(|(n, r)| {
+                        serde_json::json!({"name": n, "url": r.url, "token": r.token.is_some(), "ca_sha256": fp(r)})
+                    })
                     .collect();
                 out.json_only(&list);
             } else if all.remote.is_empty() {
@@ -692,7 +695,9 @@ async fn remote_cmd(cmd: RemoteCmd, out: &Out) -> anyhow::Result<u8> {
                     } else {
                         "  (no token)"
                     };
-                    println!("{n:<12} {}{tok}", r.url);
+                    // The start of the pinned certificate's fingerprint tells hosts apart.
+                    let short: String = fp(r).unwrap_or_default().chars().take(23).collect();
+                    println!("{n:<12} {:<28} ca sha256 {short}…{tok}", r.url);
                 }
             }
         }
