@@ -121,6 +121,36 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
+/// How to reach a droverd over HTTPS: what `drover remote add` stores, and what a request can
+/// carry to let one droverd call another (the token is redacted from `Debug`).
+#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RemoteSpec {
+    /// `https://HOST:PORT`.
+    pub url: String,
+    /// The bearer token, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The certificate(s) to trust, PEM: the droverd's own self-signed one, or a CA.
+    pub ca: String,
+}
+
+impl RemoteSpec {
+    /// A client for it.
+    pub fn client(&self) -> Result<Client, ClientError> {
+        Client::https(&self.url, self.token.as_deref(), self.ca.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for RemoteSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSpec")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca_sha256", &pem_fingerprint(self.ca.as_bytes()))
+            .finish()
+    }
+}
+
 /// A connection factory for one droverd.
 #[derive(Debug, Clone)]
 pub struct Client {

@@ -27,7 +27,9 @@
 //! Errors are [`ApiError`] with a stable [`ErrorCode`].
 
 mod client;
-pub use client::{fetch_server_cert, fingerprint, pem_fingerprint, Client, ClientError, Endpoint};
+pub use client::{
+    fetch_server_cert, fingerprint, pem_fingerprint, Client, ClientError, Endpoint, RemoteSpec,
+};
 pub use hyper::Method;
 
 use drover_model::{Accel, PersistMode, VmConfig};

@@ -667,8 +667,7 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
     };
     let path = remotes::config_file()?;
     let all = remotes::Remotes::load(&path)?;
-    let r = all.get(name)?;
-    Ok(Client::https(&r.url, r.token.as_deref(), r.ca.as_bytes())?)
+    Ok(all.get(name)?.client()?)
 }
 
 async fn remote_cmd(cmd: RemoteCmd, out: &Out) -> anyhow::Result<u8> {

@@ -6,20 +6,12 @@
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// One remote.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Remote {
-    /// `https://HOST:PORT`.
-    pub url: String,
-    /// The bearer token, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    /// The certificate(s) to trust (PEM): droverd's own self-signed one, or a CA.
-    pub ca: String,
-}
+/// One remote (the same shape droverd's can pass each other).
+pub use drover_api::RemoteSpec as Remote;
 
 /// The remotes file.
 #[derive(Debug, Default, Serialize, Deserialize)]
