@@ -67,6 +67,11 @@ impl Daemon {
         d
     }
 
+    /// Replace the extra flags used by the next [`Daemon::spawn`] (e.g. a new `--host-id`).
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// The API socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("d.sock")
