@@ -55,9 +55,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         hooks: crate::migration::Hooks::default(),
     })
     .context("starting the migration watcher")?;
-    let on_connect = std::sync::Mutex::new(triggers.clone());
+    let on_connect = triggers.clone();
     port_a.on_connect(move || {
-        let _ = crate::lock(&on_connect).send(crate::migration::Trigger::Connected);
+        let _ = on_connect.try_send(crate::migration::Trigger::Connected);
     });
 
     let path_a = config.port_a.clone();

@@ -20,7 +20,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -56,6 +56,8 @@ pub const ENV_OLD_GENERATION_ID: &str = "DROVER_OLD_GENERATION_ID";
 pub const ENV_NEW_GENERATION_ID: &str = "DROVER_NEW_GENERATION_ID";
 /// Who noticed: `scan`, `pushed` or `agent`.
 pub const ENV_TRIGGER: &str = "DROVER_MIGRATION_TRIGGER";
+/// Triggers queued for the watcher; more are dropped (one queued check covers them).
+const TRIGGER_QUEUE: usize = 4;
 /// Largest state file read (a guard against a file someone filled).
 const MAX_STATE_FILE: u64 = 64 * 1024;
 
@@ -592,8 +594,11 @@ fn host_only(id: &str) -> Identity {
 }
 
 /// Start the watcher thread; returns the sender that feeds it triggers.
-pub fn spawn_watcher(watcher: Watcher) -> io::Result<Sender<Trigger>> {
-    let (tx, rx) = std::sync::mpsc::channel();
+///
+/// The queue is small and senders use `try_send`: a flood of triggers (a confused host pushing
+/// notices) collapses into the few checks already queued instead of growing memory.
+pub fn spawn_watcher(watcher: Watcher) -> io::Result<SyncSender<Trigger>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(TRIGGER_QUEUE);
     thread::Builder::new()
         .name("migration".into())
         .spawn(move || watcher.run(&rx))?;

@@ -7,8 +7,8 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ pub struct PortB {
     power: Arc<dyn Power>,
     hub: Arc<EventHub>,
     /// Where the host's `migrated` notices go (the migration watcher).
-    migrated: Option<Mutex<Sender<Trigger>>>,
+    migrated: Option<SyncSender<Trigger>>,
     running: Arc<AtomicUsize>,
     max_execs: usize,
 }
@@ -50,8 +50,8 @@ impl PortB {
     }
 
     /// Hand the host's `migrated` notices to `tx` (see [`crate::migration`]).
-    pub fn with_migration_watcher(mut self, tx: Sender<Trigger>) -> Self {
-        self.migrated = Some(Mutex::new(tx));
+    pub fn with_migration_watcher(mut self, tx: SyncSender<Trigger>) -> Self {
+        self.migrated = Some(tx);
         self
     }
 
@@ -132,7 +132,7 @@ impl PortB {
                             notice.downtime_ms
                         );
                         if let Some(tx) = &self.migrated {
-                            let _ = crate::lock(tx).send(Trigger::Pushed(notice));
+                            let _ = tx.try_send(Trigger::Pushed(notice));
                         }
                     }
                     Some(Err(e)) => {
@@ -309,7 +309,7 @@ mod tests {
         let (mut host, agent) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
         let port =
             PortB::new(Arc::new(FakePower::default()), EventHub::new()).with_migration_watcher(tx);
         thread::spawn(move || {
