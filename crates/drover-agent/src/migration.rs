@@ -578,7 +578,9 @@ impl Watcher {
                 &self.port_a,
                 &self.hub,
                 GuestOp::MigrationNotice(notice),
-                None,
+                // The ack means recorded; waiting for the outcome only keeps it from arriving
+                // unclaimed (and logged as such).
+                Some(Duration::from_secs(10)),
             ) {
                 crate::log!("telling the host about the migration: {e}");
             }

@@ -150,7 +150,8 @@ fn notify(socket: &Path, old: &Identity, new: &Identity, m: &mut Value) {
     });
     m["hook_results"] = outcome.hooks.iter().map(|h| h.to_json()).collect();
     if let Some(notice) = outcome.notice(new, NoticeTrigger::Scan) {
-        let sent = ask(socket, &GuestOp::MigrationNotice(notice), None);
+        // The ack means recorded; the outcome is awaited only so it does not arrive unclaimed.
+        let sent = ask(socket, &GuestOp::MigrationNotice(notice), Some(ANSWER_WAIT));
         if let Err(f) = &sent {
             say(&format!("could not tell the host: {}", f.message));
         }
