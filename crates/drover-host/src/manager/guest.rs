@@ -715,3 +715,130 @@ impl Manager {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::DaemonConfig;
+
+    async fn manager(dir: &std::path::Path) -> Manager {
+        let cfg = DaemonConfig {
+            state_dir: dir.join("state"),
+            image_dir: dir.join("images"),
+            agent_binary: None,
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: Some(drover_model::Accel::Tcg),
+            persist_default: true,
+            persist_mode_default: drover_model::PersistMode::Diff,
+            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
+        };
+        let store = drover_store::RedbStore::open(&dir.join("d.redb")).unwrap();
+        Manager::open(cfg, Box::new(store)).await.unwrap()
+    }
+
+    fn req(op: GuestOp) -> GuestRequest {
+        GuestRequest {
+            principal: String::new(),
+            secret: String::new(),
+            app_id: None,
+            op,
+            data: None,
+        }
+    }
+
+    /// Identity ops are answered without a principal; the notice lands in the audit trail; the
+    /// generation id is made at create, renewed on demand, and goes with the VM.
+    #[tokio::test]
+    async fn identity_requests_generation_ids_and_notices() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path()).await;
+        m.create(drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap())
+            .await
+            .unwrap();
+        let g0 = m.generation_id("g1").unwrap();
+        assert!(drover_proto::valid_generation_id(&g0));
+        assert_eq!(m.generation_id("g1").unwrap(), g0, "stable until renewed");
+        let a = m.identity_answer("g1").unwrap();
+        assert_eq!(
+            (a.host.id.as_str(), a.generation_id.as_str()),
+            ("host-t", g0.as_str())
+        );
+        assert_eq!(a.host.serial, "drover-host-t");
+        let g1 = m.regenerate_generation_id("g1", "restore of s1").unwrap();
+        assert_ne!(g1, g0);
+        assert_eq!(m.generation_id("g1").unwrap(), g1);
+        assert!(m.regenerate_generation_id("nope", "x").is_err());
+
+        let ack = m.accept("g1", req(GuestOp::HostIdentity {})).await;
+        assert!(
+            matches!(
+                &ack,
+                Body::Ack {
+                    accepted: true,
+                    ticket: Some(_),
+                    ..
+                }
+            ),
+            "{ack:?}"
+        );
+        let notice = drover_proto::MigrationNotice {
+            old_host_id: "host-s".into(),
+            new_host_id: "host-t".into(),
+            old_generation_id: None,
+            new_generation_id: None,
+            trigger: drover_proto::NoticeTrigger::Scan,
+            hooks_run: 1,
+            hooks_failed: 0,
+        };
+        let ack = m.accept("g1", req(GuestOp::MigrationNotice(notice))).await;
+        assert!(matches!(ack, Body::Ack { accepted: true, .. }), "{ack:?}");
+        let admin = Caller {
+            name: "root".into(),
+            role: Some(crate::auth::Role::Admin),
+        };
+        let audit = m.guest_audit("g1", &admin).unwrap();
+        assert_eq!(
+            audit.len(),
+            1,
+            "host-identity reads are not audited: {audit:?}"
+        );
+        assert_eq!(audit[0].op, "migration-notice");
+        assert_eq!(audit[0].outcome, "recorded");
+        assert!(audit[0]
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("host host-s -> host-t"));
+        // Ops that need a grant still need a principal.
+        let ack = m.accept("g1", req(GuestOp::List)).await;
+        assert!(
+            matches!(
+                ack,
+                Body::Ack {
+                    accepted: false,
+                    ..
+                }
+            ),
+            "{ack:?}"
+        );
+        // Not running: nothing to notify.
+        assert!(matches!(
+            m.notify_migrated("g1", "host-s", "host-t", 5).await,
+            Err(HostError::Conflict(_))
+        ));
+        assert!(matches!(
+            m.notify_migrated("g1", "bad id", "host-t", 5).await,
+            Err(HostError::Invalid(_))
+        ));
+
+        m.delete("g1", false).await.unwrap();
+        m.create(drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap())
+            .await
+            .unwrap();
+        assert_ne!(
+            m.generation_id("g1").unwrap(),
+            g1,
+            "a new VM of the same name starts afresh"
+        );
+    }
+}
