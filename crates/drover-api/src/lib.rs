@@ -317,10 +317,45 @@ pub struct StateInfo {
     pub memory: Option<StateSection>,
     /// How long the VM was paused, in milliseconds.
     pub paused_ms: u64,
+    /// How far the save has come. A fast save answers once the guest runs again; its memory is
+    /// still being captured and written to disk behind it.
+    #[serde(default)]
+    pub phase: StatePhase,
+    /// Why the save failed after it was answered (phase `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// For a save asked from inside the guest: the request's ticket, app and data, re-announced
     /// as completed when this state is restored (the instance that asked is gone by then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_save: Option<GuestSaveNote>,
+}
+
+/// How far a saved state has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatePhase {
+    /// The point in time is fixed and the guest runs on; its memory is still being streamed out.
+    /// A restore of it waits until it is ready.
+    Capturing,
+    /// Complete and restorable; memory still only in RAM (/dev/shm), being written to disk.
+    Ready,
+    /// Complete, on disk and synced: survives a host reboot.
+    #[default]
+    Durable,
+    /// The capture failed after the save was answered (see `failure`); not restorable.
+    Failed,
+}
+
+impl StatePhase {
+    /// The phase as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatePhase::Capturing => "capturing",
+            StatePhase::Ready => "ready",
+            StatePhase::Durable => "durable",
+            StatePhase::Failed => "failed",
+        }
+    }
 }
 
 /// Current state manifest format.

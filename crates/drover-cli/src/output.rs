@@ -485,6 +485,7 @@ impl Out {
             "SAVED",
             "BY",
             "MODE",
+            "PHASE",
             "PAUSED",
             "MEMORY",
             "DEVICE STATE",
@@ -496,6 +497,7 @@ impl Out {
                 format!("{} ago", age(s.created_at_ms)),
                 s.created_by.clone(),
                 s.mode.clone(),
+                s.phase.as_str().to_string(),
                 format!("{} ms", s.paused_ms),
                 s.memory
                     .as_ref()
@@ -522,6 +524,18 @@ impl Out {
             s.created_by,
             s.mode,
             s.paused_ms
+        );
+        println!(
+            "phase:    {}{}",
+            s.phase.as_str(),
+            match (s.phase, &s.failure) {
+                (_, Some(why)) => format!(" ({why})"),
+                (drover_api::StatePhase::Capturing, _) =>
+                    " (memory still streaming; a restore waits for it)".to_string(),
+                (drover_api::StatePhase::Ready, _) =>
+                    " (complete in RAM; being written to disk)".to_string(),
+                _ => String::new(),
+            }
         );
         println!(
             "devices:  {} {} sha256 {}",

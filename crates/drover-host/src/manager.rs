@@ -39,6 +39,19 @@ mod live;
 mod state;
 
 /// A saved state to load at launch.
+/// How a QEMU is to start besides its config.
+#[derive(Default)]
+struct QemuMode<'a> {
+    /// Wait for an incoming migration.
+    incoming: bool,
+    /// `-S`: stay paused.
+    stopped: bool,
+    /// Map this file privately as guest RAM.
+    ram_private: Option<&'a Path>,
+    /// Only holds state: no images, no host ports.
+    detached: bool,
+}
+
 pub(crate) struct RestoreSpec {
     /// Device state (and RAM, for classic saves).
     pub devices: PathBuf,
@@ -120,6 +133,9 @@ impl Clone for Runtime {
 
 struct VmSlot {
     op: tokio::sync::Mutex<()>,
+    /// Held while a state's memory is streamed out of the running QEMU: stopping or replacing
+    /// that QEMU waits for it, or the capture would be cut off.
+    capture: Arc<tokio::sync::Mutex<()>>,
     info: Mutex<VmInfo>,
     rt: Mutex<Option<Runtime>>,
 }
@@ -189,6 +205,7 @@ impl Manager {
             let state = info.state;
             let slot = Arc::new(VmSlot {
                 op: tokio::sync::Mutex::new(()),
+                capture: Arc::new(tokio::sync::Mutex::new(())),
                 info: Mutex::new(info),
                 rt: Mutex::new(None),
             });
@@ -197,6 +214,7 @@ impl Manager {
                 mgr.readopt(&name, &slot).await?;
             }
         }
+        mgr.recover_states().await;
         Ok(mgr)
     }
 
@@ -545,6 +563,7 @@ impl Manager {
             Ok(info) => {
                 let slot = Arc::new(VmSlot {
                     op: tokio::sync::Mutex::new(()),
+                    capture: Arc::new(tokio::sync::Mutex::new(())),
                     info: Mutex::new(info.clone()),
                     rt: Mutex::new(None),
                 });
@@ -617,6 +636,15 @@ impl Manager {
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
         let _ = std::fs::remove_dir_all(self.run_paths(name).dir);
         let _ = std::fs::remove_file(self.run_paths(name).ram);
+        // The RAM copies of its states.
+        let prefix = format!("{name}@");
+        if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         tracing::info!(vm = name, "deleted");
         Ok(info)
     }
@@ -668,28 +696,22 @@ impl Manager {
         std::fs::create_dir_all(self.vm_dir(name))
             .map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
         let console = self.console_path(name);
-        let generation_id = self.generation_id(name)?;
-        let args = cmdline::build(&LaunchSpec {
-            config: &config,
-            accel,
-            paths: &paths,
-            console_log: &console,
+        let args = self.qemu_args(
+            name,
+            &config,
             kernel,
-            hotplug_ports: HOTPLUG_PORTS,
-            max_cpus: hostfacts::cpus().clamp(config.cpus, drover_model::MAX_VCPUS),
-            qboot: Some(PathBuf::from(cmdline::QBOOT)).filter(|p| p.exists()),
-            ram_file: true,
-            incoming: restore.is_some(),
-            generation_id: Some(&generation_id),
-        });
-        if let Some(memory) = restore.and_then(|r| r.memory.as_ref()) {
-            // The RAM file IS the guest's memory: the state keeps its own copy untouched.
-            let (src, dst) = (memory.clone(), paths.ram.clone());
-            tokio::task::spawn_blocking(move || crate::filecopy::copy(&src, &dst))
-                .await
-                .map_err(|e| HostError::Internal(e.to_string()))?
-                .map_err(|e| io_ctx("copying the saved memory to", &paths.ram, e))?;
-        }
+            accel,
+            &paths,
+            &console,
+            QemuMode {
+                incoming: restore.is_some(),
+                stopped: false,
+                // A fast state's memory is mapped privately: the guest runs on the saved pages
+                // at once, and its writes never reach the state.
+                ram_private: restore.and_then(|r| r.memory.as_deref()),
+                detached: false,
+            },
+        )?;
         self.persist(slot, |i| i.state = VmState::Starting)?;
         let started = Instant::now();
         let mut child = match process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log) {
@@ -764,6 +786,37 @@ impl Manager {
         tracing::info!(vm = name, pid, %accel, "started");
         let _ = info;
         Ok(self.view(slot))
+    }
+
+    /// QEMU's command line for VM `name` running `config`.
+    #[allow(clippy::too_many_arguments)]
+    fn qemu_args(
+        &self,
+        name: &str,
+        config: &VmConfig,
+        kernel: Option<KernelBoot>,
+        accel: Accel,
+        paths: &RunPaths,
+        console: &Path,
+        mode: QemuMode<'_>,
+    ) -> Result<Vec<String>> {
+        let generation_id = self.generation_id(name)?;
+        Ok(cmdline::build(&LaunchSpec {
+            config,
+            accel,
+            paths,
+            console_log: console,
+            kernel,
+            hotplug_ports: HOTPLUG_PORTS,
+            max_cpus: hostfacts::cpus().clamp(config.cpus, drover_model::MAX_VCPUS),
+            qboot: Some(PathBuf::from(cmdline::QBOOT)).filter(|p| p.exists()),
+            ram_file: true,
+            ram_private: mode.ram_private,
+            stopped: mode.stopped,
+            detached: mode.detached,
+            incoming: mode.incoming,
+            generation_id: Some(&generation_id),
+        }))
     }
 
     /// Wait for QEMU's QMP socket; fail early if QEMU exits first.
@@ -1238,6 +1291,19 @@ impl Manager {
         let Some(rt) = self.runtime(slot) else {
             return Err(HostError::Conflict(format!("VM {name} is not running")));
         };
+        // A state capture streams from this QEMU: let it end rather than cut it off (bounded, so
+        // a stuck capture cannot keep a VM from stopping).
+        let _capture =
+            match tokio::time::timeout(Duration::from_secs(300), slot.capture.lock()).await {
+                Ok(g) => Some(g),
+                Err(_) => {
+                    tracing::warn!(
+                        vm = name,
+                        "stopping although a state capture is still running"
+                    );
+                    None
+                }
+            };
         self.persist(slot, |i| i.state = VmState::Stopping)?;
         let deadline = Instant::now() + Duration::from_secs(timeout_s);
         let mut exited = rt.exited.clone();

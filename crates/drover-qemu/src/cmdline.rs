@@ -87,8 +87,17 @@ pub struct LaunchSpec<'a> {
     pub max_cpus: u32,
     /// Use qboot for kernel boots when it exists.
     pub qboot: Option<PathBuf>,
-    /// Back guest RAM with `paths.ram` (shared), for millisecond state saves.
+    /// Back guest RAM with `paths.ram` (shared), so state can be captured from outside QEMU.
     pub ram_file: bool,
+    /// Map this file privately as guest RAM instead (a restored state's memory): the guest runs
+    /// at once on the saved pages and its writes stay its own, so the state is never changed.
+    pub ram_private: Option<&'a Path>,
+    /// Start with the CPUs stopped (`-S`); an incoming migration then leaves the VM paused.
+    pub stopped: bool,
+    /// A QEMU that only holds the VM's state and never runs it (it receives a state capture):
+    /// the same devices, but disks on `null-co` and NICs without host side, so it touches
+    /// neither the images nor the host's ports the running VM uses.
+    pub detached: bool,
     /// Wait for an incoming migration (a state restore) instead of booting.
     pub incoming: bool,
     /// The VM's generation id (a UUID), given to the guest by a `vmgenid` device; a new one on
@@ -163,7 +172,18 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
         ]),
         None => push(&["-m", &format!("{}M", c.memory >> 20)]),
     }
-    if spec.ram_file {
+    if let Some(file) = spec.ram_private {
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share=off",
+                c.memory >> 20,
+                esc(file)
+            ),
+            "-machine",
+            "memory-backend=ram0",
+        ]);
+    } else if spec.ram_file {
         push(&[
             "-object",
             &format!(
@@ -174,6 +194,9 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             "-machine",
             "memory-backend=ram0",
         ]);
+    }
+    if spec.stopped {
+        push(&["-S"]);
     }
     if spec.incoming {
         push(&["-incoming", "defer"]);
@@ -226,13 +249,23 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
     };
     for d in &c.disks {
         let node = disk_node(d);
-        let blockdev = serde_json::json!({
-            "driver": d.format.to_string(),
-            "node-name": node,
-            "read-only": d.readonly,
-            "discard": "unmap",
-            "file": {"driver": "file", "filename": d.path, "read-only": d.readonly},
-        });
+        let blockdev = if spec.detached {
+            serde_json::json!({
+                "driver": "null-co",
+                "node-name": node,
+                "read-only": d.readonly,
+                "size": d.size,
+                "read-zeroes": true,
+            })
+        } else {
+            serde_json::json!({
+                "driver": d.format.to_string(),
+                "node-name": node,
+                "read-only": d.readonly,
+                "discard": "unmap",
+                "file": {"driver": "file", "filename": d.path, "read-only": d.readonly},
+            })
+        };
         push(&["-blockdev", &blockdev.to_string()]);
         let mut dev = format!("virtio-blk-pci,drive={node},id={node},serial={}", d.id);
         if let Some(slot) = d.slot {
@@ -246,6 +279,7 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
     for n in &c.nics {
         let node = nic_node(n.id.as_str());
         let netdev = match &n.backend {
+            _ if spec.detached => format!("user,id={node},restrict=on"),
             NicBackend::User { forwards } => {
                 let mut s = format!("user,id={node}");
                 for f in forwards {
@@ -335,6 +369,9 @@ mod tests {
             max_cpus: 4,
             qboot: Some(QBOOT.into()),
             ram_file: true,
+            ram_private: None,
+            stopped: false,
+            detached: false,
             incoming: false,
             generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
         });
@@ -377,6 +414,9 @@ mod tests {
             max_cpus: 1,
             qboot: Some(QBOOT.into()),
             ram_file: false,
+            ram_private: None,
+            stopped: false,
+            detached: false,
             incoming: true,
             generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
         });

@@ -84,6 +84,70 @@ pub async fn load_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpErr
         .map(|_| ())
 }
 
+/// Start a background snapshot of a VM into `uri` (another QEMU waiting with
+/// [`receive_snapshot`]): QEMU pauses the VM only to take its device state and write-protect its
+/// RAM, then runs it on and streams each page before the guest first changes it
+/// (userfaultfd), so the stream holds the memory of the pause. Wait with [`wait_running`] for
+/// the guest to run again and with [`wait_migration`] for the stream to end.
+pub async fn background_snapshot(qmp: &Qmp, uri: &str) -> Result<(), QmpError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": false},
+            {"capability": "background-snapshot", "state": true},
+        ]})),
+    )
+    .await?;
+    // The stream stays on this host; the default 128 MiB/s cap would stretch a 2 GiB capture to
+    // 16 s, during which the guest pays a copy for every first write.
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 16u64 << 30})),
+    )
+    .await?;
+    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    Ok(())
+}
+
+/// Make a QEMU started with `-incoming defer -S` (and detached disks: it activates them when the
+/// stream ends, so it can save its device state afterwards) receive a migration stream on `uri`.
+pub async fn receive_snapshot(qmp: &Qmp, uri: &str) -> Result<(), QmpError> {
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await?;
+    Ok(())
+}
+
+/// Wait until the VM runs again after a [`background_snapshot`] has taken its device state;
+/// `Err` if the snapshot failed first.
+pub async fn wait_running(qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = qmp.execute("query-status", None).await?;
+        if st.get("running").and_then(Value::as_bool) == Some(true) {
+            return Ok(());
+        }
+        let m = qmp.execute("query-migrate", None).await?;
+        if matches!(
+            m.get("status").and_then(Value::as_str),
+            Some("failed") | Some("cancelled")
+        ) {
+            return Err(QmpError::Command {
+                command: "migrate".into(),
+                class: "MigrationFailed".into(),
+                desc: m
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("background snapshot failed")
+                    .to_string(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(QmpError::Timeout("background snapshot".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Put a new qcow2 overlay (`overlay_path`, node `overlay_node`) on top of disk node `node`; the
 /// old image becomes read-only and the guest writes to the overlay from now on.
 pub async fn snapshot_disk(

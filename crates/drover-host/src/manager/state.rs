@@ -6,20 +6,59 @@
 //! has them, else a sparse in-kernel copy), resume. A restore starts QEMU with a copy of the RAM
 //! file and new overlays on the pinned layers, and loads the device state (`-incoming defer`).
 
-use super::{lock, Manager, RestoreSpec, VmSlot};
+use super::{lock, Manager, QemuMode, RestoreSpec, VmSlot};
 use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
-use drover_api::{GuestSaveNote, StateInfo, StateSection, VmInfo, VmState, STATE_FORMAT};
+use drover_api::{
+    GuestSaveNote, StateInfo, StatePhase, StateSection, VmInfo, VmState, STATE_FORMAT,
+};
 use drover_model::DiskFormat;
-use drover_qemu::{img, migrate};
+use drover_qemu::cmdline::RunPaths;
+use drover_qemu::qmp::Qmp;
+use drover_qemu::{img, migrate, process};
 use drover_store::StoreExt;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub(super) const STATES: &str = "states";
+
+/// How many of a VM's newest states keep a copy of their memory in RAM for instant restores.
+const STATES_IN_RAM: usize = 2;
+
+/// The QEMU that receives a fast save's memory stream.
+struct Receiver {
+    qmp: Qmp,
+    child: tokio::process::Child,
+    pid: u32,
+    paths: RunPaths,
+    /// Where it listens for the stream.
+    uri: String,
+}
+
+impl Receiver {
+    /// Stop it and drop what it received.
+    async fn discard(self) {
+        let ram = self.paths.ram.clone();
+        self.discard_keep_ram().await;
+        let _ = std::fs::remove_file(ram);
+    }
+
+    /// Stop it; its RAM file (the state's memory) stays.
+    async fn discard_keep_ram(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp.execute("quit", None)).await;
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            process::signal(self.pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.paths.dir);
+    }
+}
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
@@ -153,11 +192,42 @@ impl Manager {
         let id = format!("s{n}");
         let dir = self.states_dir(vm).join(&id);
         std::fs::create_dir_all(&dir).map_err(|e| io_ctx("creating", &dir, e))?;
-        let paths = self.run_paths(vm);
         let devices = dir.join("devices.bin");
-        let memory = dir.join("memory.bin");
-        let staging = paths.ram.with_extension(format!("save-{id}"));
-        let _ = std::fs::remove_file(&staging);
+        // Overlays for the running VM, made before pausing (they only name their backing file).
+        let mut overlays = Vec::new();
+        for d in &running.disks {
+            let overlay = self.vm_dir(vm).join("disks").join(format!(
+                "{}.{id}-{}.qcow2",
+                d.id,
+                hostfacts::now_ms()
+            ));
+            let (o, b, size) = (overlay.clone(), d.path.clone(), d.size);
+            let made = tokio::task::spawn_blocking(move || img::create_overlay(&o, &b, size))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))?;
+            if let Err(e) = made {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+            overlays.push(overlay);
+        }
+        // The fast path streams memory into a second QEMU that waits, paused, with the state's
+        // RAM file as its memory; it must be listening before the VM is paused.
+        let capture_guard = slot.capture.clone().lock_owned().await;
+        let receiver = if classic {
+            None
+        } else {
+            match self.spawn_receiver(vm, &id, &running, &rt).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    for o in &overlays {
+                        let _ = std::fs::remove_file(o);
+                    }
+                    return Err(e);
+                }
+            }
+        };
         // The state's config: disks at the layers it pins. The running VM moves to new overlays.
         let mut state_cfg = running.clone();
         let mut new_running = running.clone();
@@ -165,38 +235,29 @@ impl Manager {
         rt.qmp.execute("stop", None).await?;
         let saved = async {
             for (i, d) in running.disks.iter().enumerate() {
-                let overlay = self.vm_dir(vm).join("disks").join(format!(
-                    "{}.{id}-{}.qcow2",
-                    d.id,
-                    hostfacts::now_ms()
-                ));
-                let (o, b, size) = (overlay.clone(), d.path.clone(), d.size);
-                tokio::task::spawn_blocking(move || img::create_overlay(&o, &b, size))
-                    .await
-                    .map_err(|e| HostError::Internal(e.to_string()))??;
                 let node = rt.active_node(d);
                 let new_node = format!("disk-{}-{id}", d.id);
-                migrate::snapshot_disk(&rt.qmp, &node, &overlay, &new_node).await?;
+                migrate::snapshot_disk(&rt.qmp, &node, &overlays[i], &new_node).await?;
                 lock(&rt.nodes).insert(d.id.to_string(), new_node);
-                new_running.disks[i].path = overlay;
+                new_running.disks[i].path = overlays[i].clone();
                 state_cfg.disks[i].path = d.path.clone();
             }
-            migrate::save_state(&rt.qmp, &devices, !classic).await?;
-            if !classic {
-                // While paused, copy only as far as the fastest place: beside the RAM file (in
-                // memory when that is /dev/shm). The trip to disk happens after the guest runs on.
-                let (src, dst) = (paths.ram.clone(), staging.clone());
-                let kind = tokio::task::spawn_blocking(move || crate::filecopy::copy(&src, &dst))
-                    .await
-                    .map_err(|e| HostError::Internal(e.to_string()))?
-                    .map_err(|e| io_ctx("copying guest memory to", &staging, e))?;
-                tracing::debug!(vm, ?kind, "memory copied");
+            match &receiver {
+                // QEMU takes the device state, write-protects RAM and runs the guest again.
+                Some(r) => {
+                    migrate::background_snapshot(&rt.qmp, &r.uri).await?;
+                    migrate::wait_running(&rt.qmp, Duration::from_secs(120)).await?;
+                }
+                None => migrate::save_state(&rt.qmp, &devices, false).await?,
             }
             Ok::<_, HostError>(())
         }
         .await;
         // Resume whatever happened: a failed save must not leave the guest paused.
-        let resumed = rt.qmp.execute("cont", None).await;
+        let resumed = match rt.qmp.execute("query-status", None).await {
+            Ok(v) if v.get("running").and_then(|r| r.as_bool()) == Some(true) => Ok(()),
+            _ => rt.qmp.execute("cont", None).await.map(|_| ()),
+        };
         let paused_ms = t0.elapsed().as_millis() as u64;
         // The running VM now writes to the overlays that were plugged, even if a later step failed.
         let (nr, nn) = (new_running.clone(), info.next_config.clone());
@@ -219,34 +280,12 @@ impl Manager {
         })?;
         if let Err(e) = saved {
             let _ = std::fs::remove_dir_all(&dir);
-            let _ = std::fs::remove_file(&staging);
+            if let Some(r) = receiver {
+                r.discard().await;
+            }
             return Err(e);
         }
         resumed?;
-        if !classic {
-            let (src, dst) = (staging.clone(), memory.clone());
-            let moved = tokio::task::spawn_blocking(move || {
-                // Same filesystem: a rename; else a copy.
-                std::fs::rename(&src, &dst)
-                    .or_else(|_| crate::filecopy::copy(&src, &dst).map(|_| ()))
-            })
-            .await
-            .map_err(|e| HostError::Internal(e.to_string()))?;
-            let _ = std::fs::remove_file(&staging);
-            if let Err(e) = moved {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(io_ctx("storing guest memory in", &memory, e));
-            }
-        }
-        // Durable before acknowledged, but after the guest runs again.
-        for f in [&devices, &memory] {
-            if f.exists() {
-                std::fs::File::open(f)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| io_ctx("syncing", f, e))?;
-            }
-        }
-        let dev_bytes = std::fs::metadata(&devices).map(|m| m.len()).unwrap_or(0);
         let mut state = StateInfo {
             format: STATE_FORMAT,
             id: id.clone(),
@@ -262,38 +301,272 @@ impl Manager {
             config: state_cfg,
             devices: StateSection {
                 file: "devices.bin".into(),
-                bytes: dev_bytes,
-                sha256: Some(sha256_file(&devices).map_err(|e| io_ctx("hashing", &devices, e))?),
+                bytes: 0,
+                sha256: None,
             },
             memory: (!classic).then(|| StateSection {
                 file: "memory.bin".into(),
-                bytes: std::fs::metadata(&memory).map(|m| m.len()).unwrap_or(0),
+                bytes: running.memory,
                 sha256: None,
             }),
             paused_ms,
+            phase: StatePhase::Capturing,
+            failure: None,
             guest_save: guest,
         };
-        self.write_state(&state)?;
-        tracing::info!(vm, state = id, paused_ms, mode = state.mode, "state saved");
-        if !classic {
-            // Hashing gigabytes of memory must not delay the answer: done in the background.
-            let mgr = self.clone();
-            let st = state.clone();
-            tokio::spawn(async move {
-                let file = memory.clone();
-                if let Ok(Ok(sum)) = tokio::task::spawn_blocking(move || sha256_file(&file)).await {
-                    let mut st = st;
-                    if let Some(m) = st.memory.as_mut() {
-                        m.sha256 = Some(sum);
-                    }
-                    if let Err(e) = mgr.write_state(&st) {
-                        tracing::warn!("could not record the memory checksum of {}: {e}", st.id);
-                    }
-                }
-            });
-            state.memory.as_mut().map(|m| m.sha256.take());
+        match receiver {
+            Some(r) => {
+                // Answered now: the point in time is fixed and the guest runs on. The memory
+                // streams out behind it; a restore of this state waits for it.
+                self.write_state(&state)?;
+                let mgr = self.clone();
+                let (a_qmp, st) = (rt.qmp.clone(), state.clone());
+                tokio::spawn(async move {
+                    let _capturing = capture_guard;
+                    mgr.finish_capture(st, a_qmp, r).await;
+                });
+            }
+            None => {
+                drop(capture_guard);
+                self.seal_sections(&mut state, &devices, None)?;
+                state.phase = StatePhase::Durable;
+                self.write_state(&state)?;
+            }
         }
+        tracing::info!(vm, state = id, paused_ms, mode = state.mode, "state saved");
         Ok(state)
+    }
+
+    /// Where a state's memory lives in RAM (/dev/shm), next to the running guests' memory.
+    pub(super) fn state_ram(&self, vm: &str, id: &str) -> PathBuf {
+        self.ram_dir().join(format!("{vm}@{id}"))
+    }
+
+    /// Start the QEMU that receives a state's memory: same machine as the VM, paused, waiting
+    /// for a migration stream, with the state's RAM file as shared memory.
+    async fn spawn_receiver(
+        &self,
+        vm: &str,
+        id: &str,
+        config: &drover_model::VmConfig,
+        rt: &super::Runtime,
+    ) -> Result<Receiver> {
+        let mut paths = RunPaths::new(&self.run_paths(vm).dir.join(format!("cap-{id}")));
+        paths.ram = self.state_ram(vm, id);
+        let need = config.memory + (64 << 20);
+        let (_, free) = hostfacts::disk(&self.ram_dir());
+        if free < need {
+            return Err(HostError::Resources(format!(
+                "saving VM {vm} needs about {} free in {} for its memory; {} is free",
+                drover_model::format_size(need),
+                self.ram_dir().display(),
+                drover_model::format_size(free)
+            )));
+        }
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        let _ = std::fs::remove_file(&paths.ram);
+        std::fs::create_dir_all(&paths.dir).map_err(|e| io_ctx("creating", &paths.dir, e))?;
+        let kernel = self.kernel_boot(&rt.launched).await?;
+        let accel = lock(&self.slot(vm)?.info)
+            .accel
+            .unwrap_or(self.s.accel.accel);
+        let console = paths.dir.join("console.log");
+        let args = self.qemu_args(
+            vm,
+            config,
+            kernel,
+            accel,
+            &paths,
+            &console,
+            QemuMode {
+                incoming: true,
+                stopped: true,
+                ram_private: None,
+                detached: true,
+            },
+        )?;
+        let mut child = process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log)?;
+        let pid = child.id().unwrap_or(0);
+        let qmp = match self
+            .connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15))
+            .await
+        {
+            Ok((q, _events)) => q,
+            Err(why) => {
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                let _ = std::fs::remove_file(&paths.ram);
+                return Err(HostError::Internal(format!(
+                    "QEMU could not start to receive VM {vm}'s memory: {why}"
+                )));
+            }
+        };
+        let uri = format!("unix:{}", paths.dir.join("mig.sock").display());
+        let r = Receiver {
+            qmp,
+            child,
+            pid,
+            paths,
+            uri,
+        };
+        if let Err(e) = migrate::receive_snapshot(&r.qmp, &r.uri).await {
+            r.discard().await;
+            return Err(e.into());
+        }
+        Ok(r)
+    }
+
+    /// After a fast save has answered: wait for the memory stream, take the device state from
+    /// the receiving QEMU (without RAM), then write the memory to disk. Each step is recorded,
+    /// so `drover snapshot show` tells how far it got and a failure is never silent.
+    async fn finish_capture(&self, mut state: StateInfo, vm_qmp: Qmp, r: Receiver) {
+        let dir = self.states_dir(&state.vm).join(&state.id);
+        let devices = dir.join(&state.devices.file);
+        let shm = self.state_ram(&state.vm, &state.id);
+        let streamed = async {
+            migrate::wait_migration(&vm_qmp, Duration::from_secs(3600)).await?;
+            migrate::wait_migration(&r.qmp, Duration::from_secs(60)).await?;
+            migrate::save_state(&r.qmp, &devices, true).await?;
+            Ok::<_, HostError>(())
+        }
+        .await
+        .map_err(|e| {
+            HostError::Internal(format!(
+                "{e}; receiving QEMU: {}",
+                super::log_tail(&r.paths.qemu_log)
+            ))
+        });
+        r.discard_keep_ram().await;
+        let t = Instant::now();
+        let result = match streamed {
+            Ok(()) => {
+                async {
+                    self.seal_sections(&mut state, &devices, None)?;
+                    state.phase = StatePhase::Ready;
+                    self.write_state(&state)?;
+                    let ready_ms = t.elapsed().as_millis();
+                    self.persist_memory(&mut state).await?;
+                    tracing::info!(
+                        vm = state.vm,
+                        state = state.id,
+                        ready_ms,
+                        "state memory captured and on disk"
+                    );
+                    Ok::<_, HostError>(())
+                }
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(vm = state.vm, state = state.id, "state capture failed: {e}");
+            let _ = std::fs::remove_file(&shm);
+            state.phase = StatePhase::Failed;
+            state.failure = Some(e.to_string());
+            if let Err(e) = self.write_state(&state) {
+                tracing::warn!("could not record the failure of state {}: {e}", state.id);
+            }
+        }
+    }
+
+    /// Copy a ready state's memory from RAM to its directory, sync it, checksum it, and mark the
+    /// state durable; then drop RAM copies beyond the newest few.
+    async fn persist_memory(&self, state: &mut StateInfo) -> Result<()> {
+        let dir = self.states_dir(&state.vm).join(&state.id);
+        let Some(section) = state.memory.clone() else {
+            return Ok(());
+        };
+        let (src, dst) = (
+            self.state_ram(&state.vm, &state.id),
+            dir.join(&section.file),
+        );
+        let (d2, devices) = (dir.clone(), dir.join(&state.devices.file));
+        let sum = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            crate::filecopy::copy(&src, &dst)?;
+            for f in [&dst, &devices] {
+                std::fs::File::open(f)?.sync_all()?;
+            }
+            std::fs::File::open(&d2)?.sync_all()?;
+            sha256_file(&dst)
+        })
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| io_ctx("writing the state's memory to", &dir, e))?;
+        if let Some(m) = state.memory.as_mut() {
+            m.sha256 = Some(sum);
+        }
+        state.phase = StatePhase::Durable;
+        self.write_state(state)?;
+        self.evict_state_ram(&state.vm);
+        Ok(())
+    }
+
+    /// Keep RAM copies (for instant restores) of a VM's newest durable states only; older ones
+    /// are restored from disk, which costs a copy.
+    fn evict_state_ram(&self, vm: &str) {
+        let Ok(all) = self.states(vm) else { return };
+        let durable: Vec<&StateInfo> = all
+            .iter()
+            .filter(|s| s.phase == StatePhase::Durable && s.memory.is_some())
+            .collect();
+        for s in durable.iter().rev().skip(STATES_IN_RAM) {
+            let _ = std::fs::remove_file(self.state_ram(vm, &s.id));
+        }
+    }
+
+    /// Hash the device state into the manifest.
+    fn seal_sections(
+        &self,
+        state: &mut StateInfo,
+        devices: &Path,
+        _memory: Option<&Path>,
+    ) -> Result<()> {
+        state.devices.bytes = std::fs::metadata(devices).map(|m| m.len()).unwrap_or(0);
+        state.devices.sha256 =
+            Some(sha256_file(devices).map_err(|e| io_ctx("hashing", devices, e))?);
+        Ok(())
+    }
+
+    /// At daemon start: a capture cut off by a droverd restart is failed (its stream went with
+    /// the receiving QEMU, which is stopped); a ready state's memory is written to disk again.
+    pub(super) async fn recover_states(&self) {
+        for vm in self.list().into_iter().map(|v| v.name) {
+            let Ok(all) = self.states(&vm) else { continue };
+            for mut st in all {
+                match st.phase {
+                    StatePhase::Capturing => {
+                        let cap = self.run_paths(&vm).dir.join(format!("cap-{}", st.id));
+                        if let Some(pid) = std::fs::read_to_string(cap.join("qemu.pid"))
+                            .ok()
+                            .and_then(|p| p.trim().parse::<u32>().ok())
+                        {
+                            if process::is_alive(pid, &cap.display().to_string()) {
+                                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                            }
+                        }
+                        let _ = std::fs::remove_dir_all(&cap);
+                        let _ = std::fs::remove_file(self.state_ram(&vm, &st.id));
+                        st.phase = StatePhase::Failed;
+                        st.failure = Some("droverd restarted while the memory was captured".into());
+                        if let Err(e) = self.write_state(&st) {
+                            tracing::warn!("could not record the failure of state {}: {e}", st.id);
+                        }
+                    }
+                    StatePhase::Ready => {
+                        let mgr = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = mgr.persist_memory(&mut st).await {
+                                tracing::warn!(state = st.id, "writing state memory failed: {e}");
+                                st.phase = StatePhase::Failed;
+                                st.failure = Some(e.to_string());
+                                let _ = mgr.write_state(&st);
+                            }
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     fn write_state(&self, s: &StateInfo) -> Result<()> {
@@ -324,7 +597,19 @@ impl Manager {
         slot: &Arc<VmSlot>,
         which: &str,
     ) -> Result<VmInfo> {
-        let state = self.state(vm, which)?;
+        let mut state = self.state(vm, which)?;
+        if state.phase == StatePhase::Capturing {
+            // Restorable once its memory has streamed out; the capture holds this until then.
+            drop(slot.capture.lock().await);
+            state = self.state(vm, which)?;
+        }
+        if state.phase == StatePhase::Failed {
+            return Err(HostError::Invalid(format!(
+                "state {} cannot be restored: its capture failed ({})",
+                state.id,
+                state.failure.as_deref().unwrap_or("reason unknown")
+            )));
+        }
         if state.format > STATE_FORMAT {
             return Err(HostError::Invalid(format!(
                 "state {} has format {}; this droverd reads up to {STATE_FORMAT}",
@@ -340,16 +625,37 @@ impl Manager {
                 state.id
             )));
         }
-        let memory = state.memory.as_ref().map(|m| dir.join(&m.file));
-        if let Some(m) = &memory {
-            if !m.exists() {
-                return Err(HostError::Invalid(format!(
-                    "state {} is damaged: {} is missing",
-                    state.id,
-                    m.display()
-                )));
+        let memory = match &state.memory {
+            None => None,
+            Some(m) => {
+                // The RAM copy is mapped as is; without one (evicted, or the host rebooted),
+                // the copy on disk is brought back into RAM first.
+                let ram = self.state_ram(vm, &state.id);
+                if !ram.exists() {
+                    let disk = dir.join(&m.file);
+                    if !disk.exists() {
+                        return Err(HostError::Invalid(format!(
+                            "state {} is damaged: {} is missing",
+                            state.id,
+                            disk.display()
+                        )));
+                    }
+                    let t = Instant::now();
+                    let (src, dst) = (disk.clone(), ram.clone());
+                    tokio::task::spawn_blocking(move || crate::filecopy::copy(&src, &dst))
+                        .await
+                        .map_err(|e| HostError::Internal(e.to_string()))?
+                        .map_err(|e| io_ctx("loading the saved memory into", &ram, e))?;
+                    tracing::info!(
+                        vm,
+                        state = state.id,
+                        ms = t.elapsed().as_millis() as u64,
+                        "state memory loaded from disk"
+                    );
+                }
+                Some(ram)
             }
-        }
+        };
         for d in &state.config.disks {
             if !d.path.exists() {
                 return Err(HostError::Invalid(format!(
@@ -387,6 +693,8 @@ impl Manager {
                 .map_err(|e| HostError::Internal(e.to_string()))??;
             d.path = overlay;
         }
+        // The guest must learn it is a copy of its past (vmgenid), before QEMU starts.
+        self.regenerate_generation_id(vm, &format!("restore of state {}", state.id))?;
         let spec = RestoreSpec { devices, memory };
         self.launch(
             vm,
@@ -413,6 +721,8 @@ impl Manager {
         self.s.store.delete(STATES, &format!("{vm}/{}", state.id))?;
         let dir = self.states_dir(vm).join(&state.id);
         let _ = std::fs::remove_dir_all(&dir);
+        // A VM restored from it keeps its private mapping of the memory: unlinking is safe.
+        let _ = std::fs::remove_file(self.state_ram(vm, &state.id));
         Ok(state)
     }
 }
