@@ -56,4 +56,8 @@ class Droverd:
         self.proc.terminate()
         self.proc.wait()
         subprocess.run(["pkill", "-9", "-f", self.tmp])
+        # droverd keeps guest memory in /dev/shm/drover-<sha256(state dir)[:6]>.
+        import hashlib
+        key = hashlib.sha256(os.path.abspath(self.state).encode()).hexdigest()[:12]
+        shutil.rmtree(f"/dev/shm/drover-{key}", ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)

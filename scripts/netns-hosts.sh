@@ -13,12 +13,23 @@
 # STATE_DIR/droverd.log. All share one guest image dir ($DROVER_IMAGE_DIR, default
 # $DROVER_NETNS_ROOT/drover-images). `up` registers each as the remote hI (`drover remote add`),
 # in $DROVER_CONFIG_DIR or ~/.config/drover, so `drover --remote h2 vm list` works at once.
+# Separate sets can run side by side (parallel tests): DROVER_NETNS_SET=ma (letters, default h)
+# names namespaces drover-maI, remotes/host ids maI, sockets /run/drover/maI.sock, a bridge of
+# its own, on DROVER_NETNS_NET (default 10.77.0 for the set h, else required, e.g. 10.81.0).
 # Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
 # (built if neither has them), else PATH. Needs root and iproute2.
 set -euo pipefail
 
-BRIDGE=drover-br0
-NET=10.77.0
+P=${DROVER_NETNS_SET:-h}
+[[ "$P" =~ ^[a-z]{1,4}$ ]] || { echo "netns-hosts: DROVER_NETNS_SET must be 1-4 letters a-z" >&2; exit 2; }
+if [ "$P" = h ]; then
+  BRIDGE=drover-br0
+  NET=${DROVER_NETNS_NET:-10.77.0}
+else
+  BRIDGE=drbr-$P
+  NET=${DROVER_NETNS_NET:?set DROVER_NETNS_NET (e.g. 10.81.0) for DROVER_NETNS_SET=$P}
+fi
+[[ "$NET" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "netns-hosts: DROVER_NETNS_NET must look like 10.81.0" >&2; exit 2; }
 PORT=7443
 # Absolute before the cd below; droverd keys its /dev/shm dir on the absolute state dir.
 ROOT=$(realpath -m "${DROVER_NETNS_ROOT:-/var/lib}")
@@ -58,12 +69,12 @@ bins() {
   [ -x "$BIN/droverd" ] && [ -x "$BIN/drover" ] || die "no droverd/drover in $BIN"
 }
 
-state_dir() { echo "$ROOT/drover-h$1"; }
-sock() { echo "$RUN/h$1.sock"; }
+state_dir() { echo "$ROOT/drover-$P$1"; }
+sock() { echo "$RUN/$P$1.sock"; }
 ipof() { echo "$NET.$((10 + $1))"; }
 
 # Our namespaces, as host numbers.
-hosts() { ip netns list 2>/dev/null | sed -n 's/^drover-h\([0-9]\+\)\b.*/\1/p' | sort -n; }
+hosts() { ip netns list 2>/dev/null | sed -n "s/^drover-$P\\([0-9]\\+\\)\\b.*/\\1/p" | sort -n; }
 
 # Pid of host I's droverd, if it runs.
 daemon_pid() {
@@ -76,7 +87,7 @@ daemon_pid() {
 }
 
 net_up() {
-  local i=$1 ns=drover-h$1 veth=drv-h$1
+  local i=$1 ns=drover-$P$1 veth=drv-$P$1
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge
   fi
@@ -105,20 +116,20 @@ start_daemon() {
   log=$dir/droverd.log
   mkdir -p "$dir" "$IMAGES" "$RUN"
   if daemon_pid "$i" >/dev/null; then
-    say "h$i: droverd already runs (pid $(daemon_pid "$i"))"
+    say "$P$i: droverd already runs (pid $(daemon_pid "$i"))"
     return
   fi
   # Another helper adds --host-id; older droverd's run without it.
   local help
   help=$("$BIN/droverd" --help 2>/dev/null || true)
   if [[ "$help" == *--host-id* ]]; then
-    extra+=(--host-id "h$i")
+    extra+=(--host-id "$P$i")
   fi
   local agent=${DROVER_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/drover-agent}
   [ -x "$agent" ] && extra+=(--agent-binary "$agent")
-  say "h$i: starting droverd in namespace drover-h$i (log: $log)"
+  say "$P$i: starting droverd in namespace drover-$P$i (log: $log)"
   # setsid: the daemon outlives this script and gets no signal from its terminal.
-  ip netns exec "drover-h$i" setsid "$BIN/droverd" \
+  ip netns exec "drover-$P$i" setsid "$BIN/droverd" \
     --state-dir "$dir" --socket "$(sock "$i")" --image-dir "$IMAGES" \
     --listen "$(ipof "$i"):$PORT" "${extra[@]}" \
     </dev/null >>"$log" 2>&1 &
@@ -130,18 +141,18 @@ wait_and_register() {
   dir=$(state_dir "$i")
   for _ in $(seq 200); do
     "$BIN/drover" --socket "$(sock "$i")" host info >/dev/null 2>&1 && break
-    daemon_pid "$i" >/dev/null || die "h$i: droverd exited; see $dir/droverd.log:
+    daemon_pid "$i" >/dev/null || die "$P$i: droverd exited; see $dir/droverd.log:
 $(tail -n 20 "$dir/droverd.log")"
     sleep 0.1
   done
   "$BIN/drover" --socket "$(sock "$i")" host info >/dev/null 2>&1 ||
-    die "h$i: droverd does not answer on $(sock "$i"); see $dir/droverd.log"
+    die "$P$i: droverd does not answer on $(sock "$i"); see $dir/droverd.log"
   [ -f "$dir/tls/admin.token" ] ||
-    die "h$i: no $dir/tls/admin.token (the token file $dir/tokens had tokens before); register it by hand with drover remote add"
+    die "$P$i: no $dir/tls/admin.token (the token file $dir/tokens had tokens before); register it by hand with drover remote add"
   # Over TCP through the veth: proves the HTTPS side answers too.
-  "$BIN/drover" remote add "h$i" "https://$(ipof "$i"):$PORT" \
+  "$BIN/drover" remote add "$P$i" "https://$(ipof "$i"):$PORT" \
     --token-file "$dir/tls/admin.token" --ca-file "$dir/tls/cert.pem" --replace >/dev/null ||
-    die "h$i: https://$(ipof "$i"):$PORT does not answer; see $dir/droverd.log"
+    die "$P$i: https://$(ipof "$i"):$PORT does not answer; see $dir/droverd.log"
 }
 
 up() {
@@ -164,33 +175,33 @@ status() {
     local dir state=running
     dir=$(state_dir "$i")
     daemon_pid "$i" >/dev/null || state="droverd not running"
-    printf '%-6s %-25s %-38s %-36s %s%s\n' "h$i" "https://$(ipof "$i"):$PORT" \
+    printf '%-6s %-25s %-38s %-36s %s%s\n' "$P$i" "https://$(ipof "$i"):$PORT" \
       "$dir/tls/admin.token" "$dir/tls/cert.pem" "$(sock "$i")" \
       "$([ "$state" = running ] || echo "  ($state)")"
   done
-  [ -n "$any" ] || echo "(no drover-h* namespaces)"
+  [ -n "$any" ] || echo "(no drover-$P* namespaces)"
 }
 
 # Stop host I's VMs (force: these are test hosts), then its droverd, then anything left in its
 # namespace (QEMUs of a droverd that would not answer).
 stop_host() {
-  local i=$1 ns=drover-h$1 s pid
+  local i=$1 ns=drover-$P$1 s pid
   s=$(sock "$i")
   if [ -n "${BIN:-}" ] && [ -S "$s" ] && command -v python3 >/dev/null; then
     for vm in $("$BIN/drover" --socket "$s" -o json vm list 2>/dev/null |
       python3 -c 'import json,sys; [print(v["name"]) for v in json.load(sys.stdin) if v.get("state") not in ("stopped","created")]' 2>/dev/null); do
-      say "h$i: stopping VM $vm"
+      say "$P$i: stopping VM $vm"
       "$BIN/drover" --socket "$s" vm stop "$vm" --force >/dev/null 2>&1 || true
     done
   fi
   if pid=$(daemon_pid "$i"); then
-    say "h$i: stopping droverd (pid $pid)"
+    say "$P$i: stopping droverd (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   fi
   for p in $(ip netns pids "$ns" 2>/dev/null); do
-    say "h$i: killing leftover process $p ($(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-60))"
+    say "$P$i: killing leftover process $p ($(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-60))"
     kill -KILL "$p" 2>/dev/null || true
   done
   rm -f "$(state_dir "$i")/droverd.pid" "$s"
@@ -207,14 +218,14 @@ down() {
   find_bins || BIN=
   for i in $(hosts); do
     stop_host "$i"
-    ip netns del "drover-h$i" 2>/dev/null || true
-    ip link del "drv-h$i" 2>/dev/null || true
-    [ -n "$BIN" ] && "$BIN/drover" remote remove "h$i" >/dev/null 2>&1 || true
+    ip netns del "drover-$P$i" 2>/dev/null || true
+    ip link del "drv-$P$i" 2>/dev/null || true
+    [ -n "$BIN" ] && "$BIN/drover" remote remove "$P$i" >/dev/null 2>&1 || true
     if [ "$purge" = --purge ]; then rm -rf "$(state_dir "$i")"; fi
-    say "h$i: removed"
+    say "$P$i: removed"
   done
   # veths whose namespace vanished some other way.
-  for v in $(ip -o link show 2>/dev/null | sed -n 's/^[0-9]\+: \(drv-h[0-9]\+\)@.*/\1/p'); do
+  for v in $(ip -o link show 2>/dev/null | sed -n "s/^[0-9]\\+: \\(drv-$P[0-9]\\+\\)@.*/\\1/p"); do
     ip link del "$v" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true

@@ -130,6 +130,161 @@ pub struct VmInfo {
     /// While running: where its config came from (`initial`, `generation 3`, `composed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_from: Option<String>,
+    /// A migration this VM is part of (or arrived by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationMark>,
+}
+
+/// A VM's part in a migration between hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationMark {
+    /// The migration's id (shared by both hosts).
+    pub id: String,
+    /// Whether this host sends or receives the VM.
+    pub role: MigrationRole,
+    /// The other host (its host id).
+    pub peer: String,
+    /// How far it has come.
+    pub phase: MigrationPhase,
+}
+
+/// Which side of a migration a host is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationRole {
+    /// This host sends the VM.
+    Outgoing,
+    /// This host receives it.
+    Incoming,
+}
+
+/// Phases of a migration, as each host records them durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Disks and memory are being copied; the source runs the VM.
+    Copying,
+    /// The source has paused the VM for good and asked the destination to take it over; until
+    /// the destination confirms, the VM runs nowhere (never on both).
+    HandingOver,
+    /// The destination runs the VM and owns it.
+    Committed,
+}
+
+/// `POST /v1/vms/{name}/migrate`: move a VM to another host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The destination droverd (URL, token, trusted certificate).
+    pub to: RemoteSpec,
+    /// The destination's name as the caller knows it (for messages).
+    pub to_name: String,
+    /// Both hosts see the VM's disk files at the same paths: do not copy them.
+    #[serde(default)]
+    pub shared_storage: bool,
+    /// The VM is stopped: copy its disks and records, start nothing.
+    #[serde(default)]
+    pub offline: bool,
+    /// Longest pause QEMU may plan for the switch-over (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Bandwidth cap for memory and disks (bytes/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
+}
+
+/// Progress of a migration (sent as the text of stream progress items, JSON-encoded).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateProgress {
+    /// `disks`, `memory`, `switch-over`, `handing-over`.
+    pub stage: String,
+    /// Disk bytes copied so far and in all.
+    pub disk_done: u64,
+    /// Disk bytes in all.
+    pub disk_total: u64,
+    /// Memory bytes sent so far.
+    pub ram_done: u64,
+    /// Guest memory size.
+    pub ram_total: u64,
+    /// Memory still to send in this pass.
+    pub ram_remaining: u64,
+    /// Bytes per second the guest dirties.
+    pub dirty_rate: u64,
+    /// QEMU's expected downtime (ms).
+    pub expected_downtime_ms: u64,
+}
+
+/// The outcome of a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateResult {
+    /// The VM.
+    pub vm: String,
+    /// Source host id.
+    pub from: String,
+    /// Destination host id.
+    pub to: String,
+    /// The migration id.
+    pub id: String,
+    /// From the request to the VM running on the destination (ms).
+    pub total_ms: u64,
+    /// How long the guest was paused, as QEMU measured it (ms); 0 for offline migrations.
+    pub downtime_ms: u64,
+    /// Memory bytes sent.
+    pub ram_bytes: u64,
+    /// Disk bytes copied.
+    pub disk_bytes: u64,
+    /// Whether the VM was stopped (offline migration).
+    pub offline: bool,
+}
+
+/// One stored row of a VM, carried from host to host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedRow {
+    /// Table.
+    pub table: String,
+    /// Key.
+    pub key: String,
+    /// The value (JSON).
+    pub value: serde_json::Value,
+}
+
+/// `POST /v1/migrations/incoming` (droverd to droverd): get ready to receive a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    /// Migration id.
+    pub id: String,
+    /// Source host id.
+    pub from: String,
+    /// The VM's record (as on the source).
+    pub vm: VmInfo,
+    /// Its other rows: history, journal, principals, audit, generation id.
+    pub rows: Vec<PackedRow>,
+    /// Disks stay where they are (same paths on both hosts).
+    #[serde(default)]
+    pub shared_storage: bool,
+    /// The VM is stopped.
+    #[serde(default)]
+    pub offline: bool,
+}
+
+/// The destination's answer: where to send memory and disks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingReady {
+    /// QEMU migration URI (`tcp:HOST:PORT`); empty for offline migrations.
+    pub migrate_uri: String,
+    /// NBD server address.
+    pub nbd_host: String,
+    /// NBD server port per disk id (offline: one qemu-nbd each), or one shared port.
+    pub nbd_ports: Vec<(String, u16)>,
+}
+
+/// `POST /v1/migrations/{vm}/commit` and `/abort` (droverd to droverd).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationStep {
+    /// Migration id (must match the destination's record).
+    pub id: String,
+    /// The source's measured downtime (for the guest's `migrated` event).
+    #[serde(default)]
+    pub downtime_ms: u64,
 }
 
 fn default_mode() -> PersistMode {
@@ -649,6 +804,8 @@ pub enum ErrorCode {
     Forbidden,
     /// A TCP caller gave no bearer token, or one droverd does not know.
     Unauthenticated,
+    /// Another host (a migration's destination) could not be reached.
+    PeerUnreachable,
     /// Something failed inside droverd.
     Internal,
 }
@@ -662,6 +819,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => 400,
             ErrorCode::Forbidden => 403,
             ErrorCode::Unauthenticated => 401,
+            ErrorCode::PeerUnreachable => 502,
             ErrorCode::InsufficientResources => 507,
             ErrorCode::AgentUnavailable => 503,
             ErrorCode::Timeout => 504,

@@ -497,6 +497,41 @@ enum VmCmd {
         /// VM name.
         name: String,
     },
+    /// Move a VM to another host (a remote, see `drover remote add`).
+    ///
+    /// Live by default: disks are copied while the guest runs (unless both hosts see them at
+    /// the same paths: --shared-storage), then memory; the guest pauses only for the final
+    /// switch-over. The VM's records, config history, guest principals and audit trail move
+    /// with it; afterwards exactly one host has it. A failure or --cancel leaves it running here.
+    /// A stopped VM moves with --offline.
+    ///
+    /// Examples:
+    ///   drover vm migrate web1 --to h2
+    ///   drover --remote h1 vm migrate web1 --to h2 --downtime-ms 20 --output json
+    ///   drover vm migrate web1 --cancel
+    ///   drover vm migrate db --to h3 --offline
+    Migrate {
+        /// VM name.
+        name: String,
+        /// The destination: a remote name (`drover remote list`).
+        #[arg(long, required_unless_present = "cancel", value_name = "REMOTE")]
+        to: Option<String>,
+        /// Both hosts see the VM's disk files at the same paths; do not copy them.
+        #[arg(long)]
+        shared_storage: bool,
+        /// Move a stopped VM: copy disks and records, start nothing.
+        #[arg(long)]
+        offline: bool,
+        /// Longest switch-over pause QEMU may plan, in milliseconds [default: 20].
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Bandwidth cap per second for memory and disks, e.g. 100M [default: none].
+        #[arg(long, value_name = "SIZE")]
+        bandwidth: Option<String>,
+        /// Cancel the migration of NAME that is running now.
+        #[arg(long, conflicts_with_all = ["to", "offline", "shared_storage"])]
+        cancel: bool,
+    },
     /// Stop a VM: the guest agent's shutdown, then ACPI power-down, then kill after --timeout.
     Stop {
         /// VM name.
@@ -564,6 +599,32 @@ enum VmCmd {
     },
 }
 
+/// One progress line of a migration, from the JSON droverd streams.
+fn migrate_line(line: &str) -> String {
+    let Ok(p) = serde_json::from_str::<drover_api::MigrateProgress>(line) else {
+        return line.to_string();
+    };
+    let pct = |a: u64, b: u64| a.saturating_mul(100).checked_div(b).unwrap_or(100);
+    match p.stage.as_str() {
+        "disks" => format!(
+            "copying disks: {} of {} ({}%)",
+            output::fmt_bytes(p.disk_done),
+            output::fmt_bytes(p.disk_total),
+            pct(p.disk_done, p.disk_total)
+        ),
+        "memory" => format!(
+            "copying memory: {} sent, {} left, guest dirties {}/s, expected pause {} ms",
+            output::fmt_bytes(p.ram_done),
+            output::fmt_bytes(p.ram_remaining),
+            output::fmt_bytes(p.dirty_rate),
+            p.expected_downtime_ms
+        ),
+        "switch-over" => "switching over (guest paused)".to_string(),
+        "handing-over" => "handing over to the destination".to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// Exit codes by error kind; documented in `drover --help`.
 fn exit_code(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<remotes::UnknownRemote>().is_some() {
@@ -577,6 +638,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             Some(ErrorCode::Timeout | ErrorCode::AgentUnavailable) => 6,
             Some(ErrorCode::InsufficientResources) => 7,
             Some(ErrorCode::Forbidden | ErrorCode::Unauthenticated) => 8,
+            Some(ErrorCode::PeerUnreachable) => 5,
             _ => 1,
         },
         None => 1,
@@ -1156,6 +1218,83 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                 out.journal(&j);
             }
         },
+        VmCmd::Migrate {
+            name,
+            to,
+            shared_storage,
+            offline,
+            downtime_ms,
+            bandwidth,
+            cancel,
+        } => {
+            if cancel {
+                let v: serde_json::Value = c
+                    .post(
+                        &format!("/v1/vms/{}/migrate/cancel", seg(&name)?),
+                        &serde_json::json!({}),
+                    )
+                    .await?;
+                let p = out.progress("");
+                p.done(&format!(
+                    "cancelling the migration of {name}; it keeps running here"
+                ));
+                out.json_only(&v);
+                return Ok(0);
+            }
+            let to_name = to.context("--to REMOTE is required")?;
+            let all = remotes::Remotes::load(&remotes::config_file()?)?;
+            let spec = all.get(&to_name)?.clone();
+            let bandwidth = bandwidth
+                .map(|b| drover_model::parse_size(&b))
+                .transpose()
+                .context("--bandwidth")?;
+            let p = out.progress(&format!("migrating {name} to {to_name}"));
+            let (mut last_stage, mut last_line) = (String::new(), Instant::now());
+            let r: drover_api::MigrateResult = c
+                .post_stream(
+                    &format!("/v1/vms/{}/migrate", seg(&name)?),
+                    &drover_api::MigrateRequest {
+                        to: spec,
+                        to_name: to_name.clone(),
+                        shared_storage,
+                        offline,
+                        downtime_ms,
+                        bandwidth,
+                    },
+                    |line| {
+                        // Without a spinner, a line per stage or per second, not per update.
+                        let text = migrate_line(line);
+                        let stage = text.split(':').next().unwrap_or_default().to_string();
+                        if p.is_live()
+                            || stage != last_stage
+                            || last_line.elapsed() >= Duration::from_secs(1)
+                        {
+                            p.set(&text);
+                            last_stage = stage;
+                            last_line = Instant::now();
+                        }
+                    },
+                )
+                .await?;
+            p.done(&if r.offline {
+                format!(
+                    "{name} moved to {} (offline, {} of disks) in {:.1}s",
+                    r.to,
+                    output::fmt_bytes(r.disk_bytes),
+                    r.total_ms as f64 / 1000.0
+                )
+            } else {
+                format!(
+                    "{name} now runs on {} after {:.1}s; the guest was paused {} ms ({} of memory, {} of disks copied)",
+                    r.to,
+                    r.total_ms as f64 / 1000.0,
+                    r.downtime_ms,
+                    output::fmt_bytes(r.ram_bytes),
+                    output::fmt_bytes(r.disk_bytes)
+                )
+            });
+            out.json_only(&r);
+        }
         VmCmd::Stop {
             name,
             timeout,

@@ -28,6 +28,10 @@ impl Progress {
             None => {}
         }
     }
+    /// Whether a spinner shows the steps (else each step is a line of its own).
+    pub fn is_live(&self) -> bool {
+        self.bar.is_some()
+    }
     /// Finish with a summary line (on stderr, so stdout stays clean for data).
     pub fn done(&self, msg: &str) {
         match &self.bar {
@@ -626,7 +630,8 @@ impl Out {
 }
 
 /// Bytes in a readable unit (1.5G, 300M).
-fn fmt_bytes(b: u64) -> String {
+/// Bytes for people: `1.5G`, `300.0M`, `512B`.
+pub fn fmt_bytes(b: u64) -> String {
     const UNITS: [(u64, &str); 4] = [
         (1 << 40, "T"),
         (1 << 30, "G"),

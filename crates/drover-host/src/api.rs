@@ -185,6 +185,11 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
             get(state_show).delete(state_delete),
         )
         .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
+        .route("/v1/migrations/incoming", post(incoming_prepare))
+        .route("/v1/migrations/{name}/commit", post(incoming_commit))
+        .route("/v1/migrations/{name}/abort", post(incoming_abort))
         .route("/v1/image", get(image))
         .route("/v1/image/build", post(image_build))
         .route("/v1/auth/roles", get(roles).post(grant))
@@ -646,22 +651,32 @@ async fn image_build(
     if let Err(f) = need(&who, Permission::Admin) {
         return f.into_response();
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let line = |item: &StreamItem<drover_api::ImageInfo>| {
+    ndjson(move |progress| async move { m.build_image(req.force, progress).await })
+}
+
+/// Run `work` in its own task (a client that hangs up cannot cut it short), streaming its
+/// progress lines and then its outcome as NDJSON [`StreamItem`]s.
+fn ndjson<T, F, Fut>(work: F) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce(Box<dyn Fn(String) + Send + Sync>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, HostError>> + Send + 'static,
+{
+    fn line<T: serde::Serialize>(item: &StreamItem<T>) -> String {
         let mut s = serde_json::to_string(item).unwrap_or_default();
         s.push('\n');
         s
-    };
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let progress_tx = tx.clone();
     tokio::spawn(async move {
         let ptx = progress_tx.clone();
-        let result = m
-            .build_image(req.force, move |p| {
-                let _ = ptx.send(line(&StreamItem::Progress(p)));
-            })
-            .await;
+        let result = work(Box::new(move |p| {
+            let _ = ptx.send(line::<T>(&StreamItem::Progress(p)));
+        }))
+        .await;
         let last = match result {
-            Ok(info) => StreamItem::Result(info),
+            Ok(v) => StreamItem::Result(v),
             Err(e) => StreamItem::Error(e.into()),
         };
         let _ = progress_tx.send(line(&last));
@@ -675,6 +690,60 @@ async fn image_build(
         HeaderValue::from_static("application/x-ndjson"),
     );
     resp
+}
+
+async fn migrate(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(req): Body<drover_api::MigrateRequest>,
+) -> Response {
+    ndjson(move |progress| async move {
+        m.migrate(&name, req, &who.0, move |p| {
+            progress(serde_json::to_string(&p).unwrap_or_default())
+        })
+        .await
+    })
+}
+
+async fn migrate_cancel(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<serde_json::Value> {
+    m.migrate_cancel(&name, &who.0)?;
+    Ok(Json(serde_json::json!({"cancelling": name})))
+}
+
+async fn incoming_prepare(
+    State(m): State<Manager>,
+    who: Who,
+    Body(req): Body<drover_api::IncomingRequest>,
+) -> Res<drover_api::IncomingReady> {
+    Ok(Json(
+        detached(async move { m.incoming_prepare(req, &who.0).await }).await?,
+    ))
+}
+
+async fn incoming_commit(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(step): Body<drover_api::MigrationStep>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.incoming_commit(&name, step, &who.0).await }).await?,
+    ))
+}
+
+async fn incoming_abort(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Body(step): Body<drover_api::MigrationStep>,
+) -> Res<serde_json::Value> {
+    detached(async move { m.incoming_abort(&name, step, &who.0).await }).await?;
+    Ok(Json(serde_json::json!({})))
 }
 
 use futures_util::StreamExt as _;

@@ -53,6 +53,17 @@ pub enum HostError {
     /// Processes.
     #[error(transparent)]
     Process(#[from] drover_qemu::process::ProcessError),
+    /// Another host could not be reached.
+    #[error("{0}")]
+    Peer(String),
+    /// Another host refused (its error, with its code).
+    #[error("{host}: {error}")]
+    Remote {
+        /// The other host.
+        host: String,
+        /// What it said.
+        error: ApiError,
+    },
     /// Anything else inside droverd.
     #[error("{0}")]
     Internal(String),
@@ -77,6 +88,8 @@ impl HostError {
             HostError::Agent(_) => ErrorCode::AgentUnavailable,
             HostError::Timeout(_) => ErrorCode::Timeout,
             HostError::ImageMissing(_) => ErrorCode::ImageMissing,
+            HostError::Peer(_) => ErrorCode::PeerUnreachable,
+            HostError::Remote { error, .. } => error.code,
             _ => ErrorCode::Internal,
         }
     }

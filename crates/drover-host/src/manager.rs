@@ -36,6 +36,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 mod guest;
 mod identity;
 mod live;
+mod migrate;
 mod state;
 
 /// A saved state to load at launch.
@@ -50,6 +51,17 @@ struct QemuMode<'a> {
     ram_private: Option<&'a Path>,
     /// Only holds state: no images, no host ports.
     detached: bool,
+}
+
+/// What a new QEMU does first.
+#[derive(Clone, Copy)]
+enum LaunchKind<'a> {
+    /// Boot the guest.
+    Boot,
+    /// Load a saved state and run it.
+    Restore(&'a RestoreSpec),
+    /// Wait, paused, for a live migration from another host (which then commits or aborts).
+    Incoming,
 }
 
 pub(crate) struct RestoreSpec {
@@ -89,6 +101,9 @@ pub struct DaemonConfig {
     pub persist_mode_default: PersistMode,
     /// This host's component id, what guests see (`drover-guest host-id`) and `GET /v1/host` shows.
     pub identity: drover_proto::HostIdentity,
+    /// The address other hosts reach this one at (the `--listen` IP): where incoming
+    /// migrations listen for memory and disks. Loopback when unset.
+    pub migration_addr: Option<std::net::IpAddr>,
 }
 
 struct Runtime {
@@ -550,6 +565,7 @@ impl Manager {
                 running_config: None,
                 next_config: None,
                 started_from: None,
+                migration: None,
             };
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
@@ -579,6 +595,33 @@ impl Manager {
         }
     }
 
+    /// Every stored row that belongs to VM `name` (table, key, value): its record, history and
+    /// generation id under its name, journal, guest principals, audit, queued requests and states
+    /// under `name/`. What a delete removes and a migration carries.
+    fn vm_rows(&self, name: &str) -> Result<Vec<(String, String, Vec<u8>)>> {
+        let prefix = format!("{name}/");
+        let mut rows = Vec::new();
+        for table in [VMS, HISTORY, identity::GENERATIONS] {
+            if let Some(v) = self.s.store.get_raw(table, name)? {
+                rows.push((table.to_string(), name.to_string(), v));
+            }
+        }
+        for table in [
+            JOURNAL,
+            guest::PRINCIPALS,
+            guest::AUDIT,
+            guest::REQUESTS,
+            state::STATES,
+        ] {
+            for (key, v) in self.s.store.list_raw(table)? {
+                if key.starts_with(&prefix) {
+                    rows.push((table.to_string(), key, v));
+                }
+            }
+        }
+        Ok(rows)
+    }
+
     /// Remove a VM, its owned disks and its logs. Operator-provided images are left alone.
     pub async fn delete(&self, name: &str, force: bool) -> Result<VmInfo> {
         let slot = self.slot(name)?;
@@ -591,43 +634,11 @@ impl Manager {
         VmAction::Delete
             .check(name, info.state)
             .map_err(HostError::Conflict)?;
-        let prefix = format!("{name}/");
-        let mut writes = vec![
-            Write::Delete {
-                table: VMS.into(),
-                key: name.into(),
-            },
-            Write::Delete {
-                table: HISTORY.into(),
-                key: name.into(),
-            },
-            Write::Delete {
-                table: identity::GENERATIONS.into(),
-                key: name.into(),
-            },
-        ];
-        // Everything keyed under the VM goes with it: a new VM of the same name must not inherit
-        // its guest principals, states or queued requests.
-        for table in [
-            JOURNAL,
-            guest::PRINCIPALS,
-            guest::AUDIT,
-            guest::REQUESTS,
-            state::STATES,
-        ] {
-            for (key, _) in self
-                .s
-                .store
-                .list_raw(table)?
-                .into_iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-            {
-                writes.push(Write::Delete {
-                    table: table.into(),
-                    key,
-                });
-            }
-        }
+        let writes = self
+            .vm_rows(name)?
+            .into_iter()
+            .map(|(table, key, _)| Write::Delete { table, key })
+            .collect();
         self.s.store.apply(writes)?;
         lock(&self.s.vms).remove(name);
         for d in info.config.disks.iter().filter(|d| d.owned) {
@@ -672,19 +683,30 @@ impl Manager {
             .map_err(HostError::Conflict)?;
         let (config, started_from) = self.choose_config(slot, &info, req, caller)?;
         self.check_fits(name, &config)?;
-        self.launch(name, slot, config.cold_plugged(), started_from, None)
-            .await
+        self.launch(
+            name,
+            slot,
+            config.cold_plugged(),
+            started_from,
+            LaunchKind::Boot,
+        )
+        .await
     }
 
-    /// Launch QEMU with `config`; with `restore`, load that saved state instead of booting.
+    /// Launch QEMU with `config`: boot it, restore a saved state, or wait for a migration.
     async fn launch(
         &self,
         name: &str,
         slot: &Arc<VmSlot>,
         config: VmConfig,
         started_from: String,
-        restore: Option<&RestoreSpec>,
+        kind: LaunchKind<'_>,
     ) -> Result<VmInfo> {
+        let restore = match kind {
+            LaunchKind::Restore(r) => Some(r),
+            _ => None,
+        };
+        let incoming = matches!(kind, LaunchKind::Incoming);
         let kernel = self.kernel_boot(&config).await?;
         let accel = config.accel.unwrap_or(self.s.accel.accel);
         let paths = self.run_paths(name);
@@ -704,8 +726,8 @@ impl Manager {
             &paths,
             &console,
             QemuMode {
-                incoming: restore.is_some(),
-                stopped: false,
+                incoming: restore.is_some() || incoming,
+                stopped: incoming,
                 // A fast state's memory is mapped privately: the guest runs on the saved pages
                 // at once, and its writes never reach the state.
                 ram_private: restore.and_then(|r| r.memory.as_deref()),
@@ -765,7 +787,11 @@ impl Manager {
             }
         }
         let info = self.persist(slot, |i| {
-            i.state = VmState::Running;
+            i.state = if incoming {
+                VmState::Starting
+            } else {
+                VmState::Running
+            };
             i.pid = Some(pid);
             i.accel = Some(accel);
             i.started_at_ms = Some(hostfacts::now_ms());
@@ -786,6 +812,14 @@ impl Manager {
         tracing::info!(vm = name, pid, %accel, "started");
         let _ = info;
         Ok(self.view(slot))
+    }
+
+    /// Finish or undo, in the background, a migration a previous droverd left on record.
+    fn spawn_recover_migration(&self, name: &str, slot: &Arc<VmSlot>) {
+        if lock(&slot.info).migration.is_some() {
+            let (mgr, vm, slot) = (self.clone(), name.to_string(), slot.clone());
+            tokio::spawn(async move { mgr.recover_migration(&vm, &slot).await });
+        }
     }
 
     /// QEMU's command line for VM `name` running `config`.
@@ -1020,6 +1054,19 @@ impl Manager {
         if let Err(e) = recorded {
             tracing::error!(vm = name, "could not record the stop: {e}");
         }
+        // A VM that was arriving by migration and lost its QEMU is not ours: drop it.
+        let arriving = matches!(
+            lock(&slot.info).migration,
+            Some(drover_api::MigrationMark {
+                role: drover_api::MigrationRole::Incoming,
+                phase: drover_api::MigrationPhase::Copying,
+                ..
+            })
+        );
+        if arriving {
+            let (mgr, vm) = (self.clone(), name.to_string());
+            tokio::spawn(async move { mgr.discard_incoming(&vm).await });
+        }
     }
 
     /// Record a stop and, with persistence on, seal the config the VM ran with (live changes and
@@ -1224,7 +1271,11 @@ impl Manager {
                     let nodes = block_nodes(&qmp).await;
                     // Drover pauses a VM only inside a state save; a VM still paused now was
                     // left so by a droverd that died mid-save.
-                    if qmp.status().await.ok().as_deref() == Some("paused") {
+                    let migrating = lock(&slot.info)
+                        .migration
+                        .as_ref()
+                        .is_some_and(|m| m.phase != drover_api::MigrationPhase::Committed);
+                    if !migrating && qmp.status().await.ok().as_deref() == Some("paused") {
                         tracing::warn!(
                             vm = name,
                             "VM was left paused by an interrupted save; resuming it"
@@ -1237,6 +1288,7 @@ impl Manager {
                     }
                     self.resume_requests(name);
                     tracing::info!(vm = name, pid, "re-adopted running VM");
+                    self.spawn_recover_migration(name, slot);
                     return Ok(());
                 }
                 Err(e) => {
@@ -1258,6 +1310,7 @@ impl Manager {
         );
         self.record_stopped(slot, exit("exited-while-daemon-down", Some(detail.clone())))?;
         self.resume_requests(name);
+        self.spawn_recover_migration(name, slot);
         tracing::info!(
             vm = name,
             "was running before droverd restarted and has since exited"

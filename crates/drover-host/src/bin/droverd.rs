@@ -109,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             args.host_id.as_deref(),
             std::path::Path::new(drover_host::hostfacts::DMI_DIR),
         ),
+        migration_addr: args.listen.map(|a| a.ip()),
     };
     let tokens = Arc::new(TokenStore::new(
         &args

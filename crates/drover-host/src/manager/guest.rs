@@ -731,6 +731,7 @@ mod tests {
             persist_default: true,
             persist_mode_default: drover_model::PersistMode::Diff,
             identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
+            migration_addr: None,
         };
         let store = drover_store::RedbStore::open(&dir.join("d.redb")).unwrap();
         Manager::open(cfg, Box::new(store)).await.unwrap()

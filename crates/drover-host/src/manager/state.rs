@@ -6,7 +6,7 @@
 //! has them, else a sparse in-kernel copy), resume. A restore starts QEMU with a copy of the RAM
 //! file and new overlays on the pinned layers, and loads the device state (`-incoming defer`).
 
-use super::{lock, Manager, QemuMode, RestoreSpec, VmSlot};
+use super::{lock, LaunchKind, Manager, QemuMode, RestoreSpec, VmSlot};
 use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
@@ -701,7 +701,7 @@ impl Manager {
             slot,
             cfg,
             format!("state {} ({})", state.id, state.name),
-            Some(&spec),
+            LaunchKind::Restore(&spec),
         )
         .await
     }

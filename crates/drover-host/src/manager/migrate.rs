@@ -1,0 +1,1324 @@
+//! Moving a VM to another host.
+//!
+//! Live: the destination droverd creates the VM's disks and a QEMU that waits, paused, for the
+//! memory stream; it exports the new disks over NBD. The source mirrors each disk into them
+//! (`blockdev-mirror`, as libvirt's `--copy-storage-all`) while the guest runs, then migrates
+//! memory over TCP. QEMU stops before the switch-over (`pause-before-switchover`), the mirrors
+//! are completed (the destination's disks now equal the source's), the switch-over finishes,
+//! and the source asks the destination to commit: it records the VM as its own and runs it.
+//!
+//! Exactly one host owns the VM at every moment. Each side records its phase durably before it
+//! acts: the source owns the VM until the destination has committed; while the source waits for
+//! that answer (`handing-over`) the VM runs nowhere, and an unclear answer is resolved by asking
+//! the destination, never by guessing. A destination that has not committed throws the VM away
+//! when its QEMU ends or the source aborts.
+//!
+//! Offline (stopped VM): the destination serves each new disk with `qemu-nbd`, the source
+//! copies into it with `qemu-img convert`, then commits the same way.
+
+use super::{lock, LaunchKind, Manager, VmSlot};
+use crate::auth::{Caller, Permission};
+use crate::error::{io_ctx, HostError, Result};
+use crate::hostfacts;
+use drover_api::{
+    ApiError, Client, ClientError, HostInfo, IncomingReady, IncomingRequest, MigrateProgress,
+    MigrateRequest, MigrateResult, MigrationMark, MigrationPhase, MigrationRole, MigrationStep,
+    PackedRow, RemoteSpec, VmInfo, VmState,
+};
+use drover_model::VmConfig;
+use drover_qemu::qmp::Qmp;
+use drover_store::{StoreExt, Write};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where a source keeps the destination's address for recovery after a restart (key: VM).
+pub(super) const MIGRATIONS: &str = "migrations";
+
+/// Default longest planned switch-over pause. PLATFORM.md: a 50 ms limit gives ~10 ms here, with
+/// spikes; 20 keeps the pause short with no measurable cost in total time on a LAN.
+const DEFAULT_DOWNTIME_MS: u64 = 20;
+/// Default bandwidth cap: none to speak of (QEMU's own default, 128 MiB/s, is far too low).
+const DEFAULT_BANDWIDTH: u64 = 16 << 30;
+/// A copy that moves no byte for this long is given up (a cut network, a hung peer).
+const STALL: Duration = Duration::from_secs(20);
+/// How long a source keeps asking an unclear destination before it reports and waits longer.
+const RESOLVE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Cancel requests of running migrations, by (state dir, VM).
+static CANCELS: Mutex<BTreeMap<(PathBuf, String), bool>> = Mutex::new(BTreeMap::new());
+/// qemu-nbd servers of offline migrations this host receives, by (state dir, VM).
+static NBD_SERVERS: Mutex<BTreeMap<(PathBuf, String), Vec<u32>>> = Mutex::new(BTreeMap::new());
+
+fn peer_error(to: &str, e: ClientError) -> HostError {
+    match e {
+        ClientError::Api(error) => HostError::Remote {
+            host: to.to_string(),
+            error,
+        },
+        e if e.is_unreachable() => HostError::Peer(format!("cannot reach {to}: {e}")),
+        e => HostError::Peer(format!("{to}: {e}")),
+    }
+}
+
+/// Point every disk of every config in `v` (objects under a `disks` array with an `id`) at the
+/// new path for its id: a VM's disk moves as a whole, whichever layer a config named.
+fn repath_disks(v: &mut Value, paths: &HashMap<String, PathBuf>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if k == "disks" {
+                    if let Value::Array(items) = child {
+                        for d in items.iter_mut() {
+                            let id = d.get("id").and_then(Value::as_str).map(str::to_string);
+                            if let (Some(id), Some(obj)) = (id, d.as_object_mut()) {
+                                if let Some(p) = paths.get(&id) {
+                                    obj.insert("path".into(), json!(p));
+                                    obj.insert("owned".into(), json!(true));
+                                }
+                            }
+                        }
+                    }
+                }
+                repath_disks(child, paths);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| repath_disks(c, paths)),
+        _ => {}
+    }
+}
+
+/// A free TCP port on `ip` (for QEMU to listen on; the tiny race with other programs is
+/// harmless: QEMU fails to bind and the migration reports it).
+fn free_port(ip: std::net::IpAddr) -> Result<u16> {
+    let l = std::net::TcpListener::bind((ip, 0))
+        .map_err(|e| HostError::Internal(format!("finding a free port on {ip}: {e}")))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| HostError::Internal(e.to_string()))
+}
+
+fn num(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        match cur.get(*p) {
+            Some(c) => cur = c,
+            None => return 0,
+        }
+    }
+    cur.as_u64().unwrap_or(0)
+}
+
+/// What the destination said about a migration when asked.
+enum PeerSays {
+    Committed,
+    NotCommitted,
+    Unknown(String),
+}
+
+impl Manager {
+    fn cancel_key(&self, vm: &str) -> (PathBuf, String) {
+        (self.s.cfg.state_dir.clone(), vm.to_string())
+    }
+
+    fn cancelled(&self, vm: &str) -> bool {
+        lock(&CANCELS)
+            .get(&self.cancel_key(vm))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Ask a running migration of `vm` to stop; the VM keeps running here.
+    pub fn migrate_cancel(&self, vm: &str, caller: &Caller) -> Result<()> {
+        caller.require(Permission::Lifecycle)?;
+        let slot = self.slot(vm)?;
+        let outgoing = matches!(
+            lock(&slot.info).migration,
+            Some(MigrationMark {
+                role: MigrationRole::Outgoing,
+                phase: MigrationPhase::Copying,
+                ..
+            })
+        );
+        let mut c = lock(&CANCELS);
+        match c.get_mut(&self.cancel_key(vm)) {
+            Some(flag) if outgoing => {
+                *flag = true;
+                Ok(())
+            }
+            _ => Err(HostError::Conflict(format!(
+                "VM {vm} is not being migrated from this host (or its hand-over has begun)"
+            ))),
+        }
+    }
+
+    /// Move VM `name` to the host `req.to`. `progress` hears how far it is.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        req: MigrateRequest,
+        caller: &Caller,
+        progress: impl Fn(MigrateProgress) + Send + Sync,
+    ) -> Result<MigrateResult> {
+        caller.require(Permission::Lifecycle)?;
+        let t0 = Instant::now();
+        let slot = self.slot(name)?;
+        let _op = slot.op.try_lock().map_err(|_| {
+            HostError::Conflict(format!(
+                "another operation (perhaps a migration) is running on VM {name}; wait for it \
+                 or cancel it with `drover vm migrate {name} --cancel`"
+            ))
+        })?;
+        let info = lock(&slot.info).clone();
+        match (info.state, req.offline) {
+            (VmState::Running, false) | (VmState::Stopped, true) => {}
+            (VmState::Stopped, false) => {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} is not running, so there is nothing to migrate live; move it \
+                     stopped with `drover vm migrate {name} --to {} --offline`",
+                    req.to_name
+                )))
+            }
+            (VmState::Running, true) => {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} is running; --offline moves stopped VMs (stop it first, or \
+                     migrate it live without --offline)"
+                )))
+            }
+            (s, _) => {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} is {s}; wait for that to finish"
+                )))
+            }
+        }
+        if let Some(n) = Some(self.states(name)?.len()).filter(|n| *n > 0) {
+            return Err(HostError::Conflict(format!(
+                "VM {name} has {n} saved state(s); moving saved states between hosts is not \
+                 supported yet: delete them (`drover snapshot delete`) or keep the VM here"
+            )));
+        }
+        if let Some(ms) = req.downtime_ms {
+            if !(1..=60_000).contains(&ms) {
+                return Err(HostError::Invalid(format!(
+                    "--downtime-ms {ms} is out of range (1-60000)"
+                )));
+            }
+        }
+        let peer = req
+            .to
+            .client()
+            .map_err(|e| HostError::Invalid(format!("remote {}: {e}", req.to_name)))?;
+        let host: HostInfo = peer
+            .get("/v1/host")
+            .await
+            .map_err(|e| peer_error(&req.to_name, e))?;
+        let to_id = host
+            .identity
+            .as_ref()
+            .map(|i| i.id.clone())
+            .unwrap_or_else(|| req.to_name.clone());
+        let me = self.s.cfg.identity.id.clone();
+        if to_id == me {
+            return Err(HostError::Conflict(format!(
+                "{} has the same host id as this host ({me}): it is this host, or two hosts \
+                 share an id; give each droverd its own --host-id",
+                req.to_name
+            )));
+        }
+        // Wait for a state capture still streaming from this QEMU.
+        let _capture = slot.capture.lock().await;
+        let id = format!("m{}-{}", hostfacts::now_ms(), std::process::id());
+        let mut rows = Vec::new();
+        for (table, key, value) in self.vm_rows(name)? {
+            if table == super::VMS {
+                continue;
+            }
+            let value = serde_json::from_slice(&value)
+                .map_err(|e| HostError::Internal(format!("record {table}/{key}: {e}")))?;
+            rows.push(PackedRow { table, key, value });
+        }
+        // Recorded before the destination hears of it: a restart here finds and undoes it.
+        let mark = MigrationMark {
+            id: id.clone(),
+            role: MigrationRole::Outgoing,
+            peer: to_id.clone(),
+            phase: MigrationPhase::Copying,
+        };
+        self.s.store.put(MIGRATIONS, name, &req.to)?;
+        self.persist(&slot, |i| i.migration = Some(mark.clone()))?;
+        lock(&CANCELS).insert(self.cancel_key(name), false);
+        let result = self
+            .migrate_run(name, &slot, &req, &peer, &id, &to_id, info, rows, &progress)
+            .await;
+        lock(&CANCELS).remove(&self.cancel_key(name));
+        let (downtime_ms, ram_bytes, disk_bytes) = result?;
+        tracing::info!(
+            vm = name,
+            to = to_id,
+            total_ms = t0.elapsed().as_millis() as u64,
+            downtime_ms,
+            "migrated"
+        );
+        Ok(MigrateResult {
+            vm: name.to_string(),
+            from: me,
+            to: to_id,
+            id,
+            total_ms: t0.elapsed().as_millis() as u64,
+            downtime_ms,
+            ram_bytes,
+            disk_bytes,
+            offline: req.offline,
+        })
+    }
+
+    /// The migration proper; on failure before the hand-over everything is undone here and on
+    /// the destination, and the VM runs on here.
+    #[allow(clippy::too_many_arguments)]
+    async fn migrate_run(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        req: &MigrateRequest,
+        peer: &Client,
+        id: &str,
+        to_id: &str,
+        info: VmInfo,
+        rows: Vec<PackedRow>,
+        progress: &(impl Fn(MigrateProgress) + Send + Sync),
+    ) -> Result<(u64, u64, u64)> {
+        let incoming = IncomingRequest {
+            id: id.to_string(),
+            from: self.s.cfg.identity.id.clone(),
+            vm: info.clone(),
+            rows,
+            shared_storage: req.shared_storage,
+            offline: req.offline,
+        };
+        let ready: std::result::Result<IncomingReady, HostError> = peer
+            .post("/v1/migrations/incoming", &incoming)
+            .await
+            .map_err(|e| peer_error(&req.to_name, e));
+        let ready = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                self.clear_mark(slot, name)?;
+                return Err(e);
+            }
+        };
+        let copied = if req.offline {
+            self.copy_offline(name, &info, &ready, req, progress).await
+        } else {
+            self.copy_live(name, slot, &ready, req, progress).await
+        };
+        let (downtime_ms, ram, disk) = match copied {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(vm = name, "migration failed: {e}; the VM stays here");
+                self.undo_outgoing(name, slot, peer, id).await;
+                return Err(e);
+            }
+        };
+        progress(MigrateProgress {
+            stage: "handing-over".into(),
+            ..Default::default()
+        });
+        self.hand_over(name, slot, peer, id, to_id, downtime_ms, req.shared_storage)
+            .await?;
+        Ok((downtime_ms, ram, disk))
+    }
+
+    /// Live copy: disks by mirror, memory by QEMU migration, up to the paused switch-over.
+    /// Returns (downtime ms, memory bytes, disk bytes).
+    async fn copy_live(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        ready: &IncomingReady,
+        req: &MigrateRequest,
+        progress: &(impl Fn(MigrateProgress) + Send + Sync),
+    ) -> Result<(u64, u64, u64)> {
+        let rt = self
+            .runtime(slot)
+            .ok_or_else(|| HostError::Conflict(format!("VM {name} is not running")))?;
+        let running = lock(&slot.info)
+            .running_config
+            .clone()
+            .ok_or_else(|| HostError::Internal("no running config".into()))?;
+        let qmp = &rt.qmp;
+        let bandwidth = req.bandwidth.unwrap_or(DEFAULT_BANDWIDTH);
+        let mut jobs = Vec::new();
+        if !req.shared_storage {
+            for d in &running.disks {
+                let port = ready
+                    .nbd_ports
+                    .iter()
+                    .find(|(id, _)| id == d.id.as_str())
+                    .map(|(_, p)| *p)
+                    .ok_or_else(|| {
+                        HostError::Internal(format!("the destination exported no disk {}", d.id))
+                    })?;
+                let target = format!("mig-{}", d.id);
+                qmp.execute(
+                    "blockdev-add",
+                    Some(json!({
+                        "driver": "nbd",
+                        "node-name": target,
+                        "server": {"type": "inet", "host": ready.nbd_host, "port": port.to_string()},
+                        "export": d.id.as_str(),
+                    })),
+                )
+                .await?;
+                jobs.push(target.clone());
+                qmp.execute(
+                    "blockdev-mirror",
+                    Some(json!({
+                        "job-id": target,
+                        "device": rt.active_node(d),
+                        "target": target,
+                        "sync": "full",
+                        "speed": bandwidth,
+                    })),
+                )
+                .await?;
+            }
+        }
+        // Disks first: memory is copied once they only need the guest's new writes.
+        let mut disk_bytes;
+        let mut last = (Instant::now(), u64::MAX);
+        loop {
+            if self.cancelled(name) {
+                return Err(HostError::Conflict("cancelled; the VM stays here".into()));
+            }
+            let list = qmp.execute("query-block-jobs", None).await?;
+            let mine: Vec<&Value> = list
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|j| {
+                            j.get("device")
+                                .and_then(Value::as_str)
+                                .is_some_and(|d| jobs.iter().any(|x| x == d))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if mine.len() < jobs.len() {
+                return Err(HostError::Internal(
+                    "copying a disk to the destination failed (see its log)".into(),
+                ));
+            }
+            let done: u64 = mine.iter().map(|j| num(j, &["offset"])).sum();
+            let total: u64 = mine.iter().map(|j| num(j, &["len"])).sum();
+            disk_bytes = total;
+            progress(MigrateProgress {
+                stage: "disks".into(),
+                disk_done: done,
+                disk_total: total,
+                ram_total: running.memory,
+                ..Default::default()
+            });
+            if mine
+                .iter()
+                .all(|j| j.get("ready").and_then(Value::as_bool) == Some(true))
+            {
+                break;
+            }
+            if done != last.1 {
+                last = (Instant::now(), done);
+            } else if last.0.elapsed() > STALL {
+                return Err(HostError::Timeout(format!(
+                    "copying disks made no progress for {} s (is the destination reachable?)",
+                    STALL.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": false},
+                {"capability": "background-snapshot", "state": false},
+                {"capability": "pause-before-switchover", "state": true},
+            ]})),
+        )
+        .await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({
+                "downtime-limit": req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+                "max-bandwidth": bandwidth,
+            })),
+        )
+        .await?;
+        qmp.execute("migrate", Some(json!({"uri": ready.migrate_uri})))
+            .await?;
+        let mut last = (Instant::now(), u64::MAX);
+        loop {
+            if self.cancelled(name) {
+                return Err(HostError::Conflict("cancelled; the VM stays here".into()));
+            }
+            let m = qmp.execute("query-migrate", None).await?;
+            match m.get("status").and_then(Value::as_str).unwrap_or("") {
+                "completed" => {
+                    return Ok((
+                        num(&m, &["downtime"]),
+                        num(&m, &["ram", "transferred"]),
+                        disk_bytes,
+                    ))
+                }
+                "failed" | "cancelled" => {
+                    return Err(HostError::Internal(format!(
+                        "QEMU's migration failed: {}",
+                        m.get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no reason given")
+                    )))
+                }
+                "pre-switchover" => {
+                    // Paused: finish the disk mirrors (the destination gets every last write),
+                    // then let QEMU send the final state.
+                    progress(MigrateProgress {
+                        stage: "switch-over".into(),
+                        disk_done: disk_bytes,
+                        disk_total: disk_bytes,
+                        ram_done: num(&m, &["ram", "transferred"]),
+                        ram_total: running.memory,
+                        ..Default::default()
+                    });
+                    self.finish_mirrors(qmp, &jobs).await?;
+                    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                        .await?;
+                }
+                _ => {
+                    let sent = num(&m, &["ram", "transferred"]);
+                    progress(MigrateProgress {
+                        stage: "memory".into(),
+                        disk_done: disk_bytes,
+                        disk_total: disk_bytes,
+                        ram_done: sent,
+                        ram_total: num(&m, &["ram", "total"]),
+                        ram_remaining: num(&m, &["ram", "remaining"]),
+                        dirty_rate: num(&m, &["ram", "dirty-pages-rate"])
+                            * num(&m, &["ram", "page-size"]).max(4096),
+                        expected_downtime_ms: num(&m, &["expected-downtime"]),
+                    });
+                    if sent != last.1 {
+                        last = (Instant::now(), sent);
+                    } else if last.0.elapsed() > STALL {
+                        return Err(HostError::Timeout(format!(
+                            "the memory copy made no progress for {} s (is the destination \
+                             reachable?)",
+                            STALL.as_secs()
+                        )));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Complete mirror jobs (cancel after `ready` leaves the target a point-in-time copy) and
+    /// drop their NBD nodes.
+    async fn finish_mirrors(&self, qmp: &Qmp, jobs: &[String]) -> Result<()> {
+        for j in jobs {
+            qmp.execute("block-job-cancel", Some(json!({"device": j})))
+                .await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = qmp.execute("query-block-jobs", None).await?;
+            let left = list
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|x| {
+                            x.get("device")
+                                .and_then(Value::as_str)
+                                .is_some_and(|d| jobs.iter().any(|j| j == d))
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+            if left == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(HostError::Timeout(
+                    "the disk mirrors did not finish within 60 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for j in jobs {
+            let _ = qmp
+                .execute("blockdev-del", Some(json!({"node-name": j})))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Offline copy: each disk's content into the destination's qemu-nbd.
+    async fn copy_offline(
+        &self,
+        name: &str,
+        info: &VmInfo,
+        ready: &IncomingReady,
+        req: &MigrateRequest,
+        progress: &(impl Fn(MigrateProgress) + Send + Sync),
+    ) -> Result<(u64, u64, u64)> {
+        let cfg = info
+            .next_config
+            .clone()
+            .unwrap_or_else(|| info.config.clone());
+        let total: u64 = cfg.disks.iter().map(|d| d.size).sum();
+        let mut done = 0;
+        if req.shared_storage {
+            return Ok((0, 0, 0));
+        }
+        for d in &cfg.disks {
+            if self.cancelled(name) {
+                return Err(HostError::Conflict("cancelled; the VM stays here".into()));
+            }
+            let port = ready
+                .nbd_ports
+                .iter()
+                .find(|(id, _)| id == d.id.as_str())
+                .map(|(_, p)| *p)
+                .ok_or_else(|| {
+                    HostError::Internal(format!("the destination exported no disk {}", d.id))
+                })?;
+            progress(MigrateProgress {
+                stage: "disks".into(),
+                disk_done: done,
+                disk_total: total,
+                ..Default::default()
+            });
+            let out = tokio::process::Command::new("qemu-img")
+                .arg("convert")
+                .arg("-n")
+                .arg("-f")
+                .arg(d.format.to_string())
+                .arg(&d.path)
+                .arg("-O")
+                .arg("raw")
+                .arg(format!("nbd://{}:{port}/{}", ready.nbd_host, d.id))
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|e| HostError::Internal(format!("running qemu-img: {e}")))?;
+            if !out.status.success() {
+                return Err(HostError::Internal(format!(
+                    "copying disk {} failed: {}",
+                    d.id,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            done += d.size;
+        }
+        Ok((0, 0, done))
+    }
+
+    /// After a failure before the hand-over: stop QEMU's copies, run the guest on here, tell
+    /// the destination to throw its copy away, and forget the migration.
+    async fn undo_outgoing(&self, name: &str, slot: &Arc<VmSlot>, peer: &Client, id: &str) {
+        if let Some(rt) = self.runtime(slot) {
+            let q = &rt.qmp;
+            let _ = q.execute("migrate_cancel", None).await;
+            if let Ok(list) = q.execute("query-block-jobs", None).await {
+                for j in list.as_array().into_iter().flatten() {
+                    if let Some(dev) = j
+                        .get("device")
+                        .and_then(Value::as_str)
+                        .filter(|d| d.starts_with("mig-"))
+                    {
+                        let _ = q
+                            .execute(
+                                "block-job-cancel",
+                                Some(json!({"device": dev, "force": true})),
+                            )
+                            .await;
+                    }
+                }
+            }
+            // A cancelled migration resumes the guest by itself; make sure.
+            for _ in 0..50 {
+                match q.status().await.ok().as_deref() {
+                    Some("running") => break,
+                    Some("paused") | Some("postmigrate") => {
+                        let _ = q.execute("cont", None).await;
+                    }
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let nodes: Vec<String> = lock(&slot.info)
+                .running_config
+                .iter()
+                .flat_map(|c| c.disks.iter())
+                .map(|d| format!("mig-{}", d.id))
+                .collect();
+            for node in nodes {
+                let _ = q
+                    .execute("blockdev-del", Some(json!({"node-name": node})))
+                    .await;
+            }
+        }
+        let step = MigrationStep {
+            id: id.to_string(),
+            downtime_ms: 0,
+        };
+        if let Err(e) = peer
+            .post::<_, Value>(&format!("/v1/migrations/{name}/abort"), &step)
+            .await
+        {
+            // It throws the copy away by itself once its QEMU's stream breaks.
+            tracing::warn!(vm = name, "could not tell the destination to abort: {e}");
+        }
+        if let Err(e) = self.clear_mark(slot, name) {
+            tracing::error!(vm = name, "could not clear the migration record: {e}");
+        }
+    }
+
+    fn clear_mark(&self, slot: &Arc<VmSlot>, name: &str) -> Result<()> {
+        self.commit(slot, |i| {
+            i.migration = None;
+            Ok(vec![Write::Delete {
+                table: MIGRATIONS.into(),
+                key: name.into(),
+            }])
+        })?;
+        Ok(())
+    }
+
+    /// The switch-over is done (the guest is paused here for good): make the destination the
+    /// owner. Until it confirms, the VM runs nowhere; an unclear answer is settled by asking.
+    #[allow(clippy::too_many_arguments)]
+    async fn hand_over(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        peer: &Client,
+        id: &str,
+        to_id: &str,
+        downtime_ms: u64,
+        shared_storage: bool,
+    ) -> Result<()> {
+        self.persist(slot, |i| {
+            if let Some(m) = i.migration.as_mut() {
+                m.phase = MigrationPhase::HandingOver;
+            }
+        })?;
+        let step = MigrationStep {
+            id: id.to_string(),
+            downtime_ms,
+        };
+        let answer = peer
+            .post::<_, VmInfo>(&format!("/v1/migrations/{name}/commit"), &step)
+            .await;
+        let says = match answer {
+            Ok(_) => PeerSays::Committed,
+            Err(e) => {
+                tracing::warn!(vm = name, "commit on {to_id} unclear: {e}; asking");
+                self.ask_peer(peer, name, id, RESOLVE_WINDOW).await
+            }
+        };
+        self.settle(name, slot, peer, id, says, shared_storage)
+            .await
+    }
+
+    /// Act on what the destination said about a handed-over VM.
+    async fn settle(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        peer: &Client,
+        id: &str,
+        says: PeerSays,
+        shared_storage: bool,
+    ) -> Result<()> {
+        match says {
+            PeerSays::Committed => {
+                self.release_source(name, slot, shared_storage).await;
+                Ok(())
+            }
+            PeerSays::NotCommitted => {
+                // Take it back: the destination drops its copy, the guest runs on here.
+                self.undo_outgoing(name, slot, peer, id).await;
+                Err(HostError::Internal(format!(
+                    "the destination did not take VM {name} over; it runs on here"
+                )))
+            }
+            PeerSays::Unknown(why) => {
+                // Never guess: running it here while the destination might run it too would
+                // split the VM in two. Keep it paused and keep asking in the background.
+                tokio::spawn(self.clone().resolve_loop(
+                    name.to_string(),
+                    slot.clone(),
+                    peer.clone(),
+                    id.to_string(),
+                    shared_storage,
+                ));
+                Err(HostError::Peer(format!(
+                    "the destination did not confirm taking VM {name} over ({why}); the VM is \
+                     paused here and droverd keeps asking the destination: it will run on \
+                     whichever host owns it"
+                )))
+            }
+        }
+    }
+
+    /// Keep asking the destination until it says who owns the VM, then act on it. (Boxed: it
+    /// and `settle` call each other.)
+    fn resolve_loop(
+        self,
+        name: String,
+        slot: Arc<VmSlot>,
+        peer: Client,
+        id: String,
+        shared_storage: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            loop {
+                match self.ask_peer(&peer, &name, &id, RESOLVE_WINDOW).await {
+                    PeerSays::Unknown(_) => continue,
+                    says => {
+                        if let Err(e) = self
+                            .settle(&name, &slot, &peer, &id, says, shared_storage)
+                            .await
+                        {
+                            tracing::info!(vm = name, "migration settled: {e}");
+                        }
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Ask the destination whether it owns the VM now, for up to `window`.
+    async fn ask_peer(&self, peer: &Client, name: &str, id: &str, window: Duration) -> PeerSays {
+        let deadline = Instant::now() + window;
+        let mut why = String::new();
+        while Instant::now() < deadline {
+            match peer.get::<VmInfo>(&format!("/v1/vms/{name}")).await {
+                Ok(v) => match v.migration {
+                    Some(m) if m.id == id && m.phase == MigrationPhase::Committed => {
+                        return PeerSays::Committed
+                    }
+                    // Not this migration's VM, or not committed: ours to keep.
+                    _ => return PeerSays::NotCommitted,
+                },
+                Err(ClientError::Api(ApiError {
+                    code: drover_api::ErrorCode::NotFound,
+                    ..
+                })) => return PeerSays::NotCommitted,
+                Err(e) => why = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        PeerSays::Unknown(why)
+    }
+
+    /// The destination owns the VM: stop the paused source QEMU and forget the VM here.
+    async fn release_source(&self, name: &str, slot: &Arc<VmSlot>, shared_storage: bool) {
+        if let Some(rt) = self.runtime(slot) {
+            *lock(&rt.stop_reason) = Some("migrated to another host".into());
+            let _ = rt.qmp.execute("quit", None).await;
+            let mut exited = rt.exited.clone();
+            if tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e))
+                .await
+                .is_err()
+            {
+                drover_qemu::process::signal(rt.pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let info = lock(&slot.info).clone();
+        let mut writes: Vec<Write> = match self.vm_rows(name) {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(table, key, _)| Write::Delete { table, key })
+                .collect(),
+            Err(e) => {
+                tracing::error!(vm = name, "listing the VM's records failed: {e}");
+                Vec::new()
+            }
+        };
+        writes.push(Write::Delete {
+            table: MIGRATIONS.into(),
+            key: name.into(),
+        });
+        if let Err(e) = self.s.store.apply(writes) {
+            tracing::error!(vm = name, "forgetting the migrated VM failed: {e}");
+            return;
+        }
+        lock(&self.s.vms).remove(name);
+        if !shared_storage {
+            for d in info.config.disks.iter().filter(|d| d.owned) {
+                let _ = std::fs::remove_file(&d.path);
+            }
+            let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        }
+        let _ = std::fs::remove_dir_all(self.run_paths(name).dir);
+        let _ = std::fs::remove_file(self.run_paths(name).ram);
+        tracing::info!(
+            vm = name,
+            "VM now belongs to the destination; forgotten here"
+        );
+    }
+
+    // ------------------------------------------------------------ destination side
+
+    /// Get ready to receive a VM (called by the source droverd).
+    pub async fn incoming_prepare(
+        &self,
+        req: IncomingRequest,
+        caller: &Caller,
+    ) -> Result<IncomingReady> {
+        caller.require(Permission::Admin)?;
+        let name = req.vm.name.clone();
+        drover_model::VmName::new(&name)?;
+        if req.from == self.s.cfg.identity.id {
+            return Err(HostError::Conflict(format!(
+                "the source's host id ({}) is this host's: two hosts share an id; give each \
+                 droverd its own --host-id",
+                req.from
+            )));
+        }
+        let _create = self.s.create_lock.lock().await;
+        if lock(&self.s.vms).contains_key(&name) {
+            return Err(HostError::AlreadyExists(name));
+        }
+        let live = req
+            .vm
+            .running_config
+            .clone()
+            .filter(|_| !req.offline)
+            .unwrap_or_else(|| req.vm.config.clone());
+        self.check_fits(&name, &live)?;
+        let vm_dir = self.vm_dir(&name);
+        let made = self.receive_disks(&name, &req, &live).await;
+        let paths = match made {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&vm_dir);
+                return Err(e);
+            }
+        };
+        // The records, with every disk pointing at its copy here.
+        let mut vm =
+            serde_json::to_value(&req.vm).map_err(|e| HostError::Internal(e.to_string()))?;
+        repath_disks(&mut vm, &paths);
+        let mut info: VmInfo =
+            serde_json::from_value(vm).map_err(|e| HostError::Internal(e.to_string()))?;
+        info.state = VmState::Stopped;
+        info.pid = None;
+        info.accel = None;
+        info.agent = None;
+        info.started_at_ms = None;
+        info.migration = Some(MigrationMark {
+            id: req.id.clone(),
+            role: MigrationRole::Incoming,
+            peer: req.from.clone(),
+            phase: MigrationPhase::Copying,
+        });
+        let mut writes = vec![drover_store::put(super::VMS, &name, &info)?];
+        for mut row in req.rows.clone() {
+            if row.key != name && !row.key.starts_with(&format!("{name}/")) {
+                return Err(HostError::Invalid(format!(
+                    "record {}/{} does not belong to VM {name}",
+                    row.table, row.key
+                )));
+            }
+            repath_disks(&mut row.value, &paths);
+            writes.push(Write::Put {
+                table: row.table,
+                key: row.key,
+                value: serde_json::to_vec(&row.value)
+                    .map_err(|e| HostError::Internal(e.to_string()))?,
+            });
+        }
+        self.s.store.apply(writes)?;
+        let slot = Arc::new(VmSlot {
+            op: tokio::sync::Mutex::new(()),
+            capture: Arc::new(tokio::sync::Mutex::new(())),
+            info: Mutex::new(info),
+            rt: Mutex::new(None),
+        });
+        lock(&self.s.vms).insert(name.clone(), slot.clone());
+        drop(_create);
+        // What QEMU runs here: the running config, its disks now the copies here.
+        let mut live =
+            serde_json::to_value(&live).map_err(|e| HostError::Internal(e.to_string()))?;
+        repath_disks(&mut live, &paths);
+        let live: VmConfig =
+            serde_json::from_value(live).map_err(|e| HostError::Internal(e.to_string()))?;
+        let ready = self.receive_start(&name, &slot, &req, &live, &paths).await;
+        if ready.is_err() {
+            self.discard_incoming(&name).await;
+        }
+        ready
+    }
+
+    /// New disks for an incoming VM (or the shared ones, checked). Disk id → path here.
+    async fn receive_disks(
+        &self,
+        name: &str,
+        req: &IncomingRequest,
+        live: &VmConfig,
+    ) -> Result<HashMap<String, PathBuf>> {
+        let mut paths = HashMap::new();
+        let dir = self.vm_dir(name).join("disks");
+        std::fs::create_dir_all(&dir).map_err(|e| io_ctx("creating", &dir, e))?;
+        for d in &live.disks {
+            if req.shared_storage {
+                if !d.path.exists() {
+                    return Err(HostError::Invalid(format!(
+                        "--shared-storage: disk {} ({}) is not visible on this host",
+                        d.id,
+                        d.path.display()
+                    )));
+                }
+                continue;
+            }
+            let path = dir.join(format!("{}.qcow2", d.id));
+            let (p, size) = (path.clone(), d.size);
+            tokio::task::spawn_blocking(move || drover_qemu::img::create_qcow2(&p, size))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))??;
+            paths.insert(d.id.to_string(), path);
+        }
+        Ok(paths)
+    }
+
+    /// Start what receives the VM: a paused QEMU waiting for memory with its disks exported over
+    /// NBD, or (offline) a qemu-nbd per disk.
+    async fn receive_start(
+        &self,
+        name: &str,
+        slot: &Arc<VmSlot>,
+        req: &IncomingRequest,
+        live: &VmConfig,
+        paths: &HashMap<String, PathBuf>,
+    ) -> Result<IncomingReady> {
+        let ip = self
+            .s
+            .cfg
+            .migration_addr
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let host = ip.to_string();
+        if req.offline {
+            let mut ports = Vec::new();
+            let mut pids = Vec::new();
+            for (id, path) in paths {
+                let port = free_port(ip)?;
+                let child = tokio::process::Command::new("qemu-nbd")
+                    .arg("-f")
+                    .arg("qcow2")
+                    .arg("-x")
+                    .arg(id)
+                    .arg("-b")
+                    .arg(&host)
+                    .arg("-p")
+                    .arg(port.to_string())
+                    .arg("--persistent")
+                    .arg("--shared=2")
+                    .arg(path)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .map_err(|e| HostError::Internal(format!("starting qemu-nbd: {e}")))?;
+                if let Some(pid) = child.id() {
+                    pids.push(pid);
+                }
+                ports.push((id.clone(), port));
+            }
+            lock(&NBD_SERVERS).insert(self.cancel_key(name), pids);
+            // qemu-nbd listens within milliseconds; wait for every port.
+            for (_, port) in &ports {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while tokio::net::TcpStream::connect((ip, *port)).await.is_err() {
+                    if Instant::now() > deadline {
+                        return Err(HostError::Internal("qemu-nbd did not start".into()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            return Ok(IncomingReady {
+                migrate_uri: String::new(),
+                nbd_host: host,
+                nbd_ports: ports,
+            });
+        }
+        self.launch(
+            name,
+            slot,
+            live.clone(),
+            format!("live migration from {}", req.from),
+            LaunchKind::Incoming,
+        )
+        .await?;
+        let rt = self
+            .runtime(slot)
+            .ok_or_else(|| HostError::Internal("the receiving QEMU exited".into()))?;
+        let mut ports = Vec::new();
+        if !req.shared_storage {
+            let port = free_port(ip)?;
+            rt.qmp
+                .execute(
+                    "nbd-server-start",
+                    Some(json!({"addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}})),
+                )
+                .await?;
+            for d in &live.disks {
+                rt.qmp
+                    .execute(
+                        "block-export-add",
+                        Some(json!({
+                            "type": "nbd",
+                            "id": format!("mig-{}", d.id),
+                            "node-name": drover_qemu::cmdline::disk_node(d),
+                            "name": d.id.as_str(),
+                            "writable": true,
+                        })),
+                    )
+                    .await?;
+                ports.push((d.id.to_string(), port));
+            }
+        }
+        let port = free_port(ip)?;
+        let uri = format!("tcp:{host}:{port}");
+        rt.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [
+                    {"capability": "x-ignore-shared", "state": false},
+                    {"capability": "pause-before-switchover", "state": true},
+                ]})),
+            )
+            .await?;
+        rt.qmp
+            .execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        tracing::info!(
+            vm = name,
+            from = req.from,
+            uri,
+            "waiting for an incoming migration"
+        );
+        Ok(IncomingReady {
+            migrate_uri: uri,
+            nbd_host: host,
+            nbd_ports: ports,
+        })
+    }
+
+    /// The source has switched over: take the VM (called by the source droverd). Idempotent.
+    pub async fn incoming_commit(
+        &self,
+        name: &str,
+        step: MigrationStep,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
+        caller.require(Permission::Admin)?;
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        let mark = self.incoming_mark(&slot, name, &step.id)?;
+        if mark.phase == MigrationPhase::Committed {
+            return Ok(self.view(&slot));
+        }
+        let offline = self.runtime(&slot).is_none();
+        if offline {
+            self.stop_nbd(name);
+        } else if let Some(rt) = self.runtime(&slot) {
+            let m = rt.qmp.execute("query-migrate", None).await?;
+            let status = m.get("status").and_then(Value::as_str).unwrap_or("none");
+            if status != "completed" {
+                return Err(HostError::Conflict(format!(
+                    "the memory of VM {name} has not fully arrived (migration {status})"
+                )));
+            }
+            let _ = rt.qmp.execute("nbd-server-stop", None).await;
+        }
+        // Owned from here on: durable before the guest runs.
+        self.persist(&slot, |i| {
+            if let Some(m) = i.migration.as_mut() {
+                m.phase = MigrationPhase::Committed;
+            }
+            if !offline {
+                i.state = VmState::Running;
+                i.started_at_ms = Some(hostfacts::now_ms());
+            }
+        })?;
+        if let Some(rt) = self.runtime(&slot) {
+            rt.qmp.execute("cont", None).await?;
+            let (mgr, vm, from, to) = (
+                self.clone(),
+                name.to_string(),
+                mark.peer.clone(),
+                self.s.cfg.identity.id.clone(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = mgr.notify_migrated(&vm, &from, &to, step.downtime_ms).await {
+                    tracing::info!(vm, "could not tell the guest it moved: {e}");
+                }
+            });
+        }
+        tracing::info!(
+            vm = name,
+            from = mark.peer,
+            "migration committed; the VM is ours"
+        );
+        Ok(self.view(&slot))
+    }
+
+    /// The source gave up: throw the copy away (called by the source droverd). Idempotent.
+    pub async fn incoming_abort(
+        &self,
+        name: &str,
+        step: MigrationStep,
+        caller: &Caller,
+    ) -> Result<()> {
+        caller.require(Permission::Admin)?;
+        let Ok(slot) = self.slot(name) else {
+            return Ok(());
+        };
+        let mark = self.incoming_mark(&slot, name, &step.id)?;
+        if mark.phase == MigrationPhase::Committed {
+            return Err(HostError::Conflict(format!(
+                "VM {name} was already taken over by this host"
+            )));
+        }
+        self.discard_incoming(name).await;
+        Ok(())
+    }
+
+    fn incoming_mark(&self, slot: &Arc<VmSlot>, name: &str, id: &str) -> Result<MigrationMark> {
+        match lock(&slot.info).migration.clone() {
+            Some(m) if m.role == MigrationRole::Incoming && m.id == id => Ok(m),
+            _ => Err(HostError::Conflict(format!(
+                "VM {name} on this host is not arriving by migration {id}"
+            ))),
+        }
+    }
+
+    fn stop_nbd(&self, name: &str) {
+        for pid in lock(&NBD_SERVERS)
+            .remove(&self.cancel_key(name))
+            .unwrap_or_default()
+        {
+            drover_qemu::process::signal(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    /// Drop a VM that was arriving and will not: its QEMU or NBD servers, records and disks.
+    pub(super) async fn discard_incoming(&self, name: &str) {
+        let Ok(slot) = self.slot(name) else { return };
+        if !matches!(
+            lock(&slot.info).migration,
+            Some(MigrationMark {
+                role: MigrationRole::Incoming,
+                phase: MigrationPhase::Copying,
+                ..
+            })
+        ) {
+            return;
+        }
+        self.stop_nbd(name);
+        if let Some(rt) = self.runtime(&slot) {
+            *lock(&rt.stop_reason) = Some("incoming migration abandoned".into());
+            let _ = rt.qmp.execute("quit", None).await;
+            let mut exited = rt.exited.clone();
+            if tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e))
+                .await
+                .is_err()
+            {
+                drover_qemu::process::signal(rt.pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let writes: Vec<Write> = self
+            .vm_rows(name)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(table, key, _)| Write::Delete { table, key })
+            .collect();
+        if let Err(e) = self.s.store.apply(writes) {
+            tracing::error!(vm = name, "dropping the abandoned incoming VM failed: {e}");
+            return;
+        }
+        lock(&self.s.vms).remove(name);
+        let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        let _ = std::fs::remove_dir_all(self.run_paths(name).dir);
+        let _ = std::fs::remove_file(self.run_paths(name).ram);
+        tracing::info!(vm = name, "incoming migration abandoned; its copy is gone");
+    }
+
+    /// After a droverd restart, for a VM with a migration on record (its QEMU re-adopted, or
+    /// gone): finish or undo what the previous droverd left.
+    pub(super) async fn recover_migration(&self, name: &str, slot: &Arc<VmSlot>) {
+        let Some(mark) = lock(&slot.info).migration.clone() else {
+            return;
+        };
+        match (mark.role, mark.phase) {
+            (_, MigrationPhase::Committed) => {}
+            (MigrationRole::Incoming, MigrationPhase::Copying) => {
+                if self.runtime(slot).is_none() {
+                    self.discard_incoming(name).await;
+                }
+                // Else the source still commits or aborts it.
+            }
+            (MigrationRole::Incoming, MigrationPhase::HandingOver) => {}
+            (MigrationRole::Outgoing, phase) => {
+                let spec: Option<RemoteSpec> = self.s.store.get(MIGRATIONS, name).ok().flatten();
+                let Some(peer) = spec.and_then(|s| s.client().ok()) else {
+                    tracing::error!(vm = name, "migration on record but no destination address");
+                    return;
+                };
+                if phase == MigrationPhase::Copying {
+                    tracing::warn!(
+                        vm = name,
+                        "a migration was cut off by a droverd restart; undoing it"
+                    );
+                    self.undo_outgoing(name, slot, &peer, &mark.id).await;
+                } else {
+                    let says = self.ask_peer(&peer, name, &mark.id, RESOLVE_WINDOW).await;
+                    if let Err(e) = self.settle(name, slot, &peer, &mark.id, says, false).await {
+                        tracing::warn!(vm = name, "after restart: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_move_by_id_in_every_config() {
+        let mut v = json!({
+            "config": {"disks": [{"id": "root", "path": "/a/root.qcow2", "owned": false}]},
+            "running_config": {"disks": [
+                {"id": "root", "path": "/a/root.s3.qcow2"},
+                {"id": "data", "path": "/a/data.qcow2"},
+            ]},
+            "generations": [{"config": {"disks": [{"id": "root", "path": "/old"}]}}],
+            "other": {"path": "/untouched"},
+        });
+        let paths = HashMap::from([("root".to_string(), PathBuf::from("/b/root.qcow2"))]);
+        repath_disks(&mut v, &paths);
+        assert_eq!(v["config"]["disks"][0]["path"], "/b/root.qcow2");
+        assert_eq!(v["config"]["disks"][0]["owned"], true);
+        assert_eq!(v["running_config"]["disks"][0]["path"], "/b/root.qcow2");
+        assert_eq!(v["running_config"]["disks"][1]["path"], "/a/data.qcow2");
+        assert_eq!(
+            v["generations"][0]["config"]["disks"][0]["path"],
+            "/b/root.qcow2"
+        );
+        assert_eq!(v["other"]["path"], "/untouched");
+    }
+}
