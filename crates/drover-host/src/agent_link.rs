@@ -154,6 +154,17 @@ impl AgentLink {
         }
     }
 
+    /// Ask the agent whether it is there (a ping); it is marked ready when it answers. Also for
+    /// after a guest arrived by migration: what was written to its port before it ran is lost.
+    pub fn probe(&self) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Body::Pong(info)) = me.call(Body::Ping, Duration::from_secs(3600)).await {
+                me.mark_ready(info);
+            }
+        });
+    }
+
     fn mark_ready(&self, info: drover_proto::AgentInfo) {
         let after = self.inner.started.elapsed().as_millis() as u64;
         self.inner.status.send_modify(|s| {
@@ -277,12 +288,7 @@ impl AgentLink {
             *self.inner.writer_b.lock().await = Some(w);
             self.set_connected(true);
             // Ask once at connect: an agent that was already up (droverd restarted) answers now.
-            let me = self.clone();
-            tokio::spawn(async move {
-                if let Ok(Body::Pong(info)) = me.call(Body::Ping, Duration::from_secs(3600)).await {
-                    me.mark_ready(info);
-                }
-            });
+            self.probe();
             let mut dec = Decoder::new();
             let mut buf = vec![0u8; 64 * 1024];
             loop {

@@ -796,7 +796,10 @@ impl Manager {
             i.accel = Some(accel);
             i.started_at_ms = Some(hostfacts::now_ms());
             i.running_config = Some(config.clone());
-            i.next_config = None;
+            // An arriving VM keeps the next-boot changes it was given on its old host.
+            if !incoming {
+                i.next_config = None;
+            }
             i.started_from = Some(started_from.clone());
         })?;
         self.attach(
@@ -1261,7 +1264,16 @@ impl Manager {
             {
                 Ok((qmp, events)) => {
                     self.persist(slot, |i| {
-                        i.state = VmState::Running;
+                        // One still arriving by migration does not run until it is committed.
+                        let arriving = i.migration.as_ref().is_some_and(|m| {
+                            m.role == drover_api::MigrationRole::Incoming
+                                && m.phase != drover_api::MigrationPhase::Committed
+                        });
+                        i.state = if arriving {
+                            VmState::Starting
+                        } else {
+                            VmState::Running
+                        };
                         i.pid = Some(pid);
                     })?;
                     let launched = {

@@ -130,14 +130,63 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("droverd.log")).unwrap_or_default()
     }
 
+    /// The CLI pointed at this daemon.
+    pub fn cli(&self) -> Cli {
+        Cli {
+            envs: vec![("DROVER_SOCKET".into(), self.socket().display().to_string())],
+            log_file: self.dir.path().join("droverd.log"),
+        }
+    }
+
     /// Run the CLI against this daemon.
+    pub fn drover(&self, args: &[&str]) -> Output {
+        self.cli().drover(args)
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.cli().ok(args)
+    }
+
+    /// Run the CLI with `--output json` and parse the answer.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.cli().json(args)
+    }
+
+    /// Run the CLI expecting failure with `code`; returns stderr.
+    pub fn fails(&self, code: i32, args: &[&str]) -> String {
+        self.cli().fails(code, args)
+    }
+
+    /// Run a shell command in the guest; returns its stdout (must exit 0).
+    pub fn sh(&self, vm: &str, script: &str) -> String {
+        self.cli().sh(vm, script)
+    }
+}
+
+/// The `drover` CLI aimed at one daemon (by environment), with that daemon's log for failures.
+#[derive(Clone, Debug)]
+pub struct Cli {
+    /// Environment for every call (`DROVER_SOCKET`, or `DROVER_REMOTE` + `DROVER_CONFIG_DIR`).
+    pub envs: Vec<(String, String)>,
+    /// The daemon's log, shown when a call fails.
+    pub log_file: PathBuf,
+}
+
+impl Cli {
+    /// Run the CLI.
     pub fn drover(&self, args: &[&str]) -> Output {
         Command::new(bin_dir().join("drover"))
             .args(args)
-            .env("DROVER_SOCKET", self.socket())
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
             .expect("run drover")
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
     }
 
     /// Run the CLI and require success; returns stdout.
@@ -179,6 +228,151 @@ impl Daemon {
     /// Run a shell command in the guest; returns its stdout (must exit 0).
     pub fn sh(&self, vm: &str, script: &str) -> String {
         self.ok(&["vm", "exec", vm, "--", "sh", "-c", script])
+    }
+}
+
+/// Several droverd's, each in its own network namespace (`scripts/netns-hosts.sh`), as a set
+/// of its own so tests can run side by side. Dropping it stops them and removes everything.
+pub struct Fleet {
+    /// Set name (namespaces `drover-<set>I`, remotes `<set>I`).
+    pub set: String,
+    net: String,
+    n: usize,
+    /// State dirs and the remotes file live here.
+    pub dir: tempfile::TempDir,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Fleet {
+    /// Start `n` hosts of set `set` on subnet `net` (like `10.81.0`), with extra droverd
+    /// environment. Returns `None` (the test should skip) without root or iproute2.
+    pub fn up(set: &str, net: &str, n: usize, env: &[(&str, &str)]) -> Option<Fleet> {
+        if !nix::unistd::geteuid().is_root() || Command::new("ip").arg("-V").output().is_err() {
+            eprintln!("skipped: needs root and iproute2");
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("drv-f-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let f = Fleet {
+            set: set.into(),
+            net: net.into(),
+            n,
+            dir,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        // Leftovers of an earlier, killed run of the same set.
+        let _ = f.script(&["down"]);
+        let out = f.script(&["up", &n.to_string()]);
+        assert!(
+            out.status.success(),
+            "netns-hosts up {n}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(f)
+    }
+
+    fn script(&self, args: &[&str]) -> Output {
+        Command::new(workspace().join("scripts/netns-hosts.sh"))
+            .args(args)
+            .env("DROVER_BIN_DIR", bin_dir())
+            .env("DROVER_NETNS_ROOT", self.dir.path())
+            .env("DROVER_CONFIG_DIR", self.dir.path().join("cfg"))
+            .env("DROVER_IMAGE_DIR", image_dir())
+            .env("DROVER_AGENT_BIN", agent_bin())
+            .env("DROVER_NETNS_SET", &self.set)
+            .env("DROVER_NETNS_NET", &self.net)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run netns-hosts.sh")
+    }
+
+    /// Remote name of host `i` (1-based).
+    pub fn remote(&self, i: usize) -> String {
+        format!("{}{i}", self.set)
+    }
+
+    /// State dir of host `i`.
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("drover-{}{i}", self.set))
+    }
+
+    /// The CLI aimed at host `i` (over HTTPS, as a remote).
+    pub fn host(&self, i: usize) -> Cli {
+        Cli {
+            envs: vec![
+                (
+                    "DROVER_CONFIG_DIR".into(),
+                    self.dir.path().join("cfg").display().to_string(),
+                ),
+                ("DROVER_REMOTE".into(), self.remote(i)),
+            ],
+            log_file: self.state_dir(i).join("droverd.log"),
+        }
+    }
+
+    /// `kill -9` host `i`'s droverd (its VMs keep running).
+    pub fn kill9(&self, i: usize) {
+        let pid =
+            std::fs::read_to_string(self.state_dir(i).join("droverd.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            wait_for("droverd to die", Duration::from_secs(10), || {
+                (!Path::new(&format!("/proc/{pid}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .map(|s| s.contains(") Z "))
+                        .unwrap_or(true))
+                .then_some(())
+            });
+        }
+    }
+
+    /// Start droverd's that are not running (after `kill9`), re-registering them.
+    pub fn restart(&self) {
+        let out = self.script(&["up", &self.n.to_string()]);
+        assert!(
+            out.status.success(),
+            "netns-hosts up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Names of the VMs host `i` has.
+    pub fn vms(&self, i: usize) -> Vec<(String, String)> {
+        self.host(i)
+            .json(&["vm", "list"])
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|v| {
+                        (
+                            v["name"].as_str().unwrap_or_default().to_string(),
+                            v["state"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The veth of host `i` (root side): down cuts it off the network.
+    pub fn veth(&self, i: usize) -> String {
+        format!("drv-{}{i}", self.set)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.script(&["down", "--purge"]);
     }
 }
 

@@ -42,8 +42,16 @@ pub(super) const MIGRATIONS: &str = "migrations";
 const DEFAULT_DOWNTIME_MS: u64 = 20;
 /// Default bandwidth cap: none to speak of (QEMU's own default, 128 MiB/s, is far too low).
 const DEFAULT_BANDWIDTH: u64 = 16 << 30;
-/// A copy that moves no byte for this long is given up (a cut network, a hung peer).
-const STALL: Duration = Duration::from_secs(20);
+/// A copy that moves no byte for this long is given up (a cut network, a hung peer); droverd's
+/// environment can shorten it (`DROVER_MIGRATION_STALL_SECS`, for tests).
+fn stall() -> Duration {
+    let secs = std::env::var("DROVER_MIGRATION_STALL_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| (1..=3600).contains(s))
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
 /// How long a source keeps asking an unclear destination before it reports and waits longer.
 const RESOLVE_WINDOW: Duration = Duration::from_secs(30);
 
@@ -428,10 +436,10 @@ impl Manager {
             }
             if done != last.1 {
                 last = (Instant::now(), done);
-            } else if last.0.elapsed() > STALL {
+            } else if last.0.elapsed() > stall() {
                 return Err(HostError::Timeout(format!(
                     "copying disks made no progress for {} s (is the destination reachable?)",
-                    STALL.as_secs()
+                    stall().as_secs()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -507,11 +515,11 @@ impl Manager {
                     });
                     if sent != last.1 {
                         last = (Instant::now(), sent);
-                    } else if last.0.elapsed() > STALL {
+                    } else if last.0.elapsed() > stall() {
                         return Err(HostError::Timeout(format!(
                             "the memory copy made no progress for {} s (is the destination \
                              reachable?)",
-                            STALL.as_secs()
+                            stall().as_secs()
                         )));
                     }
                 }
@@ -674,8 +682,25 @@ impl Manager {
             .post::<_, Value>(&format!("/v1/migrations/{name}/abort"), &step)
             .await
         {
-            // It throws the copy away by itself once its QEMU's stream breaks.
-            tracing::warn!(vm = name, "could not tell the destination to abort: {e}");
+            // A cut network: keep telling it (its copy must not linger once it is reachable).
+            tracing::warn!(
+                vm = name,
+                "could not tell the destination to abort: {e}; retrying"
+            );
+            let (peer, path) = (peer.clone(), format!("/v1/migrations/{name}/abort"));
+            tokio::spawn(async move {
+                for _ in 0..600 {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    match peer.post::<_, Value>(&path, &step).await {
+                        Ok(_) => return,
+                        Err(ClientError::Api(e)) => {
+                            tracing::info!("destination answered the abort: {e}");
+                            return;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
         }
         if let Err(e) = self.clear_mark(slot, name) {
             tracing::error!(vm = name, "could not clear the migration record: {e}");
@@ -1155,6 +1180,7 @@ impl Manager {
         })?;
         if let Some(rt) = self.runtime(&slot) {
             rt.qmp.execute("cont", None).await?;
+            rt.agent.probe();
             let (mgr, vm, from, to) = (
                 self.clone(),
                 name.to_string(),
@@ -1217,6 +1243,8 @@ impl Manager {
     /// Drop a VM that was arriving and will not: its QEMU or NBD servers, records and disks.
     pub(super) async fn discard_incoming(&self, name: &str) {
         let Ok(slot) = self.slot(name) else { return };
+        // Serialised with a commit: a VM committed a moment ago is never thrown away.
+        let _op = slot.op.lock().await;
         if !matches!(
             lock(&slot.info).migration,
             Some(MigrationMark {
