@@ -119,6 +119,46 @@ fn num(v: &Value, path: &[&str]) -> u64 {
     cur.as_u64().unwrap_or(0)
 }
 
+/// Close this host's connections to the destination's NBD and migration ports. On a cut
+/// network nothing tells QEMU they are dead, and cancelling a disk mirror would wait (with the
+/// guest frozen) for its in-flight writes until TCP gives up, many minutes later. Closing them
+/// fails those writes at once.
+async fn cut_connections(ready: &IncomingReady) {
+    let mut ports: Vec<u16> = ready.nbd_ports.iter().map(|(_, p)| *p).collect();
+    if let Some(p) = ready
+        .migrate_uri
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+    {
+        ports.push(p);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    for port in ports {
+        let run = tokio::process::Command::new("ss")
+            .args([
+                "-K",
+                "-t",
+                "dst",
+                &ready.nbd_host,
+                "dport",
+                "=",
+                &format!(":{port}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        if let Ok(Err(e)) | Err(e) = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .map_err(std::io::Error::other)
+        {
+            tracing::warn!("could not close connections to port {port}: {e}");
+        }
+    }
+}
+
 /// What the destination said about a migration when asked.
 enum PeerSays {
     Committed,
@@ -324,7 +364,8 @@ impl Manager {
         let (downtime_ms, ram, disk) = match copied {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(vm = name, "migration failed: {e}; the VM stays here");
+                tracing::warn!(vm = name, "migration failed: {e}");
+                cut_connections(&ready).await;
                 self.undo_outgoing(name, slot, peer, id).await;
                 return Err(e);
             }
@@ -450,6 +491,9 @@ impl Manager {
                 {"capability": "x-ignore-shared", "state": false},
                 {"capability": "background-snapshot", "state": false},
                 {"capability": "pause-before-switchover", "state": true},
+                // A guest that dirties memory faster than the link carries it is slowed down
+                // step by step until the copy converges, instead of migrating forever.
+                {"capability": "auto-converge", "state": true},
             ]})),
         )
         .await?;
