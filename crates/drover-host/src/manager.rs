@@ -1224,6 +1224,21 @@ impl Manager {
 
     /// Whether the host can run `config` now: memory available, vCPUs, disks present.
     fn check_fits(&self, name: &str, config: &VmConfig) -> Result<()> {
+        self.check_room(name, config)?;
+        for d in &config.disks {
+            if !d.path.exists() {
+                return Err(HostError::Invalid(format!(
+                    "disk {} of VM {name} is missing: {} does not exist",
+                    d.id,
+                    d.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this host has the memory and CPUs `config` needs now.
+    fn check_room(&self, name: &str, config: &VmConfig) -> Result<()> {
         let mem = hostfacts::memory();
         if config.memory > mem.available.saturating_sub(HOST_RESERVE) {
             return Err(HostError::Resources(format!(
@@ -1238,15 +1253,6 @@ impl Manager {
                 "VM {name} asks for {} vCPUs; this host has {cpus} CPUs",
                 config.cpus
             )));
-        }
-        for d in &config.disks {
-            if !d.path.exists() {
-                return Err(HostError::Invalid(format!(
-                    "disk {} of VM {name} is missing: {} does not exist",
-                    d.id,
-                    d.path.display()
-                )));
-            }
         }
         Ok(())
     }

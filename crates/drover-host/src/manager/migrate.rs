@@ -966,7 +966,7 @@ impl Manager {
             .clone()
             .filter(|_| !req.offline)
             .unwrap_or_else(|| req.vm.config.clone());
-        self.check_fits(&name, &live)?;
+        self.check_room(&name, &live)?;
         let vm_dir = self.vm_dir(&name);
         let made = self.receive_disks(&name, &req, &live).await;
         let paths = match made {
