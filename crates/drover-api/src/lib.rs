@@ -264,6 +264,24 @@ pub struct IncomingRequest {
     /// The VM is stopped.
     #[serde(default)]
     pub offline: bool,
+    /// Files that travel with the VM: its saved states and the disk layers they pin.
+    #[serde(default)]
+    pub files: Vec<MovedFile>,
+}
+
+/// A file that travels with a migrating VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedFile {
+    /// Its path on the source (records that name it are rewritten to the new path).
+    pub src: String,
+    /// Where it goes, relative to the VM's directory on the destination (`states/s1/memory.bin`,
+    /// `layers/...`).
+    pub rel: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// A qcow2 disk layer (its backing file is re-pointed on arrival).
+    #[serde(default)]
+    pub layer: bool,
 }
 
 /// The destination's answer: where to send memory and disks.
@@ -275,6 +293,9 @@ pub struct IncomingReady {
     pub nbd_host: String,
     /// NBD server port per disk id (offline: one qemu-nbd each), or one shared port.
     pub nbd_ports: Vec<(String, u16)>,
+    /// A qemu-nbd port per moved file (by `rel`), each exporting it raw as `f`.
+    #[serde(default)]
+    pub file_ports: Vec<(String, u16)>,
 }
 
 /// `POST /v1/migrations/{vm}/commit` and `/abort` (droverd to droverd).

@@ -86,6 +86,41 @@ fn create(path: &Path, size: u64, options: &[&str]) -> Result<(), ImgError> {
     Ok(())
 }
 
+/// The backing file of a qcow2 image, if it has one (as recorded in the image).
+pub fn backing_file(path: &Path) -> Result<Option<std::path::PathBuf>, ImgError> {
+    let p = path.to_string_lossy();
+    let out = run(&["info", "-U", "--output", "json", &p])?;
+    if !out.status.success() {
+        return Err(ImgError::Unusable {
+            path: path.to_path_buf(),
+            message: stderr_line(&out),
+        });
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| ImgError::Unusable {
+            path: path.to_path_buf(),
+            message: format!("unreadable qemu-img info: {e}"),
+        })?;
+    Ok(v.get("full-backing-filename")
+        .or_else(|| v.get("backing-filename"))
+        .and_then(|b| b.as_str())
+        .map(std::path::PathBuf::from))
+}
+
+/// Point a qcow2 image at another backing file with the same content (`rebase -u`: metadata
+/// only; for a layer that moved to another host or directory).
+pub fn set_backing(path: &Path, backing: &Path) -> Result<(), ImgError> {
+    let (p, b) = (path.to_string_lossy(), backing.to_string_lossy());
+    let out = run(&["rebase", "-u", "-F", "qcow2", "-b", &b, &p])?;
+    if !out.status.success() {
+        return Err(ImgError::Unusable {
+            path: path.to_path_buf(),
+            message: stderr_line(&out),
+        });
+    }
+    Ok(())
+}
+
 /// Inspect an existing image: it must exist, be qcow2 or raw, and (qcow2) pass `qemu-img check`.
 pub fn inspect(path: &Path) -> Result<ImageInfo, ImgError> {
     if !path.exists() {

@@ -97,6 +97,10 @@ fn live_migration_keeps_memory_disk_and_records_and_the_guest_notices() {
          (drover-guest scan --pause-between 6000 --repeat-if-migrated --notify-if-migrated \
             > /run/scan.json 2> /run/scan.err; echo $? > /run/scan.rc) >/dev/null 2>&1 & sleep 1",
     );
+    // A saved state travels too (its memory, device state and the disk layer it pins).
+    h1.sh("mover", "echo before > /run/marker");
+    h1.ok(&["snapshot", "create", "mover", "--name", "before"]);
+    h1.sh("mover", "echo after > /run/marker");
     let c1 = count(&h1, "mover", "/run/count");
 
     let r = h1.json(&["vm", "migrate", "mover", "--to", &f.remote(2)]);
@@ -169,6 +173,13 @@ fn live_migration_keeps_memory_disk_and_records_and_the_guest_notices() {
     );
     let audit = h2.ok(&["vm", "audit", "mover"]);
     assert!(audit.contains("migrated"), "{audit}");
+
+    // The saved state restores on the new host.
+    let states = h2.json(&["snapshot", "list", "mover"]);
+    assert_eq!(states[0]["name"], "before", "{states}");
+    h2.ok(&["snapshot", "restore", "mover", "before"]);
+    assert_eq!(h2.sh("mover", "cat /run/marker").trim(), "before");
+    h2.sh("mover", "touch /run/go; sleep 0.2");
 
     // And back, live, with the data intact.
     h2.ok(&["vm", "migrate", "mover", "--to", &f.remote(1)]);

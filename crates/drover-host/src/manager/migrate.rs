@@ -23,7 +23,7 @@ use crate::hostfacts;
 use drover_api::{
     ApiError, Client, ClientError, HostInfo, IncomingReady, IncomingRequest, MigrateProgress,
     MigrateRequest, MigrateResult, MigrationMark, MigrationPhase, MigrationRole, MigrationStep,
-    PackedRow, RemoteSpec, VmInfo, VmState,
+    MovedFile, PackedRow, RemoteSpec, VmInfo, VmState,
 };
 use drover_model::VmConfig;
 use drover_qemu::qmp::Qmp;
@@ -159,6 +159,123 @@ async fn cut_connections(ready: &IncomingReady) {
     }
 }
 
+/// Where a destination lists the files it waits for (in the VM's directory).
+const INCOMING_FILES: &str = "incoming-files.json";
+
+/// The export name of every qemu-nbd a migration starts (one file or disk each).
+const NBD_EXPORT: &str = "f";
+
+/// Serve `path` (format `fmt`) over NBD on `ip` for a migration's copy; returns (pid, port).
+async fn spawn_nbd(ip: std::net::IpAddr, path: &std::path::Path, fmt: &str) -> Result<(u32, u16)> {
+    let port = free_port(ip)?;
+    let child = tokio::process::Command::new("qemu-nbd")
+        .args([
+            "-f",
+            fmt,
+            "-x",
+            NBD_EXPORT,
+            "-b",
+            &ip.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["--persistent", "--shared=2"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| HostError::Internal(format!("starting qemu-nbd: {e}")))?;
+    let pid = child.id().unwrap_or(0);
+    // qemu-nbd listens within milliseconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect((ip, port)).await.is_err() {
+        if Instant::now() > deadline {
+            drover_qemu::process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(HostError::Internal(format!(
+                "qemu-nbd did not start for {}",
+                path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((pid, port))
+}
+
+/// Copy the content of `src` (format `fmt`) into a destination's NBD export.
+async fn nbd_copy(
+    src: &std::path::Path,
+    fmt: &str,
+    host: &str,
+    port: u16,
+    export: &str,
+) -> std::result::Result<(), String> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-n", "-U", "-f", fmt])
+        .arg(src)
+        .args(["-O", "raw"])
+        .arg(format!("nbd://{host}:{port}/{export}"))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("running qemu-img: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(())
+}
+
+/// Send the files that travel with the VM, byte for byte.
+async fn send_files(
+    ready: &IncomingReady,
+    files: &[MovedFile],
+    progress: &(impl Fn(MigrateProgress) + Send + Sync),
+) -> Result<()> {
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let mut done = 0;
+    for f in files {
+        let port = ready
+            .file_ports
+            .iter()
+            .find(|(rel, _)| *rel == f.rel)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| {
+                HostError::Internal(format!("the destination has no place for {}", f.rel))
+            })?;
+        progress(MigrateProgress {
+            stage: "states".into(),
+            disk_done: done,
+            disk_total: total,
+            ..Default::default()
+        });
+        nbd_copy(
+            std::path::Path::new(&f.src),
+            "raw",
+            &ready.nbd_host,
+            port,
+            NBD_EXPORT,
+        )
+        .await
+        .map_err(|e| HostError::Internal(format!("copying {}: {e}", f.src)))?;
+        done += f.size;
+    }
+    Ok(())
+}
+
+/// Replace every string in `v` that is a key of `map` by its value (moved file paths).
+fn remap_paths(v: &mut Value, map: &HashMap<String, String>) {
+    match v {
+        Value::String(s) => {
+            if let Some(new) = map.get(s.as_str()) {
+                *s = new.clone();
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| remap_paths(c, map)),
+        Value::Object(o) => o.values_mut().for_each(|c| remap_paths(c, map)),
+        _ => {}
+    }
+}
+
 /// What the destination said about a migration when asked.
 enum PeerSays {
     Committed,
@@ -241,12 +358,6 @@ impl Manager {
                 )))
             }
         }
-        if let Some(n) = Some(self.states(name)?.len()).filter(|n| *n > 0) {
-            return Err(HostError::Conflict(format!(
-                "VM {name} has {n} saved state(s); moving saved states between hosts is not \
-                 supported yet: delete them (`drover snapshot delete`) or keep the VM here"
-            )));
-        }
         if let Some(ms) = req.downtime_ms {
             if !(1..=60_000).contains(&ms) {
                 return Err(HostError::Invalid(format!(
@@ -275,8 +386,9 @@ impl Manager {
                 req.to_name
             )));
         }
-        // Wait for a state capture still streaming from this QEMU.
+        // Wait for a state capture still streaming from this QEMU, and for states to be on disk.
         let _capture = slot.capture.lock().await;
+        let files = self.moved_files(name).await?;
         let id = format!("m{}-{}", hostfacts::now_ms(), std::process::id());
         let mut rows = Vec::new();
         for (table, key, value) in self.vm_rows(name)? {
@@ -298,7 +410,9 @@ impl Manager {
         self.persist(&slot, |i| i.migration = Some(mark.clone()))?;
         lock(&CANCELS).insert(self.cancel_key(name), false);
         let result = self
-            .migrate_run(name, &slot, &req, &peer, &id, &to_id, info, rows, &progress)
+            .migrate_run(
+                name, &slot, &req, &peer, &id, &to_id, info, rows, files, &progress,
+            )
             .await;
         lock(&CANCELS).remove(&self.cancel_key(name));
         let (downtime_ms, ram_bytes, disk_bytes) = result?;
@@ -335,6 +449,7 @@ impl Manager {
         to_id: &str,
         info: VmInfo,
         rows: Vec<PackedRow>,
+        files: Vec<MovedFile>,
         progress: &(impl Fn(MigrateProgress) + Send + Sync),
     ) -> Result<(u64, u64, u64)> {
         let incoming = IncomingRequest {
@@ -344,6 +459,7 @@ impl Manager {
             rows,
             shared_storage: req.shared_storage,
             offline: req.offline,
+            files: files.clone(),
         };
         let ready: std::result::Result<IncomingReady, HostError> = peer
             .post("/v1/migrations/incoming", &incoming)
@@ -356,10 +472,10 @@ impl Manager {
                 return Err(e);
             }
         };
-        let copied = if req.offline {
-            self.copy_offline(name, &info, &ready, req, progress).await
-        } else {
-            self.copy_live(name, slot, &ready, req, progress).await
+        let copied = match send_files(&ready, &files, progress).await {
+            Err(e) => Err(e),
+            Ok(()) if req.offline => self.copy_offline(name, &info, &ready, req, progress).await,
+            Ok(()) => self.copy_live(name, slot, &ready, req, progress).await,
         };
         let (downtime_ms, ram, disk) = match copied {
             Ok(c) => c,
@@ -648,26 +764,15 @@ impl Manager {
                 disk_total: total,
                 ..Default::default()
             });
-            let out = tokio::process::Command::new("qemu-img")
-                .arg("convert")
-                .arg("-n")
-                .arg("-f")
-                .arg(d.format.to_string())
-                .arg(&d.path)
-                .arg("-O")
-                .arg("raw")
-                .arg(format!("nbd://{}:{port}/{}", ready.nbd_host, d.id))
-                .kill_on_drop(true)
-                .output()
-                .await
-                .map_err(|e| HostError::Internal(format!("running qemu-img: {e}")))?;
-            if !out.status.success() {
-                return Err(HostError::Internal(format!(
-                    "copying disk {} failed: {}",
-                    d.id,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            nbd_copy(
+                &d.path,
+                &d.format.to_string(),
+                &ready.nbd_host,
+                port,
+                NBD_EXPORT,
+            )
+            .await
+            .map_err(|e| HostError::Internal(format!("copying disk {}: {e}", d.id)))?;
             done += d.size;
         }
         Ok((0, 0, done))
@@ -969,13 +1074,19 @@ impl Manager {
         self.check_room(&name, &live)?;
         let vm_dir = self.vm_dir(&name);
         let made = self.receive_disks(&name, &req, &live).await;
-        let paths = match made {
+        let paths = match made.and_then(|p| self.receive_files(&name, &req.files).map(|_| p)) {
             Ok(p) => p,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&vm_dir);
                 return Err(e);
             }
         };
+        // Saved states name their files and layers by path: point them at the copies here.
+        let moved: HashMap<String, String> = req
+            .files
+            .iter()
+            .map(|f| (f.src.clone(), vm_dir.join(&f.rel).display().to_string()))
+            .collect();
         // The records, with every disk pointing at its copy here.
         let mut vm =
             serde_json::to_value(&req.vm).map_err(|e| HostError::Internal(e.to_string()))?;
@@ -1001,7 +1112,11 @@ impl Manager {
                     row.table, row.key
                 )));
             }
-            repath_disks(&mut row.value, &paths);
+            if row.table == super::state::STATES {
+                remap_paths(&mut row.value, &moved);
+            } else {
+                repath_disks(&mut row.value, &paths);
+            }
             writes.push(Write::Put {
                 table: row.table,
                 key: row.key,
@@ -1078,48 +1193,29 @@ impl Manager {
             .migration_addr
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let host = ip.to_string();
+        // Saved states and their disk layers: one raw export per file.
+        let mut file_ports = Vec::new();
+        let mut pids = Vec::new();
+        for f in &req.files {
+            let path = self.vm_dir(name).join(&f.rel);
+            let (pid, port) = spawn_nbd(ip, &path, "raw").await?;
+            pids.push(pid);
+            file_ports.push((f.rel.clone(), port));
+        }
+        self.track_nbd(name, std::mem::take(&mut pids));
         if req.offline {
             let mut ports = Vec::new();
-            let mut pids = Vec::new();
             for (id, path) in paths {
-                let port = free_port(ip)?;
-                let child = tokio::process::Command::new("qemu-nbd")
-                    .arg("-f")
-                    .arg("qcow2")
-                    .arg("-x")
-                    .arg(id)
-                    .arg("-b")
-                    .arg(&host)
-                    .arg("-p")
-                    .arg(port.to_string())
-                    .arg("--persistent")
-                    .arg("--shared=2")
-                    .arg(path)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .map_err(|e| HostError::Internal(format!("starting qemu-nbd: {e}")))?;
-                if let Some(pid) = child.id() {
-                    pids.push(pid);
-                }
+                let (pid, port) = spawn_nbd(ip, path, "qcow2").await?;
+                pids.push(pid);
                 ports.push((id.clone(), port));
             }
-            lock(&NBD_SERVERS).insert(self.cancel_key(name), pids);
-            // qemu-nbd listens within milliseconds; wait for every port.
-            for (_, port) in &ports {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while tokio::net::TcpStream::connect((ip, *port)).await.is_err() {
-                    if Instant::now() > deadline {
-                        return Err(HostError::Internal("qemu-nbd did not start".into()));
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
+            self.track_nbd(name, pids);
             return Ok(IncomingReady {
                 migrate_uri: String::new(),
                 nbd_host: host,
                 nbd_ports: ports,
+                file_ports,
             });
         }
         self.launch(
@@ -1182,6 +1278,7 @@ impl Manager {
             migrate_uri: uri,
             nbd_host: host,
             nbd_ports: ports,
+            file_ports,
         })
     }
 
@@ -1200,9 +1297,9 @@ impl Manager {
             return Ok(self.view(&slot));
         }
         let offline = self.runtime(&slot).is_none();
-        if offline {
-            self.stop_nbd(name);
-        } else if let Some(rt) = self.runtime(&slot) {
+        self.stop_nbd(name);
+        self.settle_files(name).await?;
+        if let Some(rt) = self.runtime(&slot) {
             let m = rt.qmp.execute("query-migrate", None).await?;
             let status = m.get("status").and_then(Value::as_str).unwrap_or("none");
             if status != "completed" {
@@ -1266,6 +1363,160 @@ impl Manager {
         Ok(())
     }
 
+    /// The files of a VM's saved states and the disk layers they pin (whole backing chains),
+    /// once every state is on disk.
+    async fn moved_files(&self, name: &str) -> Result<Vec<MovedFile>> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let states = loop {
+            let states = self.states(name)?;
+            if !states.iter().any(|s| {
+                matches!(
+                    s.phase,
+                    drover_api::StatePhase::Capturing | drover_api::StatePhase::Ready
+                )
+            }) {
+                break states;
+            }
+            if Instant::now() > deadline {
+                return Err(HostError::Timeout(format!(
+                    "the saved states of VM {name} are still being written to disk"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let mut files: Vec<MovedFile> = Vec::new();
+        let mut add = |src: PathBuf, rel: String, layer: bool| {
+            let src_s = src.display().to_string();
+            if files.iter().any(|f| f.src == src_s) {
+                return;
+            }
+            if let Ok(m) = std::fs::metadata(&src) {
+                files.push(MovedFile {
+                    src: src_s,
+                    rel,
+                    size: m.len(),
+                    layer,
+                });
+            }
+        };
+        for st in &states {
+            let dir = self.states_dir(name).join(&st.id);
+            for f in ["manifest.json", "devices.bin", "memory.bin"] {
+                add(dir.join(f), format!("states/{}/{f}", st.id), false);
+            }
+            for d in &st.config.disks {
+                let mut layer = Some(d.path.clone());
+                let mut depth = 0;
+                while let Some(path) = layer.take().filter(|_| depth < 64) {
+                    depth += 1;
+                    let base = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "layer".into());
+                    let p2 = path.clone();
+                    layer =
+                        tokio::task::spawn_blocking(move || drover_qemu::img::backing_file(&p2))
+                            .await
+                            .map_err(|e| HostError::Internal(e.to_string()))??;
+                    let rel = format!("layers/{}-{base}", hostfacts::now_ms() % 1_000_000 + depth);
+                    add(path, rel, true);
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    /// Make room for the files that travel with an arriving VM.
+    fn receive_files(&self, name: &str, files: &[MovedFile]) -> Result<()> {
+        for f in files {
+            let rel = std::path::Path::new(&f.rel);
+            let safe = rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+                && (f.rel.starts_with("states/") || f.rel.starts_with("layers/"));
+            if !safe {
+                return Err(HostError::Invalid(format!(
+                    "refusing file path {:?}",
+                    f.rel
+                )));
+            }
+            let path = self.vm_dir(name).join(rel);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| io_ctx("creating", dir, e))?;
+            }
+            // NBD moves whole 512-byte sectors: room for the last one, cut to size on arrival.
+            let file = std::fs::File::create(&path).map_err(|e| io_ctx("creating", &path, e))?;
+            file.set_len(f.size.div_ceil(512) * 512)
+                .map_err(|e| io_ctx("sizing", &path, e))?;
+        }
+        let list = self.vm_dir(name).join(INCOMING_FILES);
+        let json = serde_json::to_vec(files).map_err(|e| HostError::Internal(e.to_string()))?;
+        std::fs::write(&list, json).map_err(|e| io_ctx("writing", &list, e))?;
+        Ok(())
+    }
+
+    /// Arrived files: layers re-pointed at their moved backing files, manifests rewritten from
+    /// the (re-pathed) records.
+    async fn settle_files(&self, name: &str) -> Result<()> {
+        let dir = self.vm_dir(name);
+        let list = dir.join(INCOMING_FILES);
+        if let Ok(json) = std::fs::read(&list) {
+            let files: Vec<MovedFile> =
+                serde_json::from_slice(&json).map_err(|e| HostError::Internal(e.to_string()))?;
+            for f in files {
+                let path = dir.join(&f.rel);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|file| {
+                        file.set_len(f.size)?;
+                        file.sync_all()
+                    })
+                    .map_err(|e| io_ctx("finishing", &path, e))?;
+            }
+            let _ = std::fs::remove_file(&list);
+        }
+        let layers = dir.join("layers");
+        if layers.is_dir() {
+            let entries: Vec<PathBuf> = std::fs::read_dir(&layers)
+                .map_err(|e| io_ctx("reading", &layers, e))?
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            // Old backing path (by file name, as each layer recorded it) -> its copy here.
+            let by_name: HashMap<String, PathBuf> = entries
+                .iter()
+                .filter_map(|p| {
+                    let n = p.file_name()?.to_string_lossy().into_owned();
+                    let orig = n.split_once('-').map(|(_, b)| b.to_string())?;
+                    Some((orig, p.clone()))
+                })
+                .collect();
+            for layer in entries {
+                let l2 = layer.clone();
+                let backing =
+                    tokio::task::spawn_blocking(move || drover_qemu::img::backing_file(&l2))
+                        .await
+                        .map_err(|e| HostError::Internal(e.to_string()))??;
+                let Some(old) = backing else { continue };
+                let key = old
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if let Some(new) = by_name.get(&key) {
+                    let (l, n) = (layer.clone(), new.clone());
+                    tokio::task::spawn_blocking(move || drover_qemu::img::set_backing(&l, &n))
+                        .await
+                        .map_err(|e| HostError::Internal(e.to_string()))??;
+                }
+            }
+        }
+        for st in self.states(name)? {
+            self.write_state(&st)?;
+        }
+        Ok(())
+    }
+
     fn incoming_mark(&self, slot: &Arc<VmSlot>, name: &str, id: &str) -> Result<MigrationMark> {
         match lock(&slot.info).migration.clone() {
             Some(m) if m.role == MigrationRole::Incoming && m.id == id => Ok(m),
@@ -1273,6 +1524,13 @@ impl Manager {
                 "VM {name} on this host is not arriving by migration {id}"
             ))),
         }
+    }
+
+    fn track_nbd(&self, name: &str, pids: Vec<u32>) {
+        lock(&NBD_SERVERS)
+            .entry(self.cancel_key(name))
+            .or_default()
+            .extend(pids);
     }
 
     fn stop_nbd(&self, name: &str) {

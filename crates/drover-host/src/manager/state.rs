@@ -75,7 +75,7 @@ fn valid_state_name(n: &str) -> bool {
 }
 
 impl Manager {
-    fn states_dir(&self, vm: &str) -> PathBuf {
+    pub(super) fn states_dir(&self, vm: &str) -> PathBuf {
         self.vm_dir(vm).join("states")
     }
 
@@ -569,7 +569,7 @@ impl Manager {
         }
     }
 
-    fn write_state(&self, s: &StateInfo) -> Result<()> {
+    pub(super) fn write_state(&self, s: &StateInfo) -> Result<()> {
         let dir = self.states_dir(&s.vm).join(&s.id);
         let json = serde_json::to_vec_pretty(s).map_err(|e| HostError::Internal(e.to_string()))?;
         let tmp = dir.join("manifest.json.tmp");
