@@ -201,6 +201,21 @@ impl Out {
             println!("uptime:    {}", age(ms));
         }
         println!("created:   {} ago", age(v.created_at_ms));
+        if let Some(m) = &v.migration {
+            use drover_api::{MigrationPhase as P, MigrationRole as R};
+            println!(
+                "migration: {}",
+                match (m.role, m.phase) {
+                    (R::Incoming, P::Committed) => format!("arrived from {} ({})", m.peer, m.id),
+                    (R::Incoming, _) => format!("arriving from {} ({})", m.peer, m.id),
+                    (R::Outgoing, P::Copying) => format!("being copied to {} ({})", m.peer, m.id),
+                    (R::Outgoing, _) => format!(
+                        "handed over to {}, waiting for its answer; paused here ({})",
+                        m.peer, m.id
+                    ),
+                }
+            );
+        }
         if let Some(from) = &v.started_from {
             println!(
                 "config:    {from}{}",

@@ -955,6 +955,8 @@ impl Manager {
         shared_storage: bool,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
+            // Nothing else may touch the VM (stop it, start it) until it is settled.
+            let _op = slot.op.lock().await;
             loop {
                 match self.ask_peer(&peer, &name, &id, RESOLVE_WINDOW).await {
                     PeerSays::Unknown(_) => continue,
