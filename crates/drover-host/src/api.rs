@@ -187,7 +187,11 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
-        .route("/v1/migrations/incoming", post(incoming_prepare))
+        // A VM's records (its journal and audit trail grow with its life) come in one request.
+        .route(
+            "/v1/migrations/incoming",
+            post(incoming_prepare).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
         .route("/v1/migrations/{name}/commit", post(incoming_commit))
         .route("/v1/migrations/{name}/abort", post(incoming_abort))
         .route("/v1/image", get(image))

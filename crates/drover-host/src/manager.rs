@@ -72,6 +72,16 @@ pub(crate) struct RestoreSpec {
 }
 
 const VMS: &str = "vms";
+/// Tables besides [`VMS`] with one row per VM, keyed by its name.
+const VM_TABLES_BY_NAME: &[&str] = &[HISTORY, identity::GENERATIONS];
+/// Tables whose rows of VM `n` are keyed `n/...`.
+const VM_TABLES_BY_PREFIX: &[&str] = &[
+    JOURNAL,
+    guest::PRINCIPALS,
+    guest::AUDIT,
+    guest::REQUESTS,
+    state::STATES,
+];
 const HISTORY: &str = "history";
 const JOURNAL: &str = "journal";
 const ROLES: &str = "roles";
@@ -601,18 +611,12 @@ impl Manager {
     fn vm_rows(&self, name: &str) -> Result<Vec<(String, String, Vec<u8>)>> {
         let prefix = format!("{name}/");
         let mut rows = Vec::new();
-        for table in [VMS, HISTORY, identity::GENERATIONS] {
+        for table in [VMS].iter().chain(VM_TABLES_BY_NAME) {
             if let Some(v) = self.s.store.get_raw(table, name)? {
                 rows.push((table.to_string(), name.to_string(), v));
             }
         }
-        for table in [
-            JOURNAL,
-            guest::PRINCIPALS,
-            guest::AUDIT,
-            guest::REQUESTS,
-            state::STATES,
-        ] {
+        for table in VM_TABLES_BY_PREFIX {
             for (key, v) in self.s.store.list_raw(table)? {
                 if key.starts_with(&prefix) {
                     rows.push((table.to_string(), key, v));

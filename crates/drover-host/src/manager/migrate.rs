@@ -1108,7 +1108,12 @@ impl Manager {
         });
         let mut writes = vec![drover_store::put(super::VMS, &name, &info)?];
         for mut row in req.rows.clone() {
-            if row.key != name && !row.key.starts_with(&format!("{name}/")) {
+            // Only a VM's own rows, in the tables that hold them (the same as a delete removes).
+            let t = row.table.as_str();
+            let own = (super::VM_TABLES_BY_NAME.contains(&t) && row.key == name)
+                || (super::VM_TABLES_BY_PREFIX.contains(&t)
+                    && row.key.starts_with(&format!("{name}/")));
+            if !own {
                 return Err(HostError::Invalid(format!(
                     "record {}/{} does not belong to VM {name}",
                     row.table, row.key
