@@ -161,6 +161,8 @@ struct VmSlot {
     /// Held while a state's memory is streamed out of the running QEMU: stopping or replacing
     /// that QEMU waits for it, or the capture would be cut off.
     capture: Arc<tokio::sync::Mutex<()>>,
+    /// A QEMU kept ready to receive the next fast save of this VM (with the config it fits).
+    standby: tokio::sync::Mutex<Option<(VmConfig, state::Receiver)>>,
     info: Mutex<VmInfo>,
     rt: Mutex<Option<Runtime>>,
 }
@@ -231,6 +233,7 @@ impl Manager {
             let slot = Arc::new(VmSlot {
                 op: tokio::sync::Mutex::new(()),
                 capture: Arc::new(tokio::sync::Mutex::new(())),
+                standby: tokio::sync::Mutex::new(None),
                 info: Mutex::new(info),
                 rt: Mutex::new(None),
             });
@@ -590,6 +593,7 @@ impl Manager {
                 let slot = Arc::new(VmSlot {
                     op: tokio::sync::Mutex::new(()),
                     capture: Arc::new(tokio::sync::Mutex::new(())),
+                    standby: tokio::sync::Mutex::new(None),
                     info: Mutex::new(info.clone()),
                     rt: Mutex::new(None),
                 });
@@ -1029,6 +1033,7 @@ impl Manager {
         };
         // The guest's memory is gone with it; free the RAM file (it lives in /dev/shm).
         let _ = std::fs::remove_file(&paths.ram);
+        self.drop_standby(slot).await;
         let operator = lock(&stop_reason).clone();
         let guest = shutdown
             .as_ref()

@@ -1135,6 +1135,7 @@ impl Manager {
         let slot = Arc::new(VmSlot {
             op: tokio::sync::Mutex::new(()),
             capture: Arc::new(tokio::sync::Mutex::new(())),
+            standby: tokio::sync::Mutex::new(None),
             info: Mutex::new(info),
             rt: Mutex::new(None),
         });

@@ -29,7 +29,7 @@ pub(super) const STATES: &str = "states";
 const STATES_IN_RAM: usize = 2;
 
 /// The QEMU that receives a fast save's memory stream.
-struct Receiver {
+pub(super) struct Receiver {
     qmp: Qmp,
     child: tokio::process::Child,
     pid: u32,
@@ -217,7 +217,7 @@ impl Manager {
         let receiver = if classic {
             None
         } else {
-            match self.spawn_receiver(vm, &id, &running, &rt).await {
+            match self.take_receiver(vm, slot, &id, &running, &rt).await {
                 Ok(r) => Some(r),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -321,9 +321,11 @@ impl Manager {
                 self.write_state(&state)?;
                 let mgr = self.clone();
                 let (a_qmp, st) = (rt.qmp.clone(), state.clone());
+                let (vm2, slot2) = (vm.to_string(), slot.clone());
                 tokio::spawn(async move {
                     let _capturing = capture_guard;
                     mgr.finish_capture(st, a_qmp, r).await;
+                    mgr.prepare_standby(&vm2, &slot2);
                 });
             }
             None => {
@@ -340,6 +342,63 @@ impl Manager {
     /// Where a state's memory lives in RAM (/dev/shm), next to the running guests' memory.
     pub(super) fn state_ram(&self, vm: &str, id: &str) -> PathBuf {
         self.ram_dir().join(format!("{vm}@{id}"))
+    }
+
+    /// A receiver for state `id`: the one kept ready for this VM when it still fits (same
+    /// config), else a new one. Its RAM file gets the state's name either way.
+    async fn take_receiver(
+        &self,
+        vm: &str,
+        slot: &Arc<VmSlot>,
+        id: &str,
+        config: &drover_model::VmConfig,
+        rt: &super::Runtime,
+    ) -> Result<Receiver> {
+        let ready = slot.standby.lock().await.take();
+        if let Some((cfg, r)) = ready {
+            if cfg == *config && process::is_alive(r.pid, &r.paths.dir.display().to_string()) {
+                let ram = self.state_ram(vm, id);
+                // The receiver maps the file; renaming it does not disturb that.
+                if std::fs::rename(&r.paths.ram, &ram).is_ok() {
+                    let mut r = r;
+                    r.paths.ram = ram;
+                    return Ok(r);
+                }
+            }
+            r.discard().await;
+        }
+        self.spawn_receiver(vm, id, config, rt).await
+    }
+
+    /// Keep a receiver ready for VM `vm`'s next save (after a first one: a VM whose states are
+    /// saved once is likely to be saved again), so a save does not wait for QEMU to start.
+    pub(super) fn prepare_standby(&self, vm: &str, slot: &Arc<VmSlot>) {
+        let (mgr, vm, slot) = (self.clone(), vm.to_string(), slot.clone());
+        tokio::spawn(async move {
+            let Some(rt) = mgr.runtime(&slot) else { return };
+            let Some(cfg) = lock(&slot.info).running_config.clone() else {
+                return;
+            };
+            let mut standby = slot.standby.lock().await;
+            if standby.is_some() {
+                return;
+            }
+            match mgr.spawn_receiver(&vm, "next", &cfg, &rt).await {
+                // Only while the VM it was made for still runs.
+                Ok(r) if mgr.runtime(&slot).is_some_and(|now| now.pid == rt.pid) => {
+                    *standby = Some((cfg, r));
+                }
+                Ok(r) => r.discard().await,
+                Err(e) => tracing::debug!(vm, "no receiver kept ready: {e}"),
+            }
+        });
+    }
+
+    /// Stop the receiver kept ready for a VM (it stopped, or its QEMU was replaced).
+    pub(super) async fn drop_standby(&self, slot: &Arc<VmSlot>) {
+        if let Some((_, r)) = slot.standby.lock().await.take() {
+            r.discard().await;
+        }
     }
 
     /// Start the QEMU that receives a state's memory: same machine as the VM, paused, waiting
@@ -531,6 +590,18 @@ impl Manager {
     /// the receiving QEMU, which is stopped); a ready state's memory is written to disk again.
     pub(super) async fn recover_states(&self) {
         for vm in self.list().into_iter().map(|v| v.name) {
+            // A receiver kept ready by the previous droverd: nobody holds it now.
+            let next = self.run_paths(&vm).dir.join("cap-next");
+            if let Some(pid) = std::fs::read_to_string(next.join("qemu.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            {
+                if process::is_alive(pid, &next.display().to_string()) {
+                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+            let _ = std::fs::remove_dir_all(&next);
+            let _ = std::fs::remove_file(self.state_ram(&vm, "next"));
             let Ok(all) = self.states(&vm) else { continue };
             for mut st in all {
                 match st.phase {
@@ -696,14 +767,20 @@ impl Manager {
         // The guest must learn it is a copy of its past (vmgenid), before QEMU starts.
         self.regenerate_generation_id(vm, &format!("restore of state {}", state.id))?;
         let spec = RestoreSpec { devices, memory };
-        self.launch(
-            vm,
-            slot,
-            cfg,
-            format!("state {} ({})", state.id, state.name),
-            LaunchKind::Restore(&spec),
-        )
-        .await
+        let info = self
+            .launch(
+                vm,
+                slot,
+                cfg,
+                format!("state {} ({})", state.id, state.name),
+                LaunchKind::Restore(&spec),
+            )
+            .await?;
+        // A VM that goes back to saved states tends to save again.
+        if spec.memory.is_some() {
+            self.prepare_standby(vm, slot);
+        }
+        Ok(info)
     }
 
     /// Delete a state: its manifest, device state and memory. Its disk layers stay while a newer
