@@ -455,6 +455,7 @@ impl Manager {
 
     /// Do the work, report it to the guest, then forget the request.
     async fn run_request(&self, vm: &str, p: Pending) {
+        let t0 = std::time::Instant::now();
         let caller = Caller {
             name: format!("guest:{}", p.principal),
             role: None,
@@ -510,7 +511,17 @@ impl Manager {
                 Err(e) => Err(e),
             },
         };
+        let worked = t0.elapsed();
         self.finish(vm, &p, outcome).await;
+        tracing::debug!(
+            vm,
+            ticket = p.ticket,
+            op = p.op.name(),
+            work_ms = worked.as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            since_accept_ms = hostfacts::now_ms().saturating_sub(p.accepted_at_ms),
+            "guest request done"
+        );
     }
 
     async fn guest_restore(
