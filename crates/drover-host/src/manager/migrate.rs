@@ -468,8 +468,15 @@ impl Manager {
         let ready = match ready {
             Ok(r) => r,
             Err(e) => {
-                self.clear_mark(slot, name)?;
-                return Err(e);
+                // The destination may have made its copy before the answer was lost (it died, the
+                // network broke): tell it to drop it, now or once it is reachable again.
+                self.undo_outgoing(name, slot, peer, id).await;
+                return Err(match e {
+                    HostError::Peer(m) => HostError::Peer(format!(
+                        "{m} (while it prepared to receive VM {name}); the VM keeps running here"
+                    )),
+                    e => e,
+                });
             }
         };
         let copied = match send_files(&ready, &files, progress).await {
