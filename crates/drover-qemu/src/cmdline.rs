@@ -404,9 +404,8 @@ mod tests {
         assert!(joined.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
         assert!(joined.contains("mac=52:54:00:00:00:01"));
         assert!(joined.contains("-qmp unix:/run/x/qmp.sock,server=on,wait=off"));
-        assert!(
-            joined.contains("memory-backend-file,id=ram0,size=1048584K,mem-path=/run/x/ram,share=on")
-        );
+        assert!(joined
+            .contains("memory-backend-file,id=ram0,size=1048584K,mem-path=/run/x/ram,share=on"));
         assert!(!joined.contains("-incoming"));
         assert!(
             !joined.contains("vmgenid"),
@@ -481,6 +480,9 @@ mod tests {
         });
         let joined = args.join(" ");
         assert!(joined.contains("-m 1048584K "), "{joined}");
-        assert!(joined.contains("size=1048584K,mem-path=/s/memory.bin,share=off"), "{joined}");
+        assert!(
+            joined.contains("size=1048584K,mem-path=/s/memory.bin,share=off"),
+            "{joined}"
+        );
     }
 }

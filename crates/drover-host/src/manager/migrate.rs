@@ -358,6 +358,23 @@ impl Manager {
                 )))
             }
         }
+        // Hot-plugged memory (whole-MiB DIMMs) takes the path of QEMU 7.2's TCG dirty-tracking
+        // bug that RAM_PAD avoids for boot RAM (see drover_qemu::cmdline::RAM_PAD): refuse
+        // rather than corrupt the guest.
+        if !req.offline {
+            let grown = self.runtime(&slot).is_some_and(|rt| {
+                info.running_config
+                    .as_ref()
+                    .is_some_and(|c| c.memory != rt.launched.memory)
+            });
+            if grown && info.accel != Some(drover_model::Accel::Kvm) {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} has memory added while running; under TCG, QEMU 7.2 can lose \
+                     writes to it during a live migration: restart the VM (it keeps the memory) \
+                     and migrate it then, or stop it and use --offline"
+                )));
+            }
+        }
         if let Some(ms) = req.downtime_ms {
             if !(1..=60_000).contains(&ms) {
                 return Err(HostError::Invalid(format!(
