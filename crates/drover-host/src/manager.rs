@@ -167,6 +167,18 @@ struct VmSlot {
     rt: Mutex<Option<Runtime>>,
 }
 
+impl VmSlot {
+    fn new(info: VmInfo) -> Arc<VmSlot> {
+        Arc::new(VmSlot {
+            op: tokio::sync::Mutex::new(()),
+            capture: Arc::new(tokio::sync::Mutex::new(())),
+            standby: tokio::sync::Mutex::new(None),
+            info: Mutex::new(info),
+            rt: Mutex::new(None),
+        })
+    }
+}
+
 struct Shared {
     cfg: DaemonConfig,
     store: Box<dyn Store>,
@@ -230,13 +242,7 @@ impl Manager {
         for (name, mut info) in records {
             info.config.normalize();
             let state = info.state;
-            let slot = Arc::new(VmSlot {
-                op: tokio::sync::Mutex::new(()),
-                capture: Arc::new(tokio::sync::Mutex::new(())),
-                standby: tokio::sync::Mutex::new(None),
-                info: Mutex::new(info),
-                rt: Mutex::new(None),
-            });
+            let slot = VmSlot::new(info);
             lock(&mgr.s.vms).insert(name.clone(), slot.clone());
             if state != VmState::Stopped {
                 mgr.readopt(&name, &slot).await?;
@@ -590,13 +596,7 @@ impl Manager {
         .await;
         match result {
             Ok(info) => {
-                let slot = Arc::new(VmSlot {
-                    op: tokio::sync::Mutex::new(()),
-                    capture: Arc::new(tokio::sync::Mutex::new(())),
-                    standby: tokio::sync::Mutex::new(None),
-                    info: Mutex::new(info.clone()),
-                    rt: Mutex::new(None),
-                });
+                let slot = VmSlot::new(info.clone());
                 lock(&self.s.vms).insert(name.clone(), slot);
                 tracing::info!(vm = name, "created");
                 Ok(info)

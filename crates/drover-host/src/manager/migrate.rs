@@ -159,6 +159,16 @@ async fn cut_connections(ready: &IncomingReady) {
     }
 }
 
+/// The destination's NBD port for disk `id`.
+fn disk_port(ready: &IncomingReady, id: &str) -> Result<u16> {
+    ready
+        .nbd_ports
+        .iter()
+        .find(|(d, _)| d == id)
+        .map(|(_, p)| *p)
+        .ok_or_else(|| HostError::Internal(format!("the destination exported no disk {id}")))
+}
+
 /// Where a destination lists the files it waits for (in the VM's directory).
 const INCOMING_FILES: &str = "incoming-files.json";
 
@@ -541,14 +551,7 @@ impl Manager {
         let mut jobs = Vec::new();
         if !req.shared_storage {
             for d in &running.disks {
-                let port = ready
-                    .nbd_ports
-                    .iter()
-                    .find(|(id, _)| id == d.id.as_str())
-                    .map(|(_, p)| *p)
-                    .ok_or_else(|| {
-                        HostError::Internal(format!("the destination exported no disk {}", d.id))
-                    })?;
+                let port = disk_port(ready, d.id.as_str())?;
                 let target = format!("mig-{}", d.id);
                 qmp.execute(
                     "blockdev-add",
@@ -774,14 +777,7 @@ impl Manager {
             if self.cancelled(name) {
                 return Err(HostError::Conflict("cancelled; the VM stays here".into()));
             }
-            let port = ready
-                .nbd_ports
-                .iter()
-                .find(|(id, _)| id == d.id.as_str())
-                .map(|(_, p)| *p)
-                .ok_or_else(|| {
-                    HostError::Internal(format!("the destination exported no disk {}", d.id))
-                })?;
+            let port = disk_port(ready, d.id.as_str())?;
             progress(MigrateProgress {
                 stage: "disks".into(),
                 disk_done: done,
@@ -1156,13 +1152,7 @@ impl Manager {
             });
         }
         self.s.store.apply(writes)?;
-        let slot = Arc::new(VmSlot {
-            op: tokio::sync::Mutex::new(()),
-            capture: Arc::new(tokio::sync::Mutex::new(())),
-            standby: tokio::sync::Mutex::new(None),
-            info: Mutex::new(info),
-            rt: Mutex::new(None),
-        });
+        let slot = VmSlot::new(info);
         lock(&self.s.vms).insert(name.clone(), slot.clone());
         drop(_create);
         // What QEMU runs here: the running config, its disks now the copies here.
