@@ -499,17 +499,18 @@ enum VmCmd {
     },
     /// Move a VM to another host (a remote, see `drover remote add`).
     ///
-    /// Live by default: disks are copied while the guest runs (unless both hosts see them at
-    /// the same paths: --shared-storage), then memory; the guest pauses only for the final
-    /// switch-over. The VM's records, config history, guest principals and audit trail move
-    /// with it; afterwards exactly one host has it. A failure or --cancel leaves it running here.
-    /// A stopped VM moves with --offline.
+    /// Live by default: disks are copied while the guest runs (unless both hosts see them
+    /// at the same paths: --shared-storage), then memory; the guest pauses only for the
+    /// final switch-over. The VM's records, config history, saved states, guest principals
+    /// and audit trail move with it; afterwards exactly one host has it. A failure or
+    /// --cancel leaves it running here. A stopped VM moves with --offline.
     ///
     /// Examples:
     ///   drover vm migrate web1 --to h2
     ///   drover --remote h1 vm migrate web1 --to h2 --downtime-ms 20 --output json
     ///   drover vm migrate web1 --cancel
     ///   drover vm migrate db --to h3 --offline
+    #[command(verbatim_doc_comment)]
     Migrate {
         /// VM name.
         name: String,
