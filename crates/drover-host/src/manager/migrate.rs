@@ -633,7 +633,9 @@ impl Manager {
             Some(json!({"capabilities": [
                 {"capability": "x-ignore-shared", "state": false},
                 {"capability": "background-snapshot", "state": false},
-                {"capability": "pause-before-switchover", "state": true},
+                // Disks mirrored: stop before the switch-over to complete them. Without mirrors
+                // (no disks, or shared storage) that stop would only add to the downtime.
+                {"capability": "pause-before-switchover", "state": !jobs.is_empty()},
                 // A guest that dirties memory faster than the link carries it is slowed down
                 // step by step until the copy converges, instead of migrating forever.
                 {"capability": "auto-converge", "state": true},
@@ -711,7 +713,8 @@ impl Manager {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // Every millisecond polled late in `pre-switchover` is a millisecond of downtime.
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
