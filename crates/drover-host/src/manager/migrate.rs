@@ -159,6 +159,24 @@ async fn cut_connections(ready: &IncomingReady) {
     }
 }
 
+/// QEMU's block jobs among `jobs` (by id), as `query-block-jobs` reports them.
+async fn our_jobs(qmp: &Qmp, jobs: &[String]) -> Result<Vec<Value>> {
+    let list = qmp.execute("query-block-jobs", None).await?;
+    Ok(list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|j| {
+                    j.get("device")
+                        .and_then(Value::as_str)
+                        .is_some_and(|d| jobs.iter().any(|x| x == d))
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// The destination's NBD port for disk `id`.
 fn disk_port(ready: &IncomingReady, id: &str) -> Result<u16> {
     ready
@@ -584,19 +602,7 @@ impl Manager {
             if self.cancelled(name) {
                 return Err(HostError::Conflict("cancelled; the VM stays here".into()));
             }
-            let list = qmp.execute("query-block-jobs", None).await?;
-            let mine: Vec<&Value> = list
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|j| {
-                            j.get("device")
-                                .and_then(Value::as_str)
-                                .is_some_and(|d| jobs.iter().any(|x| x == d))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mine = our_jobs(qmp, &jobs).await?;
             if mine.len() < jobs.len() {
                 return Err(HostError::Internal(
                     "copying a disk to the destination failed (see its log)".into(),
@@ -727,19 +733,7 @@ impl Manager {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let list = qmp.execute("query-block-jobs", None).await?;
-            let left = list
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|x| {
-                            x.get("device")
-                                .and_then(Value::as_str)
-                                .is_some_and(|d| jobs.iter().any(|j| j == d))
-                        })
-                        .count()
-                })
-                .unwrap_or(0);
+            let left = our_jobs(qmp, jobs).await?.len();
             if left == 0 {
                 break;
             }
