@@ -1,5 +1,5 @@
 """Shared by the benchmarks: a throwaway droverd on a temp state dir, and polling helpers."""
-import os, shutil, subprocess, tempfile, time
+import json, os, shutil, socket, subprocess, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("DROVER_BIN_DIR", f"{ROOT}/target/release")
@@ -61,3 +61,36 @@ class Droverd:
         key = hashlib.sha256(os.path.abspath(self.state).encode()).hexdigest()[:12]
         shutil.rmtree(f"/dev/shm/drover-{key}", ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Qmp:
+    """A minimal QMP client over a unix socket; events are skipped."""
+
+    def __init__(self, path, timeout=20.0):
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.s = socket.socket(socket.AF_UNIX)
+                self.s.connect(path)
+                break
+            except OSError:
+                self.s.close()
+                if time.monotonic() > end:
+                    raise RuntimeError(f"QMP {path} does not answer")
+                time.sleep(0.005)
+        self.f = self.s.makefile("rb")
+        self.f.readline()
+        self("qmp_capabilities")
+
+    def __call__(self, cmd, **args):
+        msg = {"execute": cmd, **({"arguments": args} if args else {})}
+        self.s.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise EOFError(f"QMP closed during {cmd}")
+            m = json.loads(line)
+            if "error" in m:
+                raise RuntimeError(f"{cmd}: {m['error'].get('desc')}")
+            if "return" in m:
+                return m["return"]

@@ -12,27 +12,7 @@ Usage: bench/live_change.py [RUNS]   (default 11; needs `PROFILE=release scripts
 """
 import json, os, re, socket, statistics, subprocess, sys, time
 
-from common import Droverd, count, poll
-
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        poll(lambda: os.path.exists(path))
-        self.s.connect(path)
-        self.f = self.s.makefile("rw")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "return" in r:
-                return r["return"]
-            if "error" in r:
-                raise SystemExit(f"QMP {name}: {r['error']}")
+from common import Droverd, Qmp, count, poll
 
 
 def main():
@@ -73,13 +53,13 @@ def main():
             t0 = time.monotonic()
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"], check=True)
             t_img = time.monotonic()
-            qmp.cmd("blockdev-add", **{"driver": "qcow2", "node-name": f"r{i}", "file": {"driver": "file", "filename": path}})
-            qmp.cmd("device_add", driver="virtio-blk-pci", id=f"r{i}", drive=f"r{i}", serial=f"r{i}", bus="hp0")
+            qmp("blockdev-add", **{"driver": "qcow2", "node-name": f"r{i}", "file": {"driver": "file", "filename": path}})
+            qmp("device_add", driver="virtio-blk-pci", id=f"r{i}", drive=f"r{i}", serial=f"r{i}", bus="hp0")
             t = poll(lambda: count(f"{rd}/console.log", b"drover-uevent: block add") > before)
-            qmp.cmd("device_del", id=f"r{i}")
+            qmp("device_del", id=f"r{i}")
             poll(lambda: count(f"{rd}/console.log", b"drover-uevent: block remove") > i)
             time.sleep(0.2)
-            qmp.cmd("blockdev-del", **{"node-name": f"r{i}"})
+            qmp("blockdev-del", **{"node-name": f"r{i}"})
             return t - t0, t - t_img
 
         print(f"live disk attach until the guest kernel has it, TCG, 512 MiB guest, {runs} runs each")

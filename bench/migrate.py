@@ -40,7 +40,7 @@ drover-h1/drover-h2 exist (someone else's hosts).
 import argparse, base64, json, os, random, shutil, signal, socket, statistics, struct, subprocess, sys
 import tempfile, threading, time
 
-from common import AGENT, BIN, IMAGES, ROOT
+from common import AGENT, BIN, IMAGES, ROOT, Qmp
 
 MEMORY_MIB = 1024
 FILL = 0.75
@@ -111,38 +111,6 @@ def workload_script(kib_s, fill_mib):
     return (f"base64 -d > /tmp/tick && chmod +x /tmp/tick && "
             f"(setsid /tmp/tick {kib_s} {fill_mib} > /dev/ttyS0 2>&1 < /dev/null &)")
 
-
-class Qmp:
-    """A minimal QMP client; events are skipped."""
-
-    def __init__(self, path, timeout=20.0):
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                self.s.close()
-                if time.monotonic() > end:
-                    raise SystemExit(f"QMP {path} does not answer")
-                time.sleep(0.005)
-        self.f = self.s.makefile("rb")
-        self.f.readline()
-        self("qmp_capabilities")
-
-    def __call__(self, cmd, **args):
-        msg = {"execute": cmd, **({"arguments": args} if args else {})}
-        self.s.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise EOFError(f"QMP closed during {cmd}")
-            m = json.loads(line)
-            if "error" in m:
-                raise RuntimeError(f"{cmd}: {m['error'].get('desc')}")
-            if "return" in m:
-                return m["return"]
 
     def close(self):
         self.f.close()  # the socket stays open while its file object does

@@ -30,7 +30,7 @@ No root needed beyond access to /dev/shm; no droverd. Uses the image in target/d
 """
 import argparse, base64, json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time
 
-from common import IMAGES
+from common import IMAGES, Qmp
 
 DEFAULT_APPEND = ("console=ttyS0 quiet loglevel=0 mitigations=off i8042.noaux i8042.nokbd i8042.nopnp "
                   "8250.nr_uarts=1 no_timer_check cryptomgr.notests tsc=reliable random.trust_cpu=on")
@@ -83,36 +83,6 @@ def build_memchk(d):
                     "-s", "-o", out, src], check=True)
     return out
 
-
-class Qmp:
-    def __init__(self, path, timeout=20.0):
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                self.s.close()
-                if time.monotonic() > end:
-                    raise RuntimeError(f"QMP {path} does not answer")
-                time.sleep(0.01)
-        self.f = self.s.makefile("rb")
-        self.f.readline()
-        self("qmp_capabilities")
-
-    def __call__(self, cmd, **args):
-        msg = {"execute": cmd, **({"arguments": args} if args else {})}
-        self.s.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise EOFError(f"QMP closed during {cmd}")
-            m = json.loads(line)
-            if "error" in m:
-                raise RuntimeError(f"{cmd}: {m['error'].get('desc')}")
-            if "return" in m:
-                return m["return"]
 
     def hmp(self, line):
         return self("human-monitor-command", **{"command-line": line})
