@@ -127,7 +127,7 @@ check() {
   out=${out%%$'\n'*}
   [ -n "$out" ] || { echo "install-deps.sh: $what printed no version" >&2; exit 1; }
   printf '  %-22s %s\n' "$what" "$out" >&2
-  echo "$out" | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1
+  echo "$out" | { grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' || true; } | awk 'NR == 1'
 }
 echo "==> QEMU set $set_name ($version):" >&2
 v1=$(check qemu-system-x86_64 qemu-system-x86_64 --version)
