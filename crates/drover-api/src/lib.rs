@@ -484,8 +484,12 @@ pub struct StateInfo {
     pub created_by: String,
     /// `fast` (RAM file + x-ignore-shared) or `classic` (RAM in the migration stream).
     pub mode: String,
-    /// The config the VM ran with; its disks point at the layers this state pins.
+    /// The config the VM ran with. Its disks name their origins (format 2 on); the layers this
+    /// state pins are in `layers`.
     pub config: VmConfig,
+    /// Disk id → the qcow2 layer this state pins (read-only from the save on).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub layers: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Device state (and, for classic saves, RAM).
     pub devices: StateSection,
     /// Guest RAM (fast saves).
@@ -534,8 +538,9 @@ impl StatePhase {
     }
 }
 
-/// Current state manifest format.
-pub const STATE_FORMAT: u32 = 1;
+/// Current state manifest format. 2: `config` names disks by origin, `layers` holds the pinned
+/// layers (format 1 named them in `config`; droverd migrates those once at start).
+pub const STATE_FORMAT: u32 = 2;
 
 /// One stored part of a state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,6 +35,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 mod guest;
 mod identity;
+mod layers;
 mod live;
 mod migrate;
 mod state;
@@ -69,6 +70,10 @@ pub(crate) struct RestoreSpec {
     pub devices: PathBuf,
     /// The RAM file of a fast save.
     pub memory: Option<PathBuf>,
+    /// The state's id.
+    pub state: String,
+    /// Disk id → the layer the state pins (a fresh overlay goes on each).
+    pub layers: BTreeMap<String, PathBuf>,
 }
 
 const VMS: &str = "vms";
@@ -81,6 +86,7 @@ const VM_TABLES_BY_PREFIX: &[&str] = &[
     guest::AUDIT,
     guest::REQUESTS,
     state::STATES,
+    layers::LAYERS,
 ];
 const HISTORY: &str = "history";
 const JOURNAL: &str = "journal";
@@ -726,9 +732,21 @@ impl Manager {
         std::fs::create_dir_all(self.vm_dir(name))
             .map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
         let console = self.console_path(name);
+        // Configs name disks by origin; QEMU opens each disk's current layer (never a pinned one).
+        let on_layers = self
+            .open_layers(
+                name,
+                slot,
+                &config,
+                restore.map(|r| layers::RestoreLayers {
+                    state: &r.state,
+                    layers: &r.layers,
+                }),
+            )
+            .await?;
         let args = self.qemu_args(
             name,
-            &config,
+            &on_layers,
             kernel,
             accel,
             &paths,
@@ -1235,11 +1253,12 @@ impl Manager {
     fn check_fits(&self, name: &str, config: &VmConfig) -> Result<()> {
         self.check_room(name, config)?;
         for d in &config.disks {
-            if !d.path.exists() {
+            let layer = self.current_layer(name, d)?;
+            if !layer.exists() {
                 return Err(HostError::Invalid(format!(
                     "disk {} of VM {name} is missing: {} does not exist",
                     d.id,
-                    d.path.display()
+                    layer.display()
                 )));
             }
         }

@@ -185,12 +185,8 @@ impl DiskLayers {
         freed
     }
 
-    /// Every layer path this record names (tops and pinned layers), e.g. to re-point them.
-    pub fn map_paths(&mut self, f: impl Fn(&Path) -> PathBuf) {
-        self.tops = std::mem::take(&mut self.tops)
-            .into_iter()
-            .map(|(o, t)| (f(&o), f(&t)))
-            .collect();
+    /// Re-point the pinned layers (copied elsewhere, e.g. by a migration).
+    pub fn map_pinned(&mut self, f: impl Fn(&Path) -> PathBuf) {
         self.pinned = std::mem::take(&mut self.pinned)
             .into_iter()
             .map(|(l, s)| (f(&l), s))

@@ -400,7 +400,13 @@ impl Manager {
                         .await
                         .map_err(|e| HostError::Internal(e.to_string()))??;
                 }
-                if let Err(e) = hotplug::add_disk(&rt.qmp, d, port).await {
+                // Its current layer: the same image may have been saved before, under this id.
+                let mut one = cfg.clone();
+                one.disks = vec![d.clone()];
+                let slot = self.slot(name)?;
+                let layered = self.open_layers(name, &slot, &one, None).await?;
+                let on_layer = layered.disks.first().unwrap_or(d);
+                if let Err(e) = hotplug::add_disk(&rt.qmp, on_layer, port).await {
                     if *owned {
                         let _ = std::fs::remove_file(&d.path);
                     }
