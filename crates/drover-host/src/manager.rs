@@ -39,6 +39,7 @@ mod layers;
 mod live;
 mod migrate;
 mod state;
+mod upgrade;
 
 /// A saved state to load at launch.
 /// How a QEMU is to start besides its config.
@@ -230,6 +231,15 @@ impl Manager {
             tracing::warn!("{e}");
             "unknown".into()
         });
+        // Records written by an older droverd are migrated once, before anything reads them.
+        let migrated = upgrade::upgrade(store.as_ref(), &cfg.state_dir)?;
+        if !migrated.is_empty() {
+            tracing::info!(
+                vms = migrated.join(","),
+                "records migrated to schema {}: disks named by origin, layers in chains",
+                upgrade::SCHEMA
+            );
+        }
         let records: Vec<(String, VmInfo)> = store.list(VMS)?;
         let mgr = Manager {
             s: Arc::new(Shared {

@@ -86,7 +86,10 @@ impl DiskLayers {
 
     /// The layer holding `origin`'s current content.
     pub fn top<'a>(&'a self, origin: &'a Path) -> &'a Path {
-        self.tops.get(origin).map(PathBuf::as_path).unwrap_or(origin)
+        self.tops
+            .get(origin)
+            .map(PathBuf::as_path)
+            .unwrap_or(origin)
     }
 
     /// Whether a saved state pins `layer`.

@@ -1170,8 +1170,8 @@ impl Manager {
                         .map(PathBuf::from)
                         .unwrap_or_else(|| p.to_path_buf())
                 });
-                row.value = serde_json::to_value(&chain)
-                    .map_err(|e| HostError::Internal(e.to_string()))?;
+                row.value =
+                    serde_json::to_value(&chain).map_err(|e| HostError::Internal(e.to_string()))?;
             } else {
                 repath_disks(&mut row.value, &paths);
             }

@@ -47,7 +47,11 @@ impl Files {
         );
     }
     fn write(&mut self, path: &Path, block: u8, v: u32) {
-        self.layers.get_mut(path).expect("layer exists").1.insert(block, v);
+        self.layers
+            .get_mut(path)
+            .expect("layer exists")
+            .1
+            .insert(block, v);
     }
     /// Every block as the guest would read it through `path`.
     fn read(&self, path: &Path) -> BTreeMap<u8, u32> {
@@ -257,7 +261,11 @@ fn origin_below_follows_drover_layers_only() {
         PathBuf::from("/img/user.qcow2")
     );
     assert_eq!(
-        origin_below(Path::new("/img/user.qcow2"), |p| backing.get(p).cloned(), is_layer),
+        origin_below(
+            Path::new("/img/user.qcow2"),
+            |p| backing.get(p).cloned(),
+            is_layer
+        ),
         PathBuf::from("/img/user.qcow2")
     );
 }
