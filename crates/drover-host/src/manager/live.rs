@@ -302,6 +302,16 @@ impl Manager {
         changes: Vec<Change>,
         caller: &Caller,
     ) -> Result<ChangeResult> {
+        if !info.persist {
+            // The change would be promoted to the initial config (what a start then boots).
+            self.authorize_initial_change(name, caller, "change a stopped VM with persistence off")
+                .map_err(|e| {
+                    HostError::Forbidden(format!(
+                        "{e}. With persistence off, a change to stopped VM {name} replaces its \
+                         initial config; start it and change it live instead (kept until it stops)"
+                    ))
+                })?;
+        }
         let mut history = self.history(info)?;
         let base_gen = history.latest().filter(|_| info.persist).unwrap_or(0);
         let base = history.resolve(base_gen)?;
@@ -562,6 +572,30 @@ impl Manager {
         Ok(describe(&a, &diff(&a, &b)))
     }
 
+    /// The one check for every route that changes what a VM's initial config is or whether
+    /// live changes are kept: promote, persistence on/off or mode, and a change to a stopped
+    /// VM with persistence off (stored as the new initial config). Needs `config.persist`; a
+    /// refusal is written to the VM's audit trail (`drover vm audit`) with who and what.
+    pub(super) fn authorize_initial_change(
+        &self,
+        name: &str,
+        caller: &Caller,
+        what: &str,
+    ) -> Result<()> {
+        caller.require(Permission::ConfigPersist).inspect_err(|e| {
+            tracing::warn!(vm = name, who = caller.name, what, "refused: {e}");
+            self.audit(
+                name,
+                &caller.name,
+                what,
+                None,
+                None,
+                "refused",
+                Some(e.to_string()),
+            );
+        })
+    }
+
     /// Make generation `gen` the initial config; other diffs are rebased.
     pub async fn promote(
         &self,
@@ -569,8 +603,8 @@ impl Manager {
         gen: u32,
         caller: &Caller,
     ) -> Result<ConfigHistoryView> {
-        caller.require(Permission::ConfigPersist)?;
         let slot = self.slot(name)?;
+        self.authorize_initial_change(name, caller, &format!("promote generation {gen}"))?;
         let _op = slot.op.lock().await;
         let info = lock(&slot.info).clone();
         let mut history = self.history(&info)?;
@@ -597,13 +631,13 @@ impl Manager {
         req: PersistRequest,
         caller: &Caller,
     ) -> Result<VmInfo> {
-        caller.require(Permission::ConfigPersist)?;
         if req.enabled.is_none() && req.mode.is_none() {
             return Err(HostError::Invalid(
                 "give on|off and/or --mode snapshot|diff".into(),
             ));
         }
         let slot = self.slot(name)?;
+        self.authorize_initial_change(name, caller, "config persist")?;
         let what = format!(
             "persist {}{}",
             req.enabled
@@ -771,4 +805,72 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
     next.validate_config()?;
     *cfg = next;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::guest::tests::manager;
+    use crate::auth::{Caller, Role};
+    use crate::error::HostError;
+    use drover_api::{PersistRequest, SetRequest};
+
+    fn operator() -> Caller {
+        Caller {
+            name: "uid 1000".into(),
+            role: Some(Role::Operator),
+        }
+    }
+
+    /// Without config.persist no route changes the initial config; each refusal is audited.
+    #[tokio::test]
+    async fn the_initial_config_needs_config_persist_on_every_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path()).await;
+        m.create(drover_model::VmSpec::from_toml("name = \"a1\"\nmemory = \"64M\"").unwrap())
+            .await
+            .unwrap();
+        let admin = Caller::daemon();
+        let off = PersistRequest {
+            enabled: Some(false),
+            mode: None,
+        };
+        m.set_persist("a1", off.clone(), &admin).await.unwrap();
+        let set = || SetRequest {
+            cpus: None,
+            memory: Some("96M".into()),
+            next_boot: false,
+        };
+        let op = operator();
+        let refused = [
+            m.set("a1", set(), &op).await.unwrap_err(),
+            m.promote("a1", 0, &op).await.unwrap_err(),
+            m.set_persist("a1", off.clone(), &op).await.unwrap_err(),
+        ];
+        for e in &refused {
+            assert!(matches!(e, HostError::Forbidden(_)), "{e}");
+            assert!(e.to_string().contains("config.persist"), "{e}");
+        }
+        let h = m.config_history("a1", &admin).unwrap();
+        assert_eq!(h.generations.len(), 1, "nothing was sealed or promoted");
+        assert_eq!(m.get("a1").unwrap().config.memory, 64 << 20);
+        let audit = m.guest_audit("a1", &admin).unwrap();
+        let refusals: Vec<_> = audit.iter().filter(|a| a.outcome == "refused").collect();
+        assert_eq!(refusals.len(), 3, "{audit:?}");
+        assert!(refusals.iter().all(|a| a.principal == "uid 1000"));
+        // With persistence on, the operator's change is a generation (the initial one stays).
+        m.set_persist(
+            "a1",
+            PersistRequest {
+                enabled: Some(true),
+                mode: None,
+            },
+            &admin,
+        )
+        .await
+        .unwrap();
+        m.set("a1", set(), &op).await.unwrap();
+        let h = m.config_history("a1", &admin).unwrap();
+        assert_eq!(h.generations.len(), 2);
+        assert_eq!(m.get("a1").unwrap().config.memory, 64 << 20);
+    }
 }
