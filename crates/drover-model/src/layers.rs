@@ -18,7 +18,7 @@ pub const LAYERS_FORMAT: u32 = 1;
 
 /// One disk's layer chain: the current top layer of each origin the disk id has named, and the
 /// layers saved states pin.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskLayers {
     /// Record format ([`LAYERS_FORMAT`]).
     pub format: u32,
@@ -67,13 +67,21 @@ pub enum OpenPlan {
     },
 }
 
+impl Default for DiskLayers {
+    /// A disk whose origin is its own top and which no state pins.
+    fn default() -> Self {
+        DiskLayers {
+            format: LAYERS_FORMAT,
+            tops: BTreeMap::new(),
+            pinned: BTreeMap::new(),
+        }
+    }
+}
+
 impl DiskLayers {
     /// A disk whose origin is its own top and which no state pins.
     pub fn new() -> Self {
-        DiskLayers {
-            format: LAYERS_FORMAT,
-            ..Default::default()
-        }
+        Self::default()
     }
 
     /// Refuse a record this droverd would misread.

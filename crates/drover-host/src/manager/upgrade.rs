@@ -128,7 +128,7 @@ pub(super) fn to_layer_chains(
     for d in &current.disks {
         let id = d.id.as_str();
         let o = origin_below(&d.path, &mut backing, |p| is_layer(id, p));
-        let chain = chains.entry(id.to_string()).or_insert_with(DiskLayers::new);
+        let chain = chains.entry(id.to_string()).or_default();
         if o != d.path {
             chain.tops.insert(o.clone(), d.path.clone());
         }
@@ -148,7 +148,7 @@ pub(super) fn to_layer_chains(
             s.layers.insert(d.id.to_string(), d.path.clone());
             chains
                 .entry(d.id.to_string())
-                .or_insert_with(DiskLayers::new)
+                .or_default()
                 .pinned
                 .entry(d.path.clone())
                 .or_default()
