@@ -4,6 +4,7 @@
 //! issue's sequence, checked from inside the guest, after one save and after two.
 
 use drover_e2e::Daemon;
+use std::path::PathBuf;
 
 /// Two regions of `/dev/vda`: R1 is written before a save (what the state must keep), R2 after
 /// it (what the disk holds now).
@@ -11,8 +12,12 @@ const R1: u32 = 100_000;
 const R2: u32 = 110_000;
 
 fn write(d: &Daemon, sector: u32, text: &str) {
+    write_on(d, "p2", sector, text)
+}
+
+fn write_on(d: &Daemon, vm: &str, sector: u32, text: &str) {
     d.sh(
-        "p2",
+        vm,
         &format!(
             "printf '%-512s' {text} | dd of=/dev/vda bs=512 seek={sector} count=1 conv=notrunc,fsync 2>/dev/null"
         ),
@@ -21,8 +26,12 @@ fn write(d: &Daemon, sector: u32, text: &str) {
 
 /// The first word of a region, as the guest reads it (no cache: straight from the disk).
 fn read(d: &Daemon, sector: u32) -> String {
+    read_on(d, "p2", sector)
+}
+
+fn read_on(d: &Daemon, vm: &str, sector: u32) -> String {
     d.sh(
-        "p2",
+        vm,
         &format!(
             "dd if=/dev/vda bs=512 skip={sector} count=1 iflag=direct 2>/dev/null | head -c 32"
         ),
@@ -158,4 +167,53 @@ fn starting_any_config_after_a_save_keeps_the_state_and_the_disk() {
         }
     }
     d.ok(&["vm", "stop", "p2"]);
+}
+
+/// Records an older droverd wrote (a save re-pointed the config's disk path, and the stop after
+/// it sealed that as a generation) are migrated at the first start of this one: the generation
+/// no longer differs, the initial config gets the disk's current content, the state restores.
+/// Needs the older build: DROVER_OLD_BIN_DIR (its `target/debug`), else skipped.
+#[test]
+fn records_of_an_older_droverd_are_migrated_at_start() {
+    let Some(old) = std::env::var_os("DROVER_OLD_BIN_DIR") else {
+        eprintln!("skipped: set DROVER_OLD_BIN_DIR to an older build's binaries");
+        return;
+    };
+    let mut d = Daemon::start_from(PathBuf::from(old));
+    d.ok(&[
+        "vm",
+        "create",
+        "up",
+        "--memory",
+        "256M",
+        "--disk",
+        "size=64M,id=data",
+    ]);
+    d.ok(&["vm", "config", "persist", "up", "on"]);
+    d.ok(&["vm", "start", "up", "--wait"]);
+    write_on(&d, "up", R1, "kept");
+    d.ok(&["snapshot", "create", "up", "--name", "s1"]);
+    write_on(&d, "up", R2, "now");
+    d.ok(&["vm", "stop", "up"]);
+    d.kill9();
+    d.use_bin(None);
+    d.spawn();
+    assert!(d.log().contains("records migrated"), "{}", d.log());
+    let diff = d.json(&["vm", "config", "diff", "up", "0", "1"]);
+    assert_eq!(diff, serde_json::json!([]), "the old path move is gone");
+    d.ok(&["vm", "start", "up", "--config", "0", "--wait"]);
+    assert_eq!(
+        read_on(&d, "up", R2),
+        "now",
+        "the initial config sees the disk as it is"
+    );
+    write_on(&d, "up", R1, "MARKER");
+    d.ok(&["vm", "stop", "up"]);
+    d.ok(&["snapshot", "restore", "up", "s1"]);
+    assert_eq!(
+        read_on(&d, "up", R1),
+        "kept",
+        "the old state was not written to"
+    );
+    d.ok(&["vm", "stop", "up"]);
 }
