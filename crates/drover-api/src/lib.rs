@@ -1,25 +1,51 @@
 //! droverd's HTTP/JSON API: the types both sides share, and a client.
 //!
-//! Routes (all under `/v1`):
+//! Routes (all under `/v1`; `drover-host`'s `api_routes` test checks this table against the
+//! router, both ways):
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
-//! | GET | `/host` | | [`HostInfo`] |
-//! | GET | `/vms` | | `Vec<VmInfo>` |
+//! | GET | `/host` |  | [`HostInfo`] |
+//! | GET | `/vms` |  | `Vec<VmInfo>` |
 //! | POST | `/vms` | [`drover_model::VmSpec`] | [`VmInfo`] |
-//! | GET | `/vms/{name}` | | [`VmInfo`] |
-//! | DELETE | `/vms/{name}?force=true` | | [`VmInfo`] (as it was) |
-//! | POST | `/vms/{name}/start` | | [`VmInfo`] (QEMU running) |
+//! | GET | `/vms/{name}` |  | [`VmInfo`] |
+//! | DELETE | `/vms/{name}?force=true` |  | [`VmInfo`] (as it was) |
+//! | POST | `/vms/{name}/start` | [`StartRequest`] | [`VmInfo`] (QEMU running) |
 //! | POST | `/vms/{name}/stop` | [`StopRequest`] | [`VmInfo`] |
 //! | POST | `/vms/{name}/restart` | [`StopRequest`] | [`VmInfo`] |
-//! | GET | `/vms/{name}/agent?wait_s=N` | | [`AgentStatus`] (waits up to N s for readiness) |
+//! | GET | `/vms/{name}/agent?wait_s=N` |  | [`AgentStatus`] (waits up to N s for readiness) |
 //! | POST | `/vms/{name}/exec` | [`ExecRequest`] | [`drover_proto::ExecResult`] |
-//! | GET | `/vms/{name}/console?offset=N&max=M` | | bytes; header `x-drover-next-offset` |
-//! | GET | `/image` | | [`ImageInfo`] |
+//! | GET | `/vms/{name}/console?offset=N&max=M` |  | bytes; header `x-drover-next-offset` |
+//! | POST | `/vms/{name}/attach` | [`AttachRequest`] | [`ChangeResult`] |
+//! | POST | `/vms/{name}/detach` | [`DetachRequest`] | [`ChangeResult`] |
+//! | POST | `/vms/{name}/set` | [`SetRequest`] | [`ChangeResult`] |
+//! | GET | `/vms/{name}/config` |  | [`ConfigHistoryView`] |
+//! | GET | `/vms/{name}/config/diff?from=A&to=B` |  | `Vec<String>` (the changes) |
+//! | POST | `/vms/{name}/config/promote` | [`PromoteRequest`] | [`ConfigHistoryView`] (needs `config.persist`) |
+//! | POST | `/vms/{name}/config/persist` | [`PersistRequest`] | [`VmInfo`] (needs `config.persist`) |
+//! | GET | `/vms/{name}/config/{gen}` |  | [`VmConfig`] |
+//! | GET | `/vms/{name}/journal` |  | `Vec<JournalEntry>` |
+//! | GET | `/vms/{name}/guest-access` |  | the VM's guest principals |
+//! | POST | `/vms/{name}/guest-access` | [`GuestGrantRequest`] | the principal and its secret (shown once) |
+//! | DELETE | `/vms/{name}/guest-access/{principal}` |  | the principal (as it was) |
+//! | GET | `/vms/{name}/audit` |  | `Vec<AuditEntry>` (guest requests and refused operator changes) |
+//! | GET | `/vms/{name}/states` |  | `Vec<StateInfo>` |
+//! | POST | `/vms/{name}/states` | [`SnapshotRequest`] | [`StateInfo`] |
+//! | GET | `/vms/{name}/states/{state}` |  | [`StateInfo`] |
+//! | DELETE | `/vms/{name}/states/{state}` |  | [`StateInfo`] (as it was) |
+//! | POST | `/vms/{name}/states/{state}/restore` |  | [`VmInfo`] |
+//! | POST | `/vms/{name}/migrate` | [`MigrateRequest`] | NDJSON progress, then the result |
+//! | POST | `/vms/{name}/migrate/cancel` |  | nothing |
+//! | POST | `/migrations/incoming` | [`IncomingRequest`] (droverd to droverd) | [`IncomingReady`] |
+//! | POST | `/migrations/{name}/commit` | [`MigrationStep`] (droverd to droverd) |  |
+//! | POST | `/migrations/{name}/abort` | [`MigrationStep`] (droverd to droverd) |  |
+//! | GET | `/image` |  | [`ImageInfo`] |
 //! | POST | `/image/build` | [`ImageBuildRequest`] | NDJSON lines of [`StreamItem<ImageInfo>`] |
-//! | GET | `/auth/tokens` | | `Vec<TokenInfo>` |
+//! | GET | `/auth/roles` |  | the granted roles (uid, role) |
+//! | POST | `/auth/roles` | a uid and a role (or none) |  |
+//! | GET | `/auth/tokens` |  | `Vec<TokenInfo>` |
 //! | POST | `/auth/tokens` | [`TokenCreateRequest`] | [`TokenCreated`] (the token, shown once) |
-//! | DELETE | `/auth/tokens/{name}` | | [`TokenInfo`] (as it was) |
+//! | DELETE | `/auth/tokens/{name}` |  | [`TokenInfo`] (as it was) |
 //!
 //! On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of the
 //! `Authorization: Bearer <token>` header, with the token's role.
@@ -484,8 +510,12 @@ pub struct StateInfo {
     pub created_by: String,
     /// `fast` (RAM file + x-ignore-shared) or `classic` (RAM in the migration stream).
     pub mode: String,
-    /// The config the VM ran with; its disks point at the layers this state pins.
+    /// The config the VM ran with. Its disks name their origins (format 2 on); the layers this
+    /// state pins are in `layers`.
     pub config: VmConfig,
+    /// Disk id → the qcow2 layer this state pins (read-only from the save on).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub layers: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Device state (and, for classic saves, RAM).
     pub devices: StateSection,
     /// Guest RAM (fast saves).
@@ -534,8 +564,9 @@ impl StatePhase {
     }
 }
 
-/// Current state manifest format.
-pub const STATE_FORMAT: u32 = 1;
+/// Current state manifest format. 2: `config` names disks by origin, `layers` holds the pinned
+/// layers (format 1 named them in `config`; droverd migrates those once at start).
+pub const STATE_FORMAT: u32 = 2;
 
 /// One stored part of a state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

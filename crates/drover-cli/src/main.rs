@@ -441,6 +441,8 @@ enum VmCmd {
     /// initial config. Pick another, or compose one:
     ///   drover vm start web1 --config 0                     # the initial config
     ///   drover vm start web1 --config 3 --without disk:data2 --with 2:nic:net1 --set memory=2G
+    /// Whichever config it boots, each disk has its current content (a config names the disk,
+    /// not a layer); only `drover snapshot restore` takes disks back to a saved state.
     #[command(verbatim_doc_comment)]
     Start {
         /// VM name.

@@ -587,7 +587,9 @@ impl Out {
             );
         }
         for d in &s.config.disks {
-            println!("disk:     {} layer {}", d.id, d.path.display());
+            // The layer the state pins (format 2 on); older manifests named it in the config.
+            let layer = s.layers.get(d.id.as_str()).unwrap_or(&d.path);
+            println!("disk:     {} layer {}", d.id, layer.display());
         }
         println!(
             "shape:    {} vCPU, {}",

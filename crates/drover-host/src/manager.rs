@@ -35,9 +35,11 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 mod guest;
 mod identity;
+mod layers;
 mod live;
 mod migrate;
 mod state;
+mod upgrade;
 
 /// A saved state to load at launch.
 /// How a QEMU is to start besides its config.
@@ -69,6 +71,10 @@ pub(crate) struct RestoreSpec {
     pub devices: PathBuf,
     /// The RAM file of a fast save.
     pub memory: Option<PathBuf>,
+    /// The state's id.
+    pub state: String,
+    /// Disk id → the layer the state pins (a fresh overlay goes on each).
+    pub layers: BTreeMap<String, PathBuf>,
 }
 
 const VMS: &str = "vms";
@@ -81,6 +87,7 @@ const VM_TABLES_BY_PREFIX: &[&str] = &[
     guest::AUDIT,
     guest::REQUESTS,
     state::STATES,
+    layers::LAYERS,
 ];
 const HISTORY: &str = "history";
 const JOURNAL: &str = "journal";
@@ -224,6 +231,15 @@ impl Manager {
             tracing::warn!("{e}");
             "unknown".into()
         });
+        // Records written by an older droverd are migrated once, before anything reads them.
+        let migrated = upgrade::upgrade(store.as_ref(), &cfg.state_dir)?;
+        if !migrated.is_empty() {
+            tracing::info!(
+                vms = migrated.join(","),
+                "records migrated to schema {}: disks named by origin, layers in chains",
+                upgrade::SCHEMA
+            );
+        }
         let records: Vec<(String, VmInfo)> = store.list(VMS)?;
         let mgr = Manager {
             s: Arc::new(Shared {
@@ -726,9 +742,21 @@ impl Manager {
         std::fs::create_dir_all(self.vm_dir(name))
             .map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
         let console = self.console_path(name);
+        // Configs name disks by origin; QEMU opens each disk's current layer (never a pinned one).
+        let on_layers = self
+            .open_layers(
+                name,
+                slot,
+                &config,
+                restore.map(|r| layers::RestoreLayers {
+                    state: &r.state,
+                    layers: &r.layers,
+                }),
+            )
+            .await?;
         let args = self.qemu_args(
             name,
-            &config,
+            &on_layers,
             kernel,
             accel,
             &paths,
@@ -1235,11 +1263,12 @@ impl Manager {
     fn check_fits(&self, name: &str, config: &VmConfig) -> Result<()> {
         self.check_room(name, config)?;
         for d in &config.disks {
-            if !d.path.exists() {
+            let layer = self.current_layer(name, d)?;
+            if !layer.exists() {
                 return Err(HostError::Invalid(format!(
                     "disk {} of VM {name} is missing: {} does not exist",
                     d.id,
-                    d.path.display()
+                    layer.display()
                 )));
             }
         }

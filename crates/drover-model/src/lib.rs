@@ -12,9 +12,11 @@
 //! the generations of a VM's config.
 
 mod config;
+mod layers;
 mod size;
 mod spec;
 
 pub use config::*;
+pub use layers::{origin_below, DiskLayers, LayerError, OpenPlan, LAYERS_FORMAT};
 pub use size::{format_size, parse_size, SizeError};
 pub use spec::*;

@@ -144,11 +144,11 @@ fn cpu_device_id(props: &Value) -> String {
 }
 
 /// Plug vCPUs until `target` are present. Returns how many were added.
-pub async fn add_cpus(qmp: &Qmp, target: u32) -> Result<u32, QmpError> {
+pub async fn add_cpus(qmp: &Qmp, target: u32) -> Result<Vec<String>, QmpError> {
     let slots = cpu_slots(qmp).await?;
     let present = slots.iter().filter(|s| s.qom_path.is_some()).count() as u32;
     if target <= present {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let mut free: Vec<&CpuSlot> = slots.iter().filter(|s| s.qom_path.is_none()).collect();
     // query-hotpluggable-cpus lists the highest ids first; plug in ascending order.
@@ -177,18 +177,40 @@ pub async fn add_cpus(qmp: &Qmp, target: u32) -> Result<u32, QmpError> {
         }
         added.push(cpu_device_id(&slot.props));
     }
-    Ok(need as u32)
+    Ok(added)
+}
+
+/// Ask the guest to release hot-plugged devices (vCPUs, DIMMs), newest first. Each goes once the
+/// guest acknowledges (a `DEVICE_DELETED` event); the caller waits for those.
+pub async fn request_unplug_all(qmp: &Qmp, device_ids: &[String]) -> Result<(), QmpError> {
+    for id in device_ids.iter().rev() {
+        request_unplug(qmp, id).await?;
+    }
+    Ok(())
+}
+
+/// The device and backend ids of the DIMM [`add_memory`] plugs as `id`.
+pub fn dimm_ids(id: &str) -> (String, String) {
+    (format!("dimm-{id}"), format!("mem-{id}"))
+}
+
+/// Drop a DIMM's memory backend once its device is gone.
+pub async fn remove_memory_backend(qmp: &Qmp, id: &str) -> Result<(), QmpError> {
+    let (_, mem) = dimm_ids(id);
+    qmp.execute("object-del", Some(json!({"id": mem})))
+        .await
+        .map(|_| ())
 }
 
 /// Plug a DIMM of `bytes` backed by anonymous memory. `id` names both backend and device.
 pub async fn add_memory(qmp: &Qmp, id: &str, bytes: u64) -> Result<(), QmpError> {
-    let mem = format!("mem-{id}");
+    let (dimm, mem) = dimm_ids(id);
     qmp.execute(
         "object-add",
         Some(json!({"qom-type": "memory-backend-ram", "id": mem, "size": bytes})),
     )
     .await?;
-    let dev = json!({"driver": "pc-dimm", "id": format!("dimm-{id}"), "memdev": mem});
+    let dev = json!({"driver": "pc-dimm", "id": dimm, "memdev": mem});
     if let Err(e) = qmp.execute("device_add", Some(dev)).await {
         let _ = qmp.execute("object-del", Some(json!({"id": mem}))).await;
         return Err(e);
@@ -202,4 +224,70 @@ pub async fn memory_size(qmp: &Qmp) -> Result<u64, QmpError> {
     let base = v.get("base-memory").and_then(Value::as_u64).unwrap_or(0);
     let plugged = v.get("plugged-memory").and_then(Value::as_u64).unwrap_or(0);
     Ok(base + plugged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU with one vCPU present and two free slots: answers, and records every command.
+    async fn fake(path: &std::path::Path) -> tokio::task::JoinHandle<Vec<Value>> {
+        let listener = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n").await.unwrap();
+            let mut seen = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let ret = match v["execute"].as_str().unwrap() {
+                    "query-hotpluggable-cpus" => json!([
+                        {"type": "max-x86_64-cpu", "props": {"socket-id": 2, "core-id": 0, "thread-id": 0}},
+                        {"type": "max-x86_64-cpu", "props": {"socket-id": 1, "core-id": 0, "thread-id": 0}},
+                        {"type": "max-x86_64-cpu", "props": {"socket-id": 0, "core-id": 0, "thread-id": 0}, "qom-path": "/machine/unattached/device[0]"},
+                    ]),
+                    _ => json!({}),
+                };
+                seen.push(v.clone());
+                let id = v["id"].clone();
+                w.write_all(format!("{}\n", json!({"return": ret, "id": id})).as_bytes())
+                    .await
+                    .unwrap();
+            }
+            seen
+        })
+    }
+
+    /// What a failed live change needs to take vCPUs and a DIMM out again: the ids plugged,
+    /// unplugged newest first, and the DIMM's backend.
+    #[tokio::test]
+    async fn plugged_vcpus_and_dimms_can_be_taken_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let server = fake(&path).await;
+        let (qmp, _events) = Qmp::connect(&path).await.unwrap();
+        let added = add_cpus(&qmp, 3).await.unwrap();
+        assert_eq!(added, ["vcpu-s1-c0-t0", "vcpu-s2-c0-t0"]);
+        add_memory(&qmp, "m1", 128 << 20).await.unwrap();
+        let mut devices = added.clone();
+        devices.push(dimm_ids("m1").0);
+        request_unplug_all(&qmp, &devices).await.unwrap();
+        remove_memory_backend(&qmp, "m1").await.unwrap();
+        drop(qmp);
+        let seen = server.await.unwrap();
+        let dels: Vec<&str> = seen
+            .iter()
+            .filter(|v| v["execute"] == "device_del")
+            .filter_map(|v| v["arguments"]["id"].as_str())
+            .collect();
+        assert_eq!(dels, ["dimm-m1", "vcpu-s2-c0-t0", "vcpu-s1-c0-t0"]);
+        let last = seen.last().unwrap();
+        assert_eq!(
+            (last["execute"].as_str(), last["arguments"]["id"].as_str()),
+            (Some("object-del"), Some("mem-m1"))
+        );
+    }
 }

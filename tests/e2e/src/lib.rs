@@ -44,6 +44,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Where `droverd` comes from when not [`bin_dir`] (an older build, for upgrade tests).
+    bin: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -58,13 +60,33 @@ impl Daemon {
             .prefix("drv-")
             .tempdir_in("/tmp")
             .expect("temp dir");
+        Daemon::start_in(dir, extra, None)
+    }
+
+    /// Start the `droverd` of another build (in `bin`, e.g. an older release) on a fresh state
+    /// dir; [`Daemon::use_bin`] switches to another one for the next [`Daemon::spawn`].
+    pub fn start_from(bin: PathBuf) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("drv-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        Daemon::start_in(dir, &[], Some(bin))
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str], bin: Option<PathBuf>) -> Daemon {
         let mut d = Daemon {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            bin,
         };
         d.spawn();
         d
+    }
+
+    /// Run `droverd` from `bin` (None: [`bin_dir`]) from the next [`Daemon::spawn`] on.
+    pub fn use_bin(&mut self, bin: Option<PathBuf>) {
+        self.bin = bin;
     }
 
     /// Replace the extra flags used by the next [`Daemon::spawn`] (e.g. a new `--host-id`).
@@ -89,7 +111,8 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("droverd.log"))
             .expect("log file");
-        let child = Command::new(bin_dir().join("droverd"))
+        let bin = self.bin.clone().unwrap_or_else(bin_dir);
+        let child = Command::new(bin.join("droverd"))
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--socket")

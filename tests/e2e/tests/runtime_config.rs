@@ -385,6 +385,33 @@ fn only_authorised_callers_change_persistence() {
     assert_eq!(d.json(&["vm", "show", "a"])["persist"], true, "unchanged");
     d.ok(&["vm", "config", "persist", "a", "off"]);
     assert_eq!(d.json(&["vm", "show", "a"])["persist"], false);
+    // With persistence off a change to the stopped VM would become its initial config: the
+    // operator (config.change, not config.persist) is refused, and the refusal is audited.
+    let generations = d.json(&["vm", "config", "list", "a"])["generations"].clone();
+    let out = as_nobody(&["vm", "set", "a", "memory=768M"]);
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.persist"));
+    assert_eq!(
+        d.json(&["vm", "config", "list", "a"])["generations"],
+        generations
+    );
+    let audit = d.json(&["vm", "audit", "a"]);
+    let refused: Vec<_> = audit
+        .as_array()
+        .expect("audit list")
+        .iter()
+        .filter(|a| a["outcome"] == "refused" && a["principal"] == "uid 65534")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        3,
+        "persist, promote and set refused: {audit}"
+    );
     d.ok(&["auth", "grant", "--uid", "65534", "--role", "viewer"]);
     assert_eq!(
         as_nobody(&["vm", "attach", "a", "disk", "--id", "x", "--size", "8M"])

@@ -744,11 +744,12 @@ impl Manager {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::manager::DaemonConfig;
 
-    async fn manager(dir: &std::path::Path) -> Manager {
+    /// A manager on a fresh state dir under `dir` (no QEMU is started).
+    pub(in crate::manager) async fn manager(dir: &std::path::Path) -> Manager {
         let cfg = DaemonConfig {
             state_dir: dir.join("state"),
             image_dir: dir.join("images"),

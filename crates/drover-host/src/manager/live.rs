@@ -245,26 +245,36 @@ impl Manager {
             plan.push((c, slot_no));
         }
         // Apply in order; on failure undo what was done (reverse order) and report.
-        let mut done: Vec<(Change, Option<u8>)> = Vec::new();
+        let mut done: Vec<(Change, Option<u8>, Plugged)> = Vec::new();
         let mut cfg = running.clone();
         for (c, slot_no) in plan {
             let step = self.apply_live(name, &rt, &cfg, &c, slot_no).await;
             match step {
-                Ok(()) => {
+                Ok(plugged) => {
                     apply_to(&mut cfg, &c, slot_no, host_cpus)?;
-                    done.push((c, slot_no));
+                    done.push((c, slot_no, plugged));
                 }
                 Err(e) => {
-                    for (c, slot_no) in done.into_iter().rev() {
-                        self.undo_live(&rt, &c, slot_no).await;
+                    let mut left = Vec::new();
+                    for (c, _, plugged) in done.iter().rev() {
+                        left.extend(self.undo_live(&rt, c, plugged).await);
                     }
-                    return Err(e);
+                    if left.is_empty() {
+                        return Err(e);
+                    }
+                    // Said, not hidden: the VM runs with these until it stops (not journaled).
+                    return Err(HostError::Conflict(format!(
+                        "{e}; the earlier steps were undone except {}, which the guest did not \
+                         release within {}s: they stay until VM {name} stops",
+                        left.join(", "),
+                        UNPLUG_TIMEOUT.as_secs()
+                    )));
                 }
             }
         }
         // The same changes go into what will be sealed (next-boot changes made earlier stay).
         let mut next_after = next.clone();
-        for (c, _) in &done {
+        for (c, _, _) in &done {
             let _ = apply_to(&mut next_after, c, None, host_cpus);
         }
         let lines = describe(&running, &diff(&running, &cfg));
@@ -302,6 +312,16 @@ impl Manager {
         changes: Vec<Change>,
         caller: &Caller,
     ) -> Result<ChangeResult> {
+        if !info.persist {
+            // The change would be promoted to the initial config (what a start then boots).
+            self.authorize_initial_change(name, caller, "change a stopped VM with persistence off")
+                .map_err(|e| {
+                    HostError::Forbidden(format!(
+                        "{e}. With persistence off, a change to stopped VM {name} replaces its \
+                         initial config; start it and change it live instead (kept until it stops)"
+                    ))
+                })?;
+        }
         let mut history = self.history(info)?;
         let base_gen = history.latest().filter(|_| info.persist).unwrap_or(0);
         let base = history.resolve(base_gen)?;
@@ -380,7 +400,7 @@ impl Manager {
         cfg: &VmConfig,
         c: &Change,
         slot_no: Option<u8>,
-    ) -> Result<()> {
+    ) -> Result<Plugged> {
         let port = slot_no.unwrap_or(0);
         match c {
             Change::AddDisk(d, owned) => {
@@ -400,17 +420,23 @@ impl Manager {
                         .await
                         .map_err(|e| HostError::Internal(e.to_string()))??;
                 }
-                if let Err(e) = hotplug::add_disk(&rt.qmp, d, port).await {
+                // Its current layer: the same image may have been saved before, under this id.
+                let mut one = cfg.clone();
+                one.disks = vec![d.clone()];
+                let slot = self.slot(name)?;
+                let layered = self.open_layers(name, &slot, &one, None).await?;
+                let on_layer = layered.disks.first().unwrap_or(d);
+                if let Err(e) = hotplug::add_disk(&rt.qmp, on_layer, port).await {
                     if *owned {
                         let _ = std::fs::remove_file(&d.path);
                     }
                     return Err(e.into());
                 }
-                Ok(())
+                Ok(Plugged::default())
             }
             Change::AddNic(n) => {
                 hotplug::add_nic(&rt.qmp, n, port).await?;
-                Ok(())
+                Ok(Plugged::default())
             }
             Change::Remove(id) => {
                 let disk = cfg.disks.iter().find(|d| d.id.as_str() == id).cloned();
@@ -424,27 +450,11 @@ impl Manager {
                         )))
                     }
                 };
-                let mut events = rt.events.subscribe();
+                let events = rt.events.subscribe();
                 hotplug::request_unplug(&rt.qmp, &device).await?;
-                let deleted = tokio::time::timeout(UNPLUG_TIMEOUT, async {
-                    loop {
-                        match events.recv().await {
-                            Ok(ev)
-                                if ev.name == "DEVICE_DELETED"
-                                    && ev.data.get("device").and_then(|d| d.as_str())
-                                        == Some(device.as_str()) =>
-                            {
-                                return true
-                            }
-                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                                continue
-                            }
-                            Err(_) => return false,
-                        }
-                    }
-                })
-                .await;
-                if !matches!(deleted, Ok(true)) {
+                let left =
+                    wait_deleted(events, std::slice::from_ref(&device), UNPLUG_TIMEOUT).await;
+                if !left.is_empty() {
                     return Err(HostError::Timeout(format!(
                         "the guest in VM {name} did not release {id} within {}s; it stays attached (try again, or use --next-boot)",
                         UNPLUG_TIMEOUT.as_secs()
@@ -456,23 +466,27 @@ impl Manager {
                 if let Some(n) = &nic {
                     hotplug::remove_nic_backend(&rt.qmp, n).await?;
                 }
-                Ok(())
+                Ok(Plugged::default())
             }
-            Change::Cpus(n) => {
-                hotplug::add_cpus(&rt.qmp, *n).await?;
-                Ok(())
-            }
+            Change::Cpus(n) => Ok(Plugged {
+                devices: hotplug::add_cpus(&rt.qmp, *n).await?,
+                memory: None,
+            }),
             Change::Memory(bytes) => {
                 let add = bytes - cfg.memory;
                 let id = format!("m{}", hostfacts::now_ms());
                 hotplug::add_memory(&rt.qmp, &id, add).await?;
-                Ok(())
+                Ok(Plugged {
+                    devices: vec![hotplug::dimm_ids(&id).0],
+                    memory: Some(id),
+                })
             }
         }
     }
 
-    /// Best-effort undo of a live step after a later step failed.
-    async fn undo_live(&self, rt: &super::Runtime, c: &Change, _slot: Option<u8>) {
+    /// Undo a live step after a later step failed. vCPUs and DIMMs go only when the guest
+    /// releases them; returns what is still in place, for the error the caller reports.
+    async fn undo_live(&self, rt: &super::Runtime, c: &Change, plugged: &Plugged) -> Vec<String> {
         match c {
             Change::AddDisk(d, owned) => {
                 let _ = hotplug::request_unplug(&rt.qmp, &drover_qemu::cmdline::disk_node(d)).await;
@@ -481,6 +495,7 @@ impl Manager {
                 if *owned {
                     let _ = std::fs::remove_file(&d.path);
                 }
+                Vec::new()
             }
             Change::AddNic(n) => {
                 let _ = hotplug::request_unplug(
@@ -490,9 +505,26 @@ impl Manager {
                 .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = hotplug::remove_nic_backend(&rt.qmp, n).await;
+                Vec::new()
             }
-            // vCPUs and DIMMs cannot be taken back without the guest; removals are not undone.
-            Change::Cpus(_) | Change::Memory(_) | Change::Remove(_) => {}
+            Change::Cpus(_) | Change::Memory(_) => {
+                let events = rt.events.subscribe();
+                if hotplug::request_unplug_all(&rt.qmp, &plugged.devices)
+                    .await
+                    .is_err()
+                {
+                    return plugged.devices.clone();
+                }
+                let left = wait_deleted(events, &plugged.devices, UNPLUG_TIMEOUT).await;
+                if let (Some(id), true) = (&plugged.memory, left.is_empty()) {
+                    if hotplug::remove_memory_backend(&rt.qmp, id).await.is_err() {
+                        return vec![format!("memory backend of {id}")];
+                    }
+                }
+                left
+            }
+            // The guest already let go of a removed device; it is not plugged back.
+            Change::Remove(_) => Vec::new(),
         }
     }
 
@@ -556,6 +588,30 @@ impl Manager {
         Ok(describe(&a, &diff(&a, &b)))
     }
 
+    /// The one check for every route that changes what a VM's initial config is or whether
+    /// live changes are kept: promote, persistence on/off or mode, and a change to a stopped
+    /// VM with persistence off (stored as the new initial config). Needs `config.persist`; a
+    /// refusal is written to the VM's audit trail (`drover vm audit`) with who and what.
+    pub(super) fn authorize_initial_change(
+        &self,
+        name: &str,
+        caller: &Caller,
+        what: &str,
+    ) -> Result<()> {
+        caller.require(Permission::ConfigPersist).inspect_err(|e| {
+            tracing::warn!(vm = name, who = caller.name, what, "refused: {e}");
+            self.audit(
+                name,
+                &caller.name,
+                what,
+                None,
+                None,
+                "refused",
+                Some(e.to_string()),
+            );
+        })
+    }
+
     /// Make generation `gen` the initial config; other diffs are rebased.
     pub async fn promote(
         &self,
@@ -563,8 +619,8 @@ impl Manager {
         gen: u32,
         caller: &Caller,
     ) -> Result<ConfigHistoryView> {
-        caller.require(Permission::ConfigPersist)?;
         let slot = self.slot(name)?;
+        self.authorize_initial_change(name, caller, &format!("promote generation {gen}"))?;
         let _op = slot.op.lock().await;
         let info = lock(&slot.info).clone();
         let mut history = self.history(&info)?;
@@ -591,13 +647,13 @@ impl Manager {
         req: PersistRequest,
         caller: &Caller,
     ) -> Result<VmInfo> {
-        caller.require(Permission::ConfigPersist)?;
         if req.enabled.is_none() && req.mode.is_none() {
             return Err(HostError::Invalid(
                 "give on|off and/or --mode snapshot|diff".into(),
             ));
         }
         let slot = self.slot(name)?;
+        self.authorize_initial_change(name, caller, "config persist")?;
         let what = format!(
             "persist {}{}",
             req.enabled
@@ -623,6 +679,39 @@ impl Manager {
         let info = lock(&self.slot(name)?.info).clone();
         Ok(self.history(&info)?.resolve(gen)?)
     }
+}
+
+/// What a live step plugged into QEMU beyond its config element, to take it out again.
+#[derive(Debug, Default)]
+struct Plugged {
+    /// Device ids (vCPUs, a DIMM).
+    devices: Vec<String>,
+    /// A DIMM's id (its memory backend goes after the device).
+    memory: Option<String>,
+}
+
+/// Wait until QEMU reports every device in `ids` deleted, at most `timeout`; returns those
+/// that are still there.
+async fn wait_deleted(
+    mut events: tokio::sync::broadcast::Receiver<drover_qemu::qmp::QmpEvent>,
+    ids: &[String],
+    timeout: Duration,
+) -> Vec<String> {
+    let mut left: Vec<String> = ids.to_vec();
+    let _ = tokio::time::timeout(timeout, async {
+        while !left.is_empty() {
+            match events.recv().await {
+                Ok(ev) if ev.name == "DEVICE_DELETED" => {
+                    let dev = ev.data.get("device").and_then(|d| d.as_str());
+                    left.retain(|id| Some(id.as_str()) != dev);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    left
 }
 
 fn persist_off_warning(name: &str) -> String {
@@ -765,4 +854,98 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
     next.validate_config()?;
     *cfg = next;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::guest::tests::manager;
+    use crate::auth::{Caller, Role};
+    use crate::error::HostError;
+    use drover_api::{PersistRequest, SetRequest};
+
+    /// The undo of a failed change waits for the guest to release each device; what it does
+    /// not release in time is reported.
+    #[tokio::test]
+    async fn undo_waits_for_every_device_and_reports_the_rest() {
+        let (tx, _) = tokio::sync::broadcast::channel(8);
+        let ids = vec!["vcpu-s1-c0-t0".to_string(), "dimm-m1".to_string()];
+        let rx = tx.subscribe();
+        for (name, dev) in [("RESET", "x"), ("DEVICE_DELETED", "dimm-m1")] {
+            tx.send(drover_qemu::qmp::QmpEvent {
+                name: name.into(),
+                data: serde_json::json!({ "device": dev }),
+            })
+            .unwrap();
+        }
+        let left = super::wait_deleted(rx, &ids, std::time::Duration::from_millis(50)).await;
+        assert_eq!(left, ["vcpu-s1-c0-t0"]);
+        let rx = tx.subscribe();
+        tx.send(drover_qemu::qmp::QmpEvent {
+            name: "DEVICE_DELETED".into(),
+            data: serde_json::json!({ "device": "vcpu-s1-c0-t0" }),
+        })
+        .unwrap();
+        let left = super::wait_deleted(rx, &ids[..1], std::time::Duration::from_secs(5)).await;
+        assert!(left.is_empty());
+    }
+
+    fn operator() -> Caller {
+        Caller {
+            name: "uid 1000".into(),
+            role: Some(Role::Operator),
+        }
+    }
+
+    /// Without config.persist no route changes the initial config; each refusal is audited.
+    #[tokio::test]
+    async fn the_initial_config_needs_config_persist_on_every_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path()).await;
+        m.create(drover_model::VmSpec::from_toml("name = \"a1\"\nmemory = \"64M\"").unwrap())
+            .await
+            .unwrap();
+        let admin = Caller::daemon();
+        let off = PersistRequest {
+            enabled: Some(false),
+            mode: None,
+        };
+        m.set_persist("a1", off.clone(), &admin).await.unwrap();
+        let set = || SetRequest {
+            cpus: None,
+            memory: Some("96M".into()),
+            next_boot: false,
+        };
+        let op = operator();
+        let refused = [
+            m.set("a1", set(), &op).await.unwrap_err(),
+            m.promote("a1", 0, &op).await.unwrap_err(),
+            m.set_persist("a1", off.clone(), &op).await.unwrap_err(),
+        ];
+        for e in &refused {
+            assert!(matches!(e, HostError::Forbidden(_)), "{e}");
+            assert!(e.to_string().contains("config.persist"), "{e}");
+        }
+        let h = m.config_history("a1", &admin).unwrap();
+        assert_eq!(h.generations.len(), 1, "nothing was sealed or promoted");
+        assert_eq!(m.get("a1").unwrap().config.memory, 64 << 20);
+        let audit = m.guest_audit("a1", &admin).unwrap();
+        let refusals: Vec<_> = audit.iter().filter(|a| a.outcome == "refused").collect();
+        assert_eq!(refusals.len(), 3, "{audit:?}");
+        assert!(refusals.iter().all(|a| a.principal == "uid 1000"));
+        // With persistence on, the operator's change is a generation (the initial one stays).
+        m.set_persist(
+            "a1",
+            PersistRequest {
+                enabled: Some(true),
+                mode: None,
+            },
+            &admin,
+        )
+        .await
+        .unwrap();
+        m.set("a1", set(), &op).await.unwrap();
+        let h = m.config_history("a1", &admin).unwrap();
+        assert_eq!(h.generations.len(), 2);
+        assert_eq!(m.get("a1").unwrap().config.memory, 64 << 20);
+    }
 }

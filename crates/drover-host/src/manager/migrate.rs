@@ -781,8 +781,10 @@ impl Manager {
                 disk_total: total,
                 ..Default::default()
             });
+            // The layer with the disk's current content (the config names its origin).
+            let layer = self.current_layer(name, d)?;
             nbd_copy(
-                &d.path,
+                &layer,
                 &d.format.to_string(),
                 &ready.nbd_host,
                 port,
@@ -1137,7 +1139,39 @@ impl Manager {
                 )));
             }
             if row.table == super::state::STATES {
+                let format = row.value.get("format").and_then(Value::as_u64).unwrap_or(0);
+                if format < u64::from(drover_api::STATE_FORMAT) {
+                    return Err(HostError::Invalid(format!(
+                        "saved state {} has format {format}: the source droverd is older than \
+                         this one; upgrade it (it migrates its records at start) and migrate again",
+                        row.key
+                    )));
+                }
+                // Its layers and files are the copies here; its config names disks by origin,
+                // which moves by id like every other config's.
+                let config = row.value.get("config").cloned();
                 remap_paths(&mut row.value, &moved);
+                if let Some(mut c) = config {
+                    repath_disks(&mut c, &paths);
+                    row.value["config"] = c;
+                }
+            } else if row.table == super::layers::LAYERS {
+                // Here the disk's current content is the copy just made (its own top), unless
+                // the storage is shared; the states' layers are the moved files.
+                let mut chain: drover_model::DiskLayers = serde_json::from_value(row.value.clone())
+                    .map_err(|e| HostError::Invalid(format!("layer record {}: {e}", row.key)))?;
+                chain.check_format()?;
+                if !req.shared_storage {
+                    chain.tops.clear();
+                }
+                chain.map_pinned(|p| {
+                    moved
+                        .get(&p.display().to_string())
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| p.to_path_buf())
+                });
+                row.value =
+                    serde_json::to_value(&chain).map_err(|e| HostError::Internal(e.to_string()))?;
             } else {
                 repath_disks(&mut row.value, &paths);
             }
@@ -1423,8 +1457,8 @@ impl Manager {
             for f in ["manifest.json", "devices.bin", "memory.bin"] {
                 add(dir.join(f), format!("states/{}/{f}", st.id), false);
             }
-            for d in &st.config.disks {
-                let mut layer = Some(d.path.clone());
+            for pinned in st.layers.values() {
+                let mut layer = Some(pinned.clone());
                 let mut depth = 0;
                 while let Some(path) = layer.take().filter(|_| depth < 64) {
                     depth += 1;

@@ -201,7 +201,9 @@ impl Manager {
                 d.id,
                 hostfacts::now_ms()
             ));
-            let (o, b, size) = (overlay.clone(), d.path.clone(), d.size);
+            // On the layer the guest writes to now (the config names the disk's origin).
+            let top = self.current_layer(vm, d)?;
+            let (o, b, size) = (overlay.clone(), top, d.size);
             let made = tokio::task::spawn_blocking(move || img::create_overlay(&o, &b, size))
                 .await
                 .map_err(|e| HostError::Internal(e.to_string()))?;
@@ -228,9 +230,10 @@ impl Manager {
                 }
             }
         };
-        // The state's config: disks at the layers it pins. The running VM moves to new overlays.
-        let mut state_cfg = running.clone();
-        let mut new_running = running.clone();
+        // The state's config is the running one (disks by origin); the layers it pins are
+        // recorded in the disks' chains. The running VM moves to new overlays.
+        let state_cfg = running.clone();
+        let mut moved = 0;
         let t0 = Instant::now();
         rt.qmp.execute("stop", None).await?;
         let saved = async {
@@ -239,8 +242,7 @@ impl Manager {
                 let new_node = format!("disk-{}-{id}", d.id);
                 migrate::snapshot_disk(&rt.qmp, &node, &overlays[i], &new_node).await?;
                 lock(&rt.nodes).insert(d.id.to_string(), new_node);
-                new_running.disks[i].path = overlays[i].clone();
-                state_cfg.disks[i].path = d.path.clone();
+                moved = i + 1;
             }
             match &receiver {
                 // QEMU takes the device state, write-protects RAM and runs the guest again.
@@ -259,25 +261,23 @@ impl Manager {
             _ => rt.qmp.execute("cont", None).await.map(|_| ()),
         };
         let paused_ms = t0.elapsed().as_millis() as u64;
-        // The running VM now writes to the overlays that were plugged, even if a later step failed.
-        let (nr, nn) = (new_running.clone(), info.next_config.clone());
-        let moved: Vec<(String, PathBuf)> = new_running
-            .disks
-            .iter()
-            .map(|d| (d.id.to_string(), d.path.clone()))
-            .collect();
-        self.commit(slot, |i| {
-            i.running_config = Some(nr);
-            if let Some(mut next) = nn {
-                for d in next.disks.iter_mut() {
-                    if let Some((_, p)) = moved.iter().find(|(id, _)| id == d.id.as_str()) {
-                        d.path = p.clone();
-                    }
-                }
-                i.next_config = Some(next);
+        // The running VM now writes to the overlays that were plugged, even if a later step
+        // failed; the layers under them are the state's when it was saved. No config changes.
+        let mut pinned = std::collections::BTreeMap::new();
+        let mut writes = Vec::new();
+        for (d, overlay) in running.disks.iter().zip(&overlays).take(moved) {
+            let mut chain = self.disk_layers(vm, d.id.as_str())?;
+            if saved.is_ok() {
+                pinned.insert(d.id.to_string(), chain.save(&d.path, &id, overlay)?);
+            } else {
+                chain.set_top(&d.path, overlay)?;
             }
-            Ok(Vec::new())
-        })?;
+            writes.push(self.layers_write(vm, d.id.as_str(), &chain)?);
+        }
+        self.commit(slot, |_| Ok(writes))?;
+        for o in overlays.iter().skip(moved) {
+            let _ = std::fs::remove_file(o);
+        }
         if let Err(e) = saved {
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(r) = receiver {
@@ -299,6 +299,7 @@ impl Manager {
                 "fast".into()
             },
             config: state_cfg,
+            layers: pinned,
             devices: StateSection {
                 file: "devices.bin".into(),
                 bytes: 0,
@@ -727,13 +728,26 @@ impl Manager {
                 Some(ram)
             }
         };
+        if state.format < STATE_FORMAT {
+            return Err(HostError::Invalid(format!(
+                "state {} has format {}, written by an older droverd and not migrated; restart \
+                 this droverd to migrate it, or delete it",
+                state.id, state.format
+            )));
+        }
         for d in &state.config.disks {
-            if !d.path.exists() {
+            let layer = state.layers.get(d.id.as_str()).ok_or_else(|| {
+                HostError::Invalid(format!(
+                    "state {} is damaged: it records no layer of disk {}",
+                    state.id, d.id
+                ))
+            })?;
+            if !layer.exists() {
                 return Err(HostError::Invalid(format!(
                     "state {} is damaged: its layer of disk {} ({}) is missing",
                     state.id,
                     d.id,
-                    d.path.display()
+                    layer.display()
                 )));
             }
         }
@@ -750,23 +764,16 @@ impl Manager {
                 )))
             }
         }
-        // Fresh overlays on the pinned layers: the state itself is never written to.
-        let stamp = hostfacts::now_ms();
-        let mut cfg = state.config.clone();
-        for d in cfg.disks.iter_mut() {
-            let overlay = self
-                .vm_dir(vm)
-                .join("disks")
-                .join(format!("{}.r{stamp}.qcow2", d.id));
-            let (o, b, size) = (overlay.clone(), d.path.clone(), d.size);
-            tokio::task::spawn_blocking(move || img::create_overlay(&o, &b, size))
-                .await
-                .map_err(|e| HostError::Internal(e.to_string()))??;
-            d.path = overlay;
-        }
+        // The launch puts fresh overlays on the pinned layers: the state is never written to.
+        let cfg = state.config.clone();
         // The guest must learn it is a copy of its past (vmgenid), before QEMU starts.
         self.regenerate_generation_id(vm, &format!("restore of state {}", state.id))?;
-        let spec = RestoreSpec { devices, memory };
+        let spec = RestoreSpec {
+            devices,
+            memory,
+            state: state.id.clone(),
+            layers: state.layers.clone(),
+        };
         let info = self
             .launch(
                 vm,
@@ -795,7 +802,13 @@ impl Manager {
         let slot = self.slot(vm)?;
         let _op = slot.op.lock().await;
         let state = self.state(vm, which)?;
-        self.s.store.delete(STATES, &format!("{vm}/{}", state.id))?;
+        // Its layers stop being pinned in the same transaction (a restore overlays them no more).
+        let mut writes = self.unpin_writes(vm, &state.id)?;
+        writes.push(drover_store::Write::Delete {
+            table: STATES.to_string(),
+            key: format!("{vm}/{}", state.id),
+        });
+        self.s.store.apply(writes)?;
         let dir = self.states_dir(vm).join(&state.id);
         let _ = std::fs::remove_dir_all(&dir);
         // A VM restored from it keeps its private mapping of the memory: unlinking is safe.
