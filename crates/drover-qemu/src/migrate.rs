@@ -50,6 +50,38 @@ pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<Value, QmpEr
     }
 }
 
+/// Cancel an outgoing migration (or background snapshot) this QEMU still runs, and wait until
+/// QEMU has let go of it. Returns the status it was in (`None`: none was running). What a
+/// droverd that restarts in the middle of a capture does, so the guest is not left waiting on a
+/// stream whose other end is gone.
+pub async fn cancel_migration(qmp: &Qmp, timeout: Duration) -> Result<Option<String>, QmpError> {
+    let status = |v: &Value| {
+        v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string()
+    };
+    let was = status(&qmp.execute("query-migrate", None).await?);
+    if !matches!(
+        was.as_str(),
+        "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling"
+    ) {
+        return Ok(None);
+    }
+    qmp.execute("migrate_cancel", None).await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = status(&qmp.execute("query-migrate", None).await?);
+        if matches!(now.as_str(), "cancelled" | "failed" | "completed" | "none") {
+            return Ok(Some(was));
+        }
+        if Instant::now() > deadline {
+            return Err(QmpError::Timeout("migrate_cancel".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Save the (paused) VM's state to `file`. With `fast`, shared RAM is left out.
 pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpError> {
     set_ignore_shared(qmp, fast).await?;

@@ -36,6 +36,8 @@ pub(super) struct Receiver {
     paths: RunPaths,
     /// Where it listens for the stream.
     uri: String,
+    /// Its durable record (see `helpers`): VM and key, dropped once it has exited.
+    record: (Manager, String, String),
 }
 
 impl Receiver {
@@ -57,6 +59,8 @@ impl Receiver {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
+        let (mgr, vm, key) = &self.record;
+        mgr.forget_helper(vm, key);
     }
 }
 
@@ -65,6 +69,36 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
+}
+
+/// The temporary name a state's memory is copied to before it is renamed into place.
+pub(super) const LOADING_SUFFIX: &str = ".loading";
+
+/// Copy a state's memory from disk back into RAM at `dst`: to a temporary name, checked
+/// against the manifest's checksum, synced, then renamed. A restore cut off at any point leaves
+/// at most the temporary file (removed at the next start), never a partial copy under the name
+/// a later restore maps.
+fn load_memory(src: &Path, dst: &Path, sha256: Option<&str>, state: &str) -> Result<()> {
+    let mut name = dst.as_os_str().to_owned();
+    name.push(LOADING_SUFFIX);
+    let tmp = PathBuf::from(name);
+    let _ = std::fs::remove_file(&tmp);
+    let ctx = |e| io_ctx("loading the saved memory into", &tmp, e);
+    crate::filecopy::copy(src, &tmp).map_err(ctx)?;
+    if let Some(want) = sha256 {
+        let got = sha256_file(&tmp).map_err(ctx)?;
+        if got != want {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(HostError::Invalid(format!(
+                "state {state} is damaged: its memory ({}) does not match its checksum",
+                src.display()
+            )));
+        }
+    }
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(ctx)?;
+    crate::crashpoint::hit("restore-ram-copy");
+    std::fs::rename(&tmp, dst).map_err(ctx)?;
+    Ok(())
 }
 
 fn valid_state_name(n: &str) -> bool {
@@ -228,6 +262,7 @@ impl Manager {
                 }
             }
         };
+        crate::crashpoint::hit("save-receiver");
         // The state's config: disks at the layers it pins. The running VM moves to new overlays.
         let mut state_cfg = running.clone();
         let mut new_running = running.clone();
@@ -446,6 +481,20 @@ impl Manager {
         )?;
         let mut child = process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log)?;
         let pid = child.id().unwrap_or(0);
+        // Durable before it is given work, so a droverd that dies from here on leaves no
+        // orphan: the next one kills it.
+        let key = format!(
+            "{}.{pid}",
+            paths.dir.file_name().unwrap_or_default().to_string_lossy()
+        );
+        if let Err(e) = self.record_helper(vm, &key, pid, &paths.dir) {
+            process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            let _ = std::fs::remove_file(&paths.ram);
+            return Err(e);
+        }
+        let record = (self.clone(), vm.to_string(), key);
         let qmp = match self
             .connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15))
             .await
@@ -455,6 +504,8 @@ impl Manager {
                 process::signal(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 let _ = std::fs::remove_file(&paths.ram);
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                self.forget_helper(vm, &record.2);
                 return Err(HostError::Internal(format!(
                     "QEMU could not start to receive VM {vm}'s memory: {why}"
                 )));
@@ -467,6 +518,7 @@ impl Manager {
             pid,
             paths,
             uri,
+            record,
         };
         if let Err(e) = migrate::receive_snapshot(&r.qmp, &r.uri).await {
             r.discard().await;
@@ -482,6 +534,7 @@ impl Manager {
         let dir = self.states_dir(&state.vm).join(&state.id);
         let devices = dir.join(&state.devices.file);
         let shm = self.state_ram(&state.vm, &state.id);
+        crate::crashpoint::hit("capture");
         let streamed = async {
             migrate::wait_migration(&vm_qmp, Duration::from_secs(3600)).await?;
             migrate::wait_migration(&r.qmp, Duration::from_secs(60)).await?;
@@ -539,13 +592,31 @@ impl Manager {
             self.state_ram(&state.vm, &state.id),
             dir.join(&section.file),
         );
+        if !src.exists() {
+            return Err(HostError::Invalid(format!(
+                "state {} lost its memory before it reached the disk: {} is gone (the host restarted?)",
+                state.id,
+                src.display()
+            )));
+        }
         let (d2, devices) = (dir.clone(), dir.join(&state.devices.file));
         let sum = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            crate::filecopy::copy(&src, &dst)?;
-            for f in [&dst, &devices] {
+            // Through a temporary name, so a droverd killed mid-copy leaves no file that looks
+            // complete, and a write-out begun again (at the next start) starts afresh.
+            let tmp = dst.with_extension("bin.tmp");
+            match std::fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            crate::filecopy::copy(&src, &tmp)?;
+            for f in [&tmp, &devices] {
                 std::fs::File::open(f)?.sync_all()?;
             }
+            crate::crashpoint::hit("write-out-copy");
+            std::fs::rename(&tmp, &dst)?;
             std::fs::File::open(&d2)?.sync_all()?;
+            crate::crashpoint::hit("write-out-renamed");
             sha256_file(&dst)
         })
         .await
@@ -586,39 +657,47 @@ impl Manager {
         Ok(())
     }
 
-    /// At daemon start: a capture cut off by a droverd restart is failed (its stream went with
-    /// the receiving QEMU, which is stopped); a ready state's memory is written to disk again.
+    /// At daemon start (after re-adoption, which cancelled any memory stream the previous
+    /// droverd left running and resumed the guest): helpers it left are killed; a capture it
+    /// cut off is failed with the reason; a ready state's memory is written to disk again; the
+    /// temporary files of interrupted copies go.
     pub(super) async fn recover_states(&self) {
-        for vm in self.list().into_iter().map(|v| v.name) {
-            // A receiver kept ready by the previous droverd: nobody holds it now.
-            let next = self.run_paths(&vm).dir.join("cap-next");
-            if let Some(pid) = std::fs::read_to_string(next.join("qemu.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-            {
-                if process::is_alive(pid, &next.display().to_string()) {
-                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let killed = self.reap_helpers(None);
+        if killed > 0 {
+            tracing::info!(killed, "killed helper processes left by the previous droverd");
+        }
+        // Interrupted restores' partial copies of a state's memory.
+        if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().ends_with(LOADING_SUFFIX) {
+                    let _ = std::fs::remove_file(e.path());
                 }
             }
-            let _ = std::fs::remove_dir_all(&next);
+        }
+        for vm in self.list().into_iter().map(|v| v.name) {
+            let run = self.run_paths(&vm).dir;
+            if let Ok(dir) = std::fs::read_dir(&run) {
+                for e in dir.flatten() {
+                    if e.file_name().to_string_lossy().starts_with("cap-") {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
             let _ = std::fs::remove_file(self.state_ram(&vm, "next"));
             let Ok(all) = self.states(&vm) else { continue };
+            let known: Vec<String> = all.iter().map(|s| s.id.clone()).collect();
+            self.remove_stray_state_files(&vm, &known);
             for mut st in all {
                 match st.phase {
                     StatePhase::Capturing => {
-                        let cap = self.run_paths(&vm).dir.join(format!("cap-{}", st.id));
-                        if let Some(pid) = std::fs::read_to_string(cap.join("qemu.pid"))
-                            .ok()
-                            .and_then(|p| p.trim().parse::<u32>().ok())
-                        {
-                            if process::is_alive(pid, &cap.display().to_string()) {
-                                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
-                            }
-                        }
-                        let _ = std::fs::remove_dir_all(&cap);
                         let _ = std::fs::remove_file(self.state_ram(&vm, &st.id));
+                        let _ = std::fs::remove_file(
+                            self.states_dir(&vm).join(&st.id).join(&st.devices.file),
+                        );
                         st.phase = StatePhase::Failed;
-                        st.failure = Some("droverd restarted while the memory was captured".into());
+                        st.failure = Some(
+                            "droverd was stopped while the memory was captured; the capture was cancelled and the VM runs on (save again)".into(),
+                        );
                         if let Err(e) = self.write_state(&st) {
                             tracing::warn!("could not record the failure of state {}: {e}", st.id);
                         }
@@ -635,6 +714,31 @@ impl Manager {
                         });
                     }
                     _ => {}
+                }
+            }
+        }
+    }
+
+    /// State directories and RAM copies of VM `vm` that belong to no recorded state: a save cut
+    /// off before it was recorded, a delete cut off after it.
+    fn remove_stray_state_files(&self, vm: &str, known: &[String]) {
+        if let Ok(dir) = std::fs::read_dir(self.states_dir(vm)) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    tracing::info!(vm, dir = name, "removing the files of an unrecorded state");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let prefix = format!("{vm}@");
+        if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_prefix(&prefix) {
+                    if !known.iter().any(|k| k == id) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
                 }
             }
         }
@@ -712,11 +816,11 @@ impl Manager {
                         )));
                     }
                     let t = Instant::now();
-                    let (src, dst) = (disk.clone(), ram.clone());
-                    tokio::task::spawn_blocking(move || crate::filecopy::copy(&src, &dst))
+                    let (src, dst, want) = (disk.clone(), ram.clone(), m.sha256.clone());
+                    let state_id = state.id.clone();
+                    tokio::task::spawn_blocking(move || load_memory(&src, &dst, want.as_deref(), &state_id))
                         .await
-                        .map_err(|e| HostError::Internal(e.to_string()))?
-                        .map_err(|e| io_ctx("loading the saved memory into", &ram, e))?;
+                        .map_err(|e| HostError::Internal(e.to_string()))??;
                     tracing::info!(
                         vm,
                         state = state.id,
