@@ -196,13 +196,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         let other = dir.path().join("xrun");
-        let mut a = std::process::Command::new("/bin/sleep")
-            .arg("30")
+        // `sh -c SCRIPT ARG` keeps ARG in its command line while the script runs.
+        let mut a = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30; :"])
             .arg(format!("path={}/vm1/cap-s1/qmp.sock", run.display()))
             .spawn()
             .unwrap();
-        let mut b = std::process::Command::new("/bin/sleep")
-            .arg("30")
+        let mut b = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30; :"])
             .arg(format!("{}/vm1/x", other.display()))
             .spawn()
             .unwrap();
@@ -217,7 +218,7 @@ mod tests {
         }
         assert_eq!(found, vec![(a.id(), "vm1/cap-s1/qmp.sock".to_string())]);
         assert!(start_ticks(a.id()).is_some_and(|t| t > 0));
-        assert_eq!(comm(a.id()).as_deref(), Some("sleep"));
+        assert_eq!(comm(a.id()).as_deref(), Some("sh"));
         let _ = a.kill();
         let _ = b.kill();
         let _ = a.wait();

@@ -44,6 +44,7 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     extra: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -62,6 +63,7 @@ impl Daemon {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            envs: Vec::new(),
         };
         d.spawn();
         d
@@ -70,6 +72,44 @@ impl Daemon {
     /// Replace the extra flags used by the next [`Daemon::spawn`] (e.g. a new `--host-id`).
     pub fn set_extra(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Replace the environment variables given to the next [`Daemon::spawn`] (e.g.
+    /// `DROVER_TEST_CRASH_AT`).
+    pub fn set_env(&mut self, envs: &[(&str, &str)]) {
+        self.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Wait until droverd has exited by itself (a crash point), up to `timeout`; whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(_))) | None => {
+                    self.child = None;
+                    return true;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        false
+    }
+
+    /// Whether droverd is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Where droverd keeps guest RAM files (in /dev/shm, one directory per state dir).
+    pub fn ram_dir(&self) -> PathBuf {
+        use sha2::Digest;
+        let key = hex::encode(
+            &sha2::Sha256::digest(self.state_dir().as_os_str().as_encoded_bytes())[..6],
+        );
+        PathBuf::from(format!("/dev/shm/drover-{key}"))
     }
 
     /// The API socket.
@@ -101,6 +141,7 @@ impl Daemon {
             .arg("--log")
             .arg("info,drover_host=debug")
             .args(&self.extra)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -413,11 +454,7 @@ impl Drop for Daemon {
         }
 
         // Nor their memory files, which droverd keeps in /dev/shm under a hash of the state dir.
-        use sha2::Digest;
-        let key = hex::encode(
-            &sha2::Sha256::digest(self.state_dir().as_os_str().as_encoded_bytes())[..6],
-        );
-        let _ = std::fs::remove_dir_all(format!("/dev/shm/drover-{key}"));
+        let _ = std::fs::remove_dir_all(self.ram_dir());
     }
 }
 
