@@ -93,8 +93,8 @@ enum SnapshotCmd {
     ///
     /// A fast save is restorable at once; its memory then streams out (phase `capturing`) and
     /// is written to disk (`ready`, then `durable`). A host crash before `durable` loses the
-    /// state; a droverd crash while it is `capturing` fails it (the VM runs on), one while it is
-    /// `ready` does not (the next droverd writes it out).
+    /// state; a droverd crash does not: the next droverd finishes the capture from the
+    /// receiving QEMU (which outlives it) and writes the memory out.
     ///
     /// Example: drover snapshot create web1 --name before-upgrade
     ///          drover snapshot show web1 before-upgrade     # phase: capturing, ready, durable
@@ -859,7 +859,7 @@ fn durability_note(vm: &str, id: &str, memory: u64) -> String {
     let stream_s = (memory as f64 / (1u64 << 30) as f64).ceil().max(1.0);
     let durable_s = stream_s + (memory as f64 / 300e6).ceil();
     format!(
-        "restorable now; durable in ~{durable_s:.0} s (`drover snapshot show {vm} {id}`): a host crash before then loses this state; a droverd crash in the first ~{stream_s:.0} s, while its memory streams, fails it (the VM runs on), a later one does not"
+        "restorable now; durable in ~{durable_s:.0} s (`drover snapshot show {vm} {id}`): a host crash before then loses this state, a droverd crash does not (the next droverd finishes it)"
     )
 }
 

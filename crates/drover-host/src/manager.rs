@@ -771,7 +771,7 @@ impl Manager {
     /// Remove what a recorded delete left: helper processes, owned disks, the VM's directories
     /// and RAM files; then the record of the delete.
     fn finish_delete(&self, name: &str, intent: &DeleteIntent) {
-        self.reap_helpers(Some(name));
+        self.reap_helpers(Some(name), &[]);
         for d in &intent.owned_disks {
             let _ = std::fs::remove_file(d);
         }
@@ -1497,18 +1497,21 @@ impl Manager {
                             self.resume_requests(name);
                             return Ok(());
                         }
-                        // A state capture the previous droverd left streaming into a receiver
-                        // that is about to be killed: cancel it first, or the guest can hang
-                        // on memory still write-protected for the stream.
-                        match drover_qemu::migrate::cancel_migration(&qmp, Duration::from_secs(10)).await {
-                            Ok(Some(was)) => tracing::warn!(
+                        // A state capture the previous droverd left streaming: its receiver
+                        // outlives droverd, so let the stream end (it is then finished from
+                        // the receiver). Cancelling it is no rescue: QEMU 7.2 leaves the vCPUs
+                        // stuck on memory still write-protected for the stream.
+                        match drover_qemu::migrate::settle_migration(&qmp, Duration::from_secs(300))
+                            .await
+                        {
+                            Ok(Some(end)) => tracing::info!(
                                 vm = name,
-                                "cancelled a state capture left {was} by the previous droverd"
+                                "a state capture the previous droverd left running ended: {end}"
                             ),
                             Ok(None) => {}
                             Err(e) => tracing::warn!(
                                 vm = name,
-                                "could not cancel a state capture left by the previous droverd: {e}"
+                                "a state capture the previous droverd left running did not end: {e}"
                             ),
                         }
                     }

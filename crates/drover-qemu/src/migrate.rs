@@ -82,6 +82,38 @@ pub async fn cancel_migration(qmp: &Qmp, timeout: Duration) -> Result<Option<Str
     }
 }
 
+/// Wait for an outgoing migration (or background snapshot) this QEMU still runs to end by
+/// itself; cancel it only after `timeout`. Returns how it ended (`None`: none was running).
+pub async fn settle_migration(qmp: &Qmp, timeout: Duration) -> Result<Option<String>, QmpError> {
+    let status = |v: &Value| {
+        v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string()
+    };
+    let running = |s: &str| {
+        matches!(
+            s,
+            "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling"
+        )
+    };
+    if !running(&status(&qmp.execute("query-migrate", None).await?)) {
+        return Ok(None);
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = status(&qmp.execute("query-migrate", None).await?);
+        if !running(&now) {
+            return Ok(Some(now));
+        }
+        if Instant::now() > deadline {
+            cancel_migration(qmp, Duration::from_secs(10)).await?;
+            return Err(QmpError::Timeout("migration".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Save the (paused) VM's state to `file`. With `fast`, shared RAM is left out.
 pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpError> {
     set_ignore_shared(qmp, fast).await?;

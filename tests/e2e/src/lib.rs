@@ -158,6 +158,42 @@ impl Daemon {
         panic!("droverd did not come up; log:\n{}", self.log());
     }
 
+    /// Start droverd on this state dir expecting it to refuse: returns its exit code and
+    /// output once it exits (panics if it is still up after `timeout`).
+    pub fn start_refused(&self, timeout: Duration) -> (Option<i32>, String) {
+        let mut child = Command::new(bin_dir().join("droverd"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--image-dir")
+            .arg(image_dir())
+            .arg("--agent-binary")
+            .arg(agent_bin())
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn droverd");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                let out = child.wait_with_output().expect("droverd output");
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return (out.status.code(), text);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("droverd started although it should have refused");
+    }
+
     /// `kill -9` the daemon (its VMs keep running).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

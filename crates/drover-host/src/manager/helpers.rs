@@ -4,13 +4,15 @@
 //! and killed when droverd starts again or its VM is deleted, so none outlives what it was
 //! for. A helper started but not recorded yet (droverd killed in between) is still found: every
 //! helper's command line names a directory `run/<vm>/cap-*`, which a scan of /proc finds.
+//! The one exception: the receiver of a capture still streaming when droverd died is taken over
+//! to finish it (see `state::adopt_captures`).
 
 use super::Manager;
 use crate::error::Result;
 use drover_qemu::process;
 use drover_store::StoreExt;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Helper processes, keyed `<vm>/<dir name>`.
 pub(super) const HELPERS: &str = "helpers";
@@ -47,11 +49,15 @@ impl Manager {
 
     /// Kill every helper of VM `vm` (of every VM with `None`), recorded or found by a scan,
     /// and drop their records. Returns how many were killed.
-    pub(super) fn reap_helpers(&self, vm: Option<&str>) -> usize {
+    /// `keep`: receivers taken over (by their run dir), left alone.
+    pub(super) fn reap_helpers(&self, vm: Option<&str>, keep: &[(String, PathBuf)]) -> usize {
         let mut killed = 0;
         let prefix = vm.map(|v| format!("{v}/")).unwrap_or_default();
         if let Ok(rows) = self.s.store.list_prefix::<HelperRecord>(HELPERS, &prefix) {
             for (key, rec) in rows {
+                if keep.iter().any(|(_, d)| d.display().to_string() == rec.marker) {
+                    continue;
+                }
                 let same = process::start_ticks(rec.pid) == Some(rec.start_ticks)
                     && process::is_alive(rec.pid, &rec.marker);
                 if same {
@@ -69,6 +75,10 @@ impl Manager {
                 continue;
             };
             if vm.is_some_and(|v| v != owner) || !sub.starts_with("cap-") {
+                continue;
+            }
+            let dir = self.s.cfg.state_dir.join("run").join(owner).join(sub);
+            if keep.iter().any(|(_, d)| *d == dir) {
                 continue;
             }
             process::signal(pid, nix::sys::signal::Signal::SIGKILL);

@@ -31,7 +31,8 @@ const STATES_IN_RAM: usize = 2;
 /// The QEMU that receives a fast save's memory stream.
 pub(super) struct Receiver {
     qmp: Qmp,
-    child: tokio::process::Child,
+    /// `None` for one adopted from an earlier droverd (not our child).
+    child: Option<tokio::process::Child>,
     pid: u32,
     paths: RunPaths,
     /// Where it listens for the stream.
@@ -51,12 +52,24 @@ impl Receiver {
     /// Stop it; its RAM file (the state's memory) stays.
     async fn discard_keep_ram(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp.execute("quit", None)).await;
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            process::signal(self.pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        match self.child.as_mut() {
+            Some(child) => {
+                if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    process::signal(self.pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                }
+            }
+            None => {
+                let marker = self.paths.dir.display().to_string();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while process::is_alive(self.pid, &marker) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                process::signal(self.pid, nix::sys::signal::Signal::SIGKILL);
+            }
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
         let (mgr, vm, key) = &self.record;
@@ -514,7 +527,7 @@ impl Manager {
         let uri = format!("unix:{}", paths.dir.join("mig.sock").display());
         let r = Receiver {
             qmp,
-            child,
+            child: Some(child),
             pid,
             paths,
             uri,
@@ -662,7 +675,8 @@ impl Manager {
     /// cut off is failed with the reason; a ready state's memory is written to disk again; the
     /// temporary files of interrupted copies go.
     pub(super) async fn recover_states(&self) {
-        let killed = self.reap_helpers(None);
+        let adopted = self.adopt_captures().await;
+        let killed = self.reap_helpers(None, &adopted);
         if killed > 0 {
             tracing::info!(killed, "killed helper processes left by the previous droverd");
         }
@@ -678,7 +692,10 @@ impl Manager {
             let run = self.run_paths(&vm).dir;
             if let Ok(dir) = std::fs::read_dir(&run) {
                 for e in dir.flatten() {
-                    if e.file_name().to_string_lossy().starts_with("cap-") {
+                    let in_use = adopted
+                        .iter()
+                        .any(|(_, d)| d.as_path() == e.path().as_path());
+                    if e.file_name().to_string_lossy().starts_with("cap-") && !in_use {
                         let _ = std::fs::remove_dir_all(e.path());
                     }
                 }
@@ -689,6 +706,9 @@ impl Manager {
             self.remove_stray_state_files(&vm, &known);
             for mut st in all {
                 match st.phase {
+                    // Being finished by the receiver adopted above.
+                    StatePhase::Capturing
+                        if adopted.iter().any(|(k, _)| *k == format!("{vm}/{}", st.id)) => {}
                     StatePhase::Capturing => {
                         let _ = std::fs::remove_file(self.state_ram(&vm, &st.id));
                         let _ = std::fs::remove_file(
@@ -696,7 +716,7 @@ impl Manager {
                         );
                         st.phase = StatePhase::Failed;
                         st.failure = Some(
-                            "droverd was stopped while the memory was captured; the capture was cancelled and the VM runs on (save again)".into(),
+                            "droverd was stopped while the memory was captured and its receiving QEMU was gone; the VM runs on (save again)".into(),
                         );
                         if let Err(e) = self.write_state(&st) {
                             tracing::warn!("could not record the failure of state {}: {e}", st.id);
@@ -717,6 +737,71 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Captures a killed droverd left: the receiving QEMU outlives droverd and its stream ran
+    /// on (re-adoption waited for it), so the capture is finished from it, as if droverd had
+    /// never stopped. Returns the (`vm/state id`, receiver dir) of each one taken over.
+    async fn adopt_captures(&self) -> Vec<(String, PathBuf)> {
+        let mut adopted = Vec::new();
+        for vm in self.list().into_iter().map(|v| v.name) {
+            let Ok(slot) = self.slot(&vm) else { continue };
+            let Some(rt) = self.runtime(&slot) else { continue };
+            let Ok(all) = self.states(&vm) else { continue };
+            let Some(st) = all.into_iter().find(|s| s.phase == StatePhase::Capturing) else {
+                continue;
+            };
+            let Ok(helpers) = self
+                .s
+                .store
+                .list_prefix::<super::helpers::HelperRecord>(super::helpers::HELPERS, &format!("{vm}/"))
+            else {
+                continue;
+            };
+            for (key, rec) in helpers {
+                if process::start_ticks(rec.pid) != Some(rec.start_ticks)
+                    || !process::is_alive(rec.pid, &rec.marker)
+                {
+                    continue;
+                }
+                let mut paths = RunPaths::new(Path::new(&rec.marker));
+                paths.ram = self.state_ram(&vm, &st.id);
+                let Ok((qmp, _events)) = self
+                    .connect_qmp(&paths.qmp, None, rec.pid, Duration::from_secs(5))
+                    .await
+                else {
+                    continue;
+                };
+                // The receiver of this capture has taken the whole stream; a standby has none.
+                let done = qmp
+                    .execute("query-migrate", None)
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_string));
+                if done.as_deref() != Some("completed") || !paths.ram.exists() {
+                    continue;
+                }
+                tracing::info!(vm, state = st.id, pid = rec.pid, "finishing a capture the previous droverd left");
+                let r = Receiver {
+                    qmp,
+                    child: None,
+                    pid: rec.pid,
+                    uri: String::new(),
+                    record: (self.clone(), vm.clone(), key.clone()),
+                    paths: paths.clone(),
+                };
+                adopted.push((format!("{vm}/{}", st.id), paths.dir.clone()));
+                let mgr = self.clone();
+                let (vm_qmp, st, slot) = (rt.qmp.clone(), st.clone(), slot.clone());
+                let guard = slot.capture.clone().lock_owned().await;
+                tokio::spawn(async move {
+                    let _capturing = guard;
+                    mgr.finish_capture(st, vm_qmp, r).await;
+                });
+                break;
+            }
+        }
+        adopted
     }
 
     /// State directories and RAM copies of VM `vm` that belong to no recorded state: a save cut
