@@ -24,7 +24,8 @@ pub fn hit(point: &str) {
         });
         if points.iter().any(|p| p == point) {
             tracing::warn!(point, "DROVER_TEST_CRASH_AT: killing droverd here");
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
         }
     }
     #[cfg(not(debug_assertions))]

@@ -360,7 +360,10 @@ impl Manager {
         writes.push(drover_store::put(VMS, &current.name, &current)?);
         store.apply(writes)?;
         pending.clear();
-        tracing::info!(vm = info.name, "the store took the writes it had refused earlier");
+        tracing::info!(
+            vm = info.name,
+            "the store took the writes it had refused earlier"
+        );
         Ok(())
     }
 
@@ -788,7 +791,10 @@ impl Manager {
             }
         }
         if let Err(e) = self.s.store.delete(DELETING, name) {
-            tracing::warn!(vm = name, "could not drop the record of a finished delete: {e}");
+            tracing::warn!(
+                vm = name,
+                "could not drop the record of a finished delete: {e}"
+            );
         }
     }
 
@@ -803,7 +809,10 @@ impl Manager {
                 let _ = self.s.store.delete(DELETING, &name);
                 continue;
             }
-            tracing::info!(vm = name, "finishing a delete interrupted by a droverd stop");
+            tracing::info!(
+                vm = name,
+                "finishing a delete interrupted by a droverd stop"
+            );
             self.finish_delete(&name, &intent);
         }
     }

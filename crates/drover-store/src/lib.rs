@@ -188,10 +188,7 @@ impl RedbStore {
     /// panic) when the file is truncated or corrupted.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let p = path.to_path_buf();
-        Self::open_with(
-            path,
-            Box::new(move || redb::Database::builder().create(&p)),
-        )
+        Self::open_with(path, Box::new(move || redb::Database::builder().create(&p)))
     }
 
     /// Open through `opener` (tests use a backend that can fail like a full disk).
@@ -211,7 +208,9 @@ impl RedbStore {
 
     /// Whether `path` holds no store at all (missing, or 0 bytes: redb would start it empty).
     pub fn is_absent(path: &Path) -> bool {
-        std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true)
+        std::fs::metadata(path)
+            .map(|m| m.len() == 0)
+            .unwrap_or(true)
     }
 
     /// Run `f` on the open database; on an I/O failure (which poisons redb) re-open the file
@@ -258,6 +257,7 @@ impl RedbStore {
         }
     }
 
+    #[allow(clippy::result_large_err)]
     /// Write a consistent copy of every table to `dest` (through a temporary file, synced, then
     /// renamed): what `droverd --recover-store` goes back to. Returns how many rows it holds.
     pub fn checkpoint(&self, dest: &Path) -> Result<u64, StoreError> {
@@ -268,7 +268,7 @@ impl RedbStore {
             key: dest.display().to_string(),
             message,
         };
-        let rows = self.with_db(&err, |db| {
+        let rows = self.with_db(err, |db| {
             let _ = std::fs::remove_file(&tmp);
             let out = redb::Database::create(&tmp)?;
             let rtx = db.begin_read()?;
@@ -337,7 +337,9 @@ impl RedbStore {
         };
         let tmp = path.with_extension("recovering");
         std::fs::copy(checkpoint, &tmp).map_err(io)?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
         Ok(aside)
     }
@@ -373,7 +375,9 @@ fn open_checked(path: &Path, opener: &Opener, quiet: bool) -> Result<redb::Datab
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::Open {
             path: path.to_path_buf(),
-            message: "it is in use by another process (is another droverd running on this state dir?)".into(),
+            message:
+                "it is in use by another process (is another droverd running on this state dir?)"
+                    .into(),
         }),
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(m)))) => Err(damaged(m)),
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
@@ -402,6 +406,8 @@ fn def(table: &str) -> redb::TableDefinition<'_, &'static str, &'static [u8]> {
     redb::TableDefinition::new(table)
 }
 
+// redb's error type is large; it only travels one call up, on a failure.
+#[allow(clippy::result_large_err)]
 impl Store for RedbStore {
     fn get_raw(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let err = |message: String| StoreError::Op {
@@ -504,8 +510,12 @@ mod tests {
     fn filled(path: &Path, n: u32) {
         let s = RedbStore::open(path).unwrap();
         for i in 0..n {
-            s.put("vms", &format!("vm{i}"), &serde_json::json!({"i": i, "pad": "x".repeat(300)}))
-                .unwrap();
+            s.put(
+                "vms",
+                &format!("vm{i}"),
+                &serde_json::json!({"i": i, "pad": "x".repeat(300)}),
+            )
+            .unwrap();
         }
     }
 
@@ -567,12 +577,23 @@ mod tests {
             assert_eq!(s.checkpoint(&cp).unwrap(), 11);
         }
         std::fs::write(&path, b"garbage, not a database at all").unwrap();
-        assert!(matches!(RedbStore::open(&path), Err(StoreError::Damaged { .. })));
-        let aside = RedbStore::recover(&path, &cp).unwrap().expect("damaged file kept");
-        assert_eq!(std::fs::read(&aside).unwrap(), b"garbage, not a database at all");
+        assert!(matches!(
+            RedbStore::open(&path),
+            Err(StoreError::Damaged { .. })
+        ));
+        let aside = RedbStore::recover(&path, &cp)
+            .unwrap()
+            .expect("damaged file kept");
+        assert_eq!(
+            std::fs::read(&aside).unwrap(),
+            b"garbage, not a database at all"
+        );
         let s = RedbStore::open(&path).unwrap();
         assert_eq!(s.list::<serde_json::Value>("vms").unwrap().len(), 10);
-        assert_eq!(s.get::<String>("roles", "1000").unwrap().as_deref(), Some("viewer"));
+        assert_eq!(
+            s.get::<String>("roles", "1000").unwrap().as_deref(),
+            Some("viewer")
+        );
         drop(s);
         // A damaged checkpoint changes nothing.
         std::fs::write(&cp, b"junk").unwrap();
@@ -650,8 +671,16 @@ mod tests {
         full.store(false, std::sync::atomic::Ordering::SeqCst);
         // Space is back: the same store object works, with what was committed before.
         s.put("vms", "d", &4u32).unwrap();
-        let keys: Vec<String> = s.list::<u32>("vms").unwrap().into_iter().map(|(k, _)| k).collect();
-        assert!(keys.contains(&"a".to_string()) && keys.contains(&"d".to_string()), "{keys:?}");
+        let keys: Vec<String> = s
+            .list::<u32>("vms")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            keys.contains(&"a".to_string()) && keys.contains(&"d".to_string()),
+            "{keys:?}"
+        );
         assert!(!keys.contains(&"c".to_string()), "{keys:?}");
         drop(s);
         let s = RedbStore::open(&path).unwrap();

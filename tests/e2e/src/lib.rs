@@ -129,19 +129,10 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("droverd.log"))
             .expect("log file");
-        let child = Command::new(bin_dir().join("droverd"))
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--image-dir")
-            .arg(image_dir())
-            .arg("--agent-binary")
-            .arg(agent_bin())
+        let child = self
+            .droverd()
             .arg("--log")
             .arg("info,drover_host=debug")
-            .args(&self.extra)
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -158,11 +149,10 @@ impl Daemon {
         panic!("droverd did not come up; log:\n{}", self.log());
     }
 
-    /// Start droverd on this state dir expecting it to refuse: returns its exit code and
-    /// output once it exits (panics if it is still up after `timeout`).
-    pub fn start_refused(&self, timeout: Duration) -> (Option<i32>, String) {
-        let mut child = Command::new(bin_dir().join("droverd"))
-            .arg("--state-dir")
+    /// droverd's command line for this state dir, with the extra flags and environment.
+    fn droverd(&self) -> Command {
+        let mut c = Command::new(bin_dir().join("droverd"));
+        c.arg("--state-dir")
             .arg(self.state_dir())
             .arg("--socket")
             .arg(self.socket())
@@ -171,6 +161,15 @@ impl Daemon {
             .arg("--agent-binary")
             .arg(agent_bin())
             .args(&self.extra)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Start droverd on this state dir expecting it to refuse: returns its exit code and
+    /// output once it exits (panics if it is still up after `timeout`).
+    pub fn start_refused(&self, timeout: Duration) -> (Option<i32>, String) {
+        let mut child = self
+            .droverd()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

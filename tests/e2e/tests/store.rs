@@ -31,7 +31,10 @@ fn missing_empty_or_damaged_store_is_refused_clearly_and_recovered_from_its_chec
     std::fs::write(store(&d), b"").unwrap();
     let (code, out) = d.start_refused(Duration::from_secs(20));
     assert_eq!(code, Some(4), "{out}");
-    assert!(out.contains("k (pid") && out.contains("--recover-store"), "{out}");
+    assert!(
+        out.contains("k (pid") && out.contains("--recover-store"),
+        "{out}"
+    );
     assert!(!out.contains("panicked"), "{out}");
     std::fs::remove_file(store(&d)).unwrap();
     let (code, out) = d.start_refused(Duration::from_secs(20));
@@ -42,7 +45,10 @@ fn missing_empty_or_damaged_store_is_refused_clearly_and_recovered_from_its_chec
     std::fs::write(store(&d), &good[..good.len() / 2]).unwrap();
     let (code, out) = d.start_refused(Duration::from_secs(20));
     assert_eq!(code, Some(3), "{out}");
-    assert!(out.contains("damaged") && out.contains("--recover-store"), "{out}");
+    assert!(
+        out.contains("damaged") && out.contains("--recover-store"),
+        "{out}"
+    );
     assert!(!out.contains("panicked"), "{out}");
 
     // Back from the checkpoint: the same VM, re-adopted.
@@ -74,7 +80,11 @@ impl Drop for Mount {
 fn fill(dir: &std::path::Path) {
     for (name, bs) in [("fill1", "1M"), ("fill2", "4k"), ("fill3", "512")] {
         let _ = std::process::Command::new("dd")
-            .args(["if=/dev/zero", &format!("of={}/{name}", dir.display()), &format!("bs={bs}")])
+            .args([
+                "if=/dev/zero",
+                &format!("of={}/{name}", dir.display()),
+                &format!("bs={bs}"),
+            ])
             .stderr(std::process::Stdio::null())
             .status();
     }
@@ -152,12 +162,16 @@ fn full_disk_pauses_show_stops_end_and_the_store_recovers_without_a_restart() {
 
     // Space is back: the same droverd writes again.
     unfill(&dir);
-    wait_for("the store to take writes again", Duration::from_secs(30), || {
-        d.drover(&["vm", "create", "g", "--memory", "128M"])
-            .status
-            .success()
-            .then_some(())
-    });
+    wait_for(
+        "the store to take writes again",
+        Duration::from_secs(30),
+        || {
+            d.drover(&["vm", "create", "g", "--memory", "128M"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
     d.ok(&["vm", "start", "f", "--wait"]);
     d.sh("f", "true");
     d.ok(&["vm", "stop", "f"]);
@@ -168,7 +182,13 @@ fn full_disk_pauses_show_stops_end_and_the_store_recovers_without_a_restart() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| format!("{}={}", v["name"].as_str().unwrap(), v["state"].as_str().unwrap()))
+        .map(|v| {
+            format!(
+                "{}={}",
+                v["name"].as_str().unwrap(),
+                v["state"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(names, ["f=stopped", "g=stopped"]);
     d.kill9();

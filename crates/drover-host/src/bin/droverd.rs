@@ -224,7 +224,9 @@ fn open_store(state_dir: &std::path::Path, recover: bool) -> drover_store::RedbS
     }
     match drover_store::RedbStore::open(&path) {
         Ok(s) => s,
-        Err(e @ drover_store::StoreError::Damaged { .. }) => fail(EXIT_STORE_DAMAGED, e.to_string()),
+        Err(e @ drover_store::StoreError::Damaged { .. }) => {
+            fail(EXIT_STORE_DAMAGED, e.to_string())
+        }
         Err(e) => fail(EXIT_STORE_DAMAGED, format!("{e}")),
     }
 }
@@ -247,8 +249,12 @@ fn spawn_checkpoints(store: Arc<drover_store::RedbStore>, state_dir: PathBuf) {
         loop {
             let (s, d) = (store.clone(), dest.clone());
             match tokio::task::spawn_blocking(move || s.checkpoint(&d)).await {
-                Ok(Ok(rows)) => tracing::debug!(rows, checkpoint = %dest.display(), "store checkpoint written"),
-                Ok(Err(e)) => tracing::warn!("store checkpoint failed (kept the previous one): {e}"),
+                Ok(Ok(rows)) => {
+                    tracing::debug!(rows, checkpoint = %dest.display(), "store checkpoint written")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("store checkpoint failed (kept the previous one): {e}")
+                }
                 Err(e) => tracing::warn!("store checkpoint failed: {e}"),
             }
             tokio::time::sleep(std::time::Duration::from_secs(600)).await;

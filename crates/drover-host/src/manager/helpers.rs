@@ -43,7 +43,11 @@ impl Manager {
     /// Forget a helper that has exited.
     pub(super) fn forget_helper(&self, vm: &str, name: &str) {
         if let Err(e) = self.s.store.delete(HELPERS, &format!("{vm}/{name}")) {
-            tracing::warn!(vm, helper = name, "could not drop the record of a helper: {e}");
+            tracing::warn!(
+                vm,
+                helper = name,
+                "could not drop the record of a helper: {e}"
+            );
         }
     }
 
@@ -55,7 +59,10 @@ impl Manager {
         let prefix = vm.map(|v| format!("{v}/")).unwrap_or_default();
         if let Ok(rows) = self.s.store.list_prefix::<HelperRecord>(HELPERS, &prefix) {
             for (key, rec) in rows {
-                if keep.iter().any(|(_, d)| d.display().to_string() == rec.marker) {
+                if keep
+                    .iter()
+                    .any(|(_, d)| d.display().to_string() == rec.marker)
+                {
                     continue;
                 }
                 let same = process::start_ticks(rec.pid) == Some(rec.start_ticks)
@@ -63,7 +70,11 @@ impl Manager {
                 if same {
                     process::signal(rec.pid, nix::sys::signal::Signal::SIGKILL);
                     killed += 1;
-                    tracing::info!(helper = key, pid = rec.pid, "killed a helper left by an earlier droverd");
+                    tracing::info!(
+                        helper = key,
+                        pid = rec.pid,
+                        "killed a helper left by an earlier droverd"
+                    );
                 }
                 let _ = self.s.store.delete(HELPERS, &format!("{prefix}{key}"));
             }

@@ -108,7 +108,9 @@ fn load_memory(src: &Path, dst: &Path, sha256: Option<&str>, state: &str) -> Res
             )));
         }
     }
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(ctx)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(ctx)?;
     crate::crashpoint::hit("restore-ram-copy");
     std::fs::rename(&tmp, dst).map_err(ctx)?;
     Ok(())
@@ -678,7 +680,10 @@ impl Manager {
         let adopted = self.adopt_captures().await;
         let killed = self.reap_helpers(None, &adopted);
         if killed > 0 {
-            tracing::info!(killed, "killed helper processes left by the previous droverd");
+            tracing::info!(
+                killed,
+                "killed helper processes left by the previous droverd"
+            );
         }
         // Interrupted restores' partial copies of a state's memory.
         if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
@@ -746,16 +751,17 @@ impl Manager {
         let mut adopted = Vec::new();
         for vm in self.list().into_iter().map(|v| v.name) {
             let Ok(slot) = self.slot(&vm) else { continue };
-            let Some(rt) = self.runtime(&slot) else { continue };
+            let Some(rt) = self.runtime(&slot) else {
+                continue;
+            };
             let Ok(all) = self.states(&vm) else { continue };
             let Some(st) = all.into_iter().find(|s| s.phase == StatePhase::Capturing) else {
                 continue;
             };
-            let Ok(helpers) = self
-                .s
-                .store
-                .list_prefix::<super::helpers::HelperRecord>(super::helpers::HELPERS, &format!("{vm}/"))
-            else {
+            let Ok(helpers) = self.s.store.list_prefix::<super::helpers::HelperRecord>(
+                super::helpers::HELPERS,
+                &format!("{vm}/"),
+            ) else {
                 continue;
             };
             for (key, rec) in helpers {
@@ -781,7 +787,12 @@ impl Manager {
                 if done.as_deref() != Some("completed") || !paths.ram.exists() {
                     continue;
                 }
-                tracing::info!(vm, state = st.id, pid = rec.pid, "finishing a capture the previous droverd left");
+                tracing::info!(
+                    vm,
+                    state = st.id,
+                    pid = rec.pid,
+                    "finishing a capture the previous droverd left"
+                );
                 let r = Receiver {
                     qmp,
                     child: None,
@@ -903,9 +914,11 @@ impl Manager {
                     let t = Instant::now();
                     let (src, dst, want) = (disk.clone(), ram.clone(), m.sha256.clone());
                     let state_id = state.id.clone();
-                    tokio::task::spawn_blocking(move || load_memory(&src, &dst, want.as_deref(), &state_id))
-                        .await
-                        .map_err(|e| HostError::Internal(e.to_string()))??;
+                    tokio::task::spawn_blocking(move || {
+                        load_memory(&src, &dst, want.as_deref(), &state_id)
+                    })
+                    .await
+                    .map_err(|e| HostError::Internal(e.to_string()))??;
                     tracing::info!(
                         vm,
                         state = state.id,
