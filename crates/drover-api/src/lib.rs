@@ -73,6 +73,9 @@ pub enum VmState {
     Running,
     /// A stop is in progress.
     Stopping,
+    /// QEMU paused the guest by itself (a disk write failed, e.g. its filesystem is full);
+    /// `paused_reason` says why. It runs on once QEMU resumes it.
+    Paused,
 }
 
 impl std::fmt::Display for VmState {
@@ -82,6 +85,7 @@ impl std::fmt::Display for VmState {
             VmState::Starting => "starting",
             VmState::Running => "running",
             VmState::Stopping => "stopping",
+            VmState::Paused => "paused",
         })
     }
 }
@@ -159,6 +163,9 @@ pub struct VmInfo {
     /// A migration this VM is part of (or arrived by).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationMark>,
+    /// While `paused`: why QEMU paused the guest (e.g. a disk write failed: no space left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
 }
 
 /// A VM's part in a migration between hosts.

@@ -172,6 +172,7 @@ impl Out {
             let when = match (v.state, v.started_at_ms, &v.last_exit) {
                 (VmState::Running, Some(ms), _) => age(ms),
                 (VmState::Stopped, _, Some(e)) => format!("{} {} ago", e.reason, age(e.at_ms)),
+                (VmState::Paused, _, _) => v.paused_reason.clone().unwrap_or_default(),
                 _ => String::new(),
             };
             let c = v.running_config.as_ref().unwrap_or(&v.config);
@@ -206,7 +207,12 @@ impl Out {
         }
         let c = v.running_config.as_ref().unwrap_or(&v.config);
         println!("name:      {}", v.name);
-        println!("state:     {}", v.state);
+        match &v.paused_reason {
+            Some(why) if v.state == VmState::Paused => {
+                println!("state:     {} ({why})", v.state)
+            }
+            _ => println!("state:     {}", v.state),
+        }
         if let Some(pid) = v.pid {
             println!("pid:       {pid}");
         }

@@ -22,7 +22,9 @@ impl VmAction {
     pub fn allowed_states(self) -> &'static [VmState] {
         match self {
             VmAction::Start | VmAction::Delete => &[VmState::Stopped],
-            VmAction::Stop | VmAction::Restart | VmAction::Exec => &[VmState::Running],
+            // A guest QEMU paused (full disk) can still be stopped.
+            VmAction::Stop | VmAction::Restart => &[VmState::Running, VmState::Paused],
+            VmAction::Exec => &[VmState::Running],
         }
     }
 
@@ -66,13 +68,14 @@ mod tests {
     fn state_table() {
         use VmAction::*;
         use VmState::*;
-        let all = [Stopped, Starting, Running, Stopping];
+        let all = [Stopped, Starting, Running, Stopping, Paused];
         for a in [Start, Stop, Restart, Delete, Exec] {
             for s in all {
                 let ok = a.check("x", s).is_ok();
                 let expected = match a {
                     Start | Delete => s == Stopped,
-                    Stop | Restart | Exec => s == Running,
+                    Stop | Restart => s == Running || s == Paused,
+                    Exec => s == Running,
                 };
                 assert_eq!(ok, expected, "{a:?} in {s:?}");
             }

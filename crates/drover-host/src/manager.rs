@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
 mod guest;
+mod helpers;
 mod identity;
 mod layers;
 mod live;
@@ -90,6 +91,15 @@ const VM_TABLES_BY_PREFIX: &[&str] = &[
     layers::LAYERS,
 ];
 const HISTORY: &str = "history";
+/// Deletes in progress: what is left to remove of a VM whose records are gone.
+const DELETING: &str = "deleting";
+
+/// What a delete still has to remove once the VM's records are gone.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct DeleteIntent {
+    /// The VM's own disk files (operator-provided images are never removed).
+    owned_disks: Vec<PathBuf>,
+}
 const JOURNAL: &str = "journal";
 const ROLES: &str = "roles";
 /// Root ports kept free for later hot-plug of disks and NICs. Each costs the guest ~25 ms of
@@ -172,6 +182,9 @@ struct VmSlot {
     standby: tokio::sync::Mutex<Option<(VmConfig, state::Receiver)>>,
     info: Mutex<VmInfo>,
     rt: Mutex<Option<Runtime>>,
+    /// Writes of a change that already happened (QEMU exited) which the store could not take
+    /// yet (a full disk): written before any later change of this VM, and retried meanwhile.
+    pending: Mutex<Vec<Write>>,
 }
 
 impl VmSlot {
@@ -182,6 +195,7 @@ impl VmSlot {
             standby: tokio::sync::Mutex::new(None),
             info: Mutex::new(info),
             rt: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
         })
     }
 }
@@ -261,11 +275,27 @@ impl Manager {
             let slot = VmSlot::new(info);
             lock(&mgr.s.vms).insert(name.clone(), slot.clone());
             if state != VmState::Stopped {
-                mgr.readopt(&name, &slot).await?;
+                // One VM that cannot be re-adopted must not keep droverd (and the others) down.
+                if let Err(e) = mgr.readopt(&name, &slot).await {
+                    tracing::error!(vm = name, "re-adopting failed: {e}");
+                }
             }
         }
+        mgr.finish_deletes();
         mgr.recover_states().await;
+        for (vm, pids) in mgr.unknown_qemus() {
+            tracing::warn!(vm, ?pids, "a QEMU of this state dir runs for a VM the store does not know (a store recovered from an older checkpoint?); it is left alone");
+        }
         Ok(mgr)
+    }
+
+    /// QEMUs running from this state dir (`run/<vm>/`) for VMs the store has no record of.
+    fn unknown_qemus(&self) -> BTreeMap<String, Vec<u32>> {
+        let known = lock(&self.s.vms);
+        running_vm_qemus(&self.s.cfg.state_dir)
+            .into_iter()
+            .filter(|(vm, _)| !known.contains_key(vm))
+            .collect()
     }
 
     fn run_paths(&self, name: &str) -> RunPaths {
@@ -318,6 +348,7 @@ impl Manager {
         change: impl FnOnce(&mut VmInfo) -> Result<Vec<Write>>,
     ) -> Result<VmInfo> {
         let mut info = lock(&slot.info);
+        Self::flush_pending(&*self.s.store, slot, &info)?;
         let mut next = info.clone();
         let mut writes = change(&mut next)?;
         next.agent = None;
@@ -329,6 +360,75 @@ impl Manager {
             us = t.elapsed().as_micros() as u64,
             "record committed"
         );
+        *info = next.clone();
+        Ok(next)
+    }
+
+    /// Write what an earlier [`Manager::commit_or_defer`] could not, with the current record.
+    fn flush_pending(store: &dyn Store, slot: &VmSlot, info: &VmInfo) -> Result<()> {
+        let mut pending = lock(&slot.pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut writes = pending.clone();
+        let mut current = info.clone();
+        current.agent = None;
+        writes.push(drover_store::put(VMS, &current.name, &current)?);
+        store.apply(writes)?;
+        pending.clear();
+        tracing::info!(
+            vm = info.name,
+            "the store took the writes it had refused earlier"
+        );
+        Ok(())
+    }
+
+    /// Like [`Manager::commit`], for a change that has already happened whether or not the
+    /// store takes it (QEMU exited, QEMU re-adopted): when the store fails (a full disk), the
+    /// in-memory record changes anyway, so the VM is not shown `stopping` forever, and the
+    /// writes are retried every 2 s until the store takes them (or a later change of this VM
+    /// writes them first). A droverd killed meanwhile finds the truth again at re-adoption.
+    fn commit_or_defer(
+        &self,
+        slot: &Arc<VmSlot>,
+        change: impl FnOnce(&mut VmInfo) -> Result<Vec<Write>>,
+    ) -> Result<VmInfo> {
+        let mut info = lock(&slot.info);
+        let mut next = info.clone();
+        let writes = change(&mut next)?;
+        next.agent = None;
+        let mut all = lock(&slot.pending).clone();
+        all.extend(writes.iter().cloned());
+        all.push(drover_store::put(VMS, &next.name, &next)?);
+        match self.s.store.apply(all) {
+            Ok(()) => lock(&slot.pending).clear(),
+            Err(e) => {
+                tracing::warn!(
+                    vm = next.name,
+                    "the store refused a record ({e}); keeping it in memory and retrying"
+                );
+                let first = {
+                    let mut pending = lock(&slot.pending);
+                    let first = pending.is_empty();
+                    pending.extend(writes);
+                    first
+                };
+                if first {
+                    let (store_of, slot) = (self.clone(), slot.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            let info = lock(&slot.info).clone();
+                            if lock(&slot.pending).is_empty()
+                                || Self::flush_pending(&*store_of.s.store, &slot, &info).is_ok()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        }
         *info = next.clone();
         Ok(next)
     }
@@ -601,6 +701,7 @@ impl Manager {
                 next_config: None,
                 started_from: None,
                 migration: None,
+                paused_reason: None,
             };
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
@@ -647,10 +748,14 @@ impl Manager {
     }
 
     /// Remove a VM, its owned disks and its logs. Operator-provided images are left alone.
+    ///
+    /// A durable intent: one transaction removes the VM's records and records what is left to
+    /// remove (`deleting/<name>`); the files go next, then that record. A droverd killed in
+    /// between finishes the removal at its next start.
     pub async fn delete(&self, name: &str, force: bool) -> Result<VmInfo> {
         let slot = self.slot(name)?;
         let state = lock(&slot.info).state;
-        if force && state == VmState::Running {
+        if force && matches!(state, VmState::Running | VmState::Paused) {
             self.stop(name, 0, true).await?;
         }
         let _op = slot.op.lock().await;
@@ -658,20 +763,41 @@ impl Manager {
         VmAction::Delete
             .check(name, info.state)
             .map_err(HostError::Conflict)?;
-        let writes = self
+        let _create = self.s.create_lock.lock().await;
+        let intent = DeleteIntent {
+            owned_disks: info
+                .config
+                .disks
+                .iter()
+                .filter(|d| d.owned)
+                .map(|d| d.path.clone())
+                .collect(),
+        };
+        let mut writes: Vec<Write> = self
             .vm_rows(name)?
             .into_iter()
             .map(|(table, key, _)| Write::Delete { table, key })
             .collect();
+        writes.push(drover_store::put(DELETING, name, &intent)?);
         self.s.store.apply(writes)?;
         lock(&self.s.vms).remove(name);
-        for d in info.config.disks.iter().filter(|d| d.owned) {
-            let _ = std::fs::remove_file(&d.path);
+        crate::crashpoint::hit("delete-files");
+        self.finish_delete(name, &intent);
+        tracing::info!(vm = name, "deleted");
+        Ok(info)
+    }
+
+    /// Remove what a recorded delete left: helper processes, owned disks, the VM's directories
+    /// and RAM files; then the record of the delete.
+    fn finish_delete(&self, name: &str, intent: &DeleteIntent) {
+        self.reap_helpers(Some(name), &[]);
+        for d in &intent.owned_disks {
+            let _ = std::fs::remove_file(d);
         }
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
         let _ = std::fs::remove_dir_all(self.run_paths(name).dir);
         let _ = std::fs::remove_file(self.run_paths(name).ram);
-        // The RAM copies of its states.
+        // The RAM copies of its states (and their interrupted copies).
         let prefix = format!("{name}@");
         if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
             for e in dir.flatten() {
@@ -680,8 +806,31 @@ impl Manager {
                 }
             }
         }
-        tracing::info!(vm = name, "deleted");
-        Ok(info)
+        if let Err(e) = self.s.store.delete(DELETING, name) {
+            tracing::warn!(
+                vm = name,
+                "could not drop the record of a finished delete: {e}"
+            );
+        }
+    }
+
+    /// At start: finish the deletes a killed droverd left half done.
+    fn finish_deletes(&self) {
+        let Ok(rows) = self.s.store.list::<DeleteIntent>(DELETING) else {
+            return;
+        };
+        for (name, intent) in rows {
+            if lock(&self.s.vms).contains_key(&name) {
+                // Recreated since (cannot happen through the API, which holds the create lock).
+                let _ = self.s.store.delete(DELETING, &name);
+                continue;
+            }
+            tracing::info!(
+                vm = name,
+                "finishing a delete interrupted by a droverd stop"
+            );
+            self.finish_delete(&name, &intent);
+        }
     }
 
     // ---------------------------------------------------------------- start
@@ -770,19 +919,28 @@ impl Manager {
                 detached: false,
             },
         )?;
-        self.persist(slot, |i| i.state = VmState::Starting)?;
+        // Everything re-adoption needs is durable before QEMU exists: a droverd killed from here
+        // on finds the config the QEMU runs (or no QEMU at all).
+        self.persist(slot, |i| {
+            i.state = VmState::Starting;
+            i.pid = None;
+            i.accel = Some(accel);
+            i.running_config = Some(config.clone());
+            i.started_from = Some(started_from.clone());
+        })?;
         let started = Instant::now();
         let mut child = match process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log) {
             Ok(c) => c,
             Err(e) => {
                 self.persist(slot, |i| {
-                    i.state = VmState::Stopped;
+                    not_started(i);
                     i.last_exit = Some(exit("start-failed", Some(e.to_string())));
                 })?;
                 return Err(e.into());
             }
         };
         let pid = child.id().unwrap_or(0);
+        crate::crashpoint::hit("start-spawned");
         let connected = self
             .connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15))
             .await;
@@ -793,7 +951,7 @@ impl Manager {
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 let detail = format!("{why}; {}", log_tail(&paths.qemu_log));
                 self.persist(slot, |i| {
-                    i.state = VmState::Stopped;
+                    not_started(i);
                     i.last_exit = Some(exit("start-failed", Some(detail.clone())));
                 })?;
                 return Err(HostError::Internal(format!(
@@ -802,6 +960,7 @@ impl Manager {
             }
         };
         if let Some(r) = restore {
+            crate::crashpoint::hit("restore-loading");
             let loaded = async {
                 drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await?;
                 qmp.execute("cont", None).await.map(|_| ())
@@ -816,7 +975,7 @@ impl Manager {
                     log_tail(&paths.qemu_log)
                 );
                 self.persist(slot, |i| {
-                    i.state = VmState::Stopped;
+                    not_started(i);
                     i.last_exit = Some(exit("start-failed", Some(detail.clone())));
                 })?;
                 return Err(HostError::Internal(format!("VM {name}: {detail}")));
@@ -1032,6 +1191,31 @@ impl Manager {
             let _ = events_tx.send(ev.clone());
             match ev.name.as_str() {
                 "SHUTDOWN" => shutdown = Some(ev.data),
+                // QEMU stops the guest itself when a disk write fails with werror=stop or
+                // enospc (the default): show that, not `running`.
+                "BLOCK_IO_ERROR"
+                    if ev.data.get("action").and_then(|a| a.as_str()) == Some("stop") =>
+                {
+                    let why = io_error_pause(name, Some(&ev.data));
+                    tracing::warn!(vm = name, "{why}");
+                    let _ = self.commit_or_defer(slot, |i| {
+                        if i.state == VmState::Running {
+                            i.state = VmState::Paused;
+                            i.paused_reason = Some(why);
+                        }
+                        Ok(Vec::new())
+                    });
+                }
+                "RESUME" if lock(&slot.info).state == VmState::Paused => {
+                    tracing::info!(vm = name, "QEMU resumed the guest");
+                    let _ = self.commit_or_defer(slot, |i| {
+                        if i.state == VmState::Paused {
+                            i.state = VmState::Running;
+                            i.paused_reason = None;
+                        }
+                        Ok(Vec::new())
+                    });
+                }
                 "RESET" => tracing::info!(vm = name, "guest reset"),
                 "GUEST_PANICKED" => tracing::warn!(vm = name, "guest panicked: {}", ev.data),
                 other => tracing::debug!(vm = name, "QMP event {other}"),
@@ -1111,9 +1295,9 @@ impl Manager {
 
     /// Record a stop and, with persistence on, seal the config the VM ran with (live changes and
     /// next-boot changes included) as a new generation, in one transaction.
-    fn record_stopped(&self, slot: &VmSlot, exit_info: ExitInfo) -> Result<VmInfo> {
+    fn record_stopped(&self, slot: &Arc<VmSlot>, exit_info: ExitInfo) -> Result<VmInfo> {
         let mut sealed = None;
-        let info = self.commit(slot, |i| {
+        let info = self.commit_or_defer(slot, |i| {
             let mut writes = Vec::new();
             let ran = i.next_config.take().or_else(|| i.running_config.take());
             if let (true, Some(cfg)) = (i.persist, ran) {
@@ -1143,6 +1327,7 @@ impl Manager {
             i.running_config = None;
             i.next_config = None;
             i.started_from = None;
+            i.paused_reason = None;
             i.last_exit = Some(exit_info);
             Ok(writes)
         })?;
@@ -1307,7 +1492,70 @@ impl Manager {
                 .await
             {
                 Ok((qmp, events)) => {
-                    self.persist(slot, |i| {
+                    let (migrating, has_config) = {
+                        let i = lock(&slot.info);
+                        (
+                            i.migration
+                                .as_ref()
+                                .is_some_and(|m| m.phase != drover_api::MigrationPhase::Committed),
+                            i.running_config.is_some(),
+                        )
+                    };
+                    let status = qmp.status().await.ok();
+                    if !migrating {
+                        // A start or restore cut off before its QEMU ran the guest: nothing to
+                        // adopt. Stop it cleanly and say so, rather than adopt a half-started VM.
+                        let cut_off = if status.as_deref() == Some("inmigrate") {
+                            Some("droverd was stopped while the VM's saved state was being loaded")
+                        } else if !has_config {
+                            Some("droverd was stopped while the VM was starting, before its config was recorded")
+                        } else {
+                            None
+                        };
+                        if let Some(why) = cut_off {
+                            tracing::warn!(vm = name, pid, "{why}; stopping its QEMU");
+                            let _ = qmp
+                                .execute_timeout("quit", None, Duration::from_secs(2))
+                                .await;
+                            let deadline = Instant::now() + Duration::from_secs(5);
+                            while process::is_alive(pid, &marker) && Instant::now() < deadline {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if process::is_alive(pid, &marker) {
+                                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                            }
+                            let _ = std::fs::remove_file(&paths.ram);
+                            self.record_stopped(
+                                slot,
+                                exit(
+                                    "start-interrupted",
+                                    Some(format!("{why}; its QEMU was stopped: start it again")),
+                                ),
+                            )?;
+                            self.resume_requests(name);
+                            return Ok(());
+                        }
+                        // A state capture the previous droverd left streaming: its receiver
+                        // outlives droverd, so let the stream end (it is then finished from
+                        // the receiver). Cancelling it is no rescue: QEMU 7.2 leaves the vCPUs
+                        // stuck on memory still write-protected for the stream.
+                        match drover_qemu::migrate::settle_migration(&qmp, Duration::from_secs(300))
+                            .await
+                        {
+                            Ok(Some(end)) => tracing::info!(
+                                vm = name,
+                                "a state capture the previous droverd left running ended: {end}"
+                            ),
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(
+                                vm = name,
+                                "a state capture the previous droverd left running did not end: {e}"
+                            ),
+                        }
+                    }
+                    let status = qmp.status().await.ok().or(status);
+                    let io_error = status.as_deref() == Some("io-error");
+                    self.commit_or_defer(slot, |i| {
                         // One still arriving by migration does not run until it is committed.
                         let arriving = i.migration.as_ref().is_some_and(|m| {
                             m.role == drover_api::MigrationRole::Incoming
@@ -1315,10 +1563,14 @@ impl Manager {
                         });
                         i.state = if arriving {
                             VmState::Starting
+                        } else if io_error {
+                            VmState::Paused
                         } else {
                             VmState::Running
                         };
+                        i.paused_reason = io_error.then(|| io_error_pause(name, None));
                         i.pid = Some(pid);
+                        Ok(Vec::new())
                     })?;
                     let launched = {
                         let i = lock(&slot.info);
@@ -1327,11 +1579,7 @@ impl Manager {
                     let nodes = block_nodes(&qmp).await;
                     // Drover pauses a VM only inside a state save; a VM still paused now was
                     // left so by a droverd that died mid-save.
-                    let migrating = lock(&slot.info)
-                        .migration
-                        .as_ref()
-                        .is_some_and(|m| m.phase != drover_api::MigrationPhase::Committed);
-                    if !migrating && qmp.status().await.ok().as_deref() == Some("paused") {
+                    if !migrating && status.as_deref() == Some("paused") {
                         tracing::warn!(
                             vm = name,
                             "VM was left paused by an interrupted save; resuming it"
@@ -1655,6 +1903,33 @@ fn image_info(b: drover_image::BuiltImage) -> ImageInfo {
     }
 }
 
+/// The VM QEMUs (not helpers) running from `state_dir`, by VM name: what a missing or empty
+/// store must not forget.
+pub fn running_vm_qemus(state_dir: &Path) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (pid, rest) in process::with_path_under(&state_dir.join("run")) {
+        let mut parts = rest.splitn(2, '/');
+        if let (Some(vm), Some(file)) = (parts.next(), parts.next()) {
+            if !file.starts_with("cap-") && !vm.is_empty() {
+                let pids = out.entry(vm.to_string()).or_default();
+                if !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Back to stopped after a launch that never ran the guest (nothing to seal).
+fn not_started(i: &mut VmInfo) {
+    i.state = VmState::Stopped;
+    i.pid = None;
+    i.accel = None;
+    i.running_config = None;
+    i.started_from = None;
+}
+
 fn exit(reason: &str, detail: Option<String>) -> ExitInfo {
     ExitInfo {
         at_ms: hostfacts::now_ms(),
@@ -1680,6 +1955,33 @@ async fn block_nodes(qmp: &Qmp) -> std::collections::HashMap<String, String> {
         }
     }
     map
+}
+
+/// Why a VM shows `paused` when QEMU stopped it after a failed disk write (`detail`: what
+/// QEMU's `BLOCK_IO_ERROR` said).
+fn io_error_pause(vm: &str, detail: Option<&serde_json::Value>) -> String {
+    let what = detail
+        .map(|d| {
+            let dev = d
+                .get("device")
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+                .or_else(|| d.get("node-name").and_then(|v| v.as_str()))
+                .unwrap_or("a disk");
+            let why = if d.get("nospace").and_then(|v| v.as_bool()) == Some(true) {
+                "no space left on device".to_string()
+            } else {
+                d.get("reason")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("I/O error")
+                    .to_string()
+            };
+            format!("writing {dev} failed: {why}")
+        })
+        .unwrap_or_else(|| "a disk write failed".into());
+    format!(
+        "QEMU paused the guest: {what}; free space on the disks' filesystem, then `drover vm restart {vm}`"
+    )
 }
 
 /// The last lines of QEMU's own log, for error messages.

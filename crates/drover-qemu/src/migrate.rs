@@ -50,6 +50,69 @@ pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<Value, QmpEr
     }
 }
 
+/// The status `query-migrate` reports (`none` when no migration ever ran).
+async fn migration_status(qmp: &Qmp) -> Result<String, QmpError> {
+    let v = qmp.execute("query-migrate", None).await?;
+    Ok(v.get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("none")
+        .to_string())
+}
+
+/// Whether a migration in `status` is still under way.
+fn under_way(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling"
+    )
+}
+
+/// Poll until the migration is no longer under way; `Ok(None)` past `deadline`.
+async fn wait_not_under_way(qmp: &Qmp, deadline: Instant) -> Result<Option<String>, QmpError> {
+    loop {
+        let now = migration_status(qmp).await?;
+        if !under_way(&now) {
+            return Ok(Some(now));
+        }
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Cancel an outgoing migration (or background snapshot) this QEMU still runs, and wait until
+/// QEMU has let go of it. Returns the status it was in (`None`: none was running).
+pub async fn cancel_migration(qmp: &Qmp, timeout: Duration) -> Result<Option<String>, QmpError> {
+    let was = migration_status(qmp).await?;
+    if !under_way(&was) {
+        return Ok(None);
+    }
+    qmp.execute("migrate_cancel", None).await?;
+    match wait_not_under_way(qmp, Instant::now() + timeout).await? {
+        Some(_) => Ok(Some(was)),
+        None => Err(QmpError::Timeout("migrate_cancel".into())),
+    }
+}
+
+/// Wait for an outgoing migration (or background snapshot) this QEMU still runs to end by
+/// itself; cancel it only after `timeout`. Returns how it ended (`None`: none was running).
+/// What a droverd that restarts in the middle of a capture does: the receiving QEMU outlives
+/// droverd, so the stream ends normally, and QEMU 7.2 does not survive a cancelled background
+/// snapshot (its vCPUs stay stuck on write-protected memory).
+pub async fn settle_migration(qmp: &Qmp, timeout: Duration) -> Result<Option<String>, QmpError> {
+    if !under_way(&migration_status(qmp).await?) {
+        return Ok(None);
+    }
+    match wait_not_under_way(qmp, Instant::now() + timeout).await? {
+        Some(end) => Ok(Some(end)),
+        None => {
+            cancel_migration(qmp, Duration::from_secs(10)).await?;
+            Err(QmpError::Timeout("migration".into()))
+        }
+    }
+}
+
 /// Save the (paused) VM's state to `file`. With `fast`, shared RAM is left out.
 pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpError> {
     set_ignore_shared(qmp, fast).await?;

@@ -88,6 +88,68 @@ pub fn is_alive(pid: u32, marker: &str) -> bool {
     }
 }
 
+/// When `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22): with the pid, it
+/// names one process for good (a recycled pid starts later).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, starttime 22.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// The executable name of `pid` (`/proc/PID/comm`).
+pub fn comm(pid: u32) -> Option<String> {
+    Some(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()?
+            .trim()
+            .to_string(),
+    )
+}
+
+/// Live processes with a command-line argument naming a path under `dir` (as the argument
+/// itself, or after a `=`, `:` or `,` as in `path=...` or `unix:...`), each with the rest of
+/// that path below `dir`. How droverd finds the processes of its own state dir, whatever its
+/// records say; other state dirs never match, even one whose path contains this one.
+pub fn with_path_under(dir: &Path) -> Vec<(u32, String)> {
+    let mut prefix = dir.display().to_string();
+    if !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let found = cmdline.split(|b| *b == 0).find_map(|arg| {
+            let arg = String::from_utf8_lossy(arg);
+            std::iter::once(0)
+                .chain(arg.match_indices(['=', ':', ',']).map(|(i, _)| i + 1))
+                .find_map(|i| arg[i..].strip_prefix(&prefix).map(str::to_string))
+        });
+        if let Some(rest) = found {
+            if is_alive(pid, "") {
+                out.push((pid, rest));
+            }
+        }
+    }
+    out
+}
+
 /// Read a pid file.
 pub fn read_pidfile(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -127,6 +189,41 @@ mod tests {
         assert!(is_alive(me, ""));
         assert!(!is_alive(me, "certainly-not-in-my-cmdline-xyz"));
         assert!(!is_alive(u32::MAX - 1, ""));
+    }
+
+    #[test]
+    fn finds_processes_by_a_path_under_a_dir_and_only_that_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let other = dir.path().join("xrun");
+        // `sh -c SCRIPT ARG` keeps ARG in its command line while the script runs.
+        let mut a = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30; :"])
+            .arg(format!("path={}/vm1/cap-s1/qmp.sock", run.display()))
+            .spawn()
+            .unwrap();
+        let mut b = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30; :"])
+            .arg(format!("{}/vm1/x", other.display()))
+            .spawn()
+            .unwrap();
+        // Until the child has exec'd, its command line is still ours.
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = with_path_under(&run);
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(found, vec![(a.id(), "vm1/cap-s1/qmp.sock".to_string())]);
+        assert!(start_ticks(a.id()).is_some_and(|t| t > 0));
+        assert_eq!(comm(a.id()).as_deref(), Some("sh"));
+        let _ = a.kill();
+        let _ = b.kill();
+        let _ = a.wait();
+        let _ = b.wait();
+        assert!(with_path_under(&run).is_empty());
     }
 
     #[tokio::test]

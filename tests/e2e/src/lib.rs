@@ -46,6 +46,7 @@ pub struct Daemon {
     extra: Vec<String>,
     /// Where `droverd` comes from when not [`bin_dir`] (an older build, for upgrade tests).
     bin: Option<PathBuf>,
+    envs: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -79,6 +80,7 @@ impl Daemon {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             bin,
+            envs: Vec::new(),
         };
         d.spawn();
         d
@@ -92,6 +94,44 @@ impl Daemon {
     /// Replace the extra flags used by the next [`Daemon::spawn`] (e.g. a new `--host-id`).
     pub fn set_extra(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Replace the environment variables given to the next [`Daemon::spawn`] (e.g.
+    /// `DROVER_TEST_CRASH_AT`).
+    pub fn set_env(&mut self, envs: &[(&str, &str)]) {
+        self.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Wait until droverd has exited by itself (a crash point), up to `timeout`; whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(_))) | None => {
+                    self.child = None;
+                    return true;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        false
+    }
+
+    /// Whether droverd is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Where droverd keeps guest RAM files (in /dev/shm, one directory per state dir).
+    pub fn ram_dir(&self) -> PathBuf {
+        use sha2::Digest;
+        let key = hex::encode(
+            &sha2::Sha256::digest(self.state_dir().as_os_str().as_encoded_bytes())[..6],
+        );
+        PathBuf::from(format!("/dev/shm/drover-{key}"))
     }
 
     /// The API socket.
@@ -111,19 +151,10 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("droverd.log"))
             .expect("log file");
-        let bin = self.bin.clone().unwrap_or_else(bin_dir);
-        let child = Command::new(bin.join("droverd"))
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--image-dir")
-            .arg(image_dir())
-            .arg("--agent-binary")
-            .arg(agent_bin())
+        let child = self
+            .droverd()
             .arg("--log")
             .arg("info,drover_host=debug")
-            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -138,6 +169,51 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("droverd did not come up; log:\n{}", self.log());
+    }
+
+    /// droverd's command line for this state dir, with the extra flags and environment.
+    fn droverd(&self) -> Command {
+        let bin = self.bin.clone().unwrap_or_else(bin_dir);
+        let mut c = Command::new(bin.join("droverd"));
+        c.arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--image-dir")
+            .arg(image_dir())
+            .arg("--agent-binary")
+            .arg(agent_bin())
+            .args(&self.extra)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Start droverd on this state dir expecting it to refuse: returns its exit code and
+    /// output once it exits (panics if it is still up after `timeout`).
+    pub fn start_refused(&self, timeout: Duration) -> (Option<i32>, String) {
+        let mut child = self
+            .droverd()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn droverd");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                let out = child.wait_with_output().expect("droverd output");
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return (out.status.code(), text);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("droverd started although it should have refused");
     }
 
     /// `kill -9` the daemon (its VMs keep running).
@@ -436,11 +512,7 @@ impl Drop for Daemon {
         }
 
         // Nor their memory files, which droverd keeps in /dev/shm under a hash of the state dir.
-        use sha2::Digest;
-        let key = hex::encode(
-            &sha2::Sha256::digest(self.state_dir().as_os_str().as_encoded_bytes())[..6],
-        );
-        let _ = std::fs::remove_dir_all(format!("/dev/shm/drover-{key}"));
+        let _ = std::fs::remove_dir_all(self.ram_dir());
     }
 }
 

@@ -82,6 +82,14 @@ struct Args {
     /// with --listen creates an admin token in STATE_DIR/tls/admin.token.
     #[arg(long, env = "DROVER_TOKENS", value_name = "FILE")]
     tokens: Option<PathBuf>,
+    /// Put the store's last checkpoint (STATE_DIR/drover.redb.checkpoint, written after every
+    /// successful start and every 10 minutes) back in place before starting, keeping the
+    /// current file as drover.redb.damaged-<ms>. For a store droverd refuses as damaged or
+    /// missing; changes made after the checkpoint are lost.
+    ///
+    /// Example: droverd --state-dir /var/lib/drover --recover-store
+    #[arg(long, verbatim_doc_comment)]
+    recover_store: bool,
     /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
     #[arg(long, env = "DROVER_LOG", default_value = "info")]
     log: String,
@@ -106,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     let state_dir = std::path::absolute(&args.state_dir).context("resolving --state-dir")?;
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let store = drover_store::RedbStore::open(&state_dir.join("drover.redb"))?;
+    let store = Arc::new(open_store(&state_dir, args.recover_store));
     let qemu = which(&args.qemu).unwrap_or(args.qemu.clone());
     let cfg = DaemonConfig {
         image_dir: args
@@ -145,7 +153,8 @@ async fn main() -> anyhow::Result<()> {
         Some(addr) => Some(listen_tls(&args, addr, &cfg.state_dir, &tokens).await?),
         None => None,
     };
-    let mgr = Manager::open(cfg, Box::new(store)).await?;
+    let mgr = Manager::open(cfg, Box::new(store.clone())).await?;
+    spawn_checkpoints(store, state_dir_of(&mgr));
     tracing::info!(socket = %args.socket.display(), listen = ?args.listen, vms = mgr.list().len(), "droverd serving");
     let app = drover_host::api::router_with(mgr, Some(tokens));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -184,6 +193,95 @@ async fn main() -> anyhow::Result<()> {
         t.await.context("the TCP listener task failed")??;
     }
     Ok(())
+}
+
+/// Exit code when the store file is damaged.
+const EXIT_STORE_DAMAGED: i32 = 3;
+/// Exit code when the store is missing or empty while this state dir's VMs run.
+const EXIT_STORE_MISSING: i32 = 4;
+
+/// Open the store, or exit with a message that says what to do: never start with an empty
+/// store while QEMUs of this state dir run (it would forget them and let their names be taken
+/// again), never panic on a damaged file.
+fn open_store(state_dir: &std::path::Path, recover: bool) -> drover_store::RedbStore {
+    let path = state_dir.join("drover.redb");
+    let checkpoint = checkpoint_path(&path);
+    let fail = |code: i32, msg: String| -> ! {
+        tracing::error!("{msg}");
+        eprintln!("droverd: {msg}");
+        std::process::exit(code);
+    };
+    if recover {
+        match drover_store::RedbStore::recover(&path, &checkpoint) {
+            Ok(aside) => tracing::warn!(
+                checkpoint = %checkpoint.display(),
+                kept = ?aside.map(|p| p.display().to_string()),
+                "store recovered from its checkpoint; changes made after it are lost"
+            ),
+            Err(e) => fail(EXIT_STORE_DAMAGED, format!("--recover-store: {e}")),
+        }
+    }
+    if drover_store::RedbStore::is_absent(&path) {
+        let running = drover_host::manager::running_vm_qemus(state_dir);
+        if !running.is_empty() {
+            let list: Vec<String> = running
+                .iter()
+                .map(|(vm, pids)| format!("{vm} (pid {pids:?})"))
+                .collect();
+            fail(
+                EXIT_STORE_MISSING,
+                format!(
+                    "the store {} is {} but QEMUs of this state dir are running: {}. Starting with an empty store would forget them. {}",
+                    path.display(),
+                    if path.exists() { "empty (0 bytes)" } else { "missing" },
+                    list.join(", "),
+                    if checkpoint.is_file() {
+                        format!("Start droverd with --recover-store to go back to its checkpoint ({}), or stop those QEMUs first.", checkpoint.display())
+                    } else {
+                        "There is no checkpoint to recover from: stop those QEMUs (kill the pids) first, then start droverd again.".to_string()
+                    }
+                ),
+            );
+        }
+    }
+    match drover_store::RedbStore::open(&path) {
+        Ok(s) => s,
+        Err(e @ drover_store::StoreError::Damaged { .. }) => {
+            fail(EXIT_STORE_DAMAGED, e.to_string())
+        }
+        Err(e) => fail(EXIT_STORE_DAMAGED, format!("{e}")),
+    }
+}
+
+fn checkpoint_path(store: &std::path::Path) -> PathBuf {
+    let mut name = store.as_os_str().to_owned();
+    name.push(".checkpoint");
+    PathBuf::from(name)
+}
+
+fn state_dir_of(mgr: &Manager) -> PathBuf {
+    PathBuf::from(mgr.host_info().state_dir)
+}
+
+/// Copy the store to its checkpoint now (droverd started: the records are good) and every 10
+/// minutes. A failure (a full disk) is logged and retried at the next round.
+fn spawn_checkpoints(store: Arc<drover_store::RedbStore>, state_dir: PathBuf) {
+    let dest = checkpoint_path(&state_dir.join("drover.redb"));
+    tokio::spawn(async move {
+        loop {
+            let (s, d) = (store.clone(), dest.clone());
+            match tokio::task::spawn_blocking(move || s.checkpoint(&d)).await {
+                Ok(Ok(rows)) => {
+                    tracing::debug!(rows, checkpoint = %dest.display(), "store checkpoint written")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("store checkpoint failed (kept the previous one): {e}")
+                }
+                Err(e) => tracing::warn!("store checkpoint failed: {e}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        }
+    });
 }
 
 /// Bind `addr`, set up TLS (the given or the self-signed certificate) and make sure some token

@@ -31,11 +31,14 @@ const STATES_IN_RAM: usize = 2;
 /// The QEMU that receives a fast save's memory stream.
 pub(super) struct Receiver {
     qmp: Qmp,
-    child: tokio::process::Child,
+    /// `None` for one adopted from an earlier droverd (not our child).
+    child: Option<tokio::process::Child>,
     pid: u32,
     paths: RunPaths,
     /// Where it listens for the stream.
     uri: String,
+    /// Its durable record (see `helpers`): VM and key, dropped once it has exited.
+    record: (Manager, String, String),
 }
 
 impl Receiver {
@@ -49,14 +52,28 @@ impl Receiver {
     /// Stop it; its RAM file (the state's memory) stays.
     async fn discard_keep_ram(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp.execute("quit", None)).await;
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            process::signal(self.pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        match self.child.as_mut() {
+            Some(child) => {
+                if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    process::signal(self.pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                }
+            }
+            None => {
+                let marker = self.paths.dir.display().to_string();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while process::is_alive(self.pid, &marker) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                process::signal(self.pid, nix::sys::signal::Signal::SIGKILL);
+            }
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
+        let (mgr, vm, key) = &self.record;
+        mgr.forget_helper(vm, key);
     }
 }
 
@@ -65,6 +82,38 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
+}
+
+/// The temporary name a state's memory is copied to before it is renamed into place.
+pub(super) const LOADING_SUFFIX: &str = ".loading";
+
+/// Copy a state's memory from disk back into RAM at `dst`: to a temporary name, checked
+/// against the manifest's checksum, synced, then renamed. A restore cut off at any point leaves
+/// at most the temporary file (removed at the next start), never a partial copy under the name
+/// a later restore maps.
+fn load_memory(src: &Path, dst: &Path, sha256: Option<&str>, state: &str) -> Result<()> {
+    let mut name = dst.as_os_str().to_owned();
+    name.push(LOADING_SUFFIX);
+    let tmp = PathBuf::from(name);
+    let _ = std::fs::remove_file(&tmp);
+    let ctx = |e| io_ctx("loading the saved memory into", &tmp, e);
+    crate::filecopy::copy(src, &tmp).map_err(ctx)?;
+    if let Some(want) = sha256 {
+        let got = sha256_file(&tmp).map_err(ctx)?;
+        if got != want {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(HostError::Invalid(format!(
+                "state {state} is damaged: its memory ({}) does not match its checksum",
+                src.display()
+            )));
+        }
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(ctx)?;
+    crate::crashpoint::hit("restore-ram-copy");
+    std::fs::rename(&tmp, dst).map_err(ctx)?;
+    Ok(())
 }
 
 fn valid_state_name(n: &str) -> bool {
@@ -230,6 +279,7 @@ impl Manager {
                 }
             }
         };
+        crate::crashpoint::hit("save-receiver");
         // The state's config is the running one (disks by origin); the layers it pins are
         // recorded in the disks' chains. The running VM moves to new overlays.
         let state_cfg = running.clone();
@@ -447,6 +497,20 @@ impl Manager {
         )?;
         let mut child = process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log)?;
         let pid = child.id().unwrap_or(0);
+        // Durable before it is given work, so a droverd that dies from here on leaves no
+        // orphan: the next one kills it.
+        let key = format!(
+            "{}.{pid}",
+            paths.dir.file_name().unwrap_or_default().to_string_lossy()
+        );
+        if let Err(e) = self.record_helper(vm, &key, pid, &paths.dir) {
+            process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            let _ = std::fs::remove_file(&paths.ram);
+            return Err(e);
+        }
+        let record = (self.clone(), vm.to_string(), key);
         let qmp = match self
             .connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15))
             .await
@@ -456,6 +520,8 @@ impl Manager {
                 process::signal(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 let _ = std::fs::remove_file(&paths.ram);
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                self.forget_helper(vm, &record.2);
                 return Err(HostError::Internal(format!(
                     "QEMU could not start to receive VM {vm}'s memory: {why}"
                 )));
@@ -464,10 +530,11 @@ impl Manager {
         let uri = format!("unix:{}", paths.dir.join("mig.sock").display());
         let r = Receiver {
             qmp,
-            child,
+            child: Some(child),
             pid,
             paths,
             uri,
+            record,
         };
         if let Err(e) = migrate::receive_snapshot(&r.qmp, &r.uri).await {
             r.discard().await;
@@ -483,6 +550,7 @@ impl Manager {
         let dir = self.states_dir(&state.vm).join(&state.id);
         let devices = dir.join(&state.devices.file);
         let shm = self.state_ram(&state.vm, &state.id);
+        crate::crashpoint::hit("capture");
         let streamed = async {
             migrate::wait_migration(&vm_qmp, Duration::from_secs(3600)).await?;
             migrate::wait_migration(&r.qmp, Duration::from_secs(60)).await?;
@@ -540,13 +608,31 @@ impl Manager {
             self.state_ram(&state.vm, &state.id),
             dir.join(&section.file),
         );
+        if !src.exists() {
+            return Err(HostError::Invalid(format!(
+                "state {} lost its memory before it reached the disk: {} is gone (the host restarted?)",
+                state.id,
+                src.display()
+            )));
+        }
         let (d2, devices) = (dir.clone(), dir.join(&state.devices.file));
         let sum = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            crate::filecopy::copy(&src, &dst)?;
-            for f in [&dst, &devices] {
+            // Through a temporary name, so a droverd killed mid-copy leaves no file that looks
+            // complete, and a write-out begun again (at the next start) starts afresh.
+            let tmp = dst.with_extension("bin.tmp");
+            match std::fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            crate::filecopy::copy(&src, &tmp)?;
+            for f in [&tmp, &devices] {
                 std::fs::File::open(f)?.sync_all()?;
             }
+            crate::crashpoint::hit("write-out-copy");
+            std::fs::rename(&tmp, &dst)?;
             std::fs::File::open(&d2)?.sync_all()?;
+            crate::crashpoint::hit("write-out-renamed");
             sha256_file(&dst)
         })
         .await
@@ -587,39 +673,57 @@ impl Manager {
         Ok(())
     }
 
-    /// At daemon start: a capture cut off by a droverd restart is failed (its stream went with
-    /// the receiving QEMU, which is stopped); a ready state's memory is written to disk again.
+    /// At daemon start (after re-adoption, which cancelled any memory stream the previous
+    /// droverd left running and resumed the guest): helpers it left are killed; a capture it
+    /// cut off is failed with the reason; a ready state's memory is written to disk again; the
+    /// temporary files of interrupted copies go.
     pub(super) async fn recover_states(&self) {
-        for vm in self.list().into_iter().map(|v| v.name) {
-            // A receiver kept ready by the previous droverd: nobody holds it now.
-            let next = self.run_paths(&vm).dir.join("cap-next");
-            if let Some(pid) = std::fs::read_to_string(next.join("qemu.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-            {
-                if process::is_alive(pid, &next.display().to_string()) {
-                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let adopted = self.adopt_captures().await;
+        let killed = self.reap_helpers(None, &adopted);
+        if killed > 0 {
+            tracing::info!(
+                killed,
+                "killed helper processes left by the previous droverd"
+            );
+        }
+        // Interrupted restores' partial copies of a state's memory.
+        if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().ends_with(LOADING_SUFFIX) {
+                    let _ = std::fs::remove_file(e.path());
                 }
             }
-            let _ = std::fs::remove_dir_all(&next);
+        }
+        for vm in self.list().into_iter().map(|v| v.name) {
+            let run = self.run_paths(&vm).dir;
+            if let Ok(dir) = std::fs::read_dir(&run) {
+                for e in dir.flatten() {
+                    let in_use = adopted
+                        .iter()
+                        .any(|(_, d)| d.as_path() == e.path().as_path());
+                    if e.file_name().to_string_lossy().starts_with("cap-") && !in_use {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
             let _ = std::fs::remove_file(self.state_ram(&vm, "next"));
             let Ok(all) = self.states(&vm) else { continue };
+            let known: Vec<String> = all.iter().map(|s| s.id.clone()).collect();
+            self.remove_stray_state_files(&vm, &known);
             for mut st in all {
                 match st.phase {
+                    // Being finished by the receiver adopted above.
+                    StatePhase::Capturing
+                        if adopted.iter().any(|(k, _)| *k == format!("{vm}/{}", st.id)) => {}
                     StatePhase::Capturing => {
-                        let cap = self.run_paths(&vm).dir.join(format!("cap-{}", st.id));
-                        if let Some(pid) = std::fs::read_to_string(cap.join("qemu.pid"))
-                            .ok()
-                            .and_then(|p| p.trim().parse::<u32>().ok())
-                        {
-                            if process::is_alive(pid, &cap.display().to_string()) {
-                                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
-                            }
-                        }
-                        let _ = std::fs::remove_dir_all(&cap);
                         let _ = std::fs::remove_file(self.state_ram(&vm, &st.id));
+                        let _ = std::fs::remove_file(
+                            self.states_dir(&vm).join(&st.id).join(&st.devices.file),
+                        );
                         st.phase = StatePhase::Failed;
-                        st.failure = Some("droverd restarted while the memory was captured".into());
+                        st.failure = Some(
+                            "droverd was stopped while the memory was captured and its receiving QEMU was gone; the VM runs on (save again)".into(),
+                        );
                         if let Err(e) = self.write_state(&st) {
                             tracing::warn!("could not record the failure of state {}: {e}", st.id);
                         }
@@ -636,6 +740,102 @@ impl Manager {
                         });
                     }
                     _ => {}
+                }
+            }
+        }
+    }
+
+    /// Captures a killed droverd left: the receiving QEMU outlives droverd and its stream ran
+    /// on (re-adoption waited for it), so the capture is finished from it, as if droverd had
+    /// never stopped. Returns the (`vm/state id`, receiver dir) of each one taken over.
+    async fn adopt_captures(&self) -> Vec<(String, PathBuf)> {
+        let mut adopted = Vec::new();
+        for vm in self.list().into_iter().map(|v| v.name) {
+            let Ok(slot) = self.slot(&vm) else { continue };
+            let Some(rt) = self.runtime(&slot) else {
+                continue;
+            };
+            let Ok(all) = self.states(&vm) else { continue };
+            let Some(st) = all.into_iter().find(|s| s.phase == StatePhase::Capturing) else {
+                continue;
+            };
+            let Ok(helpers) = self.s.store.list_prefix::<super::helpers::HelperRecord>(
+                super::helpers::HELPERS,
+                &format!("{vm}/"),
+            ) else {
+                continue;
+            };
+            for (key, rec) in helpers {
+                if process::start_ticks(rec.pid) != Some(rec.start_ticks)
+                    || !process::is_alive(rec.pid, &rec.marker)
+                {
+                    continue;
+                }
+                let mut paths = RunPaths::new(Path::new(&rec.marker));
+                paths.ram = self.state_ram(&vm, &st.id);
+                let Ok((qmp, _events)) = self
+                    .connect_qmp(&paths.qmp, None, rec.pid, Duration::from_secs(5))
+                    .await
+                else {
+                    continue;
+                };
+                // The receiver of this capture has taken the whole stream; a standby has none.
+                let done = qmp
+                    .execute("query-migrate", None)
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_string));
+                if done.as_deref() != Some("completed") || !paths.ram.exists() {
+                    continue;
+                }
+                tracing::info!(
+                    vm,
+                    state = st.id,
+                    pid = rec.pid,
+                    "finishing a capture the previous droverd left"
+                );
+                let r = Receiver {
+                    qmp,
+                    child: None,
+                    pid: rec.pid,
+                    uri: String::new(),
+                    record: (self.clone(), vm.clone(), key.clone()),
+                    paths: paths.clone(),
+                };
+                adopted.push((format!("{vm}/{}", st.id), paths.dir.clone()));
+                let mgr = self.clone();
+                let (vm_qmp, st, slot) = (rt.qmp.clone(), st.clone(), slot.clone());
+                let guard = slot.capture.clone().lock_owned().await;
+                tokio::spawn(async move {
+                    let _capturing = guard;
+                    mgr.finish_capture(st, vm_qmp, r).await;
+                });
+                break;
+            }
+        }
+        adopted
+    }
+
+    /// State directories and RAM copies of VM `vm` that belong to no recorded state: a save cut
+    /// off before it was recorded, a delete cut off after it.
+    fn remove_stray_state_files(&self, vm: &str, known: &[String]) {
+        if let Ok(dir) = std::fs::read_dir(self.states_dir(vm)) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    tracing::info!(vm, dir = name, "removing the files of an unrecorded state");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let prefix = format!("{vm}@");
+        if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_prefix(&prefix) {
+                    if !known.iter().any(|k| k == id) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
                 }
             }
         }
@@ -713,11 +913,13 @@ impl Manager {
                         )));
                     }
                     let t = Instant::now();
-                    let (src, dst) = (disk.clone(), ram.clone());
-                    tokio::task::spawn_blocking(move || crate::filecopy::copy(&src, &dst))
-                        .await
-                        .map_err(|e| HostError::Internal(e.to_string()))?
-                        .map_err(|e| io_ctx("loading the saved memory into", &ram, e))?;
+                    let (src, dst, want) = (disk.clone(), ram.clone(), m.sha256.clone());
+                    let state_id = state.id.clone();
+                    tokio::task::spawn_blocking(move || {
+                        load_memory(&src, &dst, want.as_deref(), &state_id)
+                    })
+                    .await
+                    .map_err(|e| HostError::Internal(e.to_string()))??;
                     tracing::info!(
                         vm,
                         state = state.id,
