@@ -250,7 +250,9 @@ async fn create(
     Body(spec): Body<VmSpec>,
 ) -> Res<drover_api::VmInfo> {
     need(&who, Permission::Lifecycle)?;
-    Ok(Json(detached(async move { m.create(spec).await }).await?))
+    Ok(Json(
+        detached(async move { m.create(spec, &who.0).await }).await?,
+    ))
 }
 
 async fn show(

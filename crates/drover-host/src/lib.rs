@@ -13,7 +13,9 @@ pub mod auth;
 pub mod error;
 pub mod filecopy;
 pub mod hostfacts;
+pub mod limits;
 pub mod manager;
+pub mod pools;
 pub mod tls;
 
 /// One line of image-build progress for logs and the CLI.

@@ -65,6 +65,33 @@ struct Args {
     /// with --listen creates an admin token in STATE_DIR/tls/admin.token.
     #[arg(long, env = "DROVER_TOKENS", value_name = "FILE")]
     tokens: Option<PathBuf>,
+    /// A directory non-admin callers may take disk images, kernels and initrds from, as
+    /// NAME=DIR (read-only for them) or NAME=DIR:rw; repeat for more. Admins name any path.
+    /// Example: --image-pool base=/srv/drover/images. droverd's own guest-image directory is
+    /// the pool `drover`.
+    #[arg(long = "image-pool", value_name = "NAME=DIR[:rw]", value_parser = drover_host::pools::Pool::parse)]
+    image_pools: Vec<drover_host::pools::Pool>,
+    /// Rotate a VM's console.log (to console.log.1) past this size, e.g. 8M or 1G.
+    #[arg(long, default_value = "8M", value_parser = parse_size, value_name = "SIZE")]
+    console_log_max: u64,
+    /// Disks a VM's guest may add for itself (`drover-guest reconfigure --add-disk`).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    guest_disk_max_count: u32,
+    /// Total size of the disks a VM's guest may add for itself.
+    #[arg(long, default_value = "16G", value_parser = parse_size, value_name = "SIZE")]
+    guest_disk_max_size: u64,
+    /// Saved states a VM may hold before its guest's `save` is refused.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    guest_state_max_count: u32,
+    /// Disk space a VM's saved states may take before its guest's `save` is refused.
+    #[arg(long, default_value = "8G", value_parser = parse_size, value_name = "SIZE")]
+    guest_state_max_size: u64,
+    /// Drop audit records older than this many days.
+    #[arg(long, default_value_t = 30, value_name = "DAYS")]
+    audit_max_days: u64,
+    /// Keep at most this many audit records per VM (the oldest go first).
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    audit_max_entries: usize,
     /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
     #[arg(long, env = "DROVER_LOG", default_value = "info")]
     log: String,
@@ -110,6 +137,16 @@ async fn main() -> anyhow::Result<()> {
             std::path::Path::new(drover_host::hostfacts::DMI_DIR),
         ),
         migration_addr: args.listen.map(|a| a.ip()),
+        pools: args.image_pools.clone(),
+        limits: drover_host::limits::Limits {
+            console_log_max: args.console_log_max,
+            guest_disk_count: args.guest_disk_max_count,
+            guest_disk_bytes: args.guest_disk_max_size,
+            guest_state_count: args.guest_state_max_count,
+            guest_state_bytes: args.guest_state_max_size,
+            audit_max_age: std::time::Duration::from_secs(args.audit_max_days * 24 * 3600),
+            audit_max_entries: args.audit_max_entries,
+        },
     };
     let tokens = Arc::new(TokenStore::new(
         &args
@@ -223,6 +260,10 @@ async fn bind(path: &std::path::Path, mode: u32) -> anyhow::Result<tokio::net::U
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    drover_model::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_host_id(s: &str) -> Result<String, String> {

@@ -459,6 +459,7 @@ impl Manager {
         let caller = Caller {
             name: format!("guest:{}", p.principal),
             role: None,
+            uid: None,
         };
         let outcome: std::result::Result<serde_json::Value, String> = match &p.op {
             GuestOp::Reconfigure { changes } => self.guest_reconfigure(vm, changes, &caller).await,
@@ -759,6 +760,8 @@ mod tests {
             persist_mode_default: drover_model::PersistMode::Diff,
             identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
             migration_addr: None,
+            pools: Vec::new(),
+            limits: crate::limits::Limits::default(),
         };
         let store = drover_store::RedbStore::open(&dir.join("d.redb")).unwrap();
         Manager::open(cfg, Box::new(store)).await.unwrap()
@@ -780,9 +783,12 @@ mod tests {
     async fn identity_requests_generation_ids_and_notices() {
         let dir = tempfile::tempdir().unwrap();
         let m = manager(dir.path()).await;
-        m.create(drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap())
-            .await
-            .unwrap();
+        m.create(
+            drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap(),
+            &Caller::daemon(),
+        )
+        .await
+        .unwrap();
         let g0 = m.generation_id("g1").unwrap();
         assert!(drover_proto::valid_generation_id(&g0));
         assert_eq!(m.generation_id("g1").unwrap(), g0, "stable until renewed");
@@ -823,6 +829,7 @@ mod tests {
         let admin = Caller {
             name: "root".into(),
             role: Some(crate::auth::Role::Admin),
+            uid: Some(0),
         };
         let audit = m.guest_audit("g1", &admin).unwrap();
         assert_eq!(
@@ -860,9 +867,12 @@ mod tests {
         ));
 
         m.delete("g1", false).await.unwrap();
-        m.create(drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap())
-            .await
-            .unwrap();
+        m.create(
+            drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap(),
+            &Caller::daemon(),
+        )
+        .await
+        .unwrap();
         assert_ne!(
             m.generation_id("g1").unwrap(),
             g1,

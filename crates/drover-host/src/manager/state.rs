@@ -444,7 +444,7 @@ impl Manager {
                 detached: true,
             },
         )?;
-        let mut child = process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log)?;
+        let mut child = self.spawn_qemu(config, args, &paths.qemu_log)?;
         let pid = child.id().unwrap_or(0);
         let qmp = match self
             .connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15))
