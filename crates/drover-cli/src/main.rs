@@ -638,7 +638,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             Some(ErrorCode::Conflict | ErrorCode::AlreadyExists) => 4,
             Some(ErrorCode::Timeout | ErrorCode::AgentUnavailable) => 6,
             Some(ErrorCode::InsufficientResources) => 7,
-            Some(ErrorCode::Forbidden | ErrorCode::Unauthenticated) => 8,
+            Some(
+                ErrorCode::Forbidden | ErrorCode::Unauthenticated | ErrorCode::TooManyRequests,
+            ) => 8,
+            Some(ErrorCode::TooLarge) => 2,
             Some(ErrorCode::PeerUnreachable) => 5,
             _ => 1,
         },

@@ -16,6 +16,7 @@ pub mod hostfacts;
 pub mod limits;
 pub mod manager;
 pub mod pools;
+pub mod serve;
 pub mod tls;
 
 /// One line of image-build progress for logs and the CLI.

@@ -271,6 +271,28 @@ impl Manager {
         Ok(mgr)
     }
 
+    /// A manager on a fresh state dir under `dir` (TCG, no pools), for unit tests.
+    #[cfg(test)]
+    pub(crate) async fn for_tests(dir: &Path, limits: crate::limits::Limits) -> Manager {
+        let cfg = DaemonConfig {
+            state_dir: dir.join("state"),
+            image_dir: dir.join("images"),
+            agent_binary: None,
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: Some(drover_model::Accel::Tcg),
+            persist_default: true,
+            persist_mode_default: drover_model::PersistMode::Diff,
+            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
+            migration_addr: None,
+            pools: Vec::new(),
+            limits,
+        };
+        let store = drover_store::RedbStore::open(&dir.join("d.redb")).expect("test store");
+        Manager::open(cfg, Box::new(store))
+            .await
+            .expect("test manager")
+    }
+
     fn run_paths(&self, name: &str) -> RunPaths {
         let mut p = RunPaths::new(&self.s.cfg.state_dir.join("run").join(name));
         p.ram = self.ram_dir().join(name);
@@ -856,7 +878,7 @@ impl Manager {
                     i.state = VmState::Stopped;
                     i.last_exit = Some(exit("start-failed", Some(e.to_string())));
                 })?;
-                return Err(e.into());
+                return Err(e);
             }
         };
         let pid = child.id().unwrap_or(0);

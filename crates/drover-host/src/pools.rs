@@ -270,8 +270,9 @@ mod tests {
             .is_ok());
         // One and the same answer for each way of trying, so nothing tells them apart
         // (but the path itself, which the caller gave).
-        let generic =
-            |p: &Path| err_text(pools.resolve(&op(), p, ro)).replace(&p.display().to_string(), "P");
+        let generic = |p: &Path| {
+            err_text(pools.resolve(&op(), p, ro)).replacen(&p.display().to_string(), "P", 1)
+        };
         let base = generic(&secret);
         assert!(
             base.contains("image pool") && base.contains("--image-pool"),

@@ -207,12 +207,20 @@ mod tests {
     async fn a_confined_process_keeps_only_the_capabilities_asked_for() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let args: Vec<String> = ["-c", "grep -E '^(CapEff|CapBnd|CapInh|NoNewPrivs)' /proc/self/status"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let mut c = spawn_confined(Path::new("/bin/sh"), &args, &log, Some(CAP_NET_BIND_SERVICE))
-            .unwrap();
+        let args: Vec<String> = [
+            "-c",
+            "grep -E '^(CapEff|CapBnd|CapInh|NoNewPrivs)' /proc/self/status",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut c = spawn_confined(
+            Path::new("/bin/sh"),
+            &args,
+            &log,
+            Some(CAP_NET_BIND_SERVICE),
+        )
+        .unwrap();
         assert!(c.wait().await.unwrap().success());
         let out = std::fs::read_to_string(&log).unwrap();
         let field = |k: &str| {

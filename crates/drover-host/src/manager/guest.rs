@@ -747,24 +747,9 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manager::DaemonConfig;
 
     async fn manager(dir: &std::path::Path) -> Manager {
-        let cfg = DaemonConfig {
-            state_dir: dir.join("state"),
-            image_dir: dir.join("images"),
-            agent_binary: None,
-            qemu_binary: "qemu-system-x86_64".into(),
-            accel: Some(drover_model::Accel::Tcg),
-            persist_default: true,
-            persist_mode_default: drover_model::PersistMode::Diff,
-            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
-            migration_addr: None,
-            pools: Vec::new(),
-            limits: crate::limits::Limits::default(),
-        };
-        let store = drover_store::RedbStore::open(&dir.join("d.redb")).unwrap();
-        Manager::open(cfg, Box::new(store)).await.unwrap()
+        Manager::for_tests(dir, crate::limits::Limits::default()).await
     }
 
     fn req(op: GuestOp) -> GuestRequest {
