@@ -80,6 +80,7 @@ const VM_TABLES_BY_PREFIX: &[&str] = &[
     guest::PRINCIPALS,
     guest::AUDIT,
     guest::REQUESTS,
+    guest::GUEST_DISKS,
     state::STATES,
 ];
 const HISTORY: &str = "history";
@@ -268,7 +269,45 @@ impl Manager {
             }
         }
         mgr.recover_states().await;
+        let weak = Arc::downgrade(&mgr.s);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(s) = weak.upgrade() else { return };
+                let m = Manager { s };
+                let _ = tokio::task::spawn_blocking(move || m.rotate_consoles()).await;
+            }
+        });
         Ok(mgr)
+    }
+
+    /// Rotate every console.log past its cap: its bytes move to `console.log.1` (replacing the
+    /// older one) and it starts empty again (QEMU appends, so it writes on at the new end).
+    /// Checked every second, so a log exceeds its cap by at most one second of output; what a
+    /// guest writes between the copy and the truncation is lost.
+    fn rotate_consoles(&self) {
+        let cap = self.s.cfg.limits.console_log_max;
+        let names: Vec<String> = lock(&self.s.vms).keys().cloned().collect();
+        for name in names {
+            let path = self.console_path(&name);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.len() <= cap {
+                continue;
+            }
+            let old = path.with_extension("log.1");
+            let rotated = std::fs::copy(&path, &old).and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(0))
+            });
+            match rotated {
+                Ok(()) => tracing::debug!(vm = name, bytes = meta.len(), "console log rotated"),
+                Err(e) => tracing::warn!(vm = name, "cannot rotate {}: {e}", path.display()),
+            }
+        }
     }
 
     /// A manager on a fresh state dir under `dir` (TCG, no pools), for unit tests.
@@ -1679,7 +1718,8 @@ impl Manager {
             Err(e) => return Err(io_ctx("reading", &path, e)),
         };
         let len = f.metadata().map_err(|e| io_ctx("reading", &path, e))?.len();
-        let start = offset.min(len);
+        // Past the end: the log was rotated since the caller's last read; start over.
+        let start = if offset > len { 0 } else { offset };
         f.seek(SeekFrom::Start(start))
             .map_err(|e| io_ctx("reading", &path, e))?;
         let mut buf = Vec::new();

@@ -177,9 +177,9 @@ impl Manager {
         if free < need {
             return Err(HostError::Resources(format!(
                 "saving VM {vm} needs about {} free on {}; {} is free",
-                drover_model::format_size(need),
+                hostfacts::human_size(need),
                 self.vm_dir(vm).display(),
-                drover_model::format_size(free)
+                hostfacts::human_size(free)
             )));
         }
         let n = self
@@ -417,9 +417,9 @@ impl Manager {
         if free < need {
             return Err(HostError::Resources(format!(
                 "saving VM {vm} needs about {} free in {} for its memory; {} is free",
-                drover_model::format_size(need),
+                hostfacts::human_size(need),
                 self.ram_dir().display(),
-                drover_model::format_size(free)
+                hostfacts::human_size(free)
             )));
         }
         let _ = std::fs::remove_dir_all(&paths.dir);
