@@ -865,6 +865,10 @@ pub enum ErrorCode {
     Unauthenticated,
     /// Another host (a migration's destination) could not be reached.
     PeerUnreachable,
+    /// The request body is larger than this route takes.
+    TooLarge,
+    /// Too many failed attempts (wrong tokens) from this address; wait and try again.
+    TooManyRequests,
     /// Something failed inside droverd.
     Internal,
 }
@@ -879,6 +883,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::Unauthenticated => 401,
             ErrorCode::PeerUnreachable => 502,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::InsufficientResources => 507,
             ErrorCode::AgentUnavailable => 503,
             ErrorCode::Timeout => 504,

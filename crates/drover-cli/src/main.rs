@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 ///   drover vm exec web1 -- uname -a
 ///   drover vm list
 ///
-/// Every command takes --output json for scripts. Exit codes: 0 ok, 1 error, 2 usage,
-/// 3 not found, 4 wrong state or already exists, 5 droverd unreachable, 6 timeout or agent
-/// unavailable, 7 not enough host resources, 8 permission denied; `vm exec` exits with the guest
-/// command's code.
+/// Every command takes --output json for scripts. Exit codes: 0 ok, 1 error, 2 usage (or a
+/// request too large), 3 not found, 4 wrong state or already exists, 5 droverd unreachable,
+/// 6 timeout or agent unavailable, 7 not enough host resources, 8 permission denied (or too
+/// many wrong tokens); `vm exec` exits with the guest command's code.
 #[derive(Parser, Debug)]
 #[command(
     name = "drover",
@@ -398,6 +398,11 @@ enum VmCmd {
     ///
     /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image, readonly),
     /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk).
+    ///
+    /// Unless you are an admin, images, kernels and initrds must be files in an image pool
+    /// (droverd --image-pool NAME=DIR; read-only unless the pool is NAME=DIR:rw), forwards use
+    /// a loopback address and a host port of 1024 or above, and tap devices are refused:
+    ///   drover vm create web2 --disk image=/srv/drover/images/base.qcow2,ro --nic user,forward=tcp:127.0.0.1:2222-:22
     #[command(verbatim_doc_comment)]
     Create {
         /// VM name (a-z, 0-9, '-'; it becomes the guest's hostname).
@@ -669,7 +674,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             Some(ErrorCode::Conflict | ErrorCode::AlreadyExists) => 4,
             Some(ErrorCode::Timeout | ErrorCode::AgentUnavailable) => 6,
             Some(ErrorCode::InsufficientResources) => 7,
-            Some(ErrorCode::Forbidden | ErrorCode::Unauthenticated) => 8,
+            Some(
+                ErrorCode::Forbidden | ErrorCode::Unauthenticated | ErrorCode::TooManyRequests,
+            ) => 8,
+            Some(ErrorCode::TooLarge) => 2,
             Some(ErrorCode::PeerUnreachable) => 5,
             _ => 1,
         },

@@ -5,7 +5,6 @@
 use crate::auth::{bearer, Caller, Permission, Role, TokenStore};
 use crate::error::HostError;
 use crate::manager::Manager;
-use crate::tls::TlsListener;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,9 +19,6 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Largest request body accepted.
-const MAX_BODY: usize = 1 << 20;
-
 /// Who is on the other end of an API connection: a local process (unix socket peer
 /// credentials) or a TCP client (which must then bring a bearer token).
 #[derive(Clone, Debug, Default)]
@@ -33,30 +29,12 @@ pub struct Peer {
     pub remote: Option<std::net::SocketAddr>,
 }
 
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
-    > for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        Peer {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
-            remote: None,
-        }
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Peer {
-            uid: None,
-            remote: Some(*stream.remote_addr()),
-        }
-    }
-}
-
 /// The request's caller, resolved to a role.
 pub struct Who(pub Caller);
+
+/// The caller [`gate`] resolved, for the handlers after it.
+#[derive(Clone)]
+struct Resolved(Caller);
 
 impl axum::extract::FromRequestParts<Manager> for Who {
     type Rejection = Failure;
@@ -64,25 +42,159 @@ impl axum::extract::FromRequestParts<Manager> for Who {
         parts: &mut axum::http::request::Parts,
         m: &Manager,
     ) -> Result<Self, Self::Rejection> {
-        let peer = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<Peer>>()
-            .map(|c| c.0.clone())
-            .unwrap_or_default();
-        match peer.remote {
-            // Local: the kernel vouches for the uid; a token header is ignored.
-            None => Ok(Who(m.caller(peer.uid))),
-            Some(addr) => {
-                let header = parts
-                    .headers
-                    .get(axum::http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok());
-                token_caller(parts.extensions.get::<Arc<TokenStore>>(), header)
-                    .map(Who)
-                    .inspect_err(|f| tracing::info!(peer = %addr, error = %f.0.message, "refused a TCP caller"))
-            }
+        if let Some(Resolved(c)) = parts.extensions.get::<Resolved>() {
+            return Ok(Who(c.clone()));
         }
+        resolve_caller(parts, m).map(Who)
     }
+}
+
+/// Wrong tokens per TCP address: past [`TOKEN_FAILURES`] in [`TOKEN_WINDOW`], the address is
+/// refused (429) without looking at its tokens until the window has passed.
+const TOKEN_FAILURES: u32 = 10;
+const TOKEN_WINDOW: Duration = Duration::from_secs(60);
+
+/// Failed token checks per address.
+#[derive(Default)]
+pub struct TokenFailures(
+    std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+);
+
+impl TokenFailures {
+    fn blocked(&self, ip: std::net::IpAddr) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&ip)
+            .is_some_and(|(since, n)| *n >= TOKEN_FAILURES && since.elapsed() < TOKEN_WINDOW)
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) -> u32 {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            m.retain(|_, (since, _)| since.elapsed() < TOKEN_WINDOW);
+        }
+        let e = m.entry(ip).or_insert((std::time::Instant::now(), 0));
+        if e.0.elapsed() >= TOKEN_WINDOW {
+            *e = (std::time::Instant::now(), 0);
+        }
+        e.1 += 1;
+        e.1
+    }
+}
+
+static TCP_REFUSALS: crate::limits::LogLimiter =
+    crate::limits::LogLimiter::new(Duration::from_secs(10));
+
+/// Who is calling: the unix peer's uid, or on TCP the bearer token's role (rate-limited per
+/// address after repeated failures).
+fn resolve_caller(parts: &axum::http::request::Parts, m: &Manager) -> Result<Caller, Failure> {
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map(|c| c.0.clone())
+        .unwrap_or_default();
+    let Some(addr) = peer.remote else {
+        // Local: the kernel vouches for the uid; a token header is ignored.
+        return Ok(m.caller(peer.uid));
+    };
+    let failures = parts.extensions.get::<Arc<TokenFailures>>();
+    if failures.is_some_and(|f| f.blocked(addr.ip())) {
+        return Err(Failure(ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "too many wrong tokens from {}; wait a minute and use a valid token",
+                addr.ip()
+            ),
+        )));
+    }
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    token_caller(parts.extensions.get::<Arc<TokenStore>>(), header).inspect_err(|f| {
+        let n = failures.map(|t| t.failed(addr.ip())).unwrap_or(0);
+        let ip = addr.ip().to_string();
+        if let Some(held_back) = TCP_REFUSALS.allow(&ip) {
+            tracing::info!(peer = %addr, failures_in_window = n, refused_since_last_line = held_back, error = %f.0.message, "refused a TCP caller");
+        }
+    })
+}
+
+/// Body limit of most routes: specs, changes and requests are small.
+const SMALL_BODY: usize = 64 << 10;
+/// `exec` carries the command's standard input (a guest frame holds at most 1 MiB).
+const EXEC_BODY: usize = 2 << 20;
+/// A VM's records on arrival from another host (its journal and audit trail grow with its life).
+const INCOMING_BODY: usize = 64 << 20;
+
+/// What a route needs of its caller, and the largest body it takes. Checked by [`gate`] before
+/// any byte of the body is read; handlers and the manager check finer rules after.
+fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
+    use axum::http::Method;
+    use Permission::*;
+    let tail = route.strip_prefix("/v1/vms/{name}").unwrap_or("");
+    let on_vm = route.starts_with("/v1/vms/{name}");
+    let p = match (method, route) {
+        (_, r) if r.starts_with("/v1/auth") || r.starts_with("/v1/migrations") => Admin,
+        (&Method::POST, "/v1/image/build") => Admin,
+        (_, _) if on_vm && (tail.starts_with("/guest-access") || tail == "/audit") => GuestAccess,
+        (&Method::GET, _) => Read,
+        (&Method::POST, "/v1/vms") => Lifecycle,
+        (&Method::POST, _) if on_vm && matches!(tail, "/attach" | "/detach" | "/set") => Change,
+        (&Method::POST, _) if on_vm && tail == "/exec" => Exec,
+        (&Method::POST, _) if on_vm && tail.starts_with("/config/") => ConfigPersist,
+        (&Method::POST | &Method::DELETE, _) if on_vm => Lifecycle,
+        // Anything not listed: only an admin.
+        _ => Admin,
+    };
+    let limit = match route {
+        "/v1/migrations/incoming" => INCOMING_BODY,
+        "/v1/vms/{name}/exec" => EXEC_BODY,
+        _ => SMALL_BODY,
+    };
+    (p, limit)
+}
+
+/// Every route's door: resolve the caller, refuse one without the route's permission and a body
+/// over the route's limit (413) — all before the body is read.
+async fn gate(
+    State(m): State<Manager>,
+    matched: Option<axum::extract::MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = matched.as_ref().map(|p| p.as_str()).unwrap_or("");
+    let (need, limit) = route_rule(req.method(), route);
+    let (mut parts, body) = req.into_parts();
+    let caller = match resolve_caller(&parts, &m) {
+        Ok(c) => c,
+        Err(f) => return f.into_response(),
+    };
+    if let Err(e) = caller.require(need) {
+        return Failure::from(e).into_response();
+    }
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large(limit).into_response();
+    }
+    parts.extensions.insert(Resolved(caller));
+    // A body without a length (chunked) is cut off at the limit as it is read.
+    let body = axum::body::Body::new(http_body_util::Limited::new(body, limit));
+    next.run(axum::extract::Request::from_parts(parts, body))
+        .await
+}
+
+fn too_large(limit: usize) -> Failure {
+    Failure(ApiError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "the request body is larger than this route takes ({} KiB at most)",
+            limit >> 10
+        ),
+    ))
 }
 
 /// The caller behind an `Authorization` header on a TCP connection.
@@ -188,10 +300,7 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
         // A VM's records (its journal and audit trail grow with its life) come in one request.
-        .route(
-            "/v1/migrations/incoming",
-            post(incoming_prepare).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
-        )
+        .route("/v1/migrations/incoming", post(incoming_prepare))
         .route("/v1/migrations/{name}/commit", post(incoming_commit))
         .route("/v1/migrations/{name}/abort", post(incoming_abort))
         .route("/v1/image", get(image))
@@ -202,8 +311,11 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
             "/v1/auth/tokens/{name}",
             axum::routing::delete(token_revoke),
         )
+        .route_layer(axum::middleware::from_fn_with_state(mgr.clone(), gate))
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such API route")) })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+        // The gate sets each route's limit; this only lifts axum's own default to the largest.
+        .layer(axum::extract::DefaultBodyLimit::max(INCOMING_BODY))
+        .layer(axum::Extension(Arc::new(TokenFailures::default())));
     let r = match tokens {
         Some(t) => r.layer(axum::Extension(t)),
         None => r,
@@ -219,7 +331,14 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| Failure(ApiError::new(ErrorCode::InvalidArgument, e.body_text())))?;
+            .map_err(|e| {
+                let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ErrorCode::TooLarge
+                } else {
+                    ErrorCode::InvalidArgument
+                };
+                Failure(ApiError::new(code, e.body_text()))
+            })?;
         let bytes = if bytes.is_empty() {
             axum::body::Bytes::from_static(b"{}")
         } else {
@@ -250,7 +369,9 @@ async fn create(
     Body(spec): Body<VmSpec>,
 ) -> Res<drover_api::VmInfo> {
     need(&who, Permission::Lifecycle)?;
-    Ok(Json(detached(async move { m.create(spec).await }).await?))
+    Ok(Json(
+        detached(async move { m.create(spec, &who.0).await }).await?,
+    ))
 }
 
 async fn show(
@@ -755,6 +876,241 @@ use futures_util::StreamExt as _;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower::ServiceExt as _;
+
+    #[test]
+    fn every_route_names_what_it_needs() {
+        use axum::http::Method;
+        use Permission::*;
+        let get = Method::GET;
+        let post = Method::POST;
+        let del = Method::DELETE;
+        for (m, route, need, limit) in [
+            (&get, "/v1/host", Read, SMALL_BODY),
+            (&get, "/v1/vms", Read, SMALL_BODY),
+            (&post, "/v1/vms", Lifecycle, SMALL_BODY),
+            (&get, "/v1/vms/{name}", Read, SMALL_BODY),
+            (&del, "/v1/vms/{name}", Lifecycle, SMALL_BODY),
+            (&post, "/v1/vms/{name}/start", Lifecycle, SMALL_BODY),
+            (&post, "/v1/vms/{name}/stop", Lifecycle, SMALL_BODY),
+            (&post, "/v1/vms/{name}/restart", Lifecycle, SMALL_BODY),
+            (&get, "/v1/vms/{name}/agent", Read, SMALL_BODY),
+            (&post, "/v1/vms/{name}/exec", Exec, EXEC_BODY),
+            (&get, "/v1/vms/{name}/console", Read, SMALL_BODY),
+            (&post, "/v1/vms/{name}/attach", Change, SMALL_BODY),
+            (&post, "/v1/vms/{name}/detach", Change, SMALL_BODY),
+            (&post, "/v1/vms/{name}/set", Change, SMALL_BODY),
+            (&get, "/v1/vms/{name}/config", Read, SMALL_BODY),
+            (&get, "/v1/vms/{name}/config/diff", Read, SMALL_BODY),
+            (&get, "/v1/vms/{name}/config/{gen}", Read, SMALL_BODY),
+            (
+                &post,
+                "/v1/vms/{name}/config/promote",
+                ConfigPersist,
+                SMALL_BODY,
+            ),
+            (
+                &post,
+                "/v1/vms/{name}/config/persist",
+                ConfigPersist,
+                SMALL_BODY,
+            ),
+            (&get, "/v1/vms/{name}/journal", Read, SMALL_BODY),
+            (&get, "/v1/vms/{name}/guest-access", GuestAccess, SMALL_BODY),
+            (
+                &post,
+                "/v1/vms/{name}/guest-access",
+                GuestAccess,
+                SMALL_BODY,
+            ),
+            (
+                &del,
+                "/v1/vms/{name}/guest-access/{principal}",
+                GuestAccess,
+                SMALL_BODY,
+            ),
+            (&get, "/v1/vms/{name}/audit", GuestAccess, SMALL_BODY),
+            (&get, "/v1/vms/{name}/states", Read, SMALL_BODY),
+            (&post, "/v1/vms/{name}/states", Lifecycle, SMALL_BODY),
+            (&get, "/v1/vms/{name}/states/{state}", Read, SMALL_BODY),
+            (&del, "/v1/vms/{name}/states/{state}", Lifecycle, SMALL_BODY),
+            (
+                &post,
+                "/v1/vms/{name}/states/{state}/restore",
+                Lifecycle,
+                SMALL_BODY,
+            ),
+            (&post, "/v1/vms/{name}/migrate", Lifecycle, SMALL_BODY),
+            (
+                &post,
+                "/v1/vms/{name}/migrate/cancel",
+                Lifecycle,
+                SMALL_BODY,
+            ),
+            (&post, "/v1/migrations/incoming", Admin, INCOMING_BODY),
+            (&post, "/v1/migrations/{name}/commit", Admin, SMALL_BODY),
+            (&post, "/v1/migrations/{name}/abort", Admin, SMALL_BODY),
+            (&get, "/v1/image", Read, SMALL_BODY),
+            (&post, "/v1/image/build", Admin, SMALL_BODY),
+            (&get, "/v1/auth/roles", Admin, SMALL_BODY),
+            (&post, "/v1/auth/roles", Admin, SMALL_BODY),
+            (&get, "/v1/auth/tokens", Admin, SMALL_BODY),
+            (&post, "/v1/auth/tokens", Admin, SMALL_BODY),
+            (&del, "/v1/auth/tokens/{name}", Admin, SMALL_BODY),
+            (&Method::PUT, "/v1/somewhere/new", Admin, SMALL_BODY),
+        ] {
+            assert_eq!(route_rule(m, route), (need, limit), "{m} {route}");
+        }
+    }
+
+    /// A body whose first read is recorded: the gate must answer before it.
+    fn watched_body(len: usize, read: Arc<AtomicBool>) -> axum::body::Body {
+        let chunk = axum::body::Bytes::from(vec![b'x'; 1 << 20]);
+        let n = len.div_ceil(1 << 20);
+        let stream = futures_util::stream::iter((0..n).map(move |_| {
+            read.store(true, Ordering::SeqCst);
+            Ok::<_, std::convert::Infallible>(chunk.clone())
+        }));
+        axum::body::Body::from_stream(stream)
+    }
+
+    async fn call(
+        app: &Router,
+        uid: Option<u32>,
+        method: &str,
+        uri: &str,
+        length: Option<usize>,
+        body: axum::body::Body,
+    ) -> (StatusCode, ApiError) {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(n) = length {
+            b = b.header("content-length", n.to_string());
+        }
+        let mut req = b.body(body).unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(Peer { uid, remote: None }));
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let err = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            ApiError::new(ErrorCode::Internal, String::from_utf8_lossy(&bytes))
+        });
+        (status, err)
+    }
+
+    #[tokio::test]
+    async fn callers_are_checked_before_bodies_are_read_and_bodies_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        m.set_role(&Caller::daemon(), 1001, Some(Role::Viewer))
+            .unwrap();
+        let app = router(m);
+        let big = 60 << 20;
+        for uid in [Some(1000), Some(1001), None] {
+            let read = Arc::new(AtomicBool::new(false));
+            let (status, e) = call(
+                &app,
+                uid,
+                "POST",
+                "/v1/migrations/incoming",
+                Some(big),
+                watched_body(big, read.clone()),
+            )
+            .await;
+            assert_eq!(
+                (status, e.code),
+                (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+                "{uid:?}: {}",
+                e.message
+            );
+            assert!(!read.load(Ordering::SeqCst), "{uid:?}: the body was read");
+        }
+        // An admin's body over the route's limit: 413 on the declared length, unread.
+        let read = Arc::new(AtomicBool::new(false));
+        let (status, e) = call(
+            &app,
+            Some(0),
+            "POST",
+            "/v1/vms",
+            Some(big),
+            watched_body(big, read.clone()),
+        )
+        .await;
+        assert_eq!(
+            (status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge)
+        );
+        assert!(!read.load(Ordering::SeqCst));
+        // ... and without a declared length, cut off at the limit as it streams.
+        let read = Arc::new(AtomicBool::new(false));
+        let (status, e) = call(
+            &app,
+            Some(0),
+            "POST",
+            "/v1/vms",
+            None,
+            watched_body(2 << 20, read),
+        )
+        .await;
+        assert_eq!(
+            (status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge),
+            "{}",
+            e.message
+        );
+        // A small body still gets through to validation.
+        let (status, e) = call(
+            &app,
+            Some(0),
+            "POST",
+            "/v1/vms",
+            None,
+            axum::body::Body::from("{}"),
+        )
+        .await;
+        assert_eq!(
+            (status, e.code),
+            (StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument),
+            "{}",
+            e.message
+        );
+        // A viewer reads, and may not create.
+        let (status, _) = call(
+            &app,
+            Some(1001),
+            "GET",
+            "/v1/vms",
+            None,
+            axum::body::Body::empty(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = call(
+            &app,
+            Some(1001),
+            "POST",
+            "/v1/vms",
+            None,
+            axum::body::Body::from("{}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn wrong_tokens_from_one_address_are_rate_limited() {
+        let f = TokenFailures::default();
+        let ip: std::net::IpAddr = [10, 0, 0, 9].into();
+        for _ in 0..TOKEN_FAILURES {
+            assert!(!f.blocked(ip));
+            f.failed(ip);
+        }
+        assert!(f.blocked(ip));
+        assert!(!f.blocked([10, 0, 0, 8].into()));
+    }
 
     #[test]
     fn tcp_callers_need_a_known_bearer_token() {

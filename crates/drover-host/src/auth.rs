@@ -106,6 +106,8 @@ pub struct Caller {
     pub name: String,
     /// Its role, if any.
     pub role: Option<Role>,
+    /// The local uid behind it (unix socket callers), which may own files in image pools.
+    pub uid: Option<u32>,
 }
 
 impl Caller {
@@ -114,6 +116,7 @@ impl Caller {
         Caller {
             name: "droverd".into(),
             role: Some(Role::Admin),
+            uid: None,
         }
     }
 
@@ -209,6 +212,7 @@ impl TokenEntry {
         Caller {
             name: format!("token {}", self.name),
             role: Some(self.role),
+            uid: None,
         }
     }
 }
@@ -541,6 +545,7 @@ mod tests {
         let op = Caller {
             name: "uid 1000".into(),
             role: Some(Role::Operator),
+            uid: Some(1000),
         };
         let err = op.require(ConfigPersist).unwrap_err().to_string();
         assert!(
@@ -549,7 +554,8 @@ mod tests {
         );
         assert!(Caller {
             name: "uid 5".into(),
-            role: None
+            role: None,
+            uid: Some(5),
         }
         .require(Read)
         .is_err());

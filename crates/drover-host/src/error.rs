@@ -89,6 +89,10 @@ impl HostError {
             HostError::Timeout(_) => ErrorCode::Timeout,
             HostError::ImageMissing(_) => ErrorCode::ImageMissing,
             HostError::Peer(_) => ErrorCode::PeerUnreachable,
+            // A write the store could not make durable: most often a full disk.
+            HostError::Store(drover_store::StoreError::Op { op: "write", .. }) => {
+                ErrorCode::InsufficientResources
+            }
             HostError::Remote { error, .. } => error.code,
             _ => ErrorCode::Internal,
         }

@@ -202,3 +202,30 @@ mod tests {
         }
     }
 }
+
+/// A byte count for people, in one unit family: `320.0 MiB`, `83.4 GiB`, `512 B`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn sizes_read_in_one_unit_family() {
+        use super::human_size;
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(320 << 20), "320.0 MiB");
+        assert_eq!(human_size(85418 << 10), "83.4 MiB");
+        assert_eq!(human_size(66 << 30), "66.0 GiB");
+    }
+}

@@ -15,7 +15,10 @@ pub mod crashpoint;
 pub mod error;
 pub mod filecopy;
 pub mod hostfacts;
+pub mod limits;
 pub mod manager;
+pub mod pools;
+pub mod serve;
 pub mod tls;
 
 /// One line of image-build progress for logs and the CLI.

@@ -17,8 +17,8 @@ use drover_api::{
     AgentStatus, ExitInfo, HostInfo, ImageInfo, JournalEntry, StartRequest, VmInfo, VmState,
 };
 use drover_model::{
-    format_size, Accel, Boot, ConfigHistory, DiskConfig, DiskSource, MacAddr, NicConfig,
-    PersistMode, VmConfig, VmSpec,
+    format_size, Accel, Boot, ConfigHistory, DiskConfig, DiskSource, MacAddr, NicBackend,
+    NicConfig, PersistMode, VmConfig, VmSpec,
 };
 use drover_qemu::accel::AccelChoice;
 use drover_qemu::cmdline::{self, KernelBoot, LaunchSpec, RunPaths};
@@ -87,6 +87,7 @@ const VM_TABLES_BY_PREFIX: &[&str] = &[
     guest::PRINCIPALS,
     guest::AUDIT,
     guest::REQUESTS,
+    guest::GUEST_DISKS,
     state::STATES,
     layers::LAYERS,
 ];
@@ -108,6 +109,15 @@ const ROLES: &str = "roles";
 pub const HOTPLUG_PORTS: u32 = 4;
 /// Memory kept back for the host when checking whether a VM fits.
 const HOST_RESERVE: u64 = 256 << 20;
+
+/// Whether a QEMU version string (`7.2.22`) is older than `major.minor` (unknown: assume old).
+fn qemu_before(version: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) < (major, minor),
+        _ => true,
+    }
+}
 
 /// droverd's settings.
 #[derive(Debug, Clone)]
@@ -131,6 +141,10 @@ pub struct DaemonConfig {
     /// The address other hosts reach this one at (the `--listen` IP): where incoming
     /// migrations listen for memory and disks. Loopback when unset.
     pub migration_addr: Option<std::net::IpAddr>,
+    /// Directories non-admins may name images, kernels and initrds in (besides `image_dir`).
+    pub pools: Vec<crate::pools::Pool>,
+    /// Bounds on what guests and callers can make droverd keep.
+    pub limits: crate::limits::Limits,
 }
 
 struct Runtime {
@@ -210,6 +224,9 @@ struct Shared {
     image_lock: tokio::sync::Mutex<()>,
     journal_seq: std::sync::atomic::AtomicU64,
     buckets: Mutex<std::collections::HashMap<String, guest::Bucket>>,
+    pools: crate::pools::Pools,
+    /// Set once droverd is stopping: no new QEMU starts after it.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The VM manager. Cheap to clone.
@@ -255,6 +272,7 @@ impl Manager {
             );
         }
         let records: Vec<(String, VmInfo)> = store.list(VMS)?;
+        let (cfg_pools, cfg_image_dir) = (cfg.pools.clone(), cfg.image_dir.clone());
         let mgr = Manager {
             s: Arc::new(Shared {
                 cfg,
@@ -267,6 +285,8 @@ impl Manager {
                 // Journal keys sort by time across restarts.
                 journal_seq: std::sync::atomic::AtomicU64::new(hostfacts::now_ms() * 1000),
                 buckets: Mutex::default(),
+                pools: crate::pools::Pools::new(cfg_pools, &cfg_image_dir),
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         for (name, mut info) in records {
@@ -286,7 +306,67 @@ impl Manager {
         for (vm, pids) in mgr.unknown_qemus() {
             tracing::warn!(vm, ?pids, "a QEMU of this state dir runs for a VM the store does not know (a store recovered from an older checkpoint?); it is left alone");
         }
+        let weak = Arc::downgrade(&mgr.s);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(s) = weak.upgrade() else { return };
+                let m = Manager { s };
+                let _ = tokio::task::spawn_blocking(move || m.rotate_consoles()).await;
+            }
+        });
         Ok(mgr)
+    }
+
+    /// Rotate every console.log past its cap: its bytes move to `console.log.1` (replacing the
+    /// older one) and it starts empty again (QEMU appends, so it writes on at the new end).
+    /// Checked every second, so a log exceeds its cap by at most one second of output; what a
+    /// guest writes between the copy and the truncation is lost.
+    fn rotate_consoles(&self) {
+        let cap = self.s.cfg.limits.console_log_max;
+        let names: Vec<String> = lock(&self.s.vms).keys().cloned().collect();
+        for name in names {
+            let path = self.console_path(&name);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.len() <= cap {
+                continue;
+            }
+            let old = path.with_extension("log.1");
+            let rotated = std::fs::copy(&path, &old).and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(0))
+            });
+            match rotated {
+                Ok(()) => tracing::debug!(vm = name, bytes = meta.len(), "console log rotated"),
+                Err(e) => tracing::warn!(vm = name, "cannot rotate {}: {e}", path.display()),
+            }
+        }
+    }
+
+    /// A manager on a fresh state dir under `dir` (TCG, no pools), for unit tests.
+    #[cfg(test)]
+    pub(crate) async fn for_tests(dir: &Path, limits: crate::limits::Limits) -> Manager {
+        let cfg = DaemonConfig {
+            state_dir: dir.join("state"),
+            image_dir: dir.join("images"),
+            agent_binary: None,
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: Some(drover_model::Accel::Tcg),
+            persist_default: true,
+            persist_mode_default: drover_model::PersistMode::Diff,
+            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
+            migration_addr: None,
+            pools: Vec::new(),
+            limits,
+        };
+        let store = drover_store::RedbStore::open(&dir.join("d.redb")).expect("test store");
+        Manager::open(cfg, Box::new(store))
+            .await
+            .expect("test manager")
     }
 
     /// QEMUs running from this state dir (`run/<vm>/`) for VMs the store has no record of.
@@ -490,6 +570,7 @@ impl Manager {
             Some(0) => Caller {
                 name: "uid 0".into(),
                 role: Some(Role::Admin),
+                uid: Some(0),
             },
             Some(uid) => Caller {
                 name: format!("uid {uid}"),
@@ -499,10 +580,12 @@ impl Manager {
                     .get::<Role>(ROLES, &uid.to_string())
                     .ok()
                     .flatten(),
+                uid: Some(uid),
             },
             None => Caller {
                 name: "unknown caller".into(),
                 role: None,
+                uid: None,
             },
         }
     }
@@ -577,8 +660,39 @@ impl Manager {
     // ---------------------------------------------------------------- create / delete
 
     /// Define a VM: validate, check the host can ever run it, create its disks, record it.
-    pub async fn create(&self, spec: VmSpec) -> Result<VmInfo> {
-        let valid = spec.validate()?;
+    ///
+    /// Paths a non-admin names (disk images, kernel, initrd) must be files in an image pool,
+    /// and its port forwards unprivileged ports on loopback (see [`crate::pools`]).
+    pub async fn create(&self, spec: VmSpec, caller: &Caller) -> Result<VmInfo> {
+        caller.require(Permission::Lifecycle)?;
+        let mut valid = spec.validate()?;
+        for (_, source, readonly) in valid.disks.iter_mut() {
+            if let DiskSource::Image { path } = source {
+                let usage = if *readonly {
+                    crate::pools::PathUse::DiskReadOnly
+                } else {
+                    crate::pools::PathUse::DiskReadWrite
+                };
+                *path = self.s.pools.resolve(caller, path, usage)?;
+            }
+        }
+        for (_, _, backend) in &valid.nics {
+            match backend {
+                NicBackend::User { forwards } => {
+                    for f in forwards {
+                        crate::pools::check_forward(caller, f)?;
+                    }
+                }
+                // A host interface is the host's network: an admin's choice.
+                NicBackend::Tap { ifname } => {
+                    caller.require(Permission::Admin).map_err(|_| {
+                        HostError::Forbidden(format!(
+                            "tap device {ifname}: only an admin may connect a VM to a host interface; use user networking"
+                        ))
+                    })?;
+                }
+            }
+        }
         let name = valid.name.to_string();
         let _guard = self.s.create_lock.lock().await;
         if lock(&self.s.vms).contains_key(&name) {
@@ -607,9 +721,14 @@ impl Manager {
                 cmdline::MAX_SOCKET_PATH
             )));
         }
-        let boot = spec.boot.resolve()?;
-        if let Boot::Kernel { kernel, initrd, .. } = &boot {
-            for p in std::iter::once(kernel).chain(initrd.iter()) {
+        let mut boot = spec.boot.resolve()?;
+        if let Boot::Kernel { kernel, initrd, .. } = &mut boot {
+            for p in std::iter::once(&mut *kernel).chain(initrd.iter_mut()) {
+                // Before any look at the file: a non-admin learns nothing of paths outside pools.
+                *p = self
+                    .s
+                    .pools
+                    .resolve(caller, p, crate::pools::PathUse::Boot)?;
                 if !p.is_file() {
                     return Err(HostError::Invalid(format!(
                         "boot file {} does not exist",
@@ -866,6 +985,53 @@ impl Manager {
         .await
     }
 
+    /// Start a QEMU process for `config`, confined: seccomp (`-sandbox`: obsolete system calls,
+    /// privilege changes and resource control denied) and no capabilities but those it needs —
+    /// `CAP_NET_BIND_SERVICE` only for a forward an admin set below port 1024, `CAP_SYS_PTRACE`
+    /// only for QEMU before 8.1 (background snapshots call `userfaultfd`). `spawn` stays
+    /// allowed: classic saves and restores run `exec:cat`. Refused once droverd is stopping.
+    fn spawn_qemu(
+        &self,
+        config: &VmConfig,
+        mut args: Vec<String>,
+        log: &Path,
+    ) -> Result<tokio::process::Child> {
+        if self.s.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(HostError::Conflict(
+                "droverd is stopping and starts no QEMU; run the command again once it is back"
+                    .into(),
+            ));
+        }
+        args.extend([
+            "-sandbox".to_string(),
+            "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny".to_string(),
+        ]);
+        let mut keep = 0;
+        let low_port = config.nics.iter().any(|n| match &n.backend {
+            NicBackend::User { forwards } => forwards.iter().any(|f| f.host_port < 1024),
+            NicBackend::Tap { .. } => false,
+        });
+        if low_port {
+            keep |= process::CAP_NET_BIND_SERVICE;
+        }
+        if qemu_before(&self.s.qemu_version, (8, 1)) {
+            keep |= process::CAP_SYS_PTRACE;
+        }
+        Ok(process::spawn_confined(
+            &self.s.cfg.qemu_binary,
+            &args,
+            log,
+            Some(keep),
+        )?)
+    }
+
+    /// From now on no QEMU starts: droverd is stopping (SIGTERM).
+    pub fn begin_shutdown(&self) {
+        self.s
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Launch QEMU with `config`: boot it, restore a saved state, or wait for a migration.
     async fn launch(
         &self,
@@ -929,14 +1095,14 @@ impl Manager {
             i.started_from = Some(started_from.clone());
         })?;
         let started = Instant::now();
-        let mut child = match process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log) {
+        let mut child = match self.spawn_qemu(&config, args, &paths.qemu_log) {
             Ok(c) => c,
             Err(e) => {
                 self.persist(slot, |i| {
                     not_started(i);
                     i.last_exit = Some(exit("start-failed", Some(e.to_string())));
                 })?;
-                return Err(e.into());
+                return Err(e);
             }
         };
         let pid = child.id().unwrap_or(0);
@@ -1829,7 +1995,8 @@ impl Manager {
             Err(e) => return Err(io_ctx("reading", &path, e)),
         };
         let len = f.metadata().map_err(|e| io_ctx("reading", &path, e))?.len();
-        let start = offset.min(len);
+        // Past the end: the log was rotated since the caller's last read; start over.
+        let start = if offset > len { 0 } else { offset };
         f.seek(SeekFrom::Start(start))
             .map_err(|e| io_ctx("reading", &path, e))?;
         let mut buf = Vec::new();

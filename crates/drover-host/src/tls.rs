@@ -2,18 +2,13 @@
 //!
 //! droverd's certificate is either given (`--tls-cert/--tls-key`) or self-signed once and kept in
 //! `STATE_DIR/tls/` (`cert.pem`, `key.pem`); clients pin that certificate (it is its own CA).
-//! Handshakes run in their own tasks, so a slow or hostile client cannot hold up the others.
+//! Connections are served by [`crate::serve::serve_tls`] (handshake timeout, per-address caps).
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-
-/// A client has this long to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS setup failures.
 #[derive(Debug, thiserror::Error)]
@@ -166,70 +161,6 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<rustls::ServerConfig>, Tls
     Ok(Arc::new(cfg))
 }
 
-/// A TCP listener that hands out connections after their TLS handshake; usable with
-/// `axum::serve`.
-pub struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    /// Accept on `tcp`, handshaking with `cfg`.
-    pub fn new(tcp: TcpListener, cfg: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
-        let local = tcp.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (sock, addr) = match tcp.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait rather than spin.
-                        tracing::warn!(error = %e, "accepting a TCP connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = sock.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let conn_tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = conn_tx.send((tls, addr)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(peer = %addr, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::info!(peer = %addr, "TLS handshake timed out"),
-                    }
-                });
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        });
-        Ok(TlsListener { rx, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept task ended (droverd is stopping): no more connections.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,9 +172,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (files, _) =
             ensure_self_signed(dir.path(), &wanted_sans("127.0.0.1".parse().unwrap())).unwrap();
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = tcp.local_addr().unwrap().port();
-        let listener = TlsListener::new(tcp, server_config(&files).unwrap()).unwrap();
         let app = axum::Router::new().route(
             "/v1/echo",
             axum::routing::get(|h: axum::http::HeaderMap| async move {
@@ -255,7 +185,14 @@ mod tests {
                 )
             }),
         );
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(crate::serve::serve_tls(
+            tcp,
+            server_config(&files).unwrap(),
+            app,
+            crate::serve::ServeLimits::default(),
+            stop,
+        ));
         let url = format!("https://127.0.0.1:{port}");
         let pem = std::fs::read(&files.cert).unwrap();
         let c = drover_api::Client::https(&url, Some("drv_abc"), &pem).unwrap();

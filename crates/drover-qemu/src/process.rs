@@ -37,6 +37,26 @@ pub fn spawn(
     args: &[String],
     log: &Path,
 ) -> Result<tokio::process::Child, ProcessError> {
+    spawn_confined(binary, args, log, None)
+}
+
+/// Capabilities (bit `1 << CAP_*`) a confined QEMU keeps: none by default.
+pub type CapMask = u64;
+/// `CAP_NET_BIND_SERVICE`: host ports below 1024 (forwards an admin chose).
+pub const CAP_NET_BIND_SERVICE: CapMask = 1 << 10;
+/// `CAP_SYS_PTRACE`: the `userfaultfd` system call with `vm.unprivileged_userfaultfd = 0`,
+/// which QEMU before 8.1 needs for background snapshots (8.1 and later open /dev/userfaultfd).
+pub const CAP_SYS_PTRACE: CapMask = 1 << 19;
+
+/// [`spawn`], and with `keep = Some(mask)` QEMU runs with no capability outside `mask` (its
+/// bounding, inheritable and ambient sets emptied before exec, and `no_new_privs`, so neither
+/// it nor anything it executes can get one back).
+pub fn spawn_confined(
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+    keep: Option<CapMask>,
+) -> Result<tokio::process::Child, ProcessError> {
     let io = |source| ProcessError::Io {
         path: log.to_path_buf(),
         source,
@@ -55,8 +75,11 @@ pub fn spawn(
         .kill_on_drop(false);
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if let Some(keep) = keep {
+                confine(keep)?;
+            }
             Ok(())
         });
     }
@@ -64,6 +87,65 @@ pub fn spawn(
         binary: binary.to_path_buf(),
         source,
     })
+}
+
+/// Drop every capability outside `keep` for good (runs between fork and exec: only
+/// async-signal-safe calls).
+fn confine(keep: CapMask) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments touches no memory.
+    unsafe {
+        for cap in 0..64u64 {
+            if keep & (1 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+            {
+                let e = std::io::Error::last_os_error();
+                // Past the last capability this kernel knows.
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+            }
+        }
+        // Inheritable capabilities would survive exec past the bounding set: clear them.
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut hdr = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let mut data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) == 0 {
+            data[0].inheritable = 0;
+            data[1].inheritable = 0;
+            if libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Whether `pid` is a live (not zombie) process whose command line mentions `marker`.
@@ -182,6 +264,40 @@ pub fn version(binary: &Path) -> Result<String, ProcessError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_confined_process_keeps_only_the_capabilities_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let args: Vec<String> = [
+            "-c",
+            "grep -E '^(CapEff|CapBnd|CapInh|NoNewPrivs)' /proc/self/status",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut c = spawn_confined(
+            Path::new("/bin/sh"),
+            &args,
+            &log,
+            Some(CAP_NET_BIND_SERVICE),
+        )
+        .unwrap();
+        assert!(c.wait().await.unwrap().success());
+        let out = std::fs::read_to_string(&log).unwrap();
+        let field = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("CapBnd:"), "0000000000000400", "{out}");
+        assert_eq!(field("CapInh:"), "0000000000000000", "{out}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{out}");
+        // Root keeps at most what the bounding set allows.
+        let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+        assert_eq!(eff & !CAP_NET_BIND_SERVICE, 0, "{out}");
+    }
 
     #[test]
     fn self_is_alive_and_bogus_is_not() {

@@ -4,10 +4,12 @@ use anyhow::{bail, Context};
 use clap::{CommandFactory, FromArgMatches, Parser};
 use drover_host::auth::{Role, TokenStore};
 use drover_host::manager::{DaemonConfig, Manager};
+use drover_host::serve::{self, ServeLimits};
 use drover_host::tls;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Drover's host daemon: runs QEMU virtual machines and serves the API the `drover` CLI uses.
 ///
@@ -90,6 +92,47 @@ struct Args {
     /// Example: droverd --state-dir /var/lib/drover --recover-store
     #[arg(long, verbatim_doc_comment)]
     recover_store: bool,
+    /// A directory non-admin callers may take disk images, kernels and initrds from, as
+    /// NAME=DIR (read-only for them) or NAME=DIR:rw; repeat for more. Admins name any path.
+    /// Example: --image-pool base=/srv/drover/images. droverd's own guest-image directory is
+    /// the pool `drover`.
+    #[arg(long = "image-pool", value_name = "NAME=DIR[:rw]", value_parser = drover_host::pools::Pool::parse)]
+    image_pools: Vec<drover_host::pools::Pool>,
+    /// Rotate a VM's console.log (to console.log.1) past this size, e.g. 8M or 1G.
+    #[arg(long, default_value = "8M", value_parser = parse_size, value_name = "SIZE")]
+    console_log_max: u64,
+    /// Disks a VM's guest may add for itself (`drover-guest reconfigure --add-disk`).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    guest_disk_max_count: u32,
+    /// Total size of the disks a VM's guest may add for itself.
+    #[arg(long, default_value = "16G", value_parser = parse_size, value_name = "SIZE")]
+    guest_disk_max_size: u64,
+    /// Saved states a VM may hold before its guest's `save` is refused.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    guest_state_max_count: u32,
+    /// Disk space a VM's saved states may take before its guest's `save` is refused.
+    #[arg(long, default_value = "8G", value_parser = parse_size, value_name = "SIZE")]
+    guest_state_max_size: u64,
+    /// Drop audit records older than this many days.
+    #[arg(long, default_value_t = 30, value_name = "DAYS")]
+    audit_max_days: u64,
+    /// Keep at most this many audit records per VM (the oldest go first).
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    audit_max_entries: usize,
+    /// API connections one local user (other than root) or one TCP address may hold at once;
+    /// more are closed at once.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    max_connections_per_peer: usize,
+    /// Close an API connection that has no request running and moves no bytes this long.
+    #[arg(long = "idle-timeout", default_value_t = 60, value_name = "SECONDS")]
+    idle_timeout_s: u64,
+    /// A request's headers (and on TCP the TLS handshake) must arrive within this.
+    #[arg(long = "header-timeout", default_value_t = 10, value_name = "SECONDS")]
+    header_timeout_s: u64,
+    /// On SIGTERM, requests already running get this long to finish before droverd exits
+    /// (running VMs keep running either way).
+    #[arg(long = "shutdown-grace", default_value_t = 10, value_name = "SECONDS")]
+    shutdown_grace_s: u64,
     /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
     #[arg(long, env = "DROVER_LOG", default_value = "info")]
     log: String,
@@ -103,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
+    raise_fd_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?,
@@ -140,6 +184,16 @@ async fn main() -> anyhow::Result<()> {
             std::path::Path::new(drover_host::hostfacts::DMI_DIR),
         ),
         migration_addr: args.listen.map(|a| a.ip()),
+        pools: args.image_pools.clone(),
+        limits: drover_host::limits::Limits {
+            console_log_max: args.console_log_max,
+            guest_disk_count: args.guest_disk_max_count,
+            guest_disk_bytes: args.guest_disk_max_size,
+            guest_state_count: args.guest_state_max_count,
+            guest_state_bytes: args.guest_state_max_size,
+            audit_max_age: std::time::Duration::from_secs(args.audit_max_days * 24 * 3600),
+            audit_max_entries: args.audit_max_entries,
+        },
     };
     let tokens = Arc::new(TokenStore::new(
         &args
@@ -156,8 +210,16 @@ async fn main() -> anyhow::Result<()> {
     let mgr = Manager::open(cfg, Box::new(store.clone())).await?;
     spawn_checkpoints(store, state_dir_of(&mgr));
     tracing::info!(socket = %args.socket.display(), listen = ?args.listen, vms = mgr.list().len(), "droverd serving");
-    let app = drover_host::api::router_with(mgr, Some(tokens));
+    let app = drover_host::api::router_with(mgr.clone(), Some(tokens));
+    let limits = ServeLimits {
+        per_peer: args.max_connections_per_peer,
+        idle: Duration::from_secs(args.idle_timeout_s),
+        header_read: Duration::from_secs(args.header_timeout_s),
+        handshake: Duration::from_secs(args.header_timeout_s),
+        grace: Duration::from_secs(args.shutdown_grace_s),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopper = mgr.clone();
     tokio::spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -166,33 +228,29 @@ async fn main() -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
         tracing::info!(
-            "droverd stopping; running VMs keep running and are re-adopted at the next start"
+            "droverd stopping: no new requests or QEMU starts; running VMs keep running and are re-adopted at the next start"
         );
+        stopper.begin_shutdown();
         let _ = stop_tx.send(true);
     });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let tcp_task = tcp.map(|l| {
-        let serve = axum::serve(
+    let tcp_task = tcp.map(|(l, cfg)| {
+        tokio::spawn(serve::serve_tls(
             l,
-            app.clone()
-                .into_make_service_with_connect_info::<drover_host::api::Peer>(),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-        tokio::spawn(async move { serve.await })
+            cfg,
+            app.clone(),
+            limits,
+            stop_rx.clone(),
+        ))
     });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<drover_host::api::Peer>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx))
-    .await?;
+    serve::serve_unix(listener, app, limits, stop_rx).await;
     let _ = std::fs::remove_file(&args.socket);
     if let Some(t) = tcp_task {
-        t.await.context("the TCP listener task failed")??;
+        t.await.context("the TCP listener task failed")?;
     }
-    Ok(())
+    tracing::info!("droverd stopped");
+    // Work still running past the grace time (a detached operation, a blocking copy) is cut
+    // off here, as a kill -9 would: every state change it made is already in the store.
+    std::process::exit(0)
 }
 
 /// Exit code when the store file is damaged.
@@ -291,7 +349,7 @@ async fn listen_tls(
     addr: std::net::SocketAddr,
     state_dir: &std::path::Path,
     tokens: &TokenStore,
-) -> anyhow::Result<tls::TlsListener> {
+) -> anyhow::Result<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)> {
     let tls_dir = state_dir.join("tls");
     let files = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => tls::CertFiles {
@@ -320,7 +378,7 @@ async fn listen_tls(
         .with_context(|| format!("listening on {addr} (--listen)"))?;
     let fingerprint = tls::cert_fingerprint(&files)?;
     tracing::info!(listen = %addr, cert = %files.cert.display(), sha256 = %fingerprint, tokens = %tokens.path().display(), "serving the API on TCP with TLS");
-    Ok(tls::TlsListener::new(tcp, cfg)?)
+    Ok((tcp, cfg))
 }
 
 /// Bind the API socket, refusing to steal one another daemon is serving.
@@ -343,6 +401,26 @@ async fn bind(path: &std::path::Path, mode: u32) -> anyhow::Result<tokio::net::U
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
+}
+
+/// Every connection, disk and QMP socket is a file descriptor: take the hard limit, not the
+/// default soft 1024.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a stack value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    drover_model::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_host_id(s: &str) -> Result<String, String> {

@@ -26,7 +26,14 @@ pub(super) const PRINCIPALS: &str = "principals";
 /// Secrets already verified with argon2, per principal: (its stored hash, sha256 of the secret).
 static VERIFIED: std::sync::Mutex<std::collections::BTreeMap<String, (String, [u8; 32])>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+/// Secret checks (argon2, ~19 MiB each) running at once, across all VMs.
+static ARGON2_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+/// Lines about what guests do, at most one per VM and kind every 10 s (with a count).
+static GUEST_LOG: crate::limits::LogLimiter =
+    crate::limits::LogLimiter::new(Duration::from_secs(10));
 pub(super) const AUDIT: &str = "audit";
+/// Disks a guest asked for (`<vm>/<disk id>` → bytes), for its quota.
+pub(super) const GUEST_DISKS: &str = "guest_disks";
 pub(super) const REQUESTS: &str = "requests";
 /// Ops a principal can be granted.
 pub const GUEST_OPS: [&str; 5] = ["reconfigure", "save", "list", "restore", "host-info"];
@@ -219,7 +226,46 @@ impl Manager {
             outcome: outcome.to_string(),
             detail,
         };
+        if seq.is_multiple_of(64) {
+            self.prune_audit(vm);
+        }
         Ok(drover_store::put(AUDIT, &format!("{vm}/{seq:020}"), &e)?)
+    }
+
+    /// Drop a VM's audit records past the retention: older than the age limit, or beyond the
+    /// count (oldest first). Runs every 64th record, so the trail stays near its bounds.
+    pub(super) fn prune_audit(&self, vm: &str) {
+        let limits = &self.s.cfg.limits;
+        let list = match self
+            .s
+            .store
+            .list_prefix::<AuditEntry>(AUDIT, &format!("{vm}/"))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(vm, "cannot read the audit trail to prune it: {e}");
+                return;
+            }
+        };
+        let cutoff = hostfacts::now_ms().saturating_sub(limits.audit_max_age.as_millis() as u64);
+        let excess = list.len().saturating_sub(limits.audit_max_entries);
+        let gone: Vec<drover_store::Write> = list
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, e))| *i < excess || e.at_ms < cutoff)
+            .map(|(_, (k, _))| drover_store::Write::Delete {
+                table: AUDIT.into(),
+                key: format!("{vm}/{k}"),
+            })
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let n = gone.len();
+        match self.s.store.apply(gone) {
+            Ok(()) => tracing::debug!(vm, dropped = n, "audit records past retention dropped"),
+            Err(e) => tracing::warn!(vm, "cannot prune the audit trail: {e}"),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -264,8 +310,8 @@ impl Manager {
                 .get(vm)
                 .map(|b| b.dropped)
                 .unwrap_or(0);
-            if dropped == 1 || dropped.is_multiple_of(100) {
-                tracing::warn!(vm, dropped, "guest requests rate-limited");
+            if let Some(held_back) = GUEST_LOG.allow(&format!("{vm}/rate")) {
+                tracing::warn!(vm, dropped, held_back, "guest requests rate-limited");
             }
             return refuse(format!("rate limited: at most {RATE} requests per second"));
         }
@@ -306,6 +352,13 @@ impl Manager {
             .get(&cache_key)
             .is_some_and(|(h, d)| *h == principal.secret_hash && *d == digest);
         let ok = known || {
+            // Each argon2 check takes ~19 MiB: a few at a time, whatever a flood of wrong
+            // secrets asks for, so droverd's memory stays bounded.
+            let Ok(Ok(_permit)) =
+                tokio::time::timeout(Duration::from_secs(5), ARGON2_SLOTS.acquire()).await
+            else {
+                return refuse("host busy checking secrets; ask again in a moment");
+            };
             let (hash, secret) = (principal.secret_hash.clone(), req.secret.clone());
             tokio::task::spawn_blocking(move || {
                 PasswordHash::new(&hash)
@@ -405,7 +458,10 @@ impl Manager {
                     n.hooks_run,
                     n.hooks_failed
                 );
-                tracing::info!(vm, "{detail}");
+                if let Some(held_back) = GUEST_LOG.allow(&format!("{vm}/notice")) {
+                    let short: String = detail.chars().take(300).collect();
+                    tracing::info!(vm, held_back, "{short}");
+                }
                 // Durable before acknowledged, like every accepted request.
                 let written = self
                     .audit_write(
@@ -459,6 +515,7 @@ impl Manager {
         let caller = Caller {
             name: format!("guest:{}", p.principal),
             role: None,
+            uid: None,
         };
         let outcome: std::result::Result<serde_json::Value, String> = match &p.op {
             GuestOp::Reconfigure { changes } => self.guest_reconfigure(vm, changes, &caller).await,
@@ -484,10 +541,13 @@ impl Manager {
                     Err(e) => Err(e.to_string()),
                     Ok(slot) => {
                         let _op = slot.op.lock().await;
-                        self.save_locked(vm, &slot, name.clone(), false, &caller.name, Some(note))
+                        match self.guest_state_quota(vm) {
+                            Err(why) => Err(why),
+                            Ok(()) => self.save_locked(vm, &slot, name.clone(), false, &caller.name, Some(note))
                             .await
                             .map(|s| serde_json::json!({"state": s.id, "name": s.name, "paused_ms": s.paused_ms}))
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| e.to_string()),
+                        }
                     }
                 }
             }
@@ -670,6 +730,8 @@ impl Manager {
         caller: &Caller,
     ) -> std::result::Result<serde_json::Value, String> {
         let slot = self.slot(vm).map_err(|e| e.to_string())?;
+        // Held from the quota check to the change, so two requests cannot both pass it.
+        let _op = slot.op.lock().await;
         let mut list = Vec::new();
         for c in changes {
             list.push(match c {
@@ -680,6 +742,13 @@ impl Manager {
                     if !(drover_model::MIN_DISK_SIZE..=drover_model::MAX_DISK_SIZE).contains(size) {
                         return Err(format!("disk size {size} is out of range"));
                     }
+                    let (count, bytes) = self.guest_disks_held(vm, &slot);
+                    let asked = list.iter().filter_map(|c| match c {
+                        Change::AddDisk(d, _) => Some(d.size),
+                        _ => None,
+                    });
+                    let (count, bytes) = asked.fold((count, bytes), |(c, b), s| (c + 1, b + s));
+                    self.guest_disk_quota(vm, count, bytes, *size)?;
                     let path = self.vm_dir(vm).join("disks").join(format!("{id}.qcow2"));
                     Change::AddDisk(
                         DiskConfig {
@@ -706,12 +775,32 @@ impl Manager {
                 ConfigChange::Detach { id } => Change::Remove(id.clone()),
             });
         }
-        let _op = slot.op.lock().await;
         if lock(&slot.info).state != VmState::Running {
             return Err(format!("VM {vm} is not running"));
         }
+        let asked: Vec<(String, u64)> = list
+            .iter()
+            .filter_map(|c| match c {
+                Change::AddDisk(d, _) => Some((d.id.to_string(), d.size)),
+                _ => None,
+            })
+            .collect();
+        let record = |mgr: &Manager| {
+            let writes: Vec<drover_store::Write> = asked
+                .iter()
+                .filter_map(|(id, size)| {
+                    drover_store::put(GUEST_DISKS, &format!("{vm}/{id}"), size).ok()
+                })
+                .collect();
+            if let Err(e) = mgr.s.store.apply(writes) {
+                tracing::error!(vm, "cannot record the guest's disks for its quota: {e}");
+            }
+        };
         match self.change(vm, &slot, list.clone(), false, caller).await {
-            Ok(r) => Ok(serde_json::json!({"applied": r.applied, "changes": r.changes})),
+            Ok(r) => {
+                record(self);
+                Ok(serde_json::json!({"applied": r.applied, "changes": r.changes}))
+            }
             Err(HostError::Conflict(why)) => {
                 // Not possible live (shrinking, memory without hot-plug, ...): do what the app
                 // asked the long way — shut down, reconfigure, start again.
@@ -719,6 +808,7 @@ impl Manager {
                 let restart = async {
                     self.stop_locked(vm, &slot, 30, false).await?;
                     let r = self.change(vm, &slot, list, false, caller).await?;
+                    record(self);
                     self.start_locked(vm, &slot, &drover_api::StartRequest::default(), caller)
                         .await?;
                     Ok::<_, HostError>(r)
@@ -731,6 +821,81 @@ impl Manager {
             }
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// The disks a VM's guest asked for that the VM still has: how many, and their size.
+    fn guest_disks_held(&self, vm: &str, slot: &super::VmSlot) -> (u32, u64) {
+        let info = lock(&slot.info).clone();
+        let config = info.running_config.as_ref().unwrap_or(&info.config);
+        let asked = self
+            .s
+            .store
+            .list_prefix::<u64>(GUEST_DISKS, &format!("{vm}/"))
+            .unwrap_or_default();
+        asked
+            .iter()
+            .filter(|(id, _)| config.disks.iter().any(|d| d.id.as_str() == id))
+            .fold((0, 0), |(c, b), (_, size)| (c + 1, b + size))
+    }
+
+    /// Whether one more guest-asked disk of `size` fits the VM's quota (`count` and `bytes`
+    /// already held) and the host's free space.
+    fn guest_disk_quota(
+        &self,
+        vm: &str,
+        count: u32,
+        bytes: u64,
+        size: u64,
+    ) -> std::result::Result<(), String> {
+        let l = &self.s.cfg.limits;
+        if count + 1 > l.guest_disk_count {
+            return Err(format!(
+                "VM {vm}'s guest already has {count} disks it asked for, its quota is {}; detach one first (the host admin sets it with droverd --guest-disk-max-count)",
+                l.guest_disk_count
+            ));
+        }
+        if bytes.saturating_add(size) > l.guest_disk_bytes {
+            return Err(format!(
+                "a {} disk would take VM {vm}'s guest-asked disks to {} of its {} quota (droverd --guest-disk-max-size)",
+                hostfacts::human_size(size),
+                hostfacts::human_size(bytes.saturating_add(size)),
+                hostfacts::human_size(l.guest_disk_bytes)
+            ));
+        }
+        let (_, free) = hostfacts::disk(&self.vm_dir(vm));
+        if size > free {
+            return Err(format!(
+                "a {} disk is more than the host has free ({})",
+                hostfacts::human_size(size),
+                hostfacts::human_size(free)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the VM may take one more state at its guest's request.
+    fn guest_state_quota(&self, vm: &str) -> std::result::Result<(), String> {
+        let l = &self.s.cfg.limits;
+        let states = self.states(vm).map_err(|e| e.to_string())?;
+        if states.len() as u32 >= l.guest_state_count {
+            return Err(format!(
+                "VM {vm} holds {} saved states, its quota for guest saves is {}; delete one first (the host admin sets it with droverd --guest-state-max-count)",
+                states.len(),
+                l.guest_state_count
+            ));
+        }
+        let bytes: u64 = states
+            .iter()
+            .map(|s| s.devices.bytes + s.memory.as_ref().map_or(0, |m| m.bytes))
+            .sum();
+        if bytes >= l.guest_state_bytes {
+            return Err(format!(
+                "VM {vm}'s saved states take {}, its quota for guest saves is {}; delete one first (droverd --guest-state-max-size)",
+                hostfacts::human_size(bytes),
+                hostfacts::human_size(l.guest_state_bytes)
+            ));
+        }
+        Ok(())
     }
 
     fn guest_host_info(&self) -> serde_json::Value {
@@ -746,23 +911,10 @@ impl Manager {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::manager::DaemonConfig;
 
     /// A manager on a fresh state dir under `dir` (no QEMU is started).
     pub(in crate::manager) async fn manager(dir: &std::path::Path) -> Manager {
-        let cfg = DaemonConfig {
-            state_dir: dir.join("state"),
-            image_dir: dir.join("images"),
-            agent_binary: None,
-            qemu_binary: "qemu-system-x86_64".into(),
-            accel: Some(drover_model::Accel::Tcg),
-            persist_default: true,
-            persist_mode_default: drover_model::PersistMode::Diff,
-            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
-            migration_addr: None,
-        };
-        let store = drover_store::RedbStore::open(&dir.join("d.redb")).unwrap();
-        Manager::open(cfg, Box::new(store)).await.unwrap()
+        Manager::for_tests(dir, crate::limits::Limits::default()).await
     }
 
     fn req(op: GuestOp) -> GuestRequest {
@@ -775,15 +927,83 @@ pub(super) mod tests {
         }
     }
 
+    /// The audit trail is kept to its count and age; guest-asked disks and states to their
+    /// quotas; console logs to their cap.
+    #[tokio::test]
+    async fn growth_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = crate::limits::Limits {
+            audit_max_entries: 10,
+            console_log_max: 1024,
+            guest_disk_count: 2,
+            guest_disk_bytes: 1 << 30,
+            guest_state_count: 0,
+            ..Default::default()
+        };
+        let m = Manager::for_tests(dir.path(), limits).await;
+        m.create(
+            drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap(),
+            &Caller::daemon(),
+        )
+        .await
+        .unwrap();
+        for _ in 0..300 {
+            m.audit(
+                "g1",
+                "p",
+                "save",
+                None,
+                None,
+                "refused",
+                Some("wrong secret".into()),
+            );
+        }
+        m.prune_audit("g1");
+        let admin = Caller::daemon();
+        let kept = m.guest_audit("g1", &admin).unwrap();
+        assert_eq!(kept.len(), 10);
+        // The newest are the ones kept.
+        assert!(kept.windows(2).all(|w| w[0].seq < w[1].seq));
+        // Disks: count, then total size.
+        assert!(m.guest_disk_quota("g1", 0, 0, 512 << 20).is_ok());
+        let e = m.guest_disk_quota("g1", 2, 0, 1 << 20).unwrap_err();
+        assert!(e.contains("--guest-disk-max-count"), "{e}");
+        let e = m
+            .guest_disk_quota("g1", 1, 768 << 20, 512 << 20)
+            .unwrap_err();
+        assert!(e.contains("1.2 GiB") && e.contains("1.0 GiB"), "{e}");
+        assert!(m.guest_disk_quota("g1", 0, 0, 1 << 40).is_err());
+        // States: the quota is counted before a save.
+        let e = m.guest_state_quota("g1").unwrap_err();
+        assert!(e.contains("--guest-state-max-count"), "{e}");
+        // The console log is rotated past its cap.
+        let log = m.console_path("g1");
+        std::fs::write(&log, vec![b'x'; 5000]).unwrap();
+        m.rotate_consoles();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(log.with_extension("log.1"))
+                .unwrap()
+                .len(),
+            5000
+        );
+        // A reader past the new end starts over.
+        std::fs::write(&log, b"new").unwrap();
+        assert_eq!(m.console("g1", 5000, 100).unwrap(), (b"new".to_vec(), 3));
+    }
+
     /// Identity ops are answered without a principal; the notice lands in the audit trail; the
     /// generation id is made at create, renewed on demand, and goes with the VM.
     #[tokio::test]
     async fn identity_requests_generation_ids_and_notices() {
         let dir = tempfile::tempdir().unwrap();
         let m = manager(dir.path()).await;
-        m.create(drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap())
-            .await
-            .unwrap();
+        m.create(
+            drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap(),
+            &Caller::daemon(),
+        )
+        .await
+        .unwrap();
         let g0 = m.generation_id("g1").unwrap();
         assert!(drover_proto::valid_generation_id(&g0));
         assert_eq!(m.generation_id("g1").unwrap(), g0, "stable until renewed");
@@ -824,6 +1044,7 @@ pub(super) mod tests {
         let admin = Caller {
             name: "root".into(),
             role: Some(crate::auth::Role::Admin),
+            uid: Some(0),
         };
         let audit = m.guest_audit("g1", &admin).unwrap();
         assert_eq!(
@@ -861,9 +1082,12 @@ pub(super) mod tests {
         ));
 
         m.delete("g1", false).await.unwrap();
-        m.create(drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap())
-            .await
-            .unwrap();
+        m.create(
+            drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap(),
+            &Caller::daemon(),
+        )
+        .await
+        .unwrap();
         assert_ne!(
             m.generation_id("g1").unwrap(),
             g1,

@@ -75,11 +75,17 @@ impl Manager {
                                 "the image path must be absolute".into(),
                             ));
                         }
+                        let usage = if req.readonly {
+                            crate::pools::PathUse::DiskReadOnly
+                        } else {
+                            crate::pools::PathUse::DiskReadWrite
+                        };
+                        let image = self.s.pools.resolve(caller, image, usage)?;
                         let p = image.clone();
                         let info = tokio::task::spawn_blocking(move || img::inspect(&p))
                             .await
                             .map_err(|e| HostError::Internal(e.to_string()))??;
-                        (image.clone(), info.format, info.virtual_size, false)
+                        (image, info.format, info.virtual_size, false)
                     }
                     _ => {
                         return Err(HostError::Invalid(
@@ -114,6 +120,9 @@ impl Manager {
                     .iter()
                     .map(|f| f.parse::<drover_model::PortForward>())
                     .collect::<std::result::Result<Vec<_>, _>>()?;
+                for f in &forwards {
+                    crate::pools::check_forward(caller, f)?;
+                }
                 Change::AddNic(NicConfig {
                     id,
                     mac,

@@ -226,9 +226,9 @@ impl Manager {
         if free < need {
             return Err(HostError::Resources(format!(
                 "saving VM {vm} needs about {} free on {}; {} is free",
-                drover_model::format_size(need),
+                hostfacts::human_size(need),
                 self.vm_dir(vm).display(),
-                drover_model::format_size(free)
+                hostfacts::human_size(free)
             )));
         }
         let n = self
@@ -468,9 +468,9 @@ impl Manager {
         if free < need {
             return Err(HostError::Resources(format!(
                 "saving VM {vm} needs about {} free in {} for its memory; {} is free",
-                drover_model::format_size(need),
+                hostfacts::human_size(need),
                 self.ram_dir().display(),
-                drover_model::format_size(free)
+                hostfacts::human_size(free)
             )));
         }
         let _ = std::fs::remove_dir_all(&paths.dir);
@@ -495,7 +495,7 @@ impl Manager {
                 detached: true,
             },
         )?;
-        let mut child = process::spawn(&self.s.cfg.qemu_binary, &args, &paths.qemu_log)?;
+        let mut child = self.spawn_qemu(config, args, &paths.qemu_log)?;
         let pid = child.id().unwrap_or(0);
         // Durable before it is given work, so a droverd that dies from here on leaves no
         // orphan: the next one kills it.
