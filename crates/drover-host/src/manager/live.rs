@@ -902,6 +902,7 @@ mod tests {
         Caller {
             name: "uid 1000".into(),
             role: Some(Role::Operator),
+            uid: Some(1000),
         }
     }
 
@@ -910,10 +911,13 @@ mod tests {
     async fn the_initial_config_needs_config_persist_on_every_route() {
         let dir = tempfile::tempdir().unwrap();
         let m = manager(dir.path()).await;
-        m.create(drover_model::VmSpec::from_toml("name = \"a1\"\nmemory = \"64M\"").unwrap())
-            .await
-            .unwrap();
         let admin = Caller::daemon();
+        m.create(
+            drover_model::VmSpec::from_toml("name = \"a1\"\nmemory = \"64M\"").unwrap(),
+            &admin,
+        )
+        .await
+        .unwrap();
         let off = PersistRequest {
             enabled: Some(false),
             mode: None,
