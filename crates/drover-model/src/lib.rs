@@ -12,9 +12,11 @@
 //! the generations of a VM's config.
 
 mod config;
+mod platform;
 mod size;
 mod spec;
 
 pub use config::*;
+pub use platform::Platform;
 pub use size::{format_size, parse_size, SizeError};
 pub use spec::*;

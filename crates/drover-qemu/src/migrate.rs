@@ -148,6 +148,62 @@ pub async fn wait_running(qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> 
     }
 }
 
+/// Wait until a [`background_snapshot`] has taken the VM's device state and write-protected its
+/// RAM, the moment the guest may run again.
+///
+/// QEMU < 9.0 restarts the VM itself then: wait for it to run ([`wait_running`]). QEMU 9.0 and
+/// newer put it back in the run state it had when the snapshot began, and Drover pauses first
+/// (to switch the disks to new layers at the same instant), so it stays paused and nothing else
+/// tells the moment: the migration thread takes the device state, schedules the VM's return and
+/// only then sends its first RAM page, so the first pages counted (`ram.normal`/`duplicate`) mark
+/// it. One more round trip lets QEMU's main loop run the scheduled return before the caller's
+/// `cont` (which it would otherwise undo).
+pub async fn wait_device_state(
+    qmp: &Qmp,
+    keeps_run_state: bool,
+    timeout: Duration,
+) -> Result<(), QmpError> {
+    if !keeps_run_state {
+        return wait_running(qmp, timeout).await;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = qmp.execute("query-migrate", None).await?;
+        let pages = ["normal", "duplicate"]
+            .iter()
+            .map(|k| {
+                m.get("ram")
+                    .and_then(|r| r.get(*k))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            })
+            .sum::<u64>();
+        match m.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                return Err(QmpError::Command {
+                    command: "migrate".into(),
+                    class: "MigrationFailed".into(),
+                    desc: m
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("background snapshot failed")
+                        .to_string(),
+                })
+            }
+            Some("active") if pages > 0 => {
+                qmp.execute("query-status", None).await?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(QmpError::Timeout("background snapshot".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Put a new qcow2 overlay (`overlay_path`, node `overlay_node`) on top of disk node `node`; the
 /// old image becomes read-only and the guest writes to the overlay from now on.
 pub async fn snapshot_disk(

@@ -7,7 +7,7 @@ use std::process::Stdio;
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     /// The QEMU binary could not be run.
-    #[error("cannot run {binary}: {source} (install QEMU: apt-get install qemu-system-x86)")]
+    #[error("cannot run {binary}: {source} (install QEMU: scripts/install-deps.sh, or give droverd --qemu-dir)")]
     Spawn {
         /// The binary.
         binary: PathBuf,
@@ -34,6 +34,7 @@ pub enum ProcessError {
 /// exits are reaped promptly; after a droverd restart the QMP socket's end tells instead.
 pub fn spawn(
     binary: &Path,
+    env: &[(&str, PathBuf)],
     args: &[String],
     log: &Path,
 ) -> Result<tokio::process::Child, ProcessError> {
@@ -49,6 +50,7 @@ pub fn spawn(
     let err = out.try_clone().map_err(io)?;
     let mut cmd = tokio::process::Command::new(binary);
     cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -135,7 +137,8 @@ mod tests {
         let log = dir.path().join("log");
         let mut child = spawn(
             Path::new("/bin/sh"),
-            &["-c".into(), "echo hi; exit 3".into()],
+            &[("DROVER_T", PathBuf::from("hi"))],
+            &["-c".into(), "echo $DROVER_T; exit 3".into()],
             &log,
         )
         .unwrap();

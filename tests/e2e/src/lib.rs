@@ -29,6 +29,30 @@ pub fn image_dir() -> PathBuf {
     env_path("DROVER_IMAGE_DIR", workspace().join("target/drover-images"))
 }
 
+/// The QEMU installation every droverd of the tests runs (`droverd --qemu-dir`), from
+/// `DROVER_E2E_QEMU_DIR`; `None`: the system's QEMU. `scripts/test.sh` runs the e2e tests once
+/// on each.
+pub fn qemu_dir() -> Option<PathBuf> {
+    std::env::var_os("DROVER_E2E_QEMU_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// A second QEMU installation of another version, for tests across versions: from
+/// `DROVER_E2E_QEMU10_DIR`, else `target/qemu-10` or `/opt/drover-qemu10` when one is there
+/// (`scripts/install-deps.sh --qemu-prefix DIR` makes one). `None`: such tests skip.
+pub fn qemu10_dir() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("DROVER_E2E_QEMU10_DIR").map(PathBuf::from),
+        Some(workspace().join("target/qemu-10")),
+        Some(PathBuf::from("/opt/drover-qemu10")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("usr/bin/qemu-system-x86_64").is_file())
+}
+
 /// The static agent for the image.
 pub fn agent_bin() -> PathBuf {
     env_path(
@@ -44,6 +68,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     extra: Vec<String>,
+    /// `--qemu-dir`, or the system's QEMU.
+    qemu: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -52,8 +78,13 @@ impl Daemon {
         Daemon::start_with(&[])
     }
 
-    /// Start droverd with extra flags (kept across `spawn`s).
+    /// Start droverd with extra flags (kept across `spawn`s), on the tests' QEMU ([`qemu_dir`]).
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Daemon::start_on(qemu_dir().as_deref(), extra)
+    }
+
+    /// Start droverd on the QEMU installation `qemu` (`None`: the system's), with extra flags.
+    pub fn start_on(qemu: Option<&Path>, extra: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("drv-")
             .tempdir_in("/tmp")
@@ -62,6 +93,7 @@ impl Daemon {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            qemu: qemu.map(Path::to_path_buf),
         };
         d.spawn();
         d
@@ -101,6 +133,12 @@ impl Daemon {
             .arg("--log")
             .arg("info,drover_host=debug")
             .args(&self.extra)
+            .args(
+                self.qemu
+                    .iter()
+                    .flat_map(|q| [std::ffi::OsStr::new("--qemu-dir"), q.as_os_str()]),
+            )
+            .env_remove("DROVER_QEMU_DIR")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -287,6 +325,10 @@ impl Fleet {
             .env("DROVER_AGENT_BIN", agent_bin())
             .env("DROVER_NETNS_SET", &self.set)
             .env("DROVER_NETNS_NET", &self.net)
+            .env(
+                "DROVER_QEMU_DIR",
+                qemu_dir().map(PathBuf::into_os_string).unwrap_or_default(),
+            )
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()

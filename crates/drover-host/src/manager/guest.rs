@@ -753,7 +753,7 @@ mod tests {
             state_dir: dir.join("state"),
             image_dir: dir.join("images"),
             agent_binary: None,
-            qemu_binary: "qemu-system-x86_64".into(),
+            qemu: drover_qemu::install::QemuInstall::system(),
             accel: Some(drover_model::Accel::Tcg),
             persist_default: true,
             persist_mode_default: drover_model::PersistMode::Diff,
