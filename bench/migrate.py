@@ -44,7 +44,11 @@ from common import AGENT, BIN, IMAGES, ROOT, Qmp
 
 MEMORY_MIB = 1024
 FILL = 0.75
-IP = {1: "10.77.0.11", 2: "10.77.0.12"}
+# A set of hosts of its own (DROVER_NETNS_SET / DROVER_NETNS_NET, as scripts/netns-hosts.sh takes
+# them), so the benchmark can run beside other hosts on the machine.
+SET = os.environ.get("DROVER_NETNS_SET", "h")
+NET = os.environ.get("DROVER_NETNS_NET", "10.77.0")
+IP = {1: f"{NET}.11", 2: f"{NET}.12"}
 
 TICK_C = r"""
 /* bench/migrate's guest workload: `tick KIB_PER_S MIB`.
@@ -256,7 +260,7 @@ class Bench:
         self.port = random.randrange(20000, 30000)
 
     def state(self, host):
-        return f"{self.tmp}/drover-h{host}"
+        return f"{self.tmp}/drover-{SET}{host}"
 
     def netns(self, cmd):
         r = subprocess.run([f"{ROOT}/scripts/netns-hosts.sh", *cmd], env=self.env, capture_output=True, text=True)
@@ -264,10 +268,10 @@ class Bench:
             raise SystemExit(f"netns-hosts.sh {' '.join(cmd)}: {r.stderr}")
 
     def drover(self, host, *args, check=True):
-        r = subprocess.run([f"{BIN}/drover", "--remote", f"h{host}", *args], env=self.env,
+        r = subprocess.run([f"{BIN}/drover", "--remote", f"{SET}{host}", *args], env=self.env,
                            capture_output=True, text=True)
         if check and r.returncode != 0:
-            raise SystemExit(f"drover --remote h{host} {' '.join(args)}: {r.stderr}")
+            raise SystemExit(f"drover --remote {SET}{host} {' '.join(args)}: {r.stderr}")
         return r
 
     def cleanup(self):
@@ -304,7 +308,7 @@ class Bench:
         if incoming:
             args += ["-incoming", incoming]
         log = open(f"{d}/qemu.log", "w")
-        q = subprocess.Popen(["ip", "netns", "exec", f"drover-h{host}", *args], stdout=log, stderr=log)
+        q = subprocess.Popen(["ip", "netns", "exec", f"drover-{SET}{host}", *args], stdout=log, stderr=log)
         self.qemus.append(q)
         return q, d
 
@@ -423,7 +427,7 @@ class Bench:
                 to = 3 - host
                 i = len(results)
                 t0 = time.monotonic()
-                r = self.drover(host, "vm", "migrate", "mig", "--to", f"h{to}", "--downtime-ms", str(a.downtime_ms),
+                r = self.drover(host, "vm", "migrate", "mig", "--to", f"{SET}{to}", "--downtime-ms", str(a.downtime_ms),
                                 "--output", "json", check=False)
                 t2 = time.monotonic()
                 if r.returncode != 0:
@@ -474,8 +478,8 @@ def main():
         if not os.access(b, os.X_OK):
             raise SystemExit(f"no {b}: run `PROFILE=release scripts/build.sh` first")
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    if "drover-h1" in ns or "drover-h2" in ns:
-        raise SystemExit("namespaces drover-h1/drover-h2 exist already (other hosts running?); "
+    if f"drover-{SET}1" in ns or f"drover-{SET}2" in ns:
+        raise SystemExit(f"namespaces drover-{SET}1/drover-{SET}2 exist already (other hosts running?); "
                          "`scripts/netns-hosts.sh down` them first")
     def stop(signum, _frame):
         raise SystemExit(f"signal {signum}")
