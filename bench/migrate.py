@@ -40,7 +40,7 @@ drover-h1/drover-h2 exist (someone else's hosts).
 import argparse, base64, json, os, random, shutil, signal, socket, statistics, struct, subprocess, sys
 import tempfile, threading, time
 
-from common import AGENT, BIN, IMAGES, ROOT, Qmp
+from common import AGENT, BIN, IMAGES, ROOT, Qmp, qemu_version
 
 MEMORY_MIB = 1024
 FILL = 0.75
@@ -255,7 +255,8 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="drover-mig.", dir="/tmp")
         self.shm = tempfile.mkdtemp(prefix="drover-mig-raw.", dir="/dev/shm")
         self.env = dict(os.environ, DROVER_NETNS_ROOT=self.tmp, DROVER_CONFIG_DIR=f"{self.tmp}/config",
-                        DROVER_BIN_DIR=BIN, DROVER_IMAGE_DIR=IMAGES, DROVER_AGENT_BIN=AGENT)
+                        DROVER_BIN_DIR=BIN, DROVER_IMAGE_DIR=IMAGES, DROVER_AGENT_BIN=AGENT,
+                        DROVER_QEMU_DIR=os.path.abspath(args.qemu_dir) if args.qemu_dir else "")
         self.qemus = []
         self.port = random.randrange(20000, 30000)
 
@@ -471,6 +472,8 @@ def main():
     p.add_argument("runs", nargs="?", type=int, default=5)
     p.add_argument("--downtime-ms", type=int, default=50, help="QEMU downtime-limit for both (default 50)")
     p.add_argument("--dirty-mibps", type=int, default=10, help="guest dirtying rate, MiB/s (default 10)")
+    p.add_argument("--qemu-dir", default=None,
+                   help="both hosts on the QEMU installation in DIR (droverd --qemu-dir; default the system's)")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -490,7 +493,7 @@ def main():
         tick_b64, tick_file = build_tick(b.tmp)
         b.netns(["up", "2"])
         template = b.template()
-        print(f"live migration, TCG, 1 vCPU, {MEMORY_MIB} MiB, {int(FILL * 100)} % of RAM filled, "
+        print(f"QEMU {qemu_version(args.qemu_dir)}: live migration, TCG, 1 vCPU, {MEMORY_MIB} MiB, {int(FILL * 100)} % of RAM filled, "
               f"{args.dirty_mibps} MiB/s dirtied, back and forth h1 <-> h2, {args.runs} runs each")
         raw, raw_hung = b.raw_phase(template, tick_b64, args.runs)
         drv, drv_hung = [], 0

@@ -22,25 +22,33 @@ pub async fn set_ignore_shared(qmp: &Qmp, on: bool) -> Result<(), QmpError> {
     .map(|_| ())
 }
 
+/// QEMU's reason when a `query-migrate` answer says the migration failed or was cancelled.
+fn failure(m: &Value, fallback: &str) -> Option<QmpError> {
+    matches!(
+        m.get("status").and_then(Value::as_str),
+        Some("failed") | Some("cancelled")
+    )
+    .then(|| QmpError::Command {
+        command: "migrate".into(),
+        class: "MigrationFailed".into(),
+        desc: m
+            .get("error-desc")
+            .and_then(Value::as_str)
+            .unwrap_or(fallback)
+            .to_string(),
+    })
+}
+
 /// Wait for the running migration to finish; `Err` with QEMU's reason if it failed.
 pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<Value, QmpError> {
     let deadline = Instant::now() + timeout;
     loop {
         let v = qmp.execute("query-migrate", None).await?;
-        match v.get("status").and_then(Value::as_str) {
-            Some("completed") => return Ok(v),
-            Some("failed") | Some("cancelled") => {
-                return Err(QmpError::Command {
-                    command: "migrate".into(),
-                    class: "MigrationFailed".into(),
-                    desc: v
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("migration failed")
-                        .to_string(),
-                })
-            }
-            _ => {}
+        if let Some(e) = failure(&v, "migration failed") {
+            return Err(e);
+        }
+        if v.get("status").and_then(Value::as_str) == Some("completed") {
+            return Ok(v);
         }
         if Instant::now() > deadline {
             let _ = qmp.execute("migrate_cancel", None).await;
@@ -127,19 +135,8 @@ pub async fn wait_running(qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> 
             return Ok(());
         }
         let m = qmp.execute("query-migrate", None).await?;
-        if matches!(
-            m.get("status").and_then(Value::as_str),
-            Some("failed") | Some("cancelled")
-        ) {
-            return Err(QmpError::Command {
-                command: "migrate".into(),
-                class: "MigrationFailed".into(),
-                desc: m
-                    .get("error-desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("background snapshot failed")
-                    .to_string(),
-            });
+        if let Some(e) = failure(&m, "background snapshot failed") {
+            return Err(e);
         }
         if Instant::now() > deadline {
             return Err(QmpError::Timeout("background snapshot".into()));
@@ -178,19 +175,11 @@ pub async fn wait_device_state(
                     .unwrap_or(0)
             })
             .sum::<u64>();
+        if let Some(e) = failure(&m, "background snapshot failed") {
+            return Err(e);
+        }
         match m.get("status").and_then(Value::as_str) {
             Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                return Err(QmpError::Command {
-                    command: "migrate".into(),
-                    class: "MigrationFailed".into(),
-                    desc: m
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("background snapshot failed")
-                        .to_string(),
-                })
-            }
             Some("active") if pages > 0 => {
                 qmp.execute("query-status", None).await?;
                 return Ok(());

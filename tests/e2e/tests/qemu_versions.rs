@@ -14,6 +14,16 @@ fn qemu_cmdline(h: &Cli, vm: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Wait until the VM's agent runs commands again (after a restore).
+fn agent_answers(h: &Cli, vm: &str) {
+    wait_for("the agent after a restore", Duration::from_secs(60), || {
+        h.drover(&["vm", "exec", vm, "--", "true"])
+            .status
+            .success()
+            .then_some(())
+    });
+}
+
 #[test]
 fn droverd_probes_its_qemu_and_pins_new_vms_to_what_it_found() {
     let d = Daemon::start();
@@ -76,12 +86,7 @@ fn droverd_probes_its_qemu_and_pins_new_vms_to_what_it_found() {
     assert_eq!(s["saved_on"]["machine"], machine.as_str(), "{s}");
     assert_eq!(s["saved_on"]["qemu_version"], version.as_str(), "{s}");
     d.ok(&["snapshot", "restore", "pin", "s1"]);
-    wait_for("agent after restore", Duration::from_secs(60), || {
-        d.drover(&["vm", "exec", "pin", "--", "cat", "/run/mark"])
-            .status
-            .success()
-            .then_some(())
-    });
+    agent_answers(&d.cli(), "pin");
     assert_eq!(d.sh("pin", "cat /run/mark").trim(), "one");
     d.ok(&["vm", "stop", "pin", "--force"]);
 }
@@ -150,12 +155,7 @@ fn a_vm_moves_from_qemu_7_2_to_10_and_not_back() {
     );
     // A state saved under 7.2 restores under 10.0, and a fast save works there too.
     h2.ok(&["snapshot", "restore", "up", "on72"]);
-    wait_for("agent after restore", Duration::from_secs(60), || {
-        h2.drover(&["vm", "exec", "up", "--", "cat", "/run/mark"])
-            .status
-            .success()
-            .then_some(())
-    });
+    agent_answers(&h2, "up");
     assert_eq!(h2.sh("up", "cat /run/mark").trim(), "saved-on-7.2");
     h2.ok(&["snapshot", "create", "up", "--name", "on10"]);
     assert_eq!(h2.sh("up", "echo running").trim(), "running");
