@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 /// The named CPU model new VMs get under TCG, when the QEMU has it with nothing unavailable.
 ///
 /// `-cpu max` differs between QEMU versions (10.0 adds x2apic, fsrm, rdseed, sha-ni, ... to
-/// 7.2's), so a state or migration stream from one does not fit the other. Westmere is the
-/// newest Intel model both 7.2 and 10.0 emulate completely under TCG (SSE4.2, AES-NI, PCLMUL,
-/// POPCNT; no AVX, whose TCG emulation 7.2 lacks in its named models' feature checks: every
-/// newer model reports unavailable features, e.g. x2apic and tsc-deadline on 7.2). It boots as
-/// fast as `max` (bench/boot.py).
+/// 7.2's), so a state or migration stream from one does not fit the other. Westmere (SSE4.2,
+/// AES-NI, PCLMUL, POPCNT) is the newest Intel model that both 7.2 and 10.0 report usable
+/// under TCG with nothing unavailable (`query-cpu-definitions`): every newer one lacks some
+/// feature there (on 7.2 SandyBridge already lacks x2apic and tsc-deadline; Haswell and later
+/// also pcid and invpcid). Boot to /init takes the same QEMU CPU time as with `max` on both
+/// versions within the noise (bench/boot.py).
 pub const TCG_CPU_MODEL: &str = "Westmere";
 
 /// Probe failures.
