@@ -93,6 +93,11 @@ fn droverd_probes_its_qemu_and_pins_new_vms_to_what_it_found() {
 
 #[test]
 fn a_vm_moves_from_qemu_7_2_to_10_and_not_back() {
+    if drover_e2e::qemu_dir().is_some() {
+        // Each host's QEMU is set here; the pass with every droverd on QEMU 10 would repeat it.
+        eprintln!("skipped: runs in the pass on the system's QEMU");
+        return;
+    }
     let Some(q10) = qemu10_dir() else {
         eprintln!("skipped: no QEMU 10 installation (scripts/install-deps.sh --qemu-prefix target/qemu-10)");
         return;
