@@ -26,17 +26,53 @@ def count(path, needle):
         return 0
 
 
-class Droverd:
-    """A droverd with its own state dir and socket; stops it and its VMs on exit."""
+def qemu10_dir():
+    """A QEMU 10 installation (scripts/install-deps.sh --qemu-prefix DIR), or None."""
+    for d in (os.environ.get("DROVER_BENCH_QEMU10_DIR"), f"{ROOT}/target/qemu-10", "/opt/drover-qemu10"):
+        if d and os.access(f"{d}/usr/bin/qemu-system-x86_64", os.X_OK):
+            return d
+    return None
 
-    def __init__(self, prefix, log="warn"):
+
+def qemu_version(qemu_dir):
+    """`7.2.22` of the system's QEMU (qemu_dir None) or of the one under qemu_dir."""
+    exe = f"{qemu_dir}/usr/bin/qemu-system-x86_64" if qemu_dir else "qemu-system-x86_64"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.split()
+    return out[out.index("version") + 1] if "version" in out else "?"
+
+
+def qemu_installs(choice="both"):
+    """[(version, dir)] to run a benchmark on: `system` (dir None), a directory, or `both`
+    (the system's and QEMU 10, when one is found), side by side."""
+    if choice == "system":
+        dirs = [None]
+    elif choice == "both":
+        dirs = [None] + ([qemu10_dir()] if qemu10_dir() else [])
+    else:
+        dirs = [os.path.abspath(choice)]
+    return [(qemu_version(d), d) for d in dirs]
+
+
+def raw_qemu_cmd(qemu_dir):
+    """The emulator of an installation with its firmware directory, as droverd runs it."""
+    if qemu_dir is None:
+        return ["qemu-system-x86_64"], "/usr/share/qemu"
+    return [f"{qemu_dir}/usr/bin/qemu-system-x86_64", "-L", f"{qemu_dir}/usr/share/qemu"], f"{qemu_dir}/usr/share/qemu"
+
+
+class Droverd:
+    """A droverd with its own state dir and socket (on the QEMU under qemu_dir, else the
+    system's); stops it and its VMs on exit."""
+
+    def __init__(self, prefix, log="warn", qemu_dir=None):
         self.tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
         self.sock = f"{self.tmp}/d.sock"
         self.state = f"{self.tmp}/state"
         self.log_path = f"{self.tmp}/droverd.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([f"{BIN}/droverd", "--state-dir", self.state, "--socket", self.sock,
-                                      "--image-dir", IMAGES, "--agent-binary", AGENT, "--log", log],
+                                      "--image-dir", IMAGES, "--agent-binary", AGENT, "--log", log,
+                                      *(["--qemu-dir", qemu_dir] if qemu_dir else [])],
                                      stdout=self.log, stderr=self.log)
         poll(lambda: os.path.exists(self.sock), 10)
         time.sleep(0.2)

@@ -40,11 +40,15 @@ drover-h1/drover-h2 exist (someone else's hosts).
 import argparse, base64, json, os, random, shutil, signal, socket, statistics, struct, subprocess, sys
 import tempfile, threading, time
 
-from common import AGENT, BIN, IMAGES, ROOT, Qmp
+from common import AGENT, BIN, IMAGES, ROOT, Qmp, qemu_version
 
 MEMORY_MIB = 1024
 FILL = 0.75
-IP = {1: "10.77.0.11", 2: "10.77.0.12"}
+# A set of hosts of its own (DROVER_NETNS_SET / DROVER_NETNS_NET, as scripts/netns-hosts.sh takes
+# them), so the benchmark can run beside other hosts on the machine.
+SET = os.environ.get("DROVER_NETNS_SET", "h")
+NET = os.environ.get("DROVER_NETNS_NET", "10.77.0")
+IP = {1: f"{NET}.11", 2: f"{NET}.12"}
 
 TICK_C = r"""
 /* bench/migrate's guest workload: `tick KIB_PER_S MIB`.
@@ -251,12 +255,13 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="drover-mig.", dir="/tmp")
         self.shm = tempfile.mkdtemp(prefix="drover-mig-raw.", dir="/dev/shm")
         self.env = dict(os.environ, DROVER_NETNS_ROOT=self.tmp, DROVER_CONFIG_DIR=f"{self.tmp}/config",
-                        DROVER_BIN_DIR=BIN, DROVER_IMAGE_DIR=IMAGES, DROVER_AGENT_BIN=AGENT)
+                        DROVER_BIN_DIR=BIN, DROVER_IMAGE_DIR=IMAGES, DROVER_AGENT_BIN=AGENT,
+                        DROVER_QEMU_DIR=os.path.abspath(args.qemu_dir) if args.qemu_dir else "")
         self.qemus = []
         self.port = random.randrange(20000, 30000)
 
     def state(self, host):
-        return f"{self.tmp}/drover-h{host}"
+        return f"{self.tmp}/drover-{SET}{host}"
 
     def netns(self, cmd):
         r = subprocess.run([f"{ROOT}/scripts/netns-hosts.sh", *cmd], env=self.env, capture_output=True, text=True)
@@ -264,10 +269,10 @@ class Bench:
             raise SystemExit(f"netns-hosts.sh {' '.join(cmd)}: {r.stderr}")
 
     def drover(self, host, *args, check=True):
-        r = subprocess.run([f"{BIN}/drover", "--remote", f"h{host}", *args], env=self.env,
+        r = subprocess.run([f"{BIN}/drover", "--remote", f"{SET}{host}", *args], env=self.env,
                            capture_output=True, text=True)
         if check and r.returncode != 0:
-            raise SystemExit(f"drover --remote h{host} {' '.join(args)}: {r.stderr}")
+            raise SystemExit(f"drover --remote {SET}{host} {' '.join(args)}: {r.stderr}")
         return r
 
     def cleanup(self):
@@ -304,7 +309,7 @@ class Bench:
         if incoming:
             args += ["-incoming", incoming]
         log = open(f"{d}/qemu.log", "w")
-        q = subprocess.Popen(["ip", "netns", "exec", f"drover-h{host}", *args], stdout=log, stderr=log)
+        q = subprocess.Popen(["ip", "netns", "exec", f"drover-{SET}{host}", *args], stdout=log, stderr=log)
         self.qemus.append(q)
         return q, d
 
@@ -423,7 +428,7 @@ class Bench:
                 to = 3 - host
                 i = len(results)
                 t0 = time.monotonic()
-                r = self.drover(host, "vm", "migrate", "mig", "--to", f"h{to}", "--downtime-ms", str(a.downtime_ms),
+                r = self.drover(host, "vm", "migrate", "mig", "--to", f"{SET}{to}", "--downtime-ms", str(a.downtime_ms),
                                 "--output", "json", check=False)
                 t2 = time.monotonic()
                 if r.returncode != 0:
@@ -467,6 +472,8 @@ def main():
     p.add_argument("runs", nargs="?", type=int, default=5)
     p.add_argument("--downtime-ms", type=int, default=50, help="QEMU downtime-limit for both (default 50)")
     p.add_argument("--dirty-mibps", type=int, default=10, help="guest dirtying rate, MiB/s (default 10)")
+    p.add_argument("--qemu-dir", default=None,
+                   help="both hosts on the QEMU installation in DIR (droverd --qemu-dir; default the system's)")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -474,8 +481,8 @@ def main():
         if not os.access(b, os.X_OK):
             raise SystemExit(f"no {b}: run `PROFILE=release scripts/build.sh` first")
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    if "drover-h1" in ns or "drover-h2" in ns:
-        raise SystemExit("namespaces drover-h1/drover-h2 exist already (other hosts running?); "
+    if f"drover-{SET}1" in ns or f"drover-{SET}2" in ns:
+        raise SystemExit(f"namespaces drover-{SET}1/drover-{SET}2 exist already (other hosts running?); "
                          "`scripts/netns-hosts.sh down` them first")
     def stop(signum, _frame):
         raise SystemExit(f"signal {signum}")
@@ -486,7 +493,7 @@ def main():
         tick_b64, tick_file = build_tick(b.tmp)
         b.netns(["up", "2"])
         template = b.template()
-        print(f"live migration, TCG, 1 vCPU, {MEMORY_MIB} MiB, {int(FILL * 100)} % of RAM filled, "
+        print(f"QEMU {qemu_version(args.qemu_dir)}: live migration, TCG, 1 vCPU, {MEMORY_MIB} MiB, {int(FILL * 100)} % of RAM filled, "
               f"{args.dirty_mibps} MiB/s dirtied, back and forth h1 <-> h2, {args.runs} runs each")
         raw, raw_hung = b.raw_phase(template, tick_b64, args.runs)
         drv, drv_hung = [], 0

@@ -13,22 +13,28 @@ For each size, median of RUNS:
   host classic   the same with --classic (RAM in QEMU's migration stream, as plain QEMU saves)
 Times from the host include starting the guest command through `drover vm exec` (~20-40 ms).
 
-Usage: bench/state.py [RUNS]   (default 5; needs `PROFILE=release scripts/build.sh` first)
+Everything runs once per QEMU installation (`--qemu both`: the system's, and QEMU 10 from
+target/qemu-10 or /opt/drover-qemu10 when there), with a side-by-side table at the end.
+
+Usage: bench/state.py [RUNS] [--qemu system|both|DIR] [--sizes 512,2048]   (default 5, both;
+needs `PROFILE=release scripts/build.sh` first)
 """
-import json, os, statistics, sys, time
+import argparse, json, os, statistics, sys, time
 
-from common import Droverd, count, poll
+from common import Droverd, count, poll, qemu_installs
 
 
-def main():
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    with Droverd("drover-st.") as drover:
+def bench(runs, version, qemu_dir, sizes):
+    """One QEMU installation: {size: {figure: median ms}}."""
+    out = {}
+    print(f"QEMU {version}:")
+    with Droverd("drover-st.", qemu_dir=qemu_dir) as drover:
         tmp = drover.tmp
 
         def sh(vm, script):
             return drover("vm", "exec", vm, "--timeout", "600", "--", "sh", "-c", script)
 
-        for size_mib in (512, 2048):
+        for size_mib in sizes:
             vm = f"b{size_mib}"
             drover("vm", "create", vm, "--memory", f"{size_mib}M")
             drover("vm", "start", vm, "--wait")
@@ -90,8 +96,34 @@ def main():
                   f"host fast save/restore {m(hsave):.0f}/{m(hrest):.0f} ms; classic {m(csave):.0f}/{m(crest):.0f} ms; "
                   f"classic/fast: save {m(csave) / m(hsave):.1f}x, restore {m(crest) / m(hrest):.1f}x; "
                   f"a guest save is restorable after {statistics.median(ready):.1f} s and on disk after {statistics.median(durable):.1f} s")
+            out[size_mib] = {
+                "guest paused, fast save": paused["fast"],
+                "guest paused, classic save": paused["classic"],
+                "host fast save": m(hsave), "host fast restore": m(hrest),
+                "host classic save": m(csave), "host classic restore": m(crest),
+                "guest save -> saved event": m(gsave), "guest restore -> listener": m(grest),
+                "restorable after": statistics.median(ready) * 1000,
+                "durable after": statistics.median(durable) * 1000,
+            }
             drover("vm", "stop", vm, "--force")
             drover("vm", "delete", vm)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description="saving and restoring VM state, per QEMU version")
+    p.add_argument("runs", nargs="?", type=int, default=5)
+    p.add_argument("--qemu", default="both", help="system, both (system + QEMU 10), or an installation dir")
+    p.add_argument("--sizes", default="512,2048", help="guest sizes in MiB (default 512,2048)")
+    a = p.parse_args()
+    sizes = [int(x) for x in a.sizes.split(",")]
+    results = [(v, bench(a.runs, v, d, sizes)) for v, d in qemu_installs(a.qemu)]
+    if len(results) > 1:
+        print("\nside by side (medians, ms):")
+        for size in sizes:
+            print(f"  {size} MiB{'':21}" + "".join(f"{'QEMU ' + v:>14}" for v, _ in results))
+            for k in results[0][1][size]:
+                print(f"    {k:28}" + "".join(f"{r[size][k]:>14.0f}" for _, r in results))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
 # Separate sets can run side by side (parallel tests): DROVER_NETNS_SET=ma (letters, default h)
 # names namespaces drover-maI, remotes/host ids maI, sockets /run/drover/maI.sock, a bridge of
 # its own, on DROVER_NETNS_NET (default 10.77.0 for the set h, else required, e.g. 10.81.0).
-# Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
+# QEMU: DROVER_QEMU_DIR (droverd --qemu-dir) for every host, or per host DROVER_NETNS_QEMU_DIR_I
+# (a directory, or `system`), e.g. host 1 on QEMU 7.2 and host 2 on 10.0. Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
 # (built if neither has them), else PATH. Needs root and iproute2.
 set -euo pipefail
 
@@ -35,6 +36,7 @@ PORT=7443
 ROOT=$(realpath -m "${DROVER_NETNS_ROOT:-/var/lib}")
 IMAGES=$(realpath -m "${DROVER_IMAGE_DIR:-$ROOT/drover-images}")
 [ -z "${DROVER_BIN_DIR:-}" ] || DROVER_BIN_DIR=$(realpath -m "$DROVER_BIN_DIR")
+if [ -n "${DROVER_QEMU_DIR:-}" ]; then export DROVER_QEMU_DIR=$(realpath -m "$DROVER_QEMU_DIR"); else unset DROVER_QEMU_DIR; fi
 cd "$(dirname "$0")/.."
 RUN=/run/drover
 
@@ -127,9 +129,17 @@ start_daemon() {
   fi
   local agent=${DROVER_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/drover-agent}
   [ -x "$agent" ] && extra+=(--agent-binary "$agent")
+  # A QEMU installation per host (DROVER_NETNS_QEMU_DIR_I=DIR, or =system for the system's one
+  # even when DROVER_QEMU_DIR names another for the rest): hosts with different QEMU versions.
+  local qdir_var="DROVER_NETNS_QEMU_DIR_$i" unset_env=()
+  case "${!qdir_var:-}" in
+    "") ;;
+    system) unset_env=(-u DROVER_QEMU_DIR) ;;
+    *) extra+=(--qemu-dir "${!qdir_var}") ;;
+  esac
   say "$P$i: starting droverd in namespace drover-$P$i (log: $log)"
   # setsid: the daemon outlives this script and gets no signal from its terminal.
-  ip netns exec "drover-$P$i" setsid "$BIN/droverd" \
+  ip netns exec "drover-$P$i" env "${unset_env[@]}" setsid "$BIN/droverd" \
     --state-dir "$dir" --socket "$(sock "$i")" --image-dir "$IMAGES" \
     --listen "$(ipof "$i"):$PORT" "${extra[@]}" \
     </dev/null >>"$log" 2>&1 &

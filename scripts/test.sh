@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Runs Drover's whole test suite on a fresh Debian 12 machine: installs what it needs, builds,
-# builds the guest image once, then runs formatting and lint checks, unit and property tests, and
-# the end-to-end tests that boot real guests under QEMU.
+# Runs Drover's whole test suite on a fresh Debian 12 machine: installs what it needs (QEMU 7.2
+# system-wide, QEMU 10.0 from bookworm-backports unpacked into target/qemu-10), builds, builds the
+# guest image once, then runs formatting and lint checks, unit and property tests and the
+# end-to-end tests that boot real guests under QEMU 7.2, then the end-to-end tests again with
+# every droverd on QEMU 10.0 (droverd --qemu-dir). The test across versions (a live migration
+# 7.2 -> 10.0, a refused 10.0 -> 7.2; tests/e2e/tests/qemu_versions.rs) runs in the first pass.
+#
+#   TEST_THREADS=N       parallel tests (default 2)
+#   DROVER_TEST_QEMU10=0 skip the QEMU 10.0 pass (and its unpacking)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-scripts/install-deps.sh --tests
+qemu10=$PWD/target/qemu-10
+if [ "${DROVER_TEST_QEMU10:-1}" = 0 ]; then
+  scripts/install-deps.sh --tests
+else
+  scripts/install-deps.sh --tests --qemu-prefix "$qemu10"
+fi
 cargo fmt --all -- --check
 PROFILE=debug scripts/build.sh
 export DROVER_BIN_DIR=$PWD/target/debug
@@ -19,6 +30,12 @@ PROFILE=debug NO_BUILD=1 scripts/package.sh >/dev/null
 scripts/check-packages.sh
 echo "==> clippy" >&2
 cargo clippy -q --workspace --all-targets -- -D warnings
-echo "==> tests" >&2
+echo "==> tests (QEMU $(qemu-system-x86_64 --version | head -n 1))" >&2
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+echo "==> first pass finished after $(( $(date +%s) - start ))s" >&2
+if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
+  echo "==> end-to-end tests on QEMU 10.0 ($qemu10)" >&2
+  DROVER_E2E_QEMU_DIR=$qemu10 DROVER_E2E_QEMU10_DIR=$qemu10 \
+    cargo test -p drover-e2e -- --test-threads="${TEST_THREADS:-2}"
+fi
 echo "==> test suite finished in $(( $(date +%s) - start ))s" >&2

@@ -166,6 +166,10 @@ pub struct VmInfo {
     /// While `paused`: why QEMU paused the guest (e.g. a disk write failed: no space left).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_reason: Option<String>,
+    /// The machine type, CPU model and RAM layout it is pinned to (recorded at create; records
+    /// from before have the default: `q35`, `-cpu max`, padded RAM, as they always ran).
+    #[serde(default)]
+    pub platform: drover_model::Platform,
 }
 
 /// A VM's part in a migration between hosts.
@@ -541,6 +545,21 @@ pub struct StateInfo {
     /// as completed when this state is restored (the instance that asked is gone by then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_save: Option<GuestSaveNote>,
+    /// The QEMU and machine it was saved on (absent from states saved before this was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_on: Option<SavedOn>,
+}
+
+/// Where a state was saved: what a QEMU must offer to load it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedOn {
+    /// The QEMU version (`7.2.22`).
+    pub qemu_version: String,
+    /// The versioned machine type the state's devices belong to (`pc-q35-7.2`), the alias
+    /// resolved where the VM was not pinned.
+    pub machine: String,
+    /// The CPU model (`Westmere`, `max`).
+    pub cpu: String,
 }
 
 /// How far a saved state has come.
@@ -773,6 +792,53 @@ pub struct HostInfo {
     /// Absent from daemons older than the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<drover_proto::HostIdentity>,
+    /// What droverd's QEMU can do, probed once at start (absent when the probe failed, or from
+    /// daemons older than the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuFacts>,
+}
+
+/// What a host's QEMU can do (`drover host info`): the probe droverd ran at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuFacts {
+    /// Version (`10.0.2`).
+    pub version: String,
+    /// The distribution's package version.
+    #[serde(default)]
+    pub package: String,
+    /// The installation's prefix (`droverd --qemu-dir`); absent for the system's QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// `qemu-img` and `qemu-nbd` of the same installation.
+    #[serde(default)]
+    pub qemu_img: String,
+    /// See `qemu_img`.
+    #[serde(default)]
+    pub qemu_nbd: String,
+    /// Firmware directory.
+    #[serde(default)]
+    pub firmware_dir: String,
+    /// Versioned q35 machine types.
+    pub machines: Vec<String>,
+    /// What each alias means here (`q35` → `pc-q35-10.0`).
+    #[serde(default)]
+    pub machine_aliases: std::collections::BTreeMap<String, String>,
+    /// CPU models usable as they are under this host's accelerator.
+    pub cpu_models: Vec<String>,
+    /// Migration capabilities.
+    pub migration_capabilities: Vec<String>,
+    /// QMP commands in its schema.
+    #[serde(default)]
+    pub qmp_commands: usize,
+    /// What a VM created now is pinned to.
+    #[serde(default)]
+    pub new_vm_platform: drover_model::Platform,
+    /// Version-specific behaviour in force, one line each.
+    #[serde(default)]
+    pub quirks: Vec<String>,
+    /// How long the probe took (ms).
+    #[serde(default)]
+    pub probe_ms: u64,
 }
 
 /// The default guest image.

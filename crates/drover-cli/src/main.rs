@@ -162,7 +162,18 @@ enum SnapshotCmd {
 
 #[derive(Subcommand, Debug)]
 enum HostCmd {
-    /// Show the accelerator, QEMU version, CPUs, memory and disk.
+    /// Show the accelerator, the QEMU droverd runs and what it can do, CPUs, memory and disk.
+    ///
+    /// The QEMU part is droverd's probe at start: version and installation (`droverd
+    /// --qemu-dir`), what `q35` means there (`pc-q35-7.2`, `pc-q35-10.0`), the machine type
+    /// and CPU model new VMs are pinned to, usable CPU models, migration capabilities, and the
+    /// version-specific behaviour in force. A VM migrates live to another host only if that
+    /// host's QEMU has the VM's machine type and CPU model (compare with `drover vm show`).
+    ///
+    /// Examples:
+    ///   drover host info
+    ///   drover --remote h2 --output json host info | jq .qemu.machine_aliases
+    #[command(verbatim_doc_comment)]
     Info,
 }
 
@@ -540,6 +551,11 @@ enum VmCmd {
     /// final switch-over. The VM's records, config history, saved states, guest principals
     /// and audit trail move with it; afterwards exactly one host has it. A failure or
     /// --cancel leaves it running here. A stopped VM moves with --offline.
+    ///
+    /// Between QEMU versions: the destination's QEMU must have the VM's machine type and CPU
+    /// model (`drover vm show` / `drover host info`): a VM made on QEMU 7.2 (pc-q35-7.2) moves
+    /// to 10.0, one made on 10.0 (pc-q35-10.0) not to 7.2. Otherwise the move is refused
+    /// before anything changes, with the reason (exit 4).
     ///
     /// Examples:
     ///   drover vm migrate web1 --to h2

@@ -223,6 +223,18 @@ impl Out {
             println!("uptime:    {}", age(ms));
         }
         println!("created:   {} ago", age(v.created_at_ms));
+        let p = &v.platform;
+        println!(
+            "machine:   {}, cpu {}{}{}",
+            p.machine_arg(),
+            p.cpu_arg(),
+            if p.ram_pad { ", RAM padded" } else { "" },
+            if p.is_pinned() {
+                ""
+            } else {
+                " (not pinned: created before Drover recorded versioned machines)"
+            }
+        );
         if let Some(m) = &v.migration {
             use drover_api::{MigrationPhase as P, MigrationRole as R};
             println!(
@@ -337,6 +349,44 @@ impl Out {
         println!("droverd:      {}", h.daemon_version);
         println!("accelerator:  {} ({})", h.accel, h.accel_reason);
         println!("qemu:         {} ({})", h.qemu_version, h.qemu_binary);
+        if let Some(q) = &h.qemu {
+            if let Some(dir) = &q.dir {
+                println!("qemu dir:     {dir} (firmware {})", q.firmware_dir);
+            }
+            println!("qemu tools:   {}, {}", q.qemu_img, q.qemu_nbd);
+            println!(
+                "machines:     q35 = {}; {} q35 types back to {}",
+                q.machine_aliases
+                    .get("q35")
+                    .map(String::as_str)
+                    .unwrap_or("?"),
+                q.machines.len(),
+                q.machines.first().map(String::as_str).unwrap_or("?")
+            );
+            println!(
+                "new VMs:      machine {}, cpu {}{}",
+                q.new_vm_platform.machine_arg(),
+                q.new_vm_platform.cpu_arg(),
+                if q.new_vm_platform.ram_pad {
+                    ", RAM padded"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "cpu models:   {} usable under {}",
+                q.cpu_models.len(),
+                h.accel
+            );
+            println!("migration:    {}", q.migration_capabilities.join(" "));
+            println!(
+                "qmp:          {} commands (probed in {} ms)",
+                q.qmp_commands, q.probe_ms
+            );
+            for quirk in &q.quirks {
+                println!("quirk:        {quirk}");
+            }
+        }
         println!("cpus:         {}", h.cpus);
         println!(
             "memory:       {} total, {} available, {} given to running VMs",

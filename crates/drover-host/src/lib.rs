@@ -5,11 +5,13 @@
 //! - [`agent_link`]: the host end of a VM's guest channel (ports A and B).
 //! - [`api`]: the HTTP/JSON routes.
 //! - [`action`]: every lifecycle verb with the states it is valid in.
+//! - [`compat`]: whether a VM's machine type and CPU model fit another host's QEMU or a state.
 
 pub mod action;
 pub mod agent_link;
 pub mod api;
 pub mod auth;
+pub mod compat;
 pub mod config_file;
 pub mod crashpoint;
 pub mod error;

@@ -128,8 +128,8 @@ pub struct DaemonConfig {
     pub image_dir: PathBuf,
     /// The static `drover-agent` put into the guest image.
     pub agent_binary: Option<PathBuf>,
-    /// QEMU binary.
-    pub qemu_binary: PathBuf,
+    /// The QEMU installation every VM runs on (emulator, qemu-img, qemu-nbd, firmware).
+    pub qemu: drover_qemu::install::QemuInstall,
     /// Accelerator override for every VM (auto-detected when `None`).
     pub accel: Option<Accel>,
     /// Whether new VMs keep their live changes.
@@ -219,6 +219,8 @@ struct Shared {
     store: Box<dyn Store>,
     accel: AccelChoice,
     qemu_version: String,
+    /// What the QEMU can do; `None` when the probe failed (VMs then run as before pinning).
+    probe: Option<drover_qemu::probe::QemuProbe>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
     create_lock: tokio::sync::Mutex<()>,
     image_lock: tokio::sync::Mutex<()>,
@@ -258,10 +260,41 @@ impl Manager {
             None => drover_qemu::accel::detect(),
         };
         tracing::info!(accel = %accel.accel, "accelerator: {}", accel.reason);
-        let qemu_version = process::version(&cfg.qemu_binary).unwrap_or_else(|e| {
-            tracing::warn!("{e}");
-            "unknown".into()
-        });
+        if !drover_qemu::install::set_current(cfg.qemu.clone()) {
+            tracing::warn!("another QEMU installation is already in use by this process; qemu-img runs from it");
+        }
+        let probe = match drover_qemu::probe::probe(
+            &cfg.qemu,
+            accel.accel,
+            &cfg.state_dir.join("run").join(".probe"),
+        )
+        .await
+        {
+            Ok(p) => {
+                tracing::info!(
+                    version = %p.version,
+                    emulator = %cfg.qemu.emulator.display(),
+                    q35 = p.resolve_machine("q35").unwrap_or("?"),
+                    ms = p.probe_ms,
+                    "QEMU probed"
+                );
+                for q in p.quirks() {
+                    tracing::info!("QEMU {}: {q}", p.version);
+                }
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; VMs run with unpinned machine types (q35, -cpu max)");
+                None
+            }
+        };
+        let qemu_version = match &probe {
+            Some(p) => p.version.to_string(),
+            None => process::version(&cfg.qemu.emulator).unwrap_or_else(|e| {
+                tracing::warn!("{e}");
+                "unknown".into()
+            }),
+        };
         // Records written by an older droverd are migrated once, before anything reads them.
         let migrated = upgrade::upgrade(store.as_ref(), &cfg.state_dir)?;
         if !migrated.is_empty() {
@@ -279,6 +312,7 @@ impl Manager {
                 store,
                 accel,
                 qemu_version,
+                probe,
                 vms: Mutex::new(BTreeMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
                 image_lock: tokio::sync::Mutex::new(()),
@@ -354,7 +388,7 @@ impl Manager {
             state_dir: dir.join("state"),
             image_dir: dir.join("images"),
             agent_binary: None,
-            qemu_binary: "qemu-system-x86_64".into(),
+            qemu: drover_qemu::install::QemuInstall::system(),
             accel: Some(drover_model::Accel::Tcg),
             persist_default: true,
             persist_mode_default: drover_model::PersistMode::Diff,
@@ -642,7 +676,7 @@ impl Manager {
             hostname: hostfacts::hostname(),
             accel: self.s.accel.accel,
             accel_reason: self.s.accel.reason.clone(),
-            qemu_binary: self.s.cfg.qemu_binary.display().to_string(),
+            qemu_binary: self.s.cfg.qemu.emulator.display().to_string(),
             qemu_version: self.s.qemu_version.clone(),
             cpus: hostfacts::cpus(),
             memory_total: mem.total,
@@ -654,6 +688,52 @@ impl Manager {
             vms_running: running.len() as u32,
             memory_allocated: running.iter().map(|v| v.config.memory).sum(),
             identity: Some(self.s.cfg.identity.clone()),
+            qemu: self.qemu_facts(),
+        }
+    }
+
+    /// The probe of this host's QEMU as `host info` shows it.
+    pub(crate) fn qemu_facts(&self) -> Option<drover_api::QemuFacts> {
+        let p = self.s.probe.as_ref()?;
+        let q = &self.s.cfg.qemu;
+        Some(drover_api::QemuFacts {
+            version: p.version.to_string(),
+            package: p.package.clone(),
+            dir: q.dir.as_ref().map(|d| d.display().to_string()),
+            qemu_img: q.qemu_img.display().to_string(),
+            qemu_nbd: q.qemu_nbd.display().to_string(),
+            firmware_dir: q.data_dir.display().to_string(),
+            machines: p.machines.iter().map(|m| m.name.clone()).collect(),
+            machine_aliases: p
+                .machines
+                .iter()
+                .filter_map(|m| m.alias.clone().map(|a| (a, m.name.clone())))
+                .collect(),
+            cpu_models: p
+                .cpu_models
+                .iter()
+                .filter(|c| c.unavailable.is_empty())
+                .map(|c| c.name.clone())
+                .collect(),
+            migration_capabilities: p.migration_capabilities.clone(),
+            qmp_commands: p.qmp_commands,
+            new_vm_platform: self.new_vm_platform(),
+            quirks: p.quirks(),
+            probe_ms: p.probe_ms,
+        })
+    }
+
+    /// What a VM created now is pinned to: the versioned machine type `q35` means here, the
+    /// named TCG CPU model, and RAM padding only where this QEMU has the bug it avoids. Without
+    /// a probe, what VMs always had.
+    fn new_vm_platform(&self) -> drover_model::Platform {
+        match &self.s.probe {
+            Some(p) => drover_model::Platform {
+                machine: p.resolve_machine("q35").map(str::to_string),
+                cpu: p.tcg_cpu_model().map(str::to_string),
+                ram_pad: p.tcg_dirty_tracking_bug(),
+            },
+            None => drover_model::Platform::default(),
         }
     }
 
@@ -821,6 +901,7 @@ impl Manager {
                 started_from: None,
                 migration: None,
                 paused_reason: None,
+                platform: self.new_vm_platform(),
             };
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
@@ -1017,8 +1098,10 @@ impl Manager {
         if qemu_before(&self.s.qemu_version, (8, 1)) {
             keep |= process::CAP_SYS_PTRACE;
         }
+        let q = &self.s.cfg.qemu;
         Ok(process::spawn_confined(
-            &self.s.cfg.qemu_binary,
+            &q.emulator,
+            &q.env(),
             &args,
             log,
             Some(keep),
@@ -1199,15 +1282,22 @@ impl Manager {
         mode: QemuMode<'_>,
     ) -> Result<Vec<String>> {
         let generation_id = self.generation_id(name)?;
+        let platform = self
+            .slot(name)
+            .map(|s| lock(&s.info).platform.clone())
+            .unwrap_or_default();
+        let qboot = self.s.cfg.qemu.qboot();
         Ok(cmdline::build(&LaunchSpec {
             config,
+            platform: &platform,
+            install_args: self.s.cfg.qemu.emulator_args(),
             accel,
             paths,
             console_log: console,
             kernel,
             hotplug_ports: HOTPLUG_PORTS,
             max_cpus: hostfacts::cpus().clamp(config.cpus, drover_model::MAX_VCPUS),
-            qboot: Some(PathBuf::from(cmdline::QBOOT)).filter(|p| p.exists()),
+            qboot: Some(qboot).filter(|p| p.exists()),
             ram_file: true,
             ram_private: mode.ram_private,
             stopped: mode.stopped,
@@ -1217,6 +1307,7 @@ impl Manager {
         }))
     }
 
+    /// Start this host's QEMU with `args`, its output going to `log`.
     /// Wait for QEMU's QMP socket; fail early if QEMU exits first.
     async fn connect_qmp(
         &self,

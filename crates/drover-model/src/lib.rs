@@ -13,10 +13,12 @@
 
 mod config;
 mod layers;
+mod platform;
 mod size;
 mod spec;
 
 pub use config::*;
 pub use layers::{origin_below, DiskLayers, LayerError, OpenPlan, LAYERS_FORMAT};
+pub use platform::Platform;
 pub use size::{format_size, parse_size, SizeError};
 pub use spec::*;

@@ -4,16 +4,15 @@
 //! default devices, virtio everywhere, and `pcie-root-port`s reserved at start so disks and NICs
 //! can be hot-plugged later (q35 cannot add root ports at run time).
 
-use drover_model::{Accel, DiskConfig, NicBackend, VmConfig};
+use drover_model::{Accel, DiskConfig, NicBackend, Platform, VmConfig};
 use std::path::{Path, PathBuf};
 
-/// The qboot firmware shipped in Debian's QEMU package; ~3.5 s faster than SeaBIOS here.
-pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 /// DIMM slots reserved when memory hot-plug is on.
 pub const MEMORY_SLOTS: u32 = 8;
 /// Longest unix socket path the kernel accepts (`sun_path` minus its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
-/// Guest RAM is this much larger than configured, so that its size is not a multiple of 256 KiB.
+/// Guest RAM is this much larger than configured, so that its size is not a multiple of 256 KiB
+/// (for VMs whose [`Platform::ram_pad`] says so: those created on a QEMU older than 9.0).
 ///
 /// QEMU 7.2 syncs the migration dirty bitmap of such a RAM block 64 pages at a time, and that fast
 /// path forgets to re-arm TCG's dirty tracking in the vCPU's TLB (fixed upstream in QEMU 9.0,
@@ -24,6 +23,7 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// the exact size, none of 60 with the pad. Any other size takes QEMU's page-by-page path, which
 /// is correct (it costs some migration time, not downtime). QEMU rounds RAM to 8 KiB. Harmless
 /// under KVM; kept there too so that states and migrations do not depend on the accelerator.
+/// A VM keeps its choice for life: the RAM size must be the same wherever its state loads.
 pub const RAM_PAD: u64 = 8 << 10;
 
 /// Files a running VM's QEMU uses, all inside its run directory.
@@ -85,6 +85,10 @@ pub struct KernelBoot {
 pub struct LaunchSpec<'a> {
     /// The VM.
     pub config: &'a VmConfig,
+    /// The machine type, CPU model and RAM layout it is pinned to.
+    pub platform: &'a Platform,
+    /// Arguments of the QEMU installation itself (`-L DIR` for a private one).
+    pub install_args: Vec<String>,
     /// The accelerator to use.
     pub accel: Accel,
     /// Where sockets and logs live.
@@ -138,9 +142,10 @@ pub fn disk_node(d: &DiskConfig) -> String {
     format!("disk-{}", d.id)
 }
 
-/// `bytes` (whole MiB, as configured) plus [`RAM_PAD`], as a QEMU size.
-fn ram_size(bytes: u64) -> String {
-    format!("{}K", ((bytes >> 20) << 10) + (RAM_PAD >> 10))
+/// `bytes` (whole MiB, as configured), plus [`RAM_PAD`] when `pad`, as a QEMU size.
+fn ram_size(bytes: u64, pad: bool) -> String {
+    let pad = if pad { RAM_PAD >> 10 } else { 0 };
+    format!("{}K", ((bytes >> 20) << 10) + pad)
 }
 
 /// QEMU id of hot-plug root port `slot`.
@@ -158,15 +163,18 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
     let c = spec.config;
     let p = spec.paths;
     let mut a: Vec<String> = Vec::new();
+    let pad = spec.platform.ram_pad;
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let install: Vec<&str> = spec.install_args.iter().map(String::as_str).collect();
+    push(&install);
     push(&["-name", &format!("guest={},debug-threads=on", c.name)]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     match spec.accel {
         // `-cpu host` needs arch-capabilities masked on some hosts (PLATFORM.md); harmless elsewhere.
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
-        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", spec.platform.cpu_arg()]),
     }
-    push(&["-machine", "q35"]);
+    push(&["-machine", spec.platform.machine_arg()]);
     if spec.kernel.is_some() {
         if let Some(qboot) = &spec.qboot {
             push(&["-bios", &esc(qboot)]);
@@ -183,18 +191,18 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             "-m",
             &format!(
                 "size={},slots={MEMORY_SLOTS},maxmem={}",
-                ram_size(c.memory),
-                ram_size(max.max(c.memory))
+                ram_size(c.memory, pad),
+                ram_size(max.max(c.memory), pad)
             ),
         ]),
-        None => push(&["-m", &ram_size(c.memory)]),
+        None => push(&["-m", &ram_size(c.memory, pad)]),
     }
     if let Some(file) = spec.ram_private {
         push(&[
             "-object",
             &format!(
                 "memory-backend-file,id=ram0,size={},mem-path={},share=off",
-                ram_size(c.memory),
+                ram_size(c.memory, pad),
                 esc(file)
             ),
             "-machine",
@@ -205,7 +213,7 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             "-object",
             &format!(
                 "memory-backend-file,id=ram0,size={},mem-path={},share=on",
-                ram_size(c.memory),
+                ram_size(c.memory, pad),
                 esc(&p.ram)
             ),
             "-machine",
@@ -374,6 +382,8 @@ mod tests {
         let paths = RunPaths::new(Path::new("/run/x"));
         let args = build(&LaunchSpec {
             config: &cfg,
+            platform: &Platform::default(),
+            install_args: Vec::new(),
             accel: Accel::Tcg,
             paths: &paths,
             console_log: Path::new("/var/log/c.log"),
@@ -384,7 +394,7 @@ mod tests {
             }),
             hotplug_ports: 4,
             max_cpus: 4,
-            qboot: Some(QBOOT.into()),
+            qboot: Some("/usr/share/qemu/qboot.rom".into()),
             ram_file: true,
             ram_private: None,
             stopped: false,
@@ -422,13 +432,15 @@ mod tests {
         let paths = RunPaths::new(Path::new("/run/x"));
         let args = build(&LaunchSpec {
             config: &cfg,
+            platform: &Platform::default(),
+            install_args: Vec::new(),
             accel: Accel::Kvm,
             paths: &paths,
             console_log: Path::new("/c,log"),
             kernel: None,
             hotplug_ports: 0,
             max_cpus: 1,
-            qboot: Some(QBOOT.into()),
+            qboot: Some("/usr/share/qemu/qboot.rom".into()),
             ram_file: false,
             ram_private: None,
             stopped: false,
@@ -453,7 +465,7 @@ mod tests {
     fn ram_size_is_never_a_multiple_of_256k() {
         // QEMU 7.2 + TCG loses guest stores during a live migration when it is (see RAM_PAD).
         for mib in [1u64, 256, 512, 1024, 4096] {
-            let s = ram_size(mib << 20);
+            let s = ram_size(mib << 20, true);
             let kib: u64 = s.strip_suffix('K').unwrap().parse().unwrap();
             assert_eq!(kib, (mib << 10) + 8);
             assert_ne!(kib % 256, 0, "{s}");
@@ -462,8 +474,10 @@ mod tests {
         let mut cfg = config();
         cfg.max_memory = None;
         let paths = RunPaths::new(Path::new("/run/x"));
-        let args = build(&LaunchSpec {
+        let spec = LaunchSpec {
             config: &cfg,
+            platform: &Platform::default(),
+            install_args: Vec::new(),
             accel: Accel::Tcg,
             paths: &paths,
             console_log: Path::new("/c.log"),
@@ -477,12 +491,36 @@ mod tests {
             detached: false,
             incoming: true,
             generation_id: None,
-        });
-        let joined = args.join(" ");
+        };
+        let joined = build(&spec).join(" ");
         assert!(joined.contains("-m 1048584K "), "{joined}");
         assert!(
             joined.contains("size=1048584K,mem-path=/s/memory.bin,share=off"),
             "{joined}"
         );
+        assert!(
+            joined.contains("-cpu max -machine q35 "),
+            "unpinned: as before"
+        );
+
+        // A pinned platform is used as recorded; a VM made on QEMU >= 9 has no pad.
+        let platform = Platform {
+            machine: Some("pc-q35-7.2".into()),
+            cpu: Some("Westmere".into()),
+            ram_pad: false,
+        };
+        let joined = build(&LaunchSpec {
+            platform: &platform,
+            install_args: vec!["-L".into(), "/opt/q/usr/share/qemu".into()],
+            ..spec
+        })
+        .join(" ");
+        assert!(
+            joined.starts_with("-L /opt/q/usr/share/qemu -name "),
+            "{joined}"
+        );
+        assert!(joined.contains("-accel tcg -cpu Westmere -machine pc-q35-7.2 "));
+        assert!(joined.contains("-m 1048576K ") && joined.contains("size=1048576K,"));
+        assert!(!joined.contains("-cpu max") && !joined.contains("-machine q35"));
     }
 }

@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ImgError {
     /// qemu-img could not be run.
-    #[error("cannot run qemu-img: {0} (install it: apt-get install qemu-utils)")]
-    Spawn(std::io::Error),
+    #[error(
+        "cannot run {0}: {1} (install it: scripts/install-deps.sh, or give droverd --qemu-dir)"
+    )]
+    Spawn(PathBuf, std::io::Error),
     /// The image does not exist.
     #[error("disk image {0} does not exist")]
     Missing(PathBuf),
@@ -39,11 +41,13 @@ pub struct ImageInfo {
     pub virtual_size: u64,
 }
 
+/// Run the `qemu-img` of the QEMU installation this process uses ([`crate::install::current`]).
 fn run(args: &[&str]) -> Result<std::process::Output, ImgError> {
-    std::process::Command::new("qemu-img")
+    let q = crate::install::current();
+    q.command(&q.qemu_img)
         .args(args)
         .output()
-        .map_err(ImgError::Spawn)
+        .map_err(|e| ImgError::Spawn(q.qemu_img.clone(), e))
 }
 
 fn stderr_line(out: &std::process::Output) -> String {

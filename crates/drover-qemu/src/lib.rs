@@ -5,11 +5,15 @@
 //! - [`qmp`]: an async QMP client with command/reply matching and an event stream.
 //! - [`process`]: spawning QEMU so it outlives droverd, and checking on a pid later.
 //! - [`img`]: `qemu-img` for creating and checking disk images.
+//! - [`install`]: which QEMU installation runs (emulator, `qemu-img`, `qemu-nbd`, firmware).
+//! - [`probe`]: what that QEMU can do, and the version-specific behaviour that follows.
 
 pub mod accel;
 pub mod cmdline;
 pub mod hotplug;
 pub mod img;
+pub mod install;
 pub mod migrate;
+pub mod probe;
 pub mod process;
 pub mod qmp;

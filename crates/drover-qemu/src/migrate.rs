@@ -22,25 +22,33 @@ pub async fn set_ignore_shared(qmp: &Qmp, on: bool) -> Result<(), QmpError> {
     .map(|_| ())
 }
 
+/// QEMU's reason when a `query-migrate` answer says the migration failed or was cancelled.
+fn failure(m: &Value, fallback: &str) -> Option<QmpError> {
+    matches!(
+        m.get("status").and_then(Value::as_str),
+        Some("failed") | Some("cancelled")
+    )
+    .then(|| QmpError::Command {
+        command: "migrate".into(),
+        class: "MigrationFailed".into(),
+        desc: m
+            .get("error-desc")
+            .and_then(Value::as_str)
+            .unwrap_or(fallback)
+            .to_string(),
+    })
+}
+
 /// Wait for the running migration to finish; `Err` with QEMU's reason if it failed.
 pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<Value, QmpError> {
     let deadline = Instant::now() + timeout;
     loop {
         let v = qmp.execute("query-migrate", None).await?;
-        match v.get("status").and_then(Value::as_str) {
-            Some("completed") => return Ok(v),
-            Some("failed") | Some("cancelled") => {
-                return Err(QmpError::Command {
-                    command: "migrate".into(),
-                    class: "MigrationFailed".into(),
-                    desc: v
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("migration failed")
-                        .to_string(),
-                })
-            }
-            _ => {}
+        if let Some(e) = failure(&v, "migration failed") {
+            return Err(e);
+        }
+        if v.get("status").and_then(Value::as_str) == Some("completed") {
+            return Ok(v);
         }
         if Instant::now() > deadline {
             let _ = qmp.execute("migrate_cancel", None).await;
@@ -190,19 +198,56 @@ pub async fn wait_running(qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> 
             return Ok(());
         }
         let m = qmp.execute("query-migrate", None).await?;
-        if matches!(
-            m.get("status").and_then(Value::as_str),
-            Some("failed") | Some("cancelled")
-        ) {
-            return Err(QmpError::Command {
-                command: "migrate".into(),
-                class: "MigrationFailed".into(),
-                desc: m
-                    .get("error-desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("background snapshot failed")
-                    .to_string(),
-            });
+        if let Some(e) = failure(&m, "background snapshot failed") {
+            return Err(e);
+        }
+        if Instant::now() > deadline {
+            return Err(QmpError::Timeout("background snapshot".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Wait until a [`background_snapshot`] has taken the VM's device state and write-protected its
+/// RAM, the moment the guest may run again.
+///
+/// QEMU < 9.0 restarts the VM itself then: wait for it to run ([`wait_running`]). QEMU 9.0 and
+/// newer put it back in the run state it had when the snapshot began, and Drover pauses first
+/// (to switch the disks to new layers at the same instant), so it stays paused and nothing else
+/// tells the moment: the migration thread takes the device state, schedules the VM's return and
+/// only then sends its first RAM page, so the first pages counted (`ram.normal`/`duplicate`) mark
+/// it. One more round trip lets QEMU's main loop run the scheduled return before the caller's
+/// `cont` (which it would otherwise undo).
+pub async fn wait_device_state(
+    qmp: &Qmp,
+    keeps_run_state: bool,
+    timeout: Duration,
+) -> Result<(), QmpError> {
+    if !keeps_run_state {
+        return wait_running(qmp, timeout).await;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = qmp.execute("query-migrate", None).await?;
+        let pages = ["normal", "duplicate"]
+            .iter()
+            .map(|k| {
+                m.get("ram")
+                    .and_then(|r| r.get(*k))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            })
+            .sum::<u64>();
+        if let Some(e) = failure(&m, "background snapshot failed") {
+            return Err(e);
+        }
+        match m.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some("active") if pages > 0 => {
+                qmp.execute("query-status", None).await?;
+                return Ok(());
+            }
+            _ => {}
         }
         if Instant::now() > deadline {
             return Err(QmpError::Timeout("background snapshot".into()));

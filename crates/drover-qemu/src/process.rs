@@ -7,7 +7,7 @@ use std::process::Stdio;
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     /// The QEMU binary could not be run.
-    #[error("cannot run {binary}: {source} (install QEMU: apt-get install qemu-system-x86)")]
+    #[error("cannot run {binary}: {source} (install QEMU: scripts/install-deps.sh, or give droverd --qemu-dir)")]
     Spawn {
         /// The binary.
         binary: PathBuf,
@@ -34,10 +34,11 @@ pub enum ProcessError {
 /// exits are reaped promptly; after a droverd restart the QMP socket's end tells instead.
 pub fn spawn(
     binary: &Path,
+    env: &[(&str, PathBuf)],
     args: &[String],
     log: &Path,
 ) -> Result<tokio::process::Child, ProcessError> {
-    spawn_confined(binary, args, log, None)
+    spawn_confined(binary, env, args, log, None)
 }
 
 /// Capabilities (bit `1 << CAP_*`) a confined QEMU keeps: none by default.
@@ -53,6 +54,7 @@ pub const CAP_SYS_PTRACE: CapMask = 1 << 19;
 /// it nor anything it executes can get one back).
 pub fn spawn_confined(
     binary: &Path,
+    env: &[(&str, PathBuf)],
     args: &[String],
     log: &Path,
     keep: Option<CapMask>,
@@ -69,6 +71,7 @@ pub fn spawn_confined(
     let err = out.try_clone().map_err(io)?;
     let mut cmd = tokio::process::Command::new(binary);
     cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -278,6 +281,7 @@ mod tests {
         .collect();
         let mut c = spawn_confined(
             Path::new("/bin/sh"),
+            &[],
             &args,
             &log,
             Some(CAP_NET_BIND_SERVICE),
@@ -348,7 +352,8 @@ mod tests {
         let log = dir.path().join("log");
         let mut child = spawn(
             Path::new("/bin/sh"),
-            &["-c".into(), "echo hi; exit 3".into()],
+            &[("DROVER_T", PathBuf::from("hi"))],
+            &["-c".into(), "echo $DROVER_T; exit 3".into()],
             &log,
         )
         .unwrap();

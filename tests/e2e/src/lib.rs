@@ -29,6 +29,30 @@ pub fn image_dir() -> PathBuf {
     env_path("DROVER_IMAGE_DIR", workspace().join("target/drover-images"))
 }
 
+/// The QEMU installation every droverd of the tests runs (`droverd --qemu-dir`), from
+/// `DROVER_E2E_QEMU_DIR`; `None`: the system's QEMU. `scripts/test.sh` runs the e2e tests once
+/// on each.
+pub fn qemu_dir() -> Option<PathBuf> {
+    std::env::var_os("DROVER_E2E_QEMU_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// A second QEMU installation of another version, for tests across versions: from
+/// `DROVER_E2E_QEMU10_DIR`, else `target/qemu-10` or `/opt/drover-qemu10` when one is there
+/// (`scripts/install-deps.sh --qemu-prefix DIR` makes one). `None`: such tests skip.
+pub fn qemu10_dir() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("DROVER_E2E_QEMU10_DIR").map(PathBuf::from),
+        Some(workspace().join("target/qemu-10")),
+        Some(PathBuf::from("/opt/drover-qemu10")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("usr/bin/qemu-system-x86_64").is_file())
+}
+
 /// The static agent for the image.
 pub fn agent_bin() -> PathBuf {
     env_path(
@@ -47,6 +71,8 @@ pub struct Daemon {
     /// Where `droverd` comes from when not [`bin_dir`] (an older build, for upgrade tests).
     bin: Option<PathBuf>,
     envs: Vec<(String, String)>,
+    /// `--qemu-dir`, or the system's QEMU.
+    qemu: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -55,13 +81,18 @@ impl Daemon {
         Daemon::start_with(&[])
     }
 
-    /// Start droverd with extra flags (kept across `spawn`s).
+    /// Start droverd with extra flags (kept across `spawn`s), on the tests' QEMU ([`qemu_dir`]).
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Daemon::start_on(qemu_dir().as_deref(), extra)
+    }
+
+    /// Start droverd on the QEMU installation `qemu` (`None`: the system's), with extra flags.
+    pub fn start_on(qemu: Option<&Path>, extra: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("drv-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        Daemon::start_in(dir, extra, None)
+        Daemon::start_in(dir, extra, None, qemu)
     }
 
     /// Start the `droverd` of another build (in `bin`, e.g. an older release) on a fresh state
@@ -71,16 +102,23 @@ impl Daemon {
             .prefix("drv-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        Daemon::start_in(dir, &[], Some(bin))
+        // An older build may not know --qemu-dir: it runs on the system's QEMU.
+        Daemon::start_in(dir, &[], Some(bin), None)
     }
 
-    fn start_in(dir: tempfile::TempDir, extra: &[&str], bin: Option<PathBuf>) -> Daemon {
+    fn start_in(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        bin: Option<PathBuf>,
+        qemu: Option<&Path>,
+    ) -> Daemon {
         let mut d = Daemon {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             bin,
             envs: Vec::new(),
+            qemu: qemu.map(Path::to_path_buf),
         };
         d.spawn();
         d
@@ -184,6 +222,12 @@ impl Daemon {
             .arg("--agent-binary")
             .arg(agent_bin())
             .args(&self.extra)
+            .args(
+                self.qemu
+                    .iter()
+                    .flat_map(|q| [std::ffi::OsStr::new("--qemu-dir"), q.as_os_str()]),
+            )
+            .env_remove("DROVER_QEMU_DIR")
             .envs(self.envs.iter().map(|(k, v)| (k, v)));
         c
     }
@@ -386,6 +430,10 @@ impl Fleet {
             .env("DROVER_AGENT_BIN", agent_bin())
             .env("DROVER_NETNS_SET", &self.set)
             .env("DROVER_NETNS_NET", &self.net)
+            .env(
+                "DROVER_QEMU_DIR",
+                qemu_dir().map(PathBuf::into_os_string).unwrap_or_default(),
+            )
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()

@@ -47,9 +47,18 @@ struct Args {
     /// Static drover-agent binary to put into the guest image (default: looked up beside droverd).
     #[arg(long, env = "DROVER_AGENT_BIN")]
     agent_binary: Option<PathBuf>,
-    /// QEMU binary.
-    #[arg(long, env = "DROVER_QEMU", default_value = "qemu-system-x86_64")]
-    qemu: PathBuf,
+    /// The QEMU installation to run: DIR/usr/bin/{qemu-system-x86_64,qemu-img,qemu-nbd}, its
+    /// firmware in DIR/usr/share/qemu (passed as -L) and modules in
+    /// DIR/usr/lib/x86_64-linux-gnu/qemu (QEMU_MODULE_DIR), so emulator, disk tools and
+    /// firmware always match. Make one with `scripts/install-deps.sh --qemu-prefix DIR`, e.g.
+    /// `droverd --qemu-dir /opt/drover-qemu10` for QEMU 10.0 beside the system's 7.2.
+    /// [default: the system's QEMU, from PATH and /usr/share/qemu]
+    #[arg(long, env = "DROVER_QEMU_DIR", value_name = "DIR")]
+    qemu_dir: Option<PathBuf>,
+    /// Only the emulator binary, with the rest of the installation from --qemu-dir or the
+    /// system (kept for older set-ups; prefer --qemu-dir).
+    #[arg(long, env = "DROVER_QEMU", value_name = "BINARY")]
+    qemu: Option<PathBuf>,
     /// Force the accelerator for every VM (default: KVM only where hardware KVM works, else TCG).
     #[arg(long, value_parser = ["kvm", "tcg"])]
     accel: Option<String>,
@@ -159,7 +168,16 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let store = Arc::new(open_store(&state_dir, args.recover_store));
-    let qemu = which(&args.qemu).unwrap_or(args.qemu.clone());
+    let mut qemu = match &args.qemu_dir {
+        Some(dir) => {
+            let dir = std::path::absolute(dir).context("resolving --qemu-dir")?;
+            drover_qemu::install::QemuInstall::in_dir(&dir)?
+        }
+        None => drover_qemu::install::QemuInstall::system(),
+    };
+    if let Some(bin) = &args.qemu {
+        qemu = qemu.with_emulator(which(bin).unwrap_or(bin.clone()));
+    }
     let cfg = DaemonConfig {
         image_dir: args
             .image_dir
@@ -167,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| state_dir.join("images")),
         state_dir,
         agent_binary: args.agent_binary.clone(),
-        qemu_binary: qemu,
+        qemu,
         accel: args
             .accel
             .as_deref()

@@ -196,7 +196,9 @@ const NBD_EXPORT: &str = "f";
 /// Serve `path` (format `fmt`) over NBD on `ip` for a migration's copy; returns (pid, port).
 async fn spawn_nbd(ip: std::net::IpAddr, path: &std::path::Path, fmt: &str) -> Result<(u32, u16)> {
     let port = free_port(ip)?;
-    let child = tokio::process::Command::new("qemu-nbd")
+    let q = drover_qemu::install::current();
+    let child = q
+        .tokio_command(&q.qemu_nbd)
         .args([
             "-f",
             fmt,
@@ -213,7 +215,7 @@ async fn spawn_nbd(ip: std::net::IpAddr, path: &std::path::Path, fmt: &str) -> R
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| HostError::Internal(format!("starting qemu-nbd: {e}")))?;
+        .map_err(|e| HostError::Internal(format!("starting {}: {e}", q.qemu_nbd.display())))?;
     let pid = child.id().unwrap_or(0);
     // qemu-nbd listens within milliseconds.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -238,7 +240,9 @@ async fn nbd_copy(
     port: u16,
     export: &str,
 ) -> std::result::Result<(), String> {
-    let out = tokio::process::Command::new("qemu-img")
+    let q = drover_qemu::install::current();
+    let out = q
+        .tokio_command(&q.qemu_img)
         .args(["convert", "-n", "-U", "-f", fmt])
         .arg(src)
         .args(["-O", "raw"])
@@ -246,7 +250,7 @@ async fn nbd_copy(
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|e| format!("running qemu-img: {e}"))?;
+        .map_err(|e| format!("running {}: {e}", q.qemu_img.display()))?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
@@ -388,8 +392,14 @@ impl Manager {
         }
         // Hot-plugged memory (whole-MiB DIMMs) takes the path of QEMU 7.2's TCG dirty-tracking
         // bug that RAM_PAD avoids for boot RAM (see drover_qemu::cmdline::RAM_PAD): refuse
-        // rather than corrupt the guest.
-        if !req.offline {
+        // rather than corrupt the guest, on a QEMU that has the bug (the sending side's
+        // tracking loses the writes; without a probe, assume it does).
+        let buggy = self
+            .s
+            .probe
+            .as_ref()
+            .is_none_or(|p| p.tcg_dirty_tracking_bug());
+        if !req.offline && buggy {
             let grown = self.runtime(&slot).is_some_and(|rt| {
                 info.running_config
                     .as_ref()
@@ -431,6 +441,23 @@ impl Manager {
                 req.to_name
             )));
         }
+        // The destination's QEMU must load what this one sends: refused here, before anything
+        // is recorded or sent, with the reason.
+        let tcg = info
+            .accel
+            .or(info.config.accel)
+            .unwrap_or(self.s.accel.accel)
+            == drover_model::Accel::Tcg;
+        crate::compat::check_migration(
+            name,
+            &info.platform,
+            self.qemu_facts().as_ref(),
+            host.qemu.as_ref(),
+            &req.to_name,
+            !req.offline,
+            tcg,
+        )
+        .map_err(HostError::Conflict)?;
         // Wait for a state capture still streaming from this QEMU, and for states to be on disk.
         let _capture = slot.capture.lock().await;
         let files = self.moved_files(name).await?;
@@ -1081,6 +1108,21 @@ impl Manager {
                  droverd its own --host-id",
                 req.from
             )));
+        }
+        // A pinned VM needs its machine type and CPU model here (the source checked too; this
+        // covers a source that could not know).
+        if let Some(facts) = self.qemu_facts() {
+            let tcg = req.vm.config.accel.unwrap_or(self.s.accel.accel) == drover_model::Accel::Tcg;
+            crate::compat::check_migration(
+                &name,
+                &req.vm.platform,
+                Some(&facts),
+                Some(&facts),
+                "this host",
+                false,
+                tcg,
+            )
+            .map_err(HostError::Conflict)?;
         }
         let _create = self.s.create_lock.lock().await;
         if lock(&self.s.vms).contains_key(&name) {

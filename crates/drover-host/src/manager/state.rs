@@ -298,7 +298,12 @@ impl Manager {
                 // QEMU takes the device state, write-protects RAM and runs the guest again.
                 Some(r) => {
                     migrate::background_snapshot(&rt.qmp, &r.uri).await?;
-                    migrate::wait_running(&rt.qmp, Duration::from_secs(120)).await?;
+                    let keeps = self
+                        .s
+                        .probe
+                        .as_ref()
+                        .is_some_and(|p| p.background_snapshot_keeps_run_state());
+                    migrate::wait_device_state(&rt.qmp, keeps, Duration::from_secs(120)).await?;
                 }
                 None => migrate::save_state(&rt.qmp, &devices, false).await?,
             }
@@ -364,6 +369,7 @@ impl Manager {
             phase: StatePhase::Capturing,
             failure: None,
             guest_save: guest,
+            saved_on: self.saved_on(&info.platform),
         };
         match receiver {
             Some(r) => {
@@ -388,6 +394,19 @@ impl Manager {
         }
         tracing::info!(vm, state = id, paused_ms, mode = state.mode, "state saved");
         Ok(state)
+    }
+
+    /// The QEMU and machine a state saved now belongs to (`None` without a probe).
+    fn saved_on(&self, platform: &drover_model::Platform) -> Option<drover_api::SavedOn> {
+        let p = self.s.probe.as_ref()?;
+        Some(drover_api::SavedOn {
+            qemu_version: p.version.to_string(),
+            machine: match &platform.machine {
+                Some(m) => m.clone(),
+                None => p.resolve_machine("q35")?.to_string(),
+            },
+            cpu: platform.cpu_arg().to_string(),
+        })
     }
 
     /// Where a state's memory lives in RAM (/dev/shm), next to the running guests' memory.
@@ -888,6 +907,12 @@ impl Manager {
                 state.id, state.format
             )));
         }
+        crate::compat::check_restore(
+            &state.id,
+            state.saved_on.as_ref(),
+            self.qemu_facts().as_ref(),
+        )
+        .map_err(HostError::Conflict)?;
         let dir = self.states_dir(vm).join(&state.id);
         let devices = dir.join(&state.devices.file);
         let sum = sha256_file(&devices).map_err(|e| io_ctx("reading", &devices, e))?;
