@@ -206,17 +206,23 @@ pub struct Explanation {
 /// Per-host data the scan reads: kept small so 10,000 hosts stay in cache.
 #[derive(Debug, Clone)]
 struct Slot {
-    free_cpus: u32,
     free_memory: u64,
     free_disk: u64,
+    free_cpus: u32,
     free_bandwidth: u32,
     /// 0: no bandwidth accounting.
     bandwidth: u32,
-    total_cpus: f64,
-    total_memory: f64,
+    site: u32,
+    /// 1 / total vCPUs and 1 / total memory: the score multiplies rather than divides.
+    per_cpu: f32,
+    per_byte: f32,
     status: HostStatus,
     security: u8,
-    site: u32,
+}
+
+/// Prices per host, read only when cost matters (kept out of [`Slot`] so the scan stays small).
+#[derive(Debug, Clone, Copy)]
+struct Prices {
     vcpu_hour: f64,
     gib_hour: f64,
     disk_gib_month: f64,
@@ -232,6 +238,7 @@ struct Group {
 #[derive(Debug, Clone)]
 pub struct Scheduler {
     slots: Vec<Slot>,
+    prices: Vec<Prices>,
     names: Vec<String>,
     by_name: HashMap<String, u32>,
     /// Label ids per host, sorted.
@@ -260,6 +267,7 @@ impl Scheduler {
         let mut sites: HashMap<&str, u32> = HashMap::new();
         let mut label_ids: HashMap<String, u32> = HashMap::new();
         let mut slots = Vec::with_capacity(hosts.len());
+        let mut prices = Vec::with_capacity(hosts.len());
         let mut labels = Vec::with_capacity(hosts.len());
         for h in &hosts {
             let inv = &h.inventory;
@@ -281,11 +289,13 @@ impl Scheduler {
                 free_disk: inv.disk,
                 free_bandwidth: inv.bandwidth_mbps,
                 bandwidth: inv.bandwidth_mbps,
-                total_cpus: inv.cpus.max(1) as f64,
-                total_memory: inv.memory.max(1) as f64,
+                per_cpu: 1.0 / inv.cpus.max(1) as f32,
+                per_byte: 1.0 / inv.memory.max(1) as f32,
                 status: h.status,
                 security: inv.security_level,
                 site,
+            });
+            prices.push(Prices {
                 vcpu_hour: inv.cost.vcpu_hour,
                 gib_hour: inv.cost.gib_hour,
                 disk_gib_month: inv.cost.disk_gib_month,
@@ -302,6 +312,7 @@ impl Scheduler {
             host_marks: vec![(0, 0); slots.len()],
             site_marks: vec![(0, 0); site_count],
             slots,
+            prices,
             names,
             by_name,
             labels,
@@ -382,7 +393,7 @@ impl Scheduler {
         let scan = self.prepare(req);
         let mut best: Option<((f64, f64), u32)> = None;
         let mut consider = |i: u32, this: &Self| {
-            if let Ok(score) = this.evaluate(i, req, &scan) {
+            if let Some(score) = this.passes(i, req, &scan) {
                 // Strictly better only: among equals the first host by name wins.
                 if best.is_none_or(|(b, _)| score < b) {
                     best = Some((score, i));
@@ -541,6 +552,9 @@ impl Scheduler {
             memory_gib: req.needs.memory as f64 / gib,
             disk_gib_hour: req.needs.disk as f64 / gib / HOURS_PER_MONTH,
             need_cost: c.max_cost_per_hour.is_some() || req.strategy == Strategy::Cheapest,
+            max_cost: c.max_cost_per_hour.unwrap_or(f64::INFINITY),
+            min_security: c.min_security,
+            anti: c.anti_affinity,
         }
     }
 
@@ -595,9 +609,10 @@ impl Scheduler {
             return Err(Reject::Bandwidth(n.bandwidth_mbps - s.free_bandwidth));
         }
         let cost = if scan.need_cost {
-            scan.cpus * s.vcpu_hour
-                + scan.memory_gib * s.gib_hour
-                + scan.disk_gib_hour * s.disk_gib_month
+            let p = &self.prices[i as usize];
+            scan.cpus * p.vcpu_hour
+                + scan.memory_gib * p.gib_hour
+                + scan.disk_gib_hour * p.disk_gib_month
         } else {
             0.0
         };
@@ -606,15 +621,64 @@ impl Scheduler {
                 return Err(Reject::Cost(cost));
             }
         }
-        // What would be left, as a fraction of the host: small is a tight fit.
-        let left = (s.free_cpus - n.cpus) as f64 / s.total_cpus
-            + (s.free_memory - n.memory) as f64 / s.total_memory;
-        Ok(match req.strategy {
-            Strategy::Binpack => (left, 0.0),
-            Strategy::Spread => (-left, 0.0),
-            // Cost first; among equal costs, the tighter fit.
-            Strategy::Cheapest => (cost, left),
-        })
+        Ok(score(s, n, req.strategy, cost))
+    }
+
+    /// The scan's check: the same verdict as [`Self::evaluate`] (a host passes one exactly when
+    /// it passes the other; a property test holds them together), cheapest checks first and
+    /// without building a reason. Pinning to a host is left to the caller.
+    #[inline(always)]
+    fn passes(&self, i: u32, req: &Request<'_>, scan: &Scan) -> Option<(f64, f64)> {
+        let s = &self.slots[i as usize];
+        let n = &req.needs;
+        if s.free_cpus < n.cpus
+            || s.free_memory < n.memory
+            || s.status != HostStatus::Up
+            || s.security < scan.min_security
+            || s.free_disk < n.disk
+            || (s.bandwidth > 0 && s.free_bandwidth < n.bandwidth_mbps)
+        {
+            return None;
+        }
+        match scan.anti {
+            Some(Scope::Host) if self.host_marks[i as usize].0 == scan.stamp => return None,
+            Some(Scope::Site) if self.site_marks[s.site as usize].0 == scan.stamp => return None,
+            _ => {}
+        }
+        match scan.label {
+            Some(None) => return None,
+            Some(Some(l)) if self.labels[i as usize].binary_search(&l).is_err() => return None,
+            _ => {}
+        }
+        if !scan.avoid.is_empty() && scan.avoid.contains(&i) {
+            return None;
+        }
+        let cost = if scan.need_cost {
+            let p = &self.prices[i as usize];
+            scan.cpus * p.vcpu_hour
+                + scan.memory_gib * p.gib_hour
+                + scan.disk_gib_hour * p.disk_gib_month
+        } else {
+            0.0
+        };
+        if cost > scan.max_cost {
+            return None;
+        }
+        Some(score(s, n, req.strategy, cost))
+    }
+}
+
+/// A fitting host's score, lower is better (compared in order).
+#[inline(always)]
+fn score(s: &Slot, n: &Needs, strategy: Strategy, cost: f64) -> (f64, f64) {
+    // What would be left, as a fraction of the host: small is a tight fit.
+    let left = ((s.free_cpus - n.cpus) as f32 * s.per_cpu
+        + (s.free_memory - n.memory) as f32 * s.per_byte) as f64;
+    match strategy {
+        Strategy::Binpack => (left, 0.0),
+        Strategy::Spread => (-left, 0.0),
+        // Cost first; among equal costs, the tighter fit.
+        Strategy::Cheapest => (cost, left),
     }
 }
 
@@ -638,6 +702,9 @@ struct Scan {
     memory_gib: f64,
     disk_gib_hour: f64,
     need_cost: bool,
+    max_cost: f64,
+    min_security: u8,
+    anti: Option<Scope>,
 }
 
 /// A rejection with ids, cheap to make in the scan; [`Rejection`] is its readable form.

@@ -526,6 +526,26 @@ proptest! {
     }
 
     #[test]
+    fn the_scan_and_the_explanation_agree(hosts in arb_hosts(), service in arb_service()) {
+        // `place` uses a fast check, `explain` the reasoned one: a host that fits for one fits
+        // for the other.
+        let mut s = Scheduler::new(&hosts);
+        for (m, app) in service.members() {
+            let req = Request::new(&m, app);
+            let e = s.explain(&req);
+            let placed = s.place(&req).ok();
+            prop_assert_eq!(&e.chosen, &placed);
+            let fits = e.rejected.iter().filter(|(_, r)| matches!(r, Rejection::RankedLower { .. })).count();
+            if placed.is_none() {
+                prop_assert_eq!(fits, 0);
+                prop_assert_eq!(e.rejected.len(), hosts.len());
+            } else {
+                prop_assert_eq!(e.rejected.len() + 1, hosts.len());
+            }
+        }
+    }
+
+    #[test]
     fn reconciling_twice_gives_the_same_plan(hosts in arb_hosts(), service in arb_service(), now in 0u64..100_000) {
         let world = World { services: std::slice::from_ref(&service), hosts: &hosts, assignments: &[], observed: &[], now_ms: now, policy: RestartPolicy::default() };
         prop_assert_eq!(reconcile(&world), reconcile(&world));
