@@ -6,8 +6,10 @@
 //! - [`scheduler`]: filter then score, every rejection explained;
 //! - [`reconcile`]: from services, hosts, assignments and observed VMs to actions.
 //!
-//! The etcd adapter (host leases, the controller election, fenced writes) comes next.
+//! [`etcd`] is the one adapter to the outside: host leases, the controller election and writes
+//! fenced by the leader key.
 
+pub mod etcd;
 pub mod inventory;
 pub mod reconcile;
 pub mod scheduler;
