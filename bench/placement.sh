@@ -15,7 +15,8 @@ python3 - "$out" <<'PY'
 import json, statistics, sys
 runs = [json.loads(l) for l in sys.argv[1].splitlines() if l.strip()]
 med = lambda k: statistics.median(r[k] for r in runs)
-print(f"median of {len(runs)} runs: {med('placements_per_s'):.0f} placements/s "
+print(f"median of {len(runs)} runs: {med('placements_per_s'):.0f} placements/s wall, "
+      f"{med('placements_per_cpu_s'):.0f} per CPU-second "
       f"({med('seconds'):.2f} s for {runs[0]['vms']} VMs on {runs[0]['hosts']} hosts, "
       f"{runs[0]['placed']} placed, {runs[0]['pending']} pending); "
       f"memory: {med('rss_inputs_mib') - med('rss_start_mib'):.1f} MiB inputs + scheduler, "

@@ -6,6 +6,8 @@
 //! - `draining/<name>`: set by an operator; the host takes no new members.
 //! - `services/<name>`: a service's TOML as applied (validated before it is written).
 //! - `assign/<service>/<member>`: an [`Assignment`]; its mod revision is the member's fencing token.
+//! - `status/<service>`: the member states the leading controller last saw (fenced like every
+//!   controller write).
 //! - `election`: the controllers' election (etcd's election API, each candidate on its own lease).
 //!
 //! Every write a controller decides is a transaction conditioned on its leader key's create
@@ -21,8 +23,19 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::inventory::{HostInventory, HostRecord, HostStatus};
-use crate::reconcile::Assignment;
+use crate::reconcile::{Assignment, MemberState};
 use crate::service::{MemberId, Service};
+
+/// A service's member states as the leading controller last saw them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// The controller that wrote it.
+    pub controller: String,
+    /// Every member and its state, in start order.
+    pub members: Vec<(MemberId, MemberState)>,
+}
 
 /// Largest value read from etcd; anything bigger is treated as corrupt.
 pub const MAX_VALUE: usize = 1 << 20;
@@ -284,6 +297,22 @@ impl Etcd {
             .collect()
     }
 
+    /// The member states the leading controller last wrote for a service, with the time (ms
+    /// since the epoch) it wrote them; `None` before its first round.
+    pub async fn status(&self, service: &str) -> Result<Option<ServiceStatus>, EtcdError> {
+        let key = self.key(&format!("status/{service}"));
+        let resp = self
+            .client
+            .kv_client()
+            .get(key.clone(), None)
+            .await
+            .map_err(req("read status"))?;
+        resp.kvs()
+            .first()
+            .map(|kv| Self::parse(&key, kv.value()))
+            .transpose()
+    }
+
     /// The host-side fencing check: may `host` start `member` with `token`? Only if the member's
     /// assignment is, right now, to this host at exactly this revision. A stale token (the
     /// member was re-placed or restarted since) or another host's assignment is refused.
@@ -503,6 +532,26 @@ impl Leadership {
             None,
         )])
         .await
+    }
+
+    /// Record a service's member states for `drover service show` (or remove them: `None`).
+    pub async fn put_status(
+        &self,
+        service: &str,
+        status: Option<&ServiceStatus>,
+    ) -> Result<(), EtcdError> {
+        let key = self.etcd.key(&format!("status/{service}"));
+        let op = match status {
+            Some(st) => {
+                let value = serde_json::to_vec(st).map_err(|e| EtcdError::Corrupt {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+                TxnOp::put(key, value, None)
+            }
+            None => TxnOp::delete(key, None),
+        };
+        self.fenced(vec![op]).await.map(|_| ())
     }
 
     /// Delete a member's assignment.

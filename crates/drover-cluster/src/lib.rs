@@ -9,6 +9,7 @@
 //! [`etcd`] is the one adapter to the outside: host leases, the controller election and writes
 //! fenced by the leader key.
 
+pub mod controller;
 pub mod etcd;
 pub mod inventory;
 pub mod reconcile;

@@ -106,6 +106,9 @@ pub struct World<'a> {
     pub assignments: &'a [Assignment],
     /// Every cluster VM the reachable hosts report.
     pub observed: &'a [ObservedVm],
+    /// Live hosts that did not answer this round: their members are left as they are (not
+    /// restarted, not moved: their lease says they still run them).
+    pub unobserved: &'a [String],
     /// Now, in ms since the epoch.
     pub now_ms: u64,
     /// The restart policy.
@@ -195,6 +198,11 @@ pub enum MemberState {
         /// When the next start is due (ms since the epoch).
         next_ms: u64,
     },
+    /// Its host is alive but did not answer; nothing is done to it until it does.
+    Unknown {
+        /// Where.
+        host: String,
+    },
     /// It exited too often and may not move.
     Failed {
         /// Where.
@@ -217,6 +225,7 @@ impl MemberState {
             | MemberState::Starting { host }
             | MemberState::WaitingForHost { host, .. }
             | MemberState::BackingOff { host, .. }
+            | MemberState::Unknown { host }
             | MemberState::Failed { host, .. } => Some(host),
             _ => None,
         }
@@ -235,6 +244,7 @@ impl MemberState {
             MemberState::BackingOff { host, attempt, .. } => {
                 format!("exited on {host} after start {attempt}; restarting after back-off")
             }
+            MemberState::Unknown { host } => format!("unknown: host {host} did not answer"),
             MemberState::Failed { host, reason } => format!("failed on {host}: {reason}"),
         }
     }
@@ -305,7 +315,9 @@ pub fn reconcile(world: &World<'_>) -> Plan {
         let copies_up = running
             .get(&a.member)
             .is_some_and(|v| v.iter().any(|vm| host_up(&vm.host)));
-        if !wanted.contains_key(&a.member) && !copies_up {
+        // A live host that did not answer may still run it: wait for its answer.
+        let host_silent = host_up(&a.host) && world.unobserved.contains(&a.host);
+        if !wanted.contains_key(&a.member) && !copies_up && !host_silent {
             plan.actions.push(Action::Unassign {
                 member: a.member.clone(),
             });
@@ -370,6 +382,9 @@ pub fn reconcile(world: &World<'_>) -> Plan {
                         place(&mut sched, &member, app, &a.avoid, &why, &mut plan)
                     }
                 }
+                Some(a) if world.unobserved.contains(&a.host) => MemberState::Unknown {
+                    host: a.host.clone(),
+                },
                 Some(a) => {
                     let here = running
                         .get(&member)

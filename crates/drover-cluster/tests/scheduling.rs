@@ -109,6 +109,7 @@ fn nothing_fits_stays_pending_with_the_reason_until_a_host_appears() {
             observed,
             now_ms: 1000,
             policy: RestartPolicy::default(),
+            unobserved: &[],
         });
         // Carry out the plan as a controller would, with every VM ready at once.
         for a in &plan.actions {
@@ -189,6 +190,7 @@ fn an_exited_member_restarts_in_place_with_back_off_then_moves() {
             observed: &[],
             now_ms,
             policy,
+            unobserved: &[],
         })
     };
     // Exited right after start 1: wait 1 s.
@@ -252,6 +254,7 @@ fn a_lost_host_moves_stateless_members_and_keeps_local_ones_waiting() {
         }],
         now_ms: 1,
         policy: RestartPolicy::default(),
+        unobserved: &[],
     });
     assert_eq!(p.actions.len(), 1);
     assert!(
@@ -282,6 +285,7 @@ fn a_copy_on_the_wrong_host_is_stopped_and_deleted_members_are_cleaned_up() {
         observed: &[vm("h1", &m), vm("h2", &m), vm("h1", &gone)],
         now_ms: 1,
         policy: RestartPolicy::default(),
+        unobserved: &[],
     });
     assert_eq!(
         p.actions,
@@ -307,8 +311,27 @@ fn a_copy_on_the_wrong_host_is_stopped_and_deleted_members_are_cleaned_up() {
         observed: &[vm("h2", &m)],
         now_ms: 1,
         policy: RestartPolicy::default(),
+        unobserved: &[],
     });
     assert_eq!(p.actions, [Action::Unassign { member: gone }]);
+}
+
+#[test]
+fn a_live_host_that_does_not_answer_is_left_alone() {
+    let service = one_app("");
+    let hosts = [host("h1", 4, 4 * GIB), host("h2", 4, 4 * GIB)];
+    let (m, gone) = (member("s", "a", 1), member("s", "old", 1));
+    let p = reconcile(&World {
+        services: std::slice::from_ref(&service),
+        hosts: &hosts,
+        assignments: &[assignment(&m, "h1", 1, 0), assignment(&gone, "h1", 1, 0)],
+        observed: &[],
+        unobserved: &["h1".to_string()],
+        now_ms: 1_000_000,
+        policy: RestartPolicy::default(),
+    });
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.members[0].1, MemberState::Unknown { host: "h1".into() });
 }
 
 #[test]
@@ -547,7 +570,7 @@ proptest! {
 
     #[test]
     fn reconciling_twice_gives_the_same_plan(hosts in arb_hosts(), service in arb_service(), now in 0u64..100_000) {
-        let world = World { services: std::slice::from_ref(&service), hosts: &hosts, assignments: &[], observed: &[], now_ms: now, policy: RestartPolicy::default() };
+        let world = World { services: std::slice::from_ref(&service), hosts: &hosts, assignments: &[], observed: &[], now_ms: now, policy: RestartPolicy::default(), unobserved: &[] };
         prop_assert_eq!(reconcile(&world), reconcile(&world));
     }
 }
