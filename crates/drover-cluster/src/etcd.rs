@@ -44,7 +44,7 @@ pub const MAX_VALUE: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// etcd did not answer.
-    #[error("etcd at {endpoints} is unreachable: {source} (is etcd running? `drover cluster status` checks)")]
+    #[error("etcd at {endpoints} is unreachable: {source}. Hosts keep running their VMs; start etcd or fix --etcd / DROVER_ETCD")]
     Unreachable {
         /// The endpoints tried.
         endpoints: String,
@@ -77,6 +77,20 @@ pub enum EtcdError {
 
 fn req(op: &'static str) -> impl FnOnce(etcd_client::Error) -> EtcdError {
     move |source| EtcdError::Request { op, source }
+}
+
+/// True for errors that mean no etcd answered (connection refused, timed out, no leader).
+fn unreachable(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    matches!(e, etcd_client::Error::TransportError(_))
+        || [
+            "tcp connect error",
+            "currently unavailable",
+            "Timeout expired",
+            "transport error",
+        ]
+        .iter()
+        .any(|t| text.contains(t))
 }
 
 /// A connection to the cluster's etcd.
@@ -117,6 +131,19 @@ impl Etcd {
         })
     }
 
+    fn req(&self, op: &'static str) -> impl FnOnce(etcd_client::Error) -> EtcdError + '_ {
+        move |source| {
+            if unreachable(&source) {
+                EtcdError::Unreachable {
+                    endpoints: self.endpoints.join(","),
+                    source,
+                }
+            } else {
+                EtcdError::Request { op, source }
+            }
+        }
+    }
+
     fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.prefix)
     }
@@ -131,7 +158,7 @@ impl Etcd {
         let resp = kv
             .get(self.key(rest), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(req("read"))?;
+            .map_err(self.req("read"))?;
         resp.kvs()
             .iter()
             .map(|kv| {
@@ -167,7 +194,7 @@ impl Etcd {
         let grant = lease
             .grant(ttl.as_secs().max(1) as i64, None)
             .await
-            .map_err(req("lease grant"))?;
+            .map_err(self.req("lease grant"))?;
         let id = grant.id();
         let value = serde_json::to_vec(inventory).map_err(|e| EtcdError::Corrupt {
             key: inventory.name.clone(),
@@ -185,11 +212,11 @@ impl Etcd {
             .kv_client()
             .txn(txn)
             .await
-            .map_err(req("join"))?;
+            .map_err(self.req("join"))?;
         let (keeper, stream) = lease
             .keep_alive(id)
             .await
-            .map_err(req("lease keep-alive"))?;
+            .map_err(self.req("lease keep-alive"))?;
         Ok(HostLease {
             id,
             ttl,
@@ -203,9 +230,9 @@ impl Etcd {
         let mut kv = self.client.kv_client();
         let key = self.key(&format!("draining/{host}"));
         if draining {
-            kv.put(key, "1", None).await.map_err(req("drain"))?;
+            kv.put(key, "1", None).await.map_err(self.req("drain"))?;
         } else {
-            kv.delete(key, None).await.map_err(req("undrain"))?;
+            kv.delete(key, None).await.map_err(self.req("undrain"))?;
         }
         Ok(())
     }
@@ -249,7 +276,7 @@ impl Etcd {
             .kv_client()
             .put(self.key(&format!("services/{name}")), toml, None)
             .await
-            .map_err(req("apply service"))?;
+            .map_err(self.req("apply service"))?;
         Ok(())
     }
 
@@ -260,7 +287,7 @@ impl Etcd {
             .kv_client()
             .delete(self.key(&format!("services/{name}")), None)
             .await
-            .map_err(req("delete service"))?;
+            .map_err(self.req("delete service"))?;
         Ok(resp.deleted() > 0)
     }
 
@@ -306,7 +333,7 @@ impl Etcd {
             .kv_client()
             .get(key.clone(), None)
             .await
-            .map_err(req("read status"))?;
+            .map_err(self.req("read status"))?;
         resp.kvs()
             .first()
             .map(|kv| Self::parse(&key, kv.value()))
@@ -328,7 +355,7 @@ impl Etcd {
             .kv_client()
             .get(key.clone(), None)
             .await
-            .map_err(req("read assignment"))?;
+            .map_err(self.req("read assignment"))?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(false);
         };
@@ -345,12 +372,12 @@ impl Etcd {
         let id = lease
             .grant(ttl.as_secs().max(1) as i64, None)
             .await
-            .map_err(req("lease grant"))?
+            .map_err(self.req("lease grant"))?
             .id();
         let (mut keeper, mut stream) = lease
             .keep_alive(id)
             .await
-            .map_err(req("lease keep-alive"))?;
+            .map_err(self.req("lease keep-alive"))?;
         let (lost_tx, lost_rx) = watch::channel(false);
         let period = (ttl / 3).max(Duration::from_millis(200));
         // Keep the lease alive; the first failure (or an expired lease) means leadership is lost.
@@ -380,7 +407,7 @@ impl Etcd {
             let resp = waiting
                 .campaign(self.key("election"), name, id)
                 .await
-                .map_err(req("campaign"))?;
+                .map_err(self.req("campaign"))?;
             resp.leader().cloned().ok_or_else(|| EtcdError::Corrupt {
                 key: self.key("election"),
                 reason: "campaign answered without a leader key".into(),
@@ -513,7 +540,7 @@ impl Leadership {
             .kv_client()
             .txn(txn)
             .await
-            .map_err(req("fenced write"))?;
+            .map_err(self.etcd.req("fenced write"))?;
         if !resp.succeeded() {
             return Err(EtcdError::NotLeader);
         }
@@ -569,7 +596,7 @@ impl Leadership {
                 etcd_client::ResignOptions::new().with_leader(self.leader.clone()),
             ))
             .await
-            .map_err(req("resign"))?;
+            .map_err(self.etcd.req("resign"))?;
         let _ = self.etcd.client.lease_client().revoke(self.lease).await;
         Ok(())
     }
