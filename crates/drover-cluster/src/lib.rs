@@ -11,6 +11,7 @@
 
 pub mod controller;
 pub mod etcd;
+pub mod host;
 pub mod inventory;
 pub mod reconcile;
 pub mod scheduler;

@@ -10,6 +10,7 @@ pub mod action;
 pub mod agent_link;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod error;
 pub mod filecopy;
 pub mod hostfacts;

@@ -22,6 +22,13 @@ impl Drop for EtcdServer {
     }
 }
 
+impl EtcdServer {
+    /// The etcd process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
