@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::NOTHING, Table};
 use drover_cluster::etcd::Etcd;
+use drover_cluster::service::app_of;
 use drover_cluster::{HostRecord, MemberState, Needs, Request, Scheduler, Service};
 use serde::{Deserialize, Serialize};
 
@@ -322,11 +323,7 @@ async fn explain(
         if a.member.service == service.name {
             continue;
         }
-        let needs = services
-            .iter()
-            .find(|s| s.name == a.member.service)
-            .and_then(|s| s.app(&a.member.app))
-            .map(|app| app.needs);
+        let needs = app_of(&services, &a.member).map(|app| app.needs);
         if let Some(needs) = needs {
             sched.record(&a.member, needs, &a.host);
         }
@@ -347,10 +344,7 @@ pub async fn host_list(args: EtcdArgs, out: &Out) -> anyhow::Result<u8> {
     let services = etcd.services().await?;
     let mut used: BTreeMap<String, (Needs, usize)> = BTreeMap::new();
     for a in etcd.assignments().await? {
-        let needs = services
-            .iter()
-            .find(|s| s.name == a.member.service)
-            .and_then(|s| s.app(&a.member.app))
+        let needs = app_of(&services, &a.member)
             .map(|app| app.needs)
             .unwrap_or_default();
         let u = used.entry(a.host.clone()).or_default();

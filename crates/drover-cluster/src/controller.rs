@@ -160,57 +160,42 @@ impl<D: HostDriver> Controller<D> {
             now_ms: now,
             policy: self.policy,
         });
-        let app_of = |m: &MemberId| -> Option<&App> {
-            services
-                .iter()
-                .find(|s| s.name == m.service)
-                .and_then(|s| s.app(&m.app))
-        };
+        let app_of = |m: &MemberId| crate::service::app_of(&services, m);
         let mut report = RoundReport::default();
         for action in plan.actions {
-            let result = match &action {
+            // Placing and restarting both write the assignment, then start under its revision.
+            let start_as = match &action {
                 Action::Place {
                     member,
                     host,
                     avoid,
                     ..
-                } => {
-                    let a = Assignment {
-                        member: member.clone(),
-                        host: host.clone(),
-                        revision: 0,
-                        attempt: 1,
-                        started_ms: now,
-                        avoid: avoid.clone(),
-                    };
-                    self.start(
-                        lead,
-                        &a,
-                        by_name.get(host.as_str()).copied(),
-                        app_of(member),
-                    )
-                    .await?
-                }
+                } => Some(Assignment {
+                    member: member.clone(),
+                    host: host.clone(),
+                    revision: 0,
+                    attempt: 1,
+                    started_ms: now,
+                    avoid: avoid.clone(),
+                }),
                 Action::Restart {
-                    member,
-                    host,
-                    attempt,
-                } => {
-                    let mut a = match assignments.iter().find(|a| a.member == *member) {
-                        Some(a) => a.clone(),
-                        None => continue,
-                    };
-                    a.attempt = *attempt;
-                    a.started_ms = now;
-                    self.start(
-                        lead,
-                        &a,
-                        by_name.get(host.as_str()).copied(),
-                        app_of(member),
-                    )
-                    .await?
+                    member, attempt, ..
+                } => match assignments.iter().find(|a| a.member == *member) {
+                    Some(a) => Some(Assignment {
+                        attempt: *attempt,
+                        started_ms: now,
+                        ..a.clone()
+                    }),
+                    None => continue,
+                },
+                _ => None,
+            };
+            let result = match (&action, start_as) {
+                (_, Some(a)) => {
+                    let host = by_name.get(a.host.as_str()).copied();
+                    self.start(lead, &a, host, app_of(&a.member)).await?
                 }
-                Action::Stop { host, member, .. } => match by_name.get(host.as_str()) {
+                (Action::Stop { host, member, .. }, None) => match by_name.get(host.as_str()) {
                     Some(inv) => self
                         .driver
                         .stop(inv, member)
@@ -218,10 +203,11 @@ impl<D: HostDriver> Controller<D> {
                         .map_err(|e| e.to_string()),
                     None => Err(format!("host {host} is not registered")),
                 },
-                Action::Unassign { member } => {
+                (Action::Unassign { member }, None) => {
                     lead.unassign(member).await?;
                     Ok(())
                 }
+                _ => continue,
             };
             match result {
                 Ok(()) => report.done.push(action),

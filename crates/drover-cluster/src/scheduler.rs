@@ -608,20 +608,25 @@ impl Scheduler {
         if s.bandwidth > 0 && s.free_bandwidth < n.bandwidth_mbps {
             return Err(Reject::Bandwidth(n.bandwidth_mbps - s.free_bandwidth));
         }
-        let cost = if scan.need_cost {
-            let p = &self.prices[i as usize];
-            scan.cpus * p.vcpu_hour
-                + scan.memory_gib * p.gib_hour
-                + scan.disk_gib_hour * p.disk_gib_month
-        } else {
-            0.0
-        };
+        let cost = self.cost(i, scan);
         if let Some(max) = c.max_cost_per_hour {
             if cost > max {
                 return Err(Reject::Cost(cost));
             }
         }
         Ok(score(s, n, req.strategy, cost))
+    }
+
+    /// What the member costs per hour on host `i` (0 when no rule or strategy needs it).
+    #[inline(always)]
+    fn cost(&self, i: u32, scan: &Scan) -> f64 {
+        if !scan.need_cost {
+            return 0.0;
+        }
+        let p = &self.prices[i as usize];
+        scan.cpus * p.vcpu_hour
+            + scan.memory_gib * p.gib_hour
+            + scan.disk_gib_hour * p.disk_gib_month
     }
 
     /// The scan's check: the same verdict as [`Self::evaluate`] (a host passes one exactly when
@@ -653,14 +658,7 @@ impl Scheduler {
         if !scan.avoid.is_empty() && scan.avoid.contains(&i) {
             return None;
         }
-        let cost = if scan.need_cost {
-            let p = &self.prices[i as usize];
-            scan.cpus * p.vcpu_hour
-                + scan.memory_gib * p.gib_hour
-                + scan.disk_gib_hour * p.disk_gib_month
-        } else {
-            0.0
-        };
+        let cost = self.cost(i, scan);
         if cost > scan.max_cost {
             return None;
         }

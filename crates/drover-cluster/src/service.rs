@@ -20,6 +20,21 @@ pub const MAX_APPS: usize = 100;
 /// Largest service file read.
 pub const MAX_SERVICE_FILE: usize = 256 * 1024;
 
+/// The example service of the README and the issue: a db, then two web members kept apart.
+pub const SHOP_EXAMPLE: &str = r#"name = "shop"
+[[app]]
+name = "db"
+cpus = 1
+memory = "256M"
+[[app]]
+name = "web"
+cpus = 1
+memory = "256M"
+replicas = 2
+after = ["db"]
+anti_affinity = "host"
+"#;
+
 /// True for a DNS label: 1-63 characters a-z, 0-9 and '-', starting with a letter or digit and
 /// not ending with '-'.
 pub fn valid_label(s: &str) -> bool {
@@ -300,6 +315,14 @@ impl Service {
     }
 }
 
+/// The app a member belongs to, among these services.
+pub fn app_of<'a>(services: &'a [Service], member: &MemberId) -> Option<&'a App> {
+    services
+        .iter()
+        .find(|s| s.name == member.service)
+        .and_then(|s| s.app(&member.app))
+}
+
 fn impossible(app: &str, reason: impl Into<String>) -> ServiceError {
     ServiceError::Impossible {
         app: app.to_string(),
@@ -556,24 +579,9 @@ pub fn size(bytes: u64) -> String {
 mod tests {
     use super::*;
 
-    const SHOP: &str = r#"
-name = "shop"
-[[app]]
-name = "db"
-cpus = 1
-memory = "256M"
-[[app]]
-name = "web"
-cpus = 1
-memory = "256M"
-replicas = 2
-after = ["db"]
-anti_affinity = "host"
-"#;
-
     #[test]
     fn the_shop_file_parses_as_written() {
-        let s = Service::from_toml(SHOP).unwrap();
+        let s = Service::from_toml(SHOP_EXAMPLE).unwrap();
         assert_eq!(s.name, "shop");
         let names: Vec<String> = s.members().map(|(m, _)| m.to_string()).collect();
         assert_eq!(names, ["shop/db-1", "shop/web-1", "shop/web-2"]);

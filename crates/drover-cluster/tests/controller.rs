@@ -82,21 +82,6 @@ impl HostDriver for FakeHosts {
     }
 }
 
-const SHOP: &str = r#"
-name = "shop"
-[[app]]
-name = "db"
-cpus = 1
-memory = "256M"
-[[app]]
-name = "web"
-cpus = 1
-memory = "256M"
-replicas = 2
-after = ["db"]
-anti_affinity = "host"
-"#;
-
 async fn available(etcd: &Etcd) -> Result<bool> {
     Ok(etcd
         .status("shop")
@@ -133,7 +118,8 @@ async fn controllers_fail_over_without_doing_anything_twice_and_lost_hosts_are_r
             .await?;
         alive.insert(name, keep_alive(lease));
     }
-    etcd.put_service("shop", SHOP).await?;
+    etcd.put_service("shop", drover_cluster::service::SHOP_EXAMPLE)
+        .await?;
     let hosts = FakeHosts::default();
 
     // Controller a leads and brings the service up: db first, then the web members.

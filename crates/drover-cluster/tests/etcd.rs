@@ -177,16 +177,23 @@ async fn services_round_trip_and_an_unreachable_etcd_says_so() -> Result<()> {
 
 /// Simulated VMs: when the fence came and what it stopped.
 #[derive(Clone, Default)]
-struct Fenced(std::sync::Arc<std::sync::Mutex<Vec<(Instant, Vec<String>)>>>);
+struct Fenced(std::sync::Arc<std::sync::Mutex<FenceLog>>);
+
+/// Each fence: when, and the VMs it stopped.
+type FenceLog = Vec<(Instant, Vec<String>)>;
 
 impl drover_cluster::host::LocalVms for Fenced {
     async fn fence(&self, vms: Vec<String>) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), vms));
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((Instant::now(), vms));
     }
 }
 
 #[tokio::test]
-async fn a_host_cut_off_from_etcd_stops_its_cluster_vms_before_its_lease_can_expire() -> Result<()> {
+async fn a_host_cut_off_from_etcd_stops_its_cluster_vms_before_its_lease_can_expire() -> Result<()>
+{
     let server = start_etcd().await?;
     let e = connect(&server).await?;
     let ttl = Duration::from_secs(3);
@@ -207,25 +214,39 @@ async fn a_host_cut_off_from_etcd_stops_its_cluster_vms_before_its_lease_can_exp
     let lead = e.campaign("ctl", ttl).await?;
     lead.assign(&assignment("h1")).await?;
     tokio::time::sleep(ttl).await;
-    assert!(fenced.0.lock().unwrap().is_empty(), "fenced while etcd answered");
+    assert!(
+        fenced.0.lock().unwrap().is_empty(),
+        "fenced while etcd answered"
+    );
 
     // etcd freezes (as if the host were partitioned from it): no renewal gets through.
     let pid = server.pid().to_string();
     let frozen = Instant::now();
-    std::process::Command::new("kill").args(["-STOP", &pid]).status()?;
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()?;
     let limit = frozen + ttl;
     while fenced.0.lock().unwrap().is_empty() && Instant::now() < limit + Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    std::process::Command::new("kill").args(["-CONT", &pid]).status()?;
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()?;
     task.abort();
     let log = fenced.0.lock().unwrap().clone();
     assert_eq!(log.len(), 1, "fenced once: {log:?}");
     let (at, vms) = &log[0];
-    assert_eq!(vms, &["shop-web-1".to_string()], "it stops the cluster VMs assigned to it");
+    assert_eq!(
+        vms,
+        &["shop-web-1".to_string()],
+        "it stops the cluster VMs assigned to it"
+    );
     // The last renewal was sent before the freeze, so the lease lives at least until
     // `frozen + ttl - renewal period`; the fence must come within `ttl - margin` of the freeze.
     let after = *at - frozen;
-    assert!(after <= ttl - margin + Duration::from_millis(300), "fenced {after:?} after the cut");
+    assert!(
+        after <= ttl - margin + Duration::from_millis(300),
+        "fenced {after:?} after the cut"
+    );
     Ok(())
 }

@@ -18,23 +18,7 @@ fn host(name: &str, cpus: u32, memory: u64) -> HostRecord {
 }
 
 fn shop() -> Service {
-    Service::from_toml(
-        r#"
-name = "shop"
-[[app]]
-name = "db"
-cpus = 1
-memory = "256M"
-[[app]]
-name = "web"
-cpus = 1
-memory = "256M"
-replicas = 2
-after = ["db"]
-anti_affinity = "host"
-"#,
-    )
-    .unwrap()
+    Service::from_toml(drover_cluster::service::SHOP_EXAMPLE).unwrap()
 }
 
 fn member(service: &str, app: &str, index: u32) -> MemberId {

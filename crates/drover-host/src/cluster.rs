@@ -46,8 +46,10 @@ impl ClusterConfig {
         let Some(path) = path else {
             return Ok(ClusterConfig::default());
         };
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing the cluster config {}", path.display()))
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("parsing the cluster config {}", path.display()))
     }
 }
 
@@ -70,7 +72,12 @@ impl LocalVms for ManagerVms {
 }
 
 /// Join the cluster in the background; `api_url` is where the controller reaches this host.
-pub fn spawn(mgr: Manager, etcd: Vec<String>, cfg: ClusterConfig, api_url: String) -> anyhow::Result<()> {
+pub fn spawn(
+    mgr: Manager,
+    etcd: Vec<String>,
+    cfg: ClusterConfig,
+    api_url: String,
+) -> anyhow::Result<()> {
     let info = mgr.host_info();
     let name = match cfg.name.clone() {
         Some(n) => n,
@@ -100,6 +107,9 @@ pub fn spawn(mgr: Manager, etcd: Vec<String>, cfg: ClusterConfig, api_url: Strin
         .context("this host cannot join the cluster (set name = \"...\" in --cluster-config)")?;
     let ttl = Duration::from_secs(cfg.ttl_s.unwrap_or(3).max(1));
     tracing::info!(host = %inventory.name, etcd = ?etcd, ttl_s = ttl.as_secs(), "joining the cluster");
-    tokio::spawn(drover_cluster::host::run(Membership::new(etcd, inventory, ttl), ManagerVms(mgr)));
+    tokio::spawn(drover_cluster::host::run(
+        Membership::new(etcd, inventory, ttl),
+        ManagerVms(mgr),
+    ));
     Ok(())
 }

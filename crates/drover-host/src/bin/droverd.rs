@@ -55,7 +55,13 @@ struct Args {
     listen: Option<std::net::SocketAddr>,
     /// Join the cluster whose etcd is at these endpoints (comma-separated); needs --listen, so
     /// the controller can reach this host. A cut-off host stops its cluster VMs itself.
-    #[arg(long, env = "DROVER_CLUSTER", value_delimiter = ',', value_name = "ETCD_URLS", requires = "listen")]
+    #[arg(
+        long,
+        env = "DROVER_CLUSTER",
+        value_delimiter = ',',
+        value_name = "ETCD_URLS",
+        requires = "listen"
+    )]
     cluster: Vec<String>,
     /// The host's cluster settings (TOML: name, site, labels, security_level, cost, ttl_s).
     #[arg(long, value_name = "FILE", requires = "cluster")]
@@ -133,7 +139,12 @@ async fn main() -> anyhow::Result<()> {
     let mgr = Manager::open(cfg, Box::new(store)).await?;
     if let (false, Some(addr)) = (args.cluster.is_empty(), args.listen) {
         let cluster = drover_host::cluster::ClusterConfig::load(args.cluster_config.as_deref())?;
-        drover_host::cluster::spawn(mgr.clone(), args.cluster.clone(), cluster, format!("https://{addr}"))?;
+        drover_host::cluster::spawn(
+            mgr.clone(),
+            args.cluster.clone(),
+            cluster,
+            format!("https://{addr}"),
+        )?;
     }
     tracing::info!(socket = %args.socket.display(), listen = ?args.listen, vms = mgr.list().len(), "droverd serving");
     let app = drover_host::api::router_with(mgr, Some(tokens));
