@@ -1,5 +1,6 @@
 //! `drover`: the command-line interface to droverd.
 
+mod cluster;
 mod conventions;
 mod output;
 mod remotes;
@@ -108,6 +109,12 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Services of several VMs placed across the cluster's hosts: apply, list, show, explain, delete.
+    #[command(subcommand)]
+    Service(cluster::ServiceCmd),
+    /// The cluster (etcd, controllers, hosts): status, and which cluster commands use.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +182,9 @@ enum HostCmd {
     ///   drover --remote h2 --output json host info | jq .qemu.machine_aliases
     #[command(verbatim_doc_comment)]
     Info,
+    /// Every host of the cluster: up/down/draining, used and total resources.
+    #[command(alias = "ls")]
+    List(cluster::EtcdArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -948,11 +958,17 @@ fn seg(name: &str) -> anyhow::Result<String> {
 async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
     // `remote` commands edit the remotes file and must work whatever --remote says.
     let c = match cli.cmd {
-        Cmd::Remote(_) => Client::new(&cli.socket),
+        // Cluster commands talk to etcd, not to a droverd.
+        Cmd::Remote(_) | Cmd::Service(_) | Cmd::Cluster(_) | Cmd::Host(HostCmd::List(_)) => {
+            Client::new(&cli.socket)
+        }
         _ => client(&cli)?,
     };
     match cli.cmd {
         Cmd::Remote(cmd) => return remote_cmd(cmd, out).await,
+        Cmd::Service(cmd) => return cluster::service_cmd(cmd, out).await,
+        Cmd::Cluster(cmd) => return cluster::cluster_cmd(cmd, out).await,
+        Cmd::Host(HostCmd::List(etcd)) => return cluster::host_list(etcd, out).await,
         Cmd::Host(HostCmd::Info) => {
             let h: drover_api::HostInfo = c.get("/v1/host").await?;
             out.host(&h);

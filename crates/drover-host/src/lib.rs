@@ -11,6 +11,7 @@ pub mod action;
 pub mod agent_link;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod compat;
 pub mod config_file;
 pub mod crashpoint;

@@ -81,6 +81,19 @@ struct Args {
     /// need a bearer token (see --tokens); the unix socket keeps working as before.
     #[arg(long, env = "DROVER_LISTEN", value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
+    /// Join the cluster whose etcd is at these endpoints (comma-separated); needs --listen, so
+    /// the controller can reach this host. A cut-off host stops its cluster VMs itself.
+    #[arg(
+        long,
+        env = "DROVER_CLUSTER",
+        value_delimiter = ',',
+        value_name = "ETCD_URLS",
+        requires = "listen"
+    )]
+    cluster: Vec<String>,
+    /// The host's cluster settings (TOML: name, site, labels, security_level, cost, ttl_s).
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    cluster_config: Option<PathBuf>,
     /// TLS certificate chain (PEM) for --listen [default: a self-signed one, made once and kept
     /// in STATE_DIR/tls/cert.pem; give that file to clients as their CA file].
     #[arg(long, requires = "tls_key", value_name = "FILE")]
@@ -227,6 +240,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let mgr = Manager::open(cfg, Box::new(store.clone())).await?;
     spawn_checkpoints(store, state_dir_of(&mgr));
+    if let (false, Some(addr)) = (args.cluster.is_empty(), args.listen) {
+        let cluster = drover_host::cluster::ClusterConfig::load(args.cluster_config.as_deref())?;
+        drover_host::cluster::spawn(
+            mgr.clone(),
+            args.cluster.clone(),
+            cluster,
+            format!("https://{addr}"),
+        )?;
+    }
     tracing::info!(socket = %args.socket.display(), listen = ?args.listen, vms = mgr.list().len(), "droverd serving");
     let app = drover_host::api::router_with(mgr.clone(), Some(tokens));
     let limits = ServeLimits {

@@ -1,0 +1,232 @@
+//! The controller loop against a real etcd and simulated hosts: placement in start order,
+//! failover between controllers without doing anything twice, a lost host's members re-placed,
+//! never two copies of a member.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use drover_cluster::controller::{Controller, DriverError, HostDriver};
+use drover_cluster::etcd::{Etcd, EtcdError, HostLease};
+use drover_cluster::{App, HostInventory, MemberId, ObservedVm, VmState};
+
+/// Hosts simulated in memory: which member runs where with which token.
+#[derive(Clone, Default)]
+struct FakeHosts {
+    inner: Arc<Mutex<Fake>>,
+}
+
+#[derive(Default)]
+struct Fake {
+    running: BTreeMap<MemberId, (String, i64)>,
+    starts: Vec<(MemberId, String, i64)>,
+    /// Starts of a member while a copy ran elsewhere.
+    doubles: Vec<MemberId>,
+}
+
+impl FakeHosts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fake> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// A host dies: its VMs are gone (a self-fenced host stops them).
+    fn kill(&self, host: &str) {
+        self.lock().running.retain(|_, (h, _)| h != host);
+    }
+}
+
+impl HostDriver for FakeHosts {
+    async fn list(
+        &self,
+        host: &HostInventory,
+        _: &[(MemberId, i64)],
+    ) -> Result<Vec<ObservedVm>, DriverError> {
+        Ok(self
+            .lock()
+            .running
+            .iter()
+            .filter(|(_, (h, _))| *h == host.name)
+            .map(|(m, (h, t))| ObservedVm {
+                host: h.clone(),
+                member: m.clone(),
+                token: *t,
+                state: VmState::Ready,
+            })
+            .collect())
+    }
+    async fn start(
+        &self,
+        host: &HostInventory,
+        member: &MemberId,
+        _: &App,
+        token: i64,
+    ) -> Result<(), DriverError> {
+        let mut f = self.lock();
+        if let Some((other, _)) = f.running.get(member) {
+            if *other != host.name {
+                f.doubles.push(member.clone());
+            }
+        }
+        f.running.insert(member.clone(), (host.name.clone(), token));
+        f.starts.push((member.clone(), host.name.clone(), token));
+        Ok(())
+    }
+    async fn stop(&self, host: &HostInventory, member: &MemberId) -> Result<(), DriverError> {
+        let mut f = self.lock();
+        if f.running.get(member).is_some_and(|(h, _)| *h == host.name) {
+            f.running.remove(member);
+        }
+        Ok(())
+    }
+}
+
+async fn available(etcd: &Etcd) -> Result<bool> {
+    Ok(etcd
+        .status("shop")
+        .await?
+        .is_some_and(|s| s.members.len() == 3 && s.members.iter().all(|(_, st)| st.is_ready())))
+}
+
+/// Keep a host's lease alive in the background until the returned sender is dropped.
+fn keep_alive(mut lease: HostLease) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut rx => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if lease.renew().await.is_err() { return; }
+                }
+            }
+        }
+    });
+    tx
+}
+
+#[tokio::test]
+async fn controllers_fail_over_without_doing_anything_twice_and_lost_hosts_are_replaced(
+) -> Result<()> {
+    let server = common::start_etcd().await?;
+    let etcd = common::connect(&server).await?;
+    let ttl = Duration::from_secs(2);
+    let mut alive = BTreeMap::new();
+    for name in ["h1", "h2", "h3"] {
+        let lease = etcd
+            .join(&HostInventory::new(name, 4, 4 << 30, 100 << 30), ttl)
+            .await?;
+        alive.insert(name, keep_alive(lease));
+    }
+    etcd.put_service("shop", drover_cluster::service::SHOP_EXAMPLE)
+        .await?;
+    let hosts = FakeHosts::default();
+
+    // Controller a leads and brings the service up: db first, then the web members.
+    let mut a = Controller::new("ctl-a", common::connect(&server).await?, hosts.clone());
+    let lead_a = a.etcd.campaign("ctl-a", ttl).await?;
+    let first = a.round(&lead_a).await?;
+    assert_eq!(
+        first.done.len(),
+        1,
+        "only the db starts first: {:?}",
+        first.done
+    );
+    assert_eq!(hosts.lock().starts[0].0.app, "db");
+    let second = a.round(&lead_a).await?;
+    assert_eq!(
+        second.done.len(),
+        2,
+        "then both web members: {:?}",
+        second.done
+    );
+    a.round(&lead_a).await?;
+    assert!(available(&etcd).await?);
+    let web_hosts: Vec<String> = hosts
+        .lock()
+        .running
+        .iter()
+        .filter(|(m, _)| m.app == "web")
+        .map(|(_, (h, _))| h.clone())
+        .collect();
+    assert_ne!(web_hosts[0], web_hosts[1], "anti-affinity");
+
+    // a is cut off; b takes over within the TTL and finds nothing to do.
+    let b_etcd = common::connect(&server).await?;
+    let campaign =
+        tokio::spawn(async move { b_etcd.campaign("ctl-b", ttl).await.map(|l| (b_etcd, l)) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cut = Instant::now();
+    lead_a.stop_renewing();
+    let (b_etcd, lead_b) = tokio::time::timeout(Duration::from_secs(10), campaign).await???;
+    assert!(
+        cut.elapsed() < ttl + Duration::from_millis(1500),
+        "takeover in {:?}",
+        cut.elapsed()
+    );
+    let mut b = Controller::new("ctl-b", b_etcd, hosts.clone());
+    let starts_before = hosts.lock().starts.len();
+    let report = b.round(&lead_b).await?;
+    assert!(
+        report.done.is_empty() && report.failed.is_empty(),
+        "b redid work: {report:?}"
+    );
+    assert_eq!(hosts.lock().starts.len(), starts_before);
+    assert!(available(&etcd).await?);
+
+    // The deposed a cannot act: its first write is refused, before any host is touched.
+    hosts.kill(&web_hosts[0]);
+    match a.round(&lead_a).await {
+        Err(EtcdError::NotLeader) => {}
+        other => panic!("deposed controller acted: {other:?}"),
+    }
+    assert_eq!(hosts.lock().starts.len(), starts_before);
+
+    // The host of web-1 dies (its VMs already stopped above; now its lease lapses). While the
+    // lease lives the member is restarted in place at most; once it is down the member moves.
+    let lost = web_hosts[0].clone();
+    alive.remove(lost.as_str());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // A real host that lost its lease has stopped its VMs; the simulated one, too.
+        if etcd
+            .hosts()
+            .await?
+            .iter()
+            .any(|h| h.inventory.name == lost && h.status == drover_cluster::HostStatus::Down)
+        {
+            hosts.kill(&lost);
+        }
+        b.round(&lead_b).await?;
+        if available(&etcd).await? && !hosts.lock().running.values().any(|(h, _)| *h == lost) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service not available again after host {lost} was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    {
+        let f = hosts.lock();
+        assert!(
+            f.doubles.is_empty(),
+            "members started while a copy ran elsewhere: {:?}",
+            f.doubles
+        );
+        let hosts_now: Vec<&String> = f
+            .running
+            .iter()
+            .filter(|(m, _)| m.app == "web")
+            .map(|(_, (h, _))| h)
+            .collect();
+        assert_ne!(hosts_now[0], hosts_now[1], "anti-affinity after the move");
+    }
+    // Every start carried the revision of the assignment it was made under: the latest tokens
+    // are the ones in etcd now.
+    for a in etcd.assignments().await? {
+        let (host, token) = hosts.lock().running[&a.member].clone();
+        assert_eq!((host, token), (a.host.clone(), a.revision), "{}", a.member);
+    }
+    Ok(())
+}

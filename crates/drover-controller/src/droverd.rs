@@ -1,0 +1,155 @@
+//! The [`HostDriver`] for real hosts: each host's droverd over its HTTPS API, with the
+//! address, token and certificate an operator registered for it (`drover remote add NAME`,
+//! NAME being the host's cluster name).
+
+use std::collections::BTreeMap;
+
+use drover_api::{Client, ClientError, ErrorCode, RemoteSpec, StartRequest, StopRequest, VmInfo};
+use drover_cluster::controller::{DriverError, HostDriver};
+use drover_cluster::{App, HostInventory, MemberId, ObservedVm, VmState};
+use drover_model::{format_size, DiskSpec, VmSpec};
+use serde::Deserialize;
+
+/// The remotes file's shape (`drover remote add` writes it).
+#[derive(Debug, Default, Deserialize)]
+pub struct Remotes {
+    /// By host name.
+    #[serde(default)]
+    pub remote: BTreeMap<String, RemoteSpec>,
+}
+
+/// Drives hosts through their droverd.
+pub struct Droverd {
+    remotes: Remotes,
+}
+
+fn err(host: &str, e: impl std::fmt::Display) -> DriverError {
+    DriverError {
+        host: host.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl Droverd {
+    /// A driver reaching each host through its entry in `remotes`.
+    pub fn new(remotes: Remotes) -> Self {
+        Droverd { remotes }
+    }
+
+    fn client(&self, host: &HostInventory) -> Result<Client, DriverError> {
+        let spec = self.remotes.remote.get(&host.name).ok_or_else(|| {
+            err(
+                &host.name,
+                format!("no remote named {0}: `drover remote add {0} URL --token-file F --ca-file F` for the controller's user", host.name),
+            )
+        })?;
+        spec.client().map_err(|e| err(&host.name, e))
+    }
+}
+
+fn not_found(e: &ClientError) -> bool {
+    e.code() == Some(ErrorCode::NotFound)
+}
+
+impl HostDriver for Droverd {
+    async fn list(
+        &self,
+        host: &HostInventory,
+        members: &[(MemberId, i64)],
+    ) -> Result<Vec<ObservedVm>, DriverError> {
+        let c = self.client(host)?;
+        let vms: Vec<VmInfo> = c.get("/v1/vms").await.map_err(|e| err(&host.name, e))?;
+        let by_name: BTreeMap<&str, &VmInfo> = vms.iter().map(|v| (v.name.as_str(), v)).collect();
+        Ok(members
+            .iter()
+            .filter_map(|(m, token)| {
+                let vm = by_name.get(m.vm_name().as_str())?;
+                let state = match vm.state {
+                    drover_api::VmState::Running if vm.agent.as_ref().is_some_and(|a| a.ready) => {
+                        VmState::Ready
+                    }
+                    // A paused VM (QEMU stopped it, e.g. on a full disk) still exists: it counts
+                    // as a running copy, never as one to replace.
+                    drover_api::VmState::Running
+                    | drover_api::VmState::Starting
+                    | drover_api::VmState::Paused => VmState::Running,
+                    drover_api::VmState::Stopped | drover_api::VmState::Stopping => {
+                        VmState::Stopped
+                    }
+                };
+                Some(ObservedVm {
+                    host: host.name.clone(),
+                    member: m.clone(),
+                    // droverd does not record the token yet; the assignment's is assumed.
+                    token: *token,
+                    state,
+                })
+            })
+            .collect())
+    }
+
+    async fn start(
+        &self,
+        host: &HostInventory,
+        member: &MemberId,
+        app: &App,
+        _token: i64,
+    ) -> Result<(), DriverError> {
+        let c = self.client(host)?;
+        let name = member.vm_name();
+        match c.get::<VmInfo>(&format!("/v1/vms/{name}")).await {
+            Ok(_) => {}
+            Err(e) if not_found(&e) => {
+                let mut spec = VmSpec::named(&name);
+                spec.cpus = app.needs.cpus;
+                spec.memory = format_size(app.needs.memory);
+                if app.needs.disk > 0 {
+                    spec.disks.push(DiskSpec {
+                        id: Some("data".into()),
+                        size: Some(format_size(app.needs.disk)),
+                        image: None,
+                        readonly: false,
+                    });
+                }
+                let _: VmInfo = c
+                    .post("/v1/vms", &spec)
+                    .await
+                    .map_err(|e| err(&host.name, e))?;
+            }
+            Err(e) => return Err(err(&host.name, e)),
+        }
+        let _: VmInfo = c
+            .post(&format!("/v1/vms/{name}/start"), &StartRequest::default())
+            .await
+            .map_err(|e| err(&host.name, e))?;
+        Ok(())
+    }
+
+    async fn stop(&self, host: &HostInventory, member: &MemberId) -> Result<(), DriverError> {
+        let c = self.client(host)?;
+        let name = member.vm_name();
+        let stop = StopRequest {
+            timeout_s: 10,
+            force: false,
+        };
+        match c
+            .post::<_, VmInfo>(&format!("/v1/vms/{name}/stop"), &stop)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if not_found(&e) => return Ok(()),
+            // Already stopped is fine: it is removed next.
+            Err(e) if e.code() == Some(ErrorCode::Conflict) => {}
+            Err(e) => return Err(err(&host.name, e)),
+        }
+        let path = format!("/v1/vms/{name}?force=true");
+        match c
+            .call::<(), VmInfo>(drover_api::Method::DELETE, &path, None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(err(&host.name, e)),
+        }
+    }
+}
