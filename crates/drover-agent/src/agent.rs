@@ -38,7 +38,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         drover_proto::PROTOCOL_VERSION
     );
-    let power: Arc<dyn Power> = Arc::new(SystemPower);
+    let power: Arc<dyn Power> = Arc::new(SystemPower::detect());
     let (died_tx, died_rx) = mpsc::channel::<&'static str>();
 
     // Shared by port A (which sends apps' requests), port B (which delivers the events) and the
