@@ -73,7 +73,7 @@ if [ -z "$version" ]; then
 fi
 
 qemu_pkgs=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
-other_pkgs=(busybox-static cpio ca-certificates seabios ipxe-qemu)
+other_pkgs=(busybox-static cpio ca-certificates seabios ipxe-qemu debootstrap)
 
 installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
 need=()

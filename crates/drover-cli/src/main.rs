@@ -73,7 +73,7 @@ enum Cmd {
     /// This host: accelerator, QEMU, resources.
     #[command(subcommand)]
     Host(HostCmd),
-    /// The default guest image (Debian kernel + busybox + drover-agent).
+    /// Guest images: the default one (Debian kernel + busybox + drover-agent) and Debian 12.
     #[command(subcommand)]
     Image(ImageCmd),
     /// Who may do what on this host (roles by uid; root is always admin; tokens for TCP callers).
@@ -140,13 +140,35 @@ enum HostCmd {
 #[derive(Subcommand, Debug)]
 enum ImageCmd {
     /// Build the default guest image (downloads the Debian kernel with apt; cached).
+    ///
+    /// With --distro debian-12: a real Debian 12 system (debootstrap: systemd, udev, networkd,
+    /// openssh, the drover-agent .deb), as a qcow2 root disk booted with Drover's kernel and a
+    /// small root loader. Takes minutes the first time (needs root on the host and the Debian
+    /// mirror); cached afterwards. Boot it with a copy of its disk, for example:
+    ///
+    ///   drover image build --distro debian-12
+    ///   cp --reflink=auto DISK /srv/vms/deb1.qcow2
+    ///   drover vm create deb1 --memory 1G --kernel KERNEL --initrd INITRD --cmdline 'CMDLINE' \
+    ///       --disk image=/srv/vms/deb1.qcow2,id=root --ssh-key ~/.ssh/id_ed25519.pub \
+    ///       --nic user,forward=tcp:127.0.0.1:2222-:22
+    ///   drover vm start deb1 --wait && ssh -p 2222 root@127.0.0.1
+    ///
+    /// (DISK, KERNEL, INITRD and CMDLINE are what `drover image show --distro debian-12` prints.)
+    #[command(verbatim_doc_comment)]
     Build {
         /// Rebuild even if nothing changed.
         #[arg(long)]
         force: bool,
+        /// Build a distribution image instead: `debian-12`.
+        #[arg(long, value_name = "NAME", value_parser = ["debian-12"])]
+        distro: Option<String>,
     },
     /// Show the current image: kernel version, sizes, inputs.
-    Show,
+    Show {
+        /// Show a distribution image instead: `debian-12`.
+        #[arg(long, value_name = "NAME", value_parser = ["debian-12"])]
+        distro: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -871,17 +893,23 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             let h: drover_api::HostInfo = c.get("/v1/host").await?;
             out.host(&h);
         }
-        Cmd::Image(ImageCmd::Show) => {
-            let i: drover_api::ImageInfo = c.get("/v1/image").await?;
+        Cmd::Image(ImageCmd::Show { distro }) => {
+            let path = match &distro {
+                Some(d) => format!("/v1/image?distro={d}"),
+                None => "/v1/image".to_string(),
+            };
+            let i: drover_api::ImageInfo = c.get(&path).await?;
             out.image(&i);
         }
-        Cmd::Image(ImageCmd::Build { force }) => {
+        Cmd::Image(ImageCmd::Build { force, distro }) => {
             let p = out.progress("building the guest image");
             let started = Instant::now();
             let i: drover_api::ImageInfo = c
-                .post_stream("/v1/image/build", &ImageBuildRequest { force }, |line| {
-                    p.set(line)
-                })
+                .post_stream(
+                    "/v1/image/build",
+                    &ImageBuildRequest { force, distro },
+                    |line| p.set(line),
+                )
                 .await?;
             p.done(&format!(
                 "guest image ready in {:.1}s",

@@ -1594,6 +1594,38 @@ impl Manager {
         Ok(loaded.map(image_info))
     }
 
+    /// The current image of a distribution (`debian-12`), if built.
+    pub fn current_distro_image(&self, distro: &str) -> Result<Option<ImageInfo>> {
+        check_distro(distro)?;
+        let loaded = drover_image::debian::load(&self.s.cfg.image_dir)
+            .map_err(|e| HostError::ImageMissing(e.to_string()))?;
+        Ok(loaded.map(distro_image_info))
+    }
+
+    /// Build (or reuse) a distribution image (`debian-12`): debootstrap, the agent's package.
+    pub async fn build_distro_image(
+        &self,
+        distro: &str,
+        force: bool,
+        mut progress: impl FnMut(String) + Send + 'static,
+    ) -> Result<ImageInfo> {
+        check_distro(distro)?;
+        let _guard = self.s.image_lock.lock().await;
+        let spec = drover_image::ImageSpec {
+            cache_dir: self.s.cfg.image_dir.clone(),
+            agent_binary: self.agent_binary()?,
+            kernel_package: None,
+            force,
+        };
+        let built = tokio::task::spawn_blocking(move || {
+            drover_image::debian::build(&spec, &mut |p| progress(crate::image_progress(&p)))
+        })
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| HostError::ImageMissing(format!("{distro} image build failed: {e}")))?;
+        Ok(distro_image_info(built))
+    }
+
     /// Build (or reuse, when inputs are unchanged) the default guest image.
     pub async fn build_image(
         &self,
@@ -1623,6 +1655,31 @@ fn image_info(b: drover_image::BuiltImage) -> ImageInfo {
         kernel: b.kernel.display().to_string(),
         initrd: b.initrd.display().to_string(),
         manifest: serde_json::to_value(&b.manifest).unwrap_or_default(),
+        disk: None,
+        cmdline: None,
+    }
+}
+
+fn distro_image_info(b: drover_image::debian::DebianImage) -> ImageInfo {
+    ImageInfo {
+        dir: b.dir.display().to_string(),
+        kernel: b.kernel.display().to_string(),
+        initrd: b.initrd.display().to_string(),
+        disk: Some(b.disk.display().to_string()),
+        cmdline: Some(b.manifest.cmdline.clone()),
+        manifest: serde_json::to_value(&b.manifest).unwrap_or_default(),
+    }
+}
+
+/// The one distribution Drover builds images of, or an error naming it.
+fn check_distro(distro: &str) -> Result<()> {
+    if distro == drover_image::debian::DISTRO {
+        Ok(())
+    } else {
+        Err(HostError::Invalid(format!(
+            "unknown distribution {distro:?}; Drover builds `{}`",
+            drover_image::debian::DISTRO
+        )))
     }
 }
 
