@@ -428,6 +428,19 @@ enum VmCmd {
         /// Allow memory hot-plug up to this size (costs some boot time).
         #[arg(long, value_name = "SIZE")]
         max_memory: Option<String>,
+        /// Give the guest a NoCloud seed disk (cloud-init `cidata`, read by drover-agent too):
+        /// hostname = VM name, network by MAC. Implied by --ssh-key and --user-data.
+        #[arg(long, conflicts_with = "no_seed")]
+        seed: bool,
+        /// No seed disk, even with --ssh-key or --user-data in a --file.
+        #[arg(long)]
+        no_seed: bool,
+        /// Public keys for root's authorized_keys, from this file (one per line). Repeatable.
+        #[arg(long = "ssh-key", value_name = "FILE", conflicts_with = "no_seed")]
+        ssh_keys: Vec<PathBuf>,
+        /// cloud-init user-data for the seed, from this file (at most 32 KiB).
+        #[arg(long, value_name = "FILE", conflicts_with = "no_seed")]
+        user_data: Option<PathBuf>,
         /// Start it right away.
         #[arg(long)]
         start: bool,
@@ -1015,6 +1028,10 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             boot_disk,
             accel,
             max_memory,
+            seed,
+            no_seed,
+            ssh_keys,
+            user_data,
             start,
             wait,
         } => {
@@ -1058,6 +1075,27 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             }
             if max_memory.is_some() {
                 spec.max_memory = max_memory;
+            }
+            if seed || !ssh_keys.is_empty() || user_data.is_some() {
+                let s = spec.seed.get_or_insert_with(Default::default);
+                for f in &ssh_keys {
+                    let text = std::fs::read_to_string(f).map_err(|e| {
+                        anyhow::anyhow!("cannot read SSH key file {}: {e}", f.display())
+                    })?;
+                    let keys = drover_proto::seed::keys_from_file(&text);
+                    if keys.is_empty() {
+                        anyhow::bail!("{} has no public key in it", f.display());
+                    }
+                    s.ssh_keys.extend(keys);
+                }
+                if let Some(f) = &user_data {
+                    s.user_data = Some(std::fs::read_to_string(f).map_err(|e| {
+                        anyhow::anyhow!("cannot read user-data file {}: {e}", f.display())
+                    })?);
+                }
+            }
+            if no_seed {
+                spec.seed = None;
             }
             if let Some(a) = accel {
                 spec.accel = Some(a.parse().map_err(anyhow::Error::msg)?);

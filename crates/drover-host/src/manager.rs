@@ -37,6 +37,7 @@ mod guest;
 mod identity;
 mod live;
 mod migrate;
+mod seed;
 mod state;
 
 /// A saved state to load at launch.
@@ -548,7 +549,7 @@ impl Manager {
                     }
                 });
             }
-            let nics = valid
+            let nics: Vec<NicConfig> = valid
                 .nics
                 .iter()
                 .map(|(id, mac, backend)| NicConfig {
@@ -558,6 +559,9 @@ impl Manager {
                     slot: None,
                 })
                 .collect();
+            if let Some(s) = &spec.seed {
+                disks.push(seed::make_disk(&name, s, &vm_dir, &nics, &disks)?);
+            }
             let config = VmConfig {
                 name: valid.name.clone(),
                 cpus: valid.cpus,

@@ -15,20 +15,13 @@
 
 use std::io::{Cursor, Seek as _, Write as _};
 
-use serde::{Deserialize, Serialize};
-
 /// The volume label cloud-init looks for (upper case: FAT labels are).
 pub const LABEL: &str = "CIDATA";
 /// Size of the FAT image: the files are tiny, and FAT12 needs no more.
 pub const IMAGE_BYTES: usize = 1024 * 1024;
 /// Most bytes of user-data accepted (it travels in the API's create request).
 pub const MAX_USER_DATA: usize = 32 * 1024;
-/// Most SSH keys.
-pub const MAX_KEYS: usize = 32;
-/// Longest SSH key line.
-pub const MAX_KEY_LEN: usize = 8 * 1024;
-/// The agent's file in the seed.
-pub const AGENT_FILE: &str = "drover.json";
+pub use drover_proto::seed::{FILE as AGENT_FILE, MAX_KEYS};
 
 /// What goes into a seed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,18 +38,7 @@ pub struct SeedInput<'a> {
     pub macs: &'a [String],
 }
 
-/// What the agent reads ([`AGENT_FILE`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentSeed {
-    /// The instance id (keys are installed once per instance).
-    pub instance_id: String,
-    /// Hostname to set.
-    pub hostname: String,
-    /// Keys for root's `authorized_keys`.
-    #[serde(default)]
-    pub ssh_keys: Vec<String>,
-}
+pub use drover_proto::seed::AgentSeed;
 
 /// Why a seed cannot be made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -148,54 +130,16 @@ pub fn generate(input: &SeedInput<'_>) -> Result<Vec<(&'static str, String)>, Se
     ])
 }
 
-/// RFC 1123 label rules, which a VM name must also meet to be a hostname.
 fn check_hostname(h: &str) -> Result<(), SeedError> {
-    let ok = !h.is_empty()
-        && h.len() <= 63
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !h.starts_with('-')
-        && !h.ends_with('-');
-    if ok {
+    if drover_proto::seed::valid_hostname(h) {
         Ok(())
     } else {
         Err(SeedError::BadHostname(h.to_string()))
     }
 }
 
-/// One public key line: `[options] type base64 [comment]`, printable, no newlines.
 fn check_key(k: &str) -> Result<(), String> {
-    let k = k.trim();
-    if k.is_empty() {
-        return Err("is empty".into());
-    }
-    if k.len() > MAX_KEY_LEN {
-        return Err(format!("is longer than {MAX_KEY_LEN} bytes"));
-    }
-    if k.contains('\n') || k.contains('\r') {
-        return Err("has more than one line".into());
-    }
-    if k.contains("PRIVATE KEY") {
-        return Err("is a private key (never give those)".into());
-    }
-    if k.bytes().any(|b| b.is_ascii_control()) {
-        return Err("has control characters".into());
-    }
-    let has_type = k
-        .split_whitespace()
-        .any(|w| w.starts_with("ssh-") || w.starts_with("ecdsa-sha2-") || w.starts_with("sk-"));
-    if !has_type {
-        return Err("has no key type (ssh-ed25519, ssh-rsa, ecdsa-sha2-...)".into());
-    }
-    Ok(())
-}
-
-/// The keys in an `authorized_keys`-style file: one per non-empty, non-comment line.
-pub fn keys_from_file(text: &str) -> Vec<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect()
+    drover_proto::seed::key_problem(k).map_or(Ok(()), Err)
 }
 
 /// Packs `files` into a FAT image labelled [`LABEL`].
@@ -332,15 +276,6 @@ mod tests {
                 "{h}"
             );
         }
-    }
-
-    #[test]
-    fn keys_file_lines() {
-        let text = format!("# mine\n\n{KEY}\n  ssh-rsa AAAAB3 other  \n");
-        assert_eq!(
-            keys_from_file(&text),
-            vec![KEY.to_string(), "ssh-rsa AAAAB3 other".into()]
-        );
     }
 
     #[test]
