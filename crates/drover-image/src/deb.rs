@@ -31,7 +31,7 @@ pub const SERVICE: &str = "\
 [Unit]
 Description=Drover guest agent (host channel on virtio-serial org.drover.req/evt)
 DefaultDependencies=no
-After=systemd-remount-fs.service systemd-udevd.service
+After=systemd-remount-fs.service
 Before=shutdown.target
 Conflicts=shutdown.target
 ConditionPathExists=/dev/virtio-ports/org.drover.req
