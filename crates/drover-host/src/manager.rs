@@ -1598,6 +1598,16 @@ impl Manager {
         Ok(loaded.map(image_info))
     }
 
+    /// What an image build takes from this daemon's configuration.
+    fn image_spec(&self, force: bool) -> Result<drover_image::ImageSpec> {
+        Ok(drover_image::ImageSpec {
+            cache_dir: self.s.cfg.image_dir.clone(),
+            agent_binary: self.agent_binary()?,
+            kernel_package: None,
+            force,
+        })
+    }
+
     /// The current image of a distribution (`debian-12`), if built.
     pub fn current_distro_image(&self, distro: &str) -> Result<Option<ImageInfo>> {
         check_distro(distro)?;
@@ -1615,12 +1625,7 @@ impl Manager {
     ) -> Result<ImageInfo> {
         check_distro(distro)?;
         let _guard = self.s.image_lock.lock().await;
-        let spec = drover_image::ImageSpec {
-            cache_dir: self.s.cfg.image_dir.clone(),
-            agent_binary: self.agent_binary()?,
-            kernel_package: None,
-            force,
-        };
+        let spec = self.image_spec(force)?;
         let built = tokio::task::spawn_blocking(move || {
             drover_image::debian::build(&spec, &mut |p| progress(crate::image_progress(&p)))
         })
@@ -1637,12 +1642,7 @@ impl Manager {
         mut progress: impl FnMut(String) + Send + 'static,
     ) -> Result<ImageInfo> {
         let _guard = self.s.image_lock.lock().await;
-        let spec = drover_image::ImageSpec {
-            cache_dir: self.s.cfg.image_dir.clone(),
-            agent_binary: self.agent_binary()?,
-            kernel_package: None,
-            force,
-        };
+        let spec = self.image_spec(force)?;
         let built = tokio::task::spawn_blocking(move || {
             drover_image::build(&spec, &mut |p| progress(crate::image_progress(&p)))
         })

@@ -261,18 +261,10 @@ pub fn build(
     let kernel = work.join(VMLINUX_FILE);
     link_or_copy(&stage.dir.join(VMLINUX_FILE), &kernel)?;
     let initrd = work.join(INITRAMFS_FILE);
+    let modules_root = stage.dir.join("modules");
     let initrd_bytes = initramfs::write(
         &initrd,
-        &initramfs::Inputs {
-            kernel_version: &stage.info.kernel_version,
-            busybox: Path::new(BUSYBOX),
-            applets: &busybox.applets,
-            agent: &spec.agent_binary,
-            modules_root: &stage.dir.join("modules"),
-            modules: &stage.info.module_paths,
-            late_modules: &stage.info.late_module_paths,
-            modules_dep: &stage.info.modules_dep,
-        },
+        &stage.inputs(&busybox, &spec.agent_binary, &modules_root),
     )?;
     // The agent may have been replaced while we were reading it; the key would then be wrong.
     if sha256_file(&spec.agent_binary)? != agent_sha256 {
@@ -366,18 +358,10 @@ pub(crate) fn kernel_for_distro(
     let busybox = inspect_busybox(Path::new(BUSYBOX))?;
     let stage = kernel_stage(spec, &package, &version, progress)?;
     link_or_copy(&stage.dir.join(VMLINUX_FILE), &work.join(VMLINUX_FILE))?;
+    let modules_root = stage.dir.join("modules");
     initramfs::write_root_loader(
         &work.join(debian::INITRD_FILE),
-        &initramfs::Inputs {
-            kernel_version: &stage.info.kernel_version,
-            busybox: Path::new(BUSYBOX),
-            applets: &busybox.applets,
-            agent: &spec.agent_binary,
-            modules_root: &stage.dir.join("modules"),
-            modules: &stage.info.module_paths,
-            late_modules: &stage.info.late_module_paths,
-            modules_dep: &stage.info.modules_dep,
-        },
+        &stage.inputs(&busybox, &spec.agent_binary, &modules_root),
     )?;
     let deb = host::download(&package, &version, &cache_dir.join("downloads"))?;
     progress(step(format!("unpacking {}", deb.display())));
@@ -657,6 +641,27 @@ struct KernelStage {
     name: String,
     dir: PathBuf,
     info: KernelInfo,
+}
+
+impl KernelStage {
+    /// The initramfs inputs from this stage (`modules_root` is `dir/modules`).
+    fn inputs<'a>(
+        &'a self,
+        busybox: &'a Busybox,
+        agent: &'a Path,
+        modules_root: &'a Path,
+    ) -> initramfs::Inputs<'a> {
+        initramfs::Inputs {
+            kernel_version: &self.info.kernel_version,
+            busybox: Path::new(BUSYBOX),
+            applets: &busybox.applets,
+            agent,
+            modules_root,
+            modules: &self.info.module_paths,
+            late_modules: &self.info.late_module_paths,
+            modules_dep: &self.info.modules_dep,
+        }
+    }
 }
 
 /// Returns the unpacked kernel for `package=version`, making it if needed (or if `spec.force`).
