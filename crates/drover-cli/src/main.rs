@@ -388,9 +388,12 @@ enum VmCmd {
     ///   drover vm create web1 --cpus 2 --memory 1G --disk 4G --nic user,forward=tcp:8080-:80
     ///   drover vm create db --disk size=20G,id=data --disk image=/srv/seed.qcow2,id=seed,ro
     ///   drover vm create --file web1.toml
+    ///   drover vm create deb1 --kernel K --initrd I --cmdline C --disk image=/srv/deb1.qcow2 \
+    ///       --ssh-key ~/.ssh/id_ed25519.pub --user-data cloud.yaml   (see `drover image build --help`)
     ///
     /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image, readonly),
-    /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk).
+    /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk),
+    /// [seed] (ssh_keys = [...], user_data = "...").
     #[command(verbatim_doc_comment)]
     Create {
         /// VM name (a-z, 0-9, '-'; it becomes the guest's hostname).

@@ -6,8 +6,9 @@ use drover_model::{DiskConfig, DiskFormat, ElementId, NicConfig, SeedSpec};
 
 use crate::error::HostError;
 
-/// Writes `vm_dir/disks/<id>.img` for `seed` and returns it as the VM's last disk (read-only,
-/// owned by Drover). The id is `seed`, or `cidata` if a disk is already called that.
+/// Writes `vm_dir/disks/<id>.qcow2` for `seed` and returns it as the VM's last disk (read-only,
+/// owned by Drover). The id is `seed`, or `cidata` if a disk is already called that. qcow2, not
+/// the raw FAT image, because saved states pin a qcow2 layer of every disk.
 pub(super) fn make_disk(
     vm_name: &str,
     seed: &SeedSpec,
@@ -37,14 +38,22 @@ pub(super) fn make_disk(
     .map_err(|e| HostError::Invalid(format!("seed: {e}")))?;
     let image =
         drover_image::seed::write_fat(&files).map_err(|e| HostError::Internal(e.to_string()))?;
-    let path = vm_dir.join("disks").join(format!("{id}.img"));
-    std::fs::write(&path, &image)
-        .and_then(|()| std::fs::File::open(&path).and_then(|f| f.sync_all()))
-        .map_err(|e| HostError::Internal(format!("writing {}: {e}", path.display())))?;
+    let raw = vm_dir.join("disks").join(format!("{id}.fat.tmp"));
+    let path = vm_dir.join("disks").join(format!("{id}.qcow2"));
+    // Stale files from an earlier failed create of the same name: replace them.
+    let _ = std::fs::remove_file(&path);
+    std::fs::write(&raw, &image)
+        .map_err(|e| HostError::Internal(format!("writing {}: {e}", raw.display())))?;
+    let converted = drover_qemu::img::convert_raw_to_qcow2(&raw, &path);
+    let _ = std::fs::remove_file(&raw);
+    converted?;
+    std::fs::File::open(&path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| HostError::Internal(format!("syncing {}: {e}", path.display())))?;
     Ok(DiskConfig {
         id: ElementId::new(id)?,
         path,
-        format: DiskFormat::Raw,
+        format: DiskFormat::Qcow2,
         size: image.len() as u64,
         readonly: true,
         owned: true,
