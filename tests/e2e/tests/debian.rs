@@ -38,6 +38,21 @@ fn ssh(key: &Path, port: u16, cmd: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A shell command in the guest, with a timeout that a loaded machine's TCG guest can meet.
+fn sh(d: &Daemon, script: &str) -> String {
+    d.ok(&[
+        "vm",
+        "exec",
+        "deb",
+        "--timeout",
+        "180",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])
+}
+
 fn start_timed(d: &Daemon, vm: &str) -> f64 {
     let t = Instant::now();
     d.ok(&["vm", "start", vm, "--wait", "--wait-timeout", "300"]);
@@ -79,17 +94,14 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     assert!(d
         .sh("deb", "dpkg-query -W -f '${Status}' drover-agent")
         .contains("install ok installed"));
+    assert_eq!(sh(&d, "systemctl is-active drover-agent").trim(), "active");
     assert_eq!(
-        d.sh("deb", "systemctl is-active drover-agent").trim(),
-        "active"
-    );
-    assert_eq!(
-        d.sh("deb", "readlink /usr/bin/drover-guest").trim(),
+        sh(&d, "readlink /usr/bin/drover-guest").trim(),
         "drover-agent"
     );
-    assert_eq!(d.sh("deb", "cat /proc/1/comm").trim(), "systemd");
+    assert_eq!(sh(&d, "cat /proc/1/comm").trim(), "systemd");
     assert_eq!(
-        d.sh("deb", "stat -c %G:%a /run/drover/agent.sock").trim(),
+        sh(&d, "stat -c %G:%a /run/drover/agent.sock").trim(),
         "drover:660"
     );
     assert!(d
@@ -104,11 +116,11 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
 
     // The seed: hostname from the VM name, the key lets us in over the forwarded port.
     let hn = wait_for("the seed's hostname", Duration::from_secs(30), || {
-        let h = d.sh("deb", "hostname").trim().to_string();
+        let h = sh(&d, "hostname").trim().to_string();
         (h == "deb").then_some(h)
     });
     assert_eq!(hn, "deb");
-    assert!(d.sh("deb", "cat /etc/hosts").contains("127.0.1.1\tdeb"));
+    assert!(sh(&d, "cat /etc/hosts").contains("127.0.1.1\tdeb"));
     let via_ssh = wait_for(
         "an SSH login with the seeded key",
         Duration::from_secs(90),
@@ -117,10 +129,10 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     assert_eq!(via_ssh, "deb\n0\n");
 
     // Where the boot went (for the README's figures; printed with --nocapture).
-    println!(
-        "{}",
-        d.sh("deb", "systemd-analyze || true; systemd-analyze blame --no-pager | head -n 15; systemd-analyze critical-chain --no-pager drover-agent.service || true")
-    );
+    // Not a check: systemd-analyze can be slow on a loaded machine, so its failure is no failure.
+    let analyze = d.drover(&["vm", "exec", "deb", "--timeout", "180", "--", "sh", "-c",
+        "systemd-analyze; systemd-analyze blame --no-pager | head -n 15; systemd-analyze critical-chain --no-pager drover-agent.service"]);
+    println!("{}", String::from_utf8_lossy(&analyze.stdout));
 
     // A guest save and restore with app data, through drover-guest in the Debian guest.
     let g = d.json(&[
@@ -141,10 +153,10 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
             "(setsid {env} drover-guest listen --app-id a1 > /root/events.log 2>&1 &); sleep 0.5"
         ),
     );
-    let saved = d.sh("deb", &format!("echo before > /root/f && sync && {env} drover-guest save --name s1 --app-id a1 --data '{{\"n\":1}}' --wait"));
+    let saved = sh(&d, &format!("echo before > /root/f && sync && {env} drover-guest save --name s1 --app-id a1 --data '{{\"n\":1}}' --wait"));
     let ev: serde_json::Value = serde_json::from_str(&saved).expect("save event");
     assert_eq!(ev["status"], "completed", "{ev}");
-    d.sh("deb", &format!("echo after > /root/f && sync; ({env} drover-guest restore s1 --app-id a1 --data '{{\"why\":\"rollback\"}}' >/dev/null 2>&1 &)"));
+    sh(&d, &format!("echo after > /root/f && sync; ({env} drover-guest restore s1 --app-id a1 --data '{{\"why\":\"rollback\"}}' >/dev/null 2>&1 &)"));
     let restored = wait_for(
         "the restore event in the restored guest",
         Duration::from_secs(90),
@@ -159,7 +171,7 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     );
     assert_eq!(restored["status"], "completed", "{restored}");
     assert_eq!(restored["data"]["why"], "rollback");
-    assert_eq!(d.sh("deb", "cat /root/f").trim(), "before");
+    assert_eq!(sh(&d, "cat /root/f").trim(), "before");
 
     // An orderly stop through systemd; the next boot finds it clean.
     let t = Instant::now();
@@ -168,7 +180,7 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     let exit = d.json(&["vm", "show", "deb"]);
     println!("deb: last exit {}", exit["last_exit"]);
     start_timed(&d, "deb");
-    let prev = d.sh("deb", "journalctl -b -1 -q --no-pager -o cat | tail -n 40");
+    let prev = sh(&d, "journalctl -b -1 -q --no-pager -o cat | tail -n 40");
     assert!(
         prev.contains("Reached target") && prev.contains("Power-Off")
             || prev.contains("System Power Off"),
