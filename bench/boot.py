@@ -16,6 +16,12 @@ once per QEMU installation (`--qemu both`: the system's, and QEMU 10 from target
 
 Usage: bench/boot.py [RUNS] [--qemu system|both|DIR]   (default 15, both; needs
 `PROFILE=release scripts/build.sh` first)
+
+       bench/boot.py --debian [RUNS]   (default 5) the Debian 12 image (`drover image build
+          --distro debian-12`, built if missing): `drover vm start --wait` vs raw QEMU with the
+          same kernel, root loader, disk and command line, both until the packaged agent answers
+          on port A (raw: a client on the org.drover.req socket gets the agent's first frame).
+          Every boot gets a fresh copy of the image's disk (a first boot, the same for both).
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, time
 
@@ -118,7 +124,73 @@ def bench(runs, version, qemu_dir, rss):
                 **{f"raw -cpu {c}, QEMU CPU s": v for c, v in mc.items()}, "model": model}
 
 
+def agent_hello(path):
+    """Connect to a VM's port A socket and return once the agent has sent its first bytes."""
+    import socket
+    poll(lambda: os.path.exists(path), 30)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    c.settimeout(600)
+    c.recv(1)
+    c.close()
+
+
+def debian(runs):
+    with Droverd("drover-bench.") as drover:
+        tmp, sock = drover.tmp, drover.sock
+        image = json.loads(drover("--output", "json", "image", "build", "--distro", "debian-12"))
+        disk = f"{tmp}/deb.qcow2"
+        shutil.copyfile(image["disk"], disk)
+        drover("vm", "create", "deb", "--memory", "1G", "--kernel", image["kernel"], "--initrd", image["initrd"],
+               "--cmdline", image["cmdline"], "--disk", f"image={disk},id=root", "--nic", "user", "--seed")
+
+        def drover_boot():
+            shutil.copyfile(image["disk"], disk)
+            t0 = time.monotonic()
+            subprocess.run([f"{BIN}/drover", "--socket", sock, "vm", "start", "deb", "--wait", "--wait-timeout", "600"],
+                           check=True, stdout=subprocess.DEVNULL)
+            t = time.monotonic() - t0
+            drover("vm", "stop", "deb", "--force")
+            return t
+
+        def raw_boot():
+            d = f"{tmp}/raw"
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+            shutil.copyfile(image["disk"], f"{d}/disk.qcow2")
+            args = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-M", "q35",
+                    "-bios", "/usr/share/qemu/qboot.rom", "-smp", "1", "-m", "1024",
+                    "-nodefaults", "-no-user-config", "-display", "none", "-serial", f"file:{d}/console.log",
+                    "-kernel", image["kernel"], "-initrd", image["initrd"], "-append", image["cmdline"],
+                    "-drive", f"file={d}/disk.qcow2,if=none,id=d0,format=qcow2", "-device", "virtio-blk-pci,drive=d0",
+                    "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+                    "-device", "virtio-serial-pci,id=vser0",
+                    "-chardev", f"socket,id=req,path={d}/req.sock,server=on,wait=off",
+                    "-device", "virtserialport,bus=vser0.0,chardev=req,name=org.drover.req",
+                    "-chardev", f"socket,id=evt,path={d}/evt.sock,server=on,wait=off",
+                    "-device", "virtserialport,bus=vser0.0,chardev=evt,name=org.drover.evt"]
+            t0 = time.monotonic()
+            q = subprocess.Popen(args)
+            agent_hello(f"{d}/req.sock")
+            t = time.monotonic() - t0
+            q.kill()
+            q.wait()
+            return t
+
+        print(f"Debian 12 boot to the packaged agent answering, TCG, 1 vCPU, 1 GiB, {runs} runs each (alternating)")
+        dr, rw = [], []
+        for i in range(runs):
+            a = drover_boot()
+            r = raw_boot()
+            dr.append(a); rw.append(r)
+            print(f"  run {i + 1}: drover start --wait {a:.2f} s   raw QEMU to agent hello {r:.2f} s")
+        md, mr = statistics.median(dr), statistics.median(rw)
+        print(f"median: drover {md:.2f} s, raw QEMU {mr:.2f} s, ratio {md / mr:.3f}")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--debian":
+        return debian(int(sys.argv[2]) if len(sys.argv) > 2 else 5)
     p = argparse.ArgumentParser(description="boot to a usable guest, Drover vs raw QEMU, per QEMU version")
     p.add_argument("runs", nargs="?", type=int, default=15)
     p.add_argument("--qemu", default="both", help="system, both (system + QEMU 10), or an installation dir")

@@ -76,8 +76,9 @@ if [ -z "$version" ]; then
 fi
 
 qemu_pkgs=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
-# etcd for the cluster; protoc and its well-known .proto files (libprotobuf-dev) build the etcd-client crate.
-other_pkgs=(busybox-static cpio ca-certificates seabios ipxe-qemu etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+# etcd for the cluster; protoc and its well-known .proto files (libprotobuf-dev) build the etcd-client
+# crate; debootstrap builds the Debian guest image.
+other_pkgs=(busybox-static cpio ca-certificates seabios ipxe-qemu etcd-server etcd-client protobuf-compiler libprotobuf-dev debootstrap)
 # Only for the test suite: lintian checks the packages scripts/package.sh builds.
 [ -z "$tests" ] || other_pkgs+=(lintian)
 

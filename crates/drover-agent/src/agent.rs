@@ -38,7 +38,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         drover_proto::PROTOCOL_VERSION
     );
-    let power: Arc<dyn Power> = Arc::new(SystemPower);
+    let power: Arc<dyn Power> = Arc::new(SystemPower::detect());
+    // The NoCloud seed (hostname, SSH keys), beside the services: a slow disk must not delay them.
+    if let Err(e) = thread::Builder::new()
+        .name("seed".into())
+        .spawn(crate::seed::apply_at_boot)
+    {
+        crate::log!("cannot start the seed thread: {e}");
+    }
     let (died_tx, died_rx) = mpsc::channel::<&'static str>();
 
     // Shared by port A (which sends apps' requests), port B (which delivers the events) and the

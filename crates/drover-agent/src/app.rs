@@ -56,6 +56,14 @@ pub const MAX_CLIENTS: usize = 64;
 /// Permissions of the socket: root and its group. The principal's secret is the real check; the
 /// mode only narrows who may try.
 pub const SOCKET_MODE: u32 = 0o660;
+/// The group the socket belongs to where it exists (the `.deb` creates it), so that members may
+/// use `drover-guest` without root; elsewhere the socket stays `root:root`.
+pub const SOCKET_GROUP: &str = "drover";
+/// The group database read for [`SOCKET_GROUP`]. Read directly rather than through NSS, which a
+/// statically linked agent cannot load.
+const GROUP_FILE: &str = "/etc/group";
+/// Most bytes read from [`GROUP_FILE`].
+const MAX_GROUP_FILE: u64 = 1024 * 1024;
 /// A client that sends no command for this long is disconnected, so idle connections cannot
 /// hold the client slots forever. Waiting and listening connections are not idle.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -313,12 +321,38 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     let _ = fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
     let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| match socket_gid() {
+            Some(gid) => std::os::unix::fs::chown(&tmp, None, Some(gid)),
+            None => Ok(()),
+        })
         .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = placed {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
     Ok(listener)
+}
+
+/// The gid of [`SOCKET_GROUP`] in this guest's group file, if it has one.
+fn socket_gid() -> Option<u32> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    fs::File::open(GROUP_FILE)
+        .ok()?
+        .take(MAX_GROUP_FILE)
+        .read_to_string(&mut text)
+        .ok()?;
+    group_gid(&text, SOCKET_GROUP)
+}
+
+/// The gid of group `name` in the text of a `group(5)` file (`name:password:gid:members`).
+/// Malformed lines are skipped.
+pub fn group_gid(group_file: &str, name: &str) -> Option<u32> {
+    group_file.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let (n, _pw, gid) = (fields.next()?, fields.next()?, fields.next()?);
+        (n == name).then(|| gid.parse().ok()).flatten()
+    })
 }
 
 /// One of the limited client slots, released on drop.
@@ -850,6 +884,16 @@ mod tests {
         fs::write(&file, b"keep").unwrap();
         assert!(bind(&file).is_err());
         assert_eq!(fs::read(&file).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn group_file_lookup() {
+        let text = "root:x:0:\n# comment\nbroken\ndrov:x:5:\ndrover:x:998:alice,bob\nlate:x:7:";
+        assert_eq!(group_gid(text, "drover"), Some(998));
+        assert_eq!(group_gid(text, "root"), Some(0));
+        assert_eq!(group_gid(text, "dro"), None);
+        assert_eq!(group_gid("drover:x:notanumber:", "drover"), None);
+        assert_eq!(group_gid("", "drover"), None);
     }
 
     /// `drover-guest` against the rig: output and exit codes.

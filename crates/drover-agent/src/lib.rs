@@ -53,6 +53,7 @@ pub mod port_a;
 pub mod port_b;
 pub mod power;
 pub mod scan;
+pub mod seed;
 pub mod wire;
 
 #[cfg(test)]

@@ -174,13 +174,15 @@ impl PortB {
             return;
         };
         let w = writer.clone();
-        // The thread owns the slot: it is released when the thread ends, or with the closure if
-        // the thread cannot be started.
+        // The thread owns the slot: it is released before the result is sent, or with the
+        // closure if the thread cannot be started.
         let spawned = thread::Builder::new()
             .name(format!("exec-{id}"))
             .spawn(move || {
-                let _slot = slot;
                 let result = fit_exec_result(id, crate::exec::run(&req));
+                // Free the slot before answering: a host that sends the next command as soon
+                // as it has this result must not find it still taken.
+                drop(slot);
                 w.reply(id, Body::ExecResult(result));
             });
         if let Err(e) = spawned {

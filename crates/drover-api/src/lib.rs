@@ -852,6 +852,12 @@ pub struct ImageInfo {
     pub initrd: String,
     /// Everything the builder recorded (inputs, sizes, build time).
     pub manifest: serde_json::Value,
+    /// A distribution image's root disk (copy it per VM); `None` for the default image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// The kernel command line to boot a distribution image with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
 }
 
 /// Ask for an image build.
@@ -860,6 +866,9 @@ pub struct ImageBuildRequest {
     /// Rebuild even if the inputs are unchanged.
     #[serde(default)]
     pub force: bool,
+    /// A distribution image (`debian-12`) instead of the default busybox one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distro: Option<String>,
 }
 
 /// Ask for a new API token for TCP callers.

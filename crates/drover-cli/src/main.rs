@@ -77,7 +77,7 @@ enum Cmd {
     /// This host: accelerator, QEMU, resources.
     #[command(subcommand)]
     Host(HostCmd),
-    /// The default guest image (Debian kernel + busybox + drover-agent).
+    /// Guest images: the default one (Debian kernel + busybox + drover-agent) and Debian 12.
     #[command(subcommand)]
     Image(ImageCmd),
     /// Who may do what on this host (roles by uid; root is always admin; tokens for TCP callers).
@@ -190,13 +190,35 @@ enum HostCmd {
 #[derive(Subcommand, Debug)]
 enum ImageCmd {
     /// Build the default guest image (downloads the Debian kernel with apt; cached).
+    ///
+    /// With --distro debian-12: a real Debian 12 system (debootstrap: systemd, udev, networkd,
+    /// openssh, the drover-agent .deb), as a qcow2 root disk booted with Drover's kernel and a
+    /// small root loader. Takes minutes the first time (needs root on the host and the Debian
+    /// mirror); cached afterwards. Boot it with a copy of its disk, for example:
+    ///
+    ///   drover image build --distro debian-12
+    ///   cp --reflink=auto DISK /srv/vms/deb1.qcow2
+    ///   drover vm create deb1 --memory 1G --kernel KERNEL --initrd INITRD --cmdline 'CMDLINE' \
+    ///       --disk image=/srv/vms/deb1.qcow2,id=root --ssh-key ~/.ssh/id_ed25519.pub \
+    ///       --nic user,forward=tcp:127.0.0.1:2222-:22
+    ///   drover vm start deb1 --wait && ssh -p 2222 root@127.0.0.1
+    ///
+    /// (DISK, KERNEL, INITRD and CMDLINE are what `drover image show --distro debian-12` prints.)
+    #[command(verbatim_doc_comment)]
     Build {
         /// Rebuild even if nothing changed.
         #[arg(long)]
         force: bool,
+        /// Build a distribution image instead: `debian-12`.
+        #[arg(long, value_name = "NAME", value_parser = ["debian-12"])]
+        distro: Option<String>,
     },
     /// Show the current image: kernel version, sizes, inputs.
-    Show,
+    Show {
+        /// Show a distribution image instead: `debian-12`.
+        #[arg(long, value_name = "NAME", value_parser = ["debian-12"])]
+        distro: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -416,9 +438,12 @@ enum VmCmd {
     ///   drover vm create web1 --cpus 2 --memory 1G --disk 4G --nic user,forward=tcp:8080-:80
     ///   drover vm create db --disk size=20G,id=data --disk image=/srv/seed.qcow2,id=seed,ro
     ///   drover vm create --file web1.toml
+    ///   drover vm create deb1 --kernel K --initrd I --cmdline C --disk image=/srv/deb1.qcow2 \
+    ///       --ssh-key ~/.ssh/id_ed25519.pub --user-data cloud.yaml   (see `drover image build --help`)
     ///
     /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image, readonly),
-    /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk).
+    /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk),
+    /// [seed] (ssh_keys = [...], user_data = "...").
     ///
     /// Unless you are an admin, images, kernels and initrds must be files in an image pool
     /// (droverd --image-pool NAME=DIR; read-only unless the pool is NAME=DIR:rw), forwards use
@@ -461,6 +486,19 @@ enum VmCmd {
         /// Allow memory hot-plug up to this size (costs some boot time).
         #[arg(long, value_name = "SIZE")]
         max_memory: Option<String>,
+        /// Give the guest a NoCloud seed disk (cloud-init `cidata`, read by drover-agent too):
+        /// hostname = VM name, network by MAC. Implied by --ssh-key and --user-data.
+        #[arg(long, conflicts_with = "no_seed")]
+        seed: bool,
+        /// No seed disk, even with --ssh-key or --user-data in a --file.
+        #[arg(long)]
+        no_seed: bool,
+        /// Public keys for root's authorized_keys, from this file (one per line). Repeatable.
+        #[arg(long = "ssh-key", value_name = "FILE", conflicts_with = "no_seed")]
+        ssh_keys: Vec<PathBuf>,
+        /// cloud-init user-data for the seed, from this file (at most 32 KiB).
+        #[arg(long, value_name = "FILE", conflicts_with = "no_seed")]
+        user_data: Option<PathBuf>,
         /// Start it right away.
         #[arg(long)]
         start: bool,
@@ -973,17 +1011,23 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             let h: drover_api::HostInfo = c.get("/v1/host").await?;
             out.host(&h);
         }
-        Cmd::Image(ImageCmd::Show) => {
-            let i: drover_api::ImageInfo = c.get("/v1/image").await?;
+        Cmd::Image(ImageCmd::Show { distro }) => {
+            let path = match &distro {
+                Some(d) => format!("/v1/image?distro={d}"),
+                None => "/v1/image".to_string(),
+            };
+            let i: drover_api::ImageInfo = c.get(&path).await?;
             out.image(&i);
         }
-        Cmd::Image(ImageCmd::Build { force }) => {
+        Cmd::Image(ImageCmd::Build { force, distro }) => {
             let p = out.progress("building the guest image");
             let started = Instant::now();
             let i: drover_api::ImageInfo = c
-                .post_stream("/v1/image/build", &ImageBuildRequest { force }, |line| {
-                    p.set(line)
-                })
+                .post_stream(
+                    "/v1/image/build",
+                    &ImageBuildRequest { force, distro },
+                    |line| p.set(line),
+                )
                 .await?;
             p.done(&format!(
                 "guest image ready in {:.1}s",
@@ -1094,6 +1138,10 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             boot_disk,
             accel,
             max_memory,
+            seed,
+            no_seed,
+            ssh_keys,
+            user_data,
             start,
             wait,
         } => {
@@ -1137,6 +1185,27 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             }
             if max_memory.is_some() {
                 spec.max_memory = max_memory;
+            }
+            if seed || !ssh_keys.is_empty() || user_data.is_some() {
+                let s = spec.seed.get_or_insert_with(Default::default);
+                for f in &ssh_keys {
+                    let text = std::fs::read_to_string(f).map_err(|e| {
+                        anyhow::anyhow!("cannot read SSH key file {}: {e}", f.display())
+                    })?;
+                    let keys = drover_proto::seed::keys_from_file(&text);
+                    if keys.is_empty() {
+                        anyhow::bail!("{} has no public key in it", f.display());
+                    }
+                    s.ssh_keys.extend(keys);
+                }
+                if let Some(f) = &user_data {
+                    s.user_data = Some(std::fs::read_to_string(f).map_err(|e| {
+                        anyhow::anyhow!("cannot read user-data file {}: {e}", f.display())
+                    })?);
+                }
+            }
+            if no_seed {
+                spec.seed = None;
             }
             if let Some(a) = accel {
                 spec.accel = Some(a.parse().map_err(anyhow::Error::msg)?);

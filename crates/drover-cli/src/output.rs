@@ -422,6 +422,18 @@ impl Out {
             fmt_bytes(n("kernel_bytes"))
         );
         println!("initrd:   {} ({})", i.initrd, fmt_bytes(n("initrd_bytes")));
+        if let Some(disk) = &i.disk {
+            println!("disk:     {disk} ({})", fmt_bytes(n("disk_bytes")));
+            println!("cmdline:  {}", i.cmdline.as_deref().unwrap_or("?"));
+            println!("distro:   {}", s("distro"));
+            println!("kernel package: {}", s("kernel_package"));
+            println!(
+                "agent:    {} (sha256 {})",
+                s("agent_deb"),
+                s("agent_sha256").chars().take(16).collect::<String>()
+            );
+            return;
+        }
         println!(
             "size:     {} in all",
             fmt_bytes(n("kernel_bytes") + n("initrd_bytes"))

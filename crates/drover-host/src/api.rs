@@ -756,8 +756,21 @@ async fn console(
     Ok((headers, bytes).into_response())
 }
 
-async fn image(State(m): State<Manager>, who: Who) -> Res<drover_api::ImageInfo> {
+async fn image(
+    State(m): State<Manager>,
+    who: Who,
+    Query(q): Query<ImageQuery>,
+) -> Res<drover_api::ImageInfo> {
     need(&who, Permission::Read)?;
+    if let Some(distro) = q.distro {
+        return match m.current_distro_image(&distro)? {
+            Some(i) => Ok(Json(i)),
+            None => Err(Failure(ApiError::new(
+                ErrorCode::ImageMissing,
+                format!("the {distro} image is not built yet; run `drover image build --distro {distro}`"),
+            ))),
+        };
+    }
     match m.current_image()? {
         Some(i) => Ok(Json(i)),
         None => Err(Failure(ApiError::new(
@@ -765,6 +778,13 @@ async fn image(State(m): State<Manager>, who: Who) -> Res<drover_api::ImageInfo>
             "the default guest image is not built yet; run `drover image build`",
         ))),
     }
+}
+
+/// `GET /v1/image?distro=debian-12`.
+#[derive(serde::Deserialize)]
+struct ImageQuery {
+    #[serde(default)]
+    distro: Option<String>,
 }
 
 /// Streams progress lines, then the result, as NDJSON.
@@ -776,7 +796,12 @@ async fn image_build(
     if let Err(f) = need(&who, Permission::Admin) {
         return f.into_response();
     }
-    ndjson(move |progress| async move { m.build_image(req.force, progress).await })
+    ndjson(move |progress| async move {
+        match req.distro {
+            Some(distro) => m.build_distro_image(&distro, req.force, progress).await,
+            None => m.build_image(req.force, progress).await,
+        }
+    })
 }
 
 /// Run `work` in its own task (a client that hangs up cannot cut it short), streaming its

@@ -39,6 +39,7 @@ mod identity;
 mod layers;
 mod live;
 mod migrate;
+mod seed;
 mod state;
 mod upgrade;
 
@@ -863,7 +864,7 @@ impl Manager {
                     }
                 });
             }
-            let nics = valid
+            let nics: Vec<NicConfig> = valid
                 .nics
                 .iter()
                 .map(|(id, mac, backend)| NicConfig {
@@ -873,6 +874,9 @@ impl Manager {
                     slot: None,
                 })
                 .collect();
+            if let Some(s) = &spec.seed {
+                disks.push(seed::make_disk(&name, s, &vm_dir, &nics, &disks)?);
+            }
             let config = VmConfig {
                 name: valid.name.clone(),
                 cpus: valid.cpus,
@@ -2129,6 +2133,43 @@ impl Manager {
         Ok(loaded.map(image_info))
     }
 
+    /// What an image build takes from this daemon's configuration.
+    fn image_spec(&self, force: bool) -> Result<drover_image::ImageSpec> {
+        Ok(drover_image::ImageSpec {
+            cache_dir: self.s.cfg.image_dir.clone(),
+            agent_binary: self.agent_binary()?,
+            kernel_package: None,
+            force,
+        })
+    }
+
+    /// The current image of a distribution (`debian-12`), if built.
+    pub fn current_distro_image(&self, distro: &str) -> Result<Option<ImageInfo>> {
+        check_distro(distro)?;
+        let loaded = drover_image::debian::load(&self.s.cfg.image_dir)
+            .map_err(|e| HostError::ImageMissing(e.to_string()))?;
+        Ok(loaded.map(distro_image_info))
+    }
+
+    /// Build (or reuse) a distribution image (`debian-12`): debootstrap, the agent's package.
+    pub async fn build_distro_image(
+        &self,
+        distro: &str,
+        force: bool,
+        mut progress: impl FnMut(String) + Send + 'static,
+    ) -> Result<ImageInfo> {
+        check_distro(distro)?;
+        let _guard = self.s.image_lock.lock().await;
+        let spec = self.image_spec(force)?;
+        let built = tokio::task::spawn_blocking(move || {
+            drover_image::debian::build(&spec, &mut |p| progress(crate::image_progress(&p)))
+        })
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| HostError::ImageMissing(format!("{distro} image build failed: {e}")))?;
+        Ok(distro_image_info(built))
+    }
+
     /// Build (or reuse, when inputs are unchanged) the default guest image.
     pub async fn build_image(
         &self,
@@ -2136,12 +2177,7 @@ impl Manager {
         mut progress: impl FnMut(String) + Send + 'static,
     ) -> Result<ImageInfo> {
         let _guard = self.s.image_lock.lock().await;
-        let spec = drover_image::ImageSpec {
-            cache_dir: self.s.cfg.image_dir.clone(),
-            agent_binary: self.agent_binary()?,
-            kernel_package: None,
-            force,
-        };
+        let spec = self.image_spec(force)?;
         let built = tokio::task::spawn_blocking(move || {
             drover_image::build(&spec, &mut |p| progress(crate::image_progress(&p)))
         })
@@ -2158,6 +2194,31 @@ fn image_info(b: drover_image::BuiltImage) -> ImageInfo {
         kernel: b.kernel.display().to_string(),
         initrd: b.initrd.display().to_string(),
         manifest: serde_json::to_value(&b.manifest).unwrap_or_default(),
+        disk: None,
+        cmdline: None,
+    }
+}
+
+fn distro_image_info(b: drover_image::debian::DebianImage) -> ImageInfo {
+    ImageInfo {
+        dir: b.dir.display().to_string(),
+        kernel: b.kernel.display().to_string(),
+        initrd: b.initrd.display().to_string(),
+        disk: Some(b.disk.display().to_string()),
+        cmdline: Some(b.manifest.cmdline.clone()),
+        manifest: serde_json::to_value(&b.manifest).unwrap_or_default(),
+    }
+}
+
+/// The one distribution Drover builds images of, or an error naming it.
+fn check_distro(distro: &str) -> Result<()> {
+    if distro == drover_image::debian::DISTRO {
+        Ok(())
+    } else {
+        Err(HostError::Invalid(format!(
+            "unknown distribution {distro:?}; Drover builds `{}`",
+            drover_image::debian::DISTRO
+        )))
     }
 }
 

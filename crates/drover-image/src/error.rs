@@ -86,6 +86,12 @@ pub enum ImageError {
     },
 
     /// A manifest could not be written or parsed.
+    /// Building a distribution image failed for a reason of its own.
+    #[error("Debian image: {message}")]
+    Debian {
+        /// What went wrong and what to do.
+        message: String,
+    },
     #[error("image manifest {}: {message}", path.display())]
     Manifest {
         /// `manifest.json`.

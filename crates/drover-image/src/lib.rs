@@ -14,11 +14,14 @@
 
 mod cache;
 pub mod cpio;
+pub mod deb;
+pub mod debian;
 mod elf;
 mod error;
 mod host;
 mod initramfs;
 mod modules;
+pub mod seed;
 mod vmlinux;
 
 use std::fs;
@@ -258,18 +261,10 @@ pub fn build(
     let kernel = work.join(VMLINUX_FILE);
     link_or_copy(&stage.dir.join(VMLINUX_FILE), &kernel)?;
     let initrd = work.join(INITRAMFS_FILE);
+    let modules_root = stage.dir.join("modules");
     let initrd_bytes = initramfs::write(
         &initrd,
-        &initramfs::Inputs {
-            kernel_version: &stage.info.kernel_version,
-            busybox: Path::new(BUSYBOX),
-            applets: &busybox.applets,
-            agent: &spec.agent_binary,
-            modules_root: &stage.dir.join("modules"),
-            modules: &stage.info.module_paths,
-            late_modules: &stage.info.late_module_paths,
-            modules_dep: &stage.info.modules_dep,
-        },
+        &stage.inputs(&busybox, &spec.agent_binary, &modules_root),
     )?;
     // The agent may have been replaced while we were reading it; the key would then be wrong.
     if sha256_file(&spec.agent_binary)? != agent_sha256 {
@@ -332,6 +327,49 @@ pub fn build(
         initrd: dir.join(INITRAMFS_FILE),
         dir,
         manifest,
+    })
+}
+
+/// The kernel a distribution image boots, made ready by [`kernel_for_distro`].
+pub(crate) struct DistroKernel {
+    pub package: String,
+    pub kernel_version: String,
+    /// The whole kernel package unpacked (its full module tree, for the distribution's disk).
+    pub unpacked: PathBuf,
+}
+
+/// For a distribution image: under the default image's lock, the kernel stage (made if needed),
+/// its `vmlinux` linked into `work`, the root-loader initramfs written there
+/// ([`debian::INITRD_FILE`]), and the full kernel package unpacked into `unpack_to`.
+pub(crate) fn kernel_for_distro(
+    spec: &ImageSpec,
+    (package, version): (String, String),
+    work: &Path,
+    unpack_to: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<DistroKernel, ImageError> {
+    let cache_dir = &spec.cache_dir;
+    fs::create_dir_all(cache_dir).ctx("create", cache_dir)?;
+    let _lock = cache::lock(cache_dir, &mut |lock| {
+        progress(Progress::WaitingForLock {
+            lock: lock.to_path_buf(),
+        })
+    })?;
+    let busybox = inspect_busybox(Path::new(BUSYBOX))?;
+    let stage = kernel_stage(spec, &package, &version, progress)?;
+    link_or_copy(&stage.dir.join(VMLINUX_FILE), &work.join(VMLINUX_FILE))?;
+    let modules_root = stage.dir.join("modules");
+    initramfs::write_root_loader(
+        &work.join(debian::INITRD_FILE),
+        &stage.inputs(&busybox, &spec.agent_binary, &modules_root),
+    )?;
+    let deb = host::download(&package, &version, &cache_dir.join("downloads"))?;
+    progress(step(format!("unpacking {}", deb.display())));
+    host::extract_deb(&deb, unpack_to)?;
+    Ok(DistroKernel {
+        package,
+        kernel_version: stage.info.kernel_version.clone(),
+        unpacked: unpack_to.to_path_buf(),
     })
 }
 
@@ -603,6 +641,27 @@ struct KernelStage {
     name: String,
     dir: PathBuf,
     info: KernelInfo,
+}
+
+impl KernelStage {
+    /// The initramfs inputs from this stage (`modules_root` is `dir/modules`).
+    fn inputs<'a>(
+        &'a self,
+        busybox: &'a Busybox,
+        agent: &'a Path,
+        modules_root: &'a Path,
+    ) -> initramfs::Inputs<'a> {
+        initramfs::Inputs {
+            kernel_version: &self.info.kernel_version,
+            busybox: Path::new(BUSYBOX),
+            applets: &busybox.applets,
+            agent,
+            modules_root,
+            modules: &self.info.module_paths,
+            late_modules: &self.info.late_module_paths,
+            modules_dep: &self.info.modules_dep,
+        }
+    }
 }
 
 /// Returns the unpacked kernel for `package=version`, making it if needed (or if `spec.force`).

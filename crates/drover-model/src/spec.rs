@@ -486,6 +486,22 @@ pub struct VmSpec {
     /// Allow memory hot-plug up to this size (`4G`); off when absent, since it slows boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<String>,
+    /// A NoCloud seed disk (`cidata`) for the guest: hostname, SSH keys, user-data, network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<SeedSpec>,
+}
+
+/// What goes into a VM's NoCloud seed (made by droverd at create, attached read-only as the
+/// last disk). The hostname is the VM's name; the network config matches every NIC by MAC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedSpec {
+    /// `authorized_keys` lines for root (or cloud-init's default user).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// The user's own user-data (`#cloud-config ...`), verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
 
 fn default_cpus() -> u32 {
@@ -507,6 +523,7 @@ impl VmSpec {
             boot: BootSpec::default(),
             accel: None,
             max_memory: None,
+            seed: None,
         }
     }
 

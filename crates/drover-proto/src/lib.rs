@@ -15,6 +15,8 @@
 //! (`deny_unknown_fields`), sizes are bounded, and no input can make the decoder buffer more than
 //! `MAX_FRAME_LEN + HEADER_LEN` bytes.
 
+pub mod seed;
+
 use serde::{Deserialize, Serialize};
 
 /// Version of the message schema carried in every frame.

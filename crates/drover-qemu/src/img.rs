@@ -68,6 +68,36 @@ pub fn create_overlay(path: &Path, backing: &Path, size: u64) -> Result<(), ImgE
     create(path, size, &["-u", "-b", &b, "-F", "qcow2"])
 }
 
+/// Copy the raw image `raw` into a new qcow2 at `path` (never over an existing file).
+pub fn convert_raw_to_qcow2(raw: &Path, path: &Path) -> Result<(), ImgError> {
+    if path.exists() {
+        return Err(ImgError::Create {
+            path: path.to_path_buf(),
+            message: "a file already exists there".into(),
+        });
+    }
+    let (r, p) = (raw.to_string_lossy(), path.to_string_lossy());
+    let out = run(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compat=1.1",
+        &r,
+        &p,
+    ])?;
+    if !out.status.success() {
+        return Err(ImgError::Create {
+            path: path.to_path_buf(),
+            message: stderr_line(&out),
+        });
+    }
+    Ok(())
+}
+
 /// `qemu-img create -f qcow2 OPTIONS PATH SIZE`, never over an existing file.
 fn create(path: &Path, size: u64, options: &[&str]) -> Result<(), ImgError> {
     if path.exists() {
