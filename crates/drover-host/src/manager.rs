@@ -1133,6 +1133,14 @@ impl Manager {
             _ => None,
         };
         let incoming = matches!(kind, LaunchKind::Incoming);
+        for d in config.disks.iter().filter(|d| !d.owned) {
+            self.s.pools.recheck(&d.path)?;
+        }
+        if let Boot::Kernel { kernel, initrd, .. } = &config.boot {
+            for p in std::iter::once(kernel).chain(initrd.iter()) {
+                self.s.pools.recheck(p)?;
+            }
+        }
         let kernel = self.kernel_boot(&config).await?;
         let accel = config.accel.unwrap_or(self.s.accel.accel);
         let paths = self.run_paths(name);

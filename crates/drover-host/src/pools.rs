@@ -193,6 +193,33 @@ impl Pools {
     }
 }
 
+impl Pools {
+    /// Check again, before QEMU opens it, a path recorded earlier: if it lies in a pool it must
+    /// still be a regular file with one link, reached without symlinks, so a file swapped for a
+    /// symlink or a hard link after it was checked is refused. (Who owns it was checked when it
+    /// was named; paths outside pools were named by an admin.)
+    pub fn recheck(&self, path: &Path) -> Result<(), HostError> {
+        for pool in &self.pools {
+            let Ok(rest) = path.strip_prefix(&pool.dir) else {
+                continue;
+            };
+            let fine = open_beneath(&pool.dir, rest)
+                .ok()
+                .and_then(|f| nix::sys::stat::fstat(f.as_raw_fd()).ok())
+                .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1);
+            if !fine {
+                return Err(HostError::Forbidden(format!(
+                    "{} in image pool {} is no longer a plain file (replaced by a symlink, a hard link or removed since it was named); an admin can check it",
+                    path.display(),
+                    pool.name
+                )));
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+}
+
 /// Open `rest` below `dir` with no way out of it (no `..` above it, no symlinks at all).
 fn open_beneath(dir: &Path, rest: &Path) -> nix::Result<OwnedFd> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
@@ -304,6 +331,17 @@ mod tests {
         // Admins name any path, as given.
         let admin = Caller::daemon();
         assert_eq!(pools.resolve(&admin, &secret, rw).unwrap(), secret);
+        // A pool file swapped for a symlink after it was named is refused at the next start.
+        assert!(pools.recheck(&got).is_ok());
+        std::fs::remove_file(&got).unwrap();
+        std::os::unix::fs::symlink(&secret, &got).unwrap();
+        assert!(matches!(pools.recheck(&got), Err(HostError::Forbidden(_))));
+        assert!(
+            pools.recheck(&secret).is_ok(),
+            "outside pools: an admin's path"
+        );
+        std::fs::remove_file(&got).unwrap();
+        std::fs::write(&got, b"x").unwrap();
         // Relative paths are a usage error for everyone but admins.
         assert!(matches!(
             pools.resolve(&op(), Path::new("a.img"), ro),
