@@ -465,6 +465,13 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
                 (vec!["vm".into(), "delete".into(), "tmp".into()], "delete")
             }
         };
+        let journal = |d: &Daemon| -> Vec<serde_json::Value> {
+            d.json(&["vm", "config", "journal", "z"])
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
+        let journal_before = journal(&d);
         // Kill somewhere inside the operation (write-out: after the answer, while it writes).
         let mut child = std::process::Command::new(drover_e2e::bin_dir().join("drover"))
             .args(&args)
@@ -494,6 +501,11 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
                 .unwrap_or_default();
             expect = id;
         }
+        let journal_after = journal(&d);
+        assert!(
+            journal_before.iter().all(|e| journal_after.contains(e)),
+            "{ctx}: a journal entry was lost"
+        );
         // Settled: nothing starting or stopping, no state half-captured.
         wait_for(
             &format!("{ctx}: VMs to settle"),
@@ -588,7 +600,14 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
         if st["phase"] == "failed" {
             assert!(
                 st["failure"].as_str().unwrap_or("").contains("captured"),
-                "seed {seed}: acknowledged state {id} failed after its capture: {st}"
+                "seed {seed}: acknowledged state {id} failed after its capture: {st}\nlog:\n{}",
+                d.log()
+                    .lines()
+                    .filter(|l| l.contains(st["id"].as_str().unwrap_or("?"))
+                        || l.contains("serving")
+                        || l.contains("CRASH"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             continue;
         }
