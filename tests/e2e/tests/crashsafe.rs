@@ -481,7 +481,15 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
             .spawn()
             .expect("drover");
         let delay = match after {
-            "write-out" => 50 + rng.below(1500),
+            // After the answer: while the memory streams, or is written out.
+            "write-out" => {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_secs(60) && matches!(child.try_wait(), Ok(None))
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                rng.below(1500)
+            }
             "start" => rng.below(120),
             _ => rng.below(400),
         };
@@ -493,7 +501,14 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
         if (after == "save" || after == "write-out") && answered {
             acked.push((tag.clone(), tag.clone()));
         }
-        eprintln!("round {round}: {after} {args:?}, killed after {delay} ms, answered: {answered}");
+        eprintln!(
+            "round {round}: {after} {args:?}, killed {delay} ms {}, answered: {answered}",
+            if after == "write-out" {
+                "after the answer"
+            } else {
+                "in"
+            }
+        );
         if after == "restore" && answered {
             let (id, _) = args
                 .get(3)
@@ -619,6 +634,11 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
             "seed {seed}: state {id} restores its content"
         );
     }
+    assert!(
+        acked.len() >= rounds / 10,
+        "seed {seed}: only {} acknowledged states: the loop tested too little",
+        acked.len()
+    );
     eprintln!(
         "random kill loop: {rounds} rounds, {} acknowledged states, {:.0} s",
         acked.len(),
