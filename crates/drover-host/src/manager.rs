@@ -514,7 +514,8 @@ impl Manager {
         next.agent = None;
         let mut all = lock(&slot.pending).clone();
         all.extend(writes.iter().cloned());
-        all.push(drover_store::put(VMS, &next.name, &next)?);
+        let record = drover_store::put(VMS, &next.name, &next)?;
+        all.push(record.clone());
         match self.s.store.apply(all) {
             Ok(()) => lock(&slot.pending).clear(),
             Err(e) => {
@@ -525,7 +526,10 @@ impl Manager {
                 let first = {
                     let mut pending = lock(&slot.pending);
                     let first = pending.is_empty();
+                    // The record itself too, so something is pending even without other writes
+                    // (a flush writes the record as it is then, after these).
                     pending.extend(writes);
+                    pending.push(record);
                     first
                 };
                 if first {
@@ -533,8 +537,10 @@ impl Manager {
                     tokio::spawn(async move {
                         loop {
                             tokio::time::sleep(Duration::from_secs(2)).await;
+                            // Each lock in its own statement: `flush_pending` takes them again.
                             let info = lock(&slot.info).clone();
-                            if lock(&slot.pending).is_empty()
+                            let empty = lock(&slot.pending).is_empty();
+                            if empty
                                 || Self::flush_pending(&*store_of.s.store, &slot, &info).is_ok()
                             {
                                 break;
@@ -1930,6 +1936,7 @@ impl Manager {
                     None
                 }
             };
+        let before = lock(&slot.info).state;
         self.persist(slot, |i| i.state = VmState::Stopping)?;
         let deadline = Instant::now() + Duration::from_secs(timeout_s);
         let mut exited = rt.exited.clone();
@@ -1989,7 +1996,11 @@ impl Manager {
             }
         }
         if !done {
-            self.persist(slot, |i| i.state = VmState::Running)?;
+            // Back to what it was even if the store refuses the write: never `stopping` forever.
+            self.commit_or_defer(slot, |i| {
+                i.state = before;
+                Ok(Vec::new())
+            })?;
             return Err(HostError::Timeout(format!(
                 "VM {name} did not stop even after SIGKILL"
             )));
@@ -2320,5 +2331,145 @@ fn log_tail(path: &Path) -> String {
         "QEMU logged nothing".into()
     } else {
         format!("QEMU log: {tail}")
+    }
+}
+
+#[cfg(test)]
+mod crash_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A store that refuses every write while `full` is set, like one on a full disk.
+    struct Fillable {
+        inner: drover_store::RedbStore,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Store for Fillable {
+        fn get_raw(
+            &self,
+            t: &str,
+            k: &str,
+        ) -> std::result::Result<Option<Vec<u8>>, drover_store::StoreError> {
+            self.inner.get_raw(t, k)
+        }
+        fn list_raw(
+            &self,
+            t: &str,
+        ) -> std::result::Result<Vec<(String, Vec<u8>)>, drover_store::StoreError> {
+            self.inner.list_raw(t)
+        }
+        fn apply(&self, w: Vec<Write>) -> std::result::Result<(), drover_store::StoreError> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(drover_store::StoreError::Op {
+                    op: "write",
+                    table: "vms".into(),
+                    key: String::new(),
+                    message: "No space left on device (os error 28)".into(),
+                });
+            }
+            self.inner.apply(w)
+        }
+    }
+
+    fn cfg(dir: &Path) -> DaemonConfig {
+        DaemonConfig {
+            state_dir: dir.join("state"),
+            image_dir: dir.join("images"),
+            agent_binary: None,
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: Some(Accel::Tcg),
+            persist_default: true,
+            persist_mode_default: PersistMode::Diff,
+            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
+            migration_addr: None,
+        }
+    }
+
+    async fn manager(dir: &Path, full: Arc<AtomicBool>) -> Manager {
+        let inner = drover_store::RedbStore::open(&dir.join("d.redb")).unwrap();
+        Manager::open(cfg(dir), Box::new(Fillable { inner, full }))
+            .await
+            .unwrap()
+    }
+
+    fn spec(name: &str) -> VmSpec {
+        VmSpec::from_toml(&format!(
+            "name = \"{name}\"\nmemory = \"64M\"\n[[disk]]\nid = \"d\"\nsize = \"8M\""
+        ))
+        .unwrap()
+    }
+
+    /// A change that already happened is shown at once when the store refuses it, and written
+    /// by itself once the store takes writes again; a change meanwhile fails cleanly.
+    #[tokio::test]
+    async fn refused_records_are_kept_and_written_once_the_store_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let m = manager(dir.path(), full.clone()).await;
+        m.create(spec("v")).await.unwrap();
+        let slot = m.slot("v").unwrap();
+        m.persist(&slot, |i| i.state = VmState::Stopping).unwrap();
+        full.store(true, Ordering::SeqCst);
+        m.record_stopped(&slot, exit("operator-stop", None))
+            .unwrap();
+        assert_eq!(m.get("v").unwrap().state, VmState::Stopped, "shown at once");
+        let stored: VmInfo = m.s.store.get(VMS, "v").unwrap().unwrap();
+        assert_eq!(stored.state, VmState::Stopping, "not on disk yet");
+        assert!(m.persist(&slot, |i| i.persist = false).is_err());
+        full.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stored: VmInfo = m.s.store.get(VMS, "v").unwrap().unwrap();
+            if stored.state == VmState::Stopped {
+                assert_eq!(stored.last_exit.unwrap().reason, "operator-stop");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the refused record was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A delete recorded but cut off before its files went is finished at the next open.
+    #[tokio::test]
+    async fn an_interrupted_delete_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let m = manager(dir.path(), full.clone()).await;
+        let info = m.create(spec("gone")).await.unwrap();
+        let disk = info.config.disks[0].path.clone();
+        assert!(disk.exists());
+        // What delete's one transaction leaves when droverd dies right after it.
+        let mut writes: Vec<Write> = m
+            .vm_rows("gone")
+            .unwrap()
+            .into_iter()
+            .map(|(table, key, _)| Write::Delete { table, key })
+            .collect();
+        writes.push(
+            drover_store::put(
+                DELETING,
+                "gone",
+                &DeleteIntent {
+                    owned_disks: vec![disk.clone()],
+                },
+            )
+            .unwrap(),
+        );
+        m.s.store.apply(writes).unwrap();
+        std::fs::create_dir_all(m.run_paths("gone").dir).unwrap();
+        std::fs::create_dir_all(m.ram_dir()).unwrap();
+        std::fs::write(m.ram_dir().join("gone@s1"), b"ram").unwrap();
+        drop(m);
+        let m = manager(dir.path(), full).await;
+        assert!(m.list().is_empty());
+        assert!(!disk.exists(), "owned disk removed");
+        assert!(!m.vm_dir("gone").exists() && !m.run_paths("gone").dir.exists());
+        assert!(!m.ram_dir().join("gone@s1").exists());
+        assert!(m.s.store.list_raw(DELETING).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(m.ram_dir());
     }
 }

@@ -465,6 +465,13 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
                 (vec!["vm".into(), "delete".into(), "tmp".into()], "delete")
             }
         };
+        let journal = |d: &Daemon| -> Vec<serde_json::Value> {
+            d.json(&["vm", "config", "journal", "z"])
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
+        let journal_before = journal(&d);
         // Kill somewhere inside the operation (write-out: after the answer, while it writes).
         let mut child = std::process::Command::new(drover_e2e::bin_dir().join("drover"))
             .args(&args)
@@ -474,7 +481,15 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
             .spawn()
             .expect("drover");
         let delay = match after {
-            "write-out" => 50 + rng.below(1500),
+            // After the answer: while the memory streams, or is written out.
+            "write-out" => {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_secs(60) && matches!(child.try_wait(), Ok(None))
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                rng.below(1500)
+            }
             "start" => rng.below(120),
             _ => rng.below(400),
         };
@@ -486,7 +501,14 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
         if (after == "save" || after == "write-out") && answered {
             acked.push((tag.clone(), tag.clone()));
         }
-        eprintln!("round {round}: {after} {args:?}, killed after {delay} ms, answered: {answered}");
+        eprintln!(
+            "round {round}: {after} {args:?}, killed {delay} ms {}, answered: {answered}",
+            if after == "write-out" {
+                "after the answer"
+            } else {
+                "in"
+            }
+        );
         if after == "restore" && answered {
             let (id, _) = args
                 .get(3)
@@ -494,6 +516,11 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
                 .unwrap_or_default();
             expect = id;
         }
+        let journal_after = journal(&d);
+        assert!(
+            journal_before.iter().all(|e| journal_after.contains(e)),
+            "{ctx}: a journal entry was lost"
+        );
         // Settled: nothing starting or stopping, no state half-captured.
         wait_for(
             &format!("{ctx}: VMs to settle"),
@@ -588,7 +615,14 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
         if st["phase"] == "failed" {
             assert!(
                 st["failure"].as_str().unwrap_or("").contains("captured"),
-                "seed {seed}: acknowledged state {id} failed after its capture: {st}"
+                "seed {seed}: acknowledged state {id} failed after its capture: {st}\nlog:\n{}",
+                d.log()
+                    .lines()
+                    .filter(|l| l.contains(st["id"].as_str().unwrap_or("?"))
+                        || l.contains("serving")
+                        || l.contains("CRASH"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             continue;
         }
@@ -600,6 +634,11 @@ fn random_kills_across_save_restore_start_delete_and_write_out() {
             "seed {seed}: state {id} restores its content"
         );
     }
+    assert!(
+        acked.len() >= rounds / 10,
+        "seed {seed}: only {} acknowledged states: the loop tested too little",
+        acked.len()
+    );
     eprintln!(
         "random kill loop: {rounds} rounds, {} acknowledged states, {:.0} s",
         acked.len(),

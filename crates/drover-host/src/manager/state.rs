@@ -731,9 +731,10 @@ impl Manager {
             self.remove_stray_state_files(&vm, &known);
             for mut st in all {
                 match st.phase {
-                    // Being finished by the receiver adopted above.
-                    StatePhase::Capturing
-                        if adopted.iter().any(|(k, _)| *k == format!("{vm}/{}", st.id)) => {}
+                    // Being finished (captured, then written out) from the receiver adopted
+                    // above, whatever phase it has reached by now: a second write-out would
+                    // race the first.
+                    _ if adopted.iter().any(|(k, _)| *k == format!("{vm}/{}", st.id)) => {}
                     StatePhase::Capturing => {
                         let _ = std::fs::remove_file(self.state_ram(&vm, &st.id));
                         let _ = std::fs::remove_file(
