@@ -5,6 +5,7 @@
 #
 #   scripts/install-deps.sh                    # QEMU 7.2 from Debian 12 (bookworm), the default
 #   scripts/install-deps.sh --qemu backports   # QEMU 10.0 from bookworm-backports instead
+#   scripts/install-deps.sh --tests            # also what the test suite needs (lintian, ...)
 #   scripts/install-deps.sh --qemu-prefix DIR  # also unpack backports' QEMU 10.0 into DIR (dpkg-deb
 #                                              # -x), beside the system set, for `droverd --qemu-dir DIR`
 #
@@ -17,11 +18,13 @@ set -euo pipefail
 
 set_name=${DROVER_QEMU_SET:-debian}
 prefix=""
+tests=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --qemu) set_name=${2:?--qemu takes debian or backports}; shift 2 ;;
     --qemu-prefix) prefix=${2:?--qemu-prefix takes a directory}; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --tests) tests=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install-deps.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -75,6 +78,8 @@ fi
 qemu_pkgs=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
 # etcd for the cluster; protoc and its well-known .proto files (libprotobuf-dev) build the etcd-client crate.
 other_pkgs=(busybox-static cpio ca-certificates seabios ipxe-qemu etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+# Only for the test suite: lintian checks the packages scripts/package.sh builds.
+[ -z "$tests" ] || other_pkgs+=(lintian)
 
 installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
 need=()

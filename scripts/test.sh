@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-scripts/install-deps.sh
+scripts/install-deps.sh --tests
 cargo fmt --all -- --check
 PROFILE=debug scripts/build.sh
 export DROVER_BIN_DIR=$PWD/target/debug
@@ -14,6 +14,9 @@ export DROVER_IMAGE_DIR=$PWD/target/drover-images
 export DROVER_IMAGE_CACHE=$DROVER_IMAGE_DIR
 echo "==> building the guest image (cached in $DROVER_IMAGE_DIR)" >&2
 scripts/image-build.sh
+echo "==> Debian packages (built from these binaries, then checked)" >&2
+PROFILE=debug NO_BUILD=1 scripts/package.sh >/dev/null
+scripts/check-packages.sh
 echo "==> clippy" >&2
 cargo clippy -q --workspace --all-targets -- -D warnings
 echo "==> tests" >&2

@@ -1,6 +1,7 @@
 //! `drover`: the command-line interface to droverd.
 
 mod cluster;
+mod conventions;
 mod output;
 mod remotes;
 
@@ -64,6 +65,8 @@ enum Format {
     Table,
     /// JSON, for scripts.
     Json,
+    /// YAML: the same data as JSON, for people who read it.
+    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,6 +95,26 @@ enum Cmd {
     /// The cluster (etcd, controllers, hosts): status, and which cluster commands use.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Print a shell completion script.
+    ///
+    /// Examples:
+    ///   drover completion bash > /etc/bash_completion.d/drover
+    ///   drover completion zsh > "${fpath[1]}/_drover"
+    ///   drover completion fish > ~/.config/fish/completions/drover.fish
+    #[command(verbatim_doc_comment)]
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for drover and every subcommand (drover.1, drover-vm.1, drover-vm-start.1, ...).
+    ///
+    /// Example: drover man --dir /usr/local/share/man/man1 && man drover-vm-start
+    #[command(verbatim_doc_comment)]
+    Man {
+        /// Where to write the pages.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -657,7 +680,28 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 fn main() -> ExitCode {
+    conventions::restore_sigpipe();
     let cli = Cli::parse();
+    // These need no daemon.
+    match &cli.cmd {
+        Cmd::Completion { shell } => {
+            conventions::completion::<Cli>(*shell);
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Man { dir } => {
+            return match conventions::man_pages::<Cli>(dir) {
+                Ok(n) => {
+                    eprintln!("wrote {n} man pages into {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("drover: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -668,7 +712,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let out = Out::new(cli.output == Format::Json);
+    let out = Out::new(cli.output != Format::Table, cli.output == Format::Yaml);
     let remote = cli.remote.clone();
     match rt.block_on(run(cli, &out)) {
         Ok(code) => ExitCode::from(code),
@@ -906,6 +950,8 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             out.image(&i);
         }
         Cmd::Vm(cmd) => return vm(&c, out, *cmd).await,
+        // Answered in main(), before any daemon is asked.
+        Cmd::Completion { .. } | Cmd::Man { .. } => return Ok(0),
         Cmd::Snapshot(cmd) => match cmd {
             SnapshotCmd::Create { vm, name, classic } => {
                 let p = out.progress(&format!("saving the state of {vm}"));

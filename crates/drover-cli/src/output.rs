@@ -10,7 +10,9 @@ use std::time::Duration;
 
 /// The output mode and its printers.
 pub struct Out {
+    /// Structured output for scripts (JSON, or YAML with `yaml`) instead of tables.
     json: bool,
+    yaml: bool,
 }
 
 /// A spinner on stderr while a slow step runs (plain lines when stderr is not a terminal).
@@ -63,13 +65,22 @@ fn age(ms: u64) -> String {
 
 impl Out {
     /// Printers for the chosen mode.
-    pub fn new(json: bool) -> Self {
-        Out { json }
+    pub fn new(json: bool, yaml: bool) -> Self {
+        Out {
+            json: json || yaml,
+            yaml,
+        }
     }
 
+    /// The structured form of a value: JSON, or YAML when asked for.
     fn print_json<T: Serialize>(&self, v: &T) {
-        match serde_json::to_string_pretty(v) {
-            Ok(s) => println!("{s}"),
+        let text = if self.yaml {
+            serde_yaml_ng::to_string(v).map_err(|e| e.to_string())
+        } else {
+            serde_json::to_string_pretty(v).map_err(|e| e.to_string())
+        };
+        match text {
+            Ok(s) => println!("{}", s.trim_end()),
             Err(e) => eprintln!("drover: cannot encode output: {e}"),
         }
     }
@@ -83,7 +94,12 @@ impl Out {
             };
         }
         let bar = ProgressBar::new_spinner();
-        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed:.dim}") {
+        let template = if crate::conventions::no_color() {
+            "{spinner} {msg} {elapsed}"
+        } else {
+            "{spinner} {msg} {elapsed:.dim}"
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
             bar.set_style(style);
         }
         bar.set_message(msg.to_string());

@@ -11,6 +11,7 @@ pub mod agent_link;
 pub mod api;
 pub mod auth;
 pub mod cluster;
+pub mod config_file;
 pub mod error;
 pub mod filecopy;
 pub mod hostfacts;

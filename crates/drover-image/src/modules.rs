@@ -174,10 +174,7 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, String> {
     if name.ends_with(".ko") {
         Ok(data)
     } else if name.ends_with(".ko.xz") {
-        let mut out = Vec::new();
-        lzma_rs::xz_decompress(&mut &data[..], &mut out)
-            .map_err(|e| format!("xz decoding failed: {e:?}"))?;
-        Ok(out)
+        liblzma::decode_all(&data[..]).map_err(|e| format!("xz decoding failed: {e}"))
     } else {
         Err("compressed with a method drover-image cannot decompress (only plain .ko and .ko.xz are \
              supported); use a kernel package with uncompressed or xz-compressed modules"
@@ -479,9 +476,8 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
             b"alias=crypto-crc32c\0depends=\0",
         );
         put("kernel/drivers/gpu/huge.ko", b"depends=nothing\0");
-        // An xz-compressed module is read through lzma-rs.
-        let mut xz = Vec::new();
-        lzma_rs::xz_compress(&mut &module(b"depends=\0")[..], &mut xz).unwrap();
+        // An xz-compressed module is read through liblzma.
+        let xz = liblzma::encode_all(&module(b"depends=\0")[..], 6).unwrap();
         fs::create_dir_all(root.join("kernel/input")).unwrap();
         fs::write(root.join("kernel/input/evdev.ko.xz"), xz).unwrap();
 

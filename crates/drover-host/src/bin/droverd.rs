@@ -1,7 +1,7 @@
 //! droverd: the Drover host daemon.
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use drover_host::auth::{Role, TokenStore};
 use drover_host::manager::{DaemonConfig, Manager};
 use drover_host::tls;
@@ -13,9 +13,26 @@ use std::sync::Arc;
 ///
 /// VMs keep running when droverd stops or crashes; on its next start droverd re-adopts them.
 /// Several droverd's can run side by side with different --state-dir and --socket.
+///
+/// Settings can also come from a TOML file whose keys are these flags' long names
+/// (/etc/drover/droverd.toml when it exists, or --config FILE); flags given here win over it:
+///
+///   state-dir = "/var/lib/drover"
+///   listen = "10.77.0.11:7443"
+///   socket-mode = "660"
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_override_self = true,
+    verbatim_doc_comment
+)]
 struct Args {
+    /// Configuration file: TOML whose keys are the long flags below [default:
+    /// /etc/drover/droverd.toml when it exists; `none` reads no file].
+    #[arg(long, env = "DROVER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where VM records, disks, logs and the guest image live.
     #[arg(long, env = "DROVER_STATE_DIR", default_value = "/var/lib/drover")]
     state_dir: PathBuf,
@@ -85,7 +102,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let argv =
+        drover_host::config_file::merged_argv(&Args::command(), std::env::args_os().collect())?;
+    let args = match Args::from_arg_matches(&Args::command().get_matches_from(argv)) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?,
