@@ -52,8 +52,10 @@ pub enum ServiceCmd {
         etcd: EtcdArgs,
     },
     /// A service's members: host and state; `available` when all run and are ready.
+    /// Exits 0 when available, 4 when not (so scripts can wait for it).
     ///
     /// Examples:
+    ///   until drover service show shop >/dev/null; do sleep 1; done
     ///   drover service show shop
     ///   drover service show shop --output json   # each member's name, host and state
     #[command(verbatim_doc_comment)]
@@ -90,7 +92,7 @@ pub enum ServiceCmd {
 /// `drover cluster ...`.
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
-    /// Is etcd reachable, who leads, how many hosts are up.
+    /// Is etcd reachable, who leads, how many hosts are up. Exits 4 when no controller leads.
     Status {
         #[command(flatten)]
         etcd: EtcdArgs,
