@@ -69,6 +69,8 @@ pub(crate) struct RestoreSpec {
     pub devices: PathBuf,
     /// The RAM file of a fast save.
     pub memory: Option<PathBuf>,
+    /// A classic save written with `mapped-ram`.
+    pub mapped_ram: bool,
 }
 
 const VMS: &str = "vms";
@@ -856,7 +858,11 @@ impl Manager {
         };
         if let Some(r) = restore {
             let loaded = async {
-                drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await?;
+                if r.mapped_ram {
+                    drover_qemu::migrate::load_state_mapped(&qmp, &r.devices).await?;
+                } else {
+                    drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await?;
+                }
                 qmp.execute("cont", None).await.map(|_| ())
             }
             .await;
