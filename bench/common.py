@@ -118,6 +118,10 @@ class Qmp:
         self.f.readline()
         self("qmp_capabilities")
 
+    def close(self):
+        self.f.close()
+        self.s.close()
+
     def __call__(self, cmd, **args):
         msg = {"execute": cmd, **({"arguments": args} if args else {})}
         self.s.sendall(json.dumps(msg).encode() + b"\n")

@@ -560,6 +560,10 @@ pub struct SavedOn {
     pub machine: String,
     /// The CPU model (`Westmere`, `max`).
     pub cpu: String,
+    /// How a classic save's RAM was written: `mapped-ram` (QEMU >= 9.0), or absent for QEMU's
+    /// `exec:` stream; a restore reads it the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_stream: Option<String>,
 }
 
 /// How far a saved state has come.

@@ -121,6 +121,18 @@ pub fn check_restore(
             release(&saved.qemu_version)
         ));
     }
+    if saved.ram_stream.as_deref() == Some("mapped-ram")
+        && !here
+            .migration_capabilities
+            .iter()
+            .any(|c| c == "mapped-ram")
+    {
+        return Err(format!(
+            "state {state} was saved with mapped-ram (QEMU {}), which this host's QEMU {} cannot \
+             read; restore it on a host with QEMU 9.0 or newer",
+            saved.qemu_version, here.version
+        ));
+    }
     if saved.cpu == "max" {
         if release(&saved.qemu_version) != release(&here.version) {
             return Err(format!(
@@ -265,6 +277,7 @@ mod tests {
             qemu_version: q.into(),
             machine: m.into(),
             cpu: cpu.into(),
+            ram_stream: None,
         };
         assert_eq!(
             check_restore(
@@ -289,6 +302,13 @@ mod tests {
             Ok(())
         );
         assert_eq!(check_restore("s1", None, Some(&v7)), Ok(()));
+        let mut mapped = on("10.0.2", "pc-q35-7.2", "Westmere");
+        mapped.ram_stream = Some("mapped-ram".into());
+        let e = check_restore("s1", Some(&mapped), Some(&v7)).unwrap_err();
+        assert!(e.contains("mapped-ram"), "{e}");
+        let mut v10m = v10.clone();
+        v10m.migration_capabilities = vec!["mapped-ram".into()];
+        assert_eq!(check_restore("s1", Some(&mapped), Some(&v10m)), Ok(()));
         assert_eq!(release("10.0.2"), "10.0");
         assert_eq!(release("7"), "7");
     }

@@ -77,6 +77,8 @@ pub(crate) struct RestoreSpec {
     pub state: String,
     /// Disk id → the layer the state pins (a fresh overlay goes on each).
     pub layers: BTreeMap<String, PathBuf>,
+    /// A classic save written with `mapped-ram`.
+    pub mapped_ram: bool,
 }
 
 const VMS: &str = "vms";
@@ -1229,7 +1231,11 @@ impl Manager {
         if let Some(r) = restore {
             crate::crashpoint::hit("restore-loading");
             let loaded = async {
-                drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await?;
+                if r.mapped_ram {
+                    drover_qemu::migrate::load_state_mapped(&qmp, &r.devices).await?;
+                } else {
+                    drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await?;
+                }
                 qmp.execute("cont", None).await.map(|_| ())
             }
             .await;
@@ -2377,12 +2383,14 @@ mod crash_tests {
             state_dir: dir.join("state"),
             image_dir: dir.join("images"),
             agent_binary: None,
-            qemu_binary: "qemu-system-x86_64".into(),
+            qemu: drover_qemu::install::QemuInstall::system(),
             accel: Some(Accel::Tcg),
             persist_default: true,
             persist_mode_default: PersistMode::Diff,
             identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
             migration_addr: None,
+            pools: Vec::new(),
+            limits: crate::limits::Limits::default(),
         }
     }
 
@@ -2407,7 +2415,7 @@ mod crash_tests {
         let dir = tempfile::tempdir().unwrap();
         let full = Arc::new(AtomicBool::new(false));
         let m = manager(dir.path(), full.clone()).await;
-        m.create(spec("v")).await.unwrap();
+        m.create(spec("v"), &Caller::daemon()).await.unwrap();
         let slot = m.slot("v").unwrap();
         m.persist(&slot, |i| i.state = VmState::Stopping).unwrap();
         full.store(true, Ordering::SeqCst);
@@ -2439,7 +2447,7 @@ mod crash_tests {
         let dir = tempfile::tempdir().unwrap();
         let full = Arc::new(AtomicBool::new(false));
         let m = manager(dir.path(), full.clone()).await;
-        let info = m.create(spec("gone")).await.unwrap();
+        let info = m.create(spec("gone"), &Caller::daemon()).await.unwrap();
         let disk = info.config.disks[0].path.clone();
         assert!(disk.exists());
         // What delete's one transaction leaves when droverd dies right after it.

@@ -173,7 +173,7 @@ impl QemuProbe {
         }
         q.push("background snapshots read every page before write-protecting it (QEMU does not use UFFD_FEATURE_WP_UNPOPULATED): the first save of a QEMU pauses longer".into());
         if self.has_capability("mapped-ram") {
-            q.push("mapped-ram available (>= 9.0); classic saves keep the exec stream (bench/state.py)".into());
+            q.push("mapped-ram available (>= 9.0): classic saves write RAM with mapped-ram and multifd (bench/mapped_ram.py)".into());
         }
         q
     }

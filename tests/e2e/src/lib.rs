@@ -4,7 +4,8 @@
 //! Binaries come from `DROVER_BIN_DIR` (default `target/debug`); the guest image cache is shared
 //! through `DROVER_IMAGE_DIR` (default `target/drover-images`) so it is built once per checkout;
 //! the static agent comes from `DROVER_AGENT_BIN` (default the release static build).
-//! `scripts/test.sh` prepares all three.
+//! `scripts/test.sh` prepares all three. `DROVER_E2E_QEMU_DIR` points every droverd at another
+//! QEMU installation (`--qemu-dir`; test.sh's second pass uses QEMU 10.0 from target/qemu-10).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
