@@ -110,7 +110,17 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
             "ls -d /etc/drover/hooks/migrated.d /etc/drover/hooks/restored.d"
         )
         .contains("restored.d"));
-    let exit = d.drover(&["vm", "exec", "deb", "--", "sh", "-c", "echo out; exit 7"]);
+    let exit = d.drover(&[
+        "vm",
+        "exec",
+        "deb",
+        "--timeout",
+        "180",
+        "--",
+        "sh",
+        "-c",
+        "echo out; exit 7",
+    ]);
     assert_eq!(exit.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&exit.stdout), "out\n");
 
@@ -147,8 +157,8 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     ]);
     let secret = g["secret"].as_str().expect("secret").to_string();
     let env = format!("DROVER_PRINCIPAL=app DROVER_SECRET={secret}");
-    d.sh(
-        "deb",
+    sh(
+        &d,
         &format!(
             "(setsid {env} drover-guest listen --app-id a1 > /root/events.log 2>&1 &); sleep 0.5"
         ),
@@ -209,8 +219,8 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
         prev.contains("Stopped") || prev.contains("Stopping"),
         "{prev}"
     );
-    let kernel = d.sh(
-        "deb",
+    let kernel = sh(
+        &d,
         "journalctl -b 0 -k -q --no-pager -o cat | grep EXT4-fs || true",
     );
     assert!(kernel.contains("EXT4-fs (vda)"), "{kernel}");
