@@ -110,7 +110,17 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
             "ls -d /etc/drover/hooks/migrated.d /etc/drover/hooks/restored.d"
         )
         .contains("restored.d"));
-    let exit = d.drover(&["vm", "exec", "deb", "--", "sh", "-c", "echo out; exit 7"]);
+    let exit = d.drover(&[
+        "vm",
+        "exec",
+        "deb",
+        "--timeout",
+        "180",
+        "--",
+        "sh",
+        "-c",
+        "echo out; exit 7",
+    ]);
     assert_eq!(exit.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&exit.stdout), "out\n");
 
@@ -123,7 +133,7 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     assert!(sh(&d, "cat /etc/hosts").contains("127.0.1.1\tdeb"));
     let via_ssh = wait_for(
         "an SSH login with the seeded key",
-        Duration::from_secs(90),
+        Duration::from_secs(300),
         || ssh(&key, port, "hostname; id -u"),
     );
     assert_eq!(via_ssh, "deb\n0\n");
@@ -147,8 +157,8 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     ]);
     let secret = g["secret"].as_str().expect("secret").to_string();
     let env = format!("DROVER_PRINCIPAL=app DROVER_SECRET={secret}");
-    d.sh(
-        "deb",
+    sh(
+        &d,
         &format!(
             "(setsid {env} drover-guest listen --app-id a1 > /root/events.log 2>&1 &); sleep 0.5"
         ),
@@ -157,18 +167,37 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     let ev: serde_json::Value = serde_json::from_str(&saved).expect("save event");
     assert_eq!(ev["status"], "completed", "{ev}");
     sh(&d, &format!("echo after > /root/f && sync; ({env} drover-guest restore s1 --app-id a1 --data '{{\"why\":\"rollback\"}}' >/dev/null 2>&1 &)"));
-    let restored = wait_for(
-        "the restore event in the restored guest",
-        Duration::from_secs(90),
-        || {
-            std::thread::sleep(Duration::from_millis(500));
-            let out = d.drover(&["vm", "exec", "deb", "--", "cat", "/root/events.log"]);
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|e| e["op"] == "restore")
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let restored = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let out = d.drover(&[
+            "vm",
+            "exec",
+            "deb",
+            "--timeout",
+            "120",
+            "--",
+            "cat",
+            "/root/events.log",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["op"] == "restore");
+        if let Some(e) = found {
+            break e;
+        }
+        if Instant::now() > deadline {
+            let audit = d.drover(&["vm", "audit", "deb"]);
+            panic!(
+                "no restore event in the restored guest; events.log:\n{text}\nexec: {}\naudit:\n{}\ndaemon log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&audit.stdout),
+                drover_e2e::tail(&d.log(), 40)
+            );
+        }
+    };
     assert_eq!(restored["status"], "completed", "{restored}");
     assert_eq!(restored["data"]["why"], "rollback");
     assert_eq!(sh(&d, "cat /root/f").trim(), "before");
@@ -190,8 +219,8 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
         prev.contains("Stopped") || prev.contains("Stopping"),
         "{prev}"
     );
-    let kernel = d.sh(
-        "deb",
+    let kernel = sh(
+        &d,
         "journalctl -b 0 -k -q --no-pager -o cat | grep EXT4-fs || true",
     );
     assert!(kernel.contains("EXT4-fs (vda)"), "{kernel}");
