@@ -160,7 +160,7 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     sh(
         &d,
         &format!(
-            "(setsid {env} drover-guest listen --app-id a1 > /root/events.log 2>&1 &); sleep 0.5"
+            "(setsid env {env} drover-guest listen --app-id a1 > /root/events.log 2>&1 &); sleep 0.5"
         ),
     );
     let saved = sh(&d, &format!("echo before > /root/f && sync && {env} drover-guest save --name s1 --app-id a1 --data '{{\"n\":1}}' --wait"));
