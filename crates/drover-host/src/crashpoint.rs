@@ -5,6 +5,7 @@
 //! request can set it (only the environment droverd starts with).
 //!
 //! Points: `save-receiver` (a save's receiving QEMU runs, the VM is not paused yet),
+//! `save-disks-moved` (QEMU writes each disk's new overlay, the chains do not record it yet),
 //! `capture` (a fast save answered, its memory still streaming), `write-out-copy` (a ready
 //! state's memory copied to a temporary file on disk, not renamed), `write-out-renamed` (its
 //! memory in place, not yet recorded durable), `restore-ram-copy` (a restore copied an older

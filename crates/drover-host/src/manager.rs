@@ -1857,7 +1857,10 @@ impl Manager {
                         let i = lock(&slot.info);
                         i.running_config.clone().unwrap_or_else(|| i.config.clone())
                     };
-                    let nodes = block_nodes(&qmp).await;
+                    let (nodes, files) = block_nodes(&qmp).await;
+                    if let Err(e) = self.reconcile_layers(name, slot, &launched, &files) {
+                        tracing::warn!(vm = name, "cannot check the disks' layers: {e}");
+                    }
                     // Drover pauses a VM only inside a state save; a VM still paused now was
                     // left so by a droverd that died mid-save.
                     if !migrating && status.as_deref() == Some("paused") {
@@ -2283,22 +2286,42 @@ fn exit(reason: &str, detail: Option<String>) -> ExitInfo {
 }
 
 /// Which block node each Drover disk device writes to (after saves, no longer `disk-<id>`).
-async fn block_nodes(qmp: &Qmp) -> std::collections::HashMap<String, String> {
-    let mut map = std::collections::HashMap::new();
+/// What a running QEMU's disks (by Drover disk id) are now: their top block node, and the
+/// file of that node's image (only plain absolute paths; QEMU's `json:` names are left out).
+async fn block_nodes(
+    qmp: &Qmp,
+) -> (
+    std::collections::HashMap<String, String>,
+    std::collections::HashMap<String, PathBuf>,
+) {
+    let mut nodes = std::collections::HashMap::new();
+    let mut files = std::collections::HashMap::new();
     if let Ok(serde_json::Value::Array(list)) = qmp.execute("query-block", None).await {
         for b in list {
             let qdev = b.get("qdev").and_then(|q| q.as_str()).unwrap_or_default();
-            let node = b
-                .get("inserted")
+            let Some(id) = qdev.split('/').find_map(|part| part.strip_prefix("disk-")) else {
+                continue;
+            };
+            let inserted = b.get("inserted");
+            if let Some(node) = inserted
                 .and_then(|i| i.get("node-name"))
-                .and_then(|n| n.as_str());
-            let id = qdev.split('/').find_map(|part| part.strip_prefix("disk-"));
-            if let (Some(id), Some(node)) = (id, node) {
-                map.insert(id.to_string(), node.to_string());
+                .and_then(|n| n.as_str())
+            {
+                nodes.insert(id.to_string(), node.to_string());
+            }
+            let file = inserted
+                .and_then(|i| i.get("image"))
+                .and_then(|i| i.get("filename"))
+                .or_else(|| inserted.and_then(|i| i.get("file")))
+                .and_then(|f| f.as_str())
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute());
+            if let Some(f) = file {
+                files.insert(id.to_string(), f);
             }
         }
     }
-    map
+    (nodes, files)
 }
 
 /// Why a VM shows `paused` when QEMU stopped it after a failed disk write (`detail`: what

@@ -307,6 +307,38 @@ fn capture_cut_off_is_finished_by_the_next_droverd_and_the_guest_runs_on() {
 }
 
 #[test]
+fn save_cut_off_after_the_disks_moved_keeps_what_the_guest_writes_next() {
+    // QEMU writes the new overlays, the chains do not say so yet: the next droverd must record
+    // QEMU's layer, or the next start opens the old one and drops every later write.
+    let mut d = Daemon::start();
+    vm_up(&d, "m");
+    mark(&d, "m", "before");
+    crash_during(
+        &mut d,
+        "save-disks-moved",
+        &["snapshot", "create", "m", "--name", "cut"],
+    );
+    // Re-adopted and running again (it was paused for the save).
+    assert_eq!(markers(&d, "m"), ("before".into(), "before".into()));
+    assert_eq!(d.json(&["vm", "show", "m"])["state"], "running");
+    mark(&d, "m", "later");
+    d.ok(&["vm", "stop", "m"]);
+    d.ok(&["vm", "start", "m", "--wait"]);
+    assert_eq!(
+        markers(&d, "m").1,
+        "later",
+        "a write made after the cut-off save survives a stop and start"
+    );
+    // Saving and restoring work on top of it.
+    mark(&d, "m", "saved");
+    d.ok(&["snapshot", "create", "m", "--name", "ok"]);
+    wait_phase(&d, "m", "ok", "durable");
+    mark(&d, "m", "after");
+    d.ok(&["snapshot", "restore", "m", "ok"]);
+    assert_eq!(markers(&d, "m"), ("saved".into(), "saved".into()));
+}
+
+#[test]
 fn save_cut_off_after_its_receiver_started_leaves_no_orphan_qemu() {
     let mut d = Daemon::start();
     vm_up(&d, "o");

@@ -38,6 +38,44 @@ impl From<drover_model::LayerError> for HostError {
 }
 
 impl Manager {
+    /// After re-adopting a running QEMU: make each disk's chain name the layer QEMU really
+    /// writes (`files`: disk id -> the file on top of its block graph, from `query-block`).
+    /// A droverd killed inside a save, after QEMU moved a disk onto its new overlay but before
+    /// the chain recorded it, would otherwise open the old layer read-write at the next start
+    /// and lose everything the guest wrote since. The overlay's backing file is the old top, so
+    /// making it the top keeps both the data and every state's pinned layer intact.
+    pub(super) fn reconcile_layers(
+        &self,
+        vm: &str,
+        slot: &std::sync::Arc<VmSlot>,
+        config: &VmConfig,
+        files: &std::collections::HashMap<String, PathBuf>,
+    ) -> Result<()> {
+        let mut writes = Vec::new();
+        for d in &config.disks {
+            let Some(actual) = files.get(d.id.as_str()) else {
+                continue;
+            };
+            let mut chain = self.disk_layers(vm, d.id.as_str())?;
+            if chain.top(&d.path) == actual.as_path() || !actual.is_file() {
+                continue;
+            }
+            tracing::warn!(
+                vm,
+                disk = %d.id,
+                recorded = %chain.top(&d.path).display(),
+                actual = %actual.display(),
+                "the disk's recorded layer is not the one QEMU writes (a save was cut off); recording QEMU's"
+            );
+            chain.set_top(&d.path, actual)?;
+            writes.push(self.layers_write(vm, d.id.as_str(), &chain)?);
+        }
+        if !writes.is_empty() {
+            self.commit_or_defer(slot, |_| Ok(writes))?;
+        }
+        Ok(())
+    }
+
     /// Disk `disk`'s chain (a fresh one when nothing was saved yet).
     pub(super) fn disk_layers(&self, vm: &str, disk: &str) -> Result<DiskLayers> {
         let l = self

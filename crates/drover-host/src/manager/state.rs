@@ -300,6 +300,7 @@ impl Manager {
                 lock(&rt.nodes).insert(d.id.to_string(), new_node);
                 moved = i + 1;
             }
+            crate::crashpoint::hit("save-disks-moved");
             match &receiver {
                 // QEMU takes the device state, write-protects RAM and runs the guest again.
                 Some(r) => {
