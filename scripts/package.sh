@@ -27,6 +27,8 @@ out=$top/target/debian
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
+# Only this build's packages stay (check-packages.sh and `apt-get install ./target/debian/...`).
+rm -f "$out"/droverd_*.deb "$out"/drover_*.deb
 
 # Common parts of a package: docs, control file, fixed times, md5sums.
 finish() {
