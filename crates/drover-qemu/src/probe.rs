@@ -258,6 +258,8 @@ pub async fn probe(
     }
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&log);
+    // Nothing of the probe stays in the state dir (only removed when empty).
+    let _ = std::fs::remove_dir(work_dir);
     let mut p = result?;
     p.probe_ms = t0.elapsed().as_millis() as u64;
     Ok(p)
