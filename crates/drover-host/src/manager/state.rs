@@ -586,7 +586,13 @@ impl Manager {
         let streamed = async {
             migrate::wait_migration(&vm_qmp, Duration::from_secs(3600)).await?;
             migrate::wait_migration(&r.qmp, Duration::from_secs(60)).await?;
-            migrate::save_state(&r.qmp, &devices, true).await?;
+            // A droverd killed just after it took the device state leaves the receiver in
+            // `postmigrate` (it refuses a second one) with the device file written: keep that.
+            let taken = r.qmp.status().await.ok().as_deref() == Some("postmigrate")
+                && std::fs::metadata(&devices).is_ok_and(|m| m.len() > 0);
+            if !taken {
+                migrate::save_state(&r.qmp, &devices, true).await?;
+            }
             Ok::<_, HostError>(())
         }
         .await
