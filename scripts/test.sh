@@ -2,9 +2,10 @@
 # Runs Drover's whole test suite on a fresh Debian 12 machine: installs what it needs (QEMU 7.2
 # system-wide, QEMU 10.0 from bookworm-backports unpacked into target/qemu-10), builds, builds the
 # guest image once, then runs formatting and lint checks, unit and property tests and the
-# end-to-end tests that boot real guests under QEMU 7.2, then the end-to-end tests again with
-# every droverd on QEMU 10.0 (droverd --qemu-dir). The test across versions (a live migration
-# 7.2 -> 10.0, a refused 10.0 -> 7.2; tests/e2e/tests/qemu_versions.rs) runs in the first pass.
+# end-to-end tests that boot real guests under QEMU 7.2, then the version-sensitive end-to-end
+# files again with every droverd on QEMU 10.0 (droverd --qemu-dir). The test across versions (a
+# live migration 7.2 -> 10.0, a refused 10.0 -> 7.2; tests/e2e/tests/qemu_versions.rs) runs in
+# the first pass.
 #
 #   TEST_THREADS=N       parallel tests (default 2)
 #   DROVER_TEST_QEMU10=0 skip the QEMU 10.0 pass (and its unpacking)
