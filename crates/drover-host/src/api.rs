@@ -141,7 +141,9 @@ fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
         (&Method::POST, "/v1/vms") => Lifecycle,
         (&Method::POST, _) if on_vm && matches!(tail, "/attach" | "/detach" | "/set") => Change,
         (&Method::POST, _) if on_vm && tail == "/exec" => Exec,
-        (&Method::POST, _) if on_vm && tail.starts_with("/config/") => ConfigPersist,
+        // The door asks for config.change; the manager checks config.persist itself, in one
+        // place for every route that can change the initial config, and audits a refusal.
+        (&Method::POST, _) if on_vm && tail.starts_with("/config/") => Change,
         (&Method::POST | &Method::DELETE, _) if on_vm => Lifecycle,
         // Anything not listed: only an admin.
         _ => Admin,
@@ -932,13 +934,13 @@ mod tests {
             (
                 &post,
                 "/v1/vms/{name}/config/promote",
-                ConfigPersist,
+                Change,
                 SMALL_BODY,
             ),
             (
                 &post,
                 "/v1/vms/{name}/config/persist",
-                ConfigPersist,
+                Change,
                 SMALL_BODY,
             ),
             (&get, "/v1/vms/{name}/journal", Read, SMALL_BODY),
