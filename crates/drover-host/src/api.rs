@@ -931,18 +931,8 @@ mod tests {
             (&get, "/v1/vms/{name}/config", Read, SMALL_BODY),
             (&get, "/v1/vms/{name}/config/diff", Read, SMALL_BODY),
             (&get, "/v1/vms/{name}/config/{gen}", Read, SMALL_BODY),
-            (
-                &post,
-                "/v1/vms/{name}/config/promote",
-                Change,
-                SMALL_BODY,
-            ),
-            (
-                &post,
-                "/v1/vms/{name}/config/persist",
-                Change,
-                SMALL_BODY,
-            ),
+            (&post, "/v1/vms/{name}/config/promote", Change, SMALL_BODY),
+            (&post, "/v1/vms/{name}/config/persist", Change, SMALL_BODY),
             (&get, "/v1/vms/{name}/journal", Read, SMALL_BODY),
             (&get, "/v1/vms/{name}/guest-access", GuestAccess, SMALL_BODY),
             (
