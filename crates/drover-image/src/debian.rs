@@ -289,12 +289,7 @@ pub fn build(
         });
     }
     let dir = distro_dir(&spec.cache_dir);
-    fs::create_dir_all(&dir).ctx("create", &dir)?;
-    let _lock = cache::lock(&dir, &mut |lock| {
-        progress(Progress::WaitingForLock {
-            lock: lock.to_path_buf(),
-        })
-    })?;
+    let _lock = crate::lock_dir(&dir, progress)?;
     let agent_sha256 = crate::inspect_agent(&spec.agent_binary)?;
     let wanted = spec
         .kernel_package

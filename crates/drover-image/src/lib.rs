@@ -176,6 +176,19 @@ pub fn default_cmdline() -> &'static str {
     DEFAULT_CMDLINE
 }
 
+/// Create `dir` and take its build lock, telling `progress` while another build holds it.
+pub(crate) fn lock_dir(
+    dir: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<cache::Lock, ImageError> {
+    fs::create_dir_all(dir).ctx("create", dir)?;
+    cache::lock(dir, &mut |lock| {
+        progress(Progress::WaitingForLock {
+            lock: lock.to_path_buf(),
+        })
+    })
+}
+
 /// Builds the image described by `spec`, or returns the cached one when the inputs are unchanged
 /// (unless `spec.force`).
 ///
@@ -194,12 +207,7 @@ pub fn build(
 ) -> Result<BuiltImage, ImageError> {
     let started = Instant::now();
     let cache_dir = &spec.cache_dir;
-    fs::create_dir_all(cache_dir).ctx("create", cache_dir)?;
-    let _lock = cache::lock(cache_dir, &mut |lock| {
-        progress(Progress::WaitingForLock {
-            lock: lock.to_path_buf(),
-        })
-    })?;
+    let _lock = lock_dir(cache_dir, progress)?;
 
     progress(step("checking the agent and busybox binaries"));
     let agent_sha256 = inspect_agent(&spec.agent_binary)?;
@@ -349,12 +357,7 @@ pub(crate) fn kernel_for_distro(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<DistroKernel, ImageError> {
     let cache_dir = &spec.cache_dir;
-    fs::create_dir_all(cache_dir).ctx("create", cache_dir)?;
-    let _lock = cache::lock(cache_dir, &mut |lock| {
-        progress(Progress::WaitingForLock {
-            lock: lock.to_path_buf(),
-        })
-    })?;
+    let _lock = lock_dir(cache_dir, progress)?;
     let busybox = inspect_busybox(Path::new(BUSYBOX))?;
     let stage = kernel_stage(spec, &package, &version, progress)?;
     link_or_copy(&stage.dir.join(VMLINUX_FILE), &work.join(VMLINUX_FILE))?;
