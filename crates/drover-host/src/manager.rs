@@ -1946,7 +1946,12 @@ impl Manager {
                 }
             };
         let before = lock(&slot.info).state;
-        self.persist(slot, |i| i.state = VmState::Stopping)?;
+        // Deferred rather than refused when the store cannot write (a full disk is when a paused
+        // VM most needs stopping); the stop's outcome is recorded the same way.
+        self.commit_or_defer(slot, |i| {
+            i.state = VmState::Stopping;
+            Ok(Vec::new())
+        })?;
         let deadline = Instant::now() + Duration::from_secs(timeout_s);
         let mut exited = rt.exited.clone();
         let wait_until = |mut rx: watch::Receiver<bool>, until: Instant| async move {

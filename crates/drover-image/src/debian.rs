@@ -242,6 +242,7 @@ fn check(dir: &Path) -> Result<Option<DebianImage>, ImageError> {
             return Ok(None);
         }
     }
+    crate::unshare(&img.kernel)?;
     Ok(img.agent_deb.is_file().then_some(img))
 }
 

@@ -267,7 +267,7 @@ pub fn build(
     let work = tmp.path().join("image");
     fs::create_dir(&work).ctx("create", &work)?;
     let kernel = work.join(VMLINUX_FILE);
-    link_or_copy(&stage.dir.join(VMLINUX_FILE), &kernel)?;
+    copy_synced(&stage.dir.join(VMLINUX_FILE), &kernel)?;
     let initrd = work.join(INITRAMFS_FILE);
     let modules_root = stage.dir.join("modules");
     let initrd_bytes = initramfs::write(
@@ -360,7 +360,7 @@ pub(crate) fn kernel_for_distro(
     let _lock = lock_dir(cache_dir, progress)?;
     let busybox = inspect_busybox(Path::new(BUSYBOX))?;
     let stage = kernel_stage(spec, &package, &version, progress)?;
-    link_or_copy(&stage.dir.join(VMLINUX_FILE), &work.join(VMLINUX_FILE))?;
+    copy_synced(&stage.dir.join(VMLINUX_FILE), &work.join(VMLINUX_FILE))?;
     let modules_root = stage.dir.join("modules");
     initramfs::write_root_loader(
         &work.join(debian::INITRD_FILE),
@@ -477,6 +477,7 @@ fn check_image(dir: &Path) -> Result<Option<BuiltImage>, ImageError> {
             Err(e) => return Err(ImageError::io("stat", path, e)),
         }
     }
+    unshare(&kernel)?;
     Ok(Some(BuiltImage {
         dir: dir.to_path_buf(),
         kernel,
@@ -606,15 +607,31 @@ fn wanted_modules() -> String {
     )
 }
 
-fn link_or_copy(from: &Path, to: &Path) -> Result<(), ImageError> {
-    // A hard link shares the 60+ MiB vmlinux with the kernel stage instead of copying it.
-    if fs::hard_link(from, to).is_ok() {
-        return Ok(());
-    }
+/// Copy `from` to `to` and sync it. `std::fs::copy` uses `copy_file_range`, which shares the
+/// blocks where the filesystem can (btrfs, xfs) without sharing the inode: a hard link would
+/// give the image's `vmlinux` two names, and image pools refuse a file with more than one link
+/// (a hard link is how a file outside a pool would be smuggled in).
+fn copy_synced(from: &Path, to: &Path) -> Result<(), ImageError> {
     fs::copy(from, to).ctx(&format!("copy {} to", from.display()), to)?;
     fs::File::open(to)
         .and_then(|f| f.sync_all())
         .ctx("fsync", to)
+}
+
+/// Give `path` a single link again. Images built by earlier versions hard-linked their `vmlinux` with
+/// the kernel stage; image pools refuse such a file, so a cached image would no longer start.
+/// Copying it and renaming the copy over the name keeps the cache without a rebuild.
+pub(crate) fn unshare(path: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).ctx("stat", path)?;
+    if meta.nlink() <= 1 {
+        return Ok(());
+    }
+    let tmp = path.with_extension("unshare.tmp");
+    copy_synced(path, &tmp)?;
+    fs::rename(&tmp, path).ctx(&format!("rename {} to", tmp.display()), path)?;
+    tracing::info!(path = %path.display(), "gave a cached image file its own inode (it was hard-linked)");
+    Ok(())
 }
 
 /// Description of an unpacked kernel stage (`kernels/<name>/kernel.json`).
@@ -960,9 +977,20 @@ mod tests {
         fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
         assert!(load(cache).unwrap().is_none(), "no current pointer yet");
         cache::set_current(cache, "0123456789abcdef").unwrap();
+        // A cache from before kernels were copied: the image's vmlinux shares the stage's inode.
+        let stage_copy = cache.join("stage-vmlinux");
+        fs::hard_link(dir.join(VMLINUX_FILE), &stage_copy).unwrap();
         let img = load(cache).unwrap().unwrap();
         assert_eq!(img.manifest, m);
         assert_eq!(img.kernel, dir.join(VMLINUX_FILE));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            fs::metadata(&img.kernel).unwrap().nlink(),
+            1,
+            "an image pool refuses a hard-linked kernel"
+        );
+        assert_eq!(fs::read(&img.kernel).unwrap(), b"\x7fELFkernel");
+        assert_eq!(fs::read(&stage_copy).unwrap(), b"\x7fELFkernel");
         fs::write(dir.join(INITRAMFS_FILE), b"0707").unwrap();
         assert!(
             load(cache).unwrap().is_none(),

@@ -97,7 +97,6 @@ fn unfill(dir: &std::path::Path) {
 }
 
 #[test]
-#[ignore = "fails on the integrated tree: after `vm stop` of a VM QEMU paused on a full disk, the VM does not show stopped within 60 s (passed on its branch); run with --ignored while it is fixed"]
 fn full_disk_pauses_show_stops_end_and_the_store_recovers_without_a_restart() {
     let mut d = Daemon::start();
     d.kill9();
