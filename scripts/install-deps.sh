@@ -122,6 +122,17 @@ if [ -n "$prefix" ]; then
   fi
 fi
 
+# QEMU runs as its own user (droverd --qemu-user, default drover-qemu), in group kvm where the
+# host has one (hardware KVM): a guest escaping into QEMU is that user, not root.
+if ! getent passwd drover-qemu >/dev/null; then
+  echo "==> creating the system user drover-qemu (QEMU runs as it)" >&2
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "Drover QEMU" drover-qemu
+fi
+if getent group kvm >/dev/null && ! id -nG drover-qemu | grep -qw kvm; then
+  usermod -a -G kvm drover-qemu
+fi
+
 # Every binary Drover needs must run, and the QEMU ones must be of one version.
 check() {
   local what=$1; shift
@@ -153,6 +164,13 @@ if [ -n "$prefix" ]; then
   check "$prefix qemu-nbd" "$prefix/usr/bin/qemu-nbd" --version >/dev/null
   [ -r "$prefix/usr/share/qemu/qboot.rom" ] || { echo "install-deps.sh: $prefix has no qboot.rom" >&2; exit 1; }
   echo "  (private QEMU $pv in $prefix)" >&2
+fi
+# droverd starts QEMU as drover-qemu: it must reach the emulator (a prefix under a closed
+# directory would only fail at the first VM start).
+check "qemu as drover-qemu" runuser -u drover-qemu -- qemu-system-x86_64 --version >/dev/null
+if [ -n "$prefix" ]; then
+  check "$prefix as drover-qemu" runuser -u drover-qemu -- "$prefix/usr/bin/qemu-system-x86_64" \
+    -L "$prefix/usr/share/qemu" --version >/dev/null
 fi
 check busybox busybox --help >/dev/null
 check cpio cpio --version >/dev/null

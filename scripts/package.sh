@@ -64,7 +64,7 @@ Version: $version
 Architecture: amd64
 Maintainer: Drover <drover@example.invalid>
 Installed-Size: @SIZE@
-Depends: libc6 (>= 2.34), qemu-system-x86, qemu-utils, busybox-static, cpio
+Depends: libc6 (>= 2.34), adduser, qemu-system-x86, qemu-utils, busybox-static, cpio
 Recommends: drover, logrotate
 Section: admin
 Priority: optional

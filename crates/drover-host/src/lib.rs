@@ -21,6 +21,7 @@ pub mod hostfacts;
 pub mod limits;
 pub mod manager;
 pub mod pools;
+pub mod qemu_user;
 pub mod serve;
 pub mod tls;
 

@@ -39,6 +39,7 @@ mod identity;
 mod layers;
 mod live;
 mod migrate;
+mod qemu_files;
 mod seed;
 mod state;
 mod upgrade;
@@ -148,6 +149,8 @@ pub struct DaemonConfig {
     pub pools: Vec<crate::pools::Pool>,
     /// Bounds on what guests and callers can make droverd keep.
     pub limits: crate::limits::Limits,
+    /// The user QEMU runs as ([`crate::qemu_user`]).
+    pub qemu_user: crate::qemu_user::QemuUser,
 }
 
 struct Runtime {
@@ -230,6 +233,8 @@ struct Shared {
     journal_seq: std::sync::atomic::AtomicU64,
     buckets: Mutex<std::collections::HashMap<String, guest::Bucket>>,
     pools: crate::pools::Pools,
+    /// Whom QEMU runs as.
+    qemu_user: crate::qemu_user::QemuUser,
     /// Set once droverd is stopping: no new QEMU starts after it.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -238,6 +243,33 @@ struct Shared {
 #[derive(Clone)]
 pub struct Manager {
     s: Arc<Shared>,
+}
+
+/// QEMU's user must be able to run the emulator and reach the state dir; say so at start
+/// rather than at each VM's start.
+fn check_qemu_user_reach(u: &crate::qemu_user::QemuUser, cfg: &DaemonConfig) -> Result<()> {
+    use crate::qemu_user::Need;
+    if !u.is_dedicated() {
+        return Ok(());
+    }
+    if !u.may(&cfg.qemu.emulator, Need::Exec) {
+        return Err(HostError::Invalid(format!(
+            "QEMU runs as user {} (--qemu-user), which cannot run {}: a directory above it is closed to it, or the file is not executable by it",
+            u.name,
+            cfg.qemu.emulator.display()
+        )));
+    }
+    let mut dir = cfg.state_dir.clone();
+    // Everything above the state dir: droverd sets the state dir itself.
+    if dir.pop() && !u.may(&dir, Need::Exec) {
+        return Err(HostError::Invalid(format!(
+            "QEMU runs as user {} (--qemu-user), which cannot pass through {} to reach the state dir {}: open it to others (chmod o+x) or pick another --state-dir",
+            u.name,
+            dir.display(),
+            cfg.state_dir.display()
+        )));
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -309,6 +341,8 @@ impl Manager {
         }
         let records: Vec<(String, VmInfo)> = store.list(VMS)?;
         let (cfg_pools, cfg_image_dir) = (cfg.pools.clone(), cfg.image_dir.clone());
+        let qemu_user = cfg.qemu_user.clone();
+        check_qemu_user_reach(&qemu_user, &cfg)?;
         let mgr = Manager {
             s: Arc::new(Shared {
                 cfg,
@@ -323,6 +357,7 @@ impl Manager {
                 journal_seq: std::sync::atomic::AtomicU64::new(hostfacts::now_ms() * 1000),
                 buckets: Mutex::default(),
                 pools: crate::pools::Pools::new(cfg_pools, &cfg_image_dir),
+                qemu_user,
                 stopping: std::sync::atomic::AtomicBool::new(false),
             }),
         };
@@ -399,6 +434,7 @@ impl Manager {
             migration_addr: None,
             pools: Vec::new(),
             limits,
+            qemu_user: crate::qemu_user::QemuUser::droverd(),
         };
         let store = drover_store::RedbStore::open(&dir.join("d.redb")).expect("test store");
         Manager::open(cfg, Box::new(store))
@@ -1078,7 +1114,8 @@ impl Manager {
         .await
     }
 
-    /// Start a QEMU process for `config`, confined: seccomp (`-sandbox`: obsolete system calls,
+    /// Start a QEMU process for `config`, confined: as its own user ([`crate::qemu_user`]), with
+    /// the descriptors `inherit` (its fd sets), seccomp (`-sandbox`: obsolete system calls,
     /// privilege changes and resource control denied) and no capabilities but those it needs —
     /// `CAP_NET_BIND_SERVICE` only for a forward an admin set below port 1024, `CAP_SYS_PTRACE`
     /// only for QEMU before 8.1 (background snapshots call `userfaultfd`). `spawn` stays
@@ -1088,6 +1125,7 @@ impl Manager {
         config: &VmConfig,
         mut args: Vec<String>,
         log: &Path,
+        inherit: Vec<i32>,
     ) -> Result<tokio::process::Child> {
         if self.s.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(HostError::Conflict(
@@ -1111,12 +1149,17 @@ impl Manager {
             keep |= process::CAP_SYS_PTRACE;
         }
         let q = &self.s.cfg.qemu;
+        let confine = process::Confine {
+            keep,
+            run_as: self.s.qemu_user.run_as.clone(),
+            inherit,
+        };
         Ok(process::spawn_confined(
             &q.emulator,
             &q.env(),
             &args,
             log,
-            Some(keep),
+            Some(&confine),
         )?)
     }
 
@@ -1160,6 +1203,14 @@ impl Manager {
         std::fs::create_dir_all(self.vm_dir(name))
             .map_err(|e| io_ctx("creating", &self.vm_dir(name), e))?;
         let console = self.console_path(name);
+        let kernel = self.qemu_boot_files(kernel, &paths.dir)?;
+        if let Some(r) = restore {
+            // QEMU reads the state's files (7.2 opens a private RAM mapping read-write).
+            self.grant_qemu(&r.devices, false)?;
+            if let Some(m) = &r.memory {
+                self.grant_qemu(m, true)?;
+            }
+        }
         // Configs name disks by origin; QEMU opens each disk's current layer (never a pinned one).
         let on_layers = self
             .open_layers(
@@ -1172,6 +1223,7 @@ impl Manager {
                 }),
             )
             .await?;
+        let disks = self.prepare_qemu_launch(name, &paths, &console, &on_layers)?;
         let args = self.qemu_args(
             name,
             &on_layers,
@@ -1179,6 +1231,7 @@ impl Manager {
             accel,
             &paths,
             &console,
+            &disks,
             QemuMode {
                 incoming: restore.is_some() || incoming,
                 stopped: incoming,
@@ -1198,7 +1251,10 @@ impl Manager {
             i.started_from = Some(started_from.clone());
         })?;
         let started = Instant::now();
-        let mut child = match self.spawn_qemu(&config, args, &paths.qemu_log) {
+        let spawned = self.spawn_qemu(&config, args, &paths.qemu_log, disks.inherit());
+        // QEMU has its own copies of the descriptors now.
+        drop(disks);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 self.persist(slot, |i| {
@@ -1303,6 +1359,7 @@ impl Manager {
         accel: Accel,
         paths: &RunPaths,
         console: &Path,
+        disks: &qemu_files::QemuDisks,
         mode: QemuMode<'_>,
     ) -> Result<Vec<String>> {
         let generation_id = self.generation_id(name)?;
@@ -1328,6 +1385,8 @@ impl Manager {
             detached: mode.detached,
             incoming: mode.incoming,
             generation_id: Some(&generation_id),
+            disk_chains: &disks.chains,
+            fds: &disks.args(),
         }))
     }
 
@@ -2419,6 +2478,7 @@ mod crash_tests {
             migration_addr: None,
             pools: Vec::new(),
             limits: crate::limits::Limits::default(),
+            qemu_user: crate::qemu_user::QemuUser::droverd(),
         }
     }
 

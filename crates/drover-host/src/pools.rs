@@ -172,6 +172,27 @@ impl Pools {
             if !regular || st.st_nlink != 1 || !owner_ok {
                 return Err(refuse());
             }
+            if usage != PathUse::Boot {
+                // A qcow2 header can name any host file (a backing file, an external data file)
+                // for QEMU to open: a user's image must hold its data itself.
+                let refs = file
+                    .try_clone()
+                    .ok()
+                    .map(|f| drover_qemu::qcow2::read_from(std::fs::File::from(f), path));
+                if let Some(Ok(r)) = refs {
+                    if r.backing.is_some() || r.external_data {
+                        return Err(HostError::Forbidden(format!(
+                            "disk image {} names {}: a non-admin's image must hold all its data; flatten it with `qemu-img convert -O qcow2 {} NEW.qcow2` (or ask an admin to attach it)",
+                            path.display(),
+                            match &r.backing {
+                                Some(b) => format!("a backing file ({b})"),
+                                None => "an external data file".to_string(),
+                            },
+                            path.display()
+                        )));
+                    }
+                }
+            }
             if usage == PathUse::DiskReadWrite && !pool.writable {
                 // The file is in a pool the caller may read: saying so reveals nothing new.
                 return Err(HostError::Forbidden(format!(
@@ -220,8 +241,42 @@ impl Pools {
     }
 }
 
+impl Pools {
+    /// Open, for a QEMU that may not open it by name, a file named earlier (and checked then):
+    /// in a pool beneath it without symlinks, as [`Pools::recheck`] requires; elsewhere (an
+    /// admin's path) as it is. Read-write when `write`.
+    pub fn open_for_qemu(&self, path: &Path, write: bool) -> Result<std::fs::File, HostError> {
+        for pool in &self.pools {
+            let Ok(rest) = path.strip_prefix(&pool.dir) else {
+                continue;
+            };
+            self.recheck(path)?;
+            let flags = if write { nix::fcntl::OFlag::O_RDWR } else { nix::fcntl::OFlag::O_RDONLY };
+            return open_beneath_with(&pool.dir, rest, flags)
+                .map(std::fs::File::from)
+                .map_err(|e| {
+                    HostError::Forbidden(format!(
+                        "{} in image pool {}: cannot open it for QEMU ({e})",
+                        path.display(),
+                        pool.name
+                    ))
+                });
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| crate::error::io_ctx("opening for QEMU", path, e))
+    }
+}
+
 /// Open `rest` below `dir` with no way out of it (no `..` above it, no symlinks at all).
 fn open_beneath(dir: &Path, rest: &Path) -> nix::Result<OwnedFd> {
+    open_beneath_with(dir, rest, nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK)
+}
+
+/// [`open_beneath`] with the access flags given.
+fn open_beneath_with(dir: &Path, rest: &Path, access: nix::fcntl::OFlag) -> nix::Result<OwnedFd> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
     let dirfd = nix::fcntl::open(
         dir,
@@ -231,7 +286,7 @@ fn open_beneath(dir: &Path, rest: &Path) -> nix::Result<OwnedFd> {
     // SAFETY: `open` just returned this descriptor and nothing else owns it.
     let dirfd = unsafe { OwnedFd::from_raw_fd(dirfd) };
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+        .flags(access | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
     let fd = nix::fcntl::openat2(dirfd.as_raw_fd(), rest, how)?;
     // SAFETY: as above.
@@ -347,6 +402,39 @@ mod tests {
             pools.resolve(&op(), Path::new("a.img"), ro),
             Err(HostError::Invalid(_))
         ));
+    }
+
+    /// A qcow2 header naming a backing file (here `/etc/shadow`) would have QEMU open it: a
+    /// non-admin's image with one is refused, with the way out; without one it is fine.
+    #[test]
+    fn a_users_qcow2_naming_another_file_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let pool_dir = t.path().join("pool");
+        std::fs::create_dir_all(&pool_dir).unwrap();
+        let header = |backing: Option<&str>| {
+            let mut h = vec![0u8; 512];
+            h[0..4].copy_from_slice(b"QFI\xfb");
+            h[4..8].copy_from_slice(&3u32.to_be_bytes());
+            if let Some(b) = backing {
+                h[8..16].copy_from_slice(&200u64.to_be_bytes());
+                h[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
+                h[200..200 + b.len()].copy_from_slice(b.as_bytes());
+            }
+            h
+        };
+        std::fs::write(pool_dir.join("evil.qcow2"), header(Some("/etc/shadow"))).unwrap();
+        std::fs::write(pool_dir.join("flat.qcow2"), header(None)).unwrap();
+        let pools = Pools::new(
+            vec![Pool::parse(&format!("p={}", pool_dir.display())).unwrap()],
+            Path::new("/nonexistent"),
+        );
+        let ro = PathUse::DiskReadOnly;
+        let e = err_text(pools.resolve(&op(), &pool_dir.join("evil.qcow2"), ro));
+        assert!(e.contains("backing file (/etc/shadow)") && e.contains("qemu-img convert"), "{e}");
+        assert!(pools.resolve(&op(), &pool_dir.join("flat.qcow2"), ro).is_ok());
+        assert!(pools
+            .resolve(&Caller::daemon(), &pool_dir.join("evil.qcow2"), ro)
+            .is_ok(), "an admin's choice");
     }
 
     #[test]

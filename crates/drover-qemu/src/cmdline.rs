@@ -80,6 +80,28 @@ pub struct KernelBoot {
     pub cmdline: String,
 }
 
+/// One layer of a disk's backing chain, top first, when droverd names the chain itself: some
+/// layer is a file QEMU may not open by name (outside droverd's state dir), handed to it as a
+/// descriptor in an fd set (`/dev/fdset/N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLayer {
+    /// A path, or `/dev/fdset/N`.
+    pub filename: String,
+    /// Its format.
+    pub format: drover_model::DiskFormat,
+}
+
+/// A descriptor QEMU inherits, put in fd set `set` (`-add-fd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdArg {
+    /// The descriptor's number in droverd (kept in QEMU).
+    pub fd: i32,
+    /// The fd set.
+    pub set: u32,
+    /// What it is, for `query-fdsets`.
+    pub opaque: String,
+}
+
 /// Everything the command line needs besides the config.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec<'a> {
@@ -121,6 +143,10 @@ pub struct LaunchSpec<'a> {
     /// is not a UUID is left out rather than let into the command line, and so is the device when
     /// the VM boots with qboot, which cannot load its ACPI tables.
     pub generation_id: Option<&'a str>,
+    /// Disks (by id) whose chain droverd names itself, top first (see [`ChainLayer`]).
+    pub disk_chains: &'a std::collections::BTreeMap<String, Vec<ChainLayer>>,
+    /// Descriptors for the fd sets those chains name.
+    pub fds: &'a [FdArg],
 }
 
 /// QEMU's option-value escaping: a comma inside a value is doubled.
@@ -156,6 +182,30 @@ pub fn port_id(slot: u8) -> String {
 /// QEMU id of a NIC's netdev and device.
 pub fn nic_node(id: &str) -> String {
     format!("nic-{id}")
+}
+
+/// A disk's `-blockdev` with its chain named top first: every layer's `backing` is the next
+/// one, the last one's is left to its header (opened by QEMU, as QEMU's user).
+pub fn chain_blockdev(node: &str, readonly: bool, chain: &[ChainLayer]) -> serde_json::Value {
+    let mut below: Option<serde_json::Value> = None;
+    for (i, l) in chain.iter().enumerate().rev() {
+        let top = i == 0;
+        let ro = !top || readonly;
+        let mut v = serde_json::json!({
+            "driver": l.format.to_string(),
+            "read-only": ro,
+            "file": {"driver": "file", "filename": l.filename, "read-only": ro},
+        });
+        if top {
+            v["node-name"] = node.into();
+            v["discard"] = "unmap".into();
+        }
+        if let Some(b) = below.take() {
+            v["backing"] = b;
+        }
+        below = Some(v);
+    }
+    below.unwrap_or(serde_json::Value::Null)
 }
 
 /// Build the argument list (without the program name).
@@ -272,6 +322,19 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
         drover_model::Boot::Disk { disk } => Some(disk.clone()),
         _ => None,
     };
+    if !spec.detached {
+        for f in spec.fds {
+            let opaque: String = f
+                .opaque
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.'))
+                .collect();
+            push(&[
+                "-add-fd",
+                &format!("fd={},set={},opaque={opaque}", f.fd, f.set),
+            ]);
+        }
+    }
     for d in &c.disks {
         let node = disk_node(d);
         let blockdev = if spec.detached {
@@ -282,6 +345,8 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
                 "size": d.size,
                 "read-zeroes": true,
             })
+        } else if let Some(chain) = spec.disk_chains.get(d.id.as_str()) {
+            chain_blockdev(&node, d.readonly, chain)
         } else {
             serde_json::json!({
                 "driver": d.format.to_string(),
@@ -401,6 +466,8 @@ mod tests {
             detached: false,
             incoming: false,
             generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+            disk_chains: &Default::default(),
+            fds: &[],
         });
         let joined = args.join(" ");
         assert!(joined.contains("-smp cpus=2,maxcpus=4 -m size=1048584K,slots=8,maxmem=4194312K"));
@@ -447,6 +514,8 @@ mod tests {
             detached: false,
             incoming: true,
             generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+            disk_chains: &Default::default(),
+            fds: &[],
         });
         let joined = args.join(" ");
         assert!(!joined.contains("-bios"));
@@ -491,6 +560,8 @@ mod tests {
             detached: false,
             incoming: true,
             generation_id: None,
+            disk_chains: &Default::default(),
+            fds: &[],
         };
         let joined = build(&spec).join(" ");
         assert!(joined.contains("-m 1048584K "), "{joined}");
@@ -522,5 +593,65 @@ mod tests {
         assert!(joined.contains("-accel tcg -cpu Westmere -machine pc-q35-7.2 "));
         assert!(joined.contains("-m 1048576K ") && joined.contains("size=1048576K,"));
         assert!(!joined.contains("-cpu max") && !joined.contains("-machine q35"));
+    }
+
+    /// A disk whose origin QEMU may not open by name: the chain is named top first, the origin
+    /// through its fd set, read-only below the top; the descriptors are given with `-add-fd`.
+    #[test]
+    fn a_named_chain_reaches_the_origin_through_its_fd_set() {
+        let chain = vec![
+            ChainLayer {
+                filename: "/var/lib/drover/vms/web1/disks/data.o1.qcow2".into(),
+                format: DiskFormat::Qcow2,
+            },
+            ChainLayer {
+                filename: "/dev/fdset/1".into(),
+                format: DiskFormat::Raw,
+            },
+        ];
+        let v = chain_blockdev("disk-data", false, &chain);
+        assert_eq!(v["node-name"], "disk-data");
+        assert_eq!(v["read-only"], false);
+        assert_eq!(v["file"]["filename"], "/var/lib/drover/vms/web1/disks/data.o1.qcow2");
+        assert_eq!(v["backing"]["driver"], "raw");
+        assert_eq!(v["backing"]["read-only"], true);
+        assert_eq!(v["backing"]["file"]["filename"], "/dev/fdset/1");
+        assert_eq!(v["backing"]["file"]["read-only"], true);
+        assert!(v["backing"].get("backing").is_none(), "left to the origin's header");
+        assert!(v["backing"].get("node-name").is_none());
+        // A read-only disk is read-only at the top too.
+        assert_eq!(chain_blockdev("disk-data", true, &chain)["read-only"], true);
+
+        let c = config();
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let chains = std::collections::BTreeMap::from([(c.disks[0].id.to_string(), chain)]);
+        let fds = [
+            FdArg { fd: 7, set: 1, opaque: "disk-data ro".into() },
+            FdArg { fd: 8, set: 1, opaque: "disk-data,rw".into() },
+        ];
+        let args = build(&LaunchSpec {
+            config: &c,
+            platform: &Platform::default(),
+            install_args: Vec::new(),
+            accel: Accel::Tcg,
+            paths: &paths,
+            console_log: Path::new("/c.log"),
+            kernel: None,
+            hotplug_ports: 0,
+            max_cpus: 2,
+            qboot: None,
+            ram_file: false,
+            ram_private: None,
+            stopped: false,
+            detached: false,
+            incoming: false,
+            generation_id: None,
+            disk_chains: &chains,
+            fds: &fds,
+        });
+        let joined = args.join(" ");
+        assert!(joined.contains("-add-fd fd=7,set=1,opaque=disk-dataro "), "{joined}");
+        assert!(joined.contains("-add-fd fd=8,set=1,opaque=disk-datarw "), "{joined}");
+        assert!(joined.contains("\"filename\":\"/dev/fdset/1\""), "{joined}");
     }
 }

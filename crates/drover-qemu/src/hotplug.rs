@@ -7,20 +7,26 @@ use crate::qmp::{Qmp, QmpError};
 use drover_model::{DiskConfig, NicBackend, NicConfig, Proto};
 use serde_json::{json, Value};
 
-/// Hot-plug a disk onto root port `slot` (the disk's `slot` field is ignored here).
-pub async fn add_disk(qmp: &Qmp, d: &DiskConfig, slot: u8) -> Result<(), QmpError> {
+/// Hot-plug a disk onto root port `slot` (the disk's `slot` field is ignored here), opened as
+/// `blockdev` says when given (a chain droverd names, [`crate::cmdline::chain_blockdev`]), else
+/// from its path.
+pub async fn add_disk(
+    qmp: &Qmp,
+    d: &DiskConfig,
+    slot: u8,
+    blockdev: Option<Value>,
+) -> Result<(), QmpError> {
     let node = disk_node(d);
-    qmp.execute(
-        "blockdev-add",
-        Some(json!({
+    let blockdev = blockdev.unwrap_or_else(|| {
+        json!({
             "driver": d.format.to_string(),
             "node-name": node,
             "read-only": d.readonly,
             "discard": "unmap",
             "file": {"driver": "file", "filename": d.path, "read-only": d.readonly},
-        })),
-    )
-    .await?;
+        })
+    });
+    qmp.execute("blockdev-add", Some(blockdev)).await?;
     let dev = json!({
         "driver": "virtio-blk-pci",
         "id": node,

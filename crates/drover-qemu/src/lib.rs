@@ -7,6 +7,7 @@
 //! - [`img`]: `qemu-img` for creating and checking disk images.
 //! - [`install`]: which QEMU installation runs (emulator, `qemu-img`, `qemu-nbd`, firmware).
 //! - [`probe`]: what that QEMU can do, and the version-specific behaviour that follows.
+//! - [`qcow2`]: what a qcow2 header names outside the file (backing, external data).
 
 pub mod accel;
 pub mod cmdline;
@@ -16,4 +17,5 @@ pub mod install;
 pub mod migrate;
 pub mod probe;
 pub mod process;
+pub mod qcow2;
 pub mod qmp;

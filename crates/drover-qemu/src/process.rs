@@ -49,15 +49,39 @@ pub const CAP_NET_BIND_SERVICE: CapMask = 1 << 10;
 /// which QEMU before 8.1 needs for background snapshots (8.1 and later open /dev/userfaultfd).
 pub const CAP_SYS_PTRACE: CapMask = 1 << 19;
 
-/// [`spawn`], and with `keep = Some(mask)` QEMU runs with no capability outside `mask` (its
+/// How a confined QEMU runs: what it keeps, whom it runs as, what it inherits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confine {
+    /// Capabilities kept (bits `1 << CAP_*`); none by default.
+    pub keep: CapMask,
+    /// Run as this user rather than droverd's: a QEMU escape is then that user, not root.
+    pub run_as: Option<RunAs>,
+    /// Descriptors QEMU inherits under their own numbers (named by `-add-fd fd=N`): files it may
+    /// not open by name, opened for it by droverd.
+    pub inherit: Vec<std::os::fd::RawFd>,
+}
+
+/// A user QEMU runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+    /// Its supplementary groups (e.g. `kvm`, for `/dev/kvm`).
+    pub groups: Vec<u32>,
+}
+
+/// [`spawn`], and with `Some(confine)` QEMU runs with no capability outside `confine.keep` (its
 /// bounding, inheritable and ambient sets emptied before exec, and `no_new_privs`, so neither
-/// it nor anything it executes can get one back).
+/// it nor anything it executes can get one back), as `confine.run_as` if given (the kept
+/// capabilities then as ambient ones, the only kind a non-root exec keeps).
 pub fn spawn_confined(
     binary: &Path,
     env: &[(&str, PathBuf)],
     args: &[String],
     log: &Path,
-    keep: Option<CapMask>,
+    confine: Option<&Confine>,
 ) -> Result<tokio::process::Child, ProcessError> {
     let io = |source| ProcessError::Io {
         path: log.to_path_buf(),
@@ -76,12 +100,19 @@ pub fn spawn_confined(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(false);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    let confine = confine.cloned();
+    // SAFETY: only raw system calls between fork and exec (setsid, fcntl, prctl, capset,
+    // setres[ug]id, setgroups), no allocation: `confine` was moved in before the fork.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
-            if let Some(keep) = keep {
-                confine(keep)?;
+            if let Some(c) = &confine {
+                for &fd in &c.inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                confine_now(c)?;
             }
             Ok(())
         });
@@ -92,10 +123,63 @@ pub fn spawn_confined(
     })
 }
 
-/// Drop every capability outside `keep` for good (runs between fork and exec: only
-/// async-signal-safe calls).
-fn confine(keep: CapMask) -> std::io::Result<()> {
-    // SAFETY: prctl with integer arguments touches no memory.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `capset` with the same mask in the effective, permitted and inheritable sets (the first 32
+/// capabilities in `data[0]`, the rest in `data[1]`).
+///
+/// # Safety
+/// Between fork and exec: a raw system call, nothing else.
+unsafe fn cap_set_all(mask: CapMask, inheritable_only_clear: bool) -> std::io::Result<()> {
+    let mut hdr = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    if inheritable_only_clear {
+        if libc::syscall(libc::SYS_capget, &mut hdr as *mut CapHeader, data.as_mut_ptr()) != 0 {
+            return Ok(());
+        }
+        data[0].inheritable = 0;
+        data[1].inheritable = 0;
+    } else {
+        for (i, d) in data.iter_mut().enumerate() {
+            let part = (mask >> (32 * i)) as u32;
+            *d = CapData {
+                effective: part,
+                permitted: part,
+                inheritable: part,
+            };
+        }
+    }
+    if libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Drop every capability outside `c.keep` for good and become `c.run_as` (runs between fork
+/// and exec: only async-signal-safe calls; raw `setres[ug]id`, since glibc's wrappers signal
+/// threads a forked child does not have).
+fn confine_now(c: &Confine) -> std::io::Result<()> {
+    let keep = c.keep;
+    // SAFETY: prctl, capset and setres[ug]id with integer arguments or our own stack memory.
     unsafe {
         for cap in 0..64u64 {
             if keep & (1 << cap) == 0
@@ -109,34 +193,7 @@ fn confine(keep: CapMask) -> std::io::Result<()> {
             }
         }
         // Inheritable capabilities would survive exec past the bounding set: clear them.
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        let mut hdr = Header {
-            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-            pid: 0,
-        };
-        let mut data = [Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        }; 2];
-        if libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) == 0 {
-            data[0].inheritable = 0;
-            data[1].inheritable = 0;
-            if libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
+        cap_set_all(0, true)?;
         libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -144,6 +201,41 @@ fn confine(keep: CapMask) -> std::io::Result<()> {
             0,
             0,
         );
+        if let Some(u) = &c.run_as {
+            let check = |r: libc::c_long| {
+                if r != 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::syscall(
+                libc::SYS_setgroups,
+                u.groups.len() as libc::size_t,
+                u.groups.as_ptr(),
+            ))?;
+            check(libc::syscall(libc::SYS_setresgid, u.gid, u.gid, u.gid))?;
+            if keep != 0 {
+                check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) as libc::c_long)?;
+            }
+            check(libc::syscall(libc::SYS_setresuid, u.uid, u.uid, u.uid))?;
+            if keep != 0 {
+                // A non-root exec keeps only ambient capabilities; they need the same ones
+                // permitted and inheritable first.
+                cap_set_all(keep, false)?;
+                for cap in 0..64u64 {
+                    if keep & (1 << cap) != 0 {
+                        check(libc::prctl(
+                            libc::PR_CAP_AMBIENT,
+                            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                            cap as libc::c_ulong,
+                            0,
+                            0,
+                        ) as libc::c_long)?;
+                    }
+                }
+            }
+        }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -284,7 +376,10 @@ mod tests {
             &[],
             &args,
             &log,
-            Some(CAP_NET_BIND_SERVICE),
+            Some(&Confine {
+                keep: CAP_NET_BIND_SERVICE,
+                ..Confine::default()
+            }),
         )
         .unwrap();
         assert!(c.wait().await.unwrap().success());
@@ -301,6 +396,65 @@ mod tests {
         // Root keeps at most what the bounding set allows.
         let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
         assert_eq!(eff & !CAP_NET_BIND_SERVICE, 0, "{out}");
+    }
+
+    /// As another user, with one capability kept and one descriptor inherited: the process is
+    /// that user, has that capability (ambient) and no other, and reads the descriptor's file
+    /// although it could not open it by name.
+    #[tokio::test]
+    async fn a_process_run_as_a_user_keeps_its_capability_and_inherited_descriptor() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // setresuid needs root; CI runs as root.
+        }
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "only-root-may-read\n").unwrap();
+        std::fs::set_permissions(
+            &secret,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        let file = std::fs::File::open(&secret).unwrap();
+        let fd = file.as_raw_fd();
+        let log = dir.path().join("log");
+        let script = format!(
+            "grep -E '^(Uid|Gid|Groups|CapEff|CapAmb|NoNewPrivs)' /proc/self/status; cat <&{fd}; cat {} 2>/dev/null || echo refused-by-name",
+            secret.display()
+        );
+        let args = vec!["-c".to_string(), script];
+        let mut c = spawn_confined(
+            Path::new("/bin/sh"),
+            &[],
+            &args,
+            &log,
+            Some(&Confine {
+                keep: CAP_NET_BIND_SERVICE,
+                run_as: Some(RunAs {
+                    uid: 65534,
+                    gid: 65534,
+                    groups: vec![65534],
+                }),
+                inherit: vec![fd],
+            }),
+        )
+        .unwrap();
+        assert!(c.wait().await.unwrap().success());
+        let out = std::fs::read_to_string(&log).unwrap();
+        let field = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{out}");
+        assert_eq!(field("Gid:"), "65534 65534 65534 65534", "{out}");
+        assert_eq!(field("Groups:"), "65534", "{out}");
+        assert_eq!(field("CapEff:"), "0000000000000400", "{out}");
+        assert_eq!(field("CapAmb:"), "0000000000000400", "{out}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{out}");
+        assert!(out.contains("only-root-may-read"), "{out}");
+        assert!(out.contains("refused-by-name"), "{out}");
     }
 
     #[test]

@@ -168,6 +168,77 @@ impl Qmp {
         })
     }
 
+    /// Run a command that takes a descriptor (`add-fd`, `getfd`): it goes with the command, in
+    /// the same `sendmsg`, as `SCM_RIGHTS` (QMP reads it from the message carrying the command).
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        args: Option<Value>,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({"execute": command, "id": id});
+        if let Some(args) = args {
+            msg["arguments"] = args;
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let mut line = msg.to_string();
+        line.push('\n');
+        let sent = {
+            let mut w = self.writer.lock().await;
+            let stream: &UnixStream = (*w).as_ref();
+            let raw = [fd.as_raw_fd()];
+            let first = loop {
+                if stream.writable().await.is_err() {
+                    break Err(());
+                }
+                match stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    sendmsg::<()>(
+                        stream.as_raw_fd(),
+                        &[std::io::IoSlice::new(line.as_bytes())],
+                        &[ControlMessage::ScmRights(&raw)],
+                        MsgFlags::MSG_NOSIGNAL,
+                        None,
+                    )
+                    .map_err(std::io::Error::from)
+                }) {
+                    Ok(n) => break Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => break Err(()),
+                }
+            };
+            match first {
+                // The rest of a long line, if the first message took only part of it.
+                Ok(n) if n < line.len() => w.write_all(&line.as_bytes()[n..]).await.is_ok(),
+                Ok(_) => true,
+                Err(()) => false,
+            }
+        };
+        if !sent {
+            lock(&self.pending).remove(&id);
+            return Err(QmpError::Disconnected);
+        }
+        let reply = match tokio::time::timeout(DEFAULT_TIMEOUT, rx).await {
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                return Err(QmpError::Timeout(command.to_string()));
+            }
+            Ok(Err(_)) => return Err(QmpError::Disconnected),
+            Ok(Ok(r)) => r,
+        };
+        reply.map_err(|e| match e {
+            QmpError::Command { class, desc, .. } => QmpError::Command {
+                command: command.to_string(),
+                class,
+                desc,
+            },
+            other => other,
+        })
+    }
+
     /// `query-status`'s `status` field (`running`, `paused`, `shutdown`, ...).
     pub async fn status(&self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None).await?;

@@ -135,11 +135,35 @@ fn operator_is_not_root_and_guests_are_bounded() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Root's and 0600: QEMU (its own user) cannot open it by name; droverd hands it over.
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink("/etc/shadow", pool.path().join("shadow.img")).unwrap();
+    // A qcow2 whose header names /etc/shadow as its backing file.
+    let evil = pool.path().join("evil.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", "-u"])
+        .arg(&evil)
+        .arg("1M")
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The operator's own pool, read-write: an image only it may read.
+    let mine = tempfile::Builder::new()
+        .prefix("drv-mine-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(mine.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let own = mine.path().join("own.raw");
+    std::fs::write(&own, vec![0u8; 2 << 20]).unwrap();
+    std::os::unix::fs::chown(&own, Some(uid), None).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600)).unwrap();
     let pool_flag = format!("base={}", pool.path().display());
+    let mine_flag = format!("mine={}:rw", mine.path().display());
     let d = open_daemon(&[
         "--image-pool",
         &pool_flag,
+        "--image-pool",
+        &mine_flag,
         "--console-log-max",
         "1M",
         "--guest-disk-max-count",
@@ -205,6 +229,15 @@ fn operator_is_not_root_and_guests_are_bounded() {
         &["vm", "create", "x", "--disk", &format!("image={b}")],
     );
     assert!(e.contains("read-only"), "{e}");
+    // A user's qcow2 naming another file is refused, saying why.
+    let ev = evil.display().to_string();
+    let e = fails_as(
+        &d,
+        op,
+        8,
+        &["vm", "create", "x", "--disk", &format!("image={ev},ro")],
+    );
+    assert!(e.contains("backing file (/etc/shadow)"), "{e}");
     // Forwards: no privileged port, no address but loopback.
     for fwd in [
         "tcp:127.0.0.1:23-:22",
@@ -285,6 +318,40 @@ fn operator_is_not_root_and_guests_are_bounded() {
     assert_eq!(status_field(qemu, "NoNewPrivs:"), "1");
     let eff = u64::from_str_radix(&status_field(qemu, "CapEff:"), 16).unwrap();
     assert_eq!(eff & !(1 << 19), 0, "QEMU's capabilities: {eff:x}");
+    // ... and as its own user, not root: an escape cannot read /etc/shadow or write host files.
+    let qemu_uid = ensure_user("drover-qemu");
+    assert_ne!(qemu_uid, 0);
+    let uids: Vec<String> = status_field(qemu, "Uid:")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(uids, vec![qemu_uid.to_string(); 4], "QEMU's real, effective, saved and fs uids");
+    assert_eq!(status_field(qemu, "Groups:").split_whitespace().any(|g| g == "0"), false);
+
+    // The operator's own 0600 image, hot-plugged read-write: QEMU gets it as a descriptor (it
+    // may not open it by name), the guest writes to it, the file changes on the host.
+    let o = own.display().to_string();
+    let out = drover_as(&d, op, &["vm", "attach", "vm1", "disk", "--id", "u", "--image", &o]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        drover_e2e::tail(&d.log(), 20)
+    );
+    let dev = wait_for("the hot-plugged disk in the guest", Duration::from_secs(30), || {
+        let o = d.drover(&[
+            "vm", "exec", "vm1", "--", "sh", "-c",
+            "for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = u ] && echo ${b##*/}; done",
+        ]);
+        let name = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (!name.is_empty()).then_some(name)
+    });
+    d.sh(
+        "vm1",
+        &format!("echo USER-WRITE-9 | dd of=/dev/{dev} bs=512 seek=8 conv=notrunc,fsync 2>/dev/null"),
+    );
+    let bytes = std::fs::read(&own).unwrap();
+    assert_eq!(&bytes[4096..4108], b"USER-WRITE-9", "the guest's write reached the user's file");
 
     // A serial-port flood keeps console.log under its cap (1 MiB, checked every second).
     let log = d.state_dir().join("vms/vm1/console.log");
@@ -347,6 +414,17 @@ fn operator_is_not_root_and_guests_are_bounded() {
     assert!(ev.to_string().contains("--guest-disk-max-count"), "{ev}");
     let ev = ask("save --name s1 --wait");
     assert_eq!(ev["status"], "completed", "{ev}");
+    // The save put an overlay on the user's image (QEMU reopened it read-only, from its fd
+    // set): the guest still reads and writes the disk; the file keeps what the state saw.
+    d.sh(
+        "vm1",
+        &format!("echo AFTER-SAVE-3 | dd of=/dev/{dev} bs=512 seek=16 conv=notrunc,fsync 2>/dev/null"),
+    );
+    assert_eq!(
+        d.sh("vm1", &format!("dd if=/dev/{dev} bs=512 skip=16 count=1 2>/dev/null | head -c 12")),
+        "AFTER-SAVE-3"
+    );
+    assert_eq!(&std::fs::read(&own).unwrap()[8192..8204], &[0u8; 12], "a pinned layer is not written");
     let ev = ask("save --name s2 --wait");
     assert!(ev.to_string().contains("--guest-state-max-count"), "{ev}");
     assert_eq!(

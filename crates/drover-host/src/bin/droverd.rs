@@ -120,6 +120,12 @@ struct Args {
     /// the pool `drover`.
     #[arg(long = "image-pool", value_name = "NAME=DIR[:rw]", value_parser = drover_host::pools::Pool::parse)]
     image_pools: Vec<drover_host::pools::Pool>,
+    /// The user QEMU runs as, so that a guest escaping into QEMU is that user and not root: it
+    /// gets the VM's own files (group-granted) and descriptors for images outside the state
+    /// dir. `root` keeps QEMU as droverd's user, all capabilities dropped. The package and
+    /// scripts/install-deps.sh create drover-qemu.
+    #[arg(long, default_value = drover_host::qemu_user::DEFAULT_USER, value_name = "USER")]
+    qemu_user: String,
     /// Rotate a VM's console.log (to console.log.1) past this size, e.g. 8M or 1G.
     #[arg(long, default_value = "8M", value_parser = parse_size, value_name = "SIZE")]
     console_log_max: u64,
@@ -216,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         migration_addr: args.listen.map(|a| a.ip()),
         pools: args.image_pools.clone(),
+        qemu_user: drover_host::qemu_user::QemuUser::resolve(&args.qemu_user)?,
         limits: drover_host::limits::Limits {
             console_log_max: args.console_log_max,
             guest_disk_count: args.guest_disk_max_count,

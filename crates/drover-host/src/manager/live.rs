@@ -435,11 +435,11 @@ impl Manager {
                 let slot = self.slot(name)?;
                 let layered = self.open_layers(name, &slot, &one, None).await?;
                 let on_layer = layered.disks.first().unwrap_or(d);
-                if let Err(e) = hotplug::add_disk(&rt.qmp, on_layer, port).await {
+                if let Err(e) = self.hotplug_disk(&rt.qmp, on_layer, port).await {
                     if *owned {
                         let _ = std::fs::remove_file(&d.path);
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
                 Ok(Plugged::default())
             }

@@ -241,6 +241,8 @@ impl Manager {
         let id = format!("s{n}");
         let dir = self.states_dir(vm).join(&id);
         std::fs::create_dir_all(&dir).map_err(|e| io_ctx("creating", &dir, e))?;
+        // QEMU writes the device state (and a classic save's memory) in it.
+        self.qemu_writes_in(&dir)?;
         let devices = dir.join("devices.bin");
         // Overlays for the running VM, made before pausing (they only name their backing file).
         let mut overlays = Vec::new();
@@ -259,6 +261,12 @@ impl Manager {
             if let Err(e) = made {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e.into());
+            }
+            // QEMU opens it by name and writes to it from the save on.
+            if let Err(e) = self.grant_qemu(&overlay, true) {
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_file(&overlay);
+                return Err(e);
             }
             overlays.push(overlay);
         }
@@ -341,6 +349,14 @@ impl Manager {
         self.commit(slot, |_| Ok(writes))?;
         for o in overlays.iter().skip(moved) {
             let _ = std::fs::remove_file(o);
+        }
+        // A layer a state pins is QEMU's to read, no longer to write (droverd's own layers).
+        for layer in pinned.values() {
+            if layer.starts_with(&self.s.cfg.state_dir) {
+                if let Err(e) = self.grant_qemu(layer, false) {
+                    tracing::warn!(vm, "{e}");
+                }
+            }
         }
         if let Err(e) = saved {
             let _ = std::fs::remove_dir_all(&dir);
@@ -508,7 +524,10 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&paths.dir);
         let _ = std::fs::remove_file(&paths.ram);
         std::fs::create_dir_all(&paths.dir).map_err(|e| io_ctx("creating", &paths.dir, e))?;
+        // It creates its sockets and the state's RAM file; its disks are null-co.
+        self.prepare_qemu_dirs(vm, &paths.dir)?;
         let kernel = self.kernel_boot(&rt.launched).await?;
+        let kernel = self.qemu_boot_files(kernel, &paths.dir)?;
         let accel = lock(&self.slot(vm)?.info)
             .accel
             .unwrap_or(self.s.accel.accel);
@@ -520,6 +539,7 @@ impl Manager {
             accel,
             &paths,
             &console,
+            &Default::default(),
             QemuMode {
                 incoming: true,
                 stopped: true,
@@ -527,7 +547,7 @@ impl Manager {
                 detached: true,
             },
         )?;
-        let mut child = self.spawn_qemu(config, args, &paths.qemu_log)?;
+        let mut child = self.spawn_qemu(config, args, &paths.qemu_log, Vec::new())?;
         let pid = child.id().unwrap_or(0);
         // Durable before it is given work, so a droverd that dies from here on leaves no
         // orphan: the next one kills it.
