@@ -251,7 +251,11 @@ impl Pools {
                 continue;
             };
             self.recheck(path)?;
-            let flags = if write { nix::fcntl::OFlag::O_RDWR } else { nix::fcntl::OFlag::O_RDONLY };
+            let flags = if write {
+                nix::fcntl::OFlag::O_RDWR
+            } else {
+                nix::fcntl::OFlag::O_RDONLY
+            };
             return open_beneath_with(&pool.dir, rest, flags)
                 .map(std::fs::File::from)
                 .map_err(|e| {
@@ -272,7 +276,11 @@ impl Pools {
 
 /// Open `rest` below `dir` with no way out of it (no `..` above it, no symlinks at all).
 fn open_beneath(dir: &Path, rest: &Path) -> nix::Result<OwnedFd> {
-    open_beneath_with(dir, rest, nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK)
+    open_beneath_with(
+        dir,
+        rest,
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK,
+    )
 }
 
 /// [`open_beneath`] with the access flags given.
@@ -430,11 +438,19 @@ mod tests {
         );
         let ro = PathUse::DiskReadOnly;
         let e = err_text(pools.resolve(&op(), &pool_dir.join("evil.qcow2"), ro));
-        assert!(e.contains("backing file (/etc/shadow)") && e.contains("qemu-img convert"), "{e}");
-        assert!(pools.resolve(&op(), &pool_dir.join("flat.qcow2"), ro).is_ok());
+        assert!(
+            e.contains("backing file (/etc/shadow)") && e.contains("qemu-img convert"),
+            "{e}"
+        );
         assert!(pools
-            .resolve(&Caller::daemon(), &pool_dir.join("evil.qcow2"), ro)
-            .is_ok(), "an admin's choice");
+            .resolve(&op(), &pool_dir.join("flat.qcow2"), ro)
+            .is_ok());
+        assert!(
+            pools
+                .resolve(&Caller::daemon(), &pool_dir.join("evil.qcow2"), ro)
+                .is_ok(),
+            "an admin's choice"
+        );
     }
 
     #[test]

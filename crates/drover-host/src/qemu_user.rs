@@ -75,7 +75,8 @@ impl QemuUser {
         if user.uid.is_root() {
             return Err(QemuUserError::Root(name.into()));
         }
-        let cname = std::ffi::CString::new(name).map_err(|_| QemuUserError::NoSuchUser(name.into()))?;
+        let cname =
+            std::ffi::CString::new(name).map_err(|_| QemuUserError::NoSuchUser(name.into()))?;
         let mut groups: Vec<u32> = nix::unistd::getgrouplist(&cname, user.gid)
             .map_err(|e| QemuUserError::Lookup(name.into(), e))?
             .into_iter()
@@ -117,7 +118,8 @@ impl QemuUser {
         let Some(u) = &self.run_as else {
             return Ok(());
         };
-        let with = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let with =
+            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let meta = std::fs::symlink_metadata(path).map_err(with)?;
         if meta.file_type().is_symlink() {
             return Err(with(std::io::Error::other("is a symlink; not changing it")));
@@ -210,7 +212,10 @@ mod tests {
         assert!(allowed(&u, 0, 990, 0o640, 4), "our group");
         assert!(allowed(&u, 0, 106, 0o660, 2), "a supplementary group (kvm)");
         assert!(!allowed(&u, 0, 990, 0o640, 2));
-        assert!(!allowed(&u, 990, 0, 0o077, 4), "the owner class decides for the owner");
+        assert!(
+            !allowed(&u, 990, 0, 0o077, 4),
+            "the owner class decides for the owner"
+        );
         assert!(allowed(&u, 0, 0, 0o711, 1), "passage");
         assert!(!allowed(&u, 0, 0, 0o700, 1));
     }

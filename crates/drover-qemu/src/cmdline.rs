@@ -612,12 +612,18 @@ mod tests {
         let v = chain_blockdev("disk-data", false, &chain);
         assert_eq!(v["node-name"], "disk-data");
         assert_eq!(v["read-only"], false);
-        assert_eq!(v["file"]["filename"], "/var/lib/drover/vms/web1/disks/data.o1.qcow2");
+        assert_eq!(
+            v["file"]["filename"],
+            "/var/lib/drover/vms/web1/disks/data.o1.qcow2"
+        );
         assert_eq!(v["backing"]["driver"], "raw");
         assert_eq!(v["backing"]["read-only"], true);
         assert_eq!(v["backing"]["file"]["filename"], "/dev/fdset/1");
         assert_eq!(v["backing"]["file"]["read-only"], true);
-        assert!(v["backing"].get("backing").is_none(), "left to the origin's header");
+        assert!(
+            v["backing"].get("backing").is_none(),
+            "left to the origin's header"
+        );
         assert!(v["backing"].get("node-name").is_none());
         // A read-only disk is read-only at the top too.
         assert_eq!(chain_blockdev("disk-data", true, &chain)["read-only"], true);
@@ -626,8 +632,16 @@ mod tests {
         let paths = RunPaths::new(Path::new("/run/x"));
         let chains = std::collections::BTreeMap::from([(c.disks[0].id.to_string(), chain)]);
         let fds = [
-            FdArg { fd: 7, set: 1, opaque: "disk-data ro".into() },
-            FdArg { fd: 8, set: 1, opaque: "disk-data,rw".into() },
+            FdArg {
+                fd: 7,
+                set: 1,
+                opaque: "disk-data ro".into(),
+            },
+            FdArg {
+                fd: 8,
+                set: 1,
+                opaque: "disk-data,rw".into(),
+            },
         ];
         let args = build(&LaunchSpec {
             config: &c,
@@ -650,8 +664,14 @@ mod tests {
             fds: &fds,
         });
         let joined = args.join(" ");
-        assert!(joined.contains("-add-fd fd=7,set=1,opaque=disk-dataro "), "{joined}");
-        assert!(joined.contains("-add-fd fd=8,set=1,opaque=disk-datarw "), "{joined}");
+        assert!(
+            joined.contains("-add-fd fd=7,set=1,opaque=disk-dataro "),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-add-fd fd=8,set=1,opaque=disk-datarw "),
+            "{joined}"
+        );
         assert!(joined.contains("\"filename\":\"/dev/fdset/1\""), "{joined}");
     }
 }

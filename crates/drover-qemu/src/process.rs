@@ -153,7 +153,12 @@ unsafe fn cap_set_all(mask: CapMask, inheritable_only_clear: bool) -> std::io::R
         inheritable: 0,
     }; 2];
     if inheritable_only_clear {
-        if libc::syscall(libc::SYS_capget, &mut hdr as *mut CapHeader, data.as_mut_ptr()) != 0 {
+        if libc::syscall(
+            libc::SYS_capget,
+            &mut hdr as *mut CapHeader,
+            data.as_mut_ptr(),
+        ) != 0
+        {
             return Ok(());
         }
         data[0].inheritable = 0;

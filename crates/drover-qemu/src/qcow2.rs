@@ -146,29 +146,46 @@ mod tests {
         assert_eq!(parse(&header(3, None, 0)).unwrap(), References::default());
         let r = parse(&header(3, Some("/etc/shadow"), 0)).unwrap();
         assert_eq!(r.backing.as_deref(), Some("/etc/shadow"));
-        assert!(parse(&header(3, None, EXTERNAL_DATA_FILE)).unwrap().external_data);
+        assert!(
+            parse(&header(3, None, EXTERNAL_DATA_FILE))
+                .unwrap()
+                .external_data
+        );
         // Version 2 has no feature fields: the bit's bytes mean nothing there.
-        assert!(!parse(&header(2, None, EXTERNAL_DATA_FILE)).unwrap().external_data);
+        assert!(
+            !parse(&header(2, None, EXTERNAL_DATA_FILE))
+                .unwrap()
+                .external_data
+        );
     }
 
     #[test]
     fn refuses_what_is_not_a_sound_header() {
         assert!(matches!(parse(b"\0\0\0\0"), Err(HeaderError::NotQcow2)));
         assert!(matches!(parse(&MAGIC), Err(HeaderError::Bad(_))));
-        assert!(matches!(parse(&header(4, None, 0)), Err(HeaderError::Bad(_))));
+        assert!(matches!(
+            parse(&header(4, None, 0)),
+            Err(HeaderError::Bad(_))
+        ));
         let mut h = header(3, Some("x"), 0);
         h[16..20].copy_from_slice(&5000u32.to_be_bytes());
         assert!(matches!(parse(&h), Err(HeaderError::Bad(_))));
         let mut h = header(3, Some("x"), 0);
         h[8..16].copy_from_slice(&510u64.to_be_bytes());
         h[16..20].copy_from_slice(&10u32.to_be_bytes());
-        assert!(matches!(parse(&h), Err(HeaderError::Bad(_))), "past the end");
+        assert!(
+            matches!(parse(&h), Err(HeaderError::Bad(_))),
+            "past the end"
+        );
     }
 
     #[test]
     fn backing_paths_resolve_like_qemu() {
         let img = Path::new("/pool/a/top.qcow2");
-        assert_eq!(backing_path(img, "base.qcow2"), Some("/pool/a/base.qcow2".into()));
+        assert_eq!(
+            backing_path(img, "base.qcow2"),
+            Some("/pool/a/base.qcow2".into())
+        );
         assert_eq!(backing_path(img, "/etc/shadow"), Some("/etc/shadow".into()));
         assert_eq!(backing_path(img, "nbd:localhost:10809"), None);
         assert_eq!(backing_path(img, "json:{\"driver\":\"raw\"}"), None);
@@ -202,7 +219,14 @@ mod tests {
             return; // qemu-img absent: the pure tests above still run.
         }
         assert!(run(&[
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
             top.to_str().unwrap()
         ]));
         assert_eq!(read(&base).unwrap(), References::default());

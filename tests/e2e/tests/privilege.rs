@@ -141,22 +141,65 @@ fn operator_is_not_root_and_guests_are_bounded() {
     // A qcow2 whose header names /etc/shadow as its backing file.
     let evil = pool.path().join("evil.qcow2");
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", "-u"])
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+            "-u",
+        ])
         .arg(&evil)
         .arg("1M")
         .output()
         .expect("qemu-img");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The operator's own pool, read-write: an image only it may read.
     let mine = tempfile::Builder::new()
         .prefix("drv-mine-")
         .tempdir_in("/tmp")
         .unwrap();
     std::fs::set_permissions(mine.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let own = mine.path().join("own.raw");
-    std::fs::write(&own, vec![0u8; 2 << 20]).unwrap();
+    // qcow2: a save pins it under an overlay.
+    let own = mine.path().join("own.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&own)
+        .arg("2M")
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::os::unix::fs::chown(&own, Some(uid), None).unwrap();
     std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // What the image holds at `offset`, read on the host (QEMU holds the image's lock).
+    let own_bytes = |offset: usize, len: usize| -> Vec<u8> {
+        let raw = mine.path().join("read.raw");
+        let out = Command::new("qemu-img")
+            .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+            .arg(&own)
+            .arg(&raw)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let b = std::fs::read(&raw).unwrap();
+        let _ = std::fs::remove_file(&raw);
+        b[offset..offset + len].to_vec()
+    };
     let pool_flag = format!("base={}", pool.path().display());
     let mine_flag = format!("mine={}:rw", mine.path().display());
     let d = open_daemon(&[
@@ -325,33 +368,55 @@ fn operator_is_not_root_and_guests_are_bounded() {
         .split_whitespace()
         .map(str::to_string)
         .collect();
-    assert_eq!(uids, vec![qemu_uid.to_string(); 4], "QEMU's real, effective, saved and fs uids");
-    assert_eq!(status_field(qemu, "Groups:").split_whitespace().any(|g| g == "0"), false);
+    assert_eq!(
+        uids,
+        vec![qemu_uid.to_string(); 4],
+        "QEMU's real, effective, saved and fs uids"
+    );
+    assert!(
+        !status_field(qemu, "Groups:")
+            .split_whitespace()
+            .any(|g| g == "0"),
+        "no root group"
+    );
 
     // The operator's own 0600 image, hot-plugged read-write: QEMU gets it as a descriptor (it
     // may not open it by name), the guest writes to it, the file changes on the host.
     let o = own.display().to_string();
-    let out = drover_as(&d, op, &["vm", "attach", "vm1", "disk", "--id", "u", "--image", &o]);
+    let out = drover_as(
+        &d,
+        op,
+        &["vm", "attach", "vm1", "disk", "--id", "u", "--image", &o],
+    );
     assert!(
         out.status.success(),
         "{}\n{}",
         String::from_utf8_lossy(&out.stderr),
         drover_e2e::tail(&d.log(), 20)
     );
-    let dev = wait_for("the hot-plugged disk in the guest", Duration::from_secs(30), || {
-        let o = d.drover(&[
+    let dev = wait_for(
+        "the hot-plugged disk in the guest",
+        Duration::from_secs(30),
+        || {
+            let o = d.drover(&[
             "vm", "exec", "vm1", "--", "sh", "-c",
             "for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = u ] && echo ${b##*/}; done",
         ]);
-        let name = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        (!name.is_empty()).then_some(name)
-    });
+            let name = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            (!name.is_empty()).then_some(name)
+        },
+    );
     d.sh(
         "vm1",
-        &format!("echo USER-WRITE-9 | dd of=/dev/{dev} bs=512 seek=8 conv=notrunc,fsync 2>/dev/null"),
+        &format!(
+            "echo USER-WRITE-9 | dd of=/dev/{dev} bs=512 seek=8 conv=notrunc,fsync 2>/dev/null"
+        ),
     );
-    let bytes = std::fs::read(&own).unwrap();
-    assert_eq!(&bytes[4096..4108], b"USER-WRITE-9", "the guest's write reached the user's file");
+    assert_eq!(
+        own_bytes(4096, 12),
+        b"USER-WRITE-9".to_vec(),
+        "the guest's write reached the user's file"
+    );
 
     // A serial-port flood keeps console.log under its cap (1 MiB, checked every second).
     let log = d.state_dir().join("vms/vm1/console.log");
@@ -418,13 +483,22 @@ fn operator_is_not_root_and_guests_are_bounded() {
     // set): the guest still reads and writes the disk; the file keeps what the state saw.
     d.sh(
         "vm1",
-        &format!("echo AFTER-SAVE-3 | dd of=/dev/{dev} bs=512 seek=16 conv=notrunc,fsync 2>/dev/null"),
+        &format!(
+            "echo AFTER-SAVE-3 | dd of=/dev/{dev} bs=512 seek=16 conv=notrunc,fsync 2>/dev/null"
+        ),
     );
     assert_eq!(
-        d.sh("vm1", &format!("dd if=/dev/{dev} bs=512 skip=16 count=1 2>/dev/null | head -c 12")),
+        d.sh(
+            "vm1",
+            &format!("dd if=/dev/{dev} bs=512 skip=16 count=1 2>/dev/null | head -c 12")
+        ),
         "AFTER-SAVE-3"
     );
-    assert_eq!(&std::fs::read(&own).unwrap()[8192..8204], &[0u8; 12], "a pinned layer is not written");
+    assert_eq!(
+        own_bytes(8192, 12),
+        vec![0u8; 12],
+        "a pinned layer is not written"
+    );
     let ev = ask("save --name s2 --wait");
     assert!(ev.to_string().contains("--guest-state-max-count"), "{ev}");
     assert_eq!(

@@ -75,7 +75,13 @@ impl Manager {
         let state = &self.s.cfg.state_dir;
         let vm_dir = self.vm_dir(name);
         let fix = |r: std::io::Result<()>, p: &Path| {
-            r.map_err(|e| HostError::Internal(format!("preparing {} for QEMU's user {}: {e}", p.display(), u.name)))
+            r.map_err(|e| {
+                HostError::Internal(format!(
+                    "preparing {} for QEMU's user {}: {e}",
+                    p.display(),
+                    u.name
+                ))
+            })
         };
         for d in [state.clone(), state.join("vms"), state.join("run")] {
             fix(u.passage(&d, false), &d)?;
@@ -123,12 +129,17 @@ impl Manager {
     }
 
     /// The kernel and initrd as QEMU's user can read them (copies in `run_dir` if it cannot).
-    pub(super) fn qemu_boot_files(&self, kernel: Option<KernelBoot>, run_dir: &Path) -> Result<Option<KernelBoot>> {
+    pub(super) fn qemu_boot_files(
+        &self,
+        kernel: Option<KernelBoot>,
+        run_dir: &Path,
+    ) -> Result<Option<KernelBoot>> {
         let Some(mut k) = kernel else { return Ok(None) };
         let u = &self.s.qemu_user;
         let copy = |p: &Path| {
-            u.readable_copy(p, run_dir)
-                .map_err(|e| HostError::Internal(format!("giving QEMU's user {} the boot file: {e}", u.name)))
+            u.readable_copy(p, run_dir).map_err(|e| {
+                HostError::Internal(format!("giving QEMU's user {} the boot file: {e}", u.name))
+            })
         };
         k.kernel = copy(&k.kernel)?;
         if let Some(i) = &k.initrd {
@@ -200,7 +211,12 @@ impl Manager {
 
     /// Hot-plug `d` (on its layer) into a running QEMU: with its chain named and descriptors
     /// passed over QMP when it reaches a file outside the state dir.
-    pub(super) async fn hotplug_disk(&self, qmp: &drover_qemu::qmp::Qmp, d: &DiskConfig, port: u8) -> Result<()> {
+    pub(super) async fn hotplug_disk(
+        &self,
+        qmp: &drover_qemu::qmp::Qmp,
+        d: &DiskConfig,
+        port: u8,
+    ) -> Result<()> {
         let mut disks = self.qemu_disks(std::slice::from_ref(d), 0)?;
         let blockdev = match disks.chains.remove(d.id.as_str()) {
             None => None,
@@ -212,10 +228,13 @@ impl Manager {
                     if let Some(s) = set {
                         args["fdset-id"] = s.into();
                     }
-                    let r = qmp.execute_with_fd("add-fd", Some(args), std::os::fd::AsFd::as_fd(fd)).await?;
+                    let r = qmp
+                        .execute_with_fd("add-fd", Some(args), std::os::fd::AsFd::as_fd(fd))
+                        .await?;
                     set = r.get("fdset-id").and_then(|v| v.as_u64()).or(set);
                 }
-                let set = set.ok_or_else(|| HostError::Internal("QEMU's add-fd named no fd set".into()))?;
+                let set =
+                    set.ok_or_else(|| HostError::Internal("QEMU's add-fd named no fd set".into()))?;
                 if let Some(last) = chain.last_mut() {
                     last.filename = format!("/dev/fdset/{set}");
                 }
@@ -269,15 +288,55 @@ mod tests {
             return;
         }
         // The user's image names a backing file of its own: droverd must not follow it.
-        assert!(run(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", evil.to_str().unwrap(), user.to_str().unwrap()]));
+        assert!(run(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            evil.to_str().unwrap(),
+            user.to_str().unwrap()
+        ]));
         let o1 = disks.join("d.o1.qcow2");
         let o2 = disks.join("d.o2.qcow2");
-        assert!(run(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", user.to_str().unwrap(), o1.to_str().unwrap()]));
-        assert!(run(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "d.o1.qcow2", o2.to_str().unwrap()]));
-        assert_eq!(chain_files(&state, &o2).unwrap(), vec![o2.clone(), o1.clone(), user.clone()]);
+        assert!(run(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            user.to_str().unwrap(),
+            o1.to_str().unwrap()
+        ]));
+        assert!(run(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "d.o1.qcow2",
+            o2.to_str().unwrap()
+        ]));
+        assert_eq!(
+            chain_files(&state, &o2).unwrap(),
+            vec![o2.clone(), o1.clone(), user.clone()]
+        );
         assert_eq!(chain_files(&state, &user).unwrap(), vec![user.clone()]);
         let own = disks.join("own.qcow2");
-        assert!(run(&["create", "-q", "-f", "qcow2", own.to_str().unwrap(), "1M"]));
+        assert!(run(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            own.to_str().unwrap(),
+            "1M"
+        ]));
         assert_eq!(chain_files(&state, &own).unwrap(), vec![own]);
     }
 }
