@@ -132,6 +132,14 @@ fi
 if getent group kvm >/dev/null && ! id -nG drover-qemu | grep -qw kvm; then
   usermod -a -G kvm drover-qemu
 fi
+# Fast saves write-protect guest RAM with userfaultfd. QEMU 8.1+ opens /dev/userfaultfd (droverd
+# gives it to drover-qemu); QEMU 7.2 calls userfaultfd(2), which a non-root user may only with
+# vm.unprivileged_userfaultfd = 1 (the alternative, CAP_SYS_PTRACE, would let an escaped QEMU
+# trace root's processes).
+if [ "$set_name" = debian ]; then
+  echo "vm.unprivileged_userfaultfd = 1" >/etc/sysctl.d/60-drover-userfaultfd.conf
+  sysctl -q -w vm.unprivileged_userfaultfd=1
+fi
 
 # Every binary Drover needs must run, and the QEMU ones must be of one version.
 check() {

@@ -170,6 +170,33 @@ pub struct VmInfo {
     /// from before have the default: `q35`, `-cpu max`, padded RAM, as they always ran).
     #[serde(default)]
     pub platform: drover_model::Platform,
+    /// The cluster member this VM is, and the fencing token of its last start (set by a
+    /// controller's start; `None` for VMs that are not the cluster's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Fence>,
+}
+
+/// A cluster controller's claim to start a member on this host: which member, and the etcd
+/// revision its assignment was written at (the fencing token). droverd starts it only if the
+/// assignment is, right now, to this host at exactly that revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fence {
+    /// The service.
+    pub service: String,
+    /// The app within it.
+    pub app: String,
+    /// 1-based replica index.
+    pub index: u32,
+    /// The assignment's etcd revision.
+    pub token: i64,
+}
+
+impl Fence {
+    /// The VM name of the member (`service-app-index`), as the controller names it.
+    pub fn vm_name(&self) -> String {
+        format!("{}-{}-{}", self.service, self.app, self.index)
+    }
 }
 
 /// A VM's part in a migration between hosts.
@@ -368,6 +395,10 @@ pub struct StartRequest {
     /// Store the composed config as a new generation.
     #[serde(default)]
     pub save_as_generation: bool,
+    /// A cluster controller's start: refused unless the member's assignment is to this host at
+    /// this token (see [`Fence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Fence>,
 }
 
 /// A live change: attach a disk or NIC.

@@ -1608,6 +1608,7 @@ async fn start_vm(
         with: pick.with.clone(),
         set: pick.set.clone(),
         save_as_generation: pick.save_as_generation,
+        fence: None,
     };
     let v: VmInfo = c
         .post(&format!("/v1/vms/{}/start", seg(name)?), &req)

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::etcd::Etcd;
 use crate::inventory::HostInventory;
+use crate::{Assignment, MemberId};
 
 /// When a host must have stopped its cluster VMs if no renewal succeeds meanwhile.
 pub fn fence_deadline(renewal_sent: Instant, ttl: Duration, margin: Duration) -> Instant {
@@ -24,8 +25,36 @@ pub fn fence_deadline(renewal_sent: Instant, ttl: Duration, margin: Duration) ->
 
 /// What the membership loop does with the host's VMs.
 pub trait LocalVms {
-    /// Stop these cluster VMs now (forcefully: the deadline is near). Called once per lost lease.
+    /// Stop these cluster VMs now (forcefully: the deadline is near). Called once per lost lease,
+    /// and for members found running here that the cluster has placed elsewhere.
     fn fence(&self, vms: Vec<String>) -> impl Future<Output = ()>;
+    /// The cluster members running on this host, with the token of their last start.
+    fn members(&self) -> impl Future<Output = Vec<LocalMember>>;
+}
+
+/// A cluster member running on this host, as droverd recorded its last start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalMember {
+    /// Its VM.
+    pub vm: String,
+    /// The member.
+    pub member: MemberId,
+    /// The fencing token it was started with.
+    pub token: i64,
+}
+
+/// The members running here that must not: none of their assignments is to `host` at the token
+/// they started with (re-placed while this host was cut off, or while its droverd was down).
+pub fn stale(local: &[LocalMember], assignments: &[Assignment], host: &str) -> Vec<String> {
+    local
+        .iter()
+        .filter(|l| {
+            !assignments
+                .iter()
+                .any(|a| a.member == l.member && a.host == host && a.revision == l.token)
+        })
+        .map(|l| l.vm.clone())
+        .collect()
 }
 
 /// Join settings.
@@ -100,8 +129,14 @@ pub async fn run(m: Membership, vms: impl LocalVms) {
                 }
                 Err(_) => continue,
             }
-            // Which cluster VMs are this host's: fenced if the lease is lost.
+            // Which cluster VMs are this host's: fenced if the lease is lost. A member running
+            // here that the cluster placed elsewhere (or restarted since) is stopped now.
             if let Ok(Ok(list)) = tokio::time::timeout(period, etcd.assignments()).await {
+                let gone = stale(&vms.members().await, &list, &name);
+                if !gone.is_empty() {
+                    tracing::warn!(host = %name, vms = ?gone, "cluster members running here are assigned elsewhere or were restarted since: stopping them (fencing)");
+                    vms.fence(gone).await;
+                }
                 mine = list
                     .into_iter()
                     .filter(|a| a.host == name)
@@ -115,6 +150,52 @@ pub async fn run(m: Membership, vms: impl LocalVms) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn member(index: u32) -> MemberId {
+        MemberId {
+            service: "shop".into(),
+            app: "web".into(),
+            index,
+        }
+    }
+
+    fn assigned(index: u32, host: &str, revision: i64) -> Assignment {
+        Assignment {
+            member: member(index),
+            host: host.into(),
+            revision,
+            attempt: 1,
+            started_ms: 0,
+            avoid: vec![],
+        }
+    }
+
+    fn running(index: u32, token: i64) -> LocalMember {
+        LocalMember {
+            vm: member(index).vm_name(),
+            member: member(index),
+            token,
+        }
+    }
+
+    #[test]
+    fn members_run_only_where_and_as_the_cluster_assigns_them() {
+        let list = [
+            assigned(1, "h1", 10),
+            assigned(2, "h2", 11),
+            assigned(3, "h1", 20),
+        ];
+        let local = [running(1, 10), running(2, 7), running(3, 12), running(4, 3)];
+        assert_eq!(
+            stale(&local, &list, "h1"),
+            vec![
+                "shop-web-2".to_string(), // placed on h2 meanwhile
+                "shop-web-3".to_string(), // restarted since (a newer assignment)
+                "shop-web-4".to_string(), // no assignment any more
+            ]
+        );
+        assert!(stale(&[running(1, 10)], &list, "h1").is_empty());
+    }
 
     #[test]
     fn the_fence_comes_before_the_lease_can_expire() {

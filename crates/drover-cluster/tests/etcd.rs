@@ -175,20 +175,96 @@ async fn services_round_trip_and_an_unreachable_etcd_says_so() -> Result<()> {
     Ok(())
 }
 
-/// Simulated VMs: when the fence came and what it stopped.
+/// Simulated VMs: when the fence came and what it stopped; the members running here.
 #[derive(Clone, Default)]
-struct Fenced(std::sync::Arc<std::sync::Mutex<FenceLog>>);
+struct Fenced(
+    std::sync::Arc<std::sync::Mutex<FenceLog>>,
+    std::sync::Arc<std::sync::Mutex<Vec<drover_cluster::host::LocalMember>>>,
+);
 
 /// Each fence: when, and the VMs it stopped.
 type FenceLog = Vec<(Instant, Vec<String>)>;
 
 impl drover_cluster::host::LocalVms for Fenced {
     async fn fence(&self, vms: Vec<String>) {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|m| !vms.contains(&m.vm));
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((Instant::now(), vms));
     }
+
+    async fn members(&self) -> Vec<drover_cluster::host::LocalMember> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A droverd that comes back (restarted, or after a partition) with a member still running
+/// that the controller has meanwhile placed on another host stops it at its first look at the
+/// assignments; the member assigned here at its token keeps running.
+#[tokio::test]
+async fn a_member_placed_elsewhere_meanwhile_is_stopped_when_the_host_is_back() -> Result<()> {
+    let server = start_etcd().await?;
+    let e = connect(&server).await?;
+    let ttl = Duration::from_secs(3);
+    let lead = e.campaign("ctl", ttl).await?;
+    let moved = lead
+        .assign(&Assignment {
+            host: "h2".into(),
+            ..assignment("h1")
+        })
+        .await?;
+    let mut here = assignment("h1");
+    here.member = member(2);
+    let kept = lead.assign(&here).await?;
+    let fenced = Fenced::default();
+    *fenced.1.lock().unwrap() = vec![
+        drover_cluster::host::LocalMember {
+            vm: member(1).vm_name(),
+            member: member(1),
+            token: moved - 1,
+        },
+        drover_cluster::host::LocalMember {
+            vm: member(2).vm_name(),
+            member: member(2),
+            token: kept,
+        },
+    ];
+    let membership = drover_cluster::host::Membership::new(
+        vec![server.url.clone()],
+        HostInventory::new("h1", 4, 4 << 30, 100 << 30),
+        ttl,
+    );
+    let task = tokio::spawn(drover_cluster::host::run(membership, fenced.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fenced.0.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stale member was never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    task.abort();
+    let log = fenced.0.lock().unwrap().clone();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].1, vec!["shop-web-1".to_string()]);
+    let left: Vec<String> = fenced
+        .1
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m.vm.clone())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["shop-web-2".to_string()],
+        "the member assigned here runs on"
+    );
+    Ok(())
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use drover_api::{Client, ClientError, ErrorCode, RemoteSpec, StartRequest, StopRequest, VmInfo};
+use drover_api::{
+    Client, ClientError, ErrorCode, Fence, RemoteSpec, StartRequest, StopRequest, VmInfo,
+};
 use drover_cluster::controller::{DriverError, HostDriver};
 use drover_cluster::{App, HostInventory, MemberId, ObservedVm, VmState};
 use drover_model::{format_size, DiskSpec, VmSpec};
@@ -80,8 +82,9 @@ impl HostDriver for Droverd {
                 Some(ObservedVm {
                     host: host.name.clone(),
                     member: m.clone(),
-                    // droverd does not record the token yet; the assignment's is assumed.
-                    token: *token,
+                    // The token droverd recorded at the VM's last start (the assignment's for a
+                    // VM started before droverd recorded them).
+                    token: vm.fence.as_ref().map(|f| f.token).unwrap_or(*token),
                     state,
                 })
             })
@@ -93,7 +96,7 @@ impl HostDriver for Droverd {
         host: &HostInventory,
         member: &MemberId,
         app: &App,
-        _token: i64,
+        token: i64,
     ) -> Result<(), DriverError> {
         let c = self.client(host)?;
         let name = member.vm_name();
@@ -119,7 +122,18 @@ impl HostDriver for Droverd {
             Err(e) => return Err(err(&host.name, e)),
         }
         let _: VmInfo = c
-            .post(&format!("/v1/vms/{name}/start"), &StartRequest::default())
+            .post(
+                &format!("/v1/vms/{name}/start"),
+                &StartRequest {
+                    fence: Some(Fence {
+                        service: member.service.clone(),
+                        app: member.app.clone(),
+                        index: member.index,
+                        token,
+                    }),
+                    ..StartRequest::default()
+                },
+            )
             .await
             .map_err(|e| err(&host.name, e))?;
         Ok(())

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use drover_cluster::host::{LocalVms, Membership};
-use drover_cluster::{Costs, HostInventory};
+use drover_cluster::host::{LocalMember, LocalVms, Membership};
+use drover_cluster::{Costs, HostInventory, MemberId};
 use serde::Deserialize;
 
 use crate::manager::Manager;
@@ -56,6 +56,26 @@ impl ClusterConfig {
 struct ManagerVms(Manager);
 
 impl LocalVms for ManagerVms {
+    async fn members(&self) -> Vec<LocalMember> {
+        self.0
+            .list()
+            .into_iter()
+            .filter(|v| v.state != drover_api::VmState::Stopped)
+            .filter_map(|v| {
+                let f = v.fence?;
+                Some(LocalMember {
+                    vm: v.name,
+                    member: MemberId {
+                        service: f.service,
+                        app: f.app,
+                        index: f.index,
+                    },
+                    token: f.token,
+                })
+            })
+            .collect()
+    }
+
     async fn fence(&self, vms: Vec<String>) {
         for name in vms {
             let running = self
@@ -106,6 +126,26 @@ pub fn spawn(
         .validate()
         .context("this host cannot join the cluster (set name = \"...\" in --cluster-config)")?;
     let ttl = Duration::from_secs(cfg.ttl_s.unwrap_or(3).max(1));
+    // A controller's start carries its assignment's revision: checked against etcd right
+    // before QEMU starts, failing closed.
+    let (endpoints, host) = (etcd.clone(), inventory.name.clone());
+    mgr.set_fence_check(std::sync::Arc::new(move |f: drover_api::Fence| {
+        let (endpoints, host) = (endpoints.clone(), host.clone());
+        Box::pin(async move {
+            let etcd =
+                drover_cluster::etcd::Etcd::connect(&endpoints, "/drover", Duration::from_secs(2))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let member = MemberId {
+                service: f.service,
+                app: f.app,
+                index: f.index,
+            };
+            etcd.check_token(&member, &host, f.token)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }));
     tracing::info!(host = %inventory.name, etcd = ?etcd, ttl_s = ttl.as_secs(), "joining the cluster");
     tokio::spawn(drover_cluster::host::run(
         Membership::new(etcd, inventory, ttl),

@@ -237,7 +237,19 @@ struct Shared {
     qemu_user: crate::qemu_user::QemuUser,
     /// Set once droverd is stopping: no new QEMU starts after it.
     stopping: std::sync::atomic::AtomicBool,
+    /// Checks a controller's fencing token against the cluster (set with `--cluster`).
+    fence_check: Mutex<Option<FenceCheck>>,
 }
+
+/// Answers whether a cluster member may start here with its token right now (`Err`: the
+/// cluster could not be asked).
+pub type FenceCheck = Arc<
+    dyn Fn(
+            drover_api::Fence,
+        ) -> futures_util::future::BoxFuture<'static, std::result::Result<bool, String>>
+        + Send
+        + Sync,
+>;
 
 /// The VM manager. Cheap to clone.
 #[derive(Clone)]
@@ -343,6 +355,29 @@ impl Manager {
         let (cfg_pools, cfg_image_dir) = (cfg.pools.clone(), cfg.image_dir.clone());
         let qemu_user = cfg.qemu_user.clone();
         check_qemu_user_reach(&qemu_user, &cfg)?;
+        // Fast saves write-protect guest RAM with userfaultfd; QEMU 8.1 and later get it from
+        // /dev/userfaultfd (only the caller's own memory), which its user needs to open. Older
+        // ones call userfaultfd(2), which a non-root user may only with
+        // vm.unprivileged_userfaultfd = 1 (see spawn_qemu).
+        let uffd = Path::new("/dev/userfaultfd");
+        if qemu_user.is_dedicated() && !qemu_before(&qemu_version, (8, 1)) && uffd.exists() {
+            if let Err(e) = qemu_user.grant(uffd, true) {
+                tracing::warn!(
+                    "cannot give /dev/userfaultfd to QEMU's user {}: {e}; fast saves will fail",
+                    qemu_user.name
+                );
+            }
+        }
+        if qemu_user.is_dedicated()
+            && qemu_before(&qemu_version, (8, 1))
+            && std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+                .is_ok_and(|v| v.trim() == "0")
+        {
+            tracing::warn!(
+                "QEMU {qemu_version} runs as {} and calls userfaultfd(2) for fast saves, which vm.unprivileged_userfaultfd = 0 forbids it: fast saves will fail (classic ones work). Set it to 1 (scripts/install-deps.sh writes /etc/sysctl.d/60-drover-userfaultfd.conf), or run QEMU 8.1 or later",
+                qemu_user.name
+            );
+        }
         let mgr = Manager {
             s: Arc::new(Shared {
                 cfg,
@@ -359,6 +394,7 @@ impl Manager {
                 pools: crate::pools::Pools::new(cfg_pools, &cfg_image_dir),
                 qemu_user,
                 stopping: std::sync::atomic::AtomicBool::new(false),
+                fence_check: Mutex::new(None),
             }),
         };
         for (name, mut info) in records {
@@ -950,6 +986,7 @@ impl Manager {
                 migration: None,
                 paused_reason: None,
                 platform: self.new_vm_platform(),
+                fence: None,
             };
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
@@ -1104,6 +1141,16 @@ impl Manager {
             .map_err(HostError::Conflict)?;
         let (config, started_from) = self.choose_config(slot, &info, req, caller)?;
         self.check_fits(name, &config)?;
+        // A cluster member starts only where and while the cluster assigns it: a controller's
+        // start with its token, and any other start (an operator's, a restart) with the token
+        // of its last one, so a member re-placed elsewhere never runs here again.
+        if let Some(f) = req.fence.as_ref().or(info.fence.as_ref()) {
+            self.check_fence(name, f).await?;
+            if req.fence.is_some() {
+                // Durable before QEMU exists: a restarted droverd knows which member this is.
+                self.persist(slot, |i| i.fence = Some(f.clone()))?;
+            }
+        }
         self.launch(
             name,
             slot,
@@ -1114,11 +1161,48 @@ impl Manager {
         .await
     }
 
+    /// Use `check` for the fencing tokens of cluster starts (droverd `--cluster`).
+    pub fn set_fence_check(&self, check: FenceCheck) {
+        *lock(&self.s.fence_check) = Some(check);
+    }
+
+    /// A controller's start of member `f` as VM `name`: only if the cluster says, right now,
+    /// that the member is assigned here at exactly this token. Fails closed: without a cluster
+    /// to ask, or when it does not answer, nothing starts.
+    async fn check_fence(&self, name: &str, f: &drover_api::Fence) -> Result<()> {
+        if f.vm_name() != name {
+            return Err(HostError::Invalid(format!(
+                "a fenced start of member {}/{}-{} names VM {name}; its VM is {}",
+                f.service,
+                f.app,
+                f.index,
+                f.vm_name()
+            )));
+        }
+        let check = lock(&self.s.fence_check).clone().ok_or_else(|| {
+            HostError::Conflict(format!(
+                "VM {name}: a controller's start (fencing token {}) needs droverd --cluster to check it; not starting",
+                f.token
+            ))
+        })?;
+        match check(f.clone()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(HostError::Conflict(format!(
+                "VM {name}: member {}/{}-{} is not assigned to this host at revision {} (re-placed or restarted since); not starting a second copy",
+                f.service, f.app, f.index, f.token
+            ))),
+            Err(e) => Err(HostError::Conflict(format!(
+                "VM {name}: cannot check member {}/{}-{}'s assignment in the cluster ({e}); not starting",
+                f.service, f.app, f.index
+            ))),
+        }
+    }
+
     /// Start a QEMU process for `config`, confined: as its own user ([`crate::qemu_user`]), with
     /// the descriptors `inherit` (its fd sets), seccomp (`-sandbox`: obsolete system calls,
     /// privilege changes and resource control denied) and no capabilities but those it needs —
     /// `CAP_NET_BIND_SERVICE` only for a forward an admin set below port 1024, `CAP_SYS_PTRACE`
-    /// only for QEMU before 8.1 (background snapshots call `userfaultfd`). `spawn` stays
+    /// only for QEMU before 8.1 running as root (background snapshots call `userfaultfd`). `spawn` stays
     /// allowed: classic saves and restores run `exec:cat`. Refused once droverd is stopping.
     fn spawn_qemu(
         &self,
@@ -1145,7 +1229,10 @@ impl Manager {
         if low_port {
             keep |= process::CAP_NET_BIND_SERVICE;
         }
-        if qemu_before(&self.s.qemu_version, (8, 1)) {
+        // QEMU before 8.1 calls userfaultfd(2) for background snapshots. As root it needs
+        // CAP_SYS_PTRACE for that; as its own user it never gets it (it would let an escaped
+        // QEMU trace root's processes): vm.unprivileged_userfaultfd = 1 lets it instead.
+        if qemu_before(&self.s.qemu_version, (8, 1)) && !self.s.qemu_user.is_dedicated() {
             keep |= process::CAP_SYS_PTRACE;
         }
         let q = &self.s.cfg.qemu;

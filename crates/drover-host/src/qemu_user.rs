@@ -7,7 +7,8 @@
 //!   directory; a state being written) are `root:drover-qemu 0770`, the directories above them
 //!   `0710` (passage only);
 //! - files droverd made for it (disk layers, console log, seed, a state's files) get the group,
-//!   readable, and writable only where QEMU writes (the top layer, not a layer a state pins);
+//!   readable, and writable where QEMU may write (every layer of a writable disk: QEMU reopens
+//!   backing layers read-write while it changes a chain; it opens a pinned layer read-only);
 //! - files outside droverd's state dir (users' images in pools, an admin's paths) are opened by
 //!   droverd and handed over as descriptors (fd sets), never opened by QEMU by name;
 //! - a kernel or initrd QEMU cannot read is copied into the run directory.

@@ -565,6 +565,14 @@ impl Drop for Daemon {
     }
 }
 
+/// A free TCP port on loopback (free when asked; tests bind it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 /// Poll `f` until it returns `Some`, or panic after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

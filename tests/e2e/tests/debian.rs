@@ -5,17 +5,10 @@
 //! socket's group, a guest save/restore with app data, an orderly stop whose next boot finds a
 //! clean shutdown in the journal and an ext4 root that needed no recovery.
 
-use drover_e2e::{wait_for, Daemon};
+use drover_e2e::{free_port, wait_for, Daemon};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// `ssh root@127.0.0.1 -p port CMD` with `key`, non-interactive; stdout on success.
 fn ssh(key: &Path, port: u16, cmd: &str) -> Option<String> {

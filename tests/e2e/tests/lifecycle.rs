@@ -1,16 +1,9 @@
 //! A VM's life seen from inside the guest: CPUs and memory as asked, a disk whose data survives a
 //! stop/start, state and console as a user checks them, graceful stop, guest power-off.
 
-use drover_e2e::{wait_for, Daemon};
+use drover_e2e::{free_port, wait_for, Daemon};
 use std::io::{Read, Write};
 use std::time::Duration;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// GET / from 127.0.0.1:port; `None` until something answers with a body.
 fn http_get(port: u16) -> Option<String> {

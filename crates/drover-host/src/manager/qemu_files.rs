@@ -149,10 +149,10 @@ impl Manager {
     }
 
     /// How QEMU opens `disks` (each on the layer it runs on; `first_set` numbers their fd sets).
-    /// droverd's own layers are granted (the top writable unless the disk is read-only, the rest
-    /// read-only); a disk that reaches a file outside the state dir gets its chain named and that
+    /// droverd's own layers are granted (writable unless the disk is read-only); a disk that
+    /// reaches a file outside the state dir gets its chain named and that
     /// file as descriptors: read-only always (QEMU reopens a layer read-only once a save puts an
-    /// overlay on it), read-write too when it is the writable top.
+    /// overlay on it), read-write too when the disk is writable.
     pub(super) fn qemu_disks(&self, disks: &[DiskConfig], first_set: u32) -> Result<QemuDisks> {
         let mut out = QemuDisks::default();
         if !self.s.qemu_user.is_dedicated() {
@@ -164,14 +164,18 @@ impl Manager {
             let mut chain = Vec::with_capacity(files.len());
             let mut outside = false;
             for (depth, f) in files.iter().enumerate() {
-                let write = depth == 0 && !d.readonly;
+                // droverd's layers stay group-writable even below the top: QEMU reopens backing
+                // layers read-write while it changes a chain (a save's blockdev-snapshot, a
+                // mirror), and fails if it cannot. A pinned layer is kept from writes by QEMU
+                // opening it read-only, as before; files outside the state dir get descriptors
+                // of the access the disk has.
                 let format = if depth + 1 == files.len() {
                     d.format
                 } else {
                     DiskFormat::Qcow2
                 };
                 if f.starts_with(state) {
-                    self.grant_qemu(f, write)?;
+                    self.grant_qemu(f, !d.readonly)?;
                     chain.push(ChainLayer {
                         filename: f.display().to_string(),
                         format,
@@ -180,8 +184,11 @@ impl Manager {
                 }
                 outside = true;
                 let set = first_set + i as u32;
+                // Read-write too for a writable disk even when a save has put overlays on the
+                // file: QEMU may reopen it read-write while it changes the chain (a non-admin's
+                // writable disk comes from a pool marked :rw; an admin's path is the admin's).
                 for rw in [false, true] {
-                    if rw && !write {
+                    if rw && d.readonly {
                         continue;
                     }
                     let file = self.s.pools.open_for_qemu(f, rw)?;

@@ -350,14 +350,7 @@ impl Manager {
         for o in overlays.iter().skip(moved) {
             let _ = std::fs::remove_file(o);
         }
-        // A layer a state pins is QEMU's to read, no longer to write (droverd's own layers).
-        for layer in pinned.values() {
-            if layer.starts_with(&self.s.cfg.state_dir) {
-                if let Err(e) = self.grant_qemu(layer, false) {
-                    tracing::warn!(vm, "{e}");
-                }
-            }
-        }
+
         if let Err(e) = saved {
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(r) = receiver {
