@@ -174,6 +174,11 @@ pub struct VmInfo {
     /// controller's start; `None` for VMs that are not the cluster's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<Fence>,
+    /// Disks given as `image=PATH` whose latest data is, since a save, in a layer of droverd's
+    /// over the user's image (disk id → that layer); `vm delete` writes it back into the image
+    /// (or `--discard-changes`). Shown, never stored.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub unwritten: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
 /// A cluster controller's claim to start a member on this host: which member, and the etcd

@@ -664,6 +664,10 @@ enum VmCmd {
         /// Stop it first if it is running.
         #[arg(long)]
         force: bool,
+        /// Do not write the VM's latest data back into disks given as `image=PATH`: each image
+        /// stays as it was when the VM's first save pinned it (`vm show` lists such disks).
+        #[arg(long)]
+        discard_changes: bool,
     },
     /// List VMs.
     #[command(alias = "ls")]
@@ -1513,15 +1517,30 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                 out.json_only(&v);
             }
         }
-        VmCmd::Delete { name, force } => {
+        VmCmd::Delete {
+            name,
+            force,
+            discard_changes,
+        } => {
             let v: VmInfo = c
                 .call::<(), VmInfo>(
                     drover_api::Method::DELETE,
-                    &format!("/v1/vms/{}?force={force}", seg(&name)?),
+                    &format!(
+                        "/v1/vms/{}?force={force}&discard_changes={discard_changes}",
+                        seg(&name)?
+                    ),
                     None,
                 )
                 .await?;
             out.line(&format!("deleted VM {}", v.name));
+            for d in v.config.disks.iter().filter(|d| !d.owned && !d.readonly) {
+                let how = if v.unwritten.contains_key(d.id.as_str()) {
+                    "left as it was at the VM's first save (--discard-changes)"
+                } else {
+                    "kept, with the VM's latest data"
+                };
+                out.line(&format!("  disk {}: {} {how}", d.id, d.path.display()));
+            }
             out.json_only(&v);
         }
         VmCmd::Console { name, follow } => {

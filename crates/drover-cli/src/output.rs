@@ -279,18 +279,21 @@ impl Out {
             Boot::Disk { disk } => println!("boot:      disk {disk}"),
         }
         for d in &c.disks {
+            let owner = match v.unwritten.get(d.id.as_str()) {
+                _ if d.owned => String::new(),
+                Some(layer) => format!(
+                    " (yours, kept on delete; its latest data is in {} since a save, written back into it on delete)",
+                    layer.display()
+                ),
+                None => " (yours, kept on delete)".to_string(),
+            };
             println!(
-                "disk:      {} {} {} {}{}{}",
+                "disk:      {} {} {} {}{}{owner}",
                 d.id,
                 format_size(d.size),
                 d.format,
                 d.path.display(),
                 if d.readonly { " read-only" } else { "" },
-                if d.owned {
-                    ""
-                } else {
-                    " (not owned: kept on delete)"
-                }
             );
         }
         for n in &c.nics {

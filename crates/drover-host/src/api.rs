@@ -385,21 +385,25 @@ async fn show(
     Ok(Json(m.get(&name)?))
 }
 
+/// `DELETE /v1/vms/NAME?force=&discard_changes=`.
 #[derive(Deserialize)]
-struct ForceQuery {
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    discard_changes: bool,
 }
 
 async fn delete(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<ForceQuery>,
+    Query(q): Query<DeleteQuery>,
 ) -> Res<drover_api::VmInfo> {
     need(&who, Permission::Lifecycle)?;
     Ok(Json(
-        detached(async move { m.delete(&name, q.force).await }).await?,
+        detached(async move { m.delete(&name, q.force, q.discard_changes).await }).await?,
     ))
 }
 

@@ -732,7 +732,59 @@ impl Manager {
     fn view(&self, slot: &Arc<VmSlot>) -> VmInfo {
         let mut info = lock(&slot.info).clone();
         info.agent = lock(&slot.rt).as_ref().map(|rt| rt.agent.status());
+        info.unwritten = self
+            .unwritten_layers(&info.name)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(disk, origin, top)| {
+                info.config
+                    .disks
+                    .iter()
+                    .any(|d| d.id.as_str() == disk && d.path == origin)
+                    .then_some((disk, top))
+            })
+            .collect();
         info
+    }
+
+    /// The user's images (outside the state dir) whose disk's latest data is in a layer of
+    /// droverd's over them: (disk id, the image, that layer).
+    fn unwritten_layers(&self, name: &str) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+        let state = &self.s.cfg.state_dir;
+        Ok(self
+            .all_layers(name)?
+            .into_iter()
+            .flat_map(|(disk, l)| {
+                l.tops
+                    .into_iter()
+                    .map(move |(origin, top)| (disk.clone(), origin, top))
+            })
+            .filter(|(_, origin, top)| !origin.starts_with(state) && top != origin)
+            .collect())
+    }
+
+    /// Before a delete: write each user's image's latest data back into it from droverd's
+    /// layers (`qemu-img commit`), so the image holds what the VM last wrote. The VM is stopped
+    /// and its states go with it, so nothing depends on the image as it was. A crash midway
+    /// leaves the VM and its layers: the next delete writes back again.
+    async fn write_back_user_images(&self, name: &str) -> Result<Vec<PathBuf>> {
+        let mut done = Vec::new();
+        for (disk, origin, top) in self.unwritten_layers(name)? {
+            let (t, o) = (top.clone(), origin.clone());
+            let started = Instant::now();
+            tokio::task::spawn_blocking(move || img::commit(&t, &o))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    HostError::Internal(format!(
+                        "VM {name}: writing disk {disk}'s latest data back into {} failed ({e}); nothing was deleted. Retry, or delete with --discard-changes to leave the image as it was at the first save",
+                        origin.display()
+                    ))
+                })?;
+            tracing::info!(vm = name, disk, image = %origin.display(), ms = started.elapsed().as_millis() as u64, "wrote the disk's latest data back into the user's image");
+            done.push(origin);
+        }
+        Ok(done)
     }
 
     /// One VM.
@@ -987,6 +1039,7 @@ impl Manager {
                 paused_reason: None,
                 platform: self.new_vm_platform(),
                 fence: None,
+                unwritten: Default::default(),
             };
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
@@ -1037,7 +1090,11 @@ impl Manager {
     /// A durable intent: one transaction removes the VM's records and records what is left to
     /// remove (`deleting/<name>`); the files go next, then that record. A droverd killed in
     /// between finishes the removal at its next start.
-    pub async fn delete(&self, name: &str, force: bool) -> Result<VmInfo> {
+    ///
+    /// A disk given as `image=PATH` gets the VM's latest data written back into the image first
+    /// (after a save it lives in droverd's layers), unless `discard_changes`: the image then stays
+    /// as it was when the first save pinned it.
+    pub async fn delete(&self, name: &str, force: bool, discard_changes: bool) -> Result<VmInfo> {
         let slot = self.slot(name)?;
         let state = lock(&slot.info).state;
         if force && matches!(state, VmState::Running | VmState::Paused) {
@@ -1048,6 +1105,15 @@ impl Manager {
         VmAction::Delete
             .check(name, info.state)
             .map_err(HostError::Conflict)?;
+        let mut info = self.view(&slot);
+        if discard_changes {
+            if !info.unwritten.is_empty() {
+                tracing::warn!(vm = name, disks = ?info.unwritten.keys().collect::<Vec<_>>(), "deleting without writing the latest data back into the user's images (--discard-changes)");
+            }
+        } else {
+            self.write_back_user_images(name).await?;
+            info.unwritten.clear();
+        }
         let _create = self.s.create_lock.lock().await;
         let intent = DeleteIntent {
             owned_disks: info

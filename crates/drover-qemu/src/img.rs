@@ -68,6 +68,20 @@ pub fn create_overlay(path: &Path, backing: &Path, size: u64) -> Result<(), ImgE
     create(path, size, &["-u", "-b", &b, "-F", "qcow2"])
 }
 
+/// Write everything `top` and the layers between it and `base` hold into `base` (a file in
+/// `top`'s backing chain): `qemu-img commit -b BASE TOP`. The layers are left as they are.
+pub fn commit(top: &Path, base: &Path) -> Result<(), ImgError> {
+    let (t, b) = (top.to_string_lossy(), base.to_string_lossy());
+    let out = run(&["commit", "-q", "-f", "qcow2", "-b", &b, &t])?;
+    if !out.status.success() {
+        return Err(ImgError::Create {
+            path: base.to_path_buf(),
+            message: stderr_line(&out),
+        });
+    }
+    Ok(())
+}
+
 /// Copy the raw image `raw` into a new qcow2 at `path` (never over an existing file).
 pub fn convert_raw_to_qcow2(raw: &Path, path: &Path) -> Result<(), ImgError> {
     if path.exists() {

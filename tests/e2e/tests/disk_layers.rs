@@ -217,3 +217,86 @@ fn records_of_an_older_droverd_are_migrated_at_start() {
     );
     d.ok(&["vm", "stop", "up"]);
 }
+
+/// What a qcow2 image holds at `sector` (its first word), read on the host.
+fn image_word(image: &std::path::Path, sector: u32) -> String {
+    let raw = image.with_extension("check.raw");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&raw).unwrap();
+    let _ = std::fs::remove_file(&raw);
+    let at = sector as usize * 512;
+    let word: Vec<u8> = bytes[at..at + 32]
+        .iter()
+        .copied()
+        .take_while(|b| *b != 0 && *b != b' ')
+        .collect();
+    String::from_utf8_lossy(&word).into_owned()
+}
+
+/// A disk given as `image=PATH` keeps the user's data through saves and a delete: after a save
+/// the VM writes to droverd's layers (`vm show` says so), and `vm delete` writes the latest data
+/// back into the image; `--discard-changes` leaves it as the first save pinned it.
+#[test]
+fn deleting_a_saved_vm_writes_its_latest_data_back_into_the_users_image() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    for (vm, discard) in [("keep", false), ("drop", true)] {
+        let image = dir.path().join(format!("{vm}.qcow2"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg("64M")
+            .output()
+            .expect("qemu-img");
+        assert!(out.status.success());
+        d.ok(&[
+            "vm",
+            "create",
+            vm,
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("image={},id=data", image.display()),
+        ]);
+        d.ok(&["vm", "start", vm, "--wait"]);
+        write_on(&d, vm, R1, "BEFORE-SAVE");
+        d.ok(&["snapshot", "create", vm, "--name", "s"]);
+        write_on(&d, vm, R2, "AFTER-SAVE");
+        d.ok(&["vm", "stop", vm]);
+        let shown = d.ok(&["vm", "show", vm]);
+        assert!(shown.contains("written back into it on delete"), "{shown}");
+        assert_eq!(
+            image_word(&image, R2),
+            "",
+            "until the delete, the image is as the save pinned it"
+        );
+        let mut args = vec!["vm", "delete", vm];
+        if discard {
+            args.push("--discard-changes");
+        }
+        let said = d.ok(&args);
+        assert_eq!(image_word(&image, R1), "BEFORE-SAVE");
+        if discard {
+            assert!(said.contains("left as it was"), "{said}");
+            assert_eq!(image_word(&image, R2), "", "--discard-changes");
+        } else {
+            assert!(said.contains("with the VM's latest data"), "{said}");
+            assert_eq!(
+                image_word(&image, R2),
+                "AFTER-SAVE",
+                "the latest data is in the image"
+            );
+        }
+        assert!(image.exists());
+    }
+}

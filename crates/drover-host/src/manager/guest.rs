@@ -1081,7 +1081,7 @@ pub(super) mod tests {
             Err(HostError::Invalid(_))
         ));
 
-        m.delete("g1", false).await.unwrap();
+        m.delete("g1", false, false).await.unwrap();
         m.create(
             drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap(),
             &Caller::daemon(),
