@@ -9,10 +9,12 @@
 //! | GET | `/vms` |  | `Vec<VmInfo>` |
 //! | POST | `/vms` | [`drover_model::VmSpec`] | [`VmInfo`] |
 //! | GET | `/vms/{name}` |  | [`VmInfo`] |
-//! | DELETE | `/vms/{name}?force=true` |  | [`VmInfo`] (as it was) |
+//! | DELETE | `/vms/{name}?force=true&discard_changes=false` |  | [`VmInfo`] (as it was) |
 //! | POST | `/vms/{name}/start` | [`StartRequest`] | [`VmInfo`] (QEMU running) |
 //! | POST | `/vms/{name}/stop` | [`StopRequest`] | [`VmInfo`] |
 //! | POST | `/vms/{name}/restart` | [`StopRequest`] | [`VmInfo`] |
+//! | POST | `/vms/{name}/hibernate` |  | [`VmInfo`] (`hibernated`) |
+//! | POST | `/vms/{name}/resume` |  | [`VmInfo`] (running) |
 //! | GET | `/vms/{name}/agent?wait_s=N` |  | [`AgentStatus`] (waits up to N s for readiness) |
 //! | POST | `/vms/{name}/exec` | [`ExecRequest`] | [`drover_proto::ExecResult`] |
 //! | GET | `/vms/{name}/console?offset=N&max=M` |  | bytes; header `x-drover-next-offset` |
@@ -76,6 +78,9 @@ pub enum VmState {
     /// QEMU paused the guest by itself (a disk write failed, e.g. its filesystem is full);
     /// `paused_reason` says why. It runs on once QEMU resumes it.
     Paused,
+    /// Saved to disk and stopped (`vm hibernate`): no QEMU, no host memory or CPUs held;
+    /// `hibernation` says which state holds it. `vm resume` brings it back from that point.
+    Hibernated,
 }
 
 impl std::fmt::Display for VmState {
@@ -86,6 +91,7 @@ impl std::fmt::Display for VmState {
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Paused => "paused",
+            VmState::Hibernated => "hibernated",
         })
     }
 }
@@ -174,11 +180,28 @@ pub struct VmInfo {
     /// controller's start; `None` for VMs that are not the cluster's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<Fence>,
+    /// While `hibernated`: the state that holds the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hibernation: Option<Hibernation>,
     /// Disks given as `image=PATH` whose latest data is, since a save, in a layer of droverd's
     /// over the user's image (disk id → that layer); `vm delete` writes it back into the image
     /// (or `--discard-changes`). Shown, never stored.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub unwritten: std::collections::BTreeMap<String, std::path::PathBuf>,
+}
+
+/// Where a hibernated VM is: the saved state `vm resume` brings back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hibernation {
+    /// The state's id.
+    pub state: String,
+    /// Its size on disk (memory and device state).
+    pub bytes: u64,
+    /// Its directory.
+    pub dir: std::path::PathBuf,
+    /// When it was hibernated (ms since the epoch).
+    pub at_ms: u64,
 }
 
 /// A cluster controller's claim to start a member on this host: which member, and the etcd

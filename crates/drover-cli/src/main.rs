@@ -657,6 +657,29 @@ enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Save a running VM to disk and stop it, freeing its memory and CPUs on this host.
+    ///
+    /// The memory and device state go to a state on disk (synced before this answers); the VM
+    /// shows `hibernated` with that state's size and place, survives droverd restarts and host
+    /// reboots, and `drover vm resume NAME` brings it back running from this point.
+    ///
+    /// Example: drover vm hibernate web1 && drover vm show web1
+    #[command(verbatim_doc_comment)]
+    Hibernate {
+        /// VM name.
+        name: String,
+    },
+    /// Bring a hibernated VM back, running from where it was hibernated (the state is then
+    /// deleted).
+    ///
+    /// Example: drover vm resume web1 --wait
+    #[command(verbatim_doc_comment)]
+    Resume {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Delete a stopped VM and the disks Drover created for it (your own images are kept).
     Delete {
         /// VM name.
@@ -1511,6 +1534,34 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                 )
                 .await?;
             p.done(&format!("{name} restarted (pid {})", v.pid.unwrap_or(0)));
+            if wait.wait {
+                wait_agent(c, out, &name, wait.wait_timeout).await?;
+            } else {
+                out.json_only(&v);
+            }
+        }
+        VmCmd::Hibernate { name } => {
+            let p = out.progress(&format!("hibernating {name}"));
+            let v: VmInfo = c
+                .post(&format!("/v1/vms/{}/hibernate", seg(&name)?), &())
+                .await?;
+            match &v.hibernation {
+                Some(h) => p.done(&format!(
+                    "{name} hibernated: {} on disk in {} (state {}); `drover vm resume {name}` brings it back",
+                    format_size(h.bytes),
+                    h.dir.display(),
+                    h.state
+                )),
+                None => p.done(&format!("{name} is {}", v.state)),
+            }
+            out.json_only(&v);
+        }
+        VmCmd::Resume { name, wait } => {
+            let p = out.progress(&format!("resuming {name}"));
+            let v: VmInfo = c
+                .post(&format!("/v1/vms/{}/resume", seg(&name)?), &())
+                .await?;
+            p.done(&format!("{name} resumed (pid {})", v.pid.unwrap_or(0)));
             if wait.wait {
                 wait_agent(c, out, &name, wait.wait_timeout).await?;
             } else {

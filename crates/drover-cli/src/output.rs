@@ -211,7 +211,17 @@ impl Out {
             Some(why) if v.state == VmState::Paused => {
                 println!("state:     {} ({why})", v.state)
             }
-            _ => println!("state:     {}", v.state),
+            _ => match &v.hibernation {
+                Some(h) if v.state == VmState::Hibernated => println!(
+                    "state:     hibernated {} ago in state {} ({} in {}; `drover vm resume {}`)",
+                    age(h.at_ms),
+                    h.state,
+                    format_size(h.bytes),
+                    h.dir.display(),
+                    v.name
+                ),
+                _ => println!("state:     {}", v.state),
+            },
         }
         if let Some(pid) = v.pid {
             println!("pid:       {pid}");

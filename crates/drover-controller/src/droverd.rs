@@ -75,9 +75,9 @@ impl HostDriver for Droverd {
                     drover_api::VmState::Running
                     | drover_api::VmState::Starting
                     | drover_api::VmState::Paused => VmState::Running,
-                    drover_api::VmState::Stopped | drover_api::VmState::Stopping => {
-                        VmState::Stopped
-                    }
+                    drover_api::VmState::Stopped
+                    | drover_api::VmState::Stopping
+                    | drover_api::VmState::Hibernated => VmState::Stopped,
                 };
                 Some(ObservedVm {
                     host: host.name.clone(),

@@ -15,16 +15,23 @@ pub enum VmAction {
     Delete,
     /// Run a command in the guest through the agent. Only when running.
     Exec,
+    /// Save to disk and stop. Only when running.
+    Hibernate,
+    /// Bring a hibernated VM back. Only when hibernated.
+    Resume,
 }
 
 impl VmAction {
     /// States in which the action may begin.
     pub fn allowed_states(self) -> &'static [VmState] {
         match self {
-            VmAction::Start | VmAction::Delete => &[VmState::Stopped],
+            VmAction::Start => &[VmState::Stopped],
+            // A hibernated VM's state goes with it.
+            VmAction::Delete => &[VmState::Stopped, VmState::Hibernated],
             // A guest QEMU paused (full disk) can still be stopped.
             VmAction::Stop | VmAction::Restart => &[VmState::Running, VmState::Paused],
-            VmAction::Exec => &[VmState::Running],
+            VmAction::Exec | VmAction::Hibernate => &[VmState::Running],
+            VmAction::Resume => &[VmState::Hibernated],
         }
     }
 
@@ -36,6 +43,8 @@ impl VmAction {
             VmAction::Restart => "restart",
             VmAction::Delete => "delete",
             VmAction::Exec => "exec",
+            VmAction::Hibernate => "hibernate",
+            VmAction::Resume => "resume",
         }
     }
 
@@ -46,6 +55,10 @@ impl VmAction {
         }
         Err(match (self, state) {
             (VmAction::Start, VmState::Running) => format!("VM {name} is already running"),
+            (_, VmState::Hibernated) => format!(
+                "VM {name} is hibernated; `drover vm resume {name}` brings it back (or delete it)"
+            ),
+            (VmAction::Resume, _) => format!("VM {name} is {state}, not hibernated"),
             (VmAction::Delete, VmState::Running) => {
                 format!("VM {name} is running; stop it first or pass --force")
             }
@@ -68,14 +81,16 @@ mod tests {
     fn state_table() {
         use VmAction::*;
         use VmState::*;
-        let all = [Stopped, Starting, Running, Stopping, Paused];
-        for a in [Start, Stop, Restart, Delete, Exec] {
+        let all = [Stopped, Starting, Running, Stopping, Paused, Hibernated];
+        for a in [Start, Stop, Restart, Delete, Exec, Hibernate, Resume] {
             for s in all {
                 let ok = a.check("x", s).is_ok();
                 let expected = match a {
-                    Start | Delete => s == Stopped,
+                    Start => s == Stopped,
+                    Delete => s == Stopped || s == Hibernated,
                     Stop | Restart => s == Running || s == Paused,
-                    Exec => s == Running,
+                    Exec | Hibernate => s == Running,
+                    Resume => s == Hibernated,
                 };
                 assert_eq!(ok, expected, "{a:?} in {s:?}");
             }
@@ -88,5 +103,13 @@ mod tests {
             .check("w", Stopped)
             .unwrap_err()
             .contains("drover vm start w"));
+        assert!(Start
+            .check("h", Hibernated)
+            .unwrap_err()
+            .contains("drover vm resume h"));
+        assert_eq!(
+            Resume.check("h", Running).unwrap_err(),
+            "VM h is running, not hibernated"
+        );
     }
 }

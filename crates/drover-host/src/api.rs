@@ -272,6 +272,8 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         .route("/v1/vms/{name}/start", post(start))
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/restart", post(restart))
+        .route("/v1/vms/{name}/hibernate", post(hibernate))
+        .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/agent", get(agent))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
@@ -607,6 +609,26 @@ async fn state_create(
     ))
 }
 
+async fn hibernate(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.hibernate(&name, &who.0).await }).await?,
+    ))
+}
+
+async fn resume(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::VmInfo> {
+    Ok(Json(
+        detached(async move { m.resume(&name, &who.0).await }).await?,
+    ))
+}
+
 async fn state_restore(
     State(m): State<Manager>,
     who: Who,
@@ -926,6 +948,8 @@ mod tests {
             (&post, "/v1/vms/{name}/start", Lifecycle, SMALL_BODY),
             (&post, "/v1/vms/{name}/stop", Lifecycle, SMALL_BODY),
             (&post, "/v1/vms/{name}/restart", Lifecycle, SMALL_BODY),
+            (&post, "/v1/vms/{name}/hibernate", Lifecycle, SMALL_BODY),
+            (&post, "/v1/vms/{name}/resume", Lifecycle, SMALL_BODY),
             (&get, "/v1/vms/{name}/agent", Read, SMALL_BODY),
             (&post, "/v1/vms/{name}/exec", Exec, EXEC_BODY),
             (&get, "/v1/vms/{name}/console", Read, SMALL_BODY),

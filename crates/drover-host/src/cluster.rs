@@ -60,7 +60,12 @@ impl LocalVms for ManagerVms {
         self.0
             .list()
             .into_iter()
-            .filter(|v| v.state != drover_api::VmState::Stopped)
+            .filter(|v| {
+                !matches!(
+                    v.state,
+                    drover_api::VmState::Stopped | drover_api::VmState::Hibernated
+                )
+            })
             .filter_map(|v| {
                 let f = v.fence?;
                 Some(LocalMember {
@@ -78,10 +83,12 @@ impl LocalVms for ManagerVms {
 
     async fn fence(&self, vms: Vec<String>) {
         for name in vms {
-            let running = self
-                .0
-                .get(&name)
-                .is_ok_and(|v| v.state != drover_api::VmState::Stopped);
+            let running = self.0.get(&name).is_ok_and(|v| {
+                !matches!(
+                    v.state,
+                    drover_api::VmState::Stopped | drover_api::VmState::Hibernated
+                )
+            });
             if running {
                 if let Err(e) = self.0.stop(&name, 0, true).await {
                     tracing::error!(vm = %name, error = %e, "self-fencing: could not stop the VM");

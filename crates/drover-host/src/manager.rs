@@ -35,6 +35,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 mod guest;
 mod helpers;
+mod hibernate;
 mod identity;
 mod layers;
 mod live;
@@ -402,7 +403,8 @@ impl Manager {
             let state = info.state;
             let slot = VmSlot::new(info);
             lock(&mgr.s.vms).insert(name.clone(), slot.clone());
-            if state != VmState::Stopped {
+            // A hibernated VM has no QEMU to find: its state is on disk.
+            if !matches!(state, VmState::Stopped | VmState::Hibernated) {
                 // One VM that cannot be re-adopted must not keep droverd (and the others) down.
                 if let Err(e) = mgr.readopt(&name, &slot).await {
                     tracing::error!(vm = name, "re-adopting failed: {e}");
@@ -803,7 +805,11 @@ impl Manager {
         let mem = hostfacts::memory();
         let (disk_total, disk_free) = hostfacts::disk(&self.s.cfg.state_dir);
         let vms = self.list();
-        let running: Vec<&VmInfo> = vms.iter().filter(|v| v.state != VmState::Stopped).collect();
+        // A hibernated VM holds no memory or CPUs here.
+        let running: Vec<&VmInfo> = vms
+            .iter()
+            .filter(|v| !matches!(v.state, VmState::Stopped | VmState::Hibernated))
+            .collect();
         HostInfo {
             daemon_version: env!("CARGO_PKG_VERSION").into(),
             hostname: hostfacts::hostname(),
@@ -1039,6 +1045,7 @@ impl Manager {
                 paused_reason: None,
                 platform: self.new_vm_platform(),
                 fence: None,
+                hibernation: None,
                 unwritten: Default::default(),
             };
             self.s.store.apply(vec![
@@ -1473,6 +1480,8 @@ impl Manager {
             i.accel = Some(accel);
             i.started_at_ms = Some(hostfacts::now_ms());
             i.running_config = Some(config.clone());
+            // Running again (a resume, or a restore of any state): no longer hibernated.
+            i.hibernation = None;
             // An arriving VM keeps the next-boot changes it was given on its old host.
             if !incoming {
                 i.next_config = None;

@@ -721,6 +721,12 @@ impl Manager {
         state.devices.bytes = std::fs::metadata(devices).map(|m| m.len()).unwrap_or(0);
         state.devices.sha256 =
             Some(sha256_file(devices).map_err(|e| io_ctx("hashing", devices, e))?);
+        // On disk before the state is called durable (a classic save's memory is in this file).
+        let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+        sync(devices).map_err(|e| io_ctx("syncing", devices, e))?;
+        if let Some(dir) = devices.parent() {
+            sync(dir).map_err(|e| io_ctx("syncing", dir, e))?;
+        }
         Ok(())
     }
 
@@ -1017,7 +1023,8 @@ impl Manager {
             VmState::Running => {
                 self.stop_locked(vm, slot, 0, true).await?;
             }
-            VmState::Stopped => {}
+            // A hibernated VM may come back from any of its states.
+            VmState::Stopped | VmState::Hibernated => {}
             s => {
                 return Err(HostError::Conflict(format!(
                     "VM {vm} is {s}; wait for that to finish"
@@ -1066,6 +1073,22 @@ impl Manager {
         caller.require(Permission::Lifecycle)?;
         let slot = self.slot(vm)?;
         let _op = slot.op.lock().await;
+        let state = self.state(vm, which)?;
+        if let Some(h) = lock(&slot.info)
+            .hibernation
+            .as_ref()
+            .filter(|h| h.state == state.id)
+        {
+            return Err(HostError::Conflict(format!(
+                "VM {vm} is hibernated in state {}: `drover vm resume {vm}` (which then deletes it), or delete the VM",
+                h.state
+            )));
+        }
+        self.drop_state_locked(vm, &state.id)
+    }
+
+    /// Delete state `which` of `vm` (its operation lock held by the caller).
+    pub(super) fn drop_state_locked(&self, vm: &str, which: &str) -> Result<StateInfo> {
         let state = self.state(vm, which)?;
         // Its layers stop being pinned in the same transaction (a restore overlays them no more).
         let mut writes = self.unpin_writes(vm, &state.id)?;

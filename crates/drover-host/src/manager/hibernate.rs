@@ -1,0 +1,101 @@
+//! Hibernation: a running VM saved to disk and stopped, holding no host memory or CPUs, and
+//! brought back from that point (`drover vm hibernate` / `vm resume`).
+//!
+//! Hibernating is a classic save (memory and device state in one file on disk, written with
+//! `mapped-ram` where QEMU has it; synced before it counts as durable), then QEMU is stopped and
+//! the VM is recorded `hibernated` with the state that holds it, in one write. The guest is
+//! paused for the whole save, which a guest that is going down does not mind, and nothing of it
+//! stays in RAM (a fast save's memory would live in /dev/shm). Resuming restores that state
+//! (fresh overlays on the layers it pins, so the disks are as they were at the save) and deletes
+//! it. A droverd restart or a host reboot finds the VM hibernated and the state on disk.
+
+use super::{lock, Manager};
+use crate::auth::{Caller, Permission};
+use crate::error::{HostError, Result};
+use crate::hostfacts;
+use drover_api::{Hibernation, VmInfo, VmState};
+
+impl Manager {
+    /// Save a running VM to disk and stop it (see the module docs).
+    pub async fn hibernate(&self, name: &str, caller: &Caller) -> Result<VmInfo> {
+        caller.require(Permission::Lifecycle)?;
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        crate::action::VmAction::Hibernate
+            .check(name, lock(&slot.info).state)
+            .map_err(HostError::Conflict)?;
+        let label = format!("hibernate-{}", hostfacts::now_ms());
+        let state = self
+            .save_locked(name, &slot, Some(label), true, &caller.name, None)
+            .await?;
+        let dir = self.states_dir(name).join(&state.id);
+        let bytes = dir_bytes(&dir);
+        // The state is durable (synced) now; the guest ran on for the moments since, into a
+        // layer no resume uses.
+        if let Err(e) = self.stop_locked(name, &slot, 0, true).await {
+            return Err(HostError::Internal(format!(
+                "VM {name} was saved as state {} but did not stop ({e}); it is still running, and `drover snapshot restore {name} {}` brings back the saved point",
+                state.id, state.id
+            )));
+        }
+        let hibernation = Hibernation {
+            state: state.id.clone(),
+            bytes,
+            dir,
+            at_ms: hostfacts::now_ms(),
+        };
+        self.persist(&slot, |i| {
+            i.state = VmState::Hibernated;
+            i.hibernation = Some(hibernation.clone());
+        })?;
+        tracing::info!(vm = name, state = state.id, bytes, "hibernated");
+        Ok(self.view(&slot))
+    }
+
+    /// Bring a hibernated VM back, running from the point it was hibernated at.
+    pub async fn resume(&self, name: &str, caller: &Caller) -> Result<VmInfo> {
+        caller.require(Permission::Lifecycle)?;
+        let slot = self.slot(name)?;
+        let _op = slot.op.lock().await;
+        let info = lock(&slot.info).clone();
+        crate::action::VmAction::Resume
+            .check(name, info.state)
+            .map_err(HostError::Conflict)?;
+        let Some(h) = info.hibernation.clone() else {
+            return Err(HostError::Internal(format!(
+                "VM {name} is hibernated but its record names no state; `drover snapshot list {name}` shows what can be restored"
+            )));
+        };
+        let started = std::time::Instant::now();
+        let info = self.restore_locked(name, &slot, &h.state).await?;
+        tracing::info!(
+            vm = name,
+            state = h.state,
+            ms = started.elapsed().as_millis() as u64,
+            "resumed"
+        );
+        // The VM runs on overlays of its own now: the state is no longer needed.
+        if let Err(e) = self.drop_state_locked(name, &h.state) {
+            tracing::warn!(
+                vm = name,
+                state = h.state,
+                "resumed, but could not delete the hibernation state: {e}"
+            );
+        }
+        let _ = info;
+        Ok(self.view(&slot))
+    }
+}
+
+/// Bytes of the files in `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}

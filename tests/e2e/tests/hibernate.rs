@@ -1,0 +1,108 @@
+//! Hibernation (issue 15, item 1): a running VM saved to disk and stopped frees its memory and
+//! QEMU, stays hibernated through a droverd restart, and `vm resume` brings it back from that
+//! point: the same memory (a marker and a counting process), the same disk.
+
+use drover_e2e::{pids_mentioning, wait_for, Daemon};
+use std::time::Duration;
+
+fn counter(d: &Daemon) -> u64 {
+    d.sh("h", "cat /tmp/count").trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn hibernate_frees_the_host_and_resume_brings_back_memory_and_disk() {
+    let mut d = Daemon::start();
+    d.ok(&[
+        "vm",
+        "create",
+        "h",
+        "--memory",
+        "256M",
+        "--disk",
+        "size=32M,id=data",
+    ]);
+    d.ok(&["vm", "start", "h", "--wait"]);
+    // A process whose progress lives only in memory, a memory marker and a disk marker.
+    d.sh(
+        "h",
+        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 &",
+    );
+    d.sh(
+        "h",
+        "echo MEM-7f3 > /tmp/mem && echo DISK-a21 | dd of=/dev/vda bs=512 seek=300 conv=notrunc,fsync 2>/dev/null",
+    );
+    let before = wait_for("the counter", Duration::from_secs(20), || {
+        let n = counter(&d);
+        (n > 5).then_some(n)
+    });
+
+    let out = d.drover(&["vm", "hibernate", "h"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("hibernated") && said.contains("drover vm resume h"),
+        "{said}"
+    );
+    let v = d.json(&["vm", "show", "h"]);
+    assert_eq!(v["state"], "hibernated", "{v}");
+    assert!(
+        v["hibernation"]["bytes"].as_u64().unwrap_or(0) > 1 << 20,
+        "{v}"
+    );
+    assert!(v["pid"].is_null(), "{v}");
+    // Nothing of it holds the host: no QEMU, no RAM file.
+    let run = d.state_dir().join("run/h").display().to_string();
+    assert!(
+        pids_mentioning(&run).is_empty(),
+        "a QEMU still runs for the VM"
+    );
+    assert!(!d.ram_dir().join("h").exists(), "its RAM file is gone");
+    // Starting it afresh is refused, saying how to bring it back.
+    let e = d.fails(4, &["vm", "start", "h"]);
+    assert!(e.contains("drover vm resume h"), "{e}");
+
+    // droverd killed and started again: still hibernated, nothing lost.
+    d.kill9();
+    d.spawn();
+    assert_eq!(d.json(&["vm", "show", "h"])["state"], "hibernated");
+
+    d.ok(&["vm", "resume", "h", "--wait"]);
+    assert_eq!(d.json(&["vm", "show", "h"])["state"], "running");
+    assert_eq!(d.sh("h", "cat /tmp/mem").trim(), "MEM-7f3");
+    assert_eq!(
+        d.sh(
+            "h",
+            "dd if=/dev/vda bs=512 skip=300 count=1 2>/dev/null | head -c 8"
+        ),
+        "DISK-a21"
+    );
+    // The counting process is the same one, going on from where it was.
+    let resumed = counter(&d);
+    assert!(resumed >= before, "{resumed} < {before}");
+    wait_for("the counter to go on", Duration::from_secs(20), || {
+        (counter(&d) > resumed).then_some(())
+    });
+    // The hibernation state was used up.
+    let states = d.json(&["snapshot", "list", "h"]);
+    assert!(
+        states
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| !s["name"].as_str().unwrap_or("").starts_with("hibernate-")),
+        "{states}"
+    );
+    // An ordinary VM again.
+    d.ok(&["vm", "stop", "h"]);
+    d.ok(&["vm", "start", "h", "--wait"]);
+    assert_eq!(
+        d.sh(
+            "h",
+            "dd if=/dev/vda bs=512 skip=300 count=1 2>/dev/null | head -c 8"
+        ),
+        "DISK-a21"
+    );
+    let e = d.fails(4, &["vm", "resume", "h"]);
+    assert!(e.contains("not hibernated"), "{e}");
+}
