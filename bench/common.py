@@ -7,6 +7,14 @@ AGENT = os.environ.get("DROVER_AGENT_BIN", f"{ROOT}/target/x86_64-unknown-linux-
 IMAGES = os.environ.get("DROVER_IMAGE_DIR", f"{ROOT}/target/drover-images")
 
 
+
+def passable_tmpdir(prefix):
+    """A temporary directory droverd can keep a state dir in: QEMU runs as drover-qemu
+    (droverd --qemu-user), which must be able to pass through it (mkdtemp makes it 0700)."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(d, 0o711)
+    return d
+
 def poll(pred, timeout=60.0, step=0.002):
     """Wait until pred() is true; returns the time.monotonic() it became so."""
     end = time.monotonic() + timeout
@@ -65,7 +73,7 @@ class Droverd:
     system's); stops it and its VMs on exit."""
 
     def __init__(self, prefix, log="warn", qemu_dir=None):
-        self.tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        self.tmp = passable_tmpdir(prefix)
         self.sock = f"{self.tmp}/d.sock"
         self.state = f"{self.tmp}/state"
         self.log_path = f"{self.tmp}/droverd.log"

@@ -40,7 +40,7 @@ drover-h1/drover-h2 exist (someone else's hosts).
 import argparse, base64, json, os, random, shutil, signal, socket, statistics, struct, subprocess, sys
 import tempfile, threading, time
 
-from common import AGENT, BIN, IMAGES, ROOT, Qmp, qemu_version
+from common import AGENT, BIN, IMAGES, ROOT, Qmp, passable_tmpdir, qemu_version
 
 MEMORY_MIB = 1024
 FILL = 0.75
@@ -252,7 +252,7 @@ def med(v):
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.tmp = tempfile.mkdtemp(prefix="drover-mig.", dir="/tmp")
+        self.tmp = passable_tmpdir("drover-mig.")
         self.shm = tempfile.mkdtemp(prefix="drover-mig-raw.", dir="/dev/shm")
         self.env = dict(os.environ, DROVER_NETNS_ROOT=self.tmp, DROVER_CONFIG_DIR=f"{self.tmp}/config",
                         DROVER_BIN_DIR=BIN, DROVER_IMAGE_DIR=IMAGES, DROVER_AGENT_BIN=AGENT,

@@ -14,7 +14,7 @@
 //! | POST | `/vms/{name}/stop` | [`StopRequest`] | [`VmInfo`] |
 //! | POST | `/vms/{name}/restart` | [`StopRequest`] | [`VmInfo`] |
 //! | POST | `/vms/{name}/hibernate` |  | [`VmInfo`] (`hibernated`) |
-//! | POST | `/vms/{name}/resume` |  | [`VmInfo`] (running) |
+//! | POST | `/vms/{name}/resume` | [`ResumeRequest`] | [`VmInfo`] (running) |
 //! | GET | `/vms/{name}/agent?wait_s=N` |  | [`AgentStatus`] (waits up to N s for readiness) |
 //! | POST | `/vms/{name}/exec` | [`ExecRequest`] | [`drover_proto::ExecResult`] |
 //! | GET | `/vms/{name}/console?offset=N&max=M` |  | bytes; header `x-drover-next-offset` |
@@ -188,6 +188,18 @@ pub struct VmInfo {
     /// (or `--discard-changes`). Shown, never stored.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub unwritten: std::collections::BTreeMap<String, std::path::PathBuf>,
+}
+
+/// Options of `resume`: the shape to grow to once the VM runs again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// vCPUs to have (added live; no fewer than it was saved with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory to have (`2G`; added live as DIMMs, within its `--max-memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
 }
 
 /// Where a hibernated VM is: the saved state `vm resume` brings back.

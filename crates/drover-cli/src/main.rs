@@ -670,13 +670,21 @@ enum VmCmd {
         name: String,
     },
     /// Bring a hibernated VM back, running from where it was hibernated (the state is then
-    /// deleted).
+    /// deleted), optionally grown to more vCPUs or memory once it runs.
     ///
     /// Example: drover vm resume web1 --wait
+    ///          drover vm resume web1 --cpus 2 --memory 1G --wait
     #[command(verbatim_doc_comment)]
     Resume {
         /// VM name.
         name: String,
+        /// Grow to this many vCPUs once it runs (hot-plugged; within the host's CPUs).
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// Grow to this much memory once it runs (hot-plugged DIMMs; needs --max-memory at
+        /// create, and steps of 128M).
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -1556,10 +1564,18 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             }
             out.json_only(&v);
         }
-        VmCmd::Resume { name, wait } => {
+        VmCmd::Resume {
+            name,
+            cpus,
+            memory,
+            wait,
+        } => {
             let p = out.progress(&format!("resuming {name}"));
             let v: VmInfo = c
-                .post(&format!("/v1/vms/{}/resume", seg(&name)?), &())
+                .post(
+                    &format!("/v1/vms/{}/resume", seg(&name)?),
+                    &drover_api::ResumeRequest { cpus, memory },
+                )
                 .await?;
             p.done(&format!("{name} resumed (pid {})", v.pid.unwrap_or(0)));
             if wait.wait {

@@ -623,9 +623,10 @@ async fn resume(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
+    Body(req): Body<drover_api::ResumeRequest>,
 ) -> Res<drover_api::VmInfo> {
     Ok(Json(
-        detached(async move { m.resume(&name, &who.0).await }).await?,
+        detached(async move { m.resume(&name, &req, &who.0).await }).await?,
     ))
 }
 

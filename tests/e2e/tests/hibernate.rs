@@ -106,3 +106,58 @@ fn hibernate_frees_the_host_and_resume_brings_back_memory_and_disk() {
     let e = d.fails(4, &["vm", "resume", "h"]);
     assert!(e.contains("not hibernated"), "{e}");
 }
+
+/// Resumed as another shape (issue 15, item 3): more vCPUs and memory, hot-plugged once the
+/// saved state runs, seen by the guest with its memory intact; a shape it cannot grow to is
+/// refused before anything changes (it stays hibernated).
+#[test]
+fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
+    let d = Daemon::start();
+    d.ok(&[
+        "vm",
+        "create",
+        "g",
+        "--cpus",
+        "1",
+        "--memory",
+        "256M",
+        "--max-memory",
+        "512M",
+        "--disk",
+        "size=32M,id=data",
+    ]);
+    d.ok(&["vm", "start", "g", "--wait"]);
+    d.sh("g", "echo MEM-shape > /tmp/mem");
+    let mem_kb = || -> u64 {
+        d.sh("g", "awk '/MemTotal/ {print $2}' /proc/meminfo")
+            .trim()
+            .parse()
+            .expect("MemTotal")
+    };
+    let kb0 = mem_kb();
+    d.ok(&["vm", "hibernate", "g"]);
+    // Beyond its hot-plug limit: refused, nothing changed.
+    let e = d.fails(4, &["vm", "resume", "g", "--memory", "1G"]);
+    assert!(
+        e.contains("nothing was changed") && e.contains("512M"),
+        "{e}"
+    );
+    assert_eq!(d.json(&["vm", "show", "g"])["state"], "hibernated");
+
+    d.ok(&[
+        "vm", "resume", "g", "--cpus", "2", "--memory", "384M", "--wait",
+    ]);
+    assert_eq!(
+        d.sh("g", "cat /tmp/mem").trim(),
+        "MEM-shape",
+        "the saved memory"
+    );
+    wait_for("the second vCPU online", Duration::from_secs(20), || {
+        (d.sh("g", "grep -c ^processor /proc/cpuinfo").trim() == "2").then_some(())
+    });
+    wait_for("the new memory online", Duration::from_secs(20), || {
+        (mem_kb() >= kb0 + 120 * 1024).then_some(())
+    });
+    let v = d.json(&["vm", "show", "g"]);
+    assert_eq!(v["running_config"]["cpus"], 2, "{v}");
+}

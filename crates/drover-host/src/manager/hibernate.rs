@@ -52,9 +52,20 @@ impl Manager {
         Ok(self.view(&slot))
     }
 
-    /// Bring a hibernated VM back, running from the point it was hibernated at.
-    pub async fn resume(&self, name: &str, caller: &Caller) -> Result<VmInfo> {
+    /// Bring a hibernated VM back, running from the point it was hibernated at; with `req`'s
+    /// `cpus`/`memory`, grown to that shape once it runs (vCPUs and DIMMs hot-plugged, within
+    /// the headroom it was started with). A shape it cannot grow to is refused before anything
+    /// changes; a growth that fails once it runs leaves it running in its saved shape, and says so.
+    pub async fn resume(
+        &self,
+        name: &str,
+        req: &drover_api::ResumeRequest,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
         caller.require(Permission::Lifecycle)?;
+        if req.cpus.is_some() || req.memory.is_some() {
+            caller.require(Permission::Change)?;
+        }
         let slot = self.slot(name)?;
         let _op = slot.op.lock().await;
         let info = lock(&slot.info).clone();
@@ -66,6 +77,22 @@ impl Manager {
                 "VM {name} is hibernated but its record names no state; `drover snapshot list {name}` shows what can be restored"
             )));
         };
+        let memory = req
+            .memory
+            .as_deref()
+            .map(drover_model::parse_size)
+            .transpose()
+            .map_err(|e| HostError::Invalid(format!("--memory: {e}")))?;
+        let saved = self.state(name, &h.state)?;
+        let reshape = super::live::check_reshape(name, &saved.config, req.cpus, memory)
+            .map_err(|e| match e {
+                HostError::Conflict(m) | HostError::Resources(m) | HostError::Invalid(m) => {
+                    HostError::Conflict(format!(
+                        "VM {name} cannot resume as asked, nothing was changed (it stays hibernated): {m}"
+                    ))
+                }
+                other => other,
+            })?;
         let started = std::time::Instant::now();
         let info = self.restore_locked(name, &slot, &h.state).await?;
         tracing::info!(
@@ -74,6 +101,14 @@ impl Manager {
             ms = started.elapsed().as_millis() as u64,
             "resumed"
         );
+        if !reshape.is_empty() {
+            if let Err(e) = self.change(name, &slot, reshape, false, caller).await {
+                let _ = self.drop_state_locked(name, &h.state);
+                return Err(HostError::Conflict(format!(
+                    "VM {name} resumed in its saved shape, but growing it failed: {e}"
+                )));
+            }
+        }
         // The VM runs on overlays of its own now: the state is no longer needed.
         if let Err(e) = self.drop_state_locked(name, &h.state) {
             tracing::warn!(

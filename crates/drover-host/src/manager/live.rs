@@ -792,6 +792,29 @@ fn check_live(name: &str, cfg: &VmConfig, c: &Change) -> Result<()> {
     }
 }
 
+/// Check, without touching anything, that `cfg` (a saved state's config) can be grown live to
+/// `cpus` vCPUs and `memory` once it runs: what a resume into another shape will do.
+pub(super) fn check_reshape(
+    name: &str,
+    cfg: &VmConfig,
+    cpus: Option<u32>,
+    memory: Option<u64>,
+) -> Result<Vec<Change>> {
+    let mut planned = cfg.clone();
+    let mut changes = Vec::new();
+    let host_cpus = hostfacts::cpus();
+    for c in cpus
+        .map(Change::Cpus)
+        .into_iter()
+        .chain(memory.map(Change::Memory))
+    {
+        check_live(name, &planned, &c)?;
+        apply_to(&mut planned, &c, None, host_cpus)?;
+        changes.push(c);
+    }
+    Ok(changes)
+}
+
 /// Apply a change to a config in the model, with validation.
 fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32) -> Result<()> {
     let mut next = cfg.clone();
