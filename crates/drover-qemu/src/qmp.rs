@@ -134,6 +134,23 @@ impl Qmp {
         args: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        let (id, line, rx) = self.request(command, args);
+        {
+            let mut w = self.writer.lock().await;
+            if w.write_all(line.as_bytes()).await.is_err() {
+                lock(&self.pending).remove(&id);
+                return Err(QmpError::Disconnected);
+            }
+        }
+        self.reply(id, rx, command, timeout).await
+    }
+
+    /// A new command's id and line (newline-terminated), its reply awaited from now on.
+    fn request(
+        &self,
+        command: &str,
+        args: Option<Value>,
+    ) -> (u64, String, oneshot::Receiver<Result<Value, QmpError>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({"execute": command, "id": id});
         if let Some(args) = args {
@@ -143,13 +160,17 @@ impl Qmp {
         lock(&self.pending).insert(id, tx);
         let mut line = msg.to_string();
         line.push('\n');
-        {
-            let mut w = self.writer.lock().await;
-            if w.write_all(line.as_bytes()).await.is_err() {
-                lock(&self.pending).remove(&id);
-                return Err(QmpError::Disconnected);
-            }
-        }
+        (id, line, rx)
+    }
+
+    /// Wait up to `timeout` for the reply to command `id`, naming `command` in its error.
+    async fn reply(
+        &self,
+        id: u64,
+        rx: oneshot::Receiver<Result<Value, QmpError>>,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let reply = match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
                 lock(&self.pending).remove(&id);
@@ -178,15 +199,7 @@ impl Qmp {
     ) -> Result<Value, QmpError> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         use std::os::fd::AsRawFd;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({"execute": command, "id": id});
-        if let Some(args) = args {
-            msg["arguments"] = args;
-        }
-        let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
-        let mut line = msg.to_string();
-        line.push('\n');
+        let (id, line, rx) = self.request(command, args);
         let sent = {
             let mut w = self.writer.lock().await;
             let stream: &UnixStream = (*w).as_ref();
@@ -221,22 +234,7 @@ impl Qmp {
             lock(&self.pending).remove(&id);
             return Err(QmpError::Disconnected);
         }
-        let reply = match tokio::time::timeout(DEFAULT_TIMEOUT, rx).await {
-            Err(_) => {
-                lock(&self.pending).remove(&id);
-                return Err(QmpError::Timeout(command.to_string()));
-            }
-            Ok(Err(_)) => return Err(QmpError::Disconnected),
-            Ok(Ok(r)) => r,
-        };
-        reply.map_err(|e| match e {
-            QmpError::Command { class, desc, .. } => QmpError::Command {
-                command: command.to_string(),
-                class,
-                desc,
-            },
-            other => other,
-        })
+        self.reply(id, rx, command, DEFAULT_TIMEOUT).await
     }
 
     /// `query-status`'s `status` field (`running`, `paused`, `shutdown`, ...).

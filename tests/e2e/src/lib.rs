@@ -565,6 +565,38 @@ impl Drop for Daemon {
     }
 }
 
+/// Run `qemu-img ARGS` (the system's), panicking with its message if it fails.
+pub fn qemu_img(args: &[&std::ffi::OsStr]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The bytes a qcow2 image holds at `offset..offset + len` of its virtual disk, read on the host
+/// (with `-U`: a running QEMU may hold its lock).
+pub fn image_bytes(image: &Path, offset: usize, len: usize) -> Vec<u8> {
+    let raw = image.with_extension("read.raw");
+    qemu_img(&[
+        "convert".as_ref(),
+        "-U".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        image.as_os_str(),
+        raw.as_os_str(),
+    ]);
+    let bytes = std::fs::read(&raw).expect("the raw copy");
+    let _ = std::fs::remove_file(&raw);
+    bytes[offset..offset + len].to_vec()
+}
+
 /// A free TCP port on loopback (free when asked; tests bind it at once).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

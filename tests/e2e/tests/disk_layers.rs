@@ -220,24 +220,8 @@ fn records_of_an_older_droverd_are_migrated_at_start() {
 
 /// What a qcow2 image holds at `sector` (its first word), read on the host.
 fn image_word(image: &std::path::Path, sector: u32) -> String {
-    let raw = image.with_extension("check.raw");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-        .arg(image)
-        .arg(&raw)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bytes = std::fs::read(&raw).unwrap();
-    let _ = std::fs::remove_file(&raw);
-    let at = sector as usize * 512;
-    let word: Vec<u8> = bytes[at..at + 32]
-        .iter()
-        .copied()
+    let word: Vec<u8> = drover_e2e::image_bytes(image, sector as usize * 512, 32)
+        .into_iter()
         .take_while(|b| *b != 0 && *b != b' ')
         .collect();
     String::from_utf8_lossy(&word).into_owned()
@@ -252,13 +236,14 @@ fn deleting_a_saved_vm_writes_its_latest_data_back_into_the_users_image() {
     let dir = tempfile::tempdir().unwrap();
     for (vm, discard) in [("keep", false), ("drop", true)] {
         let image = dir.path().join(format!("{vm}.qcow2"));
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&image)
-            .arg("64M")
-            .output()
-            .expect("qemu-img");
-        assert!(out.status.success());
+        drover_e2e::qemu_img(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            image.as_os_str(),
+            "64M".as_ref(),
+        ]);
         d.ok(&[
             "vm",
             "create",

@@ -4,7 +4,7 @@
 //! The users are made here when missing (`useradd --system`), and commands run as them with
 //! `runuser`; the tests need root, as every e2e test does.
 
-use drover_e2e::{bin_dir, pids_mentioning, wait_for, Daemon};
+use drover_e2e::{bin_dir, image_bytes, pids_mentioning, qemu_img, wait_for, Daemon};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -124,43 +124,33 @@ fn operator_is_not_root_and_guests_are_bounded() {
     std::fs::write(&raw, &img).unwrap();
     // qcow2, so the VM's states can pin a layer over it.
     let base = pool.path().join("base.qcow2");
-    let out = Command::new("qemu-img")
-        .arg("convert")
-        .args(["-f", "raw", "-O", "qcow2"])
-        .args([&raw, &base])
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img(&[
+        "convert".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        raw.as_os_str(),
+        base.as_os_str(),
+    ]);
     // Root's and 0600: QEMU (its own user) cannot open it by name; droverd hands it over.
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink("/etc/shadow", pool.path().join("shadow.img")).unwrap();
     // A qcow2 whose header names /etc/shadow as its backing file.
     let evil = pool.path().join("evil.qcow2");
-    let out = Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "/etc/shadow",
-            "-u",
-        ])
-        .arg(&evil)
-        .arg("1M")
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        "raw".as_ref(),
+        "-b".as_ref(),
+        "/etc/shadow".as_ref(),
+        "-u".as_ref(),
+        evil.as_os_str(),
+        "1M".as_ref(),
+    ]);
     // The operator's own pool, read-write: an image only it may read.
     let mine = tempfile::Builder::new()
         .prefix("drv-mine-")
@@ -169,37 +159,17 @@ fn operator_is_not_root_and_guests_are_bounded() {
     std::fs::set_permissions(mine.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // qcow2: a save pins it under an overlay.
     let own = mine.path().join("own.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&own)
-        .arg("2M")
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        own.as_os_str(),
+        "2M".as_ref(),
+    ]);
     std::os::unix::fs::chown(&own, Some(uid), None).unwrap();
     std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600)).unwrap();
-    // What the image holds at `offset`, read on the host (QEMU holds the image's lock).
-    let own_bytes = |offset: usize, len: usize| -> Vec<u8> {
-        let raw = mine.path().join("read.raw");
-        let out = Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-            .arg(&own)
-            .arg(&raw)
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let b = std::fs::read(&raw).unwrap();
-        let _ = std::fs::remove_file(&raw);
-        b[offset..offset + len].to_vec()
-    };
+    let own_bytes = |offset: usize, len: usize| image_bytes(&own, offset, len);
     let pool_flag = format!("base={}", pool.path().display());
     let mine_flag = format!("mine={}:rw", mine.path().display());
     let d = open_daemon(&[
