@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${DROVER_BIN_DIR:-$PWD/target/release}
 tmp=$(mktemp -d /tmp/drover-image.XXXXXX)
+# QEMU runs as drover-qemu (droverd --qemu-user), which must pass through to the state dir.
+chmod 711 "$tmp"
 "$bin/droverd" --state-dir "$tmp/state" --socket "$tmp/d.sock" \
   --image-dir "${DROVER_IMAGE_DIR:-$PWD/target/drover-images}" \
   --agent-binary "${DROVER_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/drover-agent}" \
