@@ -1395,12 +1395,22 @@ impl Manager {
         self.stop_nbd(name);
         self.settle_files(name).await?;
         if let Some(rt) = self.runtime(&slot) {
-            let m = rt.qmp.execute("query-migrate", None).await?;
-            let status = m.get("status").and_then(Value::as_str).unwrap_or("none");
-            if status != "completed" {
-                return Err(HostError::Conflict(format!(
-                    "the memory of VM {name} has not fully arrived (migration {status})"
-                )));
+            // The source sees `completed` once it has sent the last of the memory; this QEMU
+            // may still be loading it (seconds, on a loaded host): wait for it, bounded.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let m = rt.qmp.execute("query-migrate", None).await?;
+                let status = m.get("status").and_then(Value::as_str).unwrap_or("none");
+                if status == "completed" {
+                    break;
+                }
+                let loading = matches!(status, "active" | "setup" | "device" | "postcopy-active");
+                if !loading || Instant::now() >= deadline {
+                    return Err(HostError::Conflict(format!(
+                        "the memory of VM {name} has not fully arrived (migration {status})"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let _ = rt.qmp.execute("nbd-server-stop", None).await;
         }
