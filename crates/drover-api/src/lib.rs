@@ -1,10 +1,11 @@
 //! droverd's HTTP/JSON API: the types both sides share, and a client.
 //!
-//! Routes (all under `/v1`; `drover-host`'s `api_routes` test checks this table against the
-//! router, both ways):
+//! Routes (all under `/v1` but `/metrics`; `drover-host`'s `api_routes` test checks this table
+//! against the router, both ways):
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
+//! | GET | `/metrics` |  | OpenMetrics text for Prometheus (not under `/v1`; viewers and up) |
 //! | GET | `/host` |  | [`HostInfo`] |
 //! | GET | `/vms` |  | `Vec<VmInfo>` |
 //! | POST | `/vms` | [`drover_model::VmSpec`] | [`VmInfo`] |

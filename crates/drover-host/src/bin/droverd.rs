@@ -245,7 +245,9 @@ async fn main() -> anyhow::Result<()> {
         Some(addr) => Some(listen_tls(&args, addr, &cfg.state_dir, &tokens).await?),
         None => None,
     };
-    let mgr = Manager::open(cfg, Box::new(store.clone())).await?;
+    // Counted for /metrics (drover_store_write_errors_total).
+    let counted = drover_host::metrics::CountingStore(store.clone());
+    let mgr = Manager::open(cfg, Box::new(counted)).await?;
     spawn_checkpoints(store, state_dir_of(&mgr));
     if let (false, Some(addr)) = (args.cluster.is_empty(), args.listen) {
         let cluster = drover_host::cluster::ClusterConfig::load(args.cluster_config.as_deref())?;
