@@ -518,11 +518,7 @@ fn parse_blockstats(v: &serde_json::Value, disks: &[String]) -> Vec<DiskIo> {
 pub struct CountingStore<S>(pub S);
 
 impl<S: drover_store::Store> drover_store::Store for CountingStore<S> {
-    fn get_raw(
-        &self,
-        table: &str,
-        key: &str,
-    ) -> Result<Option<Vec<u8>>, drover_store::StoreError> {
+    fn get_raw(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, drover_store::StoreError> {
         self.0.get_raw(table, key)
     }
     fn list_raw(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>, drover_store::StoreError> {
@@ -536,10 +532,7 @@ impl<S: drover_store::Store> drover_store::Store for CountingStore<S> {
 }
 
 /// Answer one scrape: the VMs' states and running VMs' figures, read now, and the kept ones.
-pub async fn scrape(
-    states: Vec<VmState>,
-    targets: Vec<VmTarget<drover_qemu::qmp::Qmp>>,
-) -> String {
+pub async fn scrape(states: Vec<VmState>, targets: Vec<VmTarget<drover_qemu::qmp::Qmp>>) -> String {
     let (vms, skipped) = gather(&targets, Path::new("/proc"), QMP_TIMEOUT).await;
     global().vms_skipped(skipped);
     global().render(&Scrape { states, vms })
@@ -576,7 +569,11 @@ mod tests {
             }],
         };
         let t = m.render(&now);
-        assert_eq!(value(&t, r#"drover_vms{state="running"}"#), Some(2.0), "{t}");
+        assert_eq!(
+            value(&t, r#"drover_vms{state="running"}"#),
+            Some(2.0),
+            "{t}"
+        );
         assert_eq!(value(&t, r#"drover_vms{state="stopped"}"#), Some(1.0));
         assert_eq!(value(&t, r#"drover_vms{state="paused"}"#), Some(0.0));
         assert_eq!(
@@ -595,12 +592,18 @@ mod tests {
             Some((8u64 << 20) as f64)
         );
         assert_eq!(
-            value(&t, r#"drover_vm_block_write_ops_total{vm="web1",disk="data"}"#),
+            value(
+                &t,
+                r#"drover_vm_block_write_ops_total{vm="web1",disk="data"}"#
+            ),
             Some(64.0)
         );
         assert_eq!(value(&t, "drover_up"), Some(1.0));
         assert!(t.contains("# TYPE drover_vm_cpu_seconds counter"), "{t}");
-        assert!(t.trim_end().ends_with("# EOF"), "OpenMetrics ends with # EOF");
+        assert!(
+            t.trim_end().ends_with("# EOF"),
+            "OpenMetrics ends with # EOF"
+        );
         // A VM gone by the next scrape leaves no series behind.
         let t = m.render(&Scrape::default());
         assert!(!t.contains("web1"), "{t}");
@@ -675,9 +678,7 @@ mod tests {
 
     #[test]
     fn blockstats_keep_only_the_vms_own_disks_with_sane_numbers() {
-        let stats = |rd: serde_json::Value| {
-            json!({"rd_bytes": rd, "wr_bytes": 2048, "rd_operations": 3, "wr_operations": 4})
-        };
+        let stats = |rd: serde_json::Value| json!({"rd_bytes": rd, "wr_bytes": 2048, "rd_operations": 3, "wr_operations": 4});
         let answer = json!([
             {"device": "", "qdev": "/machine/peripheral/disk-data/virtio-backend", "stats": stats(json!(1024))},
             {"device": "", "qdev": "/machine/peripheral/disk-root/virtio-backend", "stats": stats(json!(-1))},

@@ -43,7 +43,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
         let child = Command::new(prometheus_bin())
             .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -120,7 +123,9 @@ fn prometheus_scrapes_vm_states_and_per_vm_io_with_a_viewer_token() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(&["--listen", &listen]);
-    let token = d.ok(&["auth", "token", "create", "--role", "viewer", "--name", "prom"]);
+    let token = d.ok(&[
+        "auth", "token", "create", "--role", "viewer", "--name", "prom",
+    ]);
     let token_file = d.dir.path().join("prometheus.token");
     std::fs::write(&token_file, token.trim()).expect("token file");
     #[rustfmt::skip]
@@ -196,8 +201,7 @@ scrape_configs:
         &format!("dd if=/dev/urandom of=/dev/{dev} bs=1M count=8 conv=fsync 2>/dev/null"),
     );
     let after = wait_for("the write counter to grow by 8 MiB", within, || {
-        p.value(written)
-            .filter(|v| *v >= before + (8 << 20) as f64)
+        p.value(written).filter(|v| *v >= before + (8 << 20) as f64)
     });
     assert!(after - before < (64 << 20) as f64, "{before} -> {after}");
 
@@ -208,6 +212,11 @@ scrape_configs:
             .filter(|n| *n >= 1.0)
     });
     assert_eq!(saves, 1.0);
+    eprintln!(
+        "seen by Prometheus: cpu {cpu:.2} s, rss {:.0} MiB, data disk written {before} -> {after} bytes, save took {:?} s",
+        rss / (1 << 20) as f64,
+        p.value(r#"drover_save_duration_seconds_sum{outcome="ok"}"#)
+    );
     // Stopped: the state gauge follows and the VM's series end.
     d.ok(&["vm", "stop", "m1", "--force"]);
     wait_for("Prometheus to see the VM stopped", within, || {

@@ -183,6 +183,8 @@ async fn main() -> anyhow::Result<()> {
         // Colours only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // drover_uptime_seconds counts from here.
+    drover_host::metrics::global();
     let state_dir = std::path::absolute(&args.state_dir).context("resolving --state-dir")?;
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
