@@ -700,6 +700,45 @@ mod tests {
         assert!(parse_blockstats(&json!({"error": 1}), &own).is_empty());
     }
 
+    /// A store whose disk is full.
+    struct Full;
+
+    impl drover_store::Store for Full {
+        fn get_raw(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, drover_store::StoreError> {
+            Ok(None)
+        }
+        fn list_raw(&self, _: &str) -> Result<Vec<(String, Vec<u8>)>, drover_store::StoreError> {
+            Ok(Vec::new())
+        }
+        fn apply(&self, _: Vec<drover_store::Write>) -> Result<(), drover_store::StoreError> {
+            Err(drover_store::StoreError::Op {
+                op: "commit",
+                table: "vms".into(),
+                key: "web1".into(),
+                message: "No space left on device".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn refused_store_writes_are_counted_and_reads_are_not() {
+        use drover_store::Store as _;
+        let errors = || {
+            value(
+                &global().render(&Scrape::default()),
+                "drover_store_write_errors_total",
+            )
+            .unwrap()
+        };
+        let store = CountingStore(Full);
+        let before = errors();
+        assert!(store.get_raw("vms", "web1").is_ok());
+        assert!(store.apply(Vec::new()).is_err());
+        assert!(store.apply(Vec::new()).is_err());
+        // Other tests in this process may count too, never fewer.
+        assert!(errors() - before >= 2.0);
+    }
+
     /// Answers after `delay`, like a QEMU busy (or stuck) in a long command.
     struct Slow(Duration);
 
