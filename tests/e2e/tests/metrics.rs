@@ -205,6 +205,25 @@ scrape_configs:
     });
     assert!(after - before < (64 << 20) as f64, "{before} -> {after}");
 
+    // An app's request, and one with a wrong secret: by op and outcome.
+    #[rustfmt::skip]
+    let g = d.json(&["vm", "guest-access", "grant", "m1", "--principal", "app", "--ops", "host-info"]);
+    let secret = g["secret"].as_str().expect("secret");
+    d.sh(
+        "m1",
+        &format!("DROVER_PRINCIPAL=app DROVER_SECRET={secret} drover-guest host-info >/dev/null"),
+    );
+    let wrong = "DROVER_PRINCIPAL=app DROVER_SECRET=wrong drover-guest host-info";
+    let out = d.drover(&["vm", "exec", "m1", "--", "sh", "-c", wrong]);
+    assert!(!out.status.success(), "a wrong secret is refused");
+    for outcome in ["accepted", "completed", "refused"] {
+        let q = format!(r#"drover_guest_requests_total{{op="host-info",outcome="{outcome}"}}"#);
+        let n = wait_for(&format!("a {outcome} guest request"), within, || {
+            p.value(&q)
+        });
+        assert_eq!(n, 1.0, "{q}");
+    }
+
     // A save shows up in its duration histogram.
     d.ok(&["snapshot", "create", "m1", "--name", "s1"]);
     let saves = wait_for("the save in its histogram", within, || {
