@@ -231,10 +231,16 @@ scrape_configs:
             .filter(|n| *n >= 1.0)
     });
     assert_eq!(saves, 1.0);
+    d.ok(&["snapshot", "restore", "m1", "s1"]);
+    let restores = wait_for("the restore in its histogram", within, || {
+        p.value(r#"drover_restore_duration_seconds_count{outcome="ok"}"#)
+    });
+    assert_eq!(restores, 1.0);
     eprintln!(
-        "seen by Prometheus: cpu {cpu:.2} s, rss {:.0} MiB, data disk written {before} -> {after} bytes, save took {:?} s",
+        "seen by Prometheus: cpu {cpu:.2} s, rss {:.0} MiB, data disk written {before} -> {after} bytes, save took {:?} s, restore {:?} s",
         rss / (1 << 20) as f64,
-        p.value(r#"drover_save_duration_seconds_sum{outcome="ok"}"#)
+        p.value(r#"drover_save_duration_seconds_sum{outcome="ok"}"#),
+        p.value(r#"drover_restore_duration_seconds_sum{outcome="ok"}"#)
     );
     // Stopped: the state gauge follows and the VM's series end.
     d.ok(&["vm", "stop", "m1", "--force"]);
