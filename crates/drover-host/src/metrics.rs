@@ -700,6 +700,24 @@ mod tests {
         assert!(parse_blockstats(&json!({"error": 1}), &own).is_empty());
     }
 
+    #[tokio::test]
+    async fn timed_operations_land_in_their_histogram_by_outcome() {
+        let count = |outcome: &str| {
+            let q = format!(r#"drover_migration_duration_seconds_count{{outcome="{outcome}"}}"#);
+            value(&global().render(&Scrape::default()), &q).unwrap_or(0.0)
+        };
+        let (ok, err) = (count("ok"), count("error"));
+        let r: Result<u8, String> = timed(Op::Migrate, async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err("the destination went away".into())
+        })
+        .await;
+        assert_eq!(r, Err("the destination went away".to_string()));
+        assert!(count("error") > err);
+        // Nothing else in this process migrates.
+        assert_eq!(count("ok"), ok);
+    }
+
     /// A store whose disk is full.
     struct Full;
 
