@@ -5,7 +5,7 @@
 #
 #   scripts/install-deps.sh                    # QEMU 7.2 from Debian 12 (bookworm), the default
 #   scripts/install-deps.sh --qemu backports   # QEMU 10.0 from bookworm-backports instead
-#   scripts/install-deps.sh --tests            # also what the test suite needs (lintian, ...)
+#   scripts/install-deps.sh --tests            # also what the test suite needs (lintian, prometheus)
 #   scripts/install-deps.sh --qemu-prefix DIR  # also unpack backports' QEMU 10.0 into DIR (dpkg-deb
 #                                              # -x), beside the system set, for `droverd --qemu-dir DIR`
 #

@@ -1,18 +1,11 @@
 //! `/metrics` as an operator meets it: a real Prometheus (Debian's `prometheus`) scrapes droverd
 //! over TLS with a viewer token, and its query API answers with what the host really runs.
 
-use drover_e2e::{wait_for, Daemon};
+use drover_e2e::{free_port, wait_for, Daemon};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// The `prometheus` binary (`DROVER_PROMETHEUS`, else Debian's).
 fn prometheus_bin() -> PathBuf {
