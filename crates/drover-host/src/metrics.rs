@@ -367,25 +367,40 @@ pub struct VmTarget<Q> {
     pub disks: Vec<String>,
 }
 
+/// Why a scrape has no block stats of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StatsError {
+    /// QEMU did not answer in time (counted in `drover_scrape_vms_skipped_total`).
+    #[error("QEMU did not answer query-blockstats in time")]
+    Timeout,
+    /// Anything else (QEMU exited meanwhile, refused the command).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// The one QMP call a scrape makes (a seam: tests answer it without QEMU).
 pub trait BlockStats {
     /// QEMU's `query-blockstats` answer, or why there is none.
     fn blockstats(
         &self,
         timeout: Duration,
-    ) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
+    ) -> impl Future<Output = Result<serde_json::Value, StatsError>> + Send;
 }
 
 impl BlockStats for drover_qemu::qmp::Qmp {
-    async fn blockstats(&self, timeout: Duration) -> Result<serde_json::Value, String> {
+    async fn blockstats(&self, timeout: Duration) -> Result<serde_json::Value, StatsError> {
         self.execute_timeout("query-blockstats", None, timeout)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                drover_qemu::qmp::QmpError::Timeout(_) => StatsError::Timeout,
+                other => StatsError::Failed(other.to_string()),
+            })
     }
 }
 
 /// Read every running VM's figures, all at once; `proc` is `/proc` (a test's directory in
-/// tests). A QMP call is cut off after `timeout` (the VM then has no block series this time).
+/// tests). A QMP call is cut off after `timeout` (the VM then has no block series this time);
+/// the count is of VMs whose QEMU did not answer in time.
 pub async fn gather<Q: BlockStats + Sync>(
     targets: &[VmTarget<Q>],
     proc: &Path,
@@ -395,7 +410,7 @@ pub async fn gather<Q: BlockStats + Sync>(
         // The QMP client's own timeout, and this one in case a call gets stuck before it.
         let stats = tokio::time::timeout(timeout, t.qmp.blockstats(timeout))
             .await
-            .map_err(|_| "timed out".to_string())
+            .map_err(|_| StatsError::Timeout)
             .and_then(|r| r);
         let (cpu_seconds, rss_bytes) = read_proc(proc, t.pid);
         let disks = match &stats {
@@ -411,7 +426,7 @@ pub async fn gather<Q: BlockStats + Sync>(
             rss_bytes,
             disks,
         };
-        (sample, stats.is_err())
+        (sample, stats == Err(StatsError::Timeout))
     });
     let done = futures_util::future::join_all(reads).await;
     let skipped = done.iter().filter(|(_, s)| *s).count() as u64;
@@ -757,11 +772,17 @@ mod tests {
         assert!(errors() - before >= 2.0);
     }
 
-    /// Answers after `delay`, like a QEMU busy (or stuck) in a long command.
+    /// Answers after `delay`, like a QEMU busy (or stuck) in a long command; `Duration::MAX`:
+    /// a QEMU that has exited.
     struct Slow(Duration);
 
     impl BlockStats for Slow {
-        async fn blockstats(&self, _timeout: Duration) -> Result<serde_json::Value, String> {
+        async fn blockstats(&self, _timeout: Duration) -> Result<serde_json::Value, StatsError> {
+            if self.0 == Duration::MAX {
+                return Err(StatsError::Failed(
+                    "QMP connection closed (QEMU exited)".into(),
+                ));
+            }
             tokio::time::sleep(self.0).await;
             Ok(json!([{"qdev": "/machine/peripheral/disk-d/virtio-backend",
                 "stats": {"rd_bytes": 1, "wr_bytes": 2, "rd_operations": 3, "wr_operations": 4}}]))
@@ -796,11 +817,14 @@ mod tests {
         let targets = vec![
             target("fast", 10, Duration::ZERO),
             target("stuck", 11, Duration::from_secs(3600)),
+            target("gone", 12, Duration::MAX),
         ];
         let t = Instant::now();
         let (vms, skipped) = gather(&targets, proc.path(), Duration::from_millis(200)).await;
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // Only the one that did not answer in time; the one that exited is simply gone.
         assert_eq!(skipped, 1);
+        assert!(vms[2].disks.is_empty() && vms[2].cpu_seconds.is_none());
         let hz = clock_ticks().unwrap() as f64;
         let page = page_size().unwrap();
         assert_eq!(vms[0].name, "fast");
