@@ -56,8 +56,8 @@ struct OutcomeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GuestLabels {
-    op: String,
-    outcome: String,
+    op: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,13 +150,11 @@ impl Metrics {
     }
 
     /// Count a guest request's answer: `accepted`/`refused` when it arrives, `completed`/`failed`
-    /// when an accepted one has run. `op` is the protocol's op name (a fixed set).
-    pub fn guest_request(&self, op: &str, outcome: &str) {
+    /// when an accepted one has run. `op` is the protocol's op name: both come from fixed sets
+    /// (`'static`), so a guest cannot grow the label space.
+    pub fn guest_request(&self, op: &'static str, outcome: &'static str) {
         self.guest_requests
-            .get_or_create(&GuestLabels {
-                op: op.to_string(),
-                outcome: outcome.to_string(),
-            })
+            .get_or_create(&GuestLabels { op, outcome })
             .inc();
     }
 
