@@ -267,12 +267,15 @@ pub struct DiskIo {
     pub write_ops: u64,
 }
 
-const STATES: [VmState; 5] = [
+/// Every state, for zeros. `state_name`'s match is exhaustive: a new state fails to compile
+/// there, and belongs here too.
+const STATES: [VmState; 6] = [
     VmState::Stopped,
     VmState::Starting,
     VmState::Running,
     VmState::Stopping,
     VmState::Paused,
+    VmState::Hibernated,
 ];
 
 fn state_name(s: VmState) -> &'static str {
@@ -282,6 +285,7 @@ fn state_name(s: VmState) -> &'static str {
         VmState::Running => "running",
         VmState::Stopping => "stopping",
         VmState::Paused => "paused",
+        VmState::Hibernated => "hibernated",
     }
 }
 
@@ -589,6 +593,12 @@ mod tests {
         );
         assert_eq!(value(&t, r#"drover_vms{state="stopped"}"#), Some(1.0));
         assert_eq!(value(&t, r#"drover_vms{state="paused"}"#), Some(0.0));
+        for s in STATES {
+            // The label is the state's name everywhere else (API, CLI).
+            assert_eq!(state_name(s), s.to_string());
+            let q = format!(r#"drover_vms{{state="{s}"}}"#);
+            assert!(value(&t, &q).is_some(), "{q}");
+        }
         assert_eq!(
             value(&t, r#"drover_vm_cpu_seconds_total{vm="web1"}"#),
             Some(12.5)
