@@ -84,16 +84,33 @@ pub enum VmState {
     Hibernated,
 }
 
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl VmState {
+    /// Every state (a new one belongs here too: `/metrics` exports a zero for each).
+    pub const ALL: [VmState; 6] = [
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Paused,
+        VmState::Hibernated,
+    ];
+
+    /// The state's name, as the API and the CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             VmState::Stopped => "stopped",
             VmState::Starting => "starting",
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Paused => "paused",
             VmState::Hibernated => "hibernated",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -267,37 +267,13 @@ pub struct DiskIo {
     pub write_ops: u64,
 }
 
-/// Every state, for zeros. `state_name`'s match is exhaustive: a new state fails to compile
-/// there, and belongs here too.
-const STATES: [VmState; 6] = [
-    VmState::Stopped,
-    VmState::Starting,
-    VmState::Running,
-    VmState::Stopping,
-    VmState::Paused,
-    VmState::Hibernated,
-];
-
-fn state_name(s: VmState) -> &'static str {
-    match s {
-        VmState::Stopped => "stopped",
-        VmState::Starting => "starting",
-        VmState::Running => "running",
-        VmState::Stopping => "stopping",
-        VmState::Paused => "paused",
-        VmState::Hibernated => "hibernated",
-    }
-}
-
 fn register_gathered(r: &mut Registry, now: &Scrape) {
     let vms: Family<StateLabels, Gauge> = Family::default();
     // Every state, zeros included, so `drover_vms{state="running"}` is 0 rather than absent.
-    for s in STATES {
+    for s in VmState::ALL {
         let n = now.states.iter().filter(|x| **x == s).count();
-        vms.get_or_create(&StateLabels {
-            state: state_name(s),
-        })
-        .set(n as i64);
+        vms.get_or_create(&StateLabels { state: s.as_str() })
+            .set(n as i64);
     }
     r.register("vms", "VMs by state", vms);
 
@@ -593,9 +569,7 @@ mod tests {
         );
         assert_eq!(value(&t, r#"drover_vms{state="stopped"}"#), Some(1.0));
         assert_eq!(value(&t, r#"drover_vms{state="paused"}"#), Some(0.0));
-        for s in STATES {
-            // The label is the state's name everywhere else (API, CLI).
-            assert_eq!(state_name(s), s.to_string());
+        for s in VmState::ALL {
             let q = format!(r#"drover_vms{{state="{s}"}}"#);
             assert!(value(&t, &q).is_some(), "{q}");
         }
