@@ -1,10 +1,11 @@
 //! droverd's HTTP/JSON API: the types both sides share, and a client.
 //!
-//! Routes (all under `/v1`; `drover-host`'s `api_routes` test checks this table against the
-//! router, both ways):
+//! Routes (all under `/v1` but `/metrics`; `drover-host`'s `api_routes` test checks this table
+//! against the router, both ways):
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
+//! | GET | `/metrics` |  | OpenMetrics text for Prometheus (not under `/v1`; viewers and up) |
 //! | GET | `/host` |  | [`HostInfo`] |
 //! | GET | `/vms` |  | `Vec<VmInfo>` |
 //! | POST | `/vms` | [`drover_model::VmSpec`] | [`VmInfo`] |
@@ -83,16 +84,33 @@ pub enum VmState {
     Hibernated,
 }
 
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl VmState {
+    /// Every state (a new one belongs here too: `/metrics` exports a zero for each).
+    pub const ALL: [VmState; 6] = [
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Paused,
+        VmState::Hibernated,
+    ];
+
+    /// The state's name, as the API and the CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             VmState::Stopped => "stopped",
             VmState::Starting => "starting",
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Paused => "paused",
             VmState::Hibernated => "hibernated",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -266,6 +266,7 @@ pub fn router(mgr: Manager) -> Router {
 /// Build the router; `tokens` resolves TCP callers' bearer tokens and backs `/v1/auth/tokens`.
 pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
     let r = Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/host", get(host))
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(show).delete(delete))
@@ -360,6 +361,21 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 async fn host(State(m): State<Manager>, who: Who) -> Res<drover_api::HostInfo> {
     need(&who, Permission::Read)?;
     Ok(Json(m.host_info()))
+}
+
+/// Prometheus' scrape: OpenMetrics text ([`crate::metrics`]).
+async fn metrics(State(m): State<Manager>, who: Who) -> Result<Response, Failure> {
+    need(&who, Permission::Read)?;
+    let (states, targets) = m.metrics_targets();
+    let text = crate::metrics::scrape(states, targets).await;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::VmInfo>> {
@@ -878,10 +894,10 @@ async fn migrate(
     Body(req): Body<drover_api::MigrateRequest>,
 ) -> Response {
     ndjson(move |progress| async move {
-        m.migrate(&name, req, &who.0, move |p| {
+        let run = m.migrate(&name, req, &who.0, move |p| {
             progress(serde_json::to_string(&p).unwrap_or_default())
-        })
-        .await
+        });
+        crate::metrics::timed(crate::metrics::Op::Migrate, run).await
     })
 }
 
@@ -941,6 +957,7 @@ mod tests {
         let post = Method::POST;
         let del = Method::DELETE;
         for (m, route, need, limit) in [
+            (&get, "/metrics", Read, SMALL_BODY),
             (&get, "/v1/host", Read, SMALL_BODY),
             (&get, "/v1/vms", Read, SMALL_BODY),
             (&post, "/v1/vms", Lifecycle, SMALL_BODY),
@@ -1144,6 +1161,54 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    /// GET /metrics as `peer` (with `token` as a bearer token): the status and the body.
+    async fn scrape(app: &Router, peer: Peer, token: Option<&str>) -> (StatusCode, String) {
+        let mut b = axum::http::Request::builder().uri("/metrics");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let mut req = b.body(axum::body::Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn metrics_answer_viewers_on_both_doors_and_nobody_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        m.set_role(&Caller::daemon(), 1001, Some(Role::Viewer))
+            .unwrap();
+        let tokens = Arc::new(TokenStore::new(&dir.path().join("tokens")));
+        let (viewer, _) = tokens.create(Role::Viewer, Some("prometheus")).unwrap();
+        let app = router_with(m, Some(tokens));
+        let local = |uid| Peer {
+            uid: Some(uid),
+            remote: None,
+        };
+        let tcp = Peer {
+            uid: None,
+            remote: Some(([127, 0, 0, 1], 40000).into()),
+        };
+        for (peer, token) in [(local(1001), None), (tcp.clone(), Some(viewer.as_str()))] {
+            let (status, text) = scrape(&app, peer, token).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            assert!(text.contains("drover_vms{state=\"running\"} 0"), "{text}");
+            assert!(text.trim_end().ends_with("# EOF"), "{text}");
+        }
+        let (status, _) = scrape(&app, local(1000), None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "a local user without a role");
+        for token in [None, Some("drv_not_a_token")] {
+            let (status, _) = scrape(&app, tcp.clone(), token).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`api`]: the HTTP/JSON routes.
 //! - [`action`]: every lifecycle verb with the states it is valid in.
 //! - [`compat`]: whether a VM's machine type and CPU model fit another host's QEMU or a state.
+//! - [`metrics`]: what `/metrics` exports to Prometheus.
 
 pub mod action;
 pub mod agent_link;
@@ -20,6 +21,7 @@ pub mod filecopy;
 pub mod hostfacts;
 pub mod limits;
 pub mod manager;
+pub mod metrics;
 pub mod pools;
 pub mod qemu_user;
 pub mod serve;

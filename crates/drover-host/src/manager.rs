@@ -800,6 +800,31 @@ impl Manager {
         slots.iter().map(|s| self.view(s)).collect()
     }
 
+    /// What a metrics scrape reads: every VM's state, and each running QEMU's pid, QMP
+    /// connection and disk ids (those of the config it runs now).
+    pub fn metrics_targets(&self) -> (Vec<VmState>, Vec<crate::metrics::VmTarget<Qmp>>) {
+        let slots: Vec<(String, Arc<VmSlot>)> = lock(&self.s.vms)
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let mut states = Vec::new();
+        let mut targets = Vec::new();
+        for (name, slot) in slots {
+            let info = lock(&slot.info).clone();
+            states.push(info.state);
+            if let Some(rt) = lock(&slot.rt).as_ref() {
+                let config = info.running_config.as_ref().unwrap_or(&info.config);
+                targets.push(crate::metrics::VmTarget {
+                    name,
+                    pid: rt.pid,
+                    qmp: rt.qmp.clone(),
+                    disks: config.disks.iter().map(|d| d.id.to_string()).collect(),
+                });
+            }
+        }
+        (states, targets)
+    }
+
     /// Host facts for `drover host info`.
     pub fn host_info(&self) -> HostInfo {
         let mem = hostfacts::memory();

@@ -310,6 +310,7 @@ async fn connection<T>(
 {
     use http_body_util::BodyExt as _;
     use tower::ServiceExt as _;
+    let _open = crate::metrics::global().connection_opened();
     let epoch = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let io = Activity {

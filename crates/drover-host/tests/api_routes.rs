@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 
 const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
+/// Routes served outside `/v1` (Prometheus expects `/metrics`).
+const OUTSIDE_V1: [&str; 1] = ["/metrics"];
 
 /// (METHOD, path) for every `.route(path, method(handler)...)` in the router's source.
 fn router_routes(src: &str) -> BTreeSet<(String, String)> {
@@ -41,7 +43,12 @@ fn documented_routes(src: &str) -> BTreeSet<(String, String)> {
             let path = cells.next()?.trim().trim_matches('`');
             METHODS.contains(&method.to_lowercase().as_str()).then(|| {
                 let path = path.split('?').next().unwrap_or(path);
-                (method.to_string(), format!("/v1{path}"))
+                let full = if OUTSIDE_V1.contains(&path) {
+                    path.to_string()
+                } else {
+                    format!("/v1{path}")
+                };
+                (method.to_string(), full)
             })
         })
         .collect()

@@ -183,6 +183,8 @@ async fn main() -> anyhow::Result<()> {
         // Colours only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // drover_uptime_seconds counts from here.
+    drover_host::metrics::global();
     let state_dir = std::path::absolute(&args.state_dir).context("resolving --state-dir")?;
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -245,7 +247,9 @@ async fn main() -> anyhow::Result<()> {
         Some(addr) => Some(listen_tls(&args, addr, &cfg.state_dir, &tokens).await?),
         None => None,
     };
-    let mgr = Manager::open(cfg, Box::new(store.clone())).await?;
+    // Counted for /metrics (drover_store_write_errors_total).
+    let counted = drover_host::metrics::CountingStore(store.clone());
+    let mgr = Manager::open(cfg, Box::new(counted)).await?;
     spawn_checkpoints(store, state_dir_of(&mgr));
     if let (false, Some(addr)) = (args.cluster.is_empty(), args.listen) {
         let cluster = drover_host::cluster::ClusterConfig::load(args.cluster_config.as_deref())?;

@@ -294,7 +294,14 @@ impl Manager {
         Arc::new(move |req: GuestRequest| {
             let mgr = mgr.clone();
             let vm = vm.clone();
-            Box::pin(async move { mgr.accept(&vm, req).await })
+            Box::pin(async move {
+                let op = req.op.name();
+                let ack = mgr.accept(&vm, req).await;
+                let accepted = matches!(ack, Body::Ack { accepted: true, .. });
+                let outcome = if accepted { "accepted" } else { "refused" };
+                crate::metrics::global().guest_request(op, outcome);
+                ack
+            })
         })
     }
 
@@ -543,7 +550,7 @@ impl Manager {
                         let _op = slot.op.lock().await;
                         match self.guest_state_quota(vm) {
                             Err(why) => Err(why),
-                            Ok(()) => self.save_locked(vm, &slot, name.clone(), false, &caller.name, Some(note))
+                            Ok(()) => crate::metrics::timed(crate::metrics::Op::Save, self.save_locked(vm, &slot, name.clone(), false, &caller.name, Some(note)))
                             .await
                             .map(|s| serde_json::json!({"state": s.id, "name": s.name, "paused_ms": s.paused_ms}))
                             .map_err(|e| e.to_string()),
@@ -594,7 +601,8 @@ impl Manager {
             format!("another operation is running on VM {vm}; ask again when it has finished")
         })?;
         let st = self.state(vm, state).map_err(|e| e.to_string())?;
-        self.restore_locked(vm, &slot, state)
+        let restore = self.restore_locked(vm, &slot, state);
+        crate::metrics::timed(crate::metrics::Op::Restore, restore)
             .await
             .map_err(|e| e.to_string())?;
         Ok(st)
@@ -660,6 +668,7 @@ impl Manager {
             EventStatus::Completed => "completed",
             _ => "failed",
         };
+        crate::metrics::global().guest_request(p.op.name(), outcome);
         let detail = match (&error, delivered) {
             (Some(e), true) => Some(e.clone()),
             (Some(e), false) => Some(format!("{e}; the guest could not be told")),

@@ -25,9 +25,8 @@ impl Manager {
             .check(name, lock(&slot.info).state)
             .map_err(HostError::Conflict)?;
         let label = format!("hibernate-{}", hostfacts::now_ms());
-        let state = self
-            .save_locked(name, &slot, Some(label), true, &caller.name, None)
-            .await?;
+        let save = self.save_locked(name, &slot, Some(label), true, &caller.name, None);
+        let state = crate::metrics::timed(crate::metrics::Op::Save, save).await?;
         let dir = self.states_dir(name).join(&state.id);
         let bytes = dir_bytes(&dir);
         // The state is durable (synced) now; the guest ran on for the moments since, into a
@@ -94,7 +93,8 @@ impl Manager {
                 other => other,
             })?;
         let started = std::time::Instant::now();
-        let info = self.restore_locked(name, &slot, &h.state).await?;
+        let restore = self.restore_locked(name, &slot, &h.state);
+        let info = crate::metrics::timed(crate::metrics::Op::Restore, restore).await?;
         tracing::info!(
             vm = name,
             state = h.state,

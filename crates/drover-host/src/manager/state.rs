@@ -168,8 +168,8 @@ impl Manager {
         caller.require(Permission::Lifecycle)?;
         let slot = self.slot(vm)?;
         let _op = slot.op.lock().await;
-        self.save_locked(vm, &slot, name, classic, &caller.name, None)
-            .await
+        let save = self.save_locked(vm, &slot, name, classic, &caller.name, None);
+        crate::metrics::timed(crate::metrics::Op::Save, save).await
     }
 
     pub(super) async fn save_locked(
@@ -918,7 +918,11 @@ impl Manager {
                 "another operation is running on VM {vm}; restore when it has finished"
             ))
         })?;
-        self.restore_locked(vm, &slot, which).await
+        crate::metrics::timed(
+            crate::metrics::Op::Restore,
+            self.restore_locked(vm, &slot, which),
+        )
+        .await
     }
 
     pub(super) async fn restore_locked(
