@@ -976,6 +976,7 @@ impl Manager {
                             owned: true,
                             index: disks.len() as u32,
                             slot: None,
+                            addr: None,
                         }
                     }
                     DiskSource::Image { path } => {
@@ -992,6 +993,7 @@ impl Manager {
                             owned: false,
                             index: disks.len() as u32,
                             slot: None,
+                            addr: None,
                         }
                     }
                 });
@@ -1004,12 +1006,13 @@ impl Manager {
                     mac: mac.unwrap_or_else(|| MacAddr::qemu_local(rand::random())),
                     backend: backend.clone(),
                     slot: None,
+                    addr: None,
                 })
                 .collect();
             if let Some(s) = &spec.seed {
                 disks.push(seed::make_disk(&name, s, &vm_dir, &nics, &disks)?);
             }
-            let config = VmConfig {
+            let mut config = VmConfig {
                 name: valid.name.clone(),
                 cpus: valid.cpus,
                 memory: valid.memory,
@@ -1019,6 +1022,8 @@ impl Manager {
                 accel: spec.accel,
                 max_memory: valid.max_memory,
             };
+            // Every device's PCI slot is recorded from the start.
+            config.pin_pci();
             config.validate_config()?;
             let info = VmInfo {
                 name: name.clone(),
@@ -1217,14 +1222,8 @@ impl Manager {
                 self.persist(slot, |i| i.fence = Some(f.clone()))?;
             }
         }
-        self.launch(
-            name,
-            slot,
-            config.cold_plugged(),
-            started_from,
-            LaunchKind::Boot,
-        )
-        .await
+        self.launch(name, slot, config.pinned(), started_from, LaunchKind::Boot)
+            .await
     }
 
     /// Use `check` for the fencing tokens of cluster starts (droverd `--cluster`).
@@ -1797,7 +1796,7 @@ impl Manager {
                 let mut history = self.history(i)?;
                 let why = format!("sealed at shutdown ({})", exit_info.reason);
                 if let Some(gen) = history.seal(
-                    &cfg.cold_plugged(),
+                    &cfg.pinned(),
                     i.persist_mode,
                     "droverd",
                     &why,

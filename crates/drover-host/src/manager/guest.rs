@@ -760,6 +760,7 @@ impl Manager {
                             owned: true,
                             index: 0,
                             slot: None,
+                            addr: None,
                         },
                         true,
                     )
@@ -771,6 +772,7 @@ impl Manager {
                         forwards: Vec::new(),
                     },
                     slot: None,
+                    addr: None,
                 }),
                 ConfigChange::Detach { id } => Change::Remove(id.clone()),
             });

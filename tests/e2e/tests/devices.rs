@@ -1,0 +1,150 @@
+//! Devices a guest can rely on, checked from inside the minimal guest: a NIC keeps its PCI
+//! address (and so its name in a systemd guest, `enp0s7`) when a disk is added, across restarts
+//! and after it was hot-plugged; two user-mode NICs each answer their own port forward; a VM
+//! whose memory is already at its hot-plug limit starts.
+
+use drover_e2e::{free_port, wait_for, Daemon};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// PCI address (`0000:00:07.0`) of the guest NIC with this MAC.
+fn nic_pci(d: &Daemon, vm: &str, mac: &str) -> String {
+    let script = format!(
+        "for n in /sys/class/net/eth*; do [ \"$(cat $n/address)\" = {mac} ] && basename $(dirname $(readlink -f $n/device)); done; true"
+    );
+    let out = d.sh(vm, &script).trim().to_string();
+    assert!(out.starts_with("0000:"), "NIC {mac} in {vm}: {out:?}");
+    out
+}
+
+/// The MAC of NIC `id` as droverd recorded it (in the running config while it runs).
+fn mac_of(d: &Daemon, vm: &str, id: &str) -> String {
+    let v = d.json(&["vm", "show", vm]);
+    let cfg = if v["running_config"].is_object() {
+        &v["running_config"]
+    } else {
+        &v["config"]
+    };
+    cfg["nics"]
+        .as_array()
+        .and_then(|nics| nics.iter().find(|n| n["id"] == id))
+        .and_then(|n| n["mac"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no NIC {id} in {v}"))
+}
+
+fn restart(d: &Daemon, vm: &str) {
+    d.ok(&["vm", "stop", vm]);
+    d.ok(&["vm", "start", vm, "--wait"]);
+}
+
+#[test]
+fn nics_keep_their_pci_address_across_added_disks_restarts_and_hot_plug() {
+    let d = Daemon::start();
+    #[rustfmt::skip]
+    d.ok(&["vm", "create", "pci", "--memory", "256M", "--disk", "size=16M,id=data", "--nic", "user"]);
+    d.ok(&["vm", "start", "pci", "--wait"]);
+    let mac0 = mac_of(&d, "pci", "net0");
+    let first = nic_pci(&d, "pci", &mac0);
+    // Where QEMU's own allocation put it before slots were recorded (systemd: enp0s7).
+    assert_eq!(first, "0000:00:07.0");
+
+    // A disk added while stopped: the NIC stays where it was, the disk goes after it.
+    d.ok(&["vm", "stop", "pci"]);
+    #[rustfmt::skip]
+    d.ok(&["vm", "attach", "pci", "disk", "--id", "data2", "--size", "8M"]);
+    d.ok(&["vm", "start", "pci", "--wait"]);
+    assert_eq!(
+        nic_pci(&d, "pci", &mac0),
+        first,
+        "adding a disk moved the NIC"
+    );
+    let disks = d.sh(
+        "pci",
+        "for b in /sys/block/vd*; do echo $(cat $b/serial) $(basename $(dirname $(readlink -f $b/device))); done",
+    );
+    assert!(disks.contains("data2 0000:00:08.0"), "{disks}");
+
+    // A NIC hot-plugged live, then a restart: it is at the same address (same port) again.
+    d.json(&["vm", "attach", "pci", "nic", "--id", "net1"]);
+    let mac1 = mac_of(&d, "pci", "net1");
+    let hot = wait_for("the hot-plugged NIC", Duration::from_secs(15), || {
+        let out = d.sh(
+            "pci",
+            &format!("for n in /sys/class/net/eth*; do [ \"$(cat $n/address)\" = {mac1} ] && basename $(dirname $(readlink -f $n/device)); done; true"),
+        );
+        let out = out.trim().to_string();
+        out.starts_with("0000:").then_some(out)
+    });
+    assert!(!hot.starts_with("0000:00:"), "on a root port's bus: {hot}");
+    restart(&d, "pci");
+    assert_eq!(
+        nic_pci(&d, "pci", &mac1),
+        hot,
+        "the hot-plugged NIC moved on reboot"
+    );
+    assert_eq!(nic_pci(&d, "pci", &mac0), first);
+
+    // And it can still be unplugged live, since it sits on its port again.
+    d.json(&["vm", "detach", "pci", "net1"]);
+    d.ok(&["vm", "stop", "pci"]);
+    d.ok(&["vm", "delete", "pci"]);
+}
+
+/// GET / from 127.0.0.1:port; `None` until something answers with a body.
+fn http_get(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains("200").then_some(out)
+}
+
+#[test]
+fn two_user_nics_each_answer_their_forward() {
+    let d = Daemon::start();
+    let (p0, p1) = (free_port(), free_port());
+    let n0 = format!("user,forward=tcp:127.0.0.1:{p0}-:80");
+    let n1 = format!("user,forward=tcp:127.0.0.1:{p1}-:80");
+    #[rustfmt::skip]
+    d.ok(&["vm", "create", "two", "--memory", "256M", "--nic", &n0, "--nic", &n1]);
+    d.ok(&["vm", "start", "two", "--wait"]);
+    d.sh(
+        "two",
+        "mkdir -p /tmp/www && echo hello-two > /tmp/www/index.html && httpd -p 80 -h /tmp/www",
+    );
+    for port in [p0, p1] {
+        let body = wait_for(
+            &format!("forward {port} to answer"),
+            Duration::from_secs(30),
+            || http_get(port),
+        );
+        assert!(body.contains("hello-two"), "{body}");
+    }
+    // Each NIC has its own subnet.
+    let addrs = d.sh("two", "ip -4 -o addr show | awk '{print $2, $4}'");
+    assert!(addrs.contains("10.0.2.15/24"), "{addrs}");
+    assert!(addrs.contains("10.0.3.15/24"), "{addrs}");
+    d.ok(&["vm", "stop", "two"]);
+    d.ok(&["vm", "delete", "two"]);
+}
+
+#[test]
+fn memory_at_its_hot_plug_limit_starts() {
+    let d = Daemon::start();
+    #[rustfmt::skip]
+    d.ok(&["vm", "create", "full", "--memory", "256M", "--max-memory", "256M"]);
+    d.ok(&["vm", "start", "full", "--wait"]);
+    let mem_kb: u64 = d
+        .sh("full", "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        .trim()
+        .parse()
+        .expect("MemTotal");
+    assert!((200 * 1024..=256 * 1024).contains(&mem_kb), "{mem_kb} kB");
+    // Growing past the limit is refused, not attempted.
+    let out = d.drover(&["vm", "set", "full", "memory=512M"]);
+    assert!(!out.status.success());
+    d.ok(&["vm", "stop", "full"]);
+    d.ok(&["vm", "delete", "full"]);
+}
