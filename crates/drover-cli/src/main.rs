@@ -315,7 +315,9 @@ enum RemoteCmd {
 
 #[derive(Args, Debug)]
 struct WaitArgs {
-    /// Wait until the guest agent answers.
+    /// Wait until the guest agent answers. Ends early, with an error, when the VM shows no
+    /// agent: its guest's virtio-serial driver has been up 60 s and nothing opened the agent's
+    /// port (`vm show` then says `agent: none seen`).
     #[arg(long)]
     wait: bool,
     /// Seconds to wait for the agent with --wait.

@@ -321,7 +321,11 @@ impl Out {
                         .map(|m| format!(", ready {:.2}s after start", m as f64 / 1000.0))
                         .unwrap_or_default()
                 ),
-                _ if a.connected => println!("agent:     not ready yet (channel connected)"),
+                _ if a.none_seen => println!(
+                    "agent:     none seen (nothing in the guest opened the request port; exec, guest saves and scans need drover-agent)"
+                ),
+                _ if a.guest_opened => println!("agent:     starting (the guest opened its port, no hello yet)"),
+                _ if a.connected => println!("agent:     not seen yet (guest booting)"),
                 _ => println!("agent:     not connected"),
             }
         }

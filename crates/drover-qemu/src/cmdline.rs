@@ -174,6 +174,14 @@ fn ram_size(bytes: u64, pad: bool) -> String {
     format!("{}K", ((bytes >> 20) << 10) + pad)
 }
 
+/// QEMU device id of guest-channel port A: QEMU names it in `VSERPORT_CHANGE` when the guest
+/// opens or closes the port (only ports with an id are reported).
+pub const PORT_A_DEVICE: &str = "vport-a";
+/// QEMU device id of guest-channel port B.
+pub const PORT_B_DEVICE: &str = "vport-b";
+/// QOM path of the guest channel's virtio device, for `x-query-virtio-status`.
+pub const VSER_VIRTIO_PATH: &str = "/machine/peripheral/vser0/virtio-backend";
+
 /// QEMU id of hot-plug root port `slot`.
 pub fn port_id(slot: u8) -> String {
     format!("hp{slot}")
@@ -460,15 +468,15 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
         ]);
     }
     push(&["-device", "virtio-serial-pci,id=vser0"]);
-    for (id, path, name) in [
-        ("porta", &p.port_a, drover_proto::PORT_A_NAME),
-        ("portb", &p.port_b, drover_proto::PORT_B_NAME),
+    for (id, dev, path, name) in [
+        ("porta", PORT_A_DEVICE, &p.port_a, drover_proto::PORT_A_NAME),
+        ("portb", PORT_B_DEVICE, &p.port_b, drover_proto::PORT_B_NAME),
     ] {
         push(&[
             "-chardev",
             &format!("socket,id={id},path={},server=on,wait=off", esc(path)),
             "-device",
-            &format!("virtserialport,bus=vser0.0,chardev={id},name={name}"),
+            &format!("virtserialport,bus=vser0.0,chardev={id},name={name},id={dev}"),
         ]);
     }
     // Devices that were hot-plugged go back on their ports, which now exist.

@@ -148,3 +148,86 @@ fn memory_at_its_hot_plug_limit_starts() {
     d.ok(&["vm", "stop", "full"]);
     d.ok(&["vm", "delete", "full"]);
 }
+
+/// One newc cpio member: a regular file.
+fn cpio_file(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+    let header = format!(
+        "070701{ino:08X}{mode:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
+        0,
+        0,
+        1,
+        0,
+        data.len(),
+        0,
+        0,
+        0,
+        0,
+        name.len() + 1,
+        0
+    );
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// A guest without an agent (the image's initramfs with `/usr/bin/drover-agent` replaced by a
+/// sleeper, as a second archive the kernel unpacks over the first): `start --wait` says so
+/// well before its timeout, `vm show` and `vm exec` too.
+#[test]
+fn a_vm_without_an_agent_is_shown_as_such_early() {
+    let d = Daemon::start();
+    let image =
+        std::fs::canonicalize(drover_e2e::image_dir().join("current")).expect("the guest image");
+    let mut initrd = std::fs::read(image.join("initramfs.cpio")).expect("the image's initramfs");
+    while initrd.len() % 4 != 0 {
+        initrd.push(0);
+    }
+    let mut extra = Vec::new();
+    cpio_file(
+        &mut extra,
+        1,
+        "usr/bin/drover-agent",
+        0o100755,
+        b"#!/bin/sh\nexec sleep 1000000\n",
+    );
+    cpio_file(&mut extra, 2, "TRAILER!!!", 0, b"");
+    initrd.extend_from_slice(&extra);
+    let dir = d.state_dir().parent().expect("daemon dir").to_path_buf();
+    let path = dir.join("noagent.cpio");
+    std::fs::write(&path, &initrd).expect("write the initrd");
+    let kernel = image.join("vmlinux").display().to_string();
+    #[rustfmt::skip]
+    d.ok(&["vm", "create", "bare", "--memory", "256M", "--kernel", &kernel, "--initrd", &path.display().to_string(), "--cmdline", "console=ttyS0 quiet"]);
+    let t = std::time::Instant::now();
+    let out = d.drover(&["vm", "start", "bare", "--wait", "--wait-timeout", "300"]);
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "no agent, yet --wait succeeded: {err}"
+    );
+    assert!(err.contains("shows no guest agent"), "{err}");
+    // The guest's driver is up within seconds; 30 s later it is said, far from the 300 s asked.
+    assert!(took < Duration::from_secs(100), "said after {took:?}");
+    assert!(
+        took >= Duration::from_secs(30),
+        "said after {took:?}: too early to know"
+    );
+    let show = d.ok(&["vm", "show", "bare"]);
+    assert!(show.contains("agent:     none seen"), "{show}");
+    let v = d.json(&["vm", "show", "bare"]);
+    assert_eq!(v["agent"]["none_seen"], true);
+    assert_eq!(v["agent"]["guest_opened"], false);
+    let exec = d.drover(&["vm", "exec", "bare", "--", "true"]);
+    let exec_err = String::from_utf8_lossy(&exec.stderr).to_string();
+    assert!(exec_err.contains("shows no guest agent"), "{exec_err}");
+    d.ok(&["vm", "stop", "bare", "--force"]);
+    d.ok(&["vm", "delete", "bare"]);
+}
