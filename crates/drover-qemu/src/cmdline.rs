@@ -728,24 +728,10 @@ mod tests {
             },
         ];
         let args = build(&LaunchSpec {
-            config: &c,
-            platform: &Platform::default(),
-            install_args: Vec::new(),
-            accel: Accel::Tcg,
-            paths: &paths,
-            console_log: Path::new("/c.log"),
-            kernel: None,
             hotplug_ports: 0,
-            max_cpus: 2,
-            qboot: None,
-            ram_file: false,
-            ram_private: None,
-            stopped: false,
-            detached: false,
-            incoming: false,
-            generation_id: None,
             disk_chains: &chains,
             fds: &fds,
+            ..plain_spec(&c, &paths)
         });
         let joined = args.join(" ");
         assert!(

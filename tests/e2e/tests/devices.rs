@@ -3,8 +3,7 @@
 //! and after it was hot-plugged; two user-mode NICs each answer their own port forward; a VM
 //! whose memory is already at its hot-plug limit starts.
 
-use drover_e2e::{free_port, wait_for, Daemon};
-use std::io::{Read, Write};
+use drover_e2e::{free_port, http_get, wait_for, Daemon};
 use std::time::Duration;
 
 /// PCI address (`0000:00:07.0`) of the guest NIC with this MAC.
@@ -89,16 +88,6 @@ fn nics_keep_their_pci_address_across_added_disks_restarts_and_hot_plug() {
     d.json(&["vm", "detach", "pci", "net1"]);
     d.ok(&["vm", "stop", "pci"]);
     d.ok(&["vm", "delete", "pci"]);
-}
-
-/// GET / from 127.0.0.1:port; `None` until something answers with a body.
-fn http_get(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.contains("200").then_some(out)
 }
 
 #[test]
