@@ -288,12 +288,13 @@ impl Out {
                 None => " (yours, kept on delete)".to_string(),
             };
             println!(
-                "disk:      {} {} {} {}{}{owner}",
+                "disk:      {} {} {} {}{}{}{owner}",
                 d.id,
                 format_size(d.size),
                 d.format,
                 d.path.display(),
                 if d.readonly { " read-only" } else { "" },
+                pci_place(d.slot, d.addr),
             );
         }
         for n in &c.nics {
@@ -309,7 +310,12 @@ impl Out {
                 ),
                 NicBackend::Tap { ifname } => format!("tap {ifname}"),
             };
-            println!("nic:       {} {} {backend}", n.id, n.mac);
+            println!(
+                "nic:       {} {} {backend}{}",
+                n.id,
+                n.mac,
+                pci_place(n.slot, n.addr)
+            );
         }
         if let Some(a) = &v.agent {
             match &a.info {
@@ -752,4 +758,13 @@ pub fn fmt_bytes(b: u64) -> String {
         }
     }
     format!("{b}B")
+}
+
+/// Where the guest finds a device: ` (pci 00:07.0)` on the root bus, ` (hot-plug port 0)`.
+fn pci_place(slot: Option<u8>, addr: Option<u8>) -> String {
+    match (slot, addr) {
+        (Some(p), _) => format!(" (hot-plug port {p})"),
+        (None, Some(a)) => format!(" (pci 00:{a:02x}.0)"),
+        (None, None) => String::new(),
+    }
 }

@@ -2607,6 +2607,34 @@ fn log_tail(path: &Path) -> String {
     }
 }
 
+/// Follow, once a second until the agent answers or QEMU exits, whether the guest shows an
+/// agent: when the guest's virtio-serial driver came up (QEMU's `x-query-virtio-status`; a
+/// QEMU without it leaves only the time since start) and, through
+/// [`AgentLink::judge_presence`], whether anything opened the request port since.
+async fn watch_agent_presence(qmp: Qmp, agent: AgentLink, mut exited: watch::Receiver<bool>) {
+    let mut driver_since: Option<Instant> = None;
+    let mut can_query = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = exited.wait_for(|e| *e) => return,
+        }
+        if agent.status().ready {
+            return;
+        }
+        if driver_since.is_none() && can_query {
+            let args = serde_json::json!({"path": cmdline::VSER_VIRTIO_PATH});
+            match qmp.execute("x-query-virtio-status", Some(args)).await {
+                // Decoded status bits name `DRIVER_OK` once the guest driver is set up.
+                Ok(v) if v.to_string().contains("DRIVER_OK") => driver_since = Some(Instant::now()),
+                Ok(_) => {}
+                Err(_) => can_query = false,
+            }
+        }
+        agent.judge_presence(driver_since.map(|t| t.elapsed()));
+    }
+}
+
 #[cfg(test)]
 mod crash_tests {
     use super::*;
@@ -2747,33 +2775,5 @@ mod crash_tests {
         assert!(!m.ram_dir().join("gone@s1").exists());
         assert!(m.s.store.list_raw(DELETING).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(m.ram_dir());
-    }
-}
-
-/// Follow, once a second until the agent answers or QEMU exits, whether the guest shows an
-/// agent: when the guest's virtio-serial driver came up (QEMU's `x-query-virtio-status`; a
-/// QEMU without it leaves only the time since start) and, through
-/// [`AgentLink::judge_presence`], whether anything opened the request port since.
-async fn watch_agent_presence(qmp: Qmp, agent: AgentLink, mut exited: watch::Receiver<bool>) {
-    let mut driver_since: Option<Instant> = None;
-    let mut can_query = true;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = exited.wait_for(|e| *e) => return,
-        }
-        if agent.status().ready {
-            return;
-        }
-        if driver_since.is_none() && can_query {
-            let args = serde_json::json!({"path": cmdline::VSER_VIRTIO_PATH});
-            match qmp.execute("x-query-virtio-status", Some(args)).await {
-                // Decoded status bits name `DRIVER_OK` once the guest driver is set up.
-                Ok(v) if v.to_string().contains("DRIVER_OK") => driver_since = Some(Instant::now()),
-                Ok(_) => {}
-                Err(_) => can_query = false,
-            }
-        }
-        agent.judge_presence(driver_since.map(|t| t.elapsed()));
     }
 }

@@ -47,6 +47,11 @@ fn nics_keep_their_pci_address_across_added_disks_restarts_and_hot_plug() {
     let first = nic_pci(&d, "pci", &mac0);
     // Where QEMU's own allocation put it before slots were recorded (systemd: enp0s7).
     assert_eq!(first, "0000:00:07.0");
+    let show = d.ok(&["vm", "show", "pci"]);
+    assert!(
+        show.contains(&format!("{mac0} user (pci 00:07.0)")),
+        "{show}"
+    );
 
     // A disk added while stopped: the NIC stays where it was, the disk goes after it.
     d.ok(&["vm", "stop", "pci"]);
@@ -157,11 +162,11 @@ fn cpio_file(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -175,7 +180,7 @@ fn a_vm_without_an_agent_is_shown_as_such_early() {
     let image =
         std::fs::canonicalize(drover_e2e::image_dir().join("current")).expect("the guest image");
     let mut initrd = std::fs::read(image.join("initramfs.cpio")).expect("the image's initramfs");
-    while initrd.len() % 4 != 0 {
+    while !initrd.len().is_multiple_of(4) {
         initrd.push(0);
     }
     let mut extra = Vec::new();
