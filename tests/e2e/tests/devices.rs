@@ -202,6 +202,7 @@ fn a_vm_without_an_agent_is_shown_as_such_early() {
     let t = std::time::Instant::now();
     let out = d.drover(&["vm", "start", "bare", "--wait", "--wait-timeout", "300"]);
     let took = t.elapsed();
+    eprintln!("vm start --wait said there is no agent after {took:?}");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         !out.status.success(),
