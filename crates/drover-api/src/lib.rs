@@ -140,6 +140,14 @@ pub struct AgentStatus {
     /// Milliseconds from QEMU's start to the agent's first answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_after_ms: Option<u64>,
+    /// Something in the guest opened the request port (an agent starting) since QEMU started.
+    #[serde(default)]
+    pub guest_opened: bool,
+    /// No agent seen: the guest's virtio-serial driver has been up a while (or QEMU has run
+    /// long) and nothing in the guest ever opened the request port. Cleared if an agent shows
+    /// up later.
+    #[serde(default)]
+    pub none_seen: bool,
 }
 
 /// Everything droverd knows about one VM.

@@ -315,7 +315,9 @@ enum RemoteCmd {
 
 #[derive(Args, Debug)]
 struct WaitArgs {
-    /// Wait until the guest agent answers.
+    /// Wait until the guest agent answers. Ends early, with an error, when the VM shows no
+    /// agent: its guest's virtio-serial driver has been up 60 s and nothing opened the agent's
+    /// port (`vm show` then says `agent: none seen`).
     #[arg(long)]
     wait: bool,
     /// Seconds to wait for the agent with --wait.
@@ -523,6 +525,12 @@ enum VmCmd {
         wait: WaitArgs,
     },
     /// Attach a disk or NIC; live when the VM runs (hot-plug), else for its next start.
+    ///
+    /// A device keeps its PCI address for life: one attached to a stopped VM (or --next-boot)
+    /// takes the next free slot of the root bus, one hot-plugged stays on its hot-plug port at
+    /// every later boot (4 ports; detach one to free it). Nothing beside it moves, so guest
+    /// names such as enp0s7 stay. Each user-mode NIC gets its own subnet (10.0.2.0/24 for the
+    /// first, 10.0.3.0/24 for the second, ...), so every NIC's forwards answer.
     ///
     /// Examples:
     ///   drover vm attach web1 disk --id data2 --size 1G

@@ -298,12 +298,13 @@ impl Out {
                 None => " (yours, kept on delete)".to_string(),
             };
             println!(
-                "disk:      {} {} {} {}{}{owner}",
+                "disk:      {} {} {} {}{}{}{owner}",
                 d.id,
                 format_size(d.size),
                 d.format,
                 d.path.display(),
                 if d.readonly { " read-only" } else { "" },
+                pci_place(d.slot, d.addr),
             );
         }
         for n in &c.nics {
@@ -319,7 +320,12 @@ impl Out {
                 ),
                 NicBackend::Tap { ifname } => format!("tap {ifname}"),
             };
-            println!("nic:       {} {} {backend}", n.id, n.mac);
+            println!(
+                "nic:       {} {} {backend}{}",
+                n.id,
+                n.mac,
+                pci_place(n.slot, n.addr)
+            );
         }
         if let Some(a) = &v.agent {
             match &a.info {
@@ -331,7 +337,11 @@ impl Out {
                         .map(|m| format!(", ready {:.2}s after start", m as f64 / 1000.0))
                         .unwrap_or_default()
                 ),
-                _ if a.connected => println!("agent:     not ready yet (channel connected)"),
+                _ if a.none_seen => println!(
+                    "agent:     none seen (nothing in the guest opened the request port; exec, guest saves and scans need drover-agent)"
+                ),
+                _ if a.guest_opened => println!("agent:     starting (the guest opened its port, no hello yet)"),
+                _ if a.connected => println!("agent:     not seen yet (guest booting)"),
                 _ => println!("agent:     not connected"),
             }
         }
@@ -758,4 +768,13 @@ pub fn fmt_bytes(b: u64) -> String {
         }
     }
     format!("{b}B")
+}
+
+/// Where the guest finds a device: ` (pci 00:07.0)` on the root bus, ` (hot-plug port 0)`.
+fn pci_place(slot: Option<u8>, addr: Option<u8>) -> String {
+    match (slot, addr) {
+        (Some(p), _) => format!(" (hot-plug port {p})"),
+        (None, Some(a)) => format!(" (pci 00:{a:02x}.0)"),
+        (None, None) => String::new(),
+    }
 }

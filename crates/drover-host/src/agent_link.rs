@@ -41,9 +41,36 @@ pub enum LinkError {
     /// The agent said no.
     #[error("the guest agent refused: {0}")]
     Refused(String),
+    /// No agent seen in the guest (see [`no_agent_seen`]).
+    #[error("no agent seen in the guest: {0}")]
+    NoAgent(String),
     /// The message could not be encoded.
     #[error("{0}")]
     Proto(#[from] drover_proto::ProtoError),
+}
+
+/// How long after the guest's virtio-serial driver came up an agent may take to open its port
+/// before the VM is shown as having none: the busybox image opens it within a second, a Debian
+/// guest with systemd once its unit runs (udev loads the driver early; ~30 s of systemd
+/// userspace under TCG, PLATFORM.md), so twice that.
+pub const NO_AGENT_AFTER_DRIVER: Duration = Duration::from_secs(60);
+/// How long after QEMU's start a VM whose guest never brought up virtio-serial (or whose driver
+/// state QEMU cannot tell) is shown as having no agent.
+pub const NO_AGENT_AFTER_START: Duration = Duration::from_secs(120);
+
+/// Whether a VM is to be shown as having no agent: none answered, nothing in the guest opened
+/// the request port, and the guest has had time to (its virtio-serial driver up for
+/// [`NO_AGENT_AFTER_DRIVER`], or QEMU up for [`NO_AGENT_AFTER_START`]). Only what the host
+/// sees: an agent that is installed but fails before opening its port looks the same.
+pub fn no_agent_seen(
+    status: &AgentStatus,
+    since_start: Duration,
+    driver_up_for: Option<Duration>,
+) -> bool {
+    !status.ready
+        && !status.guest_opened
+        && (driver_up_for.is_some_and(|d| d >= NO_AGENT_AFTER_DRIVER)
+            || since_start >= NO_AGENT_AFTER_START)
 }
 
 /// One VM's guest channel. Cheap to clone.
@@ -100,11 +127,16 @@ impl AgentLink {
         self.inner.dropped_frames.load(Ordering::Relaxed)
     }
 
-    /// Wait until the agent is ready, at most `timeout`.
+    /// Wait until the agent is ready, at most `timeout`; end early when no agent is seen.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<AgentStatus, LinkError> {
         let mut rx = self.inner.status.subscribe();
-        let res = tokio::time::timeout(timeout, rx.wait_for(|s| s.ready)).await;
+        let res = tokio::time::timeout(timeout, rx.wait_for(|s| s.ready || s.none_seen)).await;
         match res {
+            Ok(Ok(s)) if !s.ready => Err(LinkError::NoAgent(format!(
+                "nothing in the guest opened its request port ({}) in {}s since QEMU started",
+                drover_proto::PORT_A_NAME,
+                self.inner.started.elapsed().as_secs()
+            ))),
             Ok(Ok(s)) => Ok(s.clone()),
             // The sender lives in `inner`, which we hold: a closed channel cannot happen, but
             // treat it as not connected rather than panic.
@@ -172,7 +204,28 @@ impl AgentLink {
                 s.ready_after_ms = Some(after);
             }
             s.ready = true;
+            s.none_seen = false;
             s.info = Some(info);
+        });
+    }
+
+    /// The guest opened the request port (QEMU's `VSERPORT_CHANGE`): an agent is starting.
+    pub fn note_guest_opened(&self) {
+        self.inner.status.send_modify(|s| {
+            s.guest_opened = true;
+            s.none_seen = false;
+        });
+    }
+
+    /// Re-judge whether the VM shows no agent, given how long the guest's virtio-serial driver
+    /// has been up (if known).
+    pub fn judge_presence(&self, driver_up_for: Option<Duration>) {
+        let since = self.inner.started.elapsed();
+        self.inner.status.send_if_modified(|s| {
+            let none = no_agent_seen(s, since, driver_up_for);
+            let changed = s.none_seen != none;
+            s.none_seen = none;
+            changed
         });
     }
 
@@ -348,6 +401,66 @@ mod tests {
             uptime_ms: 5,
             boot_id: "b".into(),
         }
+    }
+
+    /// A VM shows no agent only when none answered, nothing opened its port and the guest had
+    /// time to: its driver up long enough, or QEMU up very long when the driver state is unknown.
+    #[test]
+    fn no_agent_is_judged_from_what_the_host_sees() {
+        let s = |ready, guest_opened| AgentStatus {
+            ready,
+            guest_opened,
+            ..AgentStatus::default()
+        };
+        let secs = Duration::from_secs;
+        assert!(
+            !no_agent_seen(&s(false, false), secs(5), None),
+            "just started"
+        );
+        assert!(!no_agent_seen(&s(false, false), secs(70), Some(secs(59))));
+        assert!(no_agent_seen(&s(false, false), secs(70), Some(secs(60))));
+        assert!(
+            !no_agent_seen(&s(false, true), secs(400), Some(secs(300))),
+            "starting"
+        );
+        assert!(
+            !no_agent_seen(&s(true, false), secs(400), Some(secs(300))),
+            "ready"
+        );
+        assert!(!no_agent_seen(&s(false, false), secs(119), None));
+        assert!(
+            no_agent_seen(&s(false, false), secs(120), None),
+            "never a driver"
+        );
+    }
+
+    /// `wait_ready` ends as soon as no agent is seen, saying so; an agent seen later clears it.
+    #[tokio::test]
+    async fn waiting_ends_early_without_an_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_tx, stop) = watch::channel(false);
+        let started = Instant::now() - NO_AGENT_AFTER_DRIVER;
+        let link = AgentLink::spawn(
+            "t".into(),
+            dir.path().join("a"),
+            dir.path().join("b"),
+            started,
+            stop,
+            None,
+        );
+        link.judge_presence(Some(NO_AGENT_AFTER_DRIVER));
+        assert!(link.status().none_seen);
+        let t = Instant::now();
+        let err = link.wait_ready(Duration::from_secs(60)).await.unwrap_err();
+        assert!(matches!(err, LinkError::NoAgent(_)), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        link.note_guest_opened();
+        assert!(!link.status().none_seen);
+        link.judge_presence(Some(NO_AGENT_AFTER_DRIVER * 10));
+        assert!(
+            !link.status().none_seen,
+            "an agent opened the port: starting"
+        );
     }
 
     /// A fake guest: garbage and an oversized frame on port A, then hello; answers ping on B.

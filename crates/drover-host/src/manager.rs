@@ -1007,6 +1007,7 @@ impl Manager {
                             owned: true,
                             index: disks.len() as u32,
                             slot: None,
+                            addr: None,
                         }
                     }
                     DiskSource::Image { path } => {
@@ -1023,6 +1024,7 @@ impl Manager {
                             owned: false,
                             index: disks.len() as u32,
                             slot: None,
+                            addr: None,
                         }
                     }
                 });
@@ -1035,12 +1037,13 @@ impl Manager {
                     mac: mac.unwrap_or_else(|| MacAddr::qemu_local(rand::random())),
                     backend: backend.clone(),
                     slot: None,
+                    addr: None,
                 })
                 .collect();
             if let Some(s) = &spec.seed {
                 disks.push(seed::make_disk(&name, s, &vm_dir, &nics, &disks)?);
             }
-            let config = VmConfig {
+            let mut config = VmConfig {
                 name: valid.name.clone(),
                 cpus: valid.cpus,
                 memory: valid.memory,
@@ -1050,6 +1053,8 @@ impl Manager {
                 accel: spec.accel,
                 max_memory: valid.max_memory,
             };
+            // Every device's PCI slot is recorded from the start.
+            config.pin_pci();
             config.validate_config()?;
             let info = VmInfo {
                 name: name.clone(),
@@ -1249,14 +1254,8 @@ impl Manager {
                 self.persist(slot, |i| i.fence = Some(f.clone()))?;
             }
         }
-        self.launch(
-            name,
-            slot,
-            config.cold_plugged(),
-            started_from,
-            LaunchKind::Boot,
-        )
-        .await
+        self.launch(name, slot, config.pinned(), started_from, LaunchKind::Boot)
+            .await
     }
 
     /// Use `check` for the fencing tokens of cluster starts (droverd `--cluster`).
@@ -1674,10 +1673,15 @@ impl Manager {
             nodes: Arc::default(),
             events: events_tx.clone(),
             pid,
-            exited: exited_rx,
+            exited: exited_rx.clone(),
             stop_reason: Arc::default(),
         };
         *lock(&slot.rt) = Some(rt.clone());
+        tokio::spawn(watch_agent_presence(
+            rt.qmp.clone(),
+            rt.agent.clone(),
+            exited_rx.clone(),
+        ));
         let mgr = self.clone();
         let slot = slot.clone();
         let name = name.to_string();
@@ -1742,6 +1746,16 @@ impl Manager {
                         }
                         Ok(Vec::new())
                     });
+                }
+                "VSERPORT_CHANGE"
+                    if ev.data.get("id").and_then(|i| i.as_str())
+                        == Some(cmdline::PORT_A_DEVICE)
+                        && ev.data.get("open").and_then(|o| o.as_bool()) == Some(true) =>
+                {
+                    let agent = lock(&slot.rt).as_ref().map(|rt| rt.agent.clone());
+                    if let Some(agent) = agent {
+                        agent.note_guest_opened();
+                    }
                 }
                 "RESET" => tracing::info!(vm = name, "guest reset"),
                 "GUEST_PANICKED" => tracing::warn!(vm = name, "guest panicked: {}", ev.data),
@@ -1831,7 +1845,7 @@ impl Manager {
                 let mut history = self.history(i)?;
                 let why = format!("sealed at shutdown ({})", exit_info.reason);
                 if let Some(gen) = history.seal(
-                    &cfg.cold_plugged(),
+                    &cfg.pinned(),
                     i.persist_mode,
                     "droverd",
                     &why,
@@ -2297,6 +2311,9 @@ impl Manager {
                     "the agent in VM {name} did not become ready within {}s; see `drover vm console {name}`",
                     wait.as_secs()
                 )),
+                LinkError::NoAgent(why) => HostError::Agent(format!(
+                    "VM {name} runs but shows no guest agent: {why}. Install drover-agent in the guest, or see `drover vm console {name}`; exec, guest saves and scans need it"
+                )),
                 other => HostError::Agent(format!("VM {name}: {other}")),
             }),
             _ = exited.wait_for(|e| *e) => {
@@ -2328,10 +2345,20 @@ impl Manager {
             return Err(HostError::Conflict(format!("VM {name} is not running")));
         };
         // Right after a start or restore the agent may be seconds away: wait a little for it.
-        if !rt.agent.status().ready && rt.agent.wait_ready(Duration::from_secs(10)).await.is_err() {
-            return Err(HostError::Agent(format!(
-                "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
-            )));
+        if !rt.agent.status().ready {
+            match rt.agent.wait_ready(Duration::from_secs(10)).await {
+                Ok(_) => {}
+                Err(LinkError::NoAgent(why)) => {
+                    return Err(HostError::Agent(format!(
+                        "VM {name} shows no guest agent ({why}); exec needs drover-agent in the guest"
+                    )))
+                }
+                Err(_) => {
+                    return Err(HostError::Agent(format!(
+                        "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
+                    )))
+                }
+            }
         }
         let body = drover_proto::Body::Exec(drover_proto::ExecRequest {
             argv: req.argv,
@@ -2611,6 +2638,34 @@ fn log_tail(path: &Path) -> String {
         "QEMU logged nothing".into()
     } else {
         format!("QEMU log: {tail}")
+    }
+}
+
+/// Follow, once a second until the agent answers or QEMU exits, whether the guest shows an
+/// agent: when the guest's virtio-serial driver came up (QEMU's `x-query-virtio-status`; a
+/// QEMU without it leaves only the time since start) and, through
+/// [`AgentLink::judge_presence`], whether anything opened the request port since.
+async fn watch_agent_presence(qmp: Qmp, agent: AgentLink, mut exited: watch::Receiver<bool>) {
+    let mut driver_since: Option<Instant> = None;
+    let mut can_query = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = exited.wait_for(|e| *e) => return,
+        }
+        if agent.status().ready {
+            return;
+        }
+        if driver_since.is_none() && can_query {
+            let args = serde_json::json!({"path": cmdline::VSER_VIRTIO_PATH});
+            match qmp.execute("x-query-virtio-status", Some(args)).await {
+                // Decoded status bits name `DRIVER_OK` once the guest driver is set up.
+                Ok(v) if v.to_string().contains("DRIVER_OK") => driver_since = Some(Instant::now()),
+                Ok(_) => {}
+                Err(_) => can_query = false,
+            }
+        }
+        agent.judge_presence(driver_since.map(|t| t.elapsed()));
     }
 }
 

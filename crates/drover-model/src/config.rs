@@ -20,7 +20,7 @@ pub use history::{ConfigHistory, Generation, PersistMode, StoredConfig};
 use crate::size::format_size;
 use crate::spec::{
     Accel, Boot, DiskConfig, ElementId, NicBackend, NicConfig, VmConfig, VmName, MAX_DISKS,
-    MAX_FORWARDS, MAX_NICS, MAX_VCPUS, MIN_MEMORY,
+    MAX_FORWARDS, MAX_NICS, MAX_VCPUS, MIN_MEMORY, PCI_FIRST_DEVICE_ADDR, PCI_LAST_ADDR,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -120,6 +120,16 @@ pub enum ConfigError {
         second: ElementKey,
         /// The slot both use.
         slot: u8,
+    },
+    /// Two devices claim the same root-bus PCI slot.
+    #[error("{first} and {second} both use PCI slot {addr} of the root bus; give one of them another slot or none")]
+    DuplicateAddr {
+        /// One device.
+        first: ElementKey,
+        /// The other.
+        second: ElementKey,
+        /// The slot both use.
+        addr: u8,
     },
     /// The boot section names a disk the config does not have.
     #[error("boot disk {0} is not one of the VM's disks")]
@@ -504,16 +514,43 @@ impl VmConfig {
         let mut disk_ids = BTreeSet::new();
         let mut indexes: BTreeMap<u32, ElementKey> = BTreeMap::new();
         let mut slots: BTreeMap<u8, ElementKey> = BTreeMap::new();
-        let mut claim_slot = |slot: Option<u8>, key: &ElementKey| match slot {
-            Some(slot) => match slots.insert(slot, key.clone()) {
-                Some(first) => Err(ConfigError::DuplicateSlot {
-                    first,
-                    second: key.clone(),
-                    slot,
+        let mut addrs: BTreeMap<u8, ElementKey> = BTreeMap::new();
+        let mut claim_slot = |slot: Option<u8>, addr: Option<u8>, key: &ElementKey| {
+            if let Some(slot) = slot {
+                if let Some(first) = slots.insert(slot, key.clone()) {
+                    return Err(ConfigError::DuplicateSlot {
+                        first,
+                        second: key.clone(),
+                        slot,
+                    });
+                }
+            }
+            match addr {
+                Some(a) if slot.is_some() => Err(ConfigError::BadElement {
+                    key: key.clone(),
+                    reason: format!(
+                        "it sits on hot-plug slot {} and on PCI slot {a} of the root bus; a device has one place",
+                        slot.unwrap_or_default()
+                    ),
                 }),
+                Some(a) if !(PCI_FIRST_DEVICE_ADDR..=PCI_LAST_ADDR).contains(&a) => {
+                    Err(ConfigError::BadElement {
+                        key: key.clone(),
+                        reason: format!(
+                            "PCI slot {a} is outside {PCI_FIRST_DEVICE_ADDR}..={PCI_LAST_ADDR}, the slots devices may use"
+                        ),
+                    })
+                }
+                Some(a) => match addrs.insert(a, key.clone()) {
+                    Some(first) => Err(ConfigError::DuplicateAddr {
+                        first,
+                        second: key.clone(),
+                        addr: a,
+                    }),
+                    None => Ok(()),
+                },
                 None => Ok(()),
-            },
-            None => Ok(()),
+            }
         };
         for d in &self.disks {
             let key = ElementKey::Disk(d.id.clone());
@@ -533,7 +570,7 @@ impl VmConfig {
                     reason: format!("image path {} must be absolute", d.path.display()),
                 });
             }
-            claim_slot(d.slot, &key)?;
+            claim_slot(d.slot, d.addr, &key)?;
         }
         for pair in self.disks.windows(2) {
             if let [earlier, later] = pair {
@@ -560,7 +597,7 @@ impl VmConfig {
                 });
             }
             check_nic(n, &key)?;
-            claim_slot(n.slot, &key)?;
+            claim_slot(n.slot, n.addr, &key)?;
         }
         check_boot(&self.boot, &disk_ids)
     }
@@ -843,11 +880,13 @@ fn describe_change(before: &Element, after: &Element) -> String {
             field("owned", a.owned.to_string(), b.owned.to_string());
             field("index", a.index.to_string(), b.index.to_string());
             field("slot", opt(&a.slot), opt(&b.slot));
+            field("pci", opt(&a.addr), opt(&b.addr));
         }
         (Element::Nic(a), Element::Nic(b)) => {
             field("mac", a.mac.to_string(), b.mac.to_string());
             field("backend", backend(&a.backend), backend(&b.backend));
             field("slot", opt(&a.slot), opt(&b.slot));
+            field("pci", opt(&a.addr), opt(&b.addr));
         }
         _ => return format!("{before} -> {after}"),
     }
@@ -921,8 +960,28 @@ pub fn compose(c: &Compose) -> Result<VmConfig, ConfigError> {
         }
         removed.insert(key.clone());
     }
+    // A taken device keeps its PCI slot unless a device of the base holds it; it then gets a
+    // free one (the base's devices keep their names in the guest).
+    let base_addrs: BTreeSet<u8> = elements
+        .iter()
+        .filter(|(k, _)| !taken.contains_key(k))
+        .filter_map(|(_, e)| element_addr(e))
+        .collect();
+    let mut moved = false;
     for (_, key, element) in &c.with {
-        elements.insert(key.clone(), element.clone());
+        let mut element = element.clone();
+        match &mut element {
+            Element::Disk(d) if d.addr.is_some_and(|a| base_addrs.contains(&a)) => {
+                d.addr = None;
+                moved = true;
+            }
+            Element::Nic(n) if n.addr.is_some_and(|a| base_addrs.contains(&a)) => {
+                n.addr = None;
+                moved = true;
+            }
+            _ => {}
+        }
+        elements.insert(key.clone(), element);
     }
     for (key, value) in [
         (ElementKey::Cpu, c.set_cpus.map(Element::Cpu)),
@@ -939,7 +998,19 @@ pub fn compose(c: &Compose) -> Result<VmConfig, ConfigError> {
         }
     }
     check_boot_disk_kept(&elements, &removed)?;
-    VmConfig::from_elements(c.base.name.clone(), elements)
+    let mut config = VmConfig::from_elements(c.base.name.clone(), elements)?;
+    if moved {
+        config.pin_pci();
+    }
+    Ok(config)
+}
+
+fn element_addr(e: &Element) -> Option<u8> {
+    match e {
+        Element::Disk(d) => d.addr,
+        Element::Nic(n) => n.addr,
+        _ => None,
+    }
 }
 
 #[cfg(test)]

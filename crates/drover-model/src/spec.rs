@@ -761,10 +761,14 @@ pub struct DiskConfig {
     /// [`VmConfig::normalize`].
     #[serde(default)]
     pub index: u32,
-    /// Hot-plug port the disk sits on when it was hot-plugged; None when cold-plugged on the root
-    /// bus.
+    /// Hot-plug port the disk sits on when it was hot-plugged (kept on later boots, so the guest
+    /// finds it where it was); None when cold-plugged on the root bus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u8>,
+    /// PCI slot on the root bus of a cold-plugged disk, recorded once ([`VmConfig::pin_pci`]) so
+    /// the guest's name for it never depends on the other devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<u8>,
 }
 
 /// How a NIC reaches the world.
@@ -792,10 +796,14 @@ pub struct NicConfig {
     pub mac: MacAddr,
     /// Backend.
     pub backend: NicBackend,
-    /// Hot-plug port the NIC sits on when it was hot-plugged; None when cold-plugged on the root
-    /// bus.
+    /// Hot-plug port the NIC sits on when it was hot-plugged (kept on later boots, so the guest
+    /// names it as before); None when cold-plugged on the root bus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u8>,
+    /// PCI slot on the root bus of a cold-plugged NIC (`enp0s<addr>` in a systemd guest),
+    /// recorded once ([`VmConfig::pin_pci`]) so adding a disk never renames it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<u8>,
 }
 
 /// A resolved boot source.
@@ -847,12 +855,55 @@ pub struct VmConfig {
     pub max_memory: Option<u64>,
 }
 
+/// First root-bus PCI slot given to a disk or NIC. Slots 1-4 held the hot-plug root ports and 5
+/// the guest channel before addresses were recorded, and disks then NICs followed in order: a
+/// config written then gets the addresses it booted with ([`VmConfig::pin_pci`]).
+pub const PCI_FIRST_DEVICE_ADDR: u8 = 6;
+/// Last root-bus PCI slot a device may take (q35 keeps 0x1f for its ICH9 functions).
+pub const PCI_LAST_ADDR: u8 = 0x1e;
+
 impl VmConfig {
-    /// The config as the next boot lays it out: every device cold-plugged (no hot-plug slot).
-    pub fn cold_plugged(&self) -> VmConfig {
+    /// Give every cold-plugged disk and NIC without a recorded PCI slot the first free slot
+    /// after the highest one in use (wrapping to the first free one when none is left after it):
+    /// disks in guest order, then NICs. Deterministic, and a no-op once every device has one, so
+    /// it runs before every change and at every boot: a device keeps its slot whatever is added
+    /// or removed beside it. A config without any recorded slot gets exactly the layout it
+    /// booted with before slots were recorded. A device on a hot-plug port keeps its port.
+    pub fn pin_pci(&mut self) {
+        let mut used: std::collections::BTreeSet<u8> = self
+            .disks
+            .iter()
+            .filter_map(|d| d.addr)
+            .chain(self.nics.iter().filter_map(|n| n.addr))
+            .collect();
+        let mut next = used
+            .last()
+            .map_or(PCI_FIRST_DEVICE_ADDR, |a| a.saturating_add(1))
+            .max(PCI_FIRST_DEVICE_ADDR);
+        let mut take = |used: &mut std::collections::BTreeSet<u8>| {
+            let free = (next..=PCI_LAST_ADDR)
+                .chain(PCI_FIRST_DEVICE_ADDR..next.min(PCI_LAST_ADDR + 1))
+                .find(|a| !used.contains(a))?;
+            used.insert(free);
+            next = free.saturating_add(1);
+            Some(free)
+        };
+        for d in self.disks.iter_mut() {
+            if d.slot.is_none() && d.addr.is_none() {
+                d.addr = take(&mut used);
+            }
+        }
+        for n in self.nics.iter_mut() {
+            if n.slot.is_none() && n.addr.is_none() {
+                n.addr = take(&mut used);
+            }
+        }
+    }
+
+    /// This config with [`VmConfig::pin_pci`] applied.
+    pub fn pinned(&self) -> VmConfig {
         let mut c = self.clone();
-        c.disks.iter_mut().for_each(|d| d.slot = None);
-        c.nics.iter_mut().for_each(|n| n.slot = None);
+        c.pin_pci();
         c
     }
 }

@@ -174,9 +174,72 @@ fn ram_size(bytes: u64, pad: bool) -> String {
     format!("{}K", ((bytes >> 20) << 10) + pad)
 }
 
+/// QEMU device id of guest-channel port A: QEMU names it in `VSERPORT_CHANGE` when the guest
+/// opens or closes the port (only ports with an id are reported).
+pub const PORT_A_DEVICE: &str = "vport-a";
+/// QEMU device id of guest-channel port B.
+pub const PORT_B_DEVICE: &str = "vport-b";
+/// QOM path of the guest channel's virtio device, for `x-query-virtio-status`.
+pub const VSER_VIRTIO_PATH: &str = "/machine/peripheral/vser0/virtio-backend";
+
 /// QEMU id of hot-plug root port `slot`.
 pub fn port_id(slot: u8) -> String {
     format!("hp{slot}")
+}
+
+/// Where a device sits: on its hot-plug root port, or at its slot on the root bus.
+fn placement(slot: Option<u8>, addr: Option<u8>) -> String {
+    match (slot, addr) {
+        (Some(s), _) => format!(",bus={}", port_id(s)),
+        (None, Some(a)) => format!(",bus=pcie.0,addr={a:#04x}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// Subnets of user-mode NICs: the n-th cold-plugged one gets `10.0.(2+n).0/24`, the one on
+/// hot-plug port `s` gets `10.0.(2+MAX_NICS+s).0/24`. Each user NIC is its own NAT, and two of
+/// them on QEMU's default 10.0.2.0/24 give the guest two equal routes: replies to one NIC's
+/// forwards then leave through the other and never arrive. A NIC's subnet depends on nothing
+/// hot-plugged beside it, and stays on later boots (hot-plugged devices keep their port).
+pub fn user_net_numbers(c: &VmConfig) -> std::collections::BTreeMap<String, u8> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut cold = 0u8;
+    for n in &c.nics {
+        if !matches!(n.backend, NicBackend::User { .. }) {
+            continue;
+        }
+        let k = match n.slot {
+            Some(s) => (drover_model::MAX_NICS as u8).saturating_add(s),
+            None => {
+                cold = cold.saturating_add(1);
+                cold - 1
+            }
+        };
+        out.insert(n.id.to_string(), k);
+    }
+    out
+}
+
+/// The `net=`, `host=`, `dns=` and `dhcpstart=` options of user NIC number `k` (none for 0:
+/// QEMU's default 10.0.2.0/24 is what the first one always had).
+pub fn user_net_options(k: u8) -> Option<[(&'static str, String); 4]> {
+    if k == 0 {
+        return None;
+    }
+    let third = 2u8.saturating_add(k);
+    Some([
+        ("net", format!("10.0.{third}.0/24")),
+        ("host", format!("10.0.{third}.2")),
+        ("dns", format!("10.0.{third}.3")),
+        ("dhcpstart", format!("10.0.{third}.15")),
+    ])
+}
+
+fn user_net(nets: &std::collections::BTreeMap<String, u8>, n: &drover_model::NicConfig) -> String {
+    nets.get(n.id.as_str())
+        .and_then(|k| user_net_options(*k))
+        .map(|opts| opts.iter().map(|(k, v)| format!(",{k}={v}")).collect())
+        .unwrap_or_default()
 }
 
 /// QEMU id of a NIC's netdev and device.
@@ -210,7 +273,9 @@ pub fn chain_blockdev(node: &str, readonly: bool, chain: &[ChainLayer]) -> serde
 
 /// Build the argument list (without the program name).
 pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
-    let c = spec.config;
+    // A config from before PCI slots were recorded boots with the slots it always had.
+    let pinned = spec.config.pinned();
+    let c = &pinned;
     let p = spec.paths;
     let mut a: Vec<String> = Vec::new();
     let pad = spec.platform.ram_pad;
@@ -236,16 +301,17 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
     ]);
     match c.max_memory {
         // DIMM slots for memory hot-plug; only when asked for, since the ACPI memory devices
-        // cost the guest boot time.
-        Some(max) => push(&[
+        // cost the guest boot time, and only with room to grow: QEMU refuses `slots=` with a
+        // `maxmem` equal to the size.
+        Some(max) if max > c.memory => push(&[
             "-m",
             &format!(
                 "size={},slots={MEMORY_SLOTS},maxmem={}",
                 ram_size(c.memory, pad),
-                ram_size(max.max(c.memory), pad)
+                ram_size(max, pad)
             ),
         ]),
-        None => push(&["-m", &ram_size(c.memory, pad)]),
+        _ => push(&["-m", &ram_size(c.memory, pad)]),
     }
     if let Some(file) = spec.ram_private {
         push(&[
@@ -289,34 +355,12 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
         }
         push(&["-append", &k.cmdline]);
     }
-    for i in 0..spec.hotplug_ports {
-        push(&[
-            "-device",
-            &format!(
-                "pcie-root-port,id={},chassis={},bus=pcie.0",
-                port_id(i as u8),
-                i + 1
-            ),
-        ]);
-    }
     // qboot cannot load vmgenid's ACPI tables (its linker/loader lacks WRITE_POINTER): QEMU then
     // hangs before the kernel. With qboot the device is left out; the guest still learns its
     // generation id from the host through its agent.
     let qboot_boot = spec.kernel.is_some() && spec.qboot.is_some();
     if let Some(g) = spec.generation_id.filter(|g| is_uuid(g) && !qboot_boot) {
         push(&["-device", &format!("vmgenid,id=vmgenid0,guid={g}")]);
-    }
-    push(&["-device", "virtio-serial-pci,id=vser0"]);
-    for (id, path, name) in [
-        ("porta", &p.port_a, drover_proto::PORT_A_NAME),
-        ("portb", &p.port_b, drover_proto::PORT_B_NAME),
-    ] {
-        push(&[
-            "-chardev",
-            &format!("socket,id={id},path={},server=on,wait=off", esc(path)),
-            "-device",
-            &format!("virtserialport,bus=vser0.0,chardev={id},name={name}"),
-        ]);
     }
     let boot_disk = match &c.boot {
         drover_model::Boot::Disk { disk } => Some(disk.clone()),
@@ -335,6 +379,9 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             ]);
         }
     }
+    // Disks and NICs at their recorded root-bus slots come first (see the root ports below);
+    // those on hot-plug ports after the ports.
+    let mut behind_ports: Vec<String> = Vec::new();
     for d in &c.disks {
         let node = disk_node(d);
         let blockdev = if spec.detached {
@@ -357,21 +404,27 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             })
         };
         push(&["-blockdev", &blockdev.to_string()]);
-        let mut dev = format!("virtio-blk-pci,drive={node},id={node},serial={}", d.id);
-        if let Some(slot) = d.slot {
-            dev.push_str(&format!(",bus={}", port_id(slot)));
-        }
+        let mut dev = format!(
+            "virtio-blk-pci,drive={node},id={node},serial={}{}",
+            d.id,
+            placement(d.slot, d.addr)
+        );
         if boot_disk.as_ref() == Some(&d.id) {
             dev.push_str(",bootindex=0");
         }
-        push(&["-device", &dev]);
+        if d.slot.is_some() {
+            behind_ports.push(dev);
+        } else {
+            push(&["-device", &dev]);
+        }
     }
+    let user_nets = user_net_numbers(c);
     for n in &c.nics {
         let node = nic_node(n.id.as_str());
         let netdev = match &n.backend {
-            _ if spec.detached => format!("user,id={node},restrict=on"),
+            _ if spec.detached => format!("user,id={node},restrict=on{}", user_net(&user_nets, n)),
             NicBackend::User { forwards } => {
-                let mut s = format!("user,id={node}");
+                let mut s = format!("user,id={node}{}", user_net(&user_nets, n));
                 for f in forwards {
                     let proto = match f.proto {
                         drover_model::Proto::Tcp => "tcp",
@@ -390,16 +443,45 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             }
         };
         push(&["-netdev", &netdev]);
+        let dev = format!(
+            "virtio-net-pci,netdev={node},id={node},mac={}{}",
+            n.mac,
+            placement(n.slot, n.addr)
+        );
+        if n.slot.is_some() {
+            behind_ports.push(dev);
+        } else {
+            push(&["-device", &dev]);
+        }
+    }
+    // Root ports and the guest channel take the root-bus slots the devices leave free, in this
+    // order: ports keep their order (and so the guest's bus numbers behind them) whatever the
+    // devices are, and with devices from before slots were recorded they land where they did.
+    for i in 0..spec.hotplug_ports {
         push(&[
             "-device",
             &format!(
-                "virtio-net-pci,netdev={node},id={node},mac={}{}",
-                n.mac,
-                n.slot
-                    .map(|s| format!(",bus={}", port_id(s)))
-                    .unwrap_or_default()
+                "pcie-root-port,id={},chassis={},bus=pcie.0",
+                port_id(i as u8),
+                i + 1
             ),
         ]);
+    }
+    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    for (id, dev, path, name) in [
+        ("porta", PORT_A_DEVICE, &p.port_a, drover_proto::PORT_A_NAME),
+        ("portb", PORT_B_DEVICE, &p.port_b, drover_proto::PORT_B_NAME),
+    ] {
+        push(&[
+            "-chardev",
+            &format!("socket,id={id},path={},server=on,wait=off", esc(path)),
+            "-device",
+            &format!("virtserialport,bus=vser0.0,chardev={id},name={name},id={dev}"),
+        ]);
+    }
+    // Devices that were hot-plugged go back on their ports, which now exist.
+    for dev in &behind_ports {
+        push(&["-device", dev]);
     }
     push(&["-qmp", &format!("unix:{},server=on,wait=off", esc(&p.qmp))]);
     push(&["-pidfile", &esc(&p.pidfile)]);
@@ -426,6 +508,7 @@ mod tests {
                 owned: true,
                 index: 0,
                 slot: None,
+                addr: None,
             }],
             nics: vec![NicConfig {
                 id: ElementId::new("net0").unwrap(),
@@ -434,6 +517,7 @@ mod tests {
                     forwards: vec!["tcp:2222-:22".parse().unwrap()],
                 },
                 slot: None,
+                addr: None,
             }],
             boot: Boot::Default { cmdline: None },
             accel: None,
@@ -644,24 +728,10 @@ mod tests {
             },
         ];
         let args = build(&LaunchSpec {
-            config: &c,
-            platform: &Platform::default(),
-            install_args: Vec::new(),
-            accel: Accel::Tcg,
-            paths: &paths,
-            console_log: Path::new("/c.log"),
-            kernel: None,
             hotplug_ports: 0,
-            max_cpus: 2,
-            qboot: None,
-            ram_file: false,
-            ram_private: None,
-            stopped: false,
-            detached: false,
-            incoming: false,
-            generation_id: None,
             disk_chains: &chains,
             fds: &fds,
+            ..plain_spec(&c, &paths)
         });
         let joined = args.join(" ");
         assert!(
@@ -673,5 +743,162 @@ mod tests {
             "{joined}"
         );
         assert!(joined.contains("\"filename\":\"/dev/fdset/1\""), "{joined}");
+    }
+
+    fn plain_spec<'a>(cfg: &'a VmConfig, paths: &'a RunPaths) -> LaunchSpec<'a> {
+        LaunchSpec {
+            config: cfg,
+            platform: &DEFAULT_PLATFORM,
+            install_args: Vec::new(),
+            accel: Accel::Tcg,
+            paths,
+            console_log: Path::new("/c.log"),
+            kernel: None,
+            hotplug_ports: 4,
+            max_cpus: 2,
+            qboot: None,
+            ram_file: false,
+            ram_private: None,
+            stopped: false,
+            detached: false,
+            incoming: false,
+            generation_id: None,
+            disk_chains: &NO_CHAINS,
+            fds: &[],
+        }
+    }
+    static DEFAULT_PLATFORM: Platform = Platform {
+        machine: None,
+        cpu: None,
+        ram_pad: true,
+    };
+    static NO_CHAINS: std::collections::BTreeMap<String, Vec<ChainLayer>> =
+        std::collections::BTreeMap::new();
+
+    /// The `-device` arguments, in order.
+    fn devices(args: &[String]) -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    /// Disks and NICs sit at the slots recorded in the config (a config without them gets the
+    /// layout QEMU's own allocation gave before), ahead of the root ports and the guest channel
+    /// so QEMU places those around them; a hot-plugged device stays on its port.
+    #[test]
+    fn devices_sit_at_their_recorded_pci_slots() {
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let cfg = config();
+        let devs = devices(&build(&plain_spec(&cfg, &paths)));
+        assert!(
+            devs[0].starts_with("virtio-blk-pci,") && devs[0].ends_with(",bus=pcie.0,addr=0x06"),
+            "{devs:?}"
+        );
+        assert!(
+            devs[1].starts_with("virtio-net-pci,") && devs[1].ends_with(",bus=pcie.0,addr=0x07"),
+            "{devs:?}"
+        );
+        assert!(
+            devs[2..6]
+                .iter()
+                .all(|d| d.starts_with("pcie-root-port,id=hp") && !d.contains("addr=")),
+            "{devs:?}"
+        );
+        assert_eq!(devs[6], "virtio-serial-pci,id=vser0");
+
+        // Adding a disk leaves the NIC where it was.
+        let mut more = cfg.pinned();
+        more.disks.push(DiskConfig {
+            id: ElementId::new("data2").unwrap(),
+            index: 1,
+            ..cfg.disks[0].clone()
+        });
+        more.pin_pci();
+        let joined = build(&plain_spec(&more, &paths)).join(" ");
+        assert!(
+            joined.contains("mac=52:54:00:00:00:01,bus=pcie.0,addr=0x07"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("serial=data2,bus=pcie.0,addr=0x08"),
+            "{joined}"
+        );
+
+        // A NIC hot-plugged on port 2 is there again on the next boot.
+        more.nics.push(NicConfig {
+            id: ElementId::new("net1").unwrap(),
+            mac: "52:54:00:00:00:02".parse().unwrap(),
+            backend: NicBackend::User {
+                forwards: Vec::new(),
+            },
+            slot: Some(2),
+            addr: None,
+        });
+        let joined = build(&plain_spec(&more, &paths)).join(" ");
+        assert!(
+            joined.contains("mac=52:54:00:00:00:02,bus=hp2 "),
+            "{joined}"
+        );
+    }
+
+    /// Each user NIC is its own NAT on its own subnet: the first keeps QEMU's default, the next
+    /// cold-plugged ones follow, a hot-plugged one has one by its port (as when it was plugged).
+    #[test]
+    fn every_user_nic_has_its_own_subnet() {
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let mut cfg = config();
+        let second = NicConfig {
+            id: ElementId::new("net1").unwrap(),
+            mac: "52:54:00:00:00:02".parse().unwrap(),
+            backend: NicBackend::User {
+                forwards: vec!["tcp:2223-:22".parse().unwrap()],
+            },
+            slot: None,
+            addr: None,
+        };
+        cfg.nics.push(second.clone());
+        cfg.nics.push(NicConfig {
+            id: ElementId::new("net2").unwrap(),
+            slot: Some(1),
+            ..second.clone()
+        });
+        let args = build(&plain_spec(&cfg, &paths));
+        let netdevs: Vec<&String> = args
+            .windows(2)
+            .filter(|w| w[0] == "-netdev")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(
+            netdevs[0],
+            "user,id=nic-net0,hostfwd=tcp:127.0.0.1:2222-:22"
+        );
+        assert_eq!(
+            netdevs[1],
+            "user,id=nic-net1,net=10.0.3.0/24,host=10.0.3.2,dns=10.0.3.3,dhcpstart=10.0.3.15,hostfwd=tcp:127.0.0.1:2223-:22"
+        );
+        assert!(
+            netdevs[2].starts_with("user,id=nic-net2,net=10.0.11.0/24,"),
+            "{netdevs:?}"
+        );
+        let nets = user_net_numbers(&cfg);
+        assert_eq!(nets.get("net2"), Some(&(MAX_NICS as u8 + 1)));
+    }
+
+    /// `--max-memory` equal to `--memory` leaves no room for DIMMs: QEMU refuses `slots=` then.
+    #[test]
+    fn no_memory_slots_without_headroom() {
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let mut cfg = config();
+        cfg.max_memory = Some(cfg.memory);
+        let joined = build(&plain_spec(&cfg, &paths)).join(" ");
+        assert!(joined.contains("-m 1048584K "), "{joined}");
+        assert!(!joined.contains("slots="), "{joined}");
+        cfg.max_memory = Some(cfg.memory * 2);
+        let joined = build(&plain_spec(&cfg, &paths)).join(" ");
+        assert!(
+            joined.contains("-m size=1048584K,slots=8,maxmem=2097160K "),
+            "{joined}"
+        );
     }
 }

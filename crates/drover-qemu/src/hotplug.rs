@@ -2,7 +2,7 @@
 //! running QEMU. Each add is all-or-nothing: a failed step undoes the steps before it, so a
 //! failure leaves QEMU as it was.
 
-use crate::cmdline::{disk_node, nic_node, port_id};
+use crate::cmdline::{disk_node, nic_node, port_id, user_net_options};
 use crate::qmp::{Qmp, QmpError};
 use drover_model::{DiskConfig, NicBackend, NicConfig, Proto};
 use serde_json::{json, Value};
@@ -59,6 +59,11 @@ pub async fn add_nic(qmp: &Qmp, n: &NicConfig, slot: u8) -> Result<(), QmpError>
                 })
                 .collect();
             let mut v = json!({"type": "user", "id": node});
+            // Its own subnet, the one it keeps on later boots (see `user_net_numbers`).
+            let k = (drover_model::MAX_NICS as u8).saturating_add(slot);
+            for (key, value) in user_net_options(k).into_iter().flatten() {
+                v[key] = value.into();
+            }
             if !fwd.is_empty() {
                 v["hostfwd"] = Value::Array(fwd);
             }

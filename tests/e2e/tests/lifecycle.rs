@@ -1,19 +1,8 @@
 //! A VM's life seen from inside the guest: CPUs and memory as asked, a disk whose data survives a
 //! stop/start, state and console as a user checks them, graceful stop, guest power-off.
 
-use drover_e2e::{free_port, wait_for, Daemon};
-use std::io::{Read, Write};
+use drover_e2e::{free_port, http_get, wait_for, Daemon};
 use std::time::Duration;
-
-/// GET / from 127.0.0.1:port; `None` until something answers with a body.
-fn http_get(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.contains("200").then_some(out)
-}
 
 #[test]
 fn guest_sees_its_shape_and_keeps_disk_data_across_stop_start() {

@@ -769,6 +769,7 @@ impl Manager {
                             owned: true,
                             index: 0,
                             slot: None,
+                            addr: None,
                         },
                         true,
                     )
@@ -780,6 +781,7 @@ impl Manager {
                         forwards: Vec::new(),
                     },
                     slot: None,
+                    addr: None,
                 }),
                 ConfigChange::Detach { id } => Change::Remove(id.clone()),
             });

@@ -102,6 +102,7 @@ impl Manager {
                     owned,
                     index: 0,
                     slot: None,
+                    addr: None,
                 };
                 Change::AddDisk(disk, owned)
             }
@@ -128,6 +129,7 @@ impl Manager {
                     mac,
                     backend: NicBackend::User { forwards },
                     slot: None,
+                    addr: None,
                 })
             }
         };
@@ -283,8 +285,9 @@ impl Manager {
         }
         // The same changes go into what will be sealed (next-boot changes made earlier stay).
         let mut next_after = next.clone();
-        for (c, _, _) in &done {
-            let _ = apply_to(&mut next_after, c, None, host_cpus);
+        // A hot-plugged device keeps its port on the next boot too.
+        for (c, slot_no, _) in &done {
+            let _ = apply_to(&mut next_after, c, *slot_no, host_cpus);
         }
         let lines = describe(&running, &diff(&running, &cfg));
         let (cfg_saved, next_saved) = (cfg.clone(), next_after.clone());
@@ -816,8 +819,11 @@ pub(super) fn check_reshape(
 }
 
 /// Apply a change to a config in the model, with validation.
+/// Apply `c` to `cfg`; an added device goes on hot-plug port `slot_no`, or without one gets the
+/// next free PCI slot of the root bus, after the devices already there are pinned to theirs (a
+/// VM from before slots were recorded keeps the layout it booted with).
 fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32) -> Result<()> {
-    let mut next = cfg.clone();
+    let mut next = cfg.pinned();
     match c {
         Change::AddDisk(d, _) => {
             if next.disks.iter().any(|x| x.id == d.id) || next.nics.iter().any(|n| n.id == d.id) {
@@ -829,6 +835,7 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
             let mut d = d.clone();
             d.index = next.disks.iter().map(|x| x.index + 1).max().unwrap_or(0);
             d.slot = slot_no;
+            d.addr = None;
             next.disks.push(d);
         }
         Change::AddNic(n) => {
@@ -840,6 +847,7 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
             }
             let mut n = n.clone();
             n.slot = slot_no;
+            n.addr = None;
             next.nics.push(n);
         }
         Change::Remove(id) => {
@@ -883,6 +891,7 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
             }
         }
     }
+    next.pin_pci();
     next.validate_config()?;
     *cfg = next;
     Ok(())

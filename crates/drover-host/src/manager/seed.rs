@@ -59,5 +59,6 @@ pub(super) fn make_disk(
         owned: true,
         index: disks.len() as u32,
         slot: None,
+        addr: None,
     })
 }

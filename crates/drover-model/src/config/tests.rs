@@ -21,6 +21,7 @@ fn disk(name: &str, index: u32, slot: Option<u8>) -> DiskConfig {
         owned: true,
         index,
         slot,
+        addr: None,
     }
 }
 
@@ -32,6 +33,7 @@ fn nic(name: &str, slot: Option<u8>) -> NicConfig {
             forwards: Vec::new(),
         },
         slot,
+        addr: None,
     }
 }
 
@@ -808,6 +810,7 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                             owned,
                             index,
                             slot: slot(),
+                            addr: None,
                         },
                     )
                     .collect();
@@ -819,6 +822,7 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                         mac: MacAddr::qemu_local(seed),
                         backend,
                         slot: slot(),
+                        addr: None,
                     })
                     .collect();
                 let (kind, cmdline, pick) = boot;
@@ -833,7 +837,7 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                     },
                     _ => Boot::Default { cmdline },
                 };
-                let config = VmConfig {
+                let mut config = VmConfig {
                     name: VmName::new("vm").unwrap(),
                     cpus,
                     memory: mib << 20,
@@ -843,6 +847,10 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                     accel,
                     max_memory: (mib % 3 == 0).then_some((mib << 20) * 2),
                 };
+                // Configs from before PCI slots were recorded, and configs with them.
+                if cpus % 2 == 0 {
+                    config.pin_pci();
+                }
                 VmConfig::from_elements(config.name.clone(), config.elements()).unwrap()
             },
         )
@@ -908,4 +916,133 @@ proptest! {
         let latest = h.resolve(h.latest().unwrap_or(0)).unwrap();
         prop_assert_eq!(h.seal(&latest, PersistMode::Diff, "t", "p", 99), Ok(None));
     }
+}
+
+// ---- PCI slots ----
+
+/// A config without recorded slots gets the layout it booted with before (root ports 1-4, the
+/// guest channel 5, then disks and NICs in order); after that, adding or removing a device
+/// never moves another one, and a hot-plugged device keeps its port.
+#[test]
+fn pci_slots_are_pinned_once_and_never_move() {
+    let mut c = base();
+    c.pin_pci();
+    let addrs = |c: &VmConfig| -> Vec<(String, Option<u8>)> {
+        c.disks
+            .iter()
+            .map(|d| (d.id.to_string(), d.addr))
+            .chain(c.nics.iter().map(|n| (n.id.to_string(), n.addr)))
+            .collect()
+    };
+    assert_eq!(
+        addrs(&c),
+        [
+            ("root".to_string(), Some(6)),
+            ("data".to_string(), Some(7)),
+            ("net0".to_string(), Some(8))
+        ]
+    );
+    let pinned = c.clone();
+    c.pin_pci();
+    assert_eq!(c, pinned, "pinning twice changes nothing");
+
+    // A disk added later goes after everything; net0 stays at 8.
+    c.disks.push(disk("data2", 2, None));
+    c.pin_pci();
+    assert_eq!(c.nics[0].addr, Some(8));
+    assert_eq!(c.disks[2].addr, Some(9));
+    // Removing a disk frees its slot without moving the others.
+    c.disks.retain(|d| d.id.as_str() != "data");
+    c.pin_pci();
+    assert_eq!(
+        addrs(&c),
+        [
+            ("root".to_string(), Some(6)),
+            ("data2".to_string(), Some(9)),
+            ("net0".to_string(), Some(8))
+        ]
+    );
+    // A hot-plugged device stays on its port and takes no root-bus slot.
+    c.nics.push(nic("net1", Some(0)));
+    c.pin_pci();
+    assert_eq!(c.nics[1].addr, None);
+    c.validate_config().unwrap();
+    // The slots go through elements (generations, diffs, compositions) unchanged.
+    let rebuilt = VmConfig::from_elements(c.name.clone(), c.elements()).unwrap();
+    assert_eq!(addrs(&rebuilt), addrs(&c));
+    let json = serde_json::to_string(&c).unwrap();
+    assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+
+    // When the slots after the last one run out, the first free one is taken.
+    let mut full = base();
+    full.disks[0].addr = Some(PCI_LAST_ADDR);
+    full.pin_pci();
+    assert_eq!(full.disks[1].addr, Some(PCI_FIRST_DEVICE_ADDR));
+    assert_eq!(full.nics[0].addr, Some(PCI_FIRST_DEVICE_ADDR + 1));
+}
+
+#[test]
+fn pci_slots_are_checked() {
+    let mut c = base();
+    c.pin_pci();
+    c.nics[0].addr = c.disks[0].addr;
+    assert_eq!(
+        c.validate_config().unwrap_err().to_string(),
+        "disk:root and nic:net0 both use PCI slot 6 of the root bus; give one of them another slot or none"
+    );
+    c.nics[0].addr = Some(0x1f);
+    assert!(c
+        .validate_config()
+        .unwrap_err()
+        .to_string()
+        .contains("outside 6..=30"));
+    c.nics[0].addr = Some(9);
+    c.nics[0].slot = Some(1);
+    assert!(c
+        .validate_config()
+        .unwrap_err()
+        .to_string()
+        .contains("a device has one place"));
+}
+
+/// A device taken from another generation keeps its slot unless a device of the base holds it.
+#[test]
+fn composed_configs_keep_slots_and_resolve_clashes() {
+    let mut a = base();
+    a.pin_pci();
+    let mut other = a.clone();
+    other.nics.push(nic("net1", None));
+    other.disks.retain(|d| d.id.as_str() != "data");
+    other.nics[1].addr = Some(7); // data's slot in `a`
+    let mut net2 = nic("net2", None);
+    net2.addr = Some(20);
+    let c = compose(&Compose {
+        base: a.clone(),
+        without: Vec::new(),
+        with: vec![
+            (
+                "gen 2".into(),
+                key("nic:net1"),
+                Element::Nic(other.nics[1].clone()),
+            ),
+            ("gen 3".into(), key("nic:net2"), Element::Nic(net2)),
+        ],
+        set_cpus: None,
+        set_memory: None,
+    })
+    .unwrap();
+    let addr = |id: &str| {
+        c.nics
+            .iter()
+            .find(|n| n.id.as_str() == id)
+            .and_then(|n| n.addr)
+    };
+    assert_eq!(addr("net0"), Some(8));
+    assert_eq!(addr("net2"), Some(20), "no clash: kept");
+    assert_eq!(
+        addr("net1"),
+        Some(21),
+        "clashed with disk:data: the next free slot"
+    );
+    assert_eq!(c.disks[1].addr, Some(7));
 }

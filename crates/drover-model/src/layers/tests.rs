@@ -19,6 +19,7 @@ fn config(origin: &Path) -> VmConfig {
             owned: true,
             index: 0,
             slot: None,
+            addr: None,
         }],
         nics: Vec::new(),
         boot: Boot::Default { cmdline: None },
