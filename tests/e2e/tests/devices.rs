@@ -209,10 +209,11 @@ fn a_vm_without_an_agent_is_shown_as_such_early() {
         "no agent, yet --wait succeeded: {err}"
     );
     assert!(err.contains("shows no guest agent"), "{err}");
-    // The guest's driver is up within seconds; 30 s later it is said, far from the 300 s asked.
-    assert!(took < Duration::from_secs(100), "said after {took:?}");
+    // The guest's driver is up within seconds; 120 s later it is said, well before the 300 s
+    // asked.
+    assert!(took < Duration::from_secs(200), "said after {took:?}");
     assert!(
-        took >= Duration::from_secs(30),
+        took >= Duration::from_secs(100),
         "said after {took:?}: too early to know"
     );
     let show = d.ok(&["vm", "show", "bare"]);
