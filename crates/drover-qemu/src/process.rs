@@ -427,9 +427,10 @@ mod tests {
             "grep -E '^(Uid|Gid|Groups|CapEff|CapAmb|NoNewPrivs)' /proc/self/status; cat <&{fd}; cat {} 2>/dev/null || echo refused-by-name",
             secret.display()
         );
+        // bash: dash takes only one-digit descriptors in `<&N`, and tests run in parallel.
         let args = vec!["-c".to_string(), script];
         let mut c = spawn_confined(
-            Path::new("/bin/sh"),
+            Path::new("/bin/bash"),
             &[],
             &args,
             &log,
@@ -444,8 +445,9 @@ mod tests {
             }),
         )
         .unwrap();
-        assert!(c.wait().await.unwrap().success());
+        let status = c.wait().await.unwrap();
         let out = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "{status}: {out}");
         let field = |k: &str| {
             out.lines()
                 .find_map(|l| l.strip_prefix(k))
@@ -486,16 +488,18 @@ mod tests {
             .arg(format!("{}/vm1/x", other.display()))
             .spawn()
             .unwrap();
-        // Until the child has exec'd, its command line is still ours.
+        // Until the child has exec'd, its command line is still ours; and the shell's own child
+        // has the shell's command line until it has exec'd `sleep`.
+        let want = vec![(a.id(), "vm1/cap-s1/qmp.sock".to_string())];
         let mut found = Vec::new();
         for _ in 0..100 {
             found = with_path_under(&run);
-            if !found.is_empty() {
+            if found == want {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert_eq!(found, vec![(a.id(), "vm1/cap-s1/qmp.sock".to_string())]);
+        assert_eq!(found, want);
         assert!(start_ticks(a.id()).is_some_and(|t| t > 0));
         assert_eq!(comm(a.id()).as_deref(), Some("sh"));
         let _ = a.kill();
