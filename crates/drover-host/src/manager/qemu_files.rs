@@ -294,42 +294,26 @@ mod tests {
         if !run(&["create", "-q", "-f", "qcow2", evil.to_str().unwrap(), "1M"]) {
             return;
         }
+        // `path`, a qcow2 overlay whose header names `backing` as it is written.
+        let overlay = |backing: &str, path: &Path| {
+            run(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                backing,
+                path.to_str().unwrap(),
+            ])
+        };
         // The user's image names a backing file of its own: droverd must not follow it.
-        assert!(run(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            evil.to_str().unwrap(),
-            user.to_str().unwrap()
-        ]));
+        assert!(overlay(evil.to_str().unwrap(), &user));
         let o1 = disks.join("d.o1.qcow2");
         let o2 = disks.join("d.o2.qcow2");
-        assert!(run(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            user.to_str().unwrap(),
-            o1.to_str().unwrap()
-        ]));
-        assert!(run(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "d.o1.qcow2",
-            o2.to_str().unwrap()
-        ]));
+        assert!(overlay(user.to_str().unwrap(), &o1));
+        assert!(overlay("d.o1.qcow2", &o2));
         assert_eq!(
             chain_files(&state, &o2).unwrap(),
             vec![o2.clone(), o1.clone(), user.clone()]
