@@ -198,6 +198,21 @@ impl AgentLink {
         });
     }
 
+    /// Probe until the agent answers, at most `within`: for a guest that just arrived by
+    /// migration. A ping written while the destination was still loading can reach the guest
+    /// cut short, and the agent's decoder then swallows the next frame with it: a later ping
+    /// arrives whole. Each ping waits for its own answer, so no reply comes back unasked.
+    pub fn probe_until_ready(&self, within: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + within;
+            while !me.status().ready && tokio::time::Instant::now() < until {
+                me.probe();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
+
     fn mark_ready(&self, info: drover_proto::AgentInfo) {
         let after = self.inner.started.elapsed().as_millis() as u64;
         self.inner.status.send_modify(|s| {
@@ -548,5 +563,47 @@ mod tests {
         stop_tx.send(true).unwrap();
         drop(link);
         let _ = tokio::time::timeout(Duration::from_secs(2), guest_b).await;
+    }
+
+    /// A guest that arrived by migration loses the pings written before it ran: probing again
+    /// finds its agent, without a hello on port A.
+    #[tokio::test]
+    async fn probing_after_migration_finds_an_agent_that_lost_the_first_pings() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+        let (_la, lb) = (
+            UnixListener::bind(&pa).unwrap(),
+            UnixListener::bind(&pb).unwrap(),
+        );
+        tokio::spawn(async move {
+            let (mut s, _) = lb.accept().await.unwrap();
+            let mut dec = Decoder::new();
+            let mut buf = [0u8; 1024];
+            let mut seen = 0;
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                dec.push(&buf[..n]);
+                while let Some(Ok(f)) = dec.next_frame() {
+                    seen += 1;
+                    // The connect-time ping and the first probe are lost on the way in.
+                    if seen > 2 {
+                        s.write_all(&encode(&Frame::new(f.id, Body::Pong(info()))).unwrap())
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        let link = AgentLink::spawn("t".into(), pa, pb, Instant::now(), stop, None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!link.status().ready, "nothing answered yet");
+        link.probe_until_ready(Duration::from_secs(30));
+        let st = link.wait_ready(Duration::from_secs(10)).await.unwrap();
+        assert!(st.ready);
+        assert_eq!(link.dropped_frames(), 0, "no reply came back unasked");
     }
 }

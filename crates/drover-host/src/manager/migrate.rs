@@ -1426,7 +1426,7 @@ impl Manager {
         })?;
         if let Some(rt) = self.runtime(&slot) {
             rt.qmp.execute("cont", None).await?;
-            rt.agent.probe();
+            rt.agent.probe_until_ready(Duration::from_secs(60));
             let (mgr, vm, from, to) = (
                 self.clone(),
                 name.to_string(),
