@@ -165,6 +165,35 @@ enum SnapshotCmd {
         /// State id or name.
         state: String,
     },
+    /// Check, before anything changes, whether a state can be restored on a host and shape.
+    ///
+    /// Compares what the state was saved on (QEMU version, machine type, CPU model,
+    /// accelerator, host) and its shape with the target, and lists every aspect as `same`,
+    /// `adaptable` (adapted on the way: vCPUs and memory hot-plugged after the restore, another
+    /// host reached by moving the VM) or `blocking` (with the reason: a machine type the target's
+    /// QEMU lacks, a CPU model it cannot run, a shrink). `vm resume` and `snapshot restore`
+    /// refuse with the same reasons. Exits 0 when the state fits, 4 when something blocks.
+    ///
+    /// Examples:
+    ///   drover snapshot check web1 before-upgrade
+    ///   drover snapshot check web1 s2 --on b2 --cpus 4 --memory 2G
+    ///   drover snapshot check web1 s2 --on b2 --output json | jq '.differences[] | select(.verdict=="blocking")'
+    #[command(verbatim_doc_comment)]
+    Check {
+        /// VM name.
+        vm: String,
+        /// State id or name.
+        state: String,
+        /// Check against this remote host (`drover remote list`) instead of the VM's host.
+        #[arg(long, value_name = "REMOTE")]
+        on: Option<String>,
+        /// vCPUs to resume with.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory to resume with, e.g. 2G.
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1123,6 +1152,40 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
                     v.pid.unwrap_or(0)
                 ));
                 out.json_only(&v);
+            }
+            SnapshotCmd::Check {
+                vm,
+                state,
+                on,
+                cpus,
+                memory,
+            } => {
+                let target = match &on {
+                    None => None,
+                    Some(r) => {
+                        let all = remotes::Remotes::load(&remotes::config_file()?)?;
+                        let h: drover_api::HostInfo =
+                            all.get(r)?
+                                .client()?
+                                .get("/v1/host")
+                                .await
+                                .with_context(|| format!("asking {r} what it offers"))?;
+                        Some(Box::new(h))
+                    }
+                };
+                let r: drover_api::StateCheck = c
+                    .post(
+                        &format!("/v1/vms/{}/states/{}/check", seg(&vm)?, seg(&state)?),
+                        &drover_api::StateCheckRequest {
+                            target,
+                            target_name: on,
+                            cpus,
+                            memory,
+                        },
+                    )
+                    .await?;
+                out.state_check(&r);
+                return Ok(if r.fits { 0 } else { 4 });
             }
             SnapshotCmd::Delete { vm, state } => {
                 let st: drover_api::StateInfo = c

@@ -302,6 +302,7 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
             get(state_show).delete(state_delete),
         )
         .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
+        .route("/v1/vms/{name}/states/{state}/check", post(state_check))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
         // A VM's records (its journal and audit trail grow with its life) come in one request.
@@ -654,6 +655,15 @@ async fn state_restore(
     Ok(Json(
         detached(async move { m.snapshot_restore(&name, &state, &who.0).await }).await?,
     ))
+}
+
+async fn state_check(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+    Body(req): Body<drover_api::StateCheckRequest>,
+) -> Res<drover_api::StateCheck> {
+    Ok(Json(m.check_state(&name, &state, &req, &who.0)?))
 }
 
 async fn state_delete(

@@ -387,7 +387,7 @@ impl Manager {
             phase: StatePhase::Capturing,
             failure: None,
             guest_save: guest,
-            saved_on: self.saved_on(&info.platform).map(|mut on| {
+            saved_on: self.saved_on(&info.platform, info.accel).map(|mut on| {
                 on.ram_stream = mapped_ram.then(|| "mapped-ram".to_string());
                 on
             }),
@@ -418,7 +418,11 @@ impl Manager {
     }
 
     /// The QEMU and machine a state saved now belongs to (`None` without a probe).
-    fn saved_on(&self, platform: &drover_model::Platform) -> Option<drover_api::SavedOn> {
+    fn saved_on(
+        &self,
+        platform: &drover_model::Platform,
+        accel: Option<drover_model::Accel>,
+    ) -> Option<drover_api::SavedOn> {
         let p = self.s.probe.as_ref()?;
         Some(drover_api::SavedOn {
             qemu_version: p.version.to_string(),
@@ -428,6 +432,8 @@ impl Manager {
             },
             cpu: platform.cpu_arg().to_string(),
             ram_stream: None,
+            accel,
+            host: Some(self.s.cfg.identity.id.clone()),
         })
     }
 
@@ -950,10 +956,11 @@ impl Manager {
                 state.id, state.format
             )));
         }
+        let facts = self.qemu_facts();
         crate::compat::check_restore(
             &state.id,
             state.saved_on.as_ref(),
-            self.qemu_facts().as_ref(),
+            &self.restore_target(facts.as_ref()),
         )
         .map_err(HostError::Conflict)?;
         let dir = self.states_dir(vm).join(&state.id);
