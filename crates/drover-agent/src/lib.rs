@@ -43,6 +43,7 @@ pub mod app;
 pub mod cli;
 pub mod device;
 pub mod exec;
+pub mod files;
 pub mod guest;
 pub mod hotplug;
 pub mod hub;

@@ -38,6 +38,8 @@
 //! | DELETE | `/vms/{name}/states/{state}` |  | [`StateInfo`] (as it was) |
 //! | POST | `/vms/{name}/states/{state}/restore` |  | [`VmInfo`] |
 //! | POST | `/vms/{name}/states/{state}/check` | [`StateCheckRequest`] | [`StateCheck`] |
+//! | GET | `/vms/{name}/files` | query `path`, `offset`, `len` | the bytes; headers `x-drover-file-size`, `x-drover-file-mode`, `x-drover-eof` |
+//! | PUT | `/vms/{name}/files` | query `path`, `offset`, `done`, `mode`; the bytes (≤ 4 MiB) | [`FileWritten`] |
 //! | POST | `/vms/{name}/migrate` | [`MigrateRequest`] | NDJSON progress, then the result |
 //! | POST | `/vms/{name}/migrate/cancel` |  | nothing |
 //! | POST | `/migrations/incoming` | [`IncomingRequest`] (droverd to droverd) | [`IncomingReady`] |
@@ -669,6 +671,17 @@ pub struct SavedOn {
     /// The id of the host it was saved on (`drover host info`'s identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+}
+
+/// The answer to a piece of `drover vm cp` into a guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileWritten {
+    /// The guest path.
+    pub path: String,
+    /// Bytes of the file written so far.
+    pub written: u64,
+    /// The file is complete and in place.
+    pub done: bool,
 }
 
 /// What to check a saved state against (`drover snapshot check`): a target host and the shape

@@ -2,6 +2,7 @@
 
 mod cluster;
 mod conventions;
+mod copy;
 mod output;
 mod remotes;
 
@@ -768,6 +769,27 @@ enum VmCmd {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Copy a file into or out of a running guest, through its agent (binary-safe, any size).
+    ///
+    /// Name the guest side VM:/path. A copy into the guest is written beside the target and
+    /// renamed over it once complete and synced, so the old file stays whole until then; it
+    /// takes the local file's mode unless --mode says otherwise. A copy out is written the same
+    /// way locally. '-' is standard input or output. Needs vm.exec.
+    ///
+    /// Examples:
+    ///   drover vm cp ./drover-agent_0.1.0_amd64.deb web1:/tmp/
+    ///   drover vm cp web1:/var/log/syslog ./syslog
+    ///   tar c ./site | drover vm cp - web1:/srv/site.tar --mode 600
+    #[command(verbatim_doc_comment)]
+    Cp {
+        /// From: a local path, or VM:/path in a guest.
+        src: String,
+        /// To: VM:/path (VM:/dir/ keeps the file's name), or a local path.
+        dst: String,
+        /// Permission bits of the file made in the guest, octal (e.g. 755).
+        #[arg(long, value_name = "OCTAL")]
+        mode: Option<String>,
+    },
     /// Run a command inside the guest through its agent; exits with the command's exit code.
     ///
     /// Example: drover vm exec web1 -- sh -c 'df -h; free -m'
@@ -1068,7 +1090,7 @@ fn durability_note(vm: &str, id: &str, memory: u64) -> String {
     )
 }
 
-fn seg(name: &str) -> anyhow::Result<String> {
+pub(crate) fn seg(name: &str) -> anyhow::Result<String> {
     // Names are validated by the daemon; refuse path tricks before they reach a URL.
     if name.is_empty()
         || !name
@@ -1720,6 +1742,10 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+        }
+        VmCmd::Cp { src, dst, mode } => {
+            let r = copy::copy(c, out, &src, &dst, mode.as_deref()).await?;
+            out.json_only(&r);
         }
         VmCmd::Exec {
             name,
