@@ -41,6 +41,7 @@ macro_rules! log {
 pub mod agent;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod device;
 pub mod exec;
 pub mod files;

@@ -91,6 +91,20 @@ impl PortB {
         match frame.body {
             Body::Ping => writer.reply(id, Body::Pong(crate::info::agent_info())),
             Body::Exec(req) => self.start_exec(id, req, writer),
+            Body::SetClock { unix_ms } => match crate::clock::set_clock(unix_ms) {
+                Ok(()) => {
+                    crate::log!("clock set to the host's ({unix_ms} ms since the epoch)");
+                    writer.reply(
+                        id,
+                        Body::Ack {
+                            accepted: true,
+                            reason: None,
+                            ticket: None,
+                        },
+                    )
+                }
+                Err(e) => writer.reply_error(id, "io", &format!("setting the clock: {e}")),
+            },
             // Pieces are small (MAX_FILE_CHUNK) and the host waits for each: handled in line.
             Body::FilePut(p) => match crate::files::put(&p) {
                 Ok(()) => writer.reply(

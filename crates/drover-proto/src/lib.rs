@@ -102,6 +102,12 @@ pub enum Body {
         #[serde(default)]
         reboot: bool,
     },
+    /// Host → guest, port B: set the guest's wall clock to the host's (after a restore the
+    /// guest's clock stands where it was saved). Answered with an `Ack`.
+    SetClock {
+        /// The host's time, milliseconds since the Unix epoch.
+        unix_ms: u64,
+    },
     /// Host → guest, port B: write a piece of a file (`drover vm cp` into the guest). Answered
     /// with an `Ack` once the piece is written.
     FilePut(FilePut),
@@ -583,6 +589,7 @@ impl Body {
             Body::Exec(_) => "exec",
             Body::ExecResult(_) => "exec_result",
             Body::Shutdown { .. } => "shutdown",
+            Body::SetClock { .. } => "set_clock",
             Body::FilePut(_) => "file_put",
             Body::FileGet(_) => "file_get",
             Body::FileData(_) => "file_data",
@@ -842,7 +849,7 @@ fn validate(body: &Body) -> Result<(), ProtoError> {
                 return Err(ProtoError::Invalid("event data too large".into()));
             }
         }
-        Body::Ping | Body::Shutdown { .. } => {}
+        Body::Ping | Body::Shutdown { .. } | Body::SetClock { .. } => {}
     }
     Ok(())
 }

@@ -1066,11 +1066,33 @@ impl Manager {
                 LaunchKind::Restore(&spec),
             )
             .await?;
+        self.set_guest_clock_soon(vm, slot);
         // A VM that goes back to saved states tends to save again.
         if spec.memory.is_some() {
             self.prepare_standby(vm, slot);
         }
         Ok(info)
+    }
+
+    /// A restored guest's clock stands where it was saved: once its agent answers, set it to
+    /// the host's. Without an agent (or with one older than this) the clock stays as restored.
+    fn set_guest_clock_soon(&self, vm: &str, slot: &Arc<VmSlot>) {
+        let Some(rt) = self.runtime(slot) else {
+            return;
+        };
+        let (agent, vm) = (rt.agent.clone(), vm.to_string());
+        tokio::spawn(async move {
+            if agent.wait_ready(Duration::from_secs(120)).await.is_err() {
+                return;
+            }
+            let body = drover_proto::Body::SetClock {
+                unix_ms: crate::hostfacts::now_ms(),
+            };
+            match agent.call(body, Duration::from_secs(10)).await {
+                Ok(_) => tracing::info!(vm, "set the restored guest's clock to the host's"),
+                Err(e) => tracing::info!(vm, "could not set the restored guest's clock: {e}"),
+            }
+        });
     }
 
     /// Delete a state: its manifest, device state and memory. Its disk layers stay while a newer
