@@ -38,6 +38,10 @@
 //! | DELETE | `/vms/{name}/states/{state}` |  | [`StateInfo`] (as it was) |
 //! | POST | `/vms/{name}/states/{state}/restore` |  | [`VmInfo`] |
 //! | POST | `/vms/{name}/states/{state}/check` | [`StateCheckRequest`] | [`StateCheck`] |
+//! | GET | `/images` |  | `Vec<DiskImage>` |
+//! | POST | `/images` | [`ImageImportRequest`] | [`DiskImage`] (admin) |
+//! | GET | `/images/{name}` |  | [`DiskImage`] |
+//! | DELETE | `/images/{name}` |  | [`DiskImage`] (as it was; admin; refused while a VM uses it) |
 //! | GET | `/vms/{name}/files` | query `path`, `offset`, `len` | the bytes; headers `x-drover-file-size`, `x-drover-file-mode`, `x-drover-eof` |
 //! | PUT | `/vms/{name}/files` | query `path`, `offset`, `done`, `mode`; the bytes (≤ 4 MiB) | [`FileWritten`] |
 //! | POST | `/vms/{name}/migrate` | [`MigrateRequest`] | NDJSON progress, then the result |
@@ -671,6 +675,39 @@ pub struct SavedOn {
     /// The id of the host it was saved on (`drover host info`'s identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+}
+
+/// An imported disk image (`drover image import`): VMs get thin copies of it
+/// (`vm create --disk from=NAME`), and it is never written to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskImage {
+    /// Its name.
+    pub name: String,
+    /// Its file in droverd's state dir (a standalone qcow2).
+    pub file: std::path::PathBuf,
+    /// The guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// Where it was imported from.
+    pub source: String,
+    /// The source's format (`qcow2`, `raw`).
+    pub source_format: String,
+    /// When (ms since the epoch).
+    pub imported_at_ms: u64,
+    /// The VMs whose disks are thin copies of it.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
+/// `drover image import NAME FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportRequest {
+    /// The name to give it (1-64 of a-z, 0-9, '.', '_', '-').
+    pub name: String,
+    /// The file on the host (qcow2 or raw; a qcow2's backing chain is folded in).
+    pub path: std::path::PathBuf,
 }
 
 /// The answer to a piece of `drover vm cp` into a guest.

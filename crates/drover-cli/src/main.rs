@@ -260,6 +260,30 @@ enum ImageCmd {
         #[arg(long, value_name = "NAME", value_parser = ["debian-12"])]
         distro: Option<String>,
     },
+    /// Import a disk image (qcow2 or raw) that VMs then get thin copies of.
+    ///
+    /// The file is copied into droverd's state dir as a standalone qcow2 (a backing chain is
+    /// folded in), checked by qemu-img, synced; the original is not needed afterwards. A VM's
+    /// disk from it is an overlay that shares the image's blocks and writes only its own; the
+    /// image itself is never written. Needs admin (it reads a host path).
+    ///
+    /// Examples:
+    ///   drover image import debian-12 /srv/images/debian-12.qcow2
+    ///   drover vm create web1 --memory 1G --disk from=debian-12,id=root,size=20G ...
+    #[command(verbatim_doc_comment)]
+    Import {
+        /// A name for it (a-z, 0-9, '.', '_', '-').
+        name: String,
+        /// The image file on the host running droverd.
+        file: PathBuf,
+    },
+    /// List imported disk images and the VMs using each.
+    List,
+    /// Delete an imported disk image (refused while a VM's disk is a copy of it).
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -480,11 +504,12 @@ enum VmCmd {
     /// Examples:
     ///   drover vm create web1 --cpus 2 --memory 1G --disk 4G --nic user,forward=tcp:8080-:80
     ///   drover vm create db --disk size=20G,id=data --disk image=/srv/seed.qcow2,id=seed,ro
+    ///   drover vm create app1 --disk from=debian-12,id=root,size=20G   (a thin copy of an imported image)
     ///   drover vm create --file web1.toml
     ///   drover vm create deb1 --kernel K --initrd I --cmdline C --disk image=/srv/deb1.qcow2 \
     ///       --ssh-key ~/.ssh/id_ed25519.pub --user-data cloud.yaml   (see `drover image build --help`)
     ///
-    /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image, readonly),
+    /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image | from, readonly),
     /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk),
     /// [seed] (ssh_keys = [...], user_data = "...").
     ///
@@ -505,7 +530,9 @@ enum VmCmd {
         /// Memory, e.g. 512M, 2G [default: 512M].
         #[arg(long)]
         memory: Option<String>,
-        /// A disk: SIZE, size=SIZE[,id=ID][,ro], or image=/path[,id=ID][,ro]. Repeatable.
+        /// A disk: SIZE, size=SIZE[,id=ID][,ro], image=/path[,id=ID][,ro], or
+        /// from=IMAGE[,size=SIZE][,id=ID][,ro] (a thin copy of `drover image list`'s IMAGE, owned
+        /// by the VM). Repeatable.
         #[arg(long = "disk", value_name = "SPEC")]
         disks: Vec<String>,
         /// A NIC: user[,id=ID][,mac=MAC][,forward=tcp:HOSTPORT-:GUESTPORT]... or tap=IFNAME. Repeatable.
@@ -1090,6 +1117,14 @@ fn durability_note(vm: &str, id: &str, memory: u64) -> String {
     )
 }
 
+/// An image name as a URL segment.
+fn image_seg(name: &str) -> anyhow::Result<String> {
+    if !drover_model::valid_image_name(name) {
+        anyhow::bail!("invalid image name {name:?}: use a-z, 0-9, '.', '_' and '-'");
+    }
+    Ok(name.to_string())
+}
+
 pub(crate) fn seg(name: &str) -> anyhow::Result<String> {
     // Names are validated by the daemon; refuse path tricks before they reach a URL.
     if name.is_empty()
@@ -1127,6 +1162,37 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             };
             let i: drover_api::ImageInfo = c.get(&path).await?;
             out.image(&i);
+        }
+        Cmd::Image(ImageCmd::Import { name, file }) => {
+            let path = std::path::absolute(&file)
+                .with_context(|| format!("resolving {}", file.display()))?;
+            let p = out.progress(&format!("importing {} as {name}", path.display()));
+            let i: drover_api::DiskImage = c
+                .post("/v1/images", &drover_api::ImageImportRequest { name, path })
+                .await?;
+            p.done(&format!(
+                "imported {} ({} virtual, {} on disk)",
+                i.name,
+                format_size(i.virtual_size),
+                format_size(i.bytes)
+            ));
+            out.json_only(&i);
+        }
+        Cmd::Image(ImageCmd::List) => {
+            let list: Vec<drover_api::DiskImage> = c.get("/v1/images").await?;
+            out.disk_images(&list);
+        }
+        Cmd::Image(ImageCmd::Delete { name }) => {
+            let i: drover_api::DiskImage = c
+                .call::<(), _>(
+                    drover_api::Method::DELETE,
+                    &format!("/v1/images/{}", image_seg(&name)?),
+                    None,
+                )
+                .await?;
+            let p = out.progress("");
+            p.done(&format!("deleted image {}", i.name));
+            out.json_only(&i);
         }
         Cmd::Image(ImageCmd::Build { force, distro }) => {
             let p = out.progress("building the guest image");

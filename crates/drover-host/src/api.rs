@@ -315,6 +315,8 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         .route("/v1/migrations/{name}/abort", post(incoming_abort))
         .route("/v1/image", get(image))
         .route("/v1/image/build", post(image_build))
+        .route("/v1/images", get(images_list).post(image_import))
+        .route("/v1/images/{name}", get(image_show).delete(image_delete))
         .route("/v1/auth/roles", get(roles).post(grant))
         .route("/v1/auth/tokens", get(tokens_list).post(token_create))
         .route(
@@ -921,6 +923,38 @@ async fn image(
 struct ImageQuery {
     #[serde(default)]
     distro: Option<String>,
+}
+
+async fn images_list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::DiskImage>> {
+    need(&who, Permission::Read)?;
+    Ok(Json(m.images()?))
+}
+
+async fn image_show(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::DiskImage> {
+    need(&who, Permission::Read)?;
+    Ok(Json(m.image_get(&name)?))
+}
+
+async fn image_import(
+    State(m): State<Manager>,
+    who: Who,
+    Body(req): Body<drover_api::ImageImportRequest>,
+) -> Res<drover_api::DiskImage> {
+    Ok(Json(
+        detached(async move { m.image_import(&req, &who.0).await }).await?,
+    ))
+}
+
+async fn image_delete(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::DiskImage> {
+    Ok(Json(m.image_delete(&name, &who.0).await?))
 }
 
 /// Streams progress lines, then the result, as NDJSON.

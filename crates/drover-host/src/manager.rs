@@ -40,6 +40,7 @@ mod guest;
 mod helpers;
 mod hibernate;
 mod identity;
+mod images;
 mod layers;
 mod live;
 mod migrate;
@@ -1008,10 +1009,18 @@ impl Manager {
                             size,
                             readonly: *readonly,
                             owned: true,
+                            base: None,
                             index: disks.len() as u32,
                             slot: None,
                             addr: None,
                         }
+                    }
+                    DiskSource::FromImage { name, size } => {
+                        let mut d = self
+                            .disk_from_image(&vm_dir, id, name, *size, *readonly)
+                            .await?;
+                        d.index = disks.len() as u32;
+                        d
                     }
                     DiskSource::Image { path } => {
                         let p = path.clone();
@@ -1025,6 +1034,7 @@ impl Manager {
                             size: info.virtual_size,
                             readonly: *readonly,
                             owned: false,
+                            base: None,
                             index: disks.len() as u32,
                             slot: None,
                             addr: None,

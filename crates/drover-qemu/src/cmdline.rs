@@ -506,6 +506,7 @@ mod tests {
                 size: 1 << 30,
                 readonly: false,
                 owned: true,
+                base: None,
                 index: 0,
                 slot: None,
                 addr: None,

@@ -246,3 +246,90 @@ fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// An imported image gives VMs thin copies: each sees the image's data, writes only its own,
+/// the image file never changes, and it cannot be deleted while a VM uses it.
+#[test]
+fn imported_images_give_vms_thin_copies_that_never_write_the_image() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("base.raw");
+    let mut data = vec![0u8; 16 << 20];
+    data[..12].copy_from_slice(b"golden-image");
+    std::fs::write(&raw, &data).expect("raw image");
+    let raw_s = raw.to_str().expect("utf-8");
+
+    let i = d.json(&["image", "import", "base", raw_s]);
+    assert_eq!(i["virtual_size"], 16u64 << 20, "{i}");
+    assert_eq!(i["source_format"], "raw", "{i}");
+    let file = i["file"].as_str().expect("file").to_string();
+    let before = sha256_hex(&std::fs::read(&file).expect("image file"));
+    d.fails(4, &["image", "import", "base", raw_s]);
+    let out = d.drover(&["image", "import", "ghost", "/nonexistent.qcow2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.qcow2"));
+
+    d.ok(&[
+        "vm",
+        "create",
+        "ta",
+        "--memory",
+        "128M",
+        "--disk",
+        "from=base,id=data",
+    ]);
+    d.ok(&[
+        "vm",
+        "create",
+        "tb",
+        "--memory",
+        "128M",
+        "--disk",
+        "from=base,id=data,size=32M",
+    ]);
+    let e = d.fails(1, &["vm", "create", "tc", "--disk", "from=base,size=8M"]);
+    assert!(e.contains("only grow"), "{e}");
+    assert!(d
+        .ok(&["vm", "show", "ta"])
+        .contains("thin copy of image base"));
+    d.ok(&["vm", "start", "ta", "--wait"]);
+    d.ok(&["vm", "start", "tb", "--wait"]);
+    assert_eq!(d.sh("ta", "head -c 12 /dev/vda"), "golden-image");
+    d.sh(
+        "ta",
+        "printf from-ta-only | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null",
+    );
+    assert_eq!(d.sh("ta", "head -c 12 /dev/vda"), "from-ta-only");
+    assert_eq!(
+        d.sh("tb", "head -c 12 /dev/vda"),
+        "golden-image",
+        "tb has its own copy"
+    );
+    assert_eq!(
+        d.sh("tb", "cat /sys/block/vda/size").trim(),
+        "65536",
+        "grown to 32M"
+    );
+
+    let e = d.fails(4, &["image", "delete", "base"]);
+    assert!(e.contains("ta") && e.contains("tb"), "names its users: {e}");
+    let list = d.json(&["image", "list"]);
+    assert_eq!(
+        list[0]["used_by"],
+        serde_json::json!(["ta", "tb"]),
+        "{list}"
+    );
+
+    for vm in ["ta", "tb"] {
+        d.ok(&["vm", "stop", vm]);
+        d.ok(&["vm", "delete", vm]);
+    }
+    assert_eq!(
+        sha256_hex(&std::fs::read(&file).expect("image file")),
+        before,
+        "the image was never written"
+    );
+    d.ok(&["image", "delete", "base"]);
+    assert!(!std::path::Path::new(&file).exists());
+    assert_eq!(d.json(&["image", "list"]), serde_json::json!([]));
+}

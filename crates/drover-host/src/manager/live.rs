@@ -100,6 +100,7 @@ impl Manager {
                     size,
                     readonly: req.readonly,
                     owned,
+                    base: None,
                     index: 0,
                     slot: None,
                     addr: None,

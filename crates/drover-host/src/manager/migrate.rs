@@ -399,6 +399,21 @@ impl Manager {
                 )))
             }
         }
+        // A state's layers of a thin copy build on an image only this host has: the copies
+        // arriving there would miss their base. (The disk itself moves with its content.)
+        let cfg = info.next_config.as_ref().unwrap_or(&info.config);
+        if let Some(d) = cfg.disks.iter().find(|d| d.base.is_some()) {
+            let states = self.states(name)?;
+            if !states.is_empty() {
+                return Err(HostError::Conflict(format!(
+                    "VM {name}'s disk {} is a thin copy of image {}, and its {} saved state(s)                      build on that image, which {} does not have: delete the states (`drover                      snapshot list {name}`) and migrate again",
+                    d.id,
+                    d.base.as_deref().unwrap_or_default(),
+                    states.len(),
+                    req.to_name
+                )));
+            }
+        }
         // Hot-plugged memory (whole-MiB DIMMs) takes the path of QEMU 7.2's TCG dirty-tracking
         // bug that RAM_PAD avoids for boot RAM (see drover_qemu::cmdline::RAM_PAD): refuse
         // rather than corrupt the guest, on a QEMU that has the bug (the sending side's
@@ -1165,6 +1180,15 @@ impl Manager {
         repath_disks(&mut vm, &paths);
         let mut info: VmInfo =
             serde_json::from_value(vm).map_err(|e| HostError::Internal(e.to_string()))?;
+        // Disks arrive with all their content: a thin copy's image stays behind.
+        for c in std::iter::once(&mut info.config)
+            .chain(info.running_config.iter_mut())
+            .chain(info.next_config.iter_mut())
+        {
+            for d in &mut c.disks {
+                d.base = None;
+            }
+        }
         // A hibernated VM stays hibernated, its state at this host's path (states travel in
         // the VM's directory); anything else arrives stopped (live: until it is committed).
         info.state = match (info.state, &mut info.hibernation) {
