@@ -82,6 +82,9 @@ pub struct WhoAmI {
 }
 
 /// The first frame of a console WebSocket (`GET /v1/vms/{name}/console/ws`), as JSON text.
+/// Then come the last 64 KiB of the console log (binary), the text frame `{"live":true}`, and
+/// from then on output as the guest writes it. Refused input is answered with an
+/// [`ApiError`] as a text frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleHello {
     /// The VM.

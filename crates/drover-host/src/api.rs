@@ -887,9 +887,27 @@ async fn console_session(
     if socket.send(json_frame(&hello)).await.is_err() {
         return;
     }
-    let mut offset = std::fs::metadata(m.console_path(&name))
+    let start = std::fs::metadata(m.console_path(&name))
         .map(|md| md.len().saturating_sub(CONSOLE_BACKLOG))
         .unwrap_or(0);
+    // The backlog, then the mark after which output is live: a terminal must not answer the
+    // queries in old output (a shell's cursor-position request), or the guest reads the answers.
+    let mut offset = match m.console(&name, start, CONSOLE_BACKLOG as usize) {
+        Ok((bytes, next)) => {
+            if !bytes.is_empty() && socket.send(Message::Binary(bytes.into())).await.is_err() {
+                return;
+            }
+            next
+        }
+        Err(_) => start,
+    };
+    if socket
+        .send(json_frame(&serde_json::json!({"live": true})))
+        .await
+        .is_err()
+    {
+        return;
+    }
     let mut tick = tokio::time::interval(CONSOLE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = tokio::time::Instant::now();

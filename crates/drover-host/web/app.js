@@ -283,14 +283,18 @@ function startConsole(name) {
   // Browsers cannot set Authorization on a WebSocket: the token rides as a subprotocol.
   const ws = new WebSocket(url, ["drover.console.v1", "bearer." + token()]);
   ws.binaryType = "arraybuffer";
-  const session = { name, term, ws, input: false, closed: false };
+  const session = { name, term, ws, input: false, live: false, closed: false };
   consoleSession = session;
   const mode = $("#console-mode");
   mode.textContent = "connecting…";
   ws.onmessage = (ev) => {
     if (typeof ev.data === "string") {
       const m = JSON.parse(ev.data);
-      if ("input" in m) {
+      if (m.live) {
+        // Old output is parsed before this mark; only what the user types from now on (and
+        // the terminal's answers to live queries) goes to the guest.
+        term.write("", () => { session.live = true; });
+      } else if ("input" in m) {
         session.input = m.input;
         mode.textContent = m.input ? "(interactive)" : "(read-only: " + (m.why || "no vm.exec") + ")";
         mode.dataset.input = String(m.input);
@@ -305,7 +309,9 @@ function startConsole(name) {
     if (!session.closed) mode.textContent = "(disconnected; reload the VM page to reconnect)";
   };
   term.onData((d) => {
-    if (session.input && ws.readyState === WebSocket.OPEN) ws.send(new TextEncoder().encode(d));
+    if (session.input && session.live && ws.readyState === WebSocket.OPEN) {
+      ws.send(new TextEncoder().encode(d));
+    }
   });
 }
 
