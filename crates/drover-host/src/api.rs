@@ -1396,6 +1396,67 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn whoami_names_the_caller_and_what_its_role_may_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let tokens = Arc::new(TokenStore::new(&dir.path().join("tokens")));
+        let (viewer, _) = tokens.create(Role::Viewer, Some("v")).unwrap();
+        let (operator, _) = tokens.create(Role::Operator, Some("o")).unwrap();
+        let app = router_with(m, Some(tokens));
+        let ask = |headers: Vec<(&'static str, String)>| {
+            let app = app.clone();
+            async move {
+                let mut b = axum::http::Request::builder().uri("/v1/auth/whoami");
+                for (k, v) in headers {
+                    b = b.header(k, v);
+                }
+                let mut req = b.body(axum::body::Body::empty()).unwrap();
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(Peer {
+                        uid: None,
+                        remote: Some(([127, 0, 0, 1], 40000).into()),
+                    }));
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+                )
+            }
+        };
+        let (status, v) = ask(vec![("authorization", format!("Bearer {viewer}"))]).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["role"], "viewer");
+        assert_eq!(v["permissions"], serde_json::json!(["vm.read"]));
+        let (_, v) = ask(vec![("authorization", format!("Bearer {operator}"))]).await;
+        assert_eq!(
+            v["permissions"],
+            serde_json::json!(["vm.read", "vm.lifecycle", "config.change", "vm.exec"])
+        );
+        // A WebSocket upgrade may bring its token as a subprotocol; a plain request may not.
+        let ws = |upgrade: bool| {
+            let mut h = vec![(
+                "sec-websocket-protocol",
+                format!("drover.console.v1, bearer.{operator}"),
+            )];
+            if upgrade {
+                h.push(("upgrade", "websocket".to_string()));
+            }
+            h
+        };
+        let (status, v) = ask(ws(true)).await;
+        assert_eq!(
+            (status, &v["name"]),
+            (StatusCode::OK, &serde_json::json!("token o"))
+        );
+        let (status, _) = ask(ws(false)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
     #[test]
     fn wrong_tokens_from_one_address_are_rate_limited() {
         let f = TokenFailures::default();

@@ -1,7 +1,7 @@
 //! The web console in a real browser (Debian's chromium, driven through chromedriver), as an
 //! operator and a viewer meet it: log in with a token, see a running VM, stop and start it from
 //! the page and watch its state change without a reload, type into the guest's serial console
-//! and read the shell's answer; a viewer sees no stop button, and the API refuses it the stop.
+//! and read the shell's answer, save a state from the page; a viewer sees no stop button, and the API refuses it the stop.
 //! One guest serves every step.
 //!
 //! `DROVER_SCREENSHOT_DIR=docs/screenshots` keeps the pages' screenshots (the README's).
@@ -132,12 +132,18 @@ async fn log_in(c: &Client, base: &str, token: &str) {
         .await
         .expect("the login form");
     field.send_keys(token).await.expect("type the token");
-    c.find(Locator::Css("#login-submit"))
+    click(&c, "#login-submit", "the login button").await;
+}
+
+/// Click the element at `css` (`what` names it in a failure).
+async fn click(c: &Client, css: &str, what: &str) {
+    let e = c
+        .find(Locator::Css(css))
         .await
-        .expect("the login button")
-        .click()
+        .unwrap_or_else(|e| panic!("{what} ({css}) is not on the page: {e}"));
+    e.click()
         .await
-        .expect("log in");
+        .unwrap_or_else(|e| panic!("clicking {what}: {e}"));
 }
 
 /// Whether the element exists and is shown.
@@ -160,7 +166,15 @@ fn web_console_as_operator_and_viewer() {
             .to_string()
     };
     let (operator, viewer) = (token("operator"), token("viewer"));
-    d.ok(&["vm", "create", "w1", "--memory", "256M"]);
+    d.ok(&[
+        "vm",
+        "create",
+        "w1",
+        "--memory",
+        "256M",
+        "--disk",
+        "size=64M,id=data",
+    ]);
     d.ok(&["vm", "start", "w1", "--wait"]);
     let started = Instant::now();
 
@@ -183,12 +197,7 @@ fn web_console_as_operator_and_viewer() {
         .await;
         wait_text(&c, "#host", Duration::from_secs(5), |t| t.contains("QEMU")).await;
         screenshot(&c, "overview.png").await;
-        c.find(Locator::Css("tr[data-vm='w1'] a"))
-            .await
-            .expect("the VM's link")
-            .click()
-            .await
-            .expect("open the VM");
+        click(&c, "tr[data-vm='w1'] a", "the VM's link").await;
         wait_text(&c, "#vm-state", Duration::from_secs(10), |t| t == "running").await;
         wait_text(&c, "#console-mode", Duration::from_secs(10), |t| {
             t.contains("interactive")
@@ -200,12 +209,7 @@ fn web_console_as_operator_and_viewer() {
             .expect("mark the page");
 
         // Stop from the page: the state changes on the page by itself.
-        c.find(Locator::Css("#vm-actions button[data-action='stop']"))
-            .await
-            .expect("the stop button")
-            .click()
-            .await
-            .expect("stop");
+        click(&c, "#vm-actions button[data-action='stop']", "the stop button").await;
         wait_text(&c, "#vm-state", Duration::from_secs(90), |t| t == "stopped").await;
         assert_eq!(
             d.json(&["vm", "show", "w1"])["state"],
@@ -213,12 +217,7 @@ fn web_console_as_operator_and_viewer() {
             "the API agrees with the page"
         );
         // ... and start again.
-        c.find(Locator::Css("#vm-actions button[data-action='start']"))
-            .await
-            .expect("the start button")
-            .click()
-            .await
-            .expect("start");
+        click(&c, "#vm-actions button[data-action='start']", "the start button").await;
         wait_text(&c, "#vm-state", Duration::from_secs(60), |t| t == "running").await;
         let mark = c
             .execute("return window.droverMark;", vec![])
@@ -254,15 +253,23 @@ fn web_console_as_operator_and_viewer() {
             }
             assert!(Instant::now() < deadline, "the guest's shell never answered {want}");
         }
+        // A saved state from the page shows up in its table.
+        click(&c, "#vm-actions button[data-action='snapshot']", "the snapshot button").await;
+        wait_text(&c, "#vm-states tbody", Duration::from_secs(60), |t| {
+            t.contains("ready") || t.contains("durable")
+        })
+        .await;
+        assert_eq!(
+            d.json(&["snapshot", "list", "w1"])
+                .as_array()
+                .map(|a| a.len()),
+            Some(1),
+            "the API has the state the page made"
+        );
         screenshot(&c, "vm.png").await;
 
         // The viewer: no stop button on the page, a read-only console, and the API's refusal.
-        c.find(Locator::Css("#logout"))
-            .await
-            .expect("log out")
-            .click()
-            .await
-            .expect("log out");
+        click(&c, "#logout", "log out").await;
         log_in(&c, &base, &viewer).await;
         wait_text(&c, "#whoami", Duration::from_secs(10), |t| t.contains("viewer")).await;
         c.goto(&format!("{base}/#/vm/w1")).await.expect("the VM page");
