@@ -132,7 +132,7 @@ async fn log_in(c: &Client, base: &str, token: &str) {
         .await
         .expect("the login form");
     field.send_keys(token).await.expect("type the token");
-    click(&c, "#login-submit", "the login button").await;
+    click(c, "#login-submit", "the login button").await;
 }
 
 /// Click the element at `css` (`what` names it in a failure).
