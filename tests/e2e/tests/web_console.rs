@@ -1,7 +1,7 @@
 //! The web console in a real browser (Debian's chromium, driven through chromedriver), as an
 //! operator and a viewer meet it: log in with a token, see a running VM, stop and start it from
 //! the page and watch its state change without a reload, type into the guest's serial console
-//! and read the shell's answer, save a state from the page; a viewer sees no stop button, and the API refuses it the stop.
+//! and read the shell's answer, save a state and restore it from the page; a viewer sees no stop button, and the API refuses it the stop.
 //! One guest serves every step.
 //!
 //! `DROVER_SCREENSHOT_DIR=docs/screenshots` keeps the pages' screenshots (the README's).
@@ -267,6 +267,17 @@ fn web_console_as_operator_and_viewer() {
             "the API has the state the page made"
         );
         screenshot(&c, "vm.png").await;
+        // Restore it from its row: the VM runs again from that state (a new QEMU).
+        let pid = d.json(&["vm", "show", "w1"])["pid"].clone();
+        click(&c, "#vm-states button[data-restore]", "the restore button").await;
+        wait_text(&c, "#vm-message", Duration::from_secs(60), |t| {
+            t == "restore: done"
+        })
+        .await;
+        wait_text(&c, "#vm-state", Duration::from_secs(10), |t| t == "running").await;
+        let now = d.json(&["vm", "show", "w1"]);
+        assert_eq!(now["state"], "running");
+        assert_ne!(now["pid"], pid, "the restore started a new QEMU");
 
         // The viewer: no stop button on the page, a read-only console, and the API's refusal.
         click(&c, "#logout", "log out").await;
