@@ -38,6 +38,9 @@
 //! | GET | `/vms/{name}/states/{state}` |  | [`StateInfo`] |
 //! | DELETE | `/vms/{name}/states/{state}` |  | [`StateInfo`] (as it was) |
 //! | POST | `/vms/{name}/states/{state}/restore` |  | [`VmInfo`] |
+//! | POST | `/vms/{name}/states/{state}/check` | [`StateCheckRequest`] | [`StateCheck`] |
+//! | GET | `/vms/{name}/files` | query `path`, `offset`, `len` | the bytes; headers `x-drover-file-size`, `x-drover-file-mode`, `x-drover-eof` |
+//! | PUT | `/vms/{name}/files` | query `path`, `offset`, `done`, `mode`; the bytes (≤ 4 MiB) | [`FileWritten`] |
 //! | POST | `/vms/{name}/migrate` | [`MigrateRequest`] | NDJSON progress, then the result |
 //! | POST | `/vms/{name}/migrate/cancel` |  | nothing |
 //! | POST | `/migrations/incoming` | [`IncomingRequest`] (droverd to droverd) | [`IncomingReady`] |
@@ -697,6 +700,96 @@ pub struct SavedOn {
     /// `exec:` stream; a restore reads it the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_stream: Option<String>,
+    /// The accelerator it ran under (absent from states saved before this was kept): a TCG
+    /// state's CPU state does not load under KVM, nor the reverse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+    /// The id of the host it was saved on (`drover host info`'s identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// The answer to a piece of `drover vm cp` into a guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileWritten {
+    /// The guest path.
+    pub path: String,
+    /// Bytes of the file written so far.
+    pub written: u64,
+    /// The file is complete and in place.
+    pub done: bool,
+}
+
+/// What to check a saved state against (`drover snapshot check`): a target host and the shape
+/// to resume as.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateCheckRequest {
+    /// The target host, as its `GET /v1/host` answered (the CLI asks it for `--on REMOTE`);
+    /// absent: this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Box<HostInfo>>,
+    /// The target's name, for messages (a remote's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_name: Option<String>,
+    /// vCPUs to resume with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory to resume with (`2G`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+}
+
+/// Whether a saved state fits a target, difference by difference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCheck {
+    /// The VM.
+    pub vm: String,
+    /// The state's id.
+    pub state: String,
+    /// The target host's name (`here` for the host that answered).
+    pub target: String,
+    /// No difference blocks: the state can be restored there as asked.
+    pub fits: bool,
+    /// Every aspect compared, the same ones included.
+    pub differences: Vec<Difference>,
+}
+
+/// One aspect of a saved state compared with a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    /// What is compared (`qemu`, `machine`, `cpu-model`, `accelerator`, `vcpus`, ...).
+    pub what: String,
+    /// The state's value.
+    pub saved: String,
+    /// The target's (or the asked) value.
+    pub target: String,
+    /// Whether it matters.
+    pub verdict: Verdict,
+    /// What happens about it, or why it blocks.
+    pub note: String,
+}
+
+/// How a difference between a state and its target is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Nothing differs.
+    Same,
+    /// Differs, and is adapted on the way (loaded as saved, then changed live).
+    Adaptable,
+    /// Differs so that the state cannot be restored there.
+    Blocking,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Same => "same",
+            Verdict::Adaptable => "adaptable",
+            Verdict::Blocking => "blocking",
+        })
+    }
 }
 
 /// How far a saved state has come.

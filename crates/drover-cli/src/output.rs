@@ -635,6 +635,34 @@ impl Out {
         println!("{t}");
     }
 
+    /// `drover snapshot check`.
+    pub fn state_check(&self, r: &drover_api::StateCheck) {
+        if self.json {
+            return self.print_json(r);
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header(["WHAT", "SAVED", "TARGET", "VERDICT", "NOTE"]);
+        for d in &r.differences {
+            t.add_row([
+                d.what.clone(),
+                d.saved.clone(),
+                d.target.clone(),
+                d.verdict.to_string(),
+                d.note.clone(),
+            ]);
+        }
+        println!("{t}");
+        if r.fits {
+            println!("state {} of {} fits {}", r.state, r.vm, r.target);
+        } else {
+            println!(
+                "state {} of {} cannot be restored on {}: see the blocking lines",
+                r.state, r.vm, r.target
+            );
+        }
+    }
+
     /// `drover snapshot show`.
     pub fn state(&self, s: &drover_api::StateInfo) {
         if self.json {

@@ -159,6 +159,8 @@ fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
         (_, r) if r.starts_with("/v1/auth") || r.starts_with("/v1/migrations") => Admin,
         (&Method::POST, "/v1/image/build") => Admin,
         (_, _) if on_vm && (tail.starts_with("/guest-access") || tail == "/audit") => GuestAccess,
+        // Reading or writing any file in the guest is as much as running a command there.
+        (_, _) if on_vm && tail == "/files" => Exec,
         (&Method::GET, _) => Read,
         (&Method::POST, "/v1/vms") => Lifecycle,
         (&Method::POST, _) if on_vm && matches!(tail, "/attach" | "/detach" | "/set") => Change,
@@ -173,6 +175,7 @@ fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
     let limit = match route {
         "/v1/migrations/incoming" => INCOMING_BODY,
         "/v1/vms/{name}/exec" => EXEC_BODY,
+        "/v1/vms/{name}/files" => crate::manager::MAX_FILE_REQUEST,
         _ => SMALL_BODY,
     };
     (p, limit)
@@ -301,6 +304,7 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/console/ws", get(console_ws))
+        .route("/v1/vms/{name}/files", get(file_get).put(file_put))
         .route("/v1/vms/{name}/attach", post(attach))
         .route("/v1/vms/{name}/detach", post(detach))
         .route("/v1/vms/{name}/set", post(set))
@@ -325,6 +329,7 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
             get(state_show).delete(state_delete),
         )
         .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
+        .route("/v1/vms/{name}/states/{state}/check", post(state_check))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
         // A VM's records (its journal and audit trail grow with its life) come in one request.
@@ -684,6 +689,15 @@ async fn state_restore(
     ))
 }
 
+async fn state_check(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+    Body(req): Body<drover_api::StateCheckRequest>,
+) -> Res<drover_api::StateCheck> {
+    Ok(Json(m.check_state(&name, &state, &req, &who.0)?))
+}
+
 async fn state_delete(
     State(m): State<Manager>,
     who: Who,
@@ -981,6 +995,83 @@ async fn whoami(who: Who) -> Res<drover_api::WhoAmI> {
             .filter(|p| c.role.is_some_and(|r| r.allows(**p)))
             .map(|p| p.name().to_string())
             .collect(),
+    }))
+}
+
+/// Where in a guest file a `vm cp` request reads or writes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQuery {
+    path: String,
+    #[serde(default)]
+    offset: u64,
+    /// Read: at most this many bytes.
+    #[serde(default = "default_file_len")]
+    len: usize,
+    /// Write: the last request of the file.
+    #[serde(default)]
+    done: bool,
+    /// Write: the finished file's mode, octal (`755`).
+    #[serde(default)]
+    mode: Option<String>,
+}
+fn default_file_len() -> usize {
+    crate::manager::MAX_FILE_REQUEST
+}
+
+/// The headers a file read answers with.
+const FILE_SIZE: &str = "x-drover-file-size";
+const FILE_MODE: &str = "x-drover-file-mode";
+const FILE_EOF: &str = "x-drover-eof";
+
+async fn file_get(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, Failure> {
+    let r = m.file_get(&name, &q.path, q.offset, q.len, &who.0).await?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in [
+        (FILE_SIZE, r.size.to_string()),
+        (FILE_MODE, format!("{:o}", r.mode)),
+        (FILE_EOF, r.eof.to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.insert(k, v);
+        }
+    }
+    Ok((headers, r.data).into_response())
+}
+
+async fn file_put(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Query(q): Query<FileQuery>,
+    data: axum::body::Bytes,
+) -> Res<drover_api::FileWritten> {
+    let mode = q
+        .mode
+        .as_deref()
+        .map(|t| u32::from_str_radix(t, 8))
+        .transpose()
+        .ok()
+        .flatten()
+        .filter(|m| *m <= 0o7777);
+    if q.mode.is_some() && mode.is_none() {
+        return Err(Failure(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "mode must be octal permission bits, e.g. 755",
+        )));
+    }
+    let written = m
+        .file_put(&name, &q.path, q.offset, &data, q.done, mode, &who.0)
+        .await?;
+    Ok(Json(drover_api::FileWritten {
+        path: q.path,
+        written,
+        done: q.done,
     }))
 }
 

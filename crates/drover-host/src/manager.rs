@@ -33,6 +33,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
+mod check;
+mod files;
+pub use files::{FileRead, MAX_FILE_REQUEST};
 mod guest;
 mod helpers;
 mod hibernate;
@@ -2326,6 +2329,30 @@ impl Manager {
         }
     }
 
+    /// The agent of running VM `name`, once ready: right after a start or restore it may be
+    /// seconds away, so wait a little for it. `what` names the feature for the error.
+    async fn ready_agent(&self, name: &str, slot: &Arc<VmSlot>, what: &str) -> Result<AgentLink> {
+        let Some(rt) = self.runtime(slot) else {
+            return Err(HostError::Conflict(format!("VM {name} is not running")));
+        };
+        if !rt.agent.status().ready {
+            match rt.agent.wait_ready(Duration::from_secs(10)).await {
+                Ok(_) => {}
+                Err(LinkError::NoAgent(why)) => {
+                    return Err(HostError::Agent(format!(
+                        "VM {name} shows no guest agent ({why}); {what} needs drover-agent in the guest"
+                    )))
+                }
+                Err(_) => {
+                    return Err(HostError::Agent(format!(
+                        "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
+                    )))
+                }
+            }
+        }
+        Ok(rt.agent.clone())
+    }
+
     /// Run a command in the guest.
     pub async fn exec(
         &self,
@@ -2344,25 +2371,7 @@ impl Manager {
                 "exec timeout must be between 1 s and 24 h".into(),
             ));
         }
-        let Some(rt) = self.runtime(&slot) else {
-            return Err(HostError::Conflict(format!("VM {name} is not running")));
-        };
-        // Right after a start or restore the agent may be seconds away: wait a little for it.
-        if !rt.agent.status().ready {
-            match rt.agent.wait_ready(Duration::from_secs(10)).await {
-                Ok(_) => {}
-                Err(LinkError::NoAgent(why)) => {
-                    return Err(HostError::Agent(format!(
-                        "VM {name} shows no guest agent ({why}); exec needs drover-agent in the guest"
-                    )))
-                }
-                Err(_) => {
-                    return Err(HostError::Agent(format!(
-                        "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
-                    )))
-                }
-            }
-        }
+        let agent = self.ready_agent(name, &slot, "exec").await?;
         let body = drover_proto::Body::Exec(drover_proto::ExecRequest {
             argv: req.argv,
             stdin: req.stdin,
@@ -2371,8 +2380,7 @@ impl Manager {
         // Validate locally what the agent would refuse, for a clear error.
         drover_proto::encode(&drover_proto::Frame::new(0, body.clone()))
             .map_err(|e| HostError::Invalid(e.to_string()))?;
-        match rt
-            .agent
+        match agent
             .call(body, Duration::from_secs(req.timeout_s + 10))
             .await
         {

@@ -370,7 +370,16 @@ impl Manager {
         })?;
         let info = lock(&slot.info).clone();
         match (info.state, req.offline) {
-            (VmState::Running, false) | (VmState::Stopped, true) => {}
+            (VmState::Running, false)
+            | (VmState::Stopped, true)
+            // Its saved state travels with it, as every state does; it stays hibernated there.
+            | (VmState::Hibernated, true) => {}
+            (VmState::Hibernated, false) => {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} is hibernated, so nothing runs to migrate live; move it with                      `drover vm migrate {name} --to {0} --offline`, or resume it there with                      `drover vm resume {name} --on {0}`",
+                    req.to_name
+                )))
+            }
             (VmState::Stopped, false) => {
                 return Err(HostError::Conflict(format!(
                     "VM {name} is not running, so there is nothing to migrate live; move it \
@@ -1156,7 +1165,18 @@ impl Manager {
         repath_disks(&mut vm, &paths);
         let mut info: VmInfo =
             serde_json::from_value(vm).map_err(|e| HostError::Internal(e.to_string()))?;
-        info.state = VmState::Stopped;
+        // A hibernated VM stays hibernated, its state at this host's path (states travel in
+        // the VM's directory); anything else arrives stopped (live: until it is committed).
+        info.state = match (info.state, &mut info.hibernation) {
+            (VmState::Hibernated, Some(h)) if req.offline => {
+                h.dir = self.states_dir(&name).join(&h.state);
+                VmState::Hibernated
+            }
+            _ => {
+                info.hibernation = None;
+                VmState::Stopped
+            }
+        };
         info.pid = None;
         info.accel = None;
         info.agent = None;
