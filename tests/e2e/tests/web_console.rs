@@ -6,7 +6,7 @@
 //!
 //! `DROVER_SCREENSHOT_DIR=docs/screenshots` keeps the pages' screenshots (the README's).
 
-use drover_e2e::{free_port, Daemon};
+use drover_e2e::{free_port, pids_mentioning, Daemon};
 use fantoccini::{Client, Locator};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,13 +30,24 @@ fn browser_bins() -> (PathBuf, PathBuf) {
     (chromium, driver)
 }
 
-/// chromedriver on a port of its own; killed on drop.
-struct Driver(Child);
+/// chromedriver on a port of its own, and the browser it starts with `profile`; both killed on
+/// drop (chromium outlives a killed chromedriver: its processes are found by their profile).
+struct Driver {
+    child: Child,
+    profile: PathBuf,
+}
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let needle = self.profile.display().to_string();
+        for pid in pids_mentioning(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -51,8 +62,11 @@ async fn browser(dir: &Path) -> (Driver, Client) {
         .stdin(Stdio::null())
         .spawn()
         .expect("start chromedriver");
-    let driver = Driver(child);
     let profile = dir.join("chromium-profile");
+    let driver = Driver {
+        child,
+        profile: profile.clone(),
+    };
     // As the probe of this machine runs it: headless, as root (no sandbox), and nothing that
     // reaches out to the network on its own.
     let caps = serde_json::json!({
