@@ -19,6 +19,7 @@
 //! | GET | `/vms/{name}/agent?wait_s=N` |  | [`AgentStatus`] (waits up to N s for readiness) |
 //! | POST | `/vms/{name}/exec` | [`ExecRequest`] | [`drover_proto::ExecResult`] |
 //! | GET | `/vms/{name}/console?offset=N&max=M` |  | bytes; header `x-drover-next-offset` |
+//! | GET | `/vms/{name}/console/ws` | WebSocket upgrade (token as subprotocol `bearer.TOKEN` beside `drover.console.v1`) | first a text frame [`ConsoleHello`], then the console's output as binary frames; binary or text frames from the client are typed into the guest (needs `vm.exec`) |
 //! | POST | `/vms/{name}/attach` | [`AttachRequest`] | [`ChangeResult`] |
 //! | POST | `/vms/{name}/detach` | [`DetachRequest`] | [`ChangeResult`] |
 //! | POST | `/vms/{name}/set` | [`SetRequest`] | [`ChangeResult`] |
@@ -56,6 +57,9 @@
 //! | GET | `/auth/tokens` |  | `Vec<TokenInfo>` |
 //! | POST | `/auth/tokens` | [`TokenCreateRequest`] | [`TokenCreated`] (the token, shown once) |
 //! | DELETE | `/auth/tokens/{name}` |  | [`TokenInfo`] (as it was) |
+//! | GET | `/auth/whoami` |  | [`WhoAmI`] (the caller, its role and permissions; viewers and up) |
+//! | GET | `/` |  | the web console's page (not under `/v1`; no token needed to load it) |
+//! | GET | `/ui/{file}` |  | the web console's scripts and styles (not under `/v1`) |
 //!
 //! On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of the
 //! `Authorization: Bearer <token>` header, with the token's role.
@@ -70,6 +74,38 @@ pub use hyper::Method;
 
 use drover_model::{Accel, PersistMode, VmConfig};
 use serde::{Deserialize, Serialize};
+
+/// The caller of a request as droverd sees it (`GET /v1/auth/whoami`): what the web console
+/// shows and which of its buttons it offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// How journals and errors name the caller (`token ci`, `uid 1000`).
+    pub name: String,
+    /// Its role (`admin`, `operator`, `viewer`).
+    pub role: Option<String>,
+    /// The permissions the role holds (`vm.read`, `vm.lifecycle`, `config.change`, `vm.exec`,
+    /// `config.persist`, `guest.access`, `admin`).
+    pub permissions: Vec<String>,
+}
+
+/// The first frame of a console WebSocket (`GET /v1/vms/{name}/console/ws`), as JSON text.
+/// Then come the last 64 KiB of the console log (binary), the text frame `{"live":true}`, and
+/// from then on output as the guest writes it. Refused input is answered with an
+/// [`ApiError`] as a text frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleHello {
+    /// The VM.
+    pub vm: String,
+    /// Whether what the client sends is typed into the guest (the caller holds `vm.exec`).
+    pub input: bool,
+    /// Why input is off, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+/// The WebSocket subprotocol of the console stream; a client also offers `bearer.TOKEN` on
+/// TCP, since browsers cannot set an `Authorization` header on a WebSocket.
+pub const CONSOLE_PROTOCOL: &str = "drover.console.v1";
 
 /// Lifecycle state of a VM as recorded by droverd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -789,6 +789,12 @@ enum VmCmd {
         name: String,
     },
     /// Print the VM's serial console log.
+    ///
+    /// To type into the console, use the web console: droverd --listen ADDR:PORT serves it at
+    /// https://ADDR:PORT/ (open the VM, log in with a token whose role has vm.exec).
+    ///
+    /// Example: drover vm console web1 --follow
+    #[command(verbatim_doc_comment)]
     Console {
         /// VM name.
         name: String,

@@ -109,14 +109,35 @@ fn resolve_caller(parts: &axum::http::request::Parts, m: &Manager) -> Result<Cal
     let header = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    token_caller(parts.extensions.get::<Arc<TokenStore>>(), header).inspect_err(|f| {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| websocket_bearer(&parts.headers).map(|t| format!("Bearer {t}")));
+    token_caller(parts.extensions.get::<Arc<TokenStore>>(), header.as_deref()).inspect_err(|f| {
         let n = failures.map(|t| t.failed(addr.ip())).unwrap_or(0);
         let ip = addr.ip().to_string();
         if let Some(held_back) = TCP_REFUSALS.allow(&ip) {
             tracing::info!(peer = %addr, failures_in_window = n, refused_since_last_line = held_back, error = %f.0.message, "refused a TCP caller");
         }
     })
+}
+
+/// The token a browser's WebSocket brings: it cannot set `Authorization`, so it offers the
+/// subprotocol `bearer.TOKEN` beside [`drover_api::CONSOLE_PROTOCOL`] (a header, unlike a URL's
+/// query, that access logs do not keep). Looked at only on WebSocket upgrades.
+fn websocket_bearer(headers: &HeaderMap) -> Option<String> {
+    let upgrade = headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return None;
+    }
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("bearer.").map(str::to_string))
 }
 
 /// Body limit of most routes: specs, changes and requests are small.
@@ -134,6 +155,7 @@ fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
     let tail = route.strip_prefix("/v1/vms/{name}").unwrap_or("");
     let on_vm = route.starts_with("/v1/vms/{name}");
     let p = match (method, route) {
+        (&Method::GET, "/v1/auth/whoami") => Read,
         (_, r) if r.starts_with("/v1/auth") || r.starts_with("/v1/migrations") => Admin,
         (&Method::POST, "/v1/image/build") => Admin,
         (_, _) if on_vm && (tail.starts_with("/guest-access") || tail == "/audit") => GuestAccess,
@@ -281,6 +303,7 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         .route("/v1/vms/{name}/agent", get(agent))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/console/ws", get(console_ws))
         .route("/v1/vms/{name}/files", get(file_get).put(file_put))
         .route("/v1/vms/{name}/attach", post(attach))
         .route("/v1/vms/{name}/detach", post(detach))
@@ -323,7 +346,12 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
             "/v1/auth/tokens/{name}",
             axum::routing::delete(token_revoke),
         )
+        .route("/v1/auth/whoami", get(whoami))
         .route_layer(axum::middleware::from_fn_with_state(mgr.clone(), gate))
+        // The web console's page and files load before anyone logs in: outside the gate. They
+        // hold no data; what the page shows it asks the API for, with the user's token.
+        .route("/", get(crate::web::index))
+        .route("/ui/{file}", get(crate::web::file))
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such API route")) })
         // The gate sets each route's limit; this only lifts axum's own default to the largest.
         .layer(axum::extract::DefaultBodyLimit::max(INCOMING_BODY))
@@ -817,6 +845,161 @@ async fn console(
     Ok((headers, bytes).into_response())
 }
 
+/// Console WebSockets open at once (each polls its VM's log); more are refused with 429.
+const CONSOLE_SOCKETS_MAX: usize = 64;
+static CONSOLE_SOCKETS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(CONSOLE_SOCKETS_MAX)));
+/// The largest frame a console client may send (keystrokes and pastes).
+const CONSOLE_FRAME_MAX: usize = 64 << 10;
+/// How much of the log a new console session starts with.
+const CONSOLE_BACKLOG: u64 = 64 << 10;
+/// How often a session looks for new output.
+const CONSOLE_POLL: Duration = Duration::from_millis(100);
+/// A client that has sent nothing (not even a pong to our pings) this long is gone.
+const CONSOLE_SILENCE: Duration = Duration::from_secs(60);
+
+/// `GET /v1/vms/NAME/console/ws`: the serial console as a WebSocket. Output for everyone who
+/// may read the VM; input only for callers with `vm.exec` (root in the guest's shell is what
+/// `vm exec` gives too). See [`drover_api::ConsoleHello`].
+async fn console_ws(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response, Failure> {
+    need(&who, Permission::Read)?;
+    m.get(&name)?;
+    let permit = CONSOLE_SOCKETS.clone().try_acquire_owned().map_err(|_| {
+        Failure(ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!("{CONSOLE_SOCKETS_MAX} consoles are open on this host; close one and retry"),
+        ))
+    })?;
+    let input = who.0.require(Permission::Exec);
+    let hello = drover_api::ConsoleHello {
+        vm: name.clone(),
+        input: input.is_ok(),
+        why: input.err().map(|e| e.to_string()),
+    };
+    Ok(ws
+        .protocols([drover_api::CONSOLE_PROTOCOL])
+        .max_message_size(CONSOLE_FRAME_MAX)
+        .max_frame_size(CONSOLE_FRAME_MAX)
+        .on_upgrade(move |socket| async move {
+            console_session(m, hello, socket).await;
+            drop(permit);
+        }))
+}
+
+/// One console session: the log's recent output, then new output as it comes; the client's
+/// frames typed into the guest when the hello allowed it.
+async fn console_session(
+    m: Manager,
+    hello: drover_api::ConsoleHello,
+    mut socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    let name = hello.vm.clone();
+    if socket.send(json_frame(&hello)).await.is_err() {
+        return;
+    }
+    let start = std::fs::metadata(m.console_path(&name))
+        .map(|md| md.len().saturating_sub(CONSOLE_BACKLOG))
+        .unwrap_or(0);
+    // The backlog, then the mark after which output is live: a terminal must not answer the
+    // queries in old output (a shell's cursor-position request), or the guest reads the answers.
+    let mut offset = match m.console(&name, start, CONSOLE_BACKLOG as usize) {
+        Ok((bytes, next)) => {
+            if !bytes.is_empty() && socket.send(Message::Binary(bytes.into())).await.is_err() {
+                return;
+            }
+            next
+        }
+        Err(_) => start,
+    };
+    if socket
+        .send(json_frame(&serde_json::json!({"live": true})))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut tick = tokio::time::interval(CONSOLE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
+    let mut pinged = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            msg = socket.recv() => {
+                heard = tokio::time::Instant::now();
+                let bytes = match msg {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Text(t))) => axum::body::Bytes::from(t.as_str().to_owned()),
+                    Some(Ok(_)) => continue,
+                };
+                let refused = if hello.input {
+                    m.console_input(&name, &bytes).await.err().map(ApiError::from)
+                } else {
+                    Some(ApiError::new(
+                        ErrorCode::Forbidden,
+                        hello.why.clone().unwrap_or_default(),
+                    ))
+                };
+                if let Some(e) = refused {
+                    if socket.send(json_frame(&e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if heard.elapsed() > CONSOLE_SILENCE {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                if pinged.elapsed() > CONSOLE_SILENCE / 3 {
+                    pinged = tokio::time::Instant::now();
+                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+                let (bytes, next) = match m.console(&name, offset, CONSOLE_FRAME_MAX) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The VM is gone: say why, then end.
+                        let _ = socket.send(json_frame(&ApiError::from(e))).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                };
+                offset = next;
+                if !bytes.is_empty() && socket.send(Message::Binary(bytes.into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A console control frame: JSON text.
+fn json_frame(v: &impl serde::Serialize) -> axum::extract::ws::Message {
+    axum::extract::ws::Message::Text(serde_json::to_string(v).unwrap_or_default().into())
+}
+
+/// `GET /v1/auth/whoami`: the caller, its role and what that role may do.
+async fn whoami(who: Who) -> Res<drover_api::WhoAmI> {
+    let c = &who.0;
+    Ok(Json(drover_api::WhoAmI {
+        name: c.name.clone(),
+        role: c.role.map(|r| r.to_string()),
+        permissions: Permission::ALL
+            .iter()
+            .filter(|p| c.role.is_some_and(|r| r.allows(**p)))
+            .map(|p| p.name().to_string())
+            .collect(),
+    }))
+}
+
 /// Where in a guest file a `vm cp` request reads or writes.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1096,6 +1279,7 @@ mod tests {
             (&get, "/v1/vms/{name}/agent", Read, SMALL_BODY),
             (&post, "/v1/vms/{name}/exec", Exec, EXEC_BODY),
             (&get, "/v1/vms/{name}/console", Read, SMALL_BODY),
+            (&get, "/v1/vms/{name}/console/ws", Read, SMALL_BODY),
             (&post, "/v1/vms/{name}/attach", Change, SMALL_BODY),
             (&post, "/v1/vms/{name}/detach", Change, SMALL_BODY),
             (&post, "/v1/vms/{name}/set", Change, SMALL_BODY),
@@ -1146,6 +1330,7 @@ mod tests {
             (&get, "/v1/auth/tokens", Admin, SMALL_BODY),
             (&post, "/v1/auth/tokens", Admin, SMALL_BODY),
             (&del, "/v1/auth/tokens/{name}", Admin, SMALL_BODY),
+            (&get, "/v1/auth/whoami", Read, SMALL_BODY),
             (&Method::PUT, "/v1/somewhere/new", Admin, SMALL_BODY),
         ] {
             assert_eq!(route_rule(m, route), (need, limit), "{m} {route}");
@@ -1334,6 +1519,67 @@ mod tests {
             let (status, _) = scrape(&app, tcp.clone(), token).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn whoami_names_the_caller_and_what_its_role_may_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let tokens = Arc::new(TokenStore::new(&dir.path().join("tokens")));
+        let (viewer, _) = tokens.create(Role::Viewer, Some("v")).unwrap();
+        let (operator, _) = tokens.create(Role::Operator, Some("o")).unwrap();
+        let app = router_with(m, Some(tokens));
+        let ask = |headers: Vec<(&'static str, String)>| {
+            let app = app.clone();
+            async move {
+                let mut b = axum::http::Request::builder().uri("/v1/auth/whoami");
+                for (k, v) in headers {
+                    b = b.header(k, v);
+                }
+                let mut req = b.body(axum::body::Body::empty()).unwrap();
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(Peer {
+                        uid: None,
+                        remote: Some(([127, 0, 0, 1], 40000).into()),
+                    }));
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+                )
+            }
+        };
+        let (status, v) = ask(vec![("authorization", format!("Bearer {viewer}"))]).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["role"], "viewer");
+        assert_eq!(v["permissions"], serde_json::json!(["vm.read"]));
+        let (_, v) = ask(vec![("authorization", format!("Bearer {operator}"))]).await;
+        assert_eq!(
+            v["permissions"],
+            serde_json::json!(["vm.read", "vm.lifecycle", "config.change", "vm.exec"])
+        );
+        // A WebSocket upgrade may bring its token as a subprotocol; a plain request may not.
+        let ws = |upgrade: bool| {
+            let mut h = vec![(
+                "sec-websocket-protocol",
+                format!("drover.console.v1, bearer.{operator}"),
+            )];
+            if upgrade {
+                h.push(("upgrade", "websocket".to_string()));
+            }
+            h
+        };
+        let (status, v) = ask(ws(true)).await;
+        assert_eq!(
+            (status, &v["name"]),
+            (StatusCode::OK, &serde_json::json!("token o"))
+        );
+        let (status, _) = ask(ws(false)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 
     #[test]

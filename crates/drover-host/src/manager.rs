@@ -244,6 +244,8 @@ struct Shared {
     stopping: std::sync::atomic::AtomicBool,
     /// Checks a controller's fencing token against the cluster (set with `--cluster`).
     fence_check: Mutex<Option<FenceCheck>>,
+    /// Connections to the VMs' serial console sockets (keystrokes from web consoles).
+    console_inputs: crate::console::ConsoleInputs,
 }
 
 /// Answers whether a cluster member may start here with its token right now (`Err`: the
@@ -400,6 +402,7 @@ impl Manager {
                 qemu_user,
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 fence_check: Mutex::new(None),
+                console_inputs: Default::default(),
             }),
         };
         for (name, mut info) in records {
@@ -2401,6 +2404,22 @@ impl Manager {
             ))),
             Err(e) => Err(HostError::Agent(format!("VM {name}: {e}"))),
         }
+    }
+
+    /// Type `bytes` into the VM's serial console (its guest reads them as serial input).
+    pub async fn console_input(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let slot = self.slot(name)?;
+        let state = lock(&slot.info).state;
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(HostError::Conflict(format!(
+                "VM {name} is {state}: its console takes input only while it runs"
+            )));
+        }
+        self.s
+            .console_inputs
+            .send(&self.run_paths(name).console, bytes)
+            .await
+            .map_err(|e| HostError::Conflict(format!("VM {name}: {e}")))
     }
 
     /// Read the console log from `offset`, at most `max` bytes; returns the bytes and the next offset.

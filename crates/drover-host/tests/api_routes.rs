@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
-/// Routes served outside `/v1` (Prometheus expects `/metrics`).
-const OUTSIDE_V1: [&str; 1] = ["/metrics"];
+/// Routes served outside `/v1` (Prometheus expects `/metrics`; the web console is at `/`).
+const OUTSIDE_V1: [&str; 3] = ["/metrics", "/", "/ui/{file}"];
 
 /// (METHOD, path) for every `.route(path, method(handler)...)` in the router's source.
 fn router_routes(src: &str) -> BTreeSet<(String, String)> {
