@@ -46,6 +46,7 @@ pub mod exec;
 pub mod guest;
 pub mod hotplug;
 pub mod hub;
+pub mod identity;
 pub mod info;
 pub mod inventory;
 pub mod migration;
