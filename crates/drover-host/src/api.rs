@@ -302,6 +302,7 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
             get(state_show).delete(state_delete),
         )
         .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
+        .route("/v1/vms/{name}/states/{state}/clone", post(state_clone))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
         // A VM's records (its journal and audit trail grow with its life) come in one request.
@@ -656,6 +657,18 @@ async fn state_restore(
     ))
 }
 
+async fn state_clone(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+    Body(req): Body<drover_api::CloneRequest>,
+) -> Response {
+    ndjson(move |progress| async move {
+        m.clone_state(&name, &state, req, &who.0, move |p| progress(p))
+            .await
+    })
+}
+
 async fn state_delete(
     State(m): State<Manager>,
     who: Who,
@@ -1001,6 +1014,12 @@ mod tests {
             (
                 &post,
                 "/v1/vms/{name}/states/{state}/restore",
+                Lifecycle,
+                SMALL_BODY,
+            ),
+            (
+                &post,
+                "/v1/vms/{name}/states/{state}/clone",
                 Lifecycle,
                 SMALL_BODY,
             ),

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
+mod clone;
 mod guest;
 mod helpers;
 mod hibernate;
@@ -77,8 +78,9 @@ pub(crate) struct RestoreSpec {
     pub memory: Option<PathBuf>,
     /// The state's id.
     pub state: String,
-    /// Disk id → the layer the state pins (a fresh overlay goes on each).
-    pub layers: BTreeMap<String, PathBuf>,
+    /// Disk id → the layer the state pins (a fresh overlay goes on each); `None` for a clone,
+    /// whose config names its own overlays on those layers already.
+    pub layers: Option<BTreeMap<String, PathBuf>>,
     /// A classic save written with `mapped-ram`.
     pub mapped_ram: bool,
 }
@@ -413,6 +415,7 @@ impl Manager {
         }
         mgr.finish_deletes();
         mgr.recover_states().await;
+        mgr.resume_pending_identities();
         for (vm, pids) in mgr.unknown_qemus() {
             tracing::warn!(vm, ?pids, "a QEMU of this state dir runs for a VM the store does not know (a store recovered from an older checkpoint?); it is left alone");
         }
@@ -1077,6 +1080,7 @@ impl Manager {
                 fence: None,
                 hibernation: None,
                 unwritten: Default::default(),
+                clone_of: None,
             };
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
@@ -1142,6 +1146,7 @@ impl Manager {
         VmAction::Delete
             .check(name, info.state)
             .map_err(HostError::Conflict)?;
+        self.refuse_if_cloned(name, None, &format!("delete VM {name}"))?;
         let mut info = self.view(&slot);
         if discard_changes {
             if !info.unwritten.is_empty() {
@@ -1401,9 +1406,11 @@ impl Manager {
                 name,
                 slot,
                 &config,
-                restore.map(|r| layers::RestoreLayers {
-                    state: &r.state,
-                    layers: &r.layers,
+                restore.and_then(|r| {
+                    r.layers.as_ref().map(|layers| layers::RestoreLayers {
+                        state: &r.state,
+                        layers,
+                    })
                 }),
             )
             .await?;
