@@ -663,10 +663,7 @@ async fn state_clone(
     Path((name, state)): Path<(String, String)>,
     Body(req): Body<drover_api::CloneRequest>,
 ) -> Response {
-    ndjson(move |progress| async move {
-        m.clone_state(&name, &state, req, &who.0, move |p| progress(p))
-            .await
-    })
+    ndjson(move |progress| async move { m.clone_state(&name, &state, req, &who.0, progress).await })
 }
 
 async fn state_delete(

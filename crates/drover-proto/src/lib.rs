@@ -1243,7 +1243,8 @@ mod tests {
         let frame = Frame::new(9, Body::SetIdentity(ok.clone()));
         let bytes = encode(&frame).unwrap();
         assert_eq!(decode_body(&bytes[HEADER_LEN..]).unwrap(), frame);
-        let bad: Vec<(&str, Box<dyn Fn(&mut IdentityUpdate)>)> = vec![
+        type Spoil = Box<dyn Fn(&mut IdentityUpdate)>;
+        let bad: Vec<(&str, Spoil)> = vec![
             (
                 "hostname upper case",
                 Box::new(|u| u.hostname = "Web".into()),

@@ -652,20 +652,15 @@ mod tests {
     }
 
     fn state(phase: StatePhase, memory: bool) -> StateInfo {
-        let spec = drover_model::VmSpec {
-            name: "web".into(),
-            ..Default::default()
-        };
-        let v = spec.validate().unwrap();
         let config = VmConfig {
-            name: v.name.clone(),
-            cpus: v.cpus,
-            memory: v.memory,
+            name: VmName::new("web").unwrap(),
+            cpus: 1,
+            memory: 256 << 20,
             disks: Vec::new(),
             nics: Vec::new(),
-            boot: drover_model::Boot::default(),
+            boot: drover_model::Boot::Default { cmdline: None },
             accel: None,
-            max_memory: v.max_memory,
+            max_memory: None,
         };
         StateInfo {
             format: STATE_FORMAT,
@@ -709,7 +704,7 @@ mod tests {
             .contains("classic"));
         let mut s = state(StatePhase::Durable, true);
         s.config.nics.push(drover_model::NicConfig {
-            id: "net0".parse().unwrap(),
+            id: drover_model::ElementId::new("net0").unwrap(),
             mac: MacAddr::qemu_local([1, 2, 3]),
             backend: NicBackend::User {
                 forwards: vec!["tcp:127.0.0.1:8080-:80".parse().unwrap()],
