@@ -906,6 +906,33 @@ impl Manager {
 
     // ---------------------------------------------------------------- create / delete
 
+    /// The record of a VM just defined with `config`, stopped, with this host's defaults.
+    fn new_record(&self, config: VmConfig, platform: drover_model::Platform) -> VmInfo {
+        VmInfo {
+            name: config.name.to_string(),
+            state: VmState::Stopped,
+            config,
+            created_at_ms: hostfacts::now_ms(),
+            pid: None,
+            accel: None,
+            started_at_ms: None,
+            last_exit: None,
+            agent: None,
+            persist: self.s.cfg.persist_default,
+            persist_mode: self.s.cfg.persist_mode_default,
+            running_config: None,
+            next_config: None,
+            started_from: None,
+            migration: None,
+            paused_reason: None,
+            platform,
+            fence: None,
+            hibernation: None,
+            unwritten: Default::default(),
+            clone_of: None,
+        }
+    }
+
     /// Define a VM: validate, check the host can ever run it, create its disks, record it.
     ///
     /// Paths a non-admin names (disk images, kernel, initrd) must be files in an image pool,
@@ -1059,29 +1086,7 @@ impl Manager {
             // Every device's PCI slot is recorded from the start.
             config.pin_pci();
             config.validate_config()?;
-            let info = VmInfo {
-                name: name.clone(),
-                state: VmState::Stopped,
-                config,
-                created_at_ms: hostfacts::now_ms(),
-                pid: None,
-                accel: None,
-                started_at_ms: None,
-                last_exit: None,
-                agent: None,
-                persist: self.s.cfg.persist_default,
-                persist_mode: self.s.cfg.persist_mode_default,
-                running_config: None,
-                next_config: None,
-                started_from: None,
-                migration: None,
-                paused_reason: None,
-                platform: self.new_vm_platform(),
-                fence: None,
-                hibernation: None,
-                unwritten: Default::default(),
-                clone_of: None,
-            };
+            let info = self.new_record(config, self.new_vm_platform());
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
                 drover_store::put(HISTORY, &name, &ConfigHistory::new(info.config.clone()))?,

@@ -465,36 +465,15 @@ impl Manager {
             n.mac = mac;
         }
         config.validate_config()?;
-        let info = VmInfo {
-            name: name.to_string(),
-            state: VmState::Stopped,
-            config,
-            created_at_ms: hostfacts::now_ms(),
-            pid: None,
-            accel: None,
-            started_at_ms: None,
-            last_exit: None,
-            agent: None,
-            persist: self.s.cfg.persist_default,
-            persist_mode: self.s.cfg.persist_mode_default,
-            running_config: None,
-            next_config: None,
-            started_from: None,
-            migration: None,
-            paused_reason: None,
-            // The state loads only into the machine it was saved from.
-            platform: template.platform.clone(),
-            fence: None,
-            hibernation: None,
-            unwritten: Default::default(),
-            clone_of: Some(CloneOrigin {
-                vm: template.name.clone(),
-                state: state.id.clone(),
-                at_ms: hostfacts::now_ms(),
-                machine_id: super::identity::new_uuid().replace('-', ""),
-                identity_applied_ms: None,
-            }),
-        };
+        // The state loads only into the machine it was saved from.
+        let mut info = self.new_record(config, template.platform.clone());
+        info.clone_of = Some(CloneOrigin {
+            vm: template.name.clone(),
+            state: state.id.clone(),
+            at_ms: hostfacts::now_ms(),
+            machine_id: super::identity::new_uuid().replace('-', ""),
+            identity_applied_ms: None,
+        });
         self.s.store.apply(vec![
             drover_store::put(VMS, name, &info)?,
             drover_store::put(
