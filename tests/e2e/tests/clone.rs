@@ -214,3 +214,38 @@ fn clones_get_their_own_identity_share_the_template_memory_and_never_write_its_s
     d.ok(&["snapshot", "delete", "tpl", "warm"]);
     d.ok(&["vm", "delete", "--force", "tpl"]);
 }
+
+/// A droverd killed after a clone's QEMU runs but before its agent took its identity: the next
+/// droverd re-adopts the clone and gives it that identity (crash point `clone-identity`, debug
+/// builds).
+#[test]
+fn a_clone_cut_off_before_its_identity_gets_it_from_the_next_droverd() {
+    let mut d = Daemon::start();
+    d.ok(&["vm", "create", "tpl", "--memory", "256M", "--nic", "user"]);
+    d.ok(&["vm", "start", "tpl", "--wait"]);
+    d.ok(&["snapshot", "create", "tpl", "--name", "warm"]);
+    wait_for("the state to be ready", Duration::from_secs(60), || {
+        let s = d.json(&["snapshot", "show", "tpl", "warm"]);
+        (s["phase"] != "capturing").then_some(())
+    });
+    d.kill9();
+    d.set_env(&[("DROVER_TEST_CRASH_AT", "clone-identity")]);
+    d.spawn();
+    assert!(!d.drover(&["vm", "clone", "tpl/warm", "k"]).status.success());
+    assert!(
+        d.wait_exit(Duration::from_secs(60)),
+        "droverd did not reach clone-identity"
+    );
+    d.set_env(&[]);
+    d.spawn();
+    let v = wait_for("the clone's identity", Duration::from_secs(60), || {
+        let v = d.json(&["vm", "show", "k"]);
+        v["clone_of"]["identity_applied_ms"].is_u64().then_some(v)
+    });
+    assert_eq!(v["state"], "running", "{v}");
+    let out = d.sh("k", "hostname; cat /etc/machine-id");
+    let want = format!("k\n{}", v["clone_of"]["machine_id"].as_str().unwrap_or(""));
+    assert_eq!(out.trim_end(), want);
+    d.ok(&["vm", "delete", "--force", "k"]);
+    d.ok(&["vm", "delete", "--force", "tpl"]);
+}

@@ -392,6 +392,7 @@ impl Manager {
             return Err(e);
         }
         let running_ms = started.elapsed().as_millis() as u64;
+        crate::crashpoint::hit("clone-identity");
         let mut out = CloneOutcome {
             name: name.to_string(),
             pid: lock(&slot.info).pid,
