@@ -36,7 +36,7 @@ cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
 echo "==> first pass finished after $(( $(date +%s) - start ))s" >&2
 if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
   # The e2e suite again with every droverd on QEMU 10.0: boot, live changes, saves and restores
-  # (fast, classic, guest-asked), hibernation, live and offline migration, re-adoption, the
+  # (fast, classic, guest-asked), hibernation, clones, live and offline migration, re-adoption, the
   # store, privilege (QEMU's own user, descriptors, /dev/userfaultfd), remotes, scans, bad
   # input. The cross-version migration (qemu_versions.rs) ran in the first pass. Left to the
   # first pass only, for CI's time (each was run on 10.0 by hand): the crash loop (2.3 min), the
@@ -45,7 +45,7 @@ if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
   echo "==> end-to-end tests on QEMU 10.0 ($qemu10)" >&2
   DROVER_E2E_QEMU_DIR=$qemu10 DROVER_E2E_QEMU10_DIR=$qemu10 \
     cargo test -p drover-e2e --test lifecycle --test states --test runtime_config \
-      --test readopt --test bad_input --test hibernate --test migrate --test store \
+      --test readopt --test bad_input --test hibernate --test clone --test migrate --test store \
       --test privilege --test remote --test scan -- --test-threads="${TEST_THREADS:-2}"
 fi
 echo "==> test suite finished in $(( $(date +%s) - start ))s" >&2

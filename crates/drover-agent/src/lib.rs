@@ -48,6 +48,7 @@ pub mod files;
 pub mod guest;
 pub mod hotplug;
 pub mod hub;
+pub mod identity;
 pub mod info;
 pub mod inventory;
 pub mod migration;

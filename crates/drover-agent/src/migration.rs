@@ -356,6 +356,25 @@ pub fn run_hooks(
         NoticeTrigger::Pushed => "pushed",
         NoticeTrigger::Agent => "agent",
     };
+    let env = [
+        (ENV_OLD_HOST_ID, old.host_id.clone()),
+        (ENV_NEW_HOST_ID, new.host_id.clone()),
+        (
+            ENV_OLD_GENERATION_ID,
+            old.generation_id.clone().unwrap_or_default(),
+        ),
+        (
+            ENV_NEW_GENERATION_ID,
+            new.generation_id.clone().unwrap_or_default(),
+        ),
+        (ENV_TRIGGER, trigger.to_string()),
+    ];
+    run_hooks_with(dir, &env, timeout)
+}
+
+/// Run every hook in `dir` in order with `env` added to its environment, its stdout sent to our
+/// stderr, each killed (with what it started) after `timeout`.
+pub fn run_hooks_with(dir: &Path, env: &[(&str, String)], timeout: Duration) -> Vec<HookReport> {
     list_hooks(dir)
         .into_iter()
         .map(|path| {
@@ -363,7 +382,7 @@ pub fn run_hooks(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let report = run_one(&path, old, new, trigger, timeout);
+            let report = run_one(&path, env, timeout);
             let report = HookReport { name, ..report };
             crate::log!(
                 "hook {}: exit {:?}{}{}",
@@ -381,13 +400,7 @@ pub fn run_hooks(
         .collect()
 }
 
-fn run_one(
-    path: &Path,
-    old: &Identity,
-    new: &Identity,
-    trigger: &str,
-    timeout: Duration,
-) -> HookReport {
+fn run_one(path: &Path, env: &[(&str, String)], timeout: Duration) -> HookReport {
     let mut report = HookReport {
         name: String::new(),
         exit_code: None,
@@ -400,17 +413,7 @@ fn run_one(
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::null());
     let mut cmd = Command::new(path);
-    cmd.env(ENV_OLD_HOST_ID, &old.host_id)
-        .env(ENV_NEW_HOST_ID, &new.host_id)
-        .env(
-            ENV_OLD_GENERATION_ID,
-            old.generation_id.as_deref().unwrap_or(""),
-        )
-        .env(
-            ENV_NEW_GENERATION_ID,
-            new.generation_id.as_deref().unwrap_or(""),
-        )
-        .env(ENV_TRIGGER, trigger)
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(stdout)
         .process_group(0);

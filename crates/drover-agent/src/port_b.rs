@@ -170,6 +170,24 @@ impl PortB {
                     }
                 }
             }
+            Body::SetIdentity(update) => {
+                // On its own thread: the hooks may take a while, and port B keeps serving.
+                let w = writer.clone();
+                let spawned =
+                    thread::Builder::new()
+                        .name(format!("identity-{id}"))
+                        .spawn(move || {
+                            let applied = crate::identity::apply(
+                                &update,
+                                &crate::identity::Paths::guest(),
+                                &crate::identity::RealSystem,
+                            );
+                            w.reply(id, Body::IdentitySet(applied));
+                        });
+                if let Err(e) = spawned {
+                    writer.reply_error(id, "internal", &format!("cannot start a thread: {e}"));
+                }
+            }
             // Replies are never answered, so two confused peers cannot ping-pong errors forever.
             Body::Ack { .. } | Body::Error { .. } => {
                 crate::log!(
@@ -181,7 +199,8 @@ impl PortB {
             | Body::Pong(_)
             | Body::ExecResult(_)
             | Body::Request(_)
-            | Body::FileData(_)) => {
+            | Body::FileData(_)
+            | Body::IdentitySet(_)) => {
                 let name = body_name(&body);
                 crate::log!("port B: {name} is not a host command (id {id})");
                 writer.reply_error(

@@ -173,7 +173,7 @@ pub fn set_kernel_hostname(name: &str) -> io::Result<()> {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = PathBuf::from(format!("{}.drover-tmp", path.display()));
     {
         let mut f = fs::File::create(&tmp)?;

@@ -45,6 +45,7 @@
 //! | DELETE | `/images/{name}` |  | [`DiskImage`] (as it was; admin; refused while a VM uses it) |
 //! | GET | `/vms/{name}/files` | query `path`, `offset`, `len` | the bytes; headers `x-drover-file-size`, `x-drover-file-mode`, `x-drover-eof` |
 //! | PUT | `/vms/{name}/files` | query `path`, `offset`, `done`, `mode`; the bytes (≤ 4 MiB) | [`FileWritten`] |
+//! | POST | `/vms/{name}/states/{state}/clone` | [`CloneRequest`] | NDJSON progress, then [`CloneResult`] |
 //! | POST | `/vms/{name}/migrate` | [`MigrateRequest`] | NDJSON progress, then the result |
 //! | POST | `/vms/{name}/migrate/cancel` |  | nothing |
 //! | POST | `/migrations/incoming` | [`IncomingRequest`] (droverd to droverd) | [`IncomingReady`] |
@@ -257,6 +258,82 @@ pub struct VmInfo {
     /// (or `--discard-changes`). Shown, never stored.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub unwritten: std::collections::BTreeMap<String, std::path::PathBuf>,
+    /// For a clone: the template state it came from (whose disk layers it reads) and the
+    /// identity it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOrigin>,
+}
+
+/// Where a clone came from, and the identity droverd gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneOrigin {
+    /// The template VM.
+    pub vm: String,
+    /// The template's state (its id).
+    pub state: String,
+    /// When it was cloned (ms since the epoch).
+    pub at_ms: u64,
+    /// The machine-id it was given (its hostname is its name).
+    pub machine_id: String,
+    /// When its agent confirmed the new identity; `None` until then (droverd sends it again
+    /// after a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_applied_ms: Option<u64>,
+}
+
+/// Options of `clone`: new VMs from a saved state of a running template.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// The clone's name, or with `count` the stem: `NAME-1` .. `NAME-N`.
+    pub name: String,
+    /// How many clones (1-64); `None`: one, named `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Only check that the clones can be made (names, state, resources); make nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// One clone made by `clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneOutcome {
+    /// Its name (and hostname).
+    pub name: String,
+    /// QEMU's pid.
+    pub pid: Option<u32>,
+    /// Its NICs' MAC addresses (NIC id -> MAC).
+    pub macs: std::collections::BTreeMap<String, String>,
+    /// The machine-id it was given.
+    pub machine_id: String,
+    /// Milliseconds from the start of this clone to its QEMU running the guest.
+    pub running_ms: u64,
+    /// Milliseconds from the start of this clone to its agent confirming the new identity
+    /// (`None`: it did not, see `identity_error`).
+    pub agent_ms: Option<u64>,
+    /// `restored.d` hooks that ran in the guest (`name:exit code`).
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// Why the identity was not (fully) applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_error: Option<String>,
+}
+
+/// The answer of `clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneResult {
+    /// The template VM.
+    pub template: String,
+    /// Its state the clones came from (id).
+    pub state: String,
+    /// The clones, in order (none for a dry run).
+    pub clones: Vec<CloneOutcome>,
+    /// The names a dry run checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checked: Vec<String>,
+    /// Milliseconds for all of it.
+    pub total_ms: u64,
 }
 
 /// Options of `resume`: the shape to grow to once the VM runs again.

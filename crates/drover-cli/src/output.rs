@@ -233,6 +233,20 @@ impl Out {
             println!("uptime:    {}", age(ms));
         }
         println!("created:   {} ago", age(v.created_at_ms));
+        if let Some(c) = &v.clone_of {
+            println!(
+                "clone of:  state {} of {}, {} ago; machine-id {}{}",
+                c.state,
+                c.vm,
+                age(c.at_ms),
+                c.machine_id,
+                if c.identity_applied_ms.is_some() {
+                    ""
+                } else {
+                    " (not confirmed by its agent yet)"
+                }
+            );
+        }
         let p = &v.platform;
         println!(
             "machine:   {}, cpu {}{}{}",

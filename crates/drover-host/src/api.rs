@@ -330,6 +330,7 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         )
         .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
         .route("/v1/vms/{name}/states/{state}/check", post(state_check))
+        .route("/v1/vms/{name}/states/{state}/clone", post(state_clone))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
         // A VM's records (its journal and audit trail grow with its life) come in one request.
@@ -698,6 +699,15 @@ async fn state_check(
     Body(req): Body<drover_api::StateCheckRequest>,
 ) -> Res<drover_api::StateCheck> {
     Ok(Json(m.check_state(&name, &state, &req, &who.0)?))
+}
+
+async fn state_clone(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+    Body(req): Body<drover_api::CloneRequest>,
+) -> Response {
+    ndjson(move |progress| async move { m.clone_state(&name, &state, req, &who.0, progress).await })
 }
 
 async fn state_delete(
@@ -1310,6 +1320,12 @@ mod tests {
             (
                 &post,
                 "/v1/vms/{name}/states/{state}/restore",
+                Lifecycle,
+                SMALL_BODY,
+            ),
+            (
+                &post,
+                "/v1/vms/{name}/states/{state}/clone",
                 Lifecycle,
                 SMALL_BODY,
             ),

@@ -36,6 +36,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 mod check;
 mod files;
 pub use files::{FileRead, MAX_FILE_REQUEST};
+mod clone;
 mod guest;
 mod helpers;
 mod hibernate;
@@ -81,8 +82,9 @@ pub(crate) struct RestoreSpec {
     pub memory: Option<PathBuf>,
     /// The state's id.
     pub state: String,
-    /// Disk id → the layer the state pins (a fresh overlay goes on each).
-    pub layers: BTreeMap<String, PathBuf>,
+    /// Disk id → the layer the state pins (a fresh overlay goes on each); `None` for a clone,
+    /// whose config names its own overlays on those layers already.
+    pub layers: Option<BTreeMap<String, PathBuf>>,
     /// A classic save written with `mapped-ram`.
     pub mapped_ram: bool,
 }
@@ -420,6 +422,7 @@ impl Manager {
         }
         mgr.finish_deletes();
         mgr.recover_states().await;
+        mgr.resume_pending_identities();
         for (vm, pids) in mgr.unknown_qemus() {
             tracing::warn!(vm, ?pids, "a QEMU of this state dir runs for a VM the store does not know (a store recovered from an older checkpoint?); it is left alone");
         }
@@ -910,6 +913,33 @@ impl Manager {
 
     // ---------------------------------------------------------------- create / delete
 
+    /// The record of a VM just defined with `config`, stopped, with this host's defaults.
+    fn new_record(&self, config: VmConfig, platform: drover_model::Platform) -> VmInfo {
+        VmInfo {
+            name: config.name.to_string(),
+            state: VmState::Stopped,
+            config,
+            created_at_ms: hostfacts::now_ms(),
+            pid: None,
+            accel: None,
+            started_at_ms: None,
+            last_exit: None,
+            agent: None,
+            persist: self.s.cfg.persist_default,
+            persist_mode: self.s.cfg.persist_mode_default,
+            running_config: None,
+            next_config: None,
+            started_from: None,
+            migration: None,
+            paused_reason: None,
+            platform,
+            fence: None,
+            hibernation: None,
+            unwritten: Default::default(),
+            clone_of: None,
+        }
+    }
+
     /// Define a VM: validate, check the host can ever run it, create its disks, record it.
     ///
     /// Paths a non-admin names (disk images, kernel, initrd) must be files in an image pool,
@@ -1072,28 +1102,7 @@ impl Manager {
             // Every device's PCI slot is recorded from the start.
             config.pin_pci();
             config.validate_config()?;
-            let info = VmInfo {
-                name: name.clone(),
-                state: VmState::Stopped,
-                config,
-                created_at_ms: hostfacts::now_ms(),
-                pid: None,
-                accel: None,
-                started_at_ms: None,
-                last_exit: None,
-                agent: None,
-                persist: self.s.cfg.persist_default,
-                persist_mode: self.s.cfg.persist_mode_default,
-                running_config: None,
-                next_config: None,
-                started_from: None,
-                migration: None,
-                paused_reason: None,
-                platform: self.new_vm_platform(),
-                fence: None,
-                hibernation: None,
-                unwritten: Default::default(),
-            };
+            let info = self.new_record(config, self.new_vm_platform());
             self.s.store.apply(vec![
                 drover_store::put(VMS, &name, &info)?,
                 drover_store::put(HISTORY, &name, &ConfigHistory::new(info.config.clone()))?,
@@ -1158,6 +1167,7 @@ impl Manager {
         VmAction::Delete
             .check(name, info.state)
             .map_err(HostError::Conflict)?;
+        self.refuse_if_cloned(name, None, &format!("delete VM {name}"))?;
         let mut info = self.view(&slot);
         if discard_changes {
             if !info.unwritten.is_empty() {
@@ -1417,9 +1427,11 @@ impl Manager {
                 name,
                 slot,
                 &config,
-                restore.map(|r| layers::RestoreLayers {
-                    state: &r.state,
-                    layers: &r.layers,
+                restore.and_then(|r| {
+                    r.layers.as_ref().map(|layers| layers::RestoreLayers {
+                        state: &r.state,
+                        layers,
+                    })
                 }),
             )
             .await?;

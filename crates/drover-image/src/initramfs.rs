@@ -78,6 +78,10 @@ done
 hostname "$hn"
 # This guest's agent id; the example migrated.d hook makes a new one when the guest moves.
 [ -s /etc/drover/agent-id ] || cat /proc/sys/kernel/random/uuid >/etc/drover/agent-id
+# A machine-id per boot, as systemd makes one for an empty /etc/machine-id (no fork: the shell
+# strips the dashes); a clone gets its own from the host through the agent.
+read -r mid </proc/sys/kernel/random/uuid
+echo "${mid//-/}" >/etc/machine-id
 echo "$hn" >/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$hn" >/etc/hosts
 
@@ -332,6 +336,7 @@ fn base_tree(inp: &Inputs<'_>) -> Tree {
         ("mnt", 0o755),
         ("var", 0o755),
         ("etc/drover/hooks/migrated.d", 0o755),
+        ("etc/drover/hooks/restored.d", 0o755),
     ] {
         t.add(dir, Node::Dir(mode));
     }

@@ -115,6 +115,11 @@ pub enum Body {
     FileGet(FileGet),
     /// Guest → host, port B: the answer to [`Body::FileGet`].
     FileData(FileData),
+    /// Host → guest, port B: take a new identity (a clone landed, or a restore asked for one).
+    /// Answered with [`Body::IdentitySet`] once applied and the `restored.d` hooks ran.
+    SetIdentity(IdentityUpdate),
+    /// Guest → host, port B: the outcome of a [`Body::SetIdentity`].
+    IdentitySet(IdentityApplied),
     /// Either direction: the request with this id failed.
     Error {
         /// Stable machine-readable code, e.g. `bad_request`, `unsupported`.
@@ -593,8 +598,140 @@ impl Body {
             Body::FilePut(_) => "file_put",
             Body::FileGet(_) => "file_get",
             Body::FileData(_) => "file_data",
+            Body::SetIdentity(_) => "set_identity",
+            Body::IdentitySet(_) => "identity_set",
             Body::Error { .. } => "error",
         }
+    }
+}
+
+/// Longest hostname in an [`IdentityUpdate`] (one DNS label).
+pub const MAX_HOSTNAME: usize = 63;
+/// Most NICs in one [`IdentityUpdate`].
+pub const MAX_IDENTITY_NICS: usize = 16;
+
+/// A new identity for the guest, pushed by the host after a clone lands: the agent sets the
+/// hostname, machine-id and NIC MAC addresses, then runs `/etc/drover/hooks/restored.d/*` with
+/// the old and new values. Applying the same `token` twice changes nothing the second time (the
+/// host may resend after a reconnect or a droverd restart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityUpdate {
+    /// Names this update; the agent records the last one it applied.
+    pub token: String,
+    /// The new hostname (a lower-case DNS label).
+    pub hostname: String,
+    /// The new machine-id: 32 lower-case hex digits.
+    pub machine_id: String,
+    /// NICs to give a new MAC, found by the MAC they have now.
+    #[serde(default)]
+    pub nics: Vec<NicIdentity>,
+    /// Why (`clone of state s1 of web1`), handed to the hooks.
+    pub reason: String,
+}
+
+/// One NIC's address change in an [`IdentityUpdate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicIdentity {
+    /// The MAC the guest's interface has now (`52:54:00:12:34:56`).
+    pub old_mac: String,
+    /// The MAC it is to have.
+    pub mac: String,
+}
+
+/// What the agent did with an [`IdentityUpdate`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityApplied {
+    /// The hostname now.
+    pub hostname: String,
+    /// `true` when this token had been applied before (nothing was changed or run again).
+    #[serde(default)]
+    pub already: bool,
+    /// Interfaces that took a new MAC, as `eth0=52:54:00:...`.
+    #[serde(default)]
+    pub nics: Vec<String>,
+    /// The `restored.d` hooks that ran, as `name:exit code`.
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// What could not be applied (an interface not found, a file not writable).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// Whether `s` is a MAC address as Drover writes them (six lower-case hex pairs, colons).
+pub fn valid_mac(s: &str) -> bool {
+    s.len() == 17
+        && s.split(':').count() == 6
+        && s.split(':').all(|p| {
+            p.len() == 2
+                && p.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// Whether `s` is a machine-id: 32 lower-case hex digits.
+pub fn valid_machine_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether `s` is a hostname a clone may get: one lower-case DNS label.
+pub fn valid_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_HOSTNAME
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl IdentityUpdate {
+    /// Checks every field's bounds and syntax (a guest writes these into its files).
+    pub fn check(&self) -> Result<(), ProtoError> {
+        if self.token.is_empty()
+            || self.token.len() > 64
+            || !self
+                .token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ProtoError::Invalid(
+                "identity token must be 1-64 characters of a-z, A-Z, 0-9, '-'".into(),
+            ));
+        }
+        if !valid_hostname(&self.hostname) {
+            return Err(ProtoError::Invalid(format!(
+                "hostname must be one lower-case DNS label of 1-{MAX_HOSTNAME} characters"
+            )));
+        }
+        if !valid_machine_id(&self.machine_id) {
+            return Err(ProtoError::Invalid(
+                "machine-id must be 32 lower-case hex digits".into(),
+            ));
+        }
+        if self.nics.len() > MAX_IDENTITY_NICS {
+            return Err(ProtoError::Invalid(format!(
+                "at most {MAX_IDENTITY_NICS} NICs per identity update"
+            )));
+        }
+        if self
+            .nics
+            .iter()
+            .any(|n| !valid_mac(&n.old_mac) || !valid_mac(&n.mac))
+        {
+            return Err(ProtoError::Invalid(
+                "a NIC's MAC must be six lower-case hex pairs separated by ':'".into(),
+            ));
+        }
+        if self.reason.len() > 256 || self.reason.contains(['\0', '\n']) {
+            return Err(ProtoError::Invalid(
+                "identity reason must be one line of at most 256 bytes".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -847,6 +984,21 @@ fn validate(body: &Body) -> Result<(), ProtoError> {
             }
             if data_len(&e.data) > MAX_APP_DATA || e.result.to_string().len() > MAX_APP_DATA {
                 return Err(ProtoError::Invalid("event data too large".into()));
+            }
+        }
+        Body::SetIdentity(u) => u.check()?,
+        Body::IdentitySet(a) => {
+            if a.hostname.len() > MAX_HOSTNAME
+                || a.nics.len() > MAX_IDENTITY_NICS
+                || a.nics.iter().any(|n| n.len() > 64)
+                || a.hooks.len() > 64
+                || a.hooks.iter().any(|h| h.len() > 256)
+                || a.errors.len() > MAX_IDENTITY_NICS + 4
+                || a.errors.iter().any(|e| e.len() > 1024)
+            {
+                return Err(ProtoError::Invalid(
+                    "identity outcome field too long".into(),
+                ));
             }
         }
         Body::Ping | Body::Shutdown { .. } | Body::SetClock { .. } => {}
@@ -1242,6 +1394,80 @@ mod tests {
                 while let Some(r) = d.next_frame() { if let Ok(f) = r { got.push(f); } }
             }
             prop_assert_eq!(got, frames);
+        }
+    }
+
+    fn identity() -> IdentityUpdate {
+        IdentityUpdate {
+            token: "0f3c-aa".into(),
+            hostname: "web-3".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            nics: vec![NicIdentity {
+                old_mac: "52:54:00:12:34:56".into(),
+                mac: "52:54:00:ab:cd:ef".into(),
+            }],
+            reason: "clone of state s1 of web".into(),
+        }
+    }
+
+    #[test]
+    fn identity_updates_are_checked_field_by_field() {
+        let ok = identity();
+        let frame = Frame::new(9, Body::SetIdentity(ok.clone()));
+        let bytes = encode(&frame).unwrap();
+        assert_eq!(decode_body(&bytes[HEADER_LEN..]).unwrap(), frame);
+        type Spoil = Box<dyn Fn(&mut IdentityUpdate)>;
+        let bad: Vec<(&str, Spoil)> = vec![
+            (
+                "hostname upper case",
+                Box::new(|u| u.hostname = "Web".into()),
+            ),
+            (
+                "hostname with a dot",
+                Box::new(|u| u.hostname = "a.b".into()),
+            ),
+            (
+                "hostname too long",
+                Box::new(|u| u.hostname = "a".repeat(64)),
+            ),
+            ("hostname ends in -", Box::new(|u| u.hostname = "a-".into())),
+            (
+                "short machine-id",
+                Box::new(|u| u.machine_id = "abc".into()),
+            ),
+            (
+                "machine-id upper",
+                Box::new(|u| u.machine_id = "0123456789ABCDEF0123456789abcdef".into()),
+            ),
+            (
+                "mac with a dash",
+                Box::new(|u| u.nics[0].mac = "52-54-00-ab-cd-ef".into()),
+            ),
+            (
+                "old mac short",
+                Box::new(|u| u.nics[0].old_mac = "52:54:00:ab:cd".into()),
+            ),
+            ("token with a slash", Box::new(|u| u.token = "../x".into())),
+            (
+                "reason of two lines",
+                Box::new(|u| u.reason = "a\nb".into()),
+            ),
+            (
+                "too many nics",
+                Box::new(|u| u.nics = vec![u.nics[0].clone(); MAX_IDENTITY_NICS + 1]),
+            ),
+        ];
+        for (why, spoil) in bad {
+            let mut u = identity();
+            spoil(&mut u);
+            let bytes = encode(&Frame::new(9, Body::SetIdentity(u))).unwrap();
+            assert!(
+                matches!(
+                    decode_body(&bytes[HEADER_LEN..]),
+                    Err(ProtoError::Invalid(_))
+                ),
+                "{why} must be refused"
+            );
         }
     }
 }

@@ -369,6 +369,15 @@ impl Manager {
             ))
         })?;
         let info = lock(&slot.info).clone();
+        // A clone's disks are overlays on its template's layers, which stay on this host; and
+        // a template's layers must stay for its clones.
+        if let Some(c) = &info.clone_of {
+            return Err(HostError::Conflict(format!(
+                "VM {name} is a clone of state {} of {}: its disks read that state's layers on this host, so it cannot move yet",
+                c.state, c.vm
+            )));
+        }
+        self.refuse_if_cloned(name, None, &format!("migrate VM {name}"))?;
         match (info.state, req.offline) {
             (VmState::Running, false)
             | (VmState::Stopped, true)

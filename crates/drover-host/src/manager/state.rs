@@ -116,6 +116,18 @@ fn load_memory(src: &Path, dst: &Path, sha256: Option<&str>, state: &str) -> Res
     Ok(())
 }
 
+/// Refuse a state whose device state does not match its checksum.
+pub(super) fn check_devices(state: &StateInfo, devices: &Path) -> Result<()> {
+    let sum = sha256_file(devices).map_err(|e| io_ctx("reading", devices, e))?;
+    if state.devices.sha256.as_deref() != Some(sum.as_str()) {
+        return Err(HostError::Invalid(format!(
+            "state {} is damaged: its device state does not match its checksum",
+            state.id
+        )));
+    }
+    Ok(())
+}
+
 fn valid_state_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
@@ -965,46 +977,8 @@ impl Manager {
         .map_err(HostError::Conflict)?;
         let dir = self.states_dir(vm).join(&state.id);
         let devices = dir.join(&state.devices.file);
-        let sum = sha256_file(&devices).map_err(|e| io_ctx("reading", &devices, e))?;
-        if state.devices.sha256.as_deref() != Some(sum.as_str()) {
-            return Err(HostError::Invalid(format!(
-                "state {} is damaged: its device state does not match its checksum",
-                state.id
-            )));
-        }
-        let memory = match &state.memory {
-            None => None,
-            Some(m) => {
-                // The RAM copy is mapped as is; without one (evicted, or the host rebooted),
-                // the copy on disk is brought back into RAM first.
-                let ram = self.state_ram(vm, &state.id);
-                if !ram.exists() {
-                    let disk = dir.join(&m.file);
-                    if !disk.exists() {
-                        return Err(HostError::Invalid(format!(
-                            "state {} is damaged: {} is missing",
-                            state.id,
-                            disk.display()
-                        )));
-                    }
-                    let t = Instant::now();
-                    let (src, dst, want) = (disk.clone(), ram.clone(), m.sha256.clone());
-                    let state_id = state.id.clone();
-                    tokio::task::spawn_blocking(move || {
-                        load_memory(&src, &dst, want.as_deref(), &state_id)
-                    })
-                    .await
-                    .map_err(|e| HostError::Internal(e.to_string()))??;
-                    tracing::info!(
-                        vm,
-                        state = state.id,
-                        ms = t.elapsed().as_millis() as u64,
-                        "state memory loaded from disk"
-                    );
-                }
-                Some(ram)
-            }
-        };
+        check_devices(&state, &devices)?;
+        let memory = self.state_memory_in_ram(vm, &state).await?;
         if state.format < STATE_FORMAT {
             return Err(HostError::Invalid(format!(
                 "state {} has format {}, written by an older droverd and not migrated; restart \
@@ -1055,7 +1029,7 @@ impl Manager {
             memory,
             mapped_ram,
             state: state.id.clone(),
-            layers: state.layers.clone(),
+            layers: Some(state.layers.clone()),
         };
         let info = self
             .launch(
@@ -1076,7 +1050,7 @@ impl Manager {
 
     /// A restored guest's clock stands where it was saved: once its agent answers, set it to
     /// the host's. Without an agent (or with one older than this) the clock stays as restored.
-    fn set_guest_clock_soon(&self, vm: &str, slot: &Arc<VmSlot>) {
+    pub(super) fn set_guest_clock_soon(&self, vm: &str, slot: &Arc<VmSlot>) {
         let Some(rt) = self.runtime(slot) else {
             return;
         };
@@ -1093,6 +1067,45 @@ impl Manager {
                 Err(e) => tracing::info!(vm, "could not set the restored guest's clock: {e}"),
             }
         });
+    }
+
+    /// Where a fast state's memory is in RAM for a restore or clone to map (`None` for a
+    /// classic state). The RAM copy is mapped as is; without one (evicted, or the host
+    /// rebooted), the copy on disk is brought back into RAM first, checked against its checksum.
+    pub(super) async fn state_memory_in_ram(
+        &self,
+        vm: &str,
+        state: &StateInfo,
+    ) -> Result<Option<PathBuf>> {
+        let Some(m) = &state.memory else {
+            return Ok(None);
+        };
+        let ram = self.state_ram(vm, &state.id);
+        if !ram.exists() {
+            let disk = self.states_dir(vm).join(&state.id).join(&m.file);
+            if !disk.exists() {
+                return Err(HostError::Invalid(format!(
+                    "state {} is damaged: {} is missing",
+                    state.id,
+                    disk.display()
+                )));
+            }
+            let t = Instant::now();
+            let (src, dst, want) = (disk.clone(), ram.clone(), m.sha256.clone());
+            let state_id = state.id.clone();
+            tokio::task::spawn_blocking(move || {
+                load_memory(&src, &dst, want.as_deref(), &state_id)
+            })
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))??;
+            tracing::info!(
+                vm,
+                state = state.id,
+                ms = t.elapsed().as_millis() as u64,
+                "state memory loaded from disk"
+            );
+        }
+        Ok(Some(ram))
     }
 
     /// Delete a state: its manifest, device state and memory. Its disk layers stay while a newer
@@ -1123,6 +1136,11 @@ impl Manager {
     /// Delete state `which` of `vm` (its operation lock held by the caller).
     pub(super) fn drop_state_locked(&self, vm: &str, which: &str) -> Result<StateInfo> {
         let state = self.state(vm, which)?;
+        self.refuse_if_cloned(
+            vm,
+            Some(&state.id),
+            &format!("delete state {} of VM {vm}", state.id),
+        )?;
         // Its layers stop being pinned in the same transaction (a restore overlays them no more).
         let mut writes = self.unpin_writes(vm, &state.id)?;
         writes.push(drover_store::Write::Delete {
