@@ -123,7 +123,7 @@ impl std::fmt::Debug for Endpoint {
 
 /// How to reach a droverd over HTTPS: what `drover remote add` stores, and what a request can
 /// carry to let one droverd call another (the token is redacted from `Debug`).
-#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RemoteSpec {
     /// `https://HOST:PORT`.
     pub url: String,

@@ -6,6 +6,8 @@
 //! | method | path | body | answer |
 //! |---|---|---|---|
 //! | GET | `/metrics` |  | OpenMetrics text for Prometheus (not under `/v1`; viewers and up) |
+//! | GET | `/openapi.json` |  | this API's OpenAPI 3.1 document (no token or role needed) |
+//! | GET | `/events?follow=true&vm=NAME&since=SEQ` |  | NDJSON lines of [`Event`] (viewers and up) |
 //! | GET | `/host` |  | [`HostInfo`] |
 //! | GET | `/vms` |  | `Vec<VmInfo>` |
 //! | POST | `/vms` | [`drover_model::VmSpec`] | [`VmInfo`] |
@@ -53,7 +55,9 @@
 //! On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of the
 //! `Authorization: Bearer <token>` header, with the token's role.
 //!
-//! Errors are [`ApiError`] with a stable [`ErrorCode`].
+//! Errors are [`ApiError`] with a stable [`ErrorCode`]. `GET /v1/openapi.json` describes every
+//! route, its types, the permission it needs and its errors; droverd builds its router and that
+//! document from the same handlers.
 
 mod client;
 pub use client::{
@@ -65,7 +69,7 @@ use drover_model::{Accel, PersistMode, VmConfig};
 use serde::{Deserialize, Serialize};
 
 /// Lifecycle state of a VM as recorded by droverd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     /// No QEMU process.
@@ -115,7 +119,7 @@ impl std::fmt::Display for VmState {
 }
 
 /// How and when a VM last stopped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExitInfo {
     /// Unix time in milliseconds.
     pub at_ms: u64,
@@ -128,7 +132,7 @@ pub struct ExitInfo {
 }
 
 /// The in-guest agent as droverd sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentStatus {
     /// Both guest-channel sockets are connected.
     pub connected: bool,
@@ -151,7 +155,7 @@ pub struct AgentStatus {
 }
 
 /// Everything droverd knows about one VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmInfo {
     /// Name.
     pub name: String,
@@ -213,11 +217,12 @@ pub struct VmInfo {
     /// over the user's image (disk id → that layer); `vm delete` writes it back into the image
     /// (or `--discard-changes`). Shown, never stored.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub unwritten: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
 /// Options of `resume`: the shape to grow to once the VM runs again.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResumeRequest {
     /// vCPUs to have (added live; no fewer than it was saved with).
@@ -229,7 +234,7 @@ pub struct ResumeRequest {
 }
 
 /// Where a hibernated VM is: the saved state `vm resume` brings back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Hibernation {
     /// The state's id.
@@ -237,6 +242,7 @@ pub struct Hibernation {
     /// Its size on disk (memory and device state).
     pub bytes: u64,
     /// Its directory.
+    #[schema(value_type = String)]
     pub dir: std::path::PathBuf,
     /// When it was hibernated (ms since the epoch).
     pub at_ms: u64,
@@ -245,7 +251,7 @@ pub struct Hibernation {
 /// A cluster controller's claim to start a member on this host: which member, and the etcd
 /// revision its assignment was written at (the fencing token). droverd starts it only if the
 /// assignment is, right now, to this host at exactly that revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fence {
     /// The service.
@@ -266,7 +272,7 @@ impl Fence {
 }
 
 /// A VM's part in a migration between hosts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationMark {
     /// The migration's id (shared by both hosts).
     pub id: String,
@@ -279,7 +285,7 @@ pub struct MigrationMark {
 }
 
 /// Which side of a migration a host is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MigrationRole {
     /// This host sends the VM.
@@ -289,7 +295,7 @@ pub enum MigrationRole {
 }
 
 /// Phases of a migration, as each host records them durably.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationPhase {
     /// Disks and memory are being copied; the source runs the VM.
@@ -302,7 +308,7 @@ pub enum MigrationPhase {
 }
 
 /// `POST /v1/vms/{name}/migrate`: move a VM to another host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateRequest {
     /// The destination droverd (URL, token, trusted certificate).
     pub to: RemoteSpec,
@@ -323,7 +329,7 @@ pub struct MigrateRequest {
 }
 
 /// Progress of a migration (sent as the text of stream progress items, JSON-encoded).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateProgress {
     /// `disks`, `memory`, `switch-over`, `handing-over`.
     pub stage: String,
@@ -344,7 +350,7 @@ pub struct MigrateProgress {
 }
 
 /// The outcome of a migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateResult {
     /// The VM.
     pub vm: String,
@@ -367,7 +373,7 @@ pub struct MigrateResult {
 }
 
 /// One stored row of a VM, carried from host to host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PackedRow {
     /// Table.
     pub table: String,
@@ -378,7 +384,7 @@ pub struct PackedRow {
 }
 
 /// `POST /v1/migrations/incoming` (droverd to droverd): get ready to receive a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IncomingRequest {
     /// Migration id.
     pub id: String,
@@ -400,7 +406,7 @@ pub struct IncomingRequest {
 }
 
 /// A file that travels with a migrating VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MovedFile {
     /// Its path on the source (records that name it are rewritten to the new path).
     pub src: String,
@@ -415,7 +421,7 @@ pub struct MovedFile {
 }
 
 /// The destination's answer: where to send memory and disks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IncomingReady {
     /// QEMU migration URI (`tcp:HOST:PORT`); empty for offline migrations.
     pub migrate_uri: String,
@@ -429,7 +435,7 @@ pub struct IncomingReady {
 }
 
 /// `POST /v1/migrations/{vm}/commit` and `/abort` (droverd to droverd).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationStep {
     /// Migration id (must match the destination's record).
     pub id: String,
@@ -443,7 +449,7 @@ fn default_mode() -> PersistMode {
 }
 
 /// Options of `start`: which configuration to boot.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
     /// Boot this generation (0 = the initial config) instead of the default.
@@ -468,7 +474,7 @@ pub struct StartRequest {
 }
 
 /// A live change: attach a disk or NIC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
     /// `disk` or `nic`.
@@ -480,6 +486,7 @@ pub struct AttachRequest {
     pub size: Option<String>,
     /// Disk: attach this existing image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub image: Option<std::path::PathBuf>,
     /// Disk: read-only.
     #[serde(default)]
@@ -496,7 +503,7 @@ pub struct AttachRequest {
 }
 
 /// Disk or NIC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     /// A disk.
@@ -506,7 +513,7 @@ pub enum DeviceKind {
 }
 
 /// A live change: remove a disk or NIC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DetachRequest {
     /// Element id.
@@ -517,7 +524,7 @@ pub struct DetachRequest {
 }
 
 /// A live change: vCPUs and/or memory.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetRequest {
     /// New vCPU count.
@@ -532,7 +539,7 @@ pub struct SetRequest {
 }
 
 /// What a change did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangeResult {
     /// The VM after the change.
     pub vm: VmInfo,
@@ -547,7 +554,7 @@ pub struct ChangeResult {
 }
 
 /// A VM's configuration history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigHistoryView {
     /// VM name.
     pub name: String,
@@ -562,7 +569,7 @@ pub struct ConfigHistoryView {
 }
 
 /// One stored generation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GenerationView {
     /// Its id (0 = the initial config).
     pub id: u32,
@@ -581,7 +588,7 @@ pub struct GenerationView {
 }
 
 /// Set the persistence flag or mode.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersistRequest {
     /// On or off.
@@ -593,7 +600,7 @@ pub struct PersistRequest {
 }
 
 /// Promote a generation to be the initial config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteRequest {
     /// The generation.
@@ -602,7 +609,7 @@ pub struct PromoteRequest {
 
 /// A saved VM state: device state, memory, pinned disk layers and the config it ran with.
 /// Stored as `manifest.json` beside its sections; the format is versioned.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StateInfo {
     /// Manifest format ([`STATE_FORMAT`]); newer ones are refused, not misread.
     pub format: u32,
@@ -623,6 +630,7 @@ pub struct StateInfo {
     pub config: VmConfig,
     /// Disk id → the qcow2 layer this state pins (read-only from the save on).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub layers: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Device state (and, for classic saves, RAM).
     pub devices: StateSection,
@@ -648,7 +656,7 @@ pub struct StateInfo {
 }
 
 /// Where a state was saved: what a QEMU must offer to load it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SavedOn {
     /// The QEMU version (`7.2.22`).
     pub qemu_version: String,
@@ -664,7 +672,7 @@ pub struct SavedOn {
 }
 
 /// How far a saved state has come.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StatePhase {
     /// The point in time is fixed and the guest runs on; its memory is still being streamed out.
@@ -696,7 +704,7 @@ impl StatePhase {
 pub const STATE_FORMAT: u32 = 2;
 
 /// One stored part of a state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StateSection {
     /// File name inside the state's directory.
     pub file: String,
@@ -708,7 +716,7 @@ pub struct StateSection {
 }
 
 /// What a guest save remembers of its request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestSaveNote {
     /// The ticket.
     pub ticket: String,
@@ -721,7 +729,7 @@ pub struct GuestSaveNote {
 }
 
 /// Save a VM's state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// A name (1-64 characters).
@@ -733,7 +741,7 @@ pub struct SnapshotRequest {
 }
 
 /// Restore a saved state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     /// State id or name.
@@ -741,7 +749,7 @@ pub struct RestoreRequest {
 }
 
 /// Grant a guest principal access to a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestGrantRequest {
     /// Principal name (what apps in the guest pass as DROVER_PRINCIPAL).
@@ -751,7 +759,7 @@ pub struct GuestGrantRequest {
 }
 
 /// A granted principal with its secret, shown once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestGrant {
     /// Principal.
     pub principal: String,
@@ -762,7 +770,7 @@ pub struct GuestGrant {
 }
 
 /// A guest principal as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestPrincipal {
     /// Principal.
     pub principal: String,
@@ -775,7 +783,7 @@ pub struct GuestPrincipal {
 }
 
 /// One audited guest request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Order.
     pub seq: u64,
@@ -799,7 +807,7 @@ pub struct AuditEntry {
 }
 
 /// One journaled change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JournalEntry {
     /// Sequence number within the VM.
     pub seq: u64,
@@ -814,7 +822,7 @@ pub struct JournalEntry {
 }
 
 /// How to stop a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StopRequest {
     /// Seconds for the graceful steps (agent, then ACPI) before QEMU is killed.
     #[serde(default = "default_stop_timeout")]
@@ -839,7 +847,7 @@ impl Default for StopRequest {
 }
 
 /// A command to run in the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecRequest {
     /// Program and arguments.
     pub argv: Vec<String>,
@@ -857,7 +865,7 @@ pub fn default_exec_timeout() -> u64 {
 }
 
 /// The host as `drover host info` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostInfo {
     /// droverd's version.
     pub daemon_version: String,
@@ -900,7 +908,7 @@ pub struct HostInfo {
 }
 
 /// What a host's QEMU can do (`drover host info`): the probe droverd ran at start.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QemuFacts {
     /// Version (`10.0.2`).
     pub version: String,
@@ -943,7 +951,7 @@ pub struct QemuFacts {
 }
 
 /// The default guest image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageInfo {
     /// Image directory.
     pub dir: String,
@@ -962,7 +970,7 @@ pub struct ImageInfo {
 }
 
 /// Ask for an image build.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageBuildRequest {
     /// Rebuild even if the inputs are unchanged.
     #[serde(default)]
@@ -973,7 +981,7 @@ pub struct ImageBuildRequest {
 }
 
 /// Ask for a new API token for TCP callers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenCreateRequest {
     /// `admin`, `operator` or `viewer`.
     pub role: String,
@@ -983,7 +991,7 @@ pub struct TokenCreateRequest {
 }
 
 /// A token as droverd keeps it: never the token itself, only its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     /// Its name.
     pub name: String,
@@ -994,7 +1002,7 @@ pub struct TokenInfo {
 }
 
 /// A new token: `token` is shown this once and stored only hashed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenCreated {
     /// The bearer token.
     pub token: String,
@@ -1004,7 +1012,7 @@ pub struct TokenCreated {
 }
 
 /// One line of a streamed (NDJSON) answer: progress, then a result or an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamItem<T> {
     /// A step of a long operation.
@@ -1016,7 +1024,7 @@ pub enum StreamItem<T> {
 }
 
 /// Stable error codes for scripts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The VM (or other object) does not exist.
@@ -1071,7 +1079,9 @@ impl ErrorCode {
 }
 
 /// An error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema,
+)]
 #[error("{message}")]
 pub struct ApiError {
     /// Stable code.
@@ -1087,5 +1097,95 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// One line of `GET /v1/events` (and of `drover events`): something that happened to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Event {
+    /// Increasing across the host's events (and across droverd restarts); give the last one
+    /// you saw as `?since=` to catch up after a reconnect. `0` on a `lagged` line.
+    pub seq: u64,
+    /// When (unix ms).
+    pub at_ms: u64,
+    /// When, as RFC 3339 in UTC (`2026-12-01T15:47:03.123Z`).
+    pub time: String,
+    /// The VM (absent on a `lagged` line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// What happened.
+    pub kind: EventKind,
+    /// More about it, by kind: `stopped`/`exited` carry `reason` (and `detail`), `started`
+    /// carries `from` (the config it booted), `state-saved`/`restored` carry `state` (its id),
+    /// `migrated` carries `direction` (`out` or `in`) and `peer`, `lagged` carries `missed`.
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+/// Kinds of [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The VM was defined.
+    Created,
+    /// QEMU runs it (a start, a restart's second half).
+    Started,
+    /// It stopped because someone asked (`vm stop`, `vm restart`).
+    Stopped,
+    /// It stopped by itself: the guest powered off, QEMU crashed or was killed.
+    Exited,
+    /// A saved state (a snapshot) was taken.
+    StateSaved,
+    /// It runs again from a saved state.
+    Restored,
+    /// It moved between hosts (sent from here, or arrived here).
+    Migrated,
+    /// It was saved to disk and stopped.
+    Hibernated,
+    /// It runs again from its hibernation.
+    Resumed,
+    /// It was deleted.
+    Deleted,
+    /// Not about a VM: this follower fell too far behind and its stream ends here.
+    Lagged,
+}
+
+impl EventKind {
+    /// Every kind.
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Created,
+        EventKind::Started,
+        EventKind::Stopped,
+        EventKind::Exited,
+        EventKind::StateSaved,
+        EventKind::Restored,
+        EventKind::Migrated,
+        EventKind::Hibernated,
+        EventKind::Resumed,
+        EventKind::Deleted,
+        EventKind::Lagged,
+    ];
+
+    /// The kind's name, as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Started => "started",
+            EventKind::Stopped => "stopped",
+            EventKind::Exited => "exited",
+            EventKind::StateSaved => "state-saved",
+            EventKind::Restored => "restored",
+            EventKind::Migrated => "migrated",
+            EventKind::Hibernated => "hibernated",
+            EventKind::Resumed => "resumed",
+            EventKind::Deleted => "deleted",
+            EventKind::Lagged => "lagged",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

@@ -8,7 +8,6 @@ use crate::manager::Manager;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_api::{
     ApiError, AttachRequest, DetachRequest, ErrorCode, ExecRequest, ImageBuildRequest,
@@ -165,6 +164,9 @@ async fn gate(
     next: axum::middleware::Next,
 ) -> Response {
     let route = matched.as_ref().map(|p| p.as_str()).unwrap_or("");
+    if PUBLIC_ROUTES.contains(&route) {
+        return next.run(req).await;
+    }
     let (need, limit) = route_rule(req.method(), route);
     let (mut parts, body) = req.into_parts();
     let caller = match resolve_caller(&parts, &m) {
@@ -265,57 +267,8 @@ pub fn router(mgr: Manager) -> Router {
 
 /// Build the router; `tokens` resolves TCP callers' bearer tokens and backs `/v1/auth/tokens`.
 pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
-    let r = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/v1/host", get(host))
-        .route("/v1/vms", get(list).post(create))
-        .route("/v1/vms/{name}", get(show).delete(delete))
-        .route("/v1/vms/{name}/start", post(start))
-        .route("/v1/vms/{name}/stop", post(stop))
-        .route("/v1/vms/{name}/restart", post(restart))
-        .route("/v1/vms/{name}/hibernate", post(hibernate))
-        .route("/v1/vms/{name}/resume", post(resume))
-        .route("/v1/vms/{name}/agent", get(agent))
-        .route("/v1/vms/{name}/exec", post(exec))
-        .route("/v1/vms/{name}/console", get(console))
-        .route("/v1/vms/{name}/attach", post(attach))
-        .route("/v1/vms/{name}/detach", post(detach))
-        .route("/v1/vms/{name}/set", post(set))
-        .route("/v1/vms/{name}/config", get(config_list))
-        .route("/v1/vms/{name}/config/diff", get(config_diff))
-        .route("/v1/vms/{name}/config/promote", post(config_promote))
-        .route("/v1/vms/{name}/config/persist", post(config_persist))
-        .route("/v1/vms/{name}/config/{gen}", get(config_show))
-        .route("/v1/vms/{name}/journal", get(journal))
-        .route(
-            "/v1/vms/{name}/guest-access",
-            get(guest_list).post(guest_grant),
-        )
-        .route(
-            "/v1/vms/{name}/guest-access/{principal}",
-            axum::routing::delete(guest_revoke),
-        )
-        .route("/v1/vms/{name}/audit", get(guest_audit))
-        .route("/v1/vms/{name}/states", get(states_list).post(state_create))
-        .route(
-            "/v1/vms/{name}/states/{state}",
-            get(state_show).delete(state_delete),
-        )
-        .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
-        .route("/v1/vms/{name}/migrate", post(migrate))
-        .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
-        // A VM's records (its journal and audit trail grow with its life) come in one request.
-        .route("/v1/migrations/incoming", post(incoming_prepare))
-        .route("/v1/migrations/{name}/commit", post(incoming_commit))
-        .route("/v1/migrations/{name}/abort", post(incoming_abort))
-        .route("/v1/image", get(image))
-        .route("/v1/image/build", post(image_build))
-        .route("/v1/auth/roles", get(roles).post(grant))
-        .route("/v1/auth/tokens", get(tokens_list).post(token_create))
-        .route(
-            "/v1/auth/tokens/{name}",
-            axum::routing::delete(token_revoke),
-        )
+    let (r, _) = routes().split_for_parts();
+    let r = r
         .route_layer(axum::middleware::from_fn_with_state(mgr.clone(), gate))
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such API route")) })
         // The gate sets each route's limit; this only lifts axum's own default to the largest.
@@ -326,6 +279,297 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         None => r,
     };
     r.with_state(mgr)
+}
+
+/// The document's frame; the paths come from the handlers' `#[utoipa::path]`s.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "droverd",
+        description = "droverd's HTTP/JSON API. On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of an `Authorization: Bearer TOKEN` header, with the token's role. Each operation's `x-drover-permission` names the permission it needs and `x-drover-roles` the roles that have it; every error is an `ApiError` with a stable `code`."
+    ),
+    components(schemas(ApiError, ErrorCode))
+)]
+struct ApiDoc;
+
+/// Every route, each with its part of the document: a route exists only as a handler with a
+/// `#[utoipa::path]`, so the router and the document cannot name different routes.
+fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
+    use utoipa::OpenApi as _;
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(events))
+        .routes(routes!(host))
+        .routes(routes!(list, create))
+        .routes(routes!(show, delete))
+        .routes(routes!(start))
+        .routes(routes!(stop))
+        .routes(routes!(restart))
+        .routes(routes!(hibernate))
+        .routes(routes!(resume))
+        .routes(routes!(agent))
+        .routes(routes!(exec))
+        .routes(routes!(console))
+        .routes(routes!(attach))
+        .routes(routes!(detach))
+        .routes(routes!(set))
+        .routes(routes!(config_list))
+        .routes(routes!(config_diff))
+        .routes(routes!(config_promote))
+        .routes(routes!(config_persist))
+        .routes(routes!(config_show))
+        .routes(routes!(journal))
+        .routes(routes!(guest_list, guest_grant))
+        .routes(routes!(guest_revoke))
+        .routes(routes!(guest_audit))
+        .routes(routes!(states_list, state_create))
+        .routes(routes!(state_show, state_delete))
+        .routes(routes!(state_restore))
+        .routes(routes!(migrate))
+        .routes(routes!(migrate_cancel))
+        // A VM's records (its journal and audit trail grow with its life) come in one request.
+        .routes(routes!(incoming_prepare))
+        .routes(routes!(incoming_commit))
+        .routes(routes!(incoming_abort))
+        .routes(routes!(image))
+        .routes(routes!(image_build))
+        .routes(routes!(roles, grant))
+        .routes(routes!(tokens_list, token_create))
+        .routes(routes!(token_revoke))
+}
+
+/// Routes anyone who reaches the API may read, with or without a token (a token is not even
+/// looked at, so a wrong one is not counted against its address). The document is the same
+/// for every droverd of a version and says nothing about the host.
+const PUBLIC_ROUTES: [&str; 1] = ["/v1/openapi.json"];
+
+/// The API document (OpenAPI 3.1): the handlers' paths and types, and for each operation the
+/// permission [`route_rule`] enforces, the roles that have it and the errors every route can
+/// answer (401, 403, 413, 429, 500), on top of those its handler names.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::path::HttpMethod;
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let (_, mut doc) = routes().split_for_parts();
+    let error = |what: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ApiError")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    if let Some(c) = doc.components.as_mut() {
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [
+            (HttpMethod::Get, item.get.as_mut()),
+            (HttpMethod::Post, item.post.as_mut()),
+            (HttpMethod::Put, item.put.as_mut()),
+            (HttpMethod::Delete, item.delete.as_mut()),
+            (HttpMethod::Patch, item.patch.as_mut()),
+        ];
+        for (method, op) in ops {
+            let Some(op) = op else { continue };
+            let m = match method {
+                HttpMethod::Get => axum::http::Method::GET,
+                HttpMethod::Post => axum::http::Method::POST,
+                HttpMethod::Put => axum::http::Method::PUT,
+                HttpMethod::Delete => axum::http::Method::DELETE,
+                _ => axum::http::Method::PATCH,
+            };
+            let mut ext = utoipa::openapi::extensions::Extensions::default();
+            if PUBLIC_ROUTES.contains(&path.as_str()) {
+                ext.insert("x-drover-permission".into(), serde_json::json!(null));
+                op.description = Some("Needs no token and no role.".into());
+                op.security = Some(vec![
+                    utoipa::openapi::security::SecurityRequirement::default(),
+                ]);
+                op.extensions = Some(ext);
+                continue;
+            }
+            let (need, limit) = route_rule(&m, path);
+            let roles: Vec<String> = [Role::Admin, Role::Operator, Role::Viewer]
+                .into_iter()
+                .filter(|r| r.allows(need))
+                .map(|r| r.to_string())
+                .collect();
+            ext.insert("x-drover-permission".into(), serde_json::json!(need.name()));
+            ext.insert("x-drover-roles".into(), serde_json::json!(roles));
+            op.extensions = Some(ext);
+            op.description = Some(format!(
+                "Needs the `{}` permission (roles: {}).",
+                need.name(),
+                roles.join(", ")
+            ));
+            op.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+                "bearer",
+                Vec::<String>::new(),
+            )]);
+            let r = &mut op.responses.responses;
+            for (status, what) in [
+                ("401", "On TCP: no bearer token, or one this droverd does not know (`unauthenticated`)"),
+                ("403", "The caller's role lacks the permission (`forbidden`)"),
+                ("429", "Too many wrong tokens from this address within a minute (`too_many_requests`)"),
+                ("500", "Something failed inside droverd (`internal`)"),
+            ] {
+                r.entry(status.into()).or_insert_with(|| error(what));
+            }
+            if op.request_body.is_some() {
+                r.entry("413".into()).or_insert_with(|| {
+                    error(&format!(
+                        "The body is larger than this route takes ({} KiB) (`too_large`)",
+                        limit >> 10
+                    ))
+                });
+                r.entry("400".into()).or_insert_with(|| {
+                    error("The body is not valid JSON of the expected shape (`invalid_argument`)")
+                });
+            }
+        }
+    }
+    doc
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "host",
+    summary = "This document (OpenAPI 3.1)",
+    responses((status = 200, description = "The document", body = Object)),
+)]
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOC.get_or_init(|| {
+        openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        text.clone(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/events?follow=&vm=&since=`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct EventsQuery {
+    /// Keep the stream open and send events as they happen.
+    #[serde(default)]
+    follow: bool,
+    /// Only this VM's events.
+    #[serde(default)]
+    vm: Option<String>,
+    /// Only events after this `seq` (to catch up after a reconnect); without `follow`, the
+    /// default is every recent event, with it, none (only new ones).
+    #[serde(default)]
+    since: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    summary = "VM, state and migration events: NDJSON, one Event per line. Without follow: the recent events (the last 1000 since droverd started), then the stream ends. With follow=true the stream stays open; a client that falls 256 events behind gets one `lagged` line and the stream ends",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "One Event per line", body = drover_api::Event, content_type = "application/x-ndjson"),
+        (status = 400, description = "A malformed query (`invalid_argument`)", body = ApiError),
+    ),
+)]
+async fn events(
+    State(m): State<Manager>,
+    who: Who,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Failure> {
+    need(&who, Permission::Read)?;
+    let Query(q) = q.map_err(|e| {
+        Failure(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{}; the query takes follow=true|false, vm=NAME, since=SEQ",
+                e.body_text()
+            ),
+        ))
+    })?;
+    if let Some(vm) = &q.vm {
+        drover_model::VmName::new(vm).map_err(|e| {
+            Failure(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("vm: {e}"),
+            ))
+        })?;
+    }
+    let vm = q.vm.clone();
+    let wanted = move |e: &drover_api::Event| vm.is_none() || e.vm == vm || e.vm.is_none();
+    let line = |e: &drover_api::Event| {
+        let mut s = serde_json::to_string(e).unwrap_or_default();
+        s.push('\n');
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(s))
+    };
+    let stream = if !q.follow {
+        let lines: Vec<_> = m
+            .events()
+            .recent(q.since)
+            .iter()
+            .filter(|e| wanted(e))
+            .map(line)
+            .collect();
+        futures_util::stream::iter(lines).boxed()
+    } else {
+        let sub = m.events().subscribe(q.since);
+        let backlog: Vec<_> = sub.backlog.iter().filter(|e| wanted(e)).map(line).collect();
+        let live = futures_util::stream::unfold(
+            (sub.live, sub.closed, false),
+            move |(mut rx, mut closed, done)| async move {
+                if done || *closed.borrow() {
+                    return None;
+                }
+                loop {
+                    let got = tokio::select! {
+                        r = rx.recv() => r,
+                        _ = closed.changed() => return None,
+                    };
+                    match got {
+                        Ok(e) => return Some((Some(e), (rx, closed, false))),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            return Some((Some(crate::events::lagged(n)), (rx, closed, true)))
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        )
+        .filter_map(move |e| {
+            let keep = e.filter(|e| wanted(e));
+            async move { keep }
+        })
+        .map(move |e| line(&e));
+        futures_util::stream::iter(backlog).chain(live).boxed()
+    };
+    let mut resp = axum::body::Body::from_stream(stream).into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
 }
 
 /// A JSON body whose parse errors become `invalid_argument` answers.
@@ -358,12 +602,30 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/host",
+    tag = "host",
+    summary = "The host: accelerator, QEMU, resources",
+    responses(
+        (status = 200, description = "Done", body = drover_api::HostInfo),
+    ),
+)]
 async fn host(State(m): State<Manager>, who: Who) -> Res<drover_api::HostInfo> {
     need(&who, Permission::Read)?;
     Ok(Json(m.host_info()))
 }
 
 /// Prometheus' scrape: OpenMetrics text ([`crate::metrics`]).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "host",
+    summary = "Prometheus metrics (OpenMetrics text)",
+    responses(
+        (status = 200, description = "Done", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    ),
+)]
 async fn metrics(State(m): State<Manager>, who: Who) -> Result<Response, Failure> {
     need(&who, Permission::Read)?;
     let (states, targets) = m.metrics_targets();
@@ -378,11 +640,33 @@ async fn metrics(State(m): State<Manager>, who: Who) -> Result<Response, Failure
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    tag = "vms",
+    summary = "Every VM",
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::VmInfo>),
+    ),
+)]
 async fn list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::VmInfo>> {
     need(&who, Permission::Read)?;
     Ok(Json(m.list()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms",
+    tag = "vms",
+    summary = "Define a VM",
+    request_body = VmSpec,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn create(
     State(m): State<Manager>,
     who: Who,
@@ -394,6 +678,17 @@ async fn create(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}",
+    tag = "vms",
+    summary = "One VM",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn show(
     State(m): State<Manager>,
     who: Who,
@@ -404,15 +699,31 @@ async fn show(
 }
 
 /// `DELETE /v1/vms/NAME?force=&discard_changes=`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeleteQuery {
+    /// Delete a running VM too (its QEMU is killed).
     #[serde(default)]
     force: bool,
+    /// Drop changes not yet written back into a user's image (`image=` disks).
     #[serde(default)]
     discard_changes: bool,
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}",
+    tag = "vms",
+    summary = "Delete a VM and the disks Drover made (answers with the VM as it was)",
+    params(("name" = String, Path, description = "The VM's name"), DeleteQuery),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn delete(
     State(m): State<Manager>,
     who: Who,
@@ -425,6 +736,22 @@ async fn delete(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/start",
+    tag = "vms",
+    summary = "Start a VM (answers once QEMU runs)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = StartRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 424, description = "The guest image is not built (`image_missing`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn start(
     State(m): State<Manager>,
     who: Who,
@@ -437,6 +764,20 @@ async fn start(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/stop",
+    tag = "vms",
+    summary = "Stop a VM: agent, then ACPI, then kill after timeout_s",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = StopRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn stop(
     State(m): State<Manager>,
     who: Who,
@@ -449,6 +790,21 @@ async fn stop(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/restart",
+    tag = "vms",
+    summary = "Stop and start a VM",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = StopRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn restart(
     State(m): State<Manager>,
     who: Who,
@@ -461,6 +817,21 @@ async fn restart(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/attach",
+    tag = "config",
+    summary = "Hot-plug a disk or NIC (or record it for the next boot)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = AttachRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ChangeResult),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn attach(
     State(m): State<Manager>,
     who: Who,
@@ -472,6 +843,20 @@ async fn attach(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/detach",
+    tag = "config",
+    summary = "Hot-unplug a disk or NIC",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = DetachRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ChangeResult),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn detach(
     State(m): State<Manager>,
     who: Who,
@@ -483,6 +868,21 @@ async fn detach(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/set",
+    tag = "config",
+    summary = "Change vCPUs or memory (live, or for the next boot)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = SetRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ChangeResult),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn set(
     State(m): State<Manager>,
     who: Who,
@@ -494,6 +894,17 @@ async fn set(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/config",
+    tag = "config",
+    summary = "The VM's config generations",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::ConfigHistoryView),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn config_list(
     State(m): State<Manager>,
     who: Who,
@@ -502,6 +913,18 @@ async fn config_list(
     Ok(Json(m.config_history(&name, &who.0)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/config/{gen}",
+    tag = "config",
+    summary = "One generation's config",
+    params(("name" = String, Path, description = "The VM's name"), ("gen" = u32, Path, description = "The generation (0: the initial config)")),
+    responses(
+        (status = 200, description = "Done", body = drover_model::VmConfig),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn config_show(
     State(m): State<Manager>,
     who: Who,
@@ -510,12 +933,27 @@ async fn config_show(
     Ok(Json(m.generation_config(&name, gen, &who.0)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DiffQuery {
+    /// The generation to diff from.
     from: u32,
+    /// The generation to diff to.
     to: u32,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/config/diff",
+    tag = "config",
+    summary = "What changes between two generations, one line each",
+    params(("name" = String, Path, description = "The VM's name"), DiffQuery),
+    responses(
+        (status = 200, description = "Done", body = Vec<String>),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn config_diff(
     State(m): State<Manager>,
     who: Who,
@@ -525,6 +963,20 @@ async fn config_diff(
     Ok(Json(m.config_diff(&name, q.from, q.to, &who.0)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/config/promote",
+    tag = "config",
+    summary = "Make a generation the initial config (also needs config.persist)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = PromoteRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ConfigHistoryView),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn config_promote(
     State(m): State<Manager>,
     who: Who,
@@ -536,6 +988,20 @@ async fn config_promote(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/config/persist",
+    tag = "config",
+    summary = "Turn persistence on or off, or change its mode (also needs config.persist)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = PersistRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn config_persist(
     State(m): State<Manager>,
     who: Who,
@@ -547,6 +1013,17 @@ async fn config_persist(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/journal",
+    tag = "config",
+    summary = "Every change to the VM's config, as journaled",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::JournalEntry>),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn journal(
     State(m): State<Manager>,
     who: Who,
@@ -556,6 +1033,17 @@ async fn journal(
     Ok(Json(m.journal_of(&name)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/guest-access",
+    tag = "guest-access",
+    summary = "The VM's guest principals",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::GuestPrincipal>),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn guest_list(
     State(m): State<Manager>,
     who: Who,
@@ -564,6 +1052,19 @@ async fn guest_list(
     Ok(Json(m.guest_principals(&name, &who.0)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/guest-access",
+    tag = "guest-access",
+    summary = "Grant a guest principal ops (its secret is shown once)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::GuestGrantRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::GuestGrant),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn guest_grant(
     State(m): State<Manager>,
     who: Who,
@@ -575,15 +1076,37 @@ async fn guest_grant(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}/guest-access/{principal}",
+    tag = "guest-access",
+    summary = "Revoke a guest principal",
+    params(("name" = String, Path, description = "The VM's name"), ("principal" = String, Path, description = "The principal")),
+    responses(
+        (status = 200, description = "Done", body = Revoked),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn guest_revoke(
     State(m): State<Manager>,
     who: Who,
     Path((name, principal)): Path<(String, String)>,
-) -> Res<serde_json::Value> {
+) -> Res<Revoked> {
     m.guest_revoke(&name, &principal, &who.0)?;
-    Ok(Json(serde_json::json!({"revoked": principal})))
+    Ok(Json(Revoked { revoked: principal }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/audit",
+    tag = "guest-access",
+    summary = "Guest requests and refused operator changes",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::AuditEntry>),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn guest_audit(
     State(m): State<Manager>,
     who: Who,
@@ -592,6 +1115,17 @@ async fn guest_audit(
     Ok(Json(m.guest_audit(&name, &who.0)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/states",
+    tag = "states",
+    summary = "The VM's saved states",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::StateInfo>),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn states_list(
     State(m): State<Manager>,
     who: Who,
@@ -601,6 +1135,17 @@ async fn states_list(
     Ok(Json(m.states(&name)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/states/{state}",
+    tag = "states",
+    summary = "One saved state",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::StateInfo),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn state_show(
     State(m): State<Manager>,
     who: Who,
@@ -610,6 +1155,21 @@ async fn state_show(
     Ok(Json(m.state(&name, &state)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/states",
+    tag = "states",
+    summary = "Save a running VM's state (a snapshot)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::SnapshotRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::StateInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn state_create(
     State(m): State<Manager>,
     who: Who,
@@ -625,6 +1185,18 @@ async fn state_create(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/hibernate",
+    tag = "states",
+    summary = "Save a running VM to disk and stop it",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn hibernate(
     State(m): State<Manager>,
     who: Who,
@@ -635,6 +1207,21 @@ async fn hibernate(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/resume",
+    tag = "states",
+    summary = "Bring a hibernated VM back (optionally grown)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::ResumeRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn resume(
     State(m): State<Manager>,
     who: Who,
@@ -646,6 +1233,19 @@ async fn resume(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/states/{state}/restore",
+    tag = "states",
+    summary = "Run the VM from a saved state (a running VM is replaced)",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn state_restore(
     State(m): State<Manager>,
     who: Who,
@@ -656,6 +1256,18 @@ async fn state_restore(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}/states/{state}",
+    tag = "states",
+    summary = "Delete a saved state (answers with it as it was)",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::StateInfo),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn state_delete(
     State(m): State<Manager>,
     who: Who,
@@ -667,7 +1279,7 @@ async fn state_delete(
 }
 
 /// A role grant.
-#[derive(Deserialize, serde::Serialize)]
+#[derive(Deserialize, serde::Serialize, utoipa::ToSchema)]
 pub struct GrantRequest {
     /// The uid.
     pub uid: u32,
@@ -675,11 +1287,31 @@ pub struct GrantRequest {
     pub role: Option<Role>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/auth/roles",
+    tag = "auth",
+    summary = "Roles granted to local uids, as [uid, role] pairs",
+    responses(
+        (status = 200, description = "Done", body = Vec<(u32, Role)>),
+    ),
+)]
 async fn roles(State(m): State<Manager>, who: Who) -> Res<Vec<(u32, Role)>> {
     need(&who, Permission::Admin)?;
     Ok(Json(m.roles()?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/roles",
+    tag = "auth",
+    summary = "Grant a local uid a role (or none); answers with every grant",
+    request_body = GrantRequest,
+    responses(
+        (status = 200, description = "Done", body = Vec<(u32, Role)>),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+    ),
+)]
 async fn grant(
     State(m): State<Manager>,
     who: Who,
@@ -699,6 +1331,16 @@ fn token_store(ext: Option<axum::Extension<Arc<TokenStore>>>) -> Result<Arc<Toke
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/auth/tokens",
+    tag = "auth",
+    summary = "API tokens (never the tokens, only their hashes)",
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::TokenInfo>),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+    ),
+)]
 async fn tokens_list(
     who: Who,
     ext: Option<axum::Extension<Arc<TokenStore>>>,
@@ -709,6 +1351,18 @@ async fn tokens_list(
     Ok(Json(list.iter().map(|e| e.info()).collect()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/tokens",
+    tag = "auth",
+    summary = "Make an API token for TCP callers (shown once)",
+    request_body = drover_api::TokenCreateRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::TokenCreated),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn token_create(
     who: Who,
     ext: Option<axum::Extension<Arc<TokenStore>>>,
@@ -730,6 +1384,18 @@ async fn token_create(
     }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/auth/tokens/{name}",
+    tag = "auth",
+    summary = "Revoke an API token (answers with it as it was)",
+    params(("name" = String, Path, description = "The token's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::TokenInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn token_revoke(
     who: Who,
     ext: Option<axum::Extension<Arc<TokenStore>>>,
@@ -742,12 +1408,27 @@ async fn token_revoke(
     Ok(Json(gone.info()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
+    /// Seconds to wait for the agent to be ready (0: answer at once; at most 3600).
     #[serde(default)]
     wait_s: u64,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/agent",
+    tag = "vms",
+    summary = "The guest agent's status (waits up to wait_s for readiness)",
+    params(("name" = String, Path, description = "The VM's name"), WaitQuery),
+    responses(
+        (status = 200, description = "Done", body = drover_api::AgentStatus),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 504, description = "It did not finish in time (`timeout`)", body = ApiError),
+    ),
+)]
 async fn agent(
     State(m): State<Manager>,
     who: Who,
@@ -765,6 +1446,22 @@ async fn agent(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/exec",
+    tag = "vms",
+    summary = "Run a command in the guest",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_proto::ExecResult),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 503, description = "The guest agent is not connected or did not answer (`agent_unavailable`)", body = ApiError),
+        (status = 504, description = "It did not finish in time (`timeout`)", body = ApiError),
+    ),
+)]
 async fn exec(
     State(m): State<Manager>,
     who: Who,
@@ -775,10 +1472,13 @@ async fn exec(
     Ok(Json(m.exec(&name, req).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ConsoleQuery {
+    /// Where to start reading the console log (bytes).
     #[serde(default)]
     offset: u64,
+    /// Bytes to read at most (default 256 KiB, at most 4 MiB).
     #[serde(default = "default_console_max")]
     max: usize,
 }
@@ -786,6 +1486,17 @@ fn default_console_max() -> usize {
     256 * 1024
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/console",
+    tag = "vms",
+    summary = "The serial console's bytes from offset (header x-drover-next-offset: where to go on)",
+    params(("name" = String, Path, description = "The VM's name"), ConsoleQuery),
+    responses(
+        (status = 200, description = "Done", body = String, content_type = "application/octet-stream", headers(("x-drover-next-offset" = u64, description = "The offset to ask for next"))),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+    ),
+)]
 async fn console(
     State(m): State<Manager>,
     who: Who,
@@ -801,6 +1512,17 @@ async fn console(
     Ok((headers, bytes).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/image",
+    tag = "image",
+    summary = "The guest image (default, or ?distro=)",
+    params(ImageQuery),
+    responses(
+        (status = 200, description = "Done", body = drover_api::ImageInfo),
+        (status = 424, description = "The guest image is not built (`image_missing`)", body = ApiError),
+    ),
+)]
 async fn image(
     State(m): State<Manager>,
     who: Who,
@@ -826,13 +1548,26 @@ async fn image(
 }
 
 /// `GET /v1/image?distro=debian-12`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ImageQuery {
+    /// A distribution image (`debian-12`) instead of the default one.
     #[serde(default)]
     distro: Option<String>,
 }
 
 /// Streams progress lines, then the result, as NDJSON.
+#[utoipa::path(
+    post,
+    path = "/v1/image/build",
+    tag = "image",
+    summary = "Build the guest image: NDJSON lines of StreamItem (progress text, then the image or the error)",
+    request_body = ImageBuildRequest,
+    responses(
+        (status = 200, description = "Done", body = StreamItem<drover_api::ImageInfo>, content_type = "application/x-ndjson"),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+    ),
+)]
 async fn image_build(
     State(m): State<Manager>,
     who: Who,
@@ -887,6 +1622,20 @@ where
     resp
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/migrate",
+    tag = "migration",
+    summary = "Move the VM to another host: NDJSON lines of StreamItem (progress: JSON MigrateProgress as text, then the result or the error)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::MigrateRequest,
+    responses(
+        (status = 200, description = "Done", body = StreamItem<drover_api::MigrateResult>, content_type = "application/x-ndjson"),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn migrate(
     State(m): State<Manager>,
     who: Who,
@@ -901,15 +1650,40 @@ async fn migrate(
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/migrate/cancel",
+    tag = "migration",
+    summary = "Cancel the VM's outgoing migration",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Cancelling),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn migrate_cancel(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-) -> Res<serde_json::Value> {
+) -> Res<Cancelling> {
     m.migrate_cancel(&name, &who.0)?;
-    Ok(Json(serde_json::json!({"cancelling": name})))
+    Ok(Json(Cancelling { cancelling: name }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/incoming",
+    tag = "migration",
+    summary = "Droverd to droverd: take a VM's records and get ready to receive it",
+    request_body = drover_api::IncomingRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::IncomingReady),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
+    ),
+)]
 async fn incoming_prepare(
     State(m): State<Manager>,
     who: Who,
@@ -920,6 +1694,20 @@ async fn incoming_prepare(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{name}/commit",
+    tag = "migration",
+    summary = "Droverd to droverd: the VM is this host's now",
+    params(("name" = String, Path, description = "The arriving VM")),
+    request_body = drover_api::MigrationStep,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
+        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
+    ),
+)]
 async fn incoming_commit(
     State(m): State<Manager>,
     who: Who,
@@ -931,15 +1719,45 @@ async fn incoming_commit(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{name}/abort",
+    tag = "migration",
+    summary = "Droverd to droverd: the source gave up; drop the copy",
+    params(("name" = String, Path, description = "The arriving VM")),
+    request_body = drover_api::MigrationStep,
+    responses(
+        (status = 200, description = "Done", body = Empty),
+        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
+    ),
+)]
 async fn incoming_abort(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
     Body(step): Body<drover_api::MigrationStep>,
-) -> Res<serde_json::Value> {
+) -> Res<Empty> {
     detached(async move { m.incoming_abort(&name, step, &who.0).await }).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Empty {}))
 }
+
+/// The answer to a guest principal's revocation.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Revoked {
+    /// The principal revoked.
+    revoked: String,
+}
+
+/// The answer to a migration's cancel.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Cancelling {
+    /// The VM whose migration is being cancelled.
+    cancelling: String,
+}
+
+/// An empty JSON object.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Empty {}
 
 use futures_util::StreamExt as _;
 

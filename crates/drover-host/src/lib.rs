@@ -17,6 +17,7 @@ pub mod compat;
 pub mod config_file;
 pub mod crashpoint;
 pub mod error;
+pub mod events;
 pub mod filecopy;
 pub mod hostfacts;
 pub mod limits;

@@ -40,6 +40,7 @@ pub const PORT_B_NAME: &str = "org.drover.evt";
 
 /// One message on either port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Frame {
     /// Schema version ([`PROTOCOL_VERSION`] when sent by this build).
@@ -63,6 +64,7 @@ impl Frame {
 
 /// Message bodies. Each variant says who sends it and on which port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Body {
     /// Guest → host, port A: the agent is up. Sent each time the agent (re)opens port A.
@@ -124,6 +126,7 @@ pub const MAX_CHANGES: usize = 16;
 
 /// An app's request, as the agent forwards it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GuestRequest {
     /// The guest principal the app acts as (granted by a host administrator).
@@ -143,6 +146,7 @@ pub struct GuestRequest {
 /// Operations a guest may ask for. The host checks each against the principal's allowed ops,
 /// named by [`GuestOp::name`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum GuestOp {
     /// Change the VM's configuration (live where possible).
@@ -235,6 +239,7 @@ pub fn valid_generation_id(s: &str) -> bool {
 
 /// A host's component id: what a guest (or a licence scanner in it) sees of the machine it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostIdentity {
     /// The host id (droverd `--host-id`; default derived from /etc/machine-id), unique in a fleet.
@@ -272,6 +277,7 @@ impl HostIdentity {
 
 /// The `result` of a [`GuestOp::HostIdentity`] request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostIdentityAnswer {
     /// The host that runs the VM now.
@@ -295,6 +301,7 @@ impl HostIdentityAnswer {
 
 /// What set off a [`GuestOp::MigrationNotice`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NoticeTrigger {
     /// `drover-guest scan --notify-if-migrated` saw the host id change during a scan.
@@ -307,6 +314,7 @@ pub enum NoticeTrigger {
 
 /// The guest's report that it moved, as [`GuestOp::MigrationNotice`] carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MigrationNotice {
     /// The host id before.
@@ -351,6 +359,7 @@ impl MigrationNotice {
 /// The host's notice that the VM was just live-migrated: a [`GuestEvent`] with op
 /// [`NOTICE_MIGRATED`], status [`EventStatus::Notice`] and this as its `result`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MigratedNotice {
     /// The host id of the source.
@@ -403,6 +412,7 @@ impl GuestEvent {
 
 /// One configuration change asked for from inside the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "change", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ConfigChange {
     /// Set the vCPU count.
@@ -436,6 +446,7 @@ pub enum ConfigChange {
 
 /// The outcome of a guest request, or a notice from the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GuestEvent {
     /// The request's ticket (from its `Ack`); a host notice has its own.
@@ -460,6 +471,7 @@ pub struct GuestEvent {
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EventStatus {
     /// Done.
@@ -501,6 +513,7 @@ impl Body {
 
 /// What the agent reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AgentInfo {
     /// The agent's version (`CARGO_PKG_VERSION`).
@@ -515,6 +528,7 @@ pub struct AgentInfo {
 
 /// A command for the guest to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; `argv[0]` is looked up in `PATH`.
@@ -528,6 +542,7 @@ pub struct ExecRequest {
 
 /// The outcome of a command run in the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecResult {
     /// Exit code, when the command exited normally.
