@@ -2029,6 +2029,166 @@ mod tests {
         }
     }
 
+    /// The router serves every operation of the document and, on those paths, no other
+    /// method; every route is registered through `routes()` (no plain `.route(`), so nothing
+    /// is served that the document does not list.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_documented_operations() {
+        let src = include_str!("api.rs");
+        let code = &src[..src.find("#[cfg(test)]").unwrap_or(src.len())];
+        assert!(
+            !code.contains(concat!(".route", "(")),
+            "a route added with .route() is not in the API document: use a #[utoipa::path] handler in routes()"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let app = router(Manager::for_tests(dir.path(), Default::default()).await);
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.len() > 35, "{paths:?}");
+        let mut operations = 0;
+        for (path, item) in paths {
+            let uri = path
+                .replace("{gen}", "1")
+                .replace("{name}", "nosuchvm")
+                .replace("{state}", "s1")
+                .replace("{principal}", "p1");
+            for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+                let documented = item.get(method.to_lowercase()).is_some();
+                // uid 1000 has no role: the gate answers every route it reaches with 403,
+                // before any handler runs (the document alone is public). A method the path
+                // lacks is asked as root, past the gate, to see axum's 405.
+                let uid = if documented { 1000 } else { 0 };
+                let (status, e) = call(
+                    &app,
+                    Some(uid),
+                    method,
+                    &uri,
+                    None,
+                    axum::body::Body::empty(),
+                )
+                .await;
+                let unrouted = status == StatusCode::METHOD_NOT_ALLOWED
+                    || (status == StatusCode::NOT_FOUND && e.message == "no such API route");
+                if documented {
+                    operations += 1;
+                    assert!(
+                        !unrouted,
+                        "{method} {path}: documented, not served ({status})"
+                    );
+                    let want = if PUBLIC_ROUTES.contains(&path.as_str()) {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::FORBIDDEN
+                    };
+                    assert_eq!(status, want, "{method} {path}: {}", e.message);
+                } else {
+                    assert!(
+                        unrouted,
+                        "{method} {path}: served, not documented ({status})"
+                    );
+                }
+            }
+        }
+        assert!(operations > 40, "{operations}");
+        let (status, e) = call(
+            &app,
+            Some(0),
+            "GET",
+            "/v1/nothing",
+            None,
+            axum::body::Body::empty(),
+        )
+        .await;
+        assert_eq!(
+            (status, e.code),
+            (StatusCode::NOT_FOUND, ErrorCode::NotFound)
+        );
+    }
+
+    /// Answers of real handlers (error answers included) validate against the document, with
+    /// every object closed (`unevaluatedProperties: false`), so a field the type has and the
+    /// document lacks, or the other way round, fails here.
+    #[tokio::test]
+    async fn answers_validate_against_the_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        m.set_role(&Caller::daemon(), 1001, Some(Role::Viewer))
+            .unwrap();
+        let app = router(m.clone());
+        let doc = serde_json::to_value(openapi()).unwrap();
+        m.events().emit(
+            "web1",
+            drover_api::EventKind::Created,
+            serde_json::json!({}),
+        );
+        for (uid, method, uri, body, status) in [
+            (0, "GET", "/v1/host", "", 200),
+            (0, "GET", "/v1/vms", "", 200),
+            (0, "GET", "/v1/auth/roles", "", 200),
+            (0, "GET", "/v1/vms/nosuchvm", "", 404),
+            (0, "POST", "/v1/vms", "{\"name\": 5}", 400),
+            (0, "POST", "/v1/vms/nosuchvm/start", "", 404),
+            (1001, "POST", "/v1/vms", "{}", 403),
+            (1001, "GET", "/v1/events?follow=maybe", "", 400),
+        ] {
+            let mut req = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(Peer {
+                    uid: Some(uid),
+                    remote: None,
+                }));
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status().as_u16(), status, "{method} {uri}");
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            let route = uri.split('?').next().unwrap().replace("nosuchvm", "{name}");
+            crate::openapi_check::validate(&doc, method, &route, status, &answer)
+                .unwrap_or_else(|e| panic!("{method} {uri}: {e}"));
+        }
+        // A renamed field is caught, whichever side has the new name.
+        assert!(crate::openapi_check::validate_schema(
+            &doc,
+            "ApiError",
+            &serde_json::json!({"code": "not_found", "messages": "x"})
+        )
+        .is_err());
+        assert!(crate::openapi_check::validate_schema(
+            &doc,
+            "ApiError",
+            &serde_json::json!({"code": "not_found", "message": "x"})
+        )
+        .is_ok());
+        // The event stream's lines are Events.
+        let mut req = axum::http::Request::builder()
+            .uri("/v1/events")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(Peer {
+                uid: Some(1001),
+                remote: None,
+            }));
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let lines: Vec<serde_json::Value> = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["kind"], "created");
+        crate::openapi_check::validate(&doc, "GET", "/v1/events", 200, &lines[0]).unwrap();
+    }
+
     #[test]
     fn wrong_tokens_from_one_address_are_rate_limited() {
         let f = TokenFailures::default();

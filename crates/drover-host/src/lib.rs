@@ -23,6 +23,8 @@ pub mod hostfacts;
 pub mod limits;
 pub mod manager;
 pub mod metrics;
+#[cfg(test)]
+mod openapi_check;
 pub mod pools;
 pub mod qemu_user;
 pub mod serve;
