@@ -497,18 +497,9 @@ struct EventsQuery {
 async fn events(
     State(m): State<Manager>,
     who: Who,
-    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    Q(q): Q<EventsQuery>,
 ) -> Result<Response, Failure> {
     need(&who, Permission::Read)?;
-    let Query(q) = q.map_err(|e| {
-        Failure(ApiError::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "{}; the query takes follow=true|false, vm=NAME, since=SEQ",
-                e.body_text()
-            ),
-        ))
-    })?;
     if let Some(vm) = &q.vm {
         drover_model::VmName::new(vm).map_err(|e| {
             Failure(ApiError::new(
@@ -570,6 +561,28 @@ async fn events(
         HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(resp)
+}
+
+/// A query string whose parse errors become `invalid_argument` answers (as the document says),
+/// not axum's plain-text ones.
+pub struct Q<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for Q<T> {
+    type Rejection = Failure;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Q(q))
+            .map_err(|e| {
+                Failure(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("invalid query: {}", e.body_text()),
+                ))
+            })
+    }
 }
 
 /// A JSON body whose parse errors become `invalid_argument` answers.
@@ -728,7 +741,7 @@ async fn delete(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    Q(q): Q<DeleteQuery>,
 ) -> Res<drover_api::VmInfo> {
     need(&who, Permission::Lifecycle)?;
     Ok(Json(
@@ -958,7 +971,7 @@ async fn config_diff(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<DiffQuery>,
+    Q(q): Q<DiffQuery>,
 ) -> Res<Vec<String>> {
     Ok(Json(m.config_diff(&name, q.from, q.to, &who.0)?))
 }
@@ -1433,7 +1446,7 @@ async fn agent(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<WaitQuery>,
+    Q(q): Q<WaitQuery>,
 ) -> Res<drover_api::AgentStatus> {
     need(&who, Permission::Read)?;
     if q.wait_s == 0 {
@@ -1501,7 +1514,7 @@ async fn console(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<ConsoleQuery>,
+    Q(q): Q<ConsoleQuery>,
 ) -> Result<Response, Failure> {
     need(&who, Permission::Read)?;
     let (bytes, next) = m.console(&name, q.offset, q.max.min(4 << 20))?;
@@ -1526,7 +1539,7 @@ async fn console(
 async fn image(
     State(m): State<Manager>,
     who: Who,
-    Query(q): Query<ImageQuery>,
+    Q(q): Q<ImageQuery>,
 ) -> Res<drover_api::ImageInfo> {
     need(&who, Permission::Read)?;
     if let Some(distro) = q.distro {
