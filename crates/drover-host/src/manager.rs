@@ -1846,19 +1846,15 @@ impl Manager {
         tracing::info!(vm = name, reason = exit_info.reason, "stopped");
         let recorded = self.record_stopped(slot, exit_info.clone());
         if recorded.is_ok() {
-            // A hibernation's QEMU exit is told as `hibernated`, by the hibernation.
             let kind = match exit_info.reason.as_str() {
-                "operator-stop" => Some(EventKind::Stopped),
-                "hibernated" => None,
-                _ => Some(EventKind::Exited),
+                "operator-stop" => EventKind::Stopped,
+                _ => EventKind::Exited,
             };
-            if let Some(kind) = kind {
-                self.event(
-                    name,
-                    kind,
-                    serde_json::json!({ "reason": exit_info.reason, "detail": exit_info.detail }),
-                );
-            }
+            self.event(
+                name,
+                kind,
+                serde_json::json!({ "reason": exit_info.reason, "detail": exit_info.detail }),
+            );
         }
         if let Err(e) = recorded {
             tracing::error!(vm = name, "could not record the stop: {e}");
