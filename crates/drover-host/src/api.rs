@@ -533,18 +533,16 @@ async fn events(
                 if done || *closed.borrow() {
                     return None;
                 }
-                loop {
-                    let got = tokio::select! {
-                        r = rx.recv() => r,
-                        _ = closed.changed() => return None,
-                    };
-                    match got {
-                        Ok(e) => return Some((Some(e), (rx, closed, false))),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            return Some((Some(crate::events::lagged(n)), (rx, closed, true)))
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                let got = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = closed.changed() => return None,
+                };
+                match got {
+                    Ok(e) => Some((Some(e), (rx, closed, false))),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Some((Some(crate::events::lagged(n)), (rx, closed, true)))
                     }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
                 }
             },
         )

@@ -100,7 +100,7 @@ impl Events {
         inner
             .recent
             .iter()
-            .filter(|e| since.map_or(true, |s| e.seq > s))
+            .filter(|e| since.is_none_or(|s| e.seq > s))
             .cloned()
             .collect()
     }
