@@ -291,16 +291,46 @@ fn events_follow_a_vms_life_in_order_for_a_viewer() {
     d.ok(&["vm", "create", "ev1", "--memory", "256M"]);
     d.ok(&["vm", "start", "ev1", "--wait"]);
     d.ok(&["snapshot", "create", "ev1", "--name", "before"]);
+    d.ok(&["snapshot", "restore", "ev1", "before"]);
+    d.ok(&["vm", "hibernate", "ev1"]);
+    d.ok(&["vm", "resume", "ev1"]);
     d.ok(&["vm", "stop", "ev1"]);
+    // QEMU killed behind droverd's back: the VM exited by itself.
+    d.ok(&["vm", "start", "ev1"]);
+    let pid = d.json(&["vm", "show", "ev1"])["pid"]
+        .as_i64()
+        .expect("a pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill QEMU");
+    let mut got = follow.until("exited", Duration::from_secs(60));
     d.ok(&["vm", "delete", "ev1"]);
-    let got = follow.until("deleted", Duration::from_secs(60));
+    got.extend(follow.until("deleted", Duration::from_secs(60)));
     let kinds: Vec<&str> = got
         .iter()
         .map(|e| e["kind"].as_str().unwrap_or("?"))
         .collect();
     assert_eq!(
         kinds,
-        ["created", "started", "state-saved", "stopped", "deleted"],
+        [
+            "created",
+            "started",
+            "state-saved",
+            // A restore replaces the running QEMU: it stops, then runs from the state.
+            "stopped",
+            "restored",
+            // A hibernation saves, stops, and is recorded hibernated.
+            "state-saved",
+            "stopped",
+            "hibernated",
+            "resumed",
+            "stopped",
+            "started",
+            "exited",
+            "deleted"
+        ],
         "{got:?}\ndaemon log:\n{}",
         tail(&d.log(), 30)
     );
@@ -309,10 +339,12 @@ fn events_follow_a_vms_life_in_order_for_a_viewer() {
         .windows(2)
         .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
     assert_eq!(got[2]["details"]["name"], "before");
-    assert_eq!(got[3]["details"]["reason"], "operator-stop");
+    assert_eq!(got[4]["details"]["state"], "before");
+    assert_eq!(got[9]["details"]["reason"], "operator-stop");
+    assert_eq!(got[11]["details"]["reason"], "crashed", "{got:?}");
     let everything = all.until("deleted", Duration::from_secs(30));
     assert_eq!(everything[0]["vm"], "other", "{everything:?}");
-    assert_eq!(everything.len(), 6, "{everything:?}");
+    assert_eq!(everything.len(), got.len() + 1, "{everything:?}");
 
     // Without --follow: the recent events, then it exits.
     let recent = d.ok(&["events", "--vm", "ev1"]);
@@ -322,7 +354,7 @@ fn events_follow_a_vms_life_in_order_for_a_viewer() {
         .collect();
     assert_eq!(recent, got);
     // Catching up from a seq gives what came after it.
-    let since = got[2]["seq"].to_string();
+    let since = got[got.len() - 3]["seq"].to_string();
     let after = d.ok(&["events", "--since", &since]);
     assert_eq!(after.lines().count(), 2, "{after}");
 }
