@@ -2200,6 +2200,90 @@ mod tests {
         crate::openapi_check::validate(&doc, "GET", "/v1/events", 200, &lines[0]).unwrap();
     }
 
+    /// A follower that does not read falls behind: it gets one `lagged` line saying how many
+    /// events it missed, and its stream ends (nothing is buffered for it beyond the channel).
+    #[tokio::test]
+    async fn a_follower_that_does_not_read_is_told_it_lagged_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let app = router(m.clone());
+        let mut req = axum::http::Request::builder()
+            .uri("/v1/events?follow=true")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(Peer {
+                uid: Some(0),
+                remote: None,
+            }));
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        for _ in 0..crate::events::CAPACITY + 10 {
+            m.events()
+                .emit("a", drover_api::EventKind::Started, serde_json::json!({}));
+        }
+        let bytes = tokio::time::timeout(
+            Duration::from_secs(5),
+            axum::body::to_bytes(resp.into_body(), 1 << 20),
+        )
+        .await
+        .expect("the lagging stream ended")
+        .unwrap();
+        let lines: Vec<drover_api::Event> = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0].kind, drover_api::EventKind::Lagged);
+        assert_eq!(lines[0].details["missed"], 10);
+    }
+
+    /// The document is public on TCP, with no token or a wrong one, and a wrong one sent with
+    /// it does not count against the address.
+    #[tokio::test]
+    async fn the_document_needs_no_token_and_wrong_ones_sent_with_it_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let tokens = Arc::new(TokenStore::new(&dir.path().join("tokens")));
+        let (viewer, _) = tokens.create(Role::Viewer, Some("v")).unwrap();
+        let app = router_with(m, Some(tokens));
+        let tcp = Peer {
+            uid: None,
+            remote: Some(([127, 0, 0, 1], 40000).into()),
+        };
+        let get = |uri: &'static str, token: Option<String>| {
+            let app = app.clone();
+            let tcp = tcp.clone();
+            async move {
+                let mut b = axum::http::Request::builder().uri(uri);
+                if let Some(t) = token {
+                    b = b.header("authorization", format!("Bearer {t}"));
+                }
+                let mut req = b.body(axum::body::Body::empty()).unwrap();
+                req.extensions_mut().insert(axum::extract::ConnectInfo(tcp));
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = axum::body::to_bytes(resp.into_body(), 4 << 20)
+                    .await
+                    .unwrap();
+                (status, bytes)
+            }
+        };
+        let (status, bytes) = get("/v1/openapi.json", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        for _ in 0..TOKEN_FAILURES + 2 {
+            let (status, _) = get("/v1/openapi.json", Some("drv_wrong".into())).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        let (status, _) = get("/v1/host", Some(viewer)).await;
+        assert_eq!(status, StatusCode::OK, "the address was not blocked");
+        let (status, _) = get("/v1/events", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "events need a token");
+    }
+
     #[test]
     fn wrong_tokens_from_one_address_are_rate_limited() {
         let f = TokenFailures::default();
