@@ -2239,6 +2239,39 @@ mod tests {
         assert_eq!(lines[0].details["missed"], 10);
     }
 
+    /// Follow streams end when droverd stops, rather than hold its shutdown for the grace time.
+    #[tokio::test]
+    async fn follow_streams_end_when_droverd_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let app = router(m.clone());
+        let mut req = axum::http::Request::builder()
+            .uri("/v1/events?follow=true&vm=a")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(Peer {
+                uid: Some(0),
+                remote: None,
+            }));
+        let resp = app.oneshot(req).await.unwrap();
+        m.events()
+            .emit("a", drover_api::EventKind::Created, serde_json::json!({}));
+        m.events()
+            .emit("b", drover_api::EventKind::Created, serde_json::json!({}));
+        let reader = tokio::spawn(axum::body::to_bytes(resp.into_body(), 1 << 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!reader.is_finished(), "a follow stream stays open");
+        m.begin_shutdown();
+        let bytes = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the stream ended at shutdown")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert_eq!(text.lines().count(), 1, "only VM a's event: {text}");
+    }
+
     /// The document is public on TCP, with no token or a wrong one, and a wrong one sent with
     /// it does not count against the address.
     #[tokio::test]
