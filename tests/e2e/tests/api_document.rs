@@ -358,3 +358,36 @@ fn events_follow_a_vms_life_in_order_for_a_viewer() {
     let after = d.ok(&["events", "--since", &since]);
     assert_eq!(after.lines().count(), 2, "{after}");
 }
+
+/// A migration is an event on both hosts: `migrated` with `direction` out on the source and in
+/// on the destination, naming the other host.
+#[test]
+fn a_migration_is_an_event_on_both_hosts() {
+    let Some(f) = drover_e2e::Fleet::up("oapi", "10.97.0", 2, &[]) else {
+        return;
+    };
+    let (h1, h2) = (f.host(1), f.host(2));
+    h1.ok(&["vm", "create", "mig1", "--memory", "128M"]);
+    h1.ok(&["vm", "migrate", "mig1", "--to", &f.remote(2), "--offline"]);
+    let events = |h: &drover_e2e::Cli| -> Vec<Value> {
+        h.ok(&["events", "--vm", "mig1"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let (out, arrived) = (events(&h1), events(&h2));
+    let migrated = |list: &[Value]| {
+        list.iter()
+            .find(|e| e["kind"] == "migrated")
+            .cloned()
+            .unwrap_or_else(|| panic!("no migrated event: {list:?}"))
+    };
+    let (o, i) = (migrated(&out), migrated(&arrived));
+    assert_eq!(o["details"]["direction"], "out", "{o}");
+    assert_eq!(i["details"]["direction"], "in", "{i}");
+    assert_eq!(
+        o["details"]["id"], i["details"]["id"],
+        "one migration: {o} {i}"
+    );
+    assert_eq!(out[0]["kind"], "created", "{out:?}");
+}
