@@ -340,6 +340,77 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
         .routes(routes!(token_revoke))
 }
 
+/// The errors each operation answers besides those every route can (401, 403, 429, 500, and
+/// 400 and 413 for one that takes a body), by HTTP status ([`ErrorCode::http_status`]); the
+/// document lists each with [`error_answer`]'s description. A test checks every row names a
+/// served operation.
+const ROUTE_ERRORS: &[(&str, &str, &[u16])] = &[
+    ("GET", "/v1/events", &[400]),
+    ("POST", "/v1/vms", &[400, 409, 507]),
+    ("GET", "/v1/vms/{name}", &[404]),
+    ("DELETE", "/v1/vms/{name}", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/start", &[400, 404, 409, 424, 507]),
+    ("POST", "/v1/vms/{name}/stop", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/restart", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/attach", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/detach", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/set", &[400, 404, 409, 507]),
+    ("GET", "/v1/vms/{name}/config", &[404]),
+    ("GET", "/v1/vms/{name}/config/{gen}", &[400, 404]),
+    ("GET", "/v1/vms/{name}/config/diff", &[400, 404]),
+    ("POST", "/v1/vms/{name}/config/promote", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/config/persist", &[400, 404, 409]),
+    ("GET", "/v1/vms/{name}/journal", &[404]),
+    ("GET", "/v1/vms/{name}/guest-access", &[404]),
+    ("POST", "/v1/vms/{name}/guest-access", &[400, 404]),
+    ("DELETE", "/v1/vms/{name}/guest-access/{principal}", &[404]),
+    ("GET", "/v1/vms/{name}/audit", &[404]),
+    ("GET", "/v1/vms/{name}/states", &[404]),
+    ("GET", "/v1/vms/{name}/states/{state}", &[404]),
+    ("POST", "/v1/vms/{name}/states", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/hibernate", &[404, 409]),
+    ("POST", "/v1/vms/{name}/resume", &[400, 404, 409, 507]),
+    (
+        "POST",
+        "/v1/vms/{name}/states/{state}/restore",
+        &[404, 409, 507],
+    ),
+    ("DELETE", "/v1/vms/{name}/states/{state}", &[404, 409]),
+    ("POST", "/v1/auth/roles", &[400]),
+    ("GET", "/v1/auth/tokens", &[400]),
+    ("POST", "/v1/auth/tokens", &[400, 409]),
+    ("DELETE", "/v1/auth/tokens/{name}", &[400, 404]),
+    ("GET", "/v1/vms/{name}/agent", &[404, 409, 504]),
+    ("POST", "/v1/vms/{name}/exec", &[400, 404, 409, 503, 504]),
+    ("GET", "/v1/vms/{name}/console", &[404]),
+    ("GET", "/v1/image", &[424]),
+    ("POST", "/v1/image/build", &[400]),
+    ("POST", "/v1/vms/{name}/migrate", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/migrate/cancel", &[404, 409]),
+    ("POST", "/v1/migrations/incoming", &[400, 409, 507]),
+    ("POST", "/v1/migrations/{name}/commit", &[400, 404, 409]),
+    ("POST", "/v1/migrations/{name}/abort", &[400]),
+];
+
+/// What an error status means, for the document (the `ErrorCode`s that answer with it).
+fn error_answer(status: u16) -> &'static str {
+    match status {
+        400 => "A malformed request or a value out of range (`invalid_argument`)",
+        401 => "On TCP: no bearer token, or one this droverd does not know (`unauthenticated`)",
+        403 => "The caller's role lacks the permission (`forbidden`)",
+        404 => "No such VM or object (`not_found`)",
+        409 => "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)",
+        413 => "The body is larger than this route takes (`too_large`)",
+        424 => "The guest image is not built (`image_missing`)",
+        429 => "Too many wrong tokens from this address within a minute (`too_many_requests`)",
+        502 => "The other host could not be reached (`peer_unreachable`)",
+        503 => "The guest agent is not connected or did not answer (`agent_unavailable`)",
+        504 => "It did not finish in time (`timeout`)",
+        507 => "The host cannot give what is asked (`insufficient_resources`)",
+        _ => "Something failed inside droverd (`internal`)",
+    }
+}
+
 /// Routes anyone who reaches the API may read, with or without a token (a token is not even
 /// looked at, so a wrong one is not counted against its address). The document is the same
 /// for every droverd of a version and says nothing about the host.
@@ -417,25 +488,24 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
                 "bearer",
                 Vec::<String>::new(),
             )]);
+            let own = ROUTE_ERRORS
+                .iter()
+                .find(|(rm, rp, _)| *rm == m.as_str() && rp == path)
+                .map(|(_, _, e)| *e)
+                .unwrap_or(&[]);
+            let with_body: &[u16] = if op.request_body.is_some() {
+                &[400, 413]
+            } else {
+                &[]
+            };
             let r = &mut op.responses.responses;
-            for (status, what) in [
-                ("401", "On TCP: no bearer token, or one this droverd does not know (`unauthenticated`)"),
-                ("403", "The caller's role lacks the permission (`forbidden`)"),
-                ("429", "Too many wrong tokens from this address within a minute (`too_many_requests`)"),
-                ("500", "Something failed inside droverd (`internal`)"),
-            ] {
-                r.entry(status.into()).or_insert_with(|| error(what));
-            }
-            if op.request_body.is_some() {
-                r.entry("413".into()).or_insert_with(|| {
-                    error(&format!(
-                        "The body is larger than this route takes ({} KiB) (`too_large`)",
-                        limit >> 10
-                    ))
-                });
-                r.entry("400".into()).or_insert_with(|| {
-                    error("The body is not valid JSON of the expected shape (`invalid_argument`)")
-                });
+            for &status in own.iter().chain(with_body).chain(&[401, 403, 429, 500]) {
+                let what = if status == 413 {
+                    format!("{} ({} KiB at most)", error_answer(413), limit >> 10)
+                } else {
+                    error_answer(status).to_string()
+                };
+                r.entry(status.to_string()).or_insert_with(|| error(&what));
             }
         }
     }
@@ -491,7 +561,6 @@ struct EventsQuery {
     params(EventsQuery),
     responses(
         (status = 200, description = "One Event per line", body = drover_api::Event, content_type = "application/x-ndjson"),
-        (status = 400, description = "A malformed query (`invalid_argument`)", body = ApiError),
     ),
 )]
 async fn events(
@@ -673,9 +742,6 @@ async fn list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::VmInfo>
     request_body = VmSpec,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn create(
@@ -697,7 +763,6 @@ async fn create(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn show(
@@ -730,9 +795,6 @@ struct DeleteQuery {
     params(("name" = String, Path, description = "The VM's name"), DeleteQuery),
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn delete(
@@ -756,11 +818,6 @@ async fn delete(
     request_body = StartRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 424, description = "The guest image is not built (`image_missing`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn start(
@@ -784,9 +841,6 @@ async fn start(
     request_body = StopRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn stop(
@@ -810,10 +864,6 @@ async fn stop(
     request_body = StopRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn restart(
@@ -837,10 +887,6 @@ async fn restart(
     request_body = AttachRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::ChangeResult),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn attach(
@@ -863,9 +909,6 @@ async fn attach(
     request_body = DetachRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::ChangeResult),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn detach(
@@ -888,10 +931,6 @@ async fn detach(
     request_body = SetRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::ChangeResult),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn set(
@@ -913,7 +952,6 @@ async fn set(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = drover_api::ConfigHistoryView),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn config_list(
@@ -932,8 +970,6 @@ async fn config_list(
     params(("name" = String, Path, description = "The VM's name"), ("gen" = u32, Path, description = "The generation (0: the initial config)")),
     responses(
         (status = 200, description = "Done", body = drover_model::VmConfig),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn config_show(
@@ -961,8 +997,6 @@ struct DiffQuery {
     params(("name" = String, Path, description = "The VM's name"), DiffQuery),
     responses(
         (status = 200, description = "Done", body = Vec<String>),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn config_diff(
@@ -983,9 +1017,6 @@ async fn config_diff(
     request_body = PromoteRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::ConfigHistoryView),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn config_promote(
@@ -1008,9 +1039,6 @@ async fn config_promote(
     request_body = PersistRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn config_persist(
@@ -1032,7 +1060,6 @@ async fn config_persist(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = Vec<drover_api::JournalEntry>),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn journal(
@@ -1052,7 +1079,6 @@ async fn journal(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = Vec<drover_api::GuestPrincipal>),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn guest_list(
@@ -1072,8 +1098,6 @@ async fn guest_list(
     request_body = drover_api::GuestGrantRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::GuestGrant),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn guest_grant(
@@ -1095,7 +1119,6 @@ async fn guest_grant(
     params(("name" = String, Path, description = "The VM's name"), ("principal" = String, Path, description = "The principal")),
     responses(
         (status = 200, description = "Done", body = Revoked),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn guest_revoke(
@@ -1115,7 +1138,6 @@ async fn guest_revoke(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = Vec<drover_api::AuditEntry>),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn guest_audit(
@@ -1134,7 +1156,6 @@ async fn guest_audit(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = Vec<drover_api::StateInfo>),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn states_list(
@@ -1154,7 +1175,6 @@ async fn states_list(
     params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
     responses(
         (status = 200, description = "Done", body = drover_api::StateInfo),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn state_show(
@@ -1175,10 +1195,6 @@ async fn state_show(
     request_body = drover_api::SnapshotRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::StateInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn state_create(
@@ -1204,8 +1220,6 @@ async fn state_create(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn hibernate(
@@ -1227,10 +1241,6 @@ async fn hibernate(
     request_body = drover_api::ResumeRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn resume(
@@ -1252,9 +1262,6 @@ async fn resume(
     params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn state_restore(
@@ -1275,8 +1282,6 @@ async fn state_restore(
     params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
     responses(
         (status = 200, description = "Done", body = drover_api::StateInfo),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn state_delete(
@@ -1320,7 +1325,6 @@ async fn roles(State(m): State<Manager>, who: Who) -> Res<Vec<(u32, Role)>> {
     request_body = GrantRequest,
     responses(
         (status = 200, description = "Done", body = Vec<(u32, Role)>),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
     ),
 )]
 async fn grant(
@@ -1349,7 +1353,6 @@ fn token_store(ext: Option<axum::Extension<Arc<TokenStore>>>) -> Result<Arc<Toke
     summary = "API tokens (never the tokens, only their hashes)",
     responses(
         (status = 200, description = "Done", body = Vec<drover_api::TokenInfo>),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
     ),
 )]
 async fn tokens_list(
@@ -1370,8 +1373,6 @@ async fn tokens_list(
     request_body = drover_api::TokenCreateRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::TokenCreated),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn token_create(
@@ -1403,8 +1404,6 @@ async fn token_create(
     params(("name" = String, Path, description = "The token's name")),
     responses(
         (status = 200, description = "Done", body = drover_api::TokenInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn token_revoke(
@@ -1435,9 +1434,6 @@ struct WaitQuery {
     params(("name" = String, Path, description = "The VM's name"), WaitQuery),
     responses(
         (status = 200, description = "Done", body = drover_api::AgentStatus),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 504, description = "It did not finish in time (`timeout`)", body = ApiError),
     ),
 )]
 async fn agent(
@@ -1466,11 +1462,6 @@ async fn agent(
     request_body = ExecRequest,
     responses(
         (status = 200, description = "Done", body = drover_proto::ExecResult),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 503, description = "The guest agent is not connected or did not answer (`agent_unavailable`)", body = ApiError),
-        (status = 504, description = "It did not finish in time (`timeout`)", body = ApiError),
     ),
 )]
 async fn exec(
@@ -1505,7 +1496,6 @@ fn default_console_max() -> usize {
     params(("name" = String, Path, description = "The VM's name"), ConsoleQuery),
     responses(
         (status = 200, description = "Done", body = String, content_type = "application/octet-stream", headers(("x-drover-next-offset" = u64, description = "The offset to ask for next"))),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
     ),
 )]
 async fn console(
@@ -1531,7 +1521,6 @@ async fn console(
     params(ImageQuery),
     responses(
         (status = 200, description = "Done", body = drover_api::ImageInfo),
-        (status = 424, description = "The guest image is not built (`image_missing`)", body = ApiError),
     ),
 )]
 async fn image(
@@ -1576,7 +1565,6 @@ struct ImageQuery {
     request_body = ImageBuildRequest,
     responses(
         (status = 200, description = "Done", body = StreamItem<drover_api::ImageInfo>, content_type = "application/x-ndjson"),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
     ),
 )]
 async fn image_build(
@@ -1642,9 +1630,6 @@ where
     request_body = drover_api::MigrateRequest,
     responses(
         (status = 200, description = "Done", body = StreamItem<drover_api::MigrateResult>, content_type = "application/x-ndjson"),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn migrate(
@@ -1669,8 +1654,6 @@ async fn migrate(
     params(("name" = String, Path, description = "The VM's name")),
     responses(
         (status = 200, description = "Done", body = Cancelling),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn migrate_cancel(
@@ -1690,9 +1673,6 @@ async fn migrate_cancel(
     request_body = drover_api::IncomingRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::IncomingReady),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
-        (status = 507, description = "The host cannot give what is asked (`insufficient_resources`)", body = ApiError),
     ),
 )]
 async fn incoming_prepare(
@@ -1714,9 +1694,6 @@ async fn incoming_prepare(
     request_body = drover_api::MigrationStep,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
-        (status = 404, description = "No such VM or object (`not_found`)", body = ApiError),
-        (status = 409, description = "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)", body = ApiError),
     ),
 )]
 async fn incoming_commit(
@@ -1739,7 +1716,6 @@ async fn incoming_commit(
     request_body = drover_api::MigrationStep,
     responses(
         (status = 200, description = "Done", body = Empty),
-        (status = 400, description = "A malformed request or a value out of range (`invalid_argument`)", body = ApiError),
     ),
 )]
 async fn incoming_abort(
@@ -2101,6 +2077,14 @@ mod tests {
             }
         }
         assert!(operations > 40, "{operations}");
+        for (m, p, _) in ROUTE_ERRORS {
+            assert!(
+                paths
+                    .get(*p)
+                    .is_some_and(|i| i.get(m.to_lowercase()).is_some()),
+                "ROUTE_ERRORS names {m} {p}, which is not served"
+            );
+        }
         let (status, e) = call(
             &app,
             Some(0),
