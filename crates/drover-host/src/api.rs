@@ -2016,6 +2016,29 @@ mod tests {
         }
     }
 
+    /// A GET of `uri` from local uid `uid`.
+    fn local_get(uid: u32, uri: &str) -> axum::http::Request<axum::body::Body> {
+        let mut req = axum::http::Request::builder()
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(Peer {
+                uid: Some(uid),
+                remote: None,
+            }));
+        req
+    }
+
+    /// The lines of an NDJSON answer, decoded.
+    fn ndjson_lines<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Vec<T> {
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
     /// The router serves every operation of the document and, on those paths, no other
     /// method; every route is registered through `routes()` (no plain `.route(`), so nothing
     /// is served that the document does not list.
@@ -2160,25 +2183,13 @@ mod tests {
         )
         .is_ok());
         // The event stream's lines are Events.
-        let mut req = axum::http::Request::builder()
-            .uri("/v1/events")
-            .body(axum::body::Body::empty())
-            .unwrap();
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(Peer {
-                uid: Some(1001),
-                remote: None,
-            }));
+        let req = local_get(1001, "/v1/events");
         let resp = app.clone().oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
-        let lines: Vec<serde_json::Value> = bytes
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice(l).unwrap())
-            .collect();
+        let lines: Vec<serde_json::Value> = ndjson_lines(&bytes);
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["kind"], "created");
         crate::openapi_check::validate(&doc, "GET", "/v1/events", 200, &lines[0]).unwrap();
@@ -2191,15 +2202,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Manager::for_tests(dir.path(), Default::default()).await;
         let app = router(m.clone());
-        let mut req = axum::http::Request::builder()
-            .uri("/v1/events?follow=true")
-            .body(axum::body::Body::empty())
-            .unwrap();
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(Peer {
-                uid: Some(0),
-                remote: None,
-            }));
+        let req = local_get(0, "/v1/events?follow=true");
         let resp = app.oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         for _ in 0..crate::events::CAPACITY + 10 {
@@ -2213,11 +2216,7 @@ mod tests {
         .await
         .expect("the lagging stream ended")
         .unwrap();
-        let lines: Vec<drover_api::Event> = bytes
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice(l).unwrap())
-            .collect();
+        let lines: Vec<drover_api::Event> = ndjson_lines(&bytes);
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert_eq!(lines[0].kind, drover_api::EventKind::Lagged);
         assert_eq!(lines[0].details["missed"], 10);
@@ -2229,15 +2228,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Manager::for_tests(dir.path(), Default::default()).await;
         let app = router(m.clone());
-        let mut req = axum::http::Request::builder()
-            .uri("/v1/events?follow=true&vm=a")
-            .body(axum::body::Body::empty())
-            .unwrap();
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(Peer {
-                uid: Some(0),
-                remote: None,
-            }));
+        let req = local_get(0, "/v1/events?follow=true&vm=a");
         let resp = app.oneshot(req).await.unwrap();
         m.events()
             .emit("a", drover_api::EventKind::Created, serde_json::json!({}));
