@@ -5,7 +5,7 @@
 #
 #   scripts/install-deps.sh                    # QEMU 7.2 from Debian 12 (bookworm), the default
 #   scripts/install-deps.sh --qemu backports   # QEMU 10.0 from bookworm-backports instead
-#   scripts/install-deps.sh --tests            # also what the test suite needs (lintian, prometheus)
+#   scripts/install-deps.sh --tests            # also what the test suite needs (lintian, prometheus, chromium)
 #   scripts/install-deps.sh --qemu-prefix DIR  # also unpack backports' QEMU 10.0 into DIR (dpkg-deb
 #                                              # -x), beside the system set, for `droverd --qemu-dir DIR`
 #
@@ -80,8 +80,9 @@ qemu_pkgs=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
 # crate; debootstrap builds the Debian guest image.
 other_pkgs=(busybox-static cpio ca-certificates seabios ipxe-qemu etcd-server etcd-client protobuf-compiler libprotobuf-dev debootstrap)
 # Only for the test suite: lintian checks the packages scripts/package.sh builds; prometheus
-# scrapes droverd's /metrics in the metrics e2e test (started by the test, never as a service).
-[ -z "$tests" ] || other_pkgs+=(lintian prometheus)
+# scrapes droverd's /metrics in the metrics e2e test (started by the test, never as a service);
+# chromium and its chromedriver drive the web console in the web_console e2e test.
+[ -z "$tests" ] || other_pkgs+=(lintian prometheus chromium chromium-driver)
 
 installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
 need=()

@@ -17,6 +17,10 @@ pub const DEFAULT_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// them (a process that left the group may hold them open forever).
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// How long output is awaited after the command exited, for pipes a process it started in the
+/// background still holds open.
+pub const OUTPUT_LINGER: Duration = Duration::from_millis(500);
+
 /// Output kept from one pipe.
 #[derive(Default)]
 struct Capture {
@@ -37,8 +41,9 @@ enum Event {
 ///
 /// The command runs in its own process group so a timeout kills everything it started. Output
 /// beyond [`MAX_EXEC_OUTPUT`] bytes per stream is drained and dropped, so the command never blocks
-/// on a full pipe. The command is waited for until its stdout and stderr close, so background
-/// processes that keep them open count as part of it (redirect them to detach).
+/// on a full pipe. Once the command exits, its output is awaited [`OUTPUT_LINGER`] more for
+/// pipes still open: a background process it left (`sh -c 'daemon &'`) holds them, keeps
+/// running, and its later output is not part of the result.
 pub fn run(req: &ExecRequest) -> ExecResult {
     let start = Instant::now();
     let Some((program, args)) = req.argv.split_first() else {
@@ -137,8 +142,16 @@ pub fn run(req: &ExecRequest) -> ExecResult {
     let mut status: Option<ExitStatus> = None;
     let mut timed_out = false;
     let mut give_up_at: Option<Instant> = None;
+    let mut linger_until: Option<Instant> = None;
     while pending > 0 {
-        let until = if timed_out { give_up_at } else { deadline };
+        let until = if timed_out {
+            give_up_at
+        } else {
+            match (deadline, linger_until) {
+                (Some(d), Some(l)) => Some(d.min(l)),
+                (d, l) => d.or(l),
+            }
+        };
         let event = match until {
             Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -147,12 +160,21 @@ pub fn run(req: &ExecRequest) -> ExecResult {
             Ok(Event::Exited(Ok(s))) => {
                 status = Some(s);
                 pending -= 1;
+                linger_until = Instant::now().checked_add(OUTPUT_LINGER);
             }
             Ok(Event::Exited(Err(e))) => {
                 crate::log!("exec: waiting for {program}: {e}");
                 pending -= 1;
+                linger_until = Instant::now().checked_add(OUTPUT_LINGER);
             }
             Ok(Event::PipeClosed) => pending -= 1,
+            // Exited, and something it left in the background holds its output open: done.
+            Err(RecvTimeoutError::Timeout)
+                if !timed_out && linger_until.is_some_and(|l| Instant::now() >= l) =>
+            {
+                crate::log!("exec: {program} exited; a process it left holds its output open");
+                break;
+            }
             Err(RecvTimeoutError::Timeout) if !timed_out => {
                 timed_out = true;
                 // Only signal the pid itself while it is unreaped: after that it may be reused.
@@ -271,6 +293,21 @@ mod tests {
         assert_eq!(r.exit_code, Some(0));
         assert!(r.stdout_truncated);
         assert_eq!(r.stdout.len(), MAX_EXEC_OUTPUT);
+    }
+
+    /// A command that leaves a process in the background returns when it exits, with its own
+    /// output; the process runs on.
+    #[test]
+    fn background_processes_do_not_hold_the_result() {
+        let t = Instant::now();
+        let r = run(&req(
+            &["sh", "-c", "echo started; (sleep 3; echo late) &"],
+            60_000,
+        ));
+        assert_eq!(r.exit_code, Some(0));
+        assert_eq!(r.stdout, "started\n");
+        assert!(!r.timed_out);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -41,8 +41,10 @@ macro_rules! log {
 pub mod agent;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod device;
 pub mod exec;
+pub mod files;
 pub mod guest;
 pub mod hotplug;
 pub mod hub;

@@ -91,6 +91,36 @@ impl PortB {
         match frame.body {
             Body::Ping => writer.reply(id, Body::Pong(crate::info::agent_info())),
             Body::Exec(req) => self.start_exec(id, req, writer),
+            Body::SetClock { unix_ms } => match crate::clock::set_clock(unix_ms) {
+                Ok(()) => {
+                    crate::log!("clock set to the host's ({unix_ms} ms since the epoch)");
+                    writer.reply(
+                        id,
+                        Body::Ack {
+                            accepted: true,
+                            reason: None,
+                            ticket: None,
+                        },
+                    )
+                }
+                Err(e) => writer.reply_error(id, "io", &format!("setting the clock: {e}")),
+            },
+            // Pieces are small (MAX_FILE_CHUNK) and the host waits for each: handled in line.
+            Body::FilePut(p) => match crate::files::put(&p) {
+                Ok(()) => writer.reply(
+                    id,
+                    Body::Ack {
+                        accepted: true,
+                        reason: None,
+                        ticket: None,
+                    },
+                ),
+                Err(e) => writer.reply_error(id, e.code, &e.message),
+            },
+            Body::FileGet(g) => match crate::files::get(&g) {
+                Ok(d) => writer.reply(id, Body::FileData(d)),
+                Err(e) => writer.reply_error(id, e.code, &e.message),
+            },
             Body::Shutdown { reboot } => {
                 let action = if reboot {
                     PowerAction::Reboot
@@ -147,7 +177,11 @@ impl PortB {
                     body_name(&frame.body)
                 );
             }
-            body @ (Body::Hello(_) | Body::Pong(_) | Body::ExecResult(_) | Body::Request(_)) => {
+            body @ (Body::Hello(_)
+            | Body::Pong(_)
+            | Body::ExecResult(_)
+            | Body::Request(_)
+            | Body::FileData(_)) => {
                 let name = body_name(&body);
                 crate::log!("port B: {name} is not a host command (id {id})");
                 writer.reply_error(

@@ -263,10 +263,21 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<RawResponse, ClientError> {
+        self.send_typed(method, path, body, "application/json")
+            .await
+    }
+
+    async fn send_typed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        content_type: &str,
+    ) -> Result<RawResponse, ClientError> {
         let has_body = body.is_some();
         let mut req = Request::builder().method(method).uri(path);
         if has_body {
-            req = req.header("content-type", "application/json");
+            req = req.header("content-type", content_type);
         }
         match &self.endpoint {
             Endpoint::Unix(socket) => {
@@ -364,6 +375,22 @@ impl Client {
             return Err(Self::error_from(status, &bytes));
         }
         Ok((headers, bytes))
+    }
+
+    /// PUT raw bytes and decode a JSON answer.
+    pub async fn put_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let raw = self
+            .send_typed(Method::PUT, path, Some(bytes), "application/octet-stream")
+            .await?;
+        let (status, _, body) = Self::collect(raw).await?;
+        if !status.is_success() {
+            return Err(Self::error_from(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// POST and read an NDJSON stream of [`StreamItem`]s, reporting progress as it comes.

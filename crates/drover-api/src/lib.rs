@@ -21,6 +21,7 @@
 //! | GET | `/vms/{name}/agent?wait_s=N` |  | [`AgentStatus`] (waits up to N s for readiness) |
 //! | POST | `/vms/{name}/exec` | [`ExecRequest`] | [`drover_proto::ExecResult`] |
 //! | GET | `/vms/{name}/console?offset=N&max=M` |  | bytes; header `x-drover-next-offset` |
+//! | GET | `/vms/{name}/console/ws` | WebSocket upgrade (token as subprotocol `bearer.TOKEN` beside `drover.console.v1`) | first a text frame [`ConsoleHello`], then the console's output as binary frames; binary or text frames from the client are typed into the guest (needs `vm.exec`) |
 //! | POST | `/vms/{name}/attach` | [`AttachRequest`] | [`ChangeResult`] |
 //! | POST | `/vms/{name}/detach` | [`DetachRequest`] | [`ChangeResult`] |
 //! | POST | `/vms/{name}/set` | [`SetRequest`] | [`ChangeResult`] |
@@ -39,6 +40,13 @@
 //! | GET | `/vms/{name}/states/{state}` |  | [`StateInfo`] |
 //! | DELETE | `/vms/{name}/states/{state}` |  | [`StateInfo`] (as it was) |
 //! | POST | `/vms/{name}/states/{state}/restore` |  | [`VmInfo`] |
+//! | POST | `/vms/{name}/states/{state}/check` | [`StateCheckRequest`] | [`StateCheck`] |
+//! | GET | `/images` |  | `Vec<DiskImage>` |
+//! | POST | `/images` | [`ImageImportRequest`] | [`DiskImage`] (admin) |
+//! | GET | `/images/{name}` |  | [`DiskImage`] |
+//! | DELETE | `/images/{name}` |  | [`DiskImage`] (as it was; admin; refused while a VM uses it) |
+//! | GET | `/vms/{name}/files` | query `path`, `offset`, `len` | the bytes; headers `x-drover-file-size`, `x-drover-file-mode`, `x-drover-eof` |
+//! | PUT | `/vms/{name}/files` | query `path`, `offset`, `done`, `mode`; the bytes (≤ 4 MiB) | [`FileWritten`] |
 //! | POST | `/vms/{name}/migrate` | [`MigrateRequest`] | NDJSON progress, then the result |
 //! | POST | `/vms/{name}/migrate/cancel` |  | nothing |
 //! | POST | `/migrations/incoming` | [`IncomingRequest`] (droverd to droverd) | [`IncomingReady`] |
@@ -51,6 +59,9 @@
 //! | GET | `/auth/tokens` |  | `Vec<TokenInfo>` |
 //! | POST | `/auth/tokens` | [`TokenCreateRequest`] | [`TokenCreated`] (the token, shown once) |
 //! | DELETE | `/auth/tokens/{name}` |  | [`TokenInfo`] (as it was) |
+//! | GET | `/auth/whoami` |  | [`WhoAmI`] (the caller, its role and permissions; viewers and up) |
+//! | GET | `/` |  | the web console's page (not under `/v1`; no token needed to load it) |
+//! | GET | `/ui/{file}` |  | the web console's scripts and styles (not under `/v1`) |
 //!
 //! On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of the
 //! `Authorization: Bearer <token>` header, with the token's role.
@@ -67,6 +78,38 @@ pub use hyper::Method;
 
 use drover_model::{Accel, PersistMode, VmConfig};
 use serde::{Deserialize, Serialize};
+
+/// The caller of a request as droverd sees it (`GET /v1/auth/whoami`): what the web console
+/// shows and which of its buttons it offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    /// How journals and errors name the caller (`token ci`, `uid 1000`).
+    pub name: String,
+    /// Its role (`admin`, `operator`, `viewer`).
+    pub role: Option<String>,
+    /// The permissions the role holds (`vm.read`, `vm.lifecycle`, `config.change`, `vm.exec`,
+    /// `config.persist`, `guest.access`, `admin`).
+    pub permissions: Vec<String>,
+}
+
+/// The first frame of a console WebSocket (`GET /v1/vms/{name}/console/ws`), as JSON text.
+/// Then come the last 64 KiB of the console log (binary), the text frame `{"live":true}`, and
+/// from then on output as the guest writes it. Refused input is answered with an
+/// [`ApiError`] as a text frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConsoleHello {
+    /// The VM.
+    pub vm: String,
+    /// Whether what the client sends is typed into the guest (the caller holds `vm.exec`).
+    pub input: bool,
+    /// Why input is off, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+/// The WebSocket subprotocol of the console stream; a client also offers `bearer.TOKEN` on
+/// TCP, since browsers cannot set an `Authorization` header on a WebSocket.
+pub const CONSOLE_PROTOCOL: &str = "drover.console.v1";
 
 /// Lifecycle state of a VM as recorded by droverd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -669,6 +712,131 @@ pub struct SavedOn {
     /// `exec:` stream; a restore reads it the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_stream: Option<String>,
+    /// The accelerator it ran under (absent from states saved before this was kept): a TCG
+    /// state's CPU state does not load under KVM, nor the reverse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+    /// The id of the host it was saved on (`drover host info`'s identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// An imported disk image (`drover image import`): VMs get thin copies of it
+/// (`vm create --disk from=NAME`), and it is never written to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DiskImage {
+    /// Its name.
+    pub name: String,
+    /// Its file in droverd's state dir (a standalone qcow2).
+    #[schema(value_type = String)]
+    pub file: std::path::PathBuf,
+    /// The guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// Where it was imported from.
+    pub source: String,
+    /// The source's format (`qcow2`, `raw`).
+    pub source_format: String,
+    /// When (ms since the epoch).
+    pub imported_at_ms: u64,
+    /// The VMs whose disks are thin copies of it.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
+/// `drover image import NAME FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportRequest {
+    /// The name to give it (1-64 of a-z, 0-9, '.', '_', '-').
+    pub name: String,
+    /// The file on the host (qcow2 or raw; a qcow2's backing chain is folded in).
+    #[schema(value_type = String)]
+    pub path: std::path::PathBuf,
+}
+
+/// The answer to a piece of `drover vm cp` into a guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FileWritten {
+    /// The guest path.
+    pub path: String,
+    /// Bytes of the file written so far.
+    pub written: u64,
+    /// The file is complete and in place.
+    pub done: bool,
+}
+
+/// What to check a saved state against (`drover snapshot check`): a target host and the shape
+/// to resume as.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateCheckRequest {
+    /// The target host, as its `GET /v1/host` answered (the CLI asks it for `--on REMOTE`);
+    /// absent: this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Box<HostInfo>>,
+    /// The target's name, for messages (a remote's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_name: Option<String>,
+    /// vCPUs to resume with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory to resume with (`2G`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+}
+
+/// Whether a saved state fits a target, difference by difference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StateCheck {
+    /// The VM.
+    pub vm: String,
+    /// The state's id.
+    pub state: String,
+    /// The target host's name (`here` for the host that answered).
+    pub target: String,
+    /// No difference blocks: the state can be restored there as asked.
+    pub fits: bool,
+    /// Every aspect compared, the same ones included.
+    pub differences: Vec<Difference>,
+}
+
+/// One aspect of a saved state compared with a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Difference {
+    /// What is compared (`qemu`, `machine`, `cpu-model`, `accelerator`, `vcpus`, ...).
+    pub what: String,
+    /// The state's value.
+    pub saved: String,
+    /// The target's (or the asked) value.
+    pub target: String,
+    /// Whether it matters.
+    pub verdict: Verdict,
+    /// What happens about it, or why it blocks.
+    pub note: String,
+}
+
+/// How a difference between a state and its target is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Nothing differs.
+    Same,
+    /// Differs, and is adapted on the way (loaded as saved, then changed live).
+    Adaptable,
+    /// Differs so that the state cannot be restored there.
+    Blocking,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Same => "same",
+            Verdict::Adaptable => "adaptable",
+            Verdict::Blocking => "blocking",
+        })
+    }
 }
 
 /// How far a saved state has come.

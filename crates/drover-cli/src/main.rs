@@ -2,6 +2,7 @@
 
 mod cluster;
 mod conventions;
+mod copy;
 mod output;
 mod remotes;
 
@@ -179,11 +180,22 @@ enum SnapshotCmd {
         state: String,
     },
     /// Restore a state: the VM (stopped, or running: it is replaced) runs from the saved moment.
+    ///
+    /// With --on REMOTE the state is checked against that host first, the VM moves there with
+    /// its states (live if it runs, else offline), and the state is restored there.
+    ///
+    /// Examples:
+    ///   drover snapshot restore web1 before-upgrade
+    ///   drover snapshot restore web1 s2 --on b2
+    #[command(verbatim_doc_comment)]
     Restore {
         /// VM name.
         vm: String,
         /// State id or name.
         state: String,
+        /// Restore it on this remote host (`drover remote list`).
+        #[arg(long, value_name = "REMOTE")]
+        on: Option<String>,
     },
     /// Delete a state.
     Delete {
@@ -191,6 +203,35 @@ enum SnapshotCmd {
         vm: String,
         /// State id or name.
         state: String,
+    },
+    /// Check, before anything changes, whether a state can be restored on a host and shape.
+    ///
+    /// Compares what the state was saved on (QEMU version, machine type, CPU model,
+    /// accelerator, host) and its shape with the target, and lists every aspect as `same`,
+    /// `adaptable` (adapted on the way: vCPUs and memory hot-plugged after the restore, another
+    /// host reached by moving the VM) or `blocking` (with the reason: a machine type the target's
+    /// QEMU lacks, a CPU model it cannot run, a shrink). `vm resume` and `snapshot restore`
+    /// refuse with the same reasons. Exits 0 when the state fits, 4 when something blocks.
+    ///
+    /// Examples:
+    ///   drover snapshot check web1 before-upgrade
+    ///   drover snapshot check web1 s2 --on b2 --cpus 4 --memory 2G
+    ///   drover snapshot check web1 s2 --on b2 --output json | jq '.differences[] | select(.verdict=="blocking")'
+    #[command(verbatim_doc_comment)]
+    Check {
+        /// VM name.
+        vm: String,
+        /// State id or name.
+        state: String,
+        /// Check against this remote host (`drover remote list`) instead of the VM's host.
+        #[arg(long, value_name = "REMOTE")]
+        on: Option<String>,
+        /// vCPUs to resume with.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory to resume with, e.g. 2G.
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
     },
 }
 
@@ -245,6 +286,30 @@ enum ImageCmd {
         /// Show a distribution image instead: `debian-12`.
         #[arg(long, value_name = "NAME", value_parser = ["debian-12"])]
         distro: Option<String>,
+    },
+    /// Import a disk image (qcow2 or raw) that VMs then get thin copies of.
+    ///
+    /// The file is copied into droverd's state dir as a standalone qcow2 (a backing chain is
+    /// folded in), checked by qemu-img, synced; the original is not needed afterwards. A VM's
+    /// disk from it is an overlay that shares the image's blocks and writes only its own; the
+    /// image itself is never written. Needs admin (it reads a host path).
+    ///
+    /// Examples:
+    ///   drover image import debian-12 /srv/images/debian-12.qcow2
+    ///   drover vm create web1 --memory 1G --disk from=debian-12,id=root,size=20G ...
+    #[command(verbatim_doc_comment)]
+    Import {
+        /// A name for it (a-z, 0-9, '.', '_', '-').
+        name: String,
+        /// The image file on the host running droverd.
+        file: PathBuf,
+    },
+    /// List imported disk images and the VMs using each.
+    List,
+    /// Delete an imported disk image (refused while a VM's disk is a copy of it).
+    Delete {
+        /// Its name.
+        name: String,
     },
 }
 
@@ -466,11 +531,12 @@ enum VmCmd {
     /// Examples:
     ///   drover vm create web1 --cpus 2 --memory 1G --disk 4G --nic user,forward=tcp:8080-:80
     ///   drover vm create db --disk size=20G,id=data --disk image=/srv/seed.qcow2,id=seed,ro
+    ///   drover vm create app1 --disk from=debian-12,id=root,size=20G   (a thin copy of an imported image)
     ///   drover vm create --file web1.toml
     ///   drover vm create deb1 --kernel K --initrd I --cmdline C --disk image=/srv/deb1.qcow2 \
     ///       --ssh-key ~/.ssh/id_ed25519.pub --user-data cloud.yaml   (see `drover image build --help`)
     ///
-    /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image, readonly),
+    /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image | from, readonly),
     /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk),
     /// [seed] (ssh_keys = [...], user_data = "...").
     ///
@@ -491,7 +557,9 @@ enum VmCmd {
         /// Memory, e.g. 512M, 2G [default: 512M].
         #[arg(long)]
         memory: Option<String>,
-        /// A disk: SIZE, size=SIZE[,id=ID][,ro], or image=/path[,id=ID][,ro]. Repeatable.
+        /// A disk: SIZE, size=SIZE[,id=ID][,ro], image=/path[,id=ID][,ro], or
+        /// from=IMAGE[,size=SIZE][,id=ID][,ro] (a thin copy of `drover image list`'s IMAGE, owned
+        /// by the VM). Repeatable.
         #[arg(long = "disk", value_name = "SPEC")]
         disks: Vec<String>,
         /// A NIC: user[,id=ID][,mac=MAC][,forward=tcp:HOSTPORT-:GUESTPORT]... or tap=IFNAME. Repeatable.
@@ -720,6 +788,10 @@ enum VmCmd {
         /// create, and steps of 128M).
         #[arg(long, value_name = "SIZE")]
         memory: Option<String>,
+        /// Resume it on this remote host (`drover remote list`): checked there first, then its
+        /// state and disks move as `vm migrate --offline` moves them, then it resumes there.
+        #[arg(long, value_name = "REMOTE")]
+        on: Option<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -744,12 +816,39 @@ enum VmCmd {
         name: String,
     },
     /// Print the VM's serial console log.
+    ///
+    /// To type into the console, use the web console: droverd --listen ADDR:PORT serves it at
+    /// https://ADDR:PORT/ (open the VM, log in with a token whose role has vm.exec).
+    ///
+    /// Example: drover vm console web1 --follow
+    #[command(verbatim_doc_comment)]
     Console {
         /// VM name.
         name: String,
         /// Keep printing new output (Ctrl-C to stop).
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Copy a file into or out of a running guest, through its agent (binary-safe, any size).
+    ///
+    /// Name the guest side VM:/path. A copy into the guest is written beside the target and
+    /// renamed over it once complete and synced, so the old file stays whole until then; it
+    /// takes the local file's mode unless --mode says otherwise. A copy out is written the same
+    /// way locally. '-' is standard input or output. Needs vm.exec.
+    ///
+    /// Examples:
+    ///   drover vm cp ./drover-agent_0.1.0_amd64.deb web1:/tmp/
+    ///   drover vm cp web1:/var/log/syslog ./syslog
+    ///   tar c ./site | drover vm cp - web1:/srv/site.tar --mode 600
+    #[command(verbatim_doc_comment)]
+    Cp {
+        /// From: a local path, or VM:/path in a guest.
+        src: String,
+        /// To: VM:/path (VM:/dir/ keeps the file's name), or a local path.
+        dst: String,
+        /// Permission bits of the file made in the guest, octal (e.g. 755).
+        #[arg(long, value_name = "OCTAL")]
+        mode: Option<String>,
     },
     /// Run a command inside the guest through its agent; exits with the command's exit code.
     ///
@@ -1051,7 +1150,15 @@ fn durability_note(vm: &str, id: &str, memory: u64) -> String {
     )
 }
 
-fn seg(name: &str) -> anyhow::Result<String> {
+/// An image name as a URL segment.
+fn image_seg(name: &str) -> anyhow::Result<String> {
+    if !drover_model::valid_image_name(name) {
+        anyhow::bail!("invalid image name {name:?}: use a-z, 0-9, '.', '_' and '-'");
+    }
+    Ok(name.to_string())
+}
+
+pub(crate) fn seg(name: &str) -> anyhow::Result<String> {
     // Names are validated by the daemon; refuse path tricks before they reach a URL.
     if name.is_empty()
         || !name
@@ -1088,6 +1195,37 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             };
             let i: drover_api::ImageInfo = c.get(&path).await?;
             out.image(&i);
+        }
+        Cmd::Image(ImageCmd::Import { name, file }) => {
+            let path = std::path::absolute(&file)
+                .with_context(|| format!("resolving {}", file.display()))?;
+            let p = out.progress(&format!("importing {} as {name}", path.display()));
+            let i: drover_api::DiskImage = c
+                .post("/v1/images", &drover_api::ImageImportRequest { name, path })
+                .await?;
+            p.done(&format!(
+                "imported {} ({} virtual, {} on disk)",
+                i.name,
+                format_size(i.virtual_size),
+                format_size(i.bytes)
+            ));
+            out.json_only(&i);
+        }
+        Cmd::Image(ImageCmd::List) => {
+            let list: Vec<drover_api::DiskImage> = c.get("/v1/images").await?;
+            out.disk_images(&list);
+        }
+        Cmd::Image(ImageCmd::Delete { name }) => {
+            let i: drover_api::DiskImage = c
+                .call::<(), _>(
+                    drover_api::Method::DELETE,
+                    &format!("/v1/images/{}", image_seg(&name)?),
+                    None,
+                )
+                .await?;
+            let p = out.progress("");
+            p.done(&format!("deleted image {}", i.name));
+            out.json_only(&i);
         }
         Cmd::Image(ImageCmd::Build { force, distro }) => {
             let p = out.progress("building the guest image");
@@ -1170,7 +1308,21 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
                     .await?;
                 out.state(&st);
             }
-            SnapshotCmd::Restore { vm, state } => {
+            SnapshotCmd::Restore { vm, state, on } => {
+                let mut target = c.clone();
+                if let Some(r) = &on {
+                    let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(&vm)?)).await?;
+                    if let Some(code) = check_on(&c, out, &vm, &state, r, None, None).await? {
+                        return Ok(code);
+                    }
+                    let opts = MigrateOpts {
+                        offline: v.state != drover_api::VmState::Running,
+                        ..Default::default()
+                    };
+                    migrate_vm(&c, out, &vm, r, opts).await?;
+                    target = remote_client(r)?;
+                }
+                let c = &target;
                 let p = out.progress(&format!("restoring {state} of {vm}"));
                 let v: VmInfo = c
                     .post(
@@ -1183,6 +1335,40 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
                     v.pid.unwrap_or(0)
                 ));
                 out.json_only(&v);
+            }
+            SnapshotCmd::Check {
+                vm,
+                state,
+                on,
+                cpus,
+                memory,
+            } => {
+                let target = match &on {
+                    None => None,
+                    Some(r) => {
+                        let all = remotes::Remotes::load(&remotes::config_file()?)?;
+                        let h: drover_api::HostInfo =
+                            all.get(r)?
+                                .client()?
+                                .get("/v1/host")
+                                .await
+                                .with_context(|| format!("asking {r} what it offers"))?;
+                        Some(Box::new(h))
+                    }
+                };
+                let r: drover_api::StateCheck = c
+                    .post(
+                        &format!("/v1/vms/{}/states/{}/check", seg(&vm)?, seg(&state)?),
+                        &drover_api::StateCheckRequest {
+                            target,
+                            target_name: on,
+                            cpus,
+                            memory,
+                        },
+                    )
+                    .await?;
+                out.state_check(&r);
+                return Ok(if r.fits { 0 } else { 4 });
             }
             SnapshotCmd::Delete { vm, state } => {
                 let st: drover_api::StateInfo = c
@@ -1522,57 +1708,23 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                 return Ok(0);
             }
             let to_name = to.context("--to REMOTE is required")?;
-            let all = remotes::Remotes::load(&remotes::config_file()?)?;
-            let spec = all.get(&to_name)?.clone();
             let bandwidth = bandwidth
                 .map(|b| drover_model::parse_size(&b))
                 .transpose()
                 .context("--bandwidth")?;
-            let p = out.progress(&format!("migrating {name} to {to_name}"));
-            let (mut last_stage, mut last_line) = (String::new(), Instant::now());
-            let r: drover_api::MigrateResult = c
-                .post_stream(
-                    &format!("/v1/vms/{}/migrate", seg(&name)?),
-                    &drover_api::MigrateRequest {
-                        to: spec,
-                        to_name: to_name.clone(),
-                        shared_storage,
-                        offline,
-                        downtime_ms,
-                        bandwidth,
-                    },
-                    |line| {
-                        // Without a spinner, a line per stage or per second, not per update.
-                        let text = migrate_line(line);
-                        let stage = text.split(':').next().unwrap_or_default().to_string();
-                        if p.is_live()
-                            || stage != last_stage
-                            || last_line.elapsed() >= Duration::from_secs(1)
-                        {
-                            p.set(&text);
-                            last_stage = stage;
-                            last_line = Instant::now();
-                        }
-                    },
-                )
-                .await?;
-            p.done(&if r.offline {
-                format!(
-                    "{name} moved to {} (offline, {} of disks) in {:.1}s",
-                    r.to,
-                    output::fmt_bytes(r.disk_bytes),
-                    r.total_ms as f64 / 1000.0
-                )
-            } else {
-                format!(
-                    "{name} now runs on {} after {:.1}s; the guest was paused {} ms ({} of memory, {} of disks copied)",
-                    r.to,
-                    r.total_ms as f64 / 1000.0,
-                    r.downtime_ms,
-                    output::fmt_bytes(r.ram_bytes),
-                    output::fmt_bytes(r.disk_bytes)
-                )
-            });
+            let r = migrate_vm(
+                c,
+                out,
+                &name,
+                &to_name,
+                MigrateOpts {
+                    shared_storage,
+                    offline,
+                    downtime_ms,
+                    bandwidth,
+                },
+            )
+            .await?;
             out.json_only(&r);
         }
         VmCmd::Stop {
@@ -1636,8 +1788,28 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             name,
             cpus,
             memory,
+            on,
             wait,
         } => {
+            let mut target = c.clone();
+            if let Some(r) = &on {
+                let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(&name)?)).await?;
+                let Some(h) = v.hibernation else {
+                    out.error(&anyhow::anyhow!("VM {name} is {}, not hibernated", v.state));
+                    return Ok(4);
+                };
+                let (cpus, memory) = (cpus, memory.clone());
+                if let Some(code) = check_on(c, out, &name, &h.state, r, cpus, memory).await? {
+                    return Ok(code);
+                }
+                let opts = MigrateOpts {
+                    offline: true,
+                    ..Default::default()
+                };
+                migrate_vm(c, out, &name, r, opts).await?;
+                target = remote_client(r)?;
+            }
+            let c = &target;
             let p = out.progress(&format!("resuming {name}"));
             let v: VmInfo = c
                 .post(
@@ -1702,6 +1874,10 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+        }
+        VmCmd::Cp { src, dst, mode } => {
+            let r = copy::copy(c, out, &src, &dst, mode.as_deref()).await?;
+            out.json_only(&r);
         }
         VmCmd::Exec {
             name,
@@ -1780,6 +1956,122 @@ async fn start_vm(
         out.json_only(&v);
     }
     Ok(0)
+}
+
+/// How `vm migrate` moves a VM (its flags).
+#[derive(Debug, Default, Clone, Copy)]
+struct MigrateOpts {
+    shared_storage: bool,
+    offline: bool,
+    downtime_ms: Option<u64>,
+    bandwidth: Option<u64>,
+}
+
+/// Move VM `name` to remote `to_name`, showing progress; what `vm migrate` and the `--on REMOTE`
+/// of `vm resume` and `snapshot restore` do.
+async fn migrate_vm(
+    c: &Client,
+    out: &Out,
+    name: &str,
+    to_name: &str,
+    opts: MigrateOpts,
+) -> anyhow::Result<drover_api::MigrateResult> {
+    let all = remotes::Remotes::load(&remotes::config_file()?)?;
+    let spec = all.get(to_name)?.clone();
+    let p = out.progress(&format!("migrating {name} to {to_name}"));
+    let (mut last_stage, mut last_line) = (String::new(), Instant::now());
+    let r: drover_api::MigrateResult = c
+        .post_stream(
+            &format!("/v1/vms/{}/migrate", seg(name)?),
+            &drover_api::MigrateRequest {
+                to: spec,
+                to_name: to_name.to_string(),
+                shared_storage: opts.shared_storage,
+                offline: opts.offline,
+                downtime_ms: opts.downtime_ms,
+                bandwidth: opts.bandwidth,
+            },
+            |line| {
+                // Without a spinner, a line per stage or per second, not per update.
+                let text = migrate_line(line);
+                let stage = text.split(':').next().unwrap_or_default().to_string();
+                if p.is_live()
+                    || stage != last_stage
+                    || last_line.elapsed() >= Duration::from_secs(1)
+                {
+                    p.set(&text);
+                    last_stage = stage;
+                    last_line = Instant::now();
+                }
+            },
+        )
+        .await?;
+    p.done(&if r.offline {
+        format!(
+            "{name} moved to {} (offline, {} of disks) in {:.1}s",
+            r.to,
+            output::fmt_bytes(r.disk_bytes),
+            r.total_ms as f64 / 1000.0
+        )
+    } else {
+        format!(
+            "{name} now runs on {} after {:.1}s; the guest was paused {} ms ({} of memory, {} of disks copied)",
+            r.to,
+            r.total_ms as f64 / 1000.0,
+            r.downtime_ms,
+            output::fmt_bytes(r.ram_bytes),
+            output::fmt_bytes(r.disk_bytes)
+        )
+    });
+    Ok(r)
+}
+
+/// A client for remote `name`.
+fn remote_client(name: &str) -> anyhow::Result<Client> {
+    let all = remotes::Remotes::load(&remotes::config_file()?)?;
+    Ok(all.get(name)?.client()?)
+}
+
+/// Check state `state` of `vm` against remote `on` before moving anything: `Some(4)` (the
+/// blocking lines printed) when it does not fit.
+async fn check_on(
+    c: &Client,
+    out: &Out,
+    vm: &str,
+    state: &str,
+    on: &str,
+    cpus: Option<u32>,
+    memory: Option<String>,
+) -> anyhow::Result<Option<u8>> {
+    let h: drover_api::HostInfo = remote_client(on)?
+        .get("/v1/host")
+        .await
+        .with_context(|| format!("asking {on} what it offers"))?;
+    let r: drover_api::StateCheck = c
+        .post(
+            &format!("/v1/vms/{}/states/{}/check", seg(vm)?, seg(state)?),
+            &drover_api::StateCheckRequest {
+                target: Some(Box::new(h)),
+                target_name: Some(on.to_string()),
+                cpus,
+                memory,
+            },
+        )
+        .await?;
+    if r.fits {
+        return Ok(None);
+    }
+    let why: Vec<&str> = r
+        .differences
+        .iter()
+        .filter(|d| d.verdict == drover_api::Verdict::Blocking)
+        .map(|d| d.note.as_str())
+        .collect();
+    out.error(&anyhow::anyhow!(
+        "state {state} of {vm} cannot be restored on {on}, nothing was moved: {}",
+        why.join("; ")
+    ));
+    Ok(Some(4))
 }
 
 async fn wait_agent(c: &Client, out: &Out, name: &str, timeout: u64) -> anyhow::Result<()> {

@@ -290,7 +290,11 @@ impl Out {
         }
         for d in &c.disks {
             let owner = match v.unwritten.get(d.id.as_str()) {
-                _ if d.owned => String::new(),
+                _ if d.owned => d
+                    .base
+                    .as_ref()
+                    .map(|b| format!(" (a thin copy of image {b})"))
+                    .unwrap_or_default(),
                 Some(layer) => format!(
                     " (yours, kept on delete; its latest data is in {} since a save, written back into it on delete)",
                     layer.display()
@@ -633,6 +637,63 @@ impl Out {
             ]);
         }
         println!("{t}");
+    }
+
+    /// `drover image list`.
+    pub fn disk_images(&self, list: &[drover_api::DiskImage]) {
+        if self.json {
+            return self.print_json(&list);
+        }
+        if list.is_empty() {
+            println!("no imported images (add one with `drover image import NAME FILE`)");
+            return;
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header(["NAME", "SIZE", "ON DISK", "FROM", "IMPORTED", "USED BY"]);
+        for i in list {
+            t.add_row([
+                i.name.clone(),
+                fmt_bytes(i.virtual_size),
+                fmt_bytes(i.bytes),
+                format!("{} ({})", i.source, i.source_format),
+                format!("{} ago", age(i.imported_at_ms)),
+                if i.used_by.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.used_by.join(", ")
+                },
+            ]);
+        }
+        println!("{t}");
+    }
+
+    /// `drover snapshot check`.
+    pub fn state_check(&self, r: &drover_api::StateCheck) {
+        if self.json {
+            return self.print_json(r);
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header(["WHAT", "SAVED", "TARGET", "VERDICT", "NOTE"]);
+        for d in &r.differences {
+            t.add_row([
+                d.what.clone(),
+                d.saved.clone(),
+                d.target.clone(),
+                d.verdict.to_string(),
+                d.note.clone(),
+            ]);
+        }
+        println!("{t}");
+        if r.fits {
+            println!("state {} of {} fits {}", r.state, r.vm, r.target);
+        } else {
+            println!(
+                "state {} of {} cannot be restored on {}: see the blocking lines",
+                r.state, r.vm, r.target
+            );
+        }
     }
 
     /// `drover snapshot show`.

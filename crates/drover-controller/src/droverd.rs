@@ -111,6 +111,7 @@ impl HostDriver for Droverd {
                         id: Some("data".into()),
                         size: Some(format_size(app.needs.disk)),
                         image: None,
+                        from: None,
                         readonly: false,
                     });
                 }

@@ -108,14 +108,35 @@ fn resolve_caller(parts: &axum::http::request::Parts, m: &Manager) -> Result<Cal
     let header = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    token_caller(parts.extensions.get::<Arc<TokenStore>>(), header).inspect_err(|f| {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| websocket_bearer(&parts.headers).map(|t| format!("Bearer {t}")));
+    token_caller(parts.extensions.get::<Arc<TokenStore>>(), header.as_deref()).inspect_err(|f| {
         let n = failures.map(|t| t.failed(addr.ip())).unwrap_or(0);
         let ip = addr.ip().to_string();
         if let Some(held_back) = TCP_REFUSALS.allow(&ip) {
             tracing::info!(peer = %addr, failures_in_window = n, refused_since_last_line = held_back, error = %f.0.message, "refused a TCP caller");
         }
     })
+}
+
+/// The token a browser's WebSocket brings: it cannot set `Authorization`, so it offers the
+/// subprotocol `bearer.TOKEN` beside [`drover_api::CONSOLE_PROTOCOL`] (a header, unlike a URL's
+/// query, that access logs do not keep). Looked at only on WebSocket upgrades.
+fn websocket_bearer(headers: &HeaderMap) -> Option<String> {
+    let upgrade = headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return None;
+    }
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("bearer.").map(str::to_string))
 }
 
 /// Body limit of most routes: specs, changes and requests are small.
@@ -133,9 +154,12 @@ fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
     let tail = route.strip_prefix("/v1/vms/{name}").unwrap_or("");
     let on_vm = route.starts_with("/v1/vms/{name}");
     let p = match (method, route) {
+        (&Method::GET, "/v1/auth/whoami") => Read,
         (_, r) if r.starts_with("/v1/auth") || r.starts_with("/v1/migrations") => Admin,
         (&Method::POST, "/v1/image/build") => Admin,
         (_, _) if on_vm && (tail.starts_with("/guest-access") || tail == "/audit") => GuestAccess,
+        // Reading or writing any file in the guest is as much as running a command there.
+        (_, _) if on_vm && tail == "/files" => Exec,
         (&Method::GET, _) => Read,
         (&Method::POST, "/v1/vms") => Lifecycle,
         (&Method::POST, _) if on_vm && matches!(tail, "/attach" | "/detach" | "/set") => Change,
@@ -150,6 +174,7 @@ fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
     let limit = match route {
         "/v1/migrations/incoming" => INCOMING_BODY,
         "/v1/vms/{name}/exec" => EXEC_BODY,
+        "/v1/vms/{name}/files" => crate::manager::MAX_FILE_REQUEST,
         _ => SMALL_BODY,
     };
     (p, limit)
@@ -270,6 +295,10 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
     let (r, _) = routes().split_for_parts();
     let r = r
         .route_layer(axum::middleware::from_fn_with_state(mgr.clone(), gate))
+        // The web console's page and files load before anyone logs in: outside the gate. They
+        // hold no data; what the page shows it asks the API for, with the user's token.
+        .route(WEB_ROUTES[0], axum::routing::get(crate::web::index))
+        .route(WEB_ROUTES[1], axum::routing::get(crate::web::file))
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such API route")) })
         // The gate sets each route's limit; this only lifts axum's own default to the largest.
         .layer(axum::extract::DefaultBodyLimit::max(INCOMING_BODY))
@@ -312,6 +341,8 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
         .routes(routes!(agent))
         .routes(routes!(exec))
         .routes(routes!(console))
+        .routes(routes!(console_ws))
+        .routes(routes!(file_get, file_put))
         .routes(routes!(attach))
         .routes(routes!(detach))
         .routes(routes!(set))
@@ -327,6 +358,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
         .routes(routes!(states_list, state_create))
         .routes(routes!(state_show, state_delete))
         .routes(routes!(state_restore))
+        .routes(routes!(state_check))
         .routes(routes!(migrate))
         .routes(routes!(migrate_cancel))
         // A VM's records (its journal and audit trail grow with its life) come in one request.
@@ -335,9 +367,12 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
         .routes(routes!(incoming_abort))
         .routes(routes!(image))
         .routes(routes!(image_build))
+        .routes(routes!(images_list, image_import))
+        .routes(routes!(image_show, image_delete))
         .routes(routes!(roles, grant))
         .routes(routes!(tokens_list, token_create))
         .routes(routes!(token_revoke))
+        .routes(routes!(whoami))
 }
 
 /// The errors each operation answers besides those every route can (401, 403, 429, 500, and
@@ -345,6 +380,13 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
 /// document lists each with [`error_answer`]'s description. A test checks every row names a
 /// served operation.
 const ROUTE_ERRORS: &[(&str, &str, &[u16])] = &[
+    ("GET", "/v1/vms/{name}/console/ws", &[404, 429]),
+    ("GET", "/v1/vms/{name}/files", &[400, 404, 409, 503, 504]),
+    ("PUT", "/v1/vms/{name}/files", &[400, 404, 409, 503, 504]),
+    ("POST", "/v1/vms/{name}/states/{state}/check", &[400, 404]),
+    ("GET", "/v1/images/{name}", &[404]),
+    ("POST", "/v1/images", &[400, 409, 507]),
+    ("DELETE", "/v1/images/{name}", &[404, 409]),
     ("GET", "/v1/events", &[400]),
     ("POST", "/v1/vms", &[400, 409, 507]),
     ("GET", "/v1/vms/{name}", &[404]),
@@ -410,6 +452,10 @@ fn error_answer(status: u16) -> &'static str {
         _ => "Something failed inside droverd (`internal`)",
     }
 }
+
+/// The web console's page and files: served beside the API, not part of it (HTML and scripts,
+/// no data), so not in the API document.
+pub const WEB_ROUTES: [&str; 2] = ["/", "/ui/{file}"];
 
 /// Routes anyone who reaches the API may read, with or without a token (a token is not even
 /// looked at, so a wrong one is not counted against its address). The document is the same
@@ -1275,6 +1321,24 @@ async fn state_restore(
 }
 
 #[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/states/{state}/check",
+    tag = "states",
+    summary = "Compare a saved state with a host and shape: same, adaptable or blocking, line by line",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    request_body = drover_api::StateCheckRequest,
+    responses((status = 200, description = "Done", body = drover_api::StateCheck)),
+)]
+async fn state_check(
+    State(m): State<Manager>,
+    who: Who,
+    Path((name, state)): Path<(String, String)>,
+    Body(req): Body<drover_api::StateCheckRequest>,
+) -> Res<drover_api::StateCheck> {
+    Ok(Json(m.check_state(&name, &state, &req, &who.0)?))
+}
+
+#[utoipa::path(
     delete,
     path = "/v1/vms/{name}/states/{state}",
     tag = "states",
@@ -1513,6 +1577,271 @@ async fn console(
     Ok((headers, bytes).into_response())
 }
 
+/// Console WebSockets open at once (each polls its VM's log); more are refused with 429.
+const CONSOLE_SOCKETS_MAX: usize = 64;
+static CONSOLE_SOCKETS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(CONSOLE_SOCKETS_MAX)));
+/// The largest frame a console client may send (keystrokes and pastes).
+const CONSOLE_FRAME_MAX: usize = 64 << 10;
+/// How much of the log a new console session starts with.
+const CONSOLE_BACKLOG: u64 = 64 << 10;
+/// How often a session looks for new output.
+const CONSOLE_POLL: Duration = Duration::from_millis(100);
+/// A client that has sent nothing (not even a pong to our pings) this long is gone.
+const CONSOLE_SILENCE: Duration = Duration::from_secs(60);
+
+/// `GET /v1/vms/NAME/console/ws`: the serial console as a WebSocket. Output for everyone who
+/// may read the VM; input only for callers with `vm.exec` (root in the guest's shell is what
+/// `vm exec` gives too). See [`drover_api::ConsoleHello`].
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/console/ws",
+    tag = "vms",
+    summary = "The serial console as a WebSocket: a ConsoleHello text frame, then output as binary frames; frames from a client with vm.exec are typed into the guest",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, body = drover_api::ConsoleHello, description = "Switching to the WebSocket protocol (101 in fact; its first frame is this)")),
+)]
+async fn console_ws(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response, Failure> {
+    need(&who, Permission::Read)?;
+    m.get(&name)?;
+    let permit = CONSOLE_SOCKETS.clone().try_acquire_owned().map_err(|_| {
+        Failure(ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!("{CONSOLE_SOCKETS_MAX} consoles are open on this host; close one and retry"),
+        ))
+    })?;
+    let input = who.0.require(Permission::Exec);
+    let hello = drover_api::ConsoleHello {
+        vm: name.clone(),
+        input: input.is_ok(),
+        why: input.err().map(|e| e.to_string()),
+    };
+    Ok(ws
+        .protocols([drover_api::CONSOLE_PROTOCOL])
+        .max_message_size(CONSOLE_FRAME_MAX)
+        .max_frame_size(CONSOLE_FRAME_MAX)
+        .on_upgrade(move |socket| async move {
+            console_session(m, hello, socket).await;
+            drop(permit);
+        }))
+}
+
+/// One console session: the log's recent output, then new output as it comes; the client's
+/// frames typed into the guest when the hello allowed it.
+async fn console_session(
+    m: Manager,
+    hello: drover_api::ConsoleHello,
+    mut socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    let name = hello.vm.clone();
+    if socket.send(json_frame(&hello)).await.is_err() {
+        return;
+    }
+    let start = std::fs::metadata(m.console_path(&name))
+        .map(|md| md.len().saturating_sub(CONSOLE_BACKLOG))
+        .unwrap_or(0);
+    // The backlog, then the mark after which output is live: a terminal must not answer the
+    // queries in old output (a shell's cursor-position request), or the guest reads the answers.
+    let mut offset = match m.console(&name, start, CONSOLE_BACKLOG as usize) {
+        Ok((bytes, next)) => {
+            if !bytes.is_empty() && socket.send(Message::Binary(bytes.into())).await.is_err() {
+                return;
+            }
+            next
+        }
+        Err(_) => start,
+    };
+    if socket
+        .send(json_frame(&serde_json::json!({"live": true})))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut tick = tokio::time::interval(CONSOLE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
+    let mut pinged = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            msg = socket.recv() => {
+                heard = tokio::time::Instant::now();
+                let bytes = match msg {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Text(t))) => axum::body::Bytes::from(t.as_str().to_owned()),
+                    Some(Ok(_)) => continue,
+                };
+                let refused = if hello.input {
+                    m.console_input(&name, &bytes).await.err().map(ApiError::from)
+                } else {
+                    Some(ApiError::new(
+                        ErrorCode::Forbidden,
+                        hello.why.clone().unwrap_or_default(),
+                    ))
+                };
+                if let Some(e) = refused {
+                    if socket.send(json_frame(&e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if heard.elapsed() > CONSOLE_SILENCE {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                if pinged.elapsed() > CONSOLE_SILENCE / 3 {
+                    pinged = tokio::time::Instant::now();
+                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+                let (bytes, next) = match m.console(&name, offset, CONSOLE_FRAME_MAX) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The VM is gone: say why, then end.
+                        let _ = socket.send(json_frame(&ApiError::from(e))).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                };
+                offset = next;
+                if !bytes.is_empty() && socket.send(Message::Binary(bytes.into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A console control frame: JSON text.
+fn json_frame(v: &impl serde::Serialize) -> axum::extract::ws::Message {
+    axum::extract::ws::Message::Text(serde_json::to_string(v).unwrap_or_default().into())
+}
+
+/// `GET /v1/auth/whoami`: the caller, its role and what that role may do.
+#[utoipa::path(
+    get,
+    path = "/v1/auth/whoami",
+    tag = "auth",
+    summary = "The caller, its role and what it may do",
+    responses((status = 200, description = "Done", body = drover_api::WhoAmI)),
+)]
+async fn whoami(who: Who) -> Res<drover_api::WhoAmI> {
+    let c = &who.0;
+    Ok(Json(drover_api::WhoAmI {
+        name: c.name.clone(),
+        role: c.role.map(|r| r.to_string()),
+        permissions: Permission::ALL
+            .iter()
+            .filter(|p| c.role.is_some_and(|r| r.allows(**p)))
+            .map(|p| p.name().to_string())
+            .collect(),
+    }))
+}
+
+/// Where in a guest file a `vm cp` request reads or writes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct FileQuery {
+    path: String,
+    #[serde(default)]
+    offset: u64,
+    /// Read: at most this many bytes.
+    #[serde(default = "default_file_len")]
+    len: usize,
+    /// Write: the last request of the file.
+    #[serde(default)]
+    done: bool,
+    /// Write: the finished file's mode, octal (`755`).
+    #[serde(default)]
+    mode: Option<String>,
+}
+fn default_file_len() -> usize {
+    crate::manager::MAX_FILE_REQUEST
+}
+
+/// The headers a file read answers with.
+const FILE_SIZE: &str = "x-drover-file-size";
+const FILE_MODE: &str = "x-drover-file-mode";
+const FILE_EOF: &str = "x-drover-eof";
+
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/files",
+    tag = "vms",
+    summary = "Read a piece of a file in the guest (vm cp)",
+    params(("name" = String, Path, description = "The VM's name"), FileQuery),
+    responses((status = 200, body = String, content_type = "application/octet-stream", headers(("x-drover-file-size" = u64, description = "The file's size"), ("x-drover-file-mode" = String, description = "Its mode, octal"), ("x-drover-eof" = bool, description = "Whether this piece ends the file")))),
+)]
+async fn file_get(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, Failure> {
+    let r = m.file_get(&name, &q.path, q.offset, q.len, &who.0).await?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in [
+        (FILE_SIZE, r.size.to_string()),
+        (FILE_MODE, format!("{:o}", r.mode)),
+        (FILE_EOF, r.eof.to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.insert(k, v);
+        }
+    }
+    Ok((headers, r.data).into_response())
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/vms/{name}/files",
+    tag = "vms",
+    summary = "Write a piece of a file in the guest (vm cp; renamed into place once done)",
+    params(("name" = String, Path, description = "The VM's name"), FileQuery),
+    request_body(content = String, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Done", body = drover_api::FileWritten)),
+)]
+async fn file_put(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+    Query(q): Query<FileQuery>,
+    data: axum::body::Bytes,
+) -> Res<drover_api::FileWritten> {
+    let mode = q
+        .mode
+        .as_deref()
+        .map(|t| u32::from_str_radix(t, 8))
+        .transpose()
+        .ok()
+        .flatten()
+        .filter(|m| *m <= 0o7777);
+    if q.mode.is_some() && mode.is_none() {
+        return Err(Failure(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "mode must be octal permission bits, e.g. 755",
+        )));
+    }
+    let written = m
+        .file_put(&name, &q.path, q.offset, &data, q.done, mode, &who.0)
+        .await?;
+    Ok(Json(drover_api::FileWritten {
+        path: q.path,
+        written,
+        done: q.done,
+    }))
+}
+
 #[utoipa::path(
     get,
     path = "/v1/image",
@@ -1554,6 +1883,69 @@ struct ImageQuery {
     /// A distribution image (`debian-12`) instead of the default one.
     #[serde(default)]
     distro: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/images",
+    tag = "image",
+    summary = "Imported disk images",
+    responses((status = 200, description = "Done", body = Vec<drover_api::DiskImage>)),
+)]
+async fn images_list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::DiskImage>> {
+    need(&who, Permission::Read)?;
+    Ok(Json(m.images()?))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/images/{name}",
+    tag = "image",
+    summary = "One disk image",
+    params(("name" = String, Path, description = "The image's name")),
+    responses((status = 200, description = "Done", body = drover_api::DiskImage)),
+)]
+async fn image_show(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::DiskImage> {
+    need(&who, Permission::Read)?;
+    Ok(Json(m.image_get(&name)?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/images",
+    tag = "image",
+    summary = "Import a disk image (copied in as a checked standalone qcow2)",
+    request_body = drover_api::ImageImportRequest,
+    responses((status = 200, description = "Done", body = drover_api::DiskImage)),
+)]
+async fn image_import(
+    State(m): State<Manager>,
+    who: Who,
+    Body(req): Body<drover_api::ImageImportRequest>,
+) -> Res<drover_api::DiskImage> {
+    Ok(Json(
+        detached(async move { m.image_import(&req, &who.0).await }).await?,
+    ))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/images/{name}",
+    tag = "image",
+    summary = "Delete a disk image (refused while a VM uses it)",
+    params(("name" = String, Path, description = "The image's name")),
+    responses((status = 200, description = "Done", body = drover_api::DiskImage)),
+)]
+async fn image_delete(
+    State(m): State<Manager>,
+    who: Who,
+    Path(name): Path<String>,
+) -> Res<drover_api::DiskImage> {
+    Ok(Json(m.image_delete(&name, &who.0).await?))
 }
 
 /// Streams progress lines, then the result, as NDJSON.
@@ -1776,6 +2168,7 @@ mod tests {
             (&get, "/v1/vms/{name}/agent", Read, SMALL_BODY),
             (&post, "/v1/vms/{name}/exec", Exec, EXEC_BODY),
             (&get, "/v1/vms/{name}/console", Read, SMALL_BODY),
+            (&get, "/v1/vms/{name}/console/ws", Read, SMALL_BODY),
             (&post, "/v1/vms/{name}/attach", Change, SMALL_BODY),
             (&post, "/v1/vms/{name}/detach", Change, SMALL_BODY),
             (&post, "/v1/vms/{name}/set", Change, SMALL_BODY),
@@ -1826,6 +2219,7 @@ mod tests {
             (&get, "/v1/auth/tokens", Admin, SMALL_BODY),
             (&post, "/v1/auth/tokens", Admin, SMALL_BODY),
             (&del, "/v1/auth/tokens/{name}", Admin, SMALL_BODY),
+            (&get, "/v1/auth/whoami", Read, SMALL_BODY),
             (&Method::PUT, "/v1/somewhere/new", Admin, SMALL_BODY),
         ] {
             assert_eq!(route_rule(m, route), (need, limit), "{m} {route}");
@@ -2046,9 +2440,10 @@ mod tests {
     async fn the_router_serves_exactly_the_documented_operations() {
         let src = include_str!("api.rs");
         let code = &src[..src.find("#[cfg(test)]").unwrap_or(src.len())];
-        assert!(
-            !code.contains(concat!(".route", "(")),
-            "a route added with .route() is not in the API document: use a #[utoipa::path] handler in routes()"
+        assert_eq!(
+            code.matches(concat!(".route", "(")).count(),
+            WEB_ROUTES.len(),
+            "a route added with .route() is not in the API document: use a #[utoipa::path] handler in routes() (only the web console's pages are served outside it)"
         );
         let dir = tempfile::tempdir().unwrap();
         let app = router(Manager::for_tests(dir.path(), Default::default()).await);
@@ -2290,6 +2685,67 @@ mod tests {
         assert_eq!(status, StatusCode::OK, "the address was not blocked");
         let (status, _) = get("/v1/events", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "events need a token");
+    }
+
+    #[tokio::test]
+    async fn whoami_names_the_caller_and_what_its_role_may_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let tokens = Arc::new(TokenStore::new(&dir.path().join("tokens")));
+        let (viewer, _) = tokens.create(Role::Viewer, Some("v")).unwrap();
+        let (operator, _) = tokens.create(Role::Operator, Some("o")).unwrap();
+        let app = router_with(m, Some(tokens));
+        let ask = |headers: Vec<(&'static str, String)>| {
+            let app = app.clone();
+            async move {
+                let mut b = axum::http::Request::builder().uri("/v1/auth/whoami");
+                for (k, v) in headers {
+                    b = b.header(k, v);
+                }
+                let mut req = b.body(axum::body::Body::empty()).unwrap();
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(Peer {
+                        uid: None,
+                        remote: Some(([127, 0, 0, 1], 40000).into()),
+                    }));
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+                )
+            }
+        };
+        let (status, v) = ask(vec![("authorization", format!("Bearer {viewer}"))]).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["role"], "viewer");
+        assert_eq!(v["permissions"], serde_json::json!(["vm.read"]));
+        let (_, v) = ask(vec![("authorization", format!("Bearer {operator}"))]).await;
+        assert_eq!(
+            v["permissions"],
+            serde_json::json!(["vm.read", "vm.lifecycle", "config.change", "vm.exec"])
+        );
+        // A WebSocket upgrade may bring its token as a subprotocol; a plain request may not.
+        let ws = |upgrade: bool| {
+            let mut h = vec![(
+                "sec-websocket-protocol",
+                format!("drover.console.v1, bearer.{operator}"),
+            )];
+            if upgrade {
+                h.push(("upgrade", "websocket".to_string()));
+            }
+            h
+        };
+        let (status, v) = ask(ws(true)).await;
+        assert_eq!(
+            (status, &v["name"]),
+            (StatusCode::OK, &serde_json::json!("token o"))
+        );
+        let (status, _) = ask(ws(false)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 
     #[test]

@@ -37,6 +37,17 @@ pub enum Permission {
 }
 
 impl Permission {
+    /// Every permission, for listing what a role holds.
+    pub const ALL: [Permission; 7] = [
+        Permission::Read,
+        Permission::Lifecycle,
+        Permission::Change,
+        Permission::Exec,
+        Permission::ConfigPersist,
+        Permission::GuestAccess,
+        Permission::Admin,
+    ];
+
     /// The permission's name as errors and docs spell it.
     pub fn name(self) -> &'static str {
         match self {

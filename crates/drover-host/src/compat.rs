@@ -7,7 +7,8 @@
 //! 7.2 → 10.0 works and 10.0 → 7.2 does not (7.2 has no `pc-q35-10.0`). An unpinned VM (created
 //! before pinning: `q35`, `-cpu max`) fits only a QEMU where those aliases mean the same.
 
-use drover_api::{QemuFacts, SavedOn};
+use drover_api::{Difference, QemuFacts, SavedOn, Verdict};
+use drover_model::Accel;
 use drover_model::Platform;
 
 /// `7.2` of `7.2.22`.
@@ -101,58 +102,227 @@ pub fn check_migration(
     Ok(())
 }
 
-/// Can state `state` (saved on `saved`) load into this host's QEMU (`here`)? States saved
-/// before this was recorded are loaded as before.
-pub fn check_restore(
-    state: &str,
-    saved: Option<&SavedOn>,
-    here: Option<&QemuFacts>,
-) -> Result<(), String> {
-    let (Some(saved), Some(here)) = (saved, here) else {
-        return Ok(());
+/// The host a saved state is checked against: its QEMU, accelerator and identity.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// For messages: `this host`, or a remote's name.
+    pub name: &'a str,
+    /// Its QEMU's probe (absent: it could not probe, or predates the probe).
+    pub qemu: Option<&'a QemuFacts>,
+    /// The accelerator its VMs run under.
+    pub accel: Accel,
+    /// Its host id.
+    pub host: Option<&'a str>,
+}
+
+/// Every aspect of the platform a state was saved on, compared with `target`: what is the same,
+/// what a restore there adapts, what blocks it. States saved before the platform was recorded
+/// (or a target without a probe) compare as unknown and load as before.
+pub fn platform_differences(saved: Option<&SavedOn>, target: &Target) -> Vec<Difference> {
+    let d = |what: &str, saved: &str, target: &str, verdict, note: String| Difference {
+        what: what.into(),
+        saved: saved.into(),
+        target: target.into(),
+        verdict,
+        note,
     };
-    if !here.machines.contains(&saved.machine) {
-        return Err(format!(
-            "state {state} was saved on QEMU {} with machine type {}, which this host's QEMU {} \
-             does not have; restore it on a host with QEMU {} or newer",
-            saved.qemu_version,
-            saved.machine,
-            here.version,
-            release(&saved.qemu_version)
-        ));
-    }
-    if saved.ram_stream.as_deref() == Some("mapped-ram")
-        && !here
+    let (Some(saved), Some(here)) = (saved, target.qemu) else {
+        return vec![d(
+            "platform",
+            if saved.is_some() {
+                "recorded"
+            } else {
+                "not recorded"
+            },
+            if target.qemu.is_some() {
+                "probed"
+            } else {
+                "not probed"
+            },
+            Verdict::Adaptable,
+            "the state's platform cannot be compared (saved before it was recorded, or the \
+             target does not report its QEMU): it is loaded as before, and QEMU refuses it if it \
+             does not fit"
+                .into(),
+        )];
+    };
+    let them = target.name;
+    let mut out = Vec::new();
+    let (sv, tv) = (release(&saved.qemu_version), release(&here.version));
+    out.push(if saved.qemu_version == here.version {
+        d(
+            "qemu",
+            &saved.qemu_version,
+            &here.version,
+            Verdict::Same,
+            "the same QEMU".into(),
+        )
+    } else {
+        d(
+            "qemu",
+            &saved.qemu_version,
+            &here.version,
+            Verdict::Adaptable,
+            format!(
+                "another QEMU: it loads the state if it has its machine type and CPU model \
+                 (below); QEMU {sv} states load into QEMU {sv} or newer"
+            ),
+        )
+    });
+    out.push(if here.machines.contains(&saved.machine) {
+        d(
+            "machine",
+            &saved.machine,
+            &saved.machine,
+            Verdict::Same,
+            format!("{them}'s QEMU has it"),
+        )
+    } else {
+        d(
+            "machine",
+            &saved.machine,
+            q35(here).unwrap_or("unknown"),
+            Verdict::Blocking,
+            format!(
+                "saved on QEMU {} with machine type {}, which {them}'s QEMU {} does not have; \
+                 restore it on a host with QEMU {sv} or newer",
+                saved.qemu_version, saved.machine, here.version
+            ),
+        )
+    });
+    let model = saved.cpu.split(',').next().unwrap_or(&saved.cpu);
+    out.push(if saved.cpu == "max" {
+        if sv == tv {
+            d(
+                "cpu-model",
+                "max",
+                "max",
+                Verdict::Same,
+                format!("-cpu max means the same on QEMU {tv}"),
+            )
+        } else {
+            d(
+                "cpu-model",
+                "max",
+                "max",
+                Verdict::Blocking,
+                format!(
+                    "saved on QEMU {} with -cpu max, whose features differ on {them}'s QEMU {}; \
+                     restore it on a host with QEMU {sv}",
+                    saved.qemu_version, here.version
+                ),
+            )
+        }
+    } else if here.cpu_models.iter().any(|c| c == model) {
+        d(
+            "cpu-model",
+            &saved.cpu,
+            &saved.cpu,
+            Verdict::Same,
+            format!("{them}'s QEMU has it"),
+        )
+    } else {
+        d(
+            "cpu-model",
+            &saved.cpu,
+            "missing",
+            Verdict::Blocking,
+            format!(
+                "saved with CPU model {}, which {them}'s QEMU {} cannot run",
+                saved.cpu, here.version
+            ),
+        )
+    });
+    if saved.ram_stream.as_deref() == Some("mapped-ram") {
+        let can = here
             .migration_capabilities
             .iter()
-            .any(|c| c == "mapped-ram")
-    {
-        return Err(format!(
-            "state {state} was saved with mapped-ram (QEMU {}), which this host's QEMU {} cannot \
-             read; restore it on a host with QEMU 9.0 or newer",
-            saved.qemu_version, here.version
+            .any(|c| c == "mapped-ram");
+        out.push(d(
+            "ram-stream",
+            "mapped-ram",
+            if can { "mapped-ram" } else { "missing" },
+            if can {
+                Verdict::Same
+            } else {
+                Verdict::Blocking
+            },
+            if can {
+                format!("{them}'s QEMU reads it")
+            } else {
+                format!(
+                    "saved with mapped-ram (QEMU {}), which {them}'s QEMU {} cannot read; \
+                     restore it on a host with QEMU 9.0 or newer",
+                    saved.qemu_version, here.version
+                )
+            },
         ));
     }
-    if saved.cpu == "max" {
-        if release(&saved.qemu_version) != release(&here.version) {
-            return Err(format!(
-                "state {state} was saved on QEMU {} with -cpu max, whose features differ on this \
-                 host's QEMU {}; restore it on a host with QEMU {}",
-                saved.qemu_version,
-                here.version,
-                release(&saved.qemu_version)
-            ));
-        }
-    } else {
-        let model = saved.cpu.split(',').next().unwrap_or(&saved.cpu);
-        if !here.cpu_models.iter().any(|c| c == model) {
-            return Err(format!(
-                "state {state} was saved with CPU model {}, which this host's QEMU {} cannot run",
-                saved.cpu, here.version
-            ));
-        }
+    if let Some(a) = saved.accel {
+        let (sa, ta) = (a.to_string(), target.accel.to_string());
+        out.push(if a == target.accel {
+            d(
+                "accelerator",
+                &sa,
+                &ta,
+                Verdict::Same,
+                "the same accelerator".into(),
+            )
+        } else {
+            d(
+                "accelerator",
+                &sa,
+                &ta,
+                Verdict::Blocking,
+                format!(
+                    "saved under {sa}; {them} runs VMs under {ta}, and a CPU state does not load \
+                     across accelerators: restore it on a host with {sa}, or boot the VM there"
+                ),
+            )
+        });
     }
-    Ok(())
+    if let (Some(from), Some(to)) = (saved.host.as_deref(), target.host) {
+        out.push(if from == to {
+            d(
+                "host",
+                from,
+                to,
+                Verdict::Same,
+                "the host it was saved on".into(),
+            )
+        } else {
+            d(
+                "host",
+                from,
+                to,
+                Verdict::Adaptable,
+                "another host: the state and its disk layers move with the VM \
+                 (`drover vm migrate NAME --to REMOTE --offline`), and the guest's agent is \
+                 told it moved"
+                    .into(),
+            )
+        });
+    }
+    out
+}
+
+/// The blocking ones among `diffs`, as one message naming each (`None`: nothing blocks).
+pub fn blocking(state: &str, diffs: &[Difference]) -> Option<String> {
+    let why: Vec<&str> = diffs
+        .iter()
+        .filter(|d| d.verdict == Verdict::Blocking)
+        .map(|d| d.note.as_str())
+        .collect();
+    (!why.is_empty()).then(|| format!("state {state} cannot be restored: {}", why.join("; ")))
+}
+
+/// Can state `state` (saved on `saved`) load into `target`'s QEMU? States saved before this was
+/// recorded are loaded as before.
+pub fn check_restore(state: &str, saved: Option<&SavedOn>, target: &Target) -> Result<(), String> {
+    match blocking(state, &platform_differences(saved, target)) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -278,38 +448,102 @@ mod tests {
             machine: m.into(),
             cpu: cpu.into(),
             ram_stream: None,
+            accel: None,
+            host: None,
+        };
+        let t = |q| Target {
+            name: "this host",
+            qemu: Some(q),
+            accel: Accel::Tcg,
+            host: None,
         };
         assert_eq!(
             check_restore(
                 "s1",
                 Some(&on("7.2.22", "pc-q35-7.2", "Westmere")),
-                Some(&v10)
+                &t(&v10)
             ),
             Ok(())
         );
         let e = check_restore(
             "s1",
             Some(&on("10.0.2", "pc-q35-10.0", "Westmere")),
-            Some(&v7),
+            &t(&v7),
         )
         .unwrap_err();
         assert!(e.contains("QEMU 10.0 or newer"), "{e}");
         let e =
-            check_restore("s1", Some(&on("7.2.22", "pc-q35-7.2", "max")), Some(&v10)).unwrap_err();
+            check_restore("s1", Some(&on("7.2.22", "pc-q35-7.2", "max")), &t(&v10)).unwrap_err();
         assert!(e.contains("-cpu max"), "{e}");
         assert_eq!(
-            check_restore("s1", Some(&on("7.2.9", "pc-q35-7.2", "max")), Some(&v7)),
+            check_restore("s1", Some(&on("7.2.9", "pc-q35-7.2", "max")), &t(&v7)),
             Ok(())
         );
-        assert_eq!(check_restore("s1", None, Some(&v7)), Ok(()));
+        assert_eq!(check_restore("s1", None, &t(&v7)), Ok(()));
         let mut mapped = on("10.0.2", "pc-q35-7.2", "Westmere");
         mapped.ram_stream = Some("mapped-ram".into());
-        let e = check_restore("s1", Some(&mapped), Some(&v7)).unwrap_err();
+        let e = check_restore("s1", Some(&mapped), &t(&v7)).unwrap_err();
         assert!(e.contains("mapped-ram"), "{e}");
         let mut v10m = v10.clone();
         v10m.migration_capabilities = vec!["mapped-ram".into()];
-        assert_eq!(check_restore("s1", Some(&mapped), Some(&v10m)), Ok(()));
+        assert_eq!(check_restore("s1", Some(&mapped), &t(&v10m)), Ok(()));
         assert_eq!(release("10.0.2"), "10.0");
         assert_eq!(release("7"), "7");
+    }
+
+    /// A check lists every aspect with its verdict, and a refusal names every blocking one.
+    #[test]
+    fn a_check_names_each_difference_and_every_blocker() {
+        let v7 = facts("7.2.22", "pc-q35-7.2");
+        let saved = SavedOn {
+            qemu_version: "10.0.2".into(),
+            machine: "pc-q35-10.0".into(),
+            cpu: "max".into(),
+            ram_stream: None,
+            accel: Some(Accel::Kvm),
+            host: Some("h1".into()),
+        };
+        let target = Target {
+            name: "b2",
+            qemu: Some(&v7),
+            accel: Accel::Tcg,
+            host: Some("h2"),
+        };
+        let diffs = platform_differences(Some(&saved), &target);
+        let verdict = |w: &str| {
+            diffs
+                .iter()
+                .find(|d| d.what == w)
+                .map(|d| d.verdict)
+                .unwrap_or_else(|| panic!("{w} compared: {diffs:?}"))
+        };
+        assert_eq!(verdict("qemu"), Verdict::Adaptable);
+        assert_eq!(verdict("machine"), Verdict::Blocking);
+        assert_eq!(verdict("cpu-model"), Verdict::Blocking);
+        assert_eq!(verdict("accelerator"), Verdict::Blocking);
+        assert_eq!(verdict("host"), Verdict::Adaptable);
+        let e = blocking("s1", &diffs).unwrap_or_default();
+        for part in ["pc-q35-10.0", "-cpu max", "under kvm", "b2"] {
+            assert!(e.contains(part), "{part} in {e}");
+        }
+        // The same platform: all the same, nothing blocks.
+        let same = SavedOn {
+            qemu_version: "7.2.22".into(),
+            machine: "pc-q35-7.2".into(),
+            cpu: "Westmere".into(),
+            ram_stream: None,
+            accel: Some(Accel::Tcg),
+            host: Some("h2".into()),
+        };
+        let diffs = platform_differences(Some(&same), &target);
+        assert!(
+            diffs.iter().all(|d| d.verdict == Verdict::Same),
+            "{diffs:?}"
+        );
+        assert_eq!(blocking("s1", &diffs), None);
+        // Unknown platform: one adaptable line, no refusal.
+        let diffs = platform_differences(None, &target);
+        assert_eq!(diffs.len(), 1);
+        assert_eq!(blocking("s1", &diffs), None);
     }
 }

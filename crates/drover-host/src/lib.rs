@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cluster;
 pub mod compat;
 pub mod config_file;
+pub mod console;
 pub mod crashpoint;
 pub mod error;
 pub mod events;
@@ -29,6 +30,7 @@ pub mod pools;
 pub mod qemu_user;
 pub mod serve;
 pub mod tls;
+pub mod web;
 
 /// One line of image-build progress for logs and the CLI.
 pub fn image_progress(p: &drover_image::Progress) -> String {

@@ -34,10 +34,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
+mod check;
+mod files;
+pub use files::{FileRead, MAX_FILE_REQUEST};
 mod guest;
 mod helpers;
 mod hibernate;
 mod identity;
+mod images;
 mod layers;
 mod live;
 mod migrate;
@@ -243,6 +247,8 @@ struct Shared {
     fence_check: Mutex<Option<FenceCheck>>,
     /// What happened to VMs, for `GET /v1/events`.
     events: crate::events::Events,
+    /// Connections to the VMs' serial console sockets (keystrokes from web consoles).
+    console_inputs: crate::console::ConsoleInputs,
 }
 
 /// Answers whether a cluster member may start here with its token right now (`Err`: the
@@ -400,6 +406,7 @@ impl Manager {
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 fence_check: Mutex::new(None),
                 events: crate::events::Events::default(),
+                console_inputs: Default::default(),
             }),
         };
         for (name, mut info) in records {
@@ -1009,10 +1016,18 @@ impl Manager {
                             size,
                             readonly: *readonly,
                             owned: true,
+                            base: None,
                             index: disks.len() as u32,
                             slot: None,
                             addr: None,
                         }
+                    }
+                    DiskSource::FromImage { name, size } => {
+                        let mut d = self
+                            .disk_from_image(&vm_dir, id, name, *size, *readonly)
+                            .await?;
+                        d.index = disks.len() as u32;
+                        d
                     }
                     DiskSource::Image { path } => {
                         let p = path.clone();
@@ -1026,6 +1041,7 @@ impl Manager {
                             size: info.virtual_size,
                             readonly: *readonly,
                             owned: false,
+                            base: None,
                             index: disks.len() as u32,
                             slot: None,
                             addr: None,
@@ -2363,6 +2379,30 @@ impl Manager {
         }
     }
 
+    /// The agent of running VM `name`, once ready: right after a start or restore it may be
+    /// seconds away, so wait a little for it. `what` names the feature for the error.
+    async fn ready_agent(&self, name: &str, slot: &Arc<VmSlot>, what: &str) -> Result<AgentLink> {
+        let Some(rt) = self.runtime(slot) else {
+            return Err(HostError::Conflict(format!("VM {name} is not running")));
+        };
+        if !rt.agent.status().ready {
+            match rt.agent.wait_ready(Duration::from_secs(10)).await {
+                Ok(_) => {}
+                Err(LinkError::NoAgent(why)) => {
+                    return Err(HostError::Agent(format!(
+                        "VM {name} shows no guest agent ({why}); {what} needs drover-agent in the guest"
+                    )))
+                }
+                Err(_) => {
+                    return Err(HostError::Agent(format!(
+                        "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
+                    )))
+                }
+            }
+        }
+        Ok(rt.agent.clone())
+    }
+
     /// Run a command in the guest.
     pub async fn exec(
         &self,
@@ -2381,25 +2421,7 @@ impl Manager {
                 "exec timeout must be between 1 s and 24 h".into(),
             ));
         }
-        let Some(rt) = self.runtime(&slot) else {
-            return Err(HostError::Conflict(format!("VM {name} is not running")));
-        };
-        // Right after a start or restore the agent may be seconds away: wait a little for it.
-        if !rt.agent.status().ready {
-            match rt.agent.wait_ready(Duration::from_secs(10)).await {
-                Ok(_) => {}
-                Err(LinkError::NoAgent(why)) => {
-                    return Err(HostError::Agent(format!(
-                        "VM {name} shows no guest agent ({why}); exec needs drover-agent in the guest"
-                    )))
-                }
-                Err(_) => {
-                    return Err(HostError::Agent(format!(
-                        "the agent in VM {name} is not ready yet; wait with `drover vm start {name} --wait` or see `drover vm console {name}`"
-                    )))
-                }
-            }
-        }
+        let agent = self.ready_agent(name, &slot, "exec").await?;
         let body = drover_proto::Body::Exec(drover_proto::ExecRequest {
             argv: req.argv,
             stdin: req.stdin,
@@ -2408,8 +2430,7 @@ impl Manager {
         // Validate locally what the agent would refuse, for a clear error.
         drover_proto::encode(&drover_proto::Frame::new(0, body.clone()))
             .map_err(|e| HostError::Invalid(e.to_string()))?;
-        match rt
-            .agent
+        match agent
             .call(body, Duration::from_secs(req.timeout_s + 10))
             .await
         {
@@ -2423,6 +2444,22 @@ impl Manager {
             ))),
             Err(e) => Err(HostError::Agent(format!("VM {name}: {e}"))),
         }
+    }
+
+    /// Type `bytes` into the VM's serial console (its guest reads them as serial input).
+    pub async fn console_input(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let slot = self.slot(name)?;
+        let state = lock(&slot.info).state;
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(HostError::Conflict(format!(
+                "VM {name} is {state}: its console takes input only while it runs"
+            )));
+        }
+        self.s
+            .console_inputs
+            .send(&self.run_paths(name).console, bytes)
+            .await
+            .map_err(|e| HostError::Conflict(format!("VM {name}: {e}")))
     }
 
     /// Read the console log from `offset`, at most `max` bytes; returns the bytes and the next offset.

@@ -339,7 +339,9 @@ async fn connection<T>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read)
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(io), svc)
+        // The console's WebSocket: the upgraded connection leaves this loop for its own task.
+        .with_upgrades();
     tokio::pin!(conn);
     let tick = (limits.idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut stopping = *stop.borrow();

@@ -106,6 +106,15 @@ for d in /sys/class/net/eth*; do [ -e "$d" ] && nics="$nics ${d##*/}"; done
 echo "drover-init: hostname $hn; ports:${ports:- none}; nics:${nics:- none}" >/dev/console
 echo DROVER-INIT-READY >/dev/console
 
+# A root shell on the serial console, respawned when it exits: `drover vm console` and the web
+# console type into it. The host lets only callers who may `vm exec` (root in here anyway) write.
+(
+    while true; do
+        PS1='\h:\w# ' setsid -c sh </dev/ttyS0 >/dev/ttyS0 2>&1
+        sleep 1
+    done
+) &
+
 # Drivers only data disks need (ext4 alone costs ~0.5 s under TCG): in the background, once the
 # agent has reached the host (or after 3 s), so they do not slow the agent's start.
 # /run/drover/late-modules-loaded appears once they are in.

@@ -358,6 +358,10 @@ pub struct DiskSpec {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub image: Option<PathBuf>,
+    /// Or: a thin copy of this imported image (`drover image import`), owned by the VM; `size`
+    /// may grow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// Attach read-only.
     #[serde(default)]
     pub readonly: bool,
@@ -371,6 +375,7 @@ impl FromStr for DiskSpec {
             id: None,
             size: None,
             image: None,
+            from: None,
             readonly: false,
         };
         for part in s.split(',') {
@@ -378,6 +383,7 @@ impl FromStr for DiskSpec {
                 Some(("id", v)) => spec.id = Some(v.to_string()),
                 Some(("size", v)) => spec.size = Some(v.to_string()),
                 Some(("image", v)) => spec.image = Some(PathBuf::from(v)),
+                Some(("from", v)) => spec.from = Some(v.to_string()),
                 None if part == "ro" || part == "readonly" => spec.readonly = true,
                 None if spec.size.is_none() && spec.image.is_none() => {
                     spec.size = Some(part.to_string())
@@ -386,7 +392,7 @@ impl FromStr for DiskSpec {
                     return Err(ModelError::BadDisk {
                         id: "?".into(),
                         reason: format!(
-                            "cannot read {part:?} in {s:?} (form: size=10G[,id=data][,ro] or image=/path[,id=os])"
+                            "cannot read {part:?} in {s:?} (form: size=10G[,id=data][,ro], image=/path[,id=os] or from=IMAGE[,size=20G][,id=os])"
                         ),
                     })
                 }
@@ -577,18 +583,39 @@ impl VmSpec {
                 id: id.to_string(),
                 reason: reason.to_string(),
             };
-            let source = match (&d.size, &d.image) {
-                (Some(size), None) => {
-                    let bytes = parse_size(size)?;
-                    if !(MIN_DISK_SIZE..=MAX_DISK_SIZE).contains(&bytes) {
-                        return Err(bad(&format!(
-                            "size {size} is out of range ({} to {})",
-                            format_size(MIN_DISK_SIZE),
-                            format_size(MAX_DISK_SIZE)
-                        )));
-                    }
-                    DiskSource::Create { size: bytes }
+            let size = |size: &str| -> Result<u64, ModelError> {
+                let bytes = parse_size(size)?;
+                if !(MIN_DISK_SIZE..=MAX_DISK_SIZE).contains(&bytes) {
+                    return Err(bad(&format!(
+                        "size {size} is out of range ({} to {})",
+                        format_size(MIN_DISK_SIZE),
+                        format_size(MAX_DISK_SIZE)
+                    )));
                 }
+                Ok(bytes)
+            };
+            if let Some(name) = &d.from {
+                if d.image.is_some() {
+                    return Err(bad("give either image or from, not both"));
+                }
+                if !valid_image_name(name) {
+                    return Err(bad(&format!(
+                        "image name {name:?}: 1-64 characters of a-z, 0-9, '.', '_', '-'"
+                    )));
+                }
+                let grow = d.size.as_deref().map(size).transpose()?;
+                disks.push((
+                    id,
+                    DiskSource::FromImage {
+                        name: name.clone(),
+                        size: grow,
+                    },
+                    d.readonly,
+                ));
+                continue;
+            }
+            let source = match (&d.size, &d.image) {
+                (Some(s), None) => DiskSource::Create { size: size(s)? },
                 (None, Some(path)) => {
                     if !path.is_absolute() {
                         return Err(bad("image path must be absolute"));
@@ -729,6 +756,23 @@ pub enum DiskSource {
         /// Absolute path.
         path: PathBuf,
     },
+    /// A thin copy (a qcow2 overlay, owned by the VM) of an imported image.
+    FromImage {
+        /// The image's name (`drover image list`).
+        name: String,
+        /// Grow to this many bytes (default: the image's size).
+        size: Option<u64>,
+    },
+}
+
+/// Whether `name` can name an imported image: 1-64 of a-z, 0-9, '.', '_', '-', not starting
+/// with '.' or '-'.
+pub fn valid_image_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Disk image formats Drover attaches.
@@ -768,6 +812,9 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Created by Drover and deleted with the VM (operator images are never deleted).
     pub owned: bool,
+    /// The imported image this disk is a thin copy of (its backing file, never written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     /// Place in the guest's disk order (vda, vdb, ...): `disks` is sorted by it, each disk has its
     /// own, gaps are allowed. Stored so the order survives when a config is rebuilt from its
     /// elements (diffs, composition); 0 in configs written before it existed, see

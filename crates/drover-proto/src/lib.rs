@@ -104,6 +104,19 @@ pub enum Body {
         #[serde(default)]
         reboot: bool,
     },
+    /// Host → guest, port B: set the guest's wall clock to the host's (after a restore the
+    /// guest's clock stands where it was saved). Answered with an `Ack`.
+    SetClock {
+        /// The host's time, milliseconds since the Unix epoch.
+        unix_ms: u64,
+    },
+    /// Host → guest, port B: write a piece of a file (`drover vm cp` into the guest). Answered
+    /// with an `Ack` once the piece is written.
+    FilePut(FilePut),
+    /// Host → guest, port B: read a piece of a file. Answered with [`Body::FileData`].
+    FileGet(FileGet),
+    /// Guest → host, port B: the answer to [`Body::FileGet`].
+    FileData(FileData),
     /// Either direction: the request with this id failed.
     Error {
         /// Stable machine-readable code, e.g. `bad_request`, `unsupported`.
@@ -111,6 +124,91 @@ pub enum Body {
         /// Human-readable explanation.
         message: String,
     },
+}
+
+/// Largest piece of a file one [`Body::FilePut`] or [`Body::FileData`] carries (base64 in the
+/// JSON body makes it 4/3 as large, under [`MAX_FRAME_LEN`]).
+pub const MAX_FILE_CHUNK: usize = 512 * 1024;
+/// Longest path in a file request.
+pub const MAX_FILE_PATH: usize = 4096;
+
+/// A piece of a file to write. Pieces come in order: the first (offset 0) starts a fresh
+/// temporary file next to `path`, each next one continues it where the last ended, and the one
+/// marked `done` makes it durable and puts it in place of `path` in one rename, so a reader of
+/// `path` sees the old file or the whole new one, never half.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FilePut {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Where this piece goes (the bytes written so far).
+    pub offset: u64,
+    /// The bytes, base64 on the wire.
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+    /// The last piece: sync, set `mode`, rename into place.
+    #[serde(default)]
+    pub done: bool,
+    /// Permission bits for the finished file (default 0644).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// A piece of a file to read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FileGet {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Where to start.
+    pub offset: u64,
+    /// At most this many bytes (at most [`MAX_FILE_CHUNK`]).
+    pub len: u32,
+}
+
+/// A piece of a file read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FileData {
+    /// The bytes from the asked offset, base64 on the wire.
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+    /// The file's size when read.
+    pub size: u64,
+    /// Its permission bits.
+    pub mode: u32,
+    /// The piece ends at the end of the file.
+    pub eof: bool,
+}
+
+/// Bytes as a base64 string in JSON.
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A file request's path: absolute, no NUL, not too long.
+fn check_file_path(path: &str) -> Result<(), ProtoError> {
+    if !path.starts_with('/') || path.len() > MAX_FILE_PATH || path.contains('\0') {
+        return Err(ProtoError::Invalid(format!(
+            "a guest path must be absolute, without NUL, at most {MAX_FILE_PATH} bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// Longest principal name.
@@ -506,6 +604,10 @@ impl Body {
             Body::Exec(_) => "exec",
             Body::ExecResult(_) => "exec_result",
             Body::Shutdown { .. } => "shutdown",
+            Body::SetClock { .. } => "set_clock",
+            Body::FilePut(_) => "file_put",
+            Body::FileGet(_) => "file_get",
+            Body::FileData(_) => "file_data",
             Body::Error { .. } => "error",
         }
     }
@@ -656,6 +758,32 @@ fn validate(body: &Body) -> Result<(), ProtoError> {
                 return Err(ProtoError::Invalid("agent info field too long".into()));
             }
         }
+        Body::FilePut(p) => {
+            check_file_path(&p.path)?;
+            if p.data.len() > MAX_FILE_CHUNK {
+                return Err(ProtoError::Invalid(format!(
+                    "a file piece exceeds {MAX_FILE_CHUNK} bytes"
+                )));
+            }
+            if p.mode.is_some_and(|m| m > 0o7777) {
+                return Err(ProtoError::Invalid("file mode beyond 0o7777".into()));
+            }
+        }
+        Body::FileGet(g) => {
+            check_file_path(&g.path)?;
+            if g.len as usize > MAX_FILE_CHUNK {
+                return Err(ProtoError::Invalid(format!(
+                    "a file piece exceeds {MAX_FILE_CHUNK} bytes"
+                )));
+            }
+        }
+        Body::FileData(d) => {
+            if d.data.len() > MAX_FILE_CHUNK {
+                return Err(ProtoError::Invalid(format!(
+                    "a file piece exceeds {MAX_FILE_CHUNK} bytes"
+                )));
+            }
+        }
         Body::Error { code, message } => {
             if code.len() > 64 || message.len() > 4096 {
                 return Err(ProtoError::Invalid("error field too long".into()));
@@ -739,7 +867,7 @@ fn validate(body: &Body) -> Result<(), ProtoError> {
                 return Err(ProtoError::Invalid("event data too large".into()));
             }
         }
-        Body::Ping | Body::Shutdown { .. } => {}
+        Body::Ping | Body::Shutdown { .. } | Body::SetClock { .. } => {}
     }
     Ok(())
 }
@@ -825,6 +953,54 @@ mod tests {
             uptime_ms: 1234,
             boot_id: "abc".into(),
         }
+    }
+
+    /// File pieces carry any bytes (base64 on the wire), within the piece and path limits.
+    #[test]
+    fn file_pieces_round_trip_and_are_bounded() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(MAX_FILE_CHUNK).collect();
+        let put = Body::FilePut(FilePut {
+            path: "/usr/bin/drover-agent".into(),
+            offset: 7,
+            data,
+            done: true,
+            mode: Some(0o755),
+        });
+        let bytes = encode(&Frame::new(3, put.clone())).unwrap();
+        assert!(bytes.len() <= MAX_FRAME_LEN + HEADER_LEN);
+        assert_eq!(decode_body(&bytes[HEADER_LEN..]).unwrap().body, put);
+        let bad = |body: Body| {
+            let json = serde_json::to_vec(&Frame::new(1, body)).unwrap();
+            decode_body(&json).unwrap_err()
+        };
+        let piece = |path: &str, len: usize| FilePut {
+            path: path.into(),
+            offset: 0,
+            data: vec![0; len],
+            done: false,
+            mode: None,
+        };
+        assert!(matches!(
+            bad(Body::FilePut(piece("/x", MAX_FILE_CHUNK + 1))),
+            ProtoError::Invalid(_)
+        ));
+        assert!(matches!(
+            bad(Body::FilePut(piece("relative", 1))),
+            ProtoError::Invalid(_)
+        ));
+        assert!(matches!(
+            bad(Body::FileGet(FileGet {
+                path: "/x".into(),
+                offset: 0,
+                len: MAX_FILE_CHUNK as u32 + 1
+            })),
+            ProtoError::Invalid(_)
+        ));
+        let not_b64 = br#"{"v":1,"id":1,"body":{"type":"file_data","data":"!!","size":1,"mode":420,"eof":true}}"#;
+        assert!(matches!(
+            decode_body(not_b64).unwrap_err(),
+            ProtoError::Malformed(_)
+        ));
     }
 
     #[test]

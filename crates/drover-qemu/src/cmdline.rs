@@ -43,6 +43,9 @@ pub struct RunPaths {
     pub qemu_log: PathBuf,
     /// Guest RAM as a shared file: saving state then needs only the device state.
     pub ram: PathBuf,
+    /// The serial console's socket (QEMU is the server): what is written to it is the guest's
+    /// serial input; output goes to the console log whether or not anyone is connected.
+    pub console: PathBuf,
 }
 
 impl RunPaths {
@@ -56,6 +59,7 @@ impl RunPaths {
             pidfile: dir.join("qemu.pid"),
             qemu_log: dir.join("qemu.log"),
             ram: dir.join("ram"),
+            console: dir.join("console.sock"),
         }
     }
 
@@ -342,12 +346,19 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
     if spec.incoming {
         push(&["-incoming", "defer"]);
     }
-    push(&[
-        "-chardev",
-        &format!("file,id=console,path={},append=on", esc(spec.console_log)),
-        "-serial",
-        "chardev:console",
-    ]);
+    // A socket chardev with a log file: QEMU writes the guest's output to the log whether or not
+    // a client is connected (checked on 7.2 and 10.0), and a client's bytes are the guest's
+    // serial input. A detached QEMU never runs the guest: output to a file is enough.
+    let console = if spec.detached {
+        format!("file,id=console,path={},append=on", esc(spec.console_log))
+    } else {
+        format!(
+            "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+            esc(&p.console),
+            esc(spec.console_log)
+        )
+    };
+    push(&["-chardev", &console, "-serial", "chardev:console"]);
     if let Some(k) = &spec.kernel {
         push(&["-kernel", &esc(&k.kernel)]);
         if let Some(initrd) = &k.initrd {
@@ -506,6 +517,7 @@ mod tests {
                 size: 1 << 30,
                 readonly: false,
                 owned: true,
+                base: None,
                 index: 0,
                 slot: None,
                 addr: None,
@@ -604,7 +616,10 @@ mod tests {
         let joined = args.join(" ");
         assert!(!joined.contains("-bios"));
         assert!(joined.contains("bootindex=0"));
-        assert!(joined.contains("path=/c,,log"));
+        // The console takes input on its socket and logs output to the (escaped) log path.
+        assert!(joined.contains(
+            "-chardev socket,id=console,path=/run/x/console.sock,server=on,wait=off,logfile=/c,,log,logappend=on -serial chardev:console"
+        ));
         assert!(joined.contains("-accel kvm"));
         assert!(joined.contains("-incoming defer") && !joined.contains("memory-backend-file"));
         assert!(joined.contains("-m size=1048584K,"));

@@ -84,18 +84,28 @@ pub fn commit(top: &Path, base: &Path) -> Result<(), ImgError> {
 
 /// Copy the raw image `raw` into a new qcow2 at `path` (never over an existing file).
 pub fn convert_raw_to_qcow2(raw: &Path, path: &Path) -> Result<(), ImgError> {
+    convert_to_qcow2(raw, DiskFormat::Raw, path)
+}
+
+/// Copy image `src` of `format` — with everything its backing chain holds — into a new
+/// standalone qcow2 at `path` (never over an existing file).
+pub fn convert_to_qcow2(src: &Path, format: DiskFormat, path: &Path) -> Result<(), ImgError> {
     if path.exists() {
         return Err(ImgError::Create {
             path: path.to_path_buf(),
             message: "a file already exists there".into(),
         });
     }
-    let (r, p) = (raw.to_string_lossy(), path.to_string_lossy());
+    let (r, p, f) = (
+        src.to_string_lossy(),
+        path.to_string_lossy(),
+        format.to_string(),
+    );
     let out = run(&[
         "convert",
         "-q",
         "-f",
-        "raw",
+        &f,
         "-O",
         "qcow2",
         "-o",

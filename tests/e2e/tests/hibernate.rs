@@ -136,6 +136,41 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
     };
     let kb0 = mem_kb();
     d.ok(&["vm", "hibernate", "g"]);
+    let hib = d.json(&["vm", "show", "g"]);
+    let state = hib["hibernation"]["state"]
+        .as_str()
+        .expect("a state")
+        .to_string();
+    // A check first: within the headroom it fits, each aspect named with its verdict.
+    let check = d.json(&[
+        "snapshot", "check", "g", &state, "--cpus", "2", "--memory", "384M",
+    ]);
+    assert_eq!(check["fits"], true, "{check}");
+    let verdict = |c: &serde_json::Value, what: &str| {
+        c["differences"]
+            .as_array()
+            .and_then(|l| l.iter().find(|d| d["what"] == what))
+            .map(|d| d["verdict"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("{what} compared: {c}"))
+    };
+    for (what, want) in [
+        ("qemu", "same"),
+        ("machine", "same"),
+        ("accelerator", "same"),
+        ("host", "same"),
+        ("vcpus", "adaptable"),
+        ("memory", "adaptable"),
+    ] {
+        assert_eq!(verdict(&check, what), want, "{what}: {check}");
+    }
+    // Beyond its hot-plug limit the check says why, and exits 4.
+    let out = d.drover(&[
+        "--output", "json", "snapshot", "check", "g", &state, "--memory", "1G",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(check["fits"], false, "{check}");
+    assert_eq!(verdict(&check, "memory"), "blocking", "{check}");
     // Beyond its hot-plug limit: refused, nothing changed.
     let e = d.fails(4, &["vm", "resume", "g", "--memory", "1G"]);
     assert!(

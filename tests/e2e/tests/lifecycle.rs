@@ -164,3 +164,172 @@ fn force_delete_and_kill_when_the_guest_ignores_shutdown() {
         "no QEMU left"
     );
 }
+
+/// `vm cp` moves binary files of several requests' size both ways, exactly, with their mode, and
+/// says clearly what it cannot do.
+#[test]
+fn files_copy_into_and_out_of_the_guest_byte_for_byte() {
+    let d = Daemon::start();
+    d.ok(&["vm", "create", "cp", "--memory", "256M"]);
+    d.ok(&["vm", "start", "cp", "--wait"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 9 MiB + 7 bytes of random data: three API requests, many agent pieces, an odd tail.
+    let src = dir.path().join("blob.bin");
+    let mut data = vec![0u8; 9 * 1024 * 1024 + 7];
+    let mut f = std::fs::File::open("/dev/urandom").expect("urandom");
+    std::io::Read::read_exact(&mut f, &mut data).expect("random bytes");
+    std::fs::write(&src, &data).expect("write blob");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let want = sha256_hex(&data);
+
+    let r = d.json(&["vm", "cp", src.to_str().expect("utf-8"), "cp:/tmp/"]);
+    assert_eq!(r["bytes"], data.len() as u64, "{r}");
+    assert_eq!(r["guest_path"], "/tmp/blob.bin", "{r}");
+    eprintln!("vm cp of 9 MiB into the guest: {} ms", r["ms"]);
+    let inside = d.sh(
+        "cp",
+        "sha256sum /tmp/blob.bin; stat -c %a /tmp/blob.bin; ls -a /tmp",
+    );
+    assert!(
+        inside.contains(&want),
+        "the guest has the same bytes: {inside}"
+    );
+    assert!(
+        inside.lines().any(|l| l == "750"),
+        "the local mode: {inside}"
+    );
+    assert!(
+        !inside.contains("drover-part"),
+        "no piece left over: {inside}"
+    );
+
+    // Out again, under another name, byte for byte.
+    let back = dir.path().join("back.bin");
+    d.ok(&[
+        "vm",
+        "cp",
+        "cp:/tmp/blob.bin",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(sha256_hex(&std::fs::read(&back).expect("copied out")), want);
+    // --mode, and standard output.
+    d.ok(&[
+        "vm",
+        "cp",
+        src.to_str().expect("utf-8"),
+        "cp:/tmp/x",
+        "--mode",
+        "600",
+    ]);
+    assert_eq!(d.sh("cp", "stat -c %a /tmp/x").trim(), "600");
+    let out = d.drover(&["vm", "cp", "cp:/etc/hostname", "-"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        d.sh("cp", "cat /etc/hostname").trim()
+    );
+
+    // What cannot be: a missing file (not found), a directory, a relative guest path.
+    let e = d.fails(
+        3,
+        &["vm", "cp", "cp:/nonexistent", back.to_str().expect("utf-8")],
+    );
+    assert!(e.contains("/nonexistent"), "{e}");
+    let e = d.fails(1, &["vm", "cp", src.to_str().expect("utf-8"), "cp:/tmp"]);
+    assert!(e.contains("directory"), "{e}");
+    let e = d.fails(1, &["vm", "cp", src.to_str().expect("utf-8"), "cp:tmp/x"]);
+    assert!(e.contains("absolute"), "{e}");
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// An imported image gives VMs thin copies: each sees the image's data, writes only its own,
+/// the image file never changes, and it cannot be deleted while a VM uses it.
+#[test]
+fn imported_images_give_vms_thin_copies_that_never_write_the_image() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("base.raw");
+    let mut data = vec![0u8; 16 << 20];
+    data[..12].copy_from_slice(b"golden-image");
+    std::fs::write(&raw, &data).expect("raw image");
+    let raw_s = raw.to_str().expect("utf-8");
+
+    let i = d.json(&["image", "import", "base", raw_s]);
+    assert_eq!(i["virtual_size"], 16u64 << 20, "{i}");
+    assert_eq!(i["source_format"], "raw", "{i}");
+    let file = i["file"].as_str().expect("file").to_string();
+    let before = sha256_hex(&std::fs::read(&file).expect("image file"));
+    d.fails(4, &["image", "import", "base", raw_s]);
+    let out = d.drover(&["image", "import", "ghost", "/nonexistent.qcow2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.qcow2"));
+
+    d.ok(&[
+        "vm",
+        "create",
+        "ta",
+        "--memory",
+        "128M",
+        "--disk",
+        "from=base,id=data",
+    ]);
+    d.ok(&[
+        "vm",
+        "create",
+        "tb",
+        "--memory",
+        "128M",
+        "--disk",
+        "from=base,id=data,size=32M",
+    ]);
+    let e = d.fails(1, &["vm", "create", "tc", "--disk", "from=base,size=8M"]);
+    assert!(e.contains("only grow"), "{e}");
+    assert!(d
+        .ok(&["vm", "show", "ta"])
+        .contains("thin copy of image base"));
+    d.ok(&["vm", "start", "ta", "--wait"]);
+    d.ok(&["vm", "start", "tb", "--wait"]);
+    assert_eq!(d.sh("ta", "head -c 12 /dev/vda"), "golden-image");
+    d.sh(
+        "ta",
+        "printf from-ta-only | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null",
+    );
+    assert_eq!(d.sh("ta", "head -c 12 /dev/vda"), "from-ta-only");
+    assert_eq!(
+        d.sh("tb", "head -c 12 /dev/vda"),
+        "golden-image",
+        "tb has its own copy"
+    );
+    assert_eq!(
+        d.sh("tb", "cat /sys/block/vda/size").trim(),
+        "65536",
+        "grown to 32M"
+    );
+
+    let e = d.fails(4, &["image", "delete", "base"]);
+    assert!(e.contains("ta") && e.contains("tb"), "names its users: {e}");
+    let list = d.json(&["image", "list"]);
+    assert_eq!(
+        list[0]["used_by"],
+        serde_json::json!(["ta", "tb"]),
+        "{list}"
+    );
+
+    for vm in ["ta", "tb"] {
+        d.ok(&["vm", "stop", vm]);
+        d.ok(&["vm", "delete", vm]);
+    }
+    assert_eq!(
+        sha256_hex(&std::fs::read(&file).expect("image file")),
+        before,
+        "the image was never written"
+    );
+    d.ok(&["image", "delete", "base"]);
+    assert!(!std::path::Path::new(&file).exists());
+    assert_eq!(d.json(&["image", "list"]), serde_json::json!([]));
+}

@@ -395,4 +395,37 @@ fn offline_migration_and_bad_input() {
         .trim(),
         "cold-data"
     );
+
+    // Hibernated here, resumed on the other host: memory and disk as they were, the state
+    // checked there first, and the VM on exactly one host.
+    h2.sh(
+        "cold",
+        "echo warm-$(cat /proc/sys/kernel/random/boot_id) > /run/m",
+    );
+    let mark = h2.sh("cold", "cat /run/m");
+    h2.ok(&["vm", "hibernate", "cold"]);
+    let e = h2.fails(4, &["vm", "migrate", "cold", "--to", "mc1"]);
+    assert!(e.contains("--offline") && e.contains("resume"), "{e}");
+    // More vCPUs than it can hot-plug: refused there, nothing moved.
+    let e = h2.fails(4, &["vm", "resume", "cold", "--on", "mc1", "--cpus", "64"]);
+    assert!(e.contains("nothing was moved") && e.contains("mc1"), "{e}");
+    assert_eq!(has_vm(&f, 2, "cold").as_deref(), Some("hibernated"));
+    assert!(has_vm(&f, 1, "cold").is_none());
+    h2.ok(&["vm", "resume", "cold", "--on", "mc1", "--wait"]);
+    runs_only_on(&f, 1, 2, "cold");
+    assert_eq!(h1.sh("cold", "cat /run/m"), mark, "the guest's memory");
+    assert_eq!(
+        h1.sh(
+            "cold",
+            "dd if=/dev/vda bs=512 count=1 2>/dev/null | head -n1"
+        )
+        .trim(),
+        "cold-data"
+    );
+    assert!(
+        h1.json(&["snapshot", "list", "cold"])
+            .as_array()
+            .is_some_and(|l| l.is_empty()),
+        "the hibernation state is gone once resumed"
+    );
 }

@@ -143,8 +143,19 @@ fn guest_save_restore_with_data_and_host_snapshots() {
     d.ok(&["snapshot", "restore", "st", "h1"]);
     assert!(!d.sh("st", "ls /tmp").contains("later"));
     d.sh("st", "echo later > /tmp/later");
+    // Some seconds after the save: the restored guest's clock is set to the host's, not left
+    // where it was saved.
+    std::thread::sleep(Duration::from_secs(5));
     d.ok(&["snapshot", "restore", "st", "c1"]);
     assert!(!d.sh("st", "ls /tmp").contains("later"));
+    wait_for("the guest's clock set", Duration::from_secs(20), || {
+        let guest: i64 = d.sh("st", "date +%s").trim().parse().ok()?;
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs() as i64;
+        ((host - guest).abs() <= 2).then_some(())
+    });
     d.ok(&["snapshot", "delete", "st", "g1"]);
     let names: Vec<String> = d
         .json(&["snapshot", "list", "st"])

@@ -77,8 +77,9 @@ struct Args {
     /// machine its own.
     #[arg(long, env = "DROVER_HOST_ID", value_parser = parse_host_id)]
     host_id: Option<String>,
-    /// Also serve the API on TCP, with TLS, at this address (e.g. 10.77.0.11:7443). TCP callers
-    /// need a bearer token (see --tokens); the unix socket keeps working as before.
+    /// Also serve the API on TCP, with TLS, at this address (e.g. 10.77.0.11:7443), and the web
+    /// console at https://ADDR:PORT/ (log in with a token). TCP callers need a bearer token (see
+    /// --tokens); the unix socket keeps working as before.
     #[arg(long, env = "DROVER_LISTEN", value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
     /// Join the cluster whose etcd is at these endpoints (comma-separated); needs --listen, so
@@ -428,7 +429,7 @@ async fn listen_tls(
         .await
         .with_context(|| format!("listening on {addr} (--listen)"))?;
     let fingerprint = tls::cert_fingerprint(&files)?;
-    tracing::info!(listen = %addr, cert = %files.cert.display(), sha256 = %fingerprint, tokens = %tokens.path().display(), "serving the API on TCP with TLS");
+    tracing::info!(listen = %addr, cert = %files.cert.display(), sha256 = %fingerprint, tokens = %tokens.path().display(), web_console = %format!("https://{addr}/"), "serving the API and the web console on TCP with TLS");
     Ok((tcp, cfg))
 }
 

@@ -767,6 +767,7 @@ impl Manager {
                             size: *size,
                             readonly: false,
                             owned: true,
+                            base: None,
                             index: 0,
                             slot: None,
                             addr: None,

@@ -81,13 +81,26 @@ impl Manager {
                 "VM {name} is hibernated but its record names no state; `drover snapshot list {name}` shows what can be restored"
             )));
         };
-        let memory = req
-            .memory
-            .as_deref()
-            .map(drover_model::parse_size)
-            .transpose()
-            .map_err(|e| HostError::Invalid(format!("--memory: {e}")))?;
+        let memory = super::check::parse_memory(req.memory.as_deref())?;
         let saved = self.state(name, &h.state)?;
+        // Everything that differs is judged before anything changes; a refusal names each.
+        let facts = self.qemu_facts();
+        let room = super::check::Room {
+            cpus: hostfacts::cpus(),
+            memory_available: None,
+        };
+        let diffs = super::check::differences(
+            &saved,
+            &self.restore_target(facts.as_ref()),
+            room,
+            req.cpus,
+            memory,
+        );
+        if let Some(why) = crate::compat::blocking(&saved.id, &diffs) {
+            return Err(HostError::Conflict(format!(
+                "VM {name} cannot resume as asked, nothing was changed (it stays hibernated): {why}"
+            )));
+        }
         let reshape = super::live::check_reshape(name, &saved.config, req.cpus, memory)
             .map_err(|e| match e {
                 HostError::Conflict(m) | HostError::Resources(m) | HostError::Invalid(m) => {

@@ -100,6 +100,7 @@ impl Manager {
                     size,
                     readonly: req.readonly,
                     owned,
+                    base: None,
                     index: 0,
                     slot: None,
                     addr: None,
@@ -803,9 +804,19 @@ pub(super) fn check_reshape(
     cpus: Option<u32>,
     memory: Option<u64>,
 ) -> Result<Vec<Change>> {
+    check_reshape_on(name, cfg, cpus, memory, hostfacts::cpus())
+}
+
+/// [`check_reshape`] on a host with `host_cpus` CPUs.
+pub(super) fn check_reshape_on(
+    name: &str,
+    cfg: &VmConfig,
+    cpus: Option<u32>,
+    memory: Option<u64>,
+    host_cpus: u32,
+) -> Result<Vec<Change>> {
     let mut planned = cfg.clone();
     let mut changes = Vec::new();
-    let host_cpus = hostfacts::cpus();
     for c in cpus
         .map(Change::Cpus)
         .into_iter()

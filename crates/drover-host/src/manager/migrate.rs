@@ -370,7 +370,16 @@ impl Manager {
         })?;
         let info = lock(&slot.info).clone();
         match (info.state, req.offline) {
-            (VmState::Running, false) | (VmState::Stopped, true) => {}
+            (VmState::Running, false)
+            | (VmState::Stopped, true)
+            // Its saved state travels with it, as every state does; it stays hibernated there.
+            | (VmState::Hibernated, true) => {}
+            (VmState::Hibernated, false) => {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} is hibernated, so nothing runs to migrate live; move it with                      `drover vm migrate {name} --to {0} --offline`, or resume it there with                      `drover vm resume {name} --on {0}`",
+                    req.to_name
+                )))
+            }
             (VmState::Stopped, false) => {
                 return Err(HostError::Conflict(format!(
                     "VM {name} is not running, so there is nothing to migrate live; move it \
@@ -388,6 +397,21 @@ impl Manager {
                 return Err(HostError::Conflict(format!(
                     "VM {name} is {s}; wait for that to finish"
                 )))
+            }
+        }
+        // A state's layers of a thin copy build on an image only this host has: the copies
+        // arriving there would miss their base. (The disk itself moves with its content.)
+        let cfg = info.next_config.as_ref().unwrap_or(&info.config);
+        if let Some(d) = cfg.disks.iter().find(|d| d.base.is_some()) {
+            let states = self.states(name)?;
+            if !states.is_empty() {
+                return Err(HostError::Conflict(format!(
+                    "VM {name}'s disk {} is a thin copy of image {}, and its {} saved state(s)                      build on that image, which {} does not have: delete the states (`drover                      snapshot list {name}`) and migrate again",
+                    d.id,
+                    d.base.as_deref().unwrap_or_default(),
+                    states.len(),
+                    req.to_name
+                )));
             }
         }
         // Hot-plugged memory (whole-MiB DIMMs) takes the path of QEMU 7.2's TCG dirty-tracking
@@ -1161,7 +1185,27 @@ impl Manager {
         repath_disks(&mut vm, &paths);
         let mut info: VmInfo =
             serde_json::from_value(vm).map_err(|e| HostError::Internal(e.to_string()))?;
-        info.state = VmState::Stopped;
+        // Disks arrive with all their content: a thin copy's image stays behind.
+        for c in std::iter::once(&mut info.config)
+            .chain(info.running_config.iter_mut())
+            .chain(info.next_config.iter_mut())
+        {
+            for d in &mut c.disks {
+                d.base = None;
+            }
+        }
+        // A hibernated VM stays hibernated, its state at this host's path (states travel in
+        // the VM's directory); anything else arrives stopped (live: until it is committed).
+        info.state = match (info.state, &mut info.hibernation) {
+            (VmState::Hibernated, Some(h)) if req.offline => {
+                h.dir = self.states_dir(&name).join(&h.state);
+                VmState::Hibernated
+            }
+            _ => {
+                info.hibernation = None;
+                VmState::Stopped
+            }
+        };
         info.pid = None;
         info.accel = None;
         info.agent = None;

@@ -86,6 +86,11 @@ impl Manager {
         for d in [state.clone(), state.join("vms"), state.join("run")] {
             fix(u.passage(&d, false), &d)?;
         }
+        // Imported images, the backing files of thin copies: passed through, read, not written.
+        let images = self.images_dir();
+        if images.is_dir() {
+            fix(u.passage(&images, false), &images)?;
+        }
         for d in [vm_dir.join("disks"), vm_dir.join("states")] {
             std::fs::create_dir_all(&d).map_err(|e| io_ctx("creating", &d, e))?;
         }
@@ -175,7 +180,9 @@ impl Manager {
                     DiskFormat::Qcow2
                 };
                 if f.starts_with(state) {
-                    self.grant_qemu(f, !d.readonly)?;
+                    // An imported image is shared by its thin copies: never writable by QEMU.
+                    let shared = f.starts_with(self.images_dir());
+                    self.grant_qemu(f, !d.readonly && !shared)?;
                     chain.push(ChainLayer {
                         filename: f.display().to_string(),
                         format,

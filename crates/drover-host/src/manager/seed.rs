@@ -57,6 +57,7 @@ pub(super) fn make_disk(
         size: image.len() as u64,
         readonly: true,
         owned: true,
+        base: None,
         index: disks.len() as u32,
         slot: None,
         addr: None,

@@ -387,7 +387,7 @@ impl Manager {
             phase: StatePhase::Capturing,
             failure: None,
             guest_save: guest,
-            saved_on: self.saved_on(&info.platform).map(|mut on| {
+            saved_on: self.saved_on(&info.platform, info.accel).map(|mut on| {
                 on.ram_stream = mapped_ram.then(|| "mapped-ram".to_string());
                 on
             }),
@@ -423,7 +423,11 @@ impl Manager {
     }
 
     /// The QEMU and machine a state saved now belongs to (`None` without a probe).
-    fn saved_on(&self, platform: &drover_model::Platform) -> Option<drover_api::SavedOn> {
+    fn saved_on(
+        &self,
+        platform: &drover_model::Platform,
+        accel: Option<drover_model::Accel>,
+    ) -> Option<drover_api::SavedOn> {
         let p = self.s.probe.as_ref()?;
         Some(drover_api::SavedOn {
             qemu_version: p.version.to_string(),
@@ -433,6 +437,8 @@ impl Manager {
             },
             cpu: platform.cpu_arg().to_string(),
             ram_stream: None,
+            accel,
+            host: Some(self.s.cfg.identity.id.clone()),
         })
     }
 
@@ -961,10 +967,11 @@ impl Manager {
                 state.id, state.format
             )));
         }
+        let facts = self.qemu_facts();
         crate::compat::check_restore(
             &state.id,
             state.saved_on.as_ref(),
-            self.qemu_facts().as_ref(),
+            &self.restore_target(facts.as_ref()),
         )
         .map_err(HostError::Conflict)?;
         let dir = self.states_dir(vm).join(&state.id);
@@ -1070,11 +1077,33 @@ impl Manager {
                 LaunchKind::Restore(&spec),
             )
             .await?;
+        self.set_guest_clock_soon(vm, slot);
         // A VM that goes back to saved states tends to save again.
         if spec.memory.is_some() {
             self.prepare_standby(vm, slot);
         }
         Ok(info)
+    }
+
+    /// A restored guest's clock stands where it was saved: once its agent answers, set it to
+    /// the host's. Without an agent (or with one older than this) the clock stays as restored.
+    fn set_guest_clock_soon(&self, vm: &str, slot: &Arc<VmSlot>) {
+        let Some(rt) = self.runtime(slot) else {
+            return;
+        };
+        let (agent, vm) = (rt.agent.clone(), vm.to_string());
+        tokio::spawn(async move {
+            if agent.wait_ready(Duration::from_secs(120)).await.is_err() {
+                return;
+            }
+            let body = drover_proto::Body::SetClock {
+                unix_ms: crate::hostfacts::now_ms(),
+            };
+            match agent.call(body, Duration::from_secs(10)).await {
+                Ok(_) => tracing::info!(vm, "set the restored guest's clock to the host's"),
+                Err(e) => tracing::info!(vm, "could not set the restored guest's clock: {e}"),
+            }
+        });
     }
 
     /// Delete a state: its manifest, device state and memory. Its disk layers stay while a newer

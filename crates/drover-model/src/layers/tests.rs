@@ -17,6 +17,7 @@ fn config(origin: &Path) -> VmConfig {
             size: 64 << 20,
             readonly: false,
             owned: true,
+            base: None,
             index: 0,
             slot: None,
             addr: None,
