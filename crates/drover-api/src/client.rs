@@ -123,7 +123,7 @@ impl std::fmt::Debug for Endpoint {
 
 /// How to reach a droverd over HTTPS: what `drover remote add` stores, and what a request can
 /// carry to let one droverd call another (the token is redacted from `Debug`).
-#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RemoteSpec {
     /// `https://HOST:PORT`.
     pub url: String,
@@ -401,7 +401,47 @@ impl Client {
         mut progress: impl FnMut(&str),
     ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let mut raw = self.send(Method::POST, path, Some(body)).await?;
+        let raw = self.send(Method::POST, path, Some(body)).await?;
+        let mut outcome = None;
+        Self::each_line(raw, |item: StreamItem<T>| match item {
+            StreamItem::Progress(p) => {
+                progress(&p);
+                true
+            }
+            StreamItem::Result(t) => {
+                outcome = Some(Ok(t));
+                false
+            }
+            StreamItem::Error(e) => {
+                outcome = Some(Err(ClientError::Api(e)));
+                false
+            }
+        })
+        .await?;
+        outcome.unwrap_or_else(|| {
+            Err(ClientError::Protocol(
+                "the stream ended without a result".into(),
+            ))
+        })
+    }
+
+    /// GET an NDJSON stream, handing each line, decoded, to `each` as it arrives, until the
+    /// stream ends or `each` returns `false`.
+    pub async fn get_lines<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        each: impl FnMut(T) -> bool,
+    ) -> Result<(), ClientError> {
+        let raw = self.send(Method::GET, path, None).await?;
+        Self::each_line(raw, each).await
+    }
+
+    /// Decode an answer's NDJSON lines one by one (an error status is the API's error); a line
+    /// longer than [`MAX_STREAM_LINE`] is refused.
+    async fn each_line<T: DeserializeOwned>(
+        mut raw: RawResponse,
+        mut each: impl FnMut(T) -> bool,
+    ) -> Result<(), ClientError> {
         if !raw.status.is_success() {
             let (status, _, bytes) = Self::collect(raw).await?;
             return Err(Self::error_from(status, &bytes));
@@ -415,20 +455,24 @@ impl Client {
             buf.extend_from_slice(&data);
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
-                let item: StreamItem<T> = serde_json::from_slice(&line)
+                let item: T = serde_json::from_slice(&line)
                     .map_err(|e| ClientError::Protocol(format!("bad stream line: {e}")))?;
-                match item {
-                    StreamItem::Progress(p) => progress(&p),
-                    StreamItem::Result(t) => return Ok(t),
-                    StreamItem::Error(e) => return Err(ClientError::Api(e)),
+                if !each(item) {
+                    return Ok(());
                 }
             }
+            if buf.len() > MAX_STREAM_LINE {
+                return Err(ClientError::Protocol(format!(
+                    "a stream line is longer than {MAX_STREAM_LINE} bytes"
+                )));
+            }
         }
-        Err(ClientError::Protocol(
-            "the stream ended without a result".into(),
-        ))
+        Ok(())
     }
 }
+
+/// The longest line [`Client::get_lines`] takes.
+pub const MAX_STREAM_LINE: usize = 1 << 20;
 
 /// One HTTP/1 request on a fresh connection.
 async fn exchange<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<RawResponse, ClientError>

@@ -6,6 +6,8 @@
 //! | method | path | body | answer |
 //! |---|---|---|---|
 //! | GET | `/metrics` |  | OpenMetrics text for Prometheus (not under `/v1`; viewers and up) |
+//! | GET | `/openapi.json` |  | this API's OpenAPI 3.1 document (no token or role needed) |
+//! | GET | `/events?follow=true&vm=NAME&since=SEQ` |  | NDJSON lines of [`Event`] (viewers and up) |
 //! | GET | `/host` |  | [`HostInfo`] |
 //! | GET | `/vms` |  | `Vec<VmInfo>` |
 //! | POST | `/vms` | [`drover_model::VmSpec`] | [`VmInfo`] |
@@ -65,7 +67,9 @@
 //! On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of the
 //! `Authorization: Bearer <token>` header, with the token's role.
 //!
-//! Errors are [`ApiError`] with a stable [`ErrorCode`].
+//! Errors are [`ApiError`] with a stable [`ErrorCode`]. `GET /v1/openapi.json` describes every
+//! route, its types, the permission it needs and its errors; droverd builds its router and that
+//! document from the same handlers.
 
 mod client;
 pub use client::{
@@ -78,7 +82,7 @@ use serde::{Deserialize, Serialize};
 
 /// The caller of a request as droverd sees it (`GET /v1/auth/whoami`): what the web console
 /// shows and which of its buttons it offers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WhoAmI {
     /// How journals and errors name the caller (`token ci`, `uid 1000`).
     pub name: String,
@@ -93,7 +97,7 @@ pub struct WhoAmI {
 /// Then come the last 64 KiB of the console log (binary), the text frame `{"live":true}`, and
 /// from then on output as the guest writes it. Refused input is answered with an
 /// [`ApiError`] as a text frame.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConsoleHello {
     /// The VM.
     pub vm: String,
@@ -109,7 +113,7 @@ pub struct ConsoleHello {
 pub const CONSOLE_PROTOCOL: &str = "drover.console.v1";
 
 /// Lifecycle state of a VM as recorded by droverd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     /// No QEMU process.
@@ -159,7 +163,7 @@ impl std::fmt::Display for VmState {
 }
 
 /// How and when a VM last stopped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExitInfo {
     /// Unix time in milliseconds.
     pub at_ms: u64,
@@ -172,7 +176,7 @@ pub struct ExitInfo {
 }
 
 /// The in-guest agent as droverd sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentStatus {
     /// Both guest-channel sockets are connected.
     pub connected: bool,
@@ -195,7 +199,7 @@ pub struct AgentStatus {
 }
 
 /// Everything droverd knows about one VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmInfo {
     /// Name.
     pub name: String,
@@ -257,6 +261,7 @@ pub struct VmInfo {
     /// over the user's image (disk id → that layer); `vm delete` writes it back into the image
     /// (or `--discard-changes`). Shown, never stored.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub unwritten: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// For a clone: the template state it came from (whose disk layers it reads) and the
     /// identity it was given.
@@ -265,7 +270,7 @@ pub struct VmInfo {
 }
 
 /// Where a clone came from, and the identity droverd gave it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloneOrigin {
     /// The template VM.
@@ -283,7 +288,7 @@ pub struct CloneOrigin {
 }
 
 /// Options of `clone`: new VMs from a saved state of a running template.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloneRequest {
     /// The clone's name, or with `count` the stem: `NAME-1` .. `NAME-N`.
@@ -297,7 +302,7 @@ pub struct CloneRequest {
 }
 
 /// One clone made by `clone`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloneOutcome {
     /// Its name (and hostname).
     pub name: String,
@@ -321,7 +326,7 @@ pub struct CloneOutcome {
 }
 
 /// The answer of `clone`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloneResult {
     /// The template VM.
     pub template: String,
@@ -337,7 +342,7 @@ pub struct CloneResult {
 }
 
 /// Options of `resume`: the shape to grow to once the VM runs again.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResumeRequest {
     /// vCPUs to have (added live; no fewer than it was saved with).
@@ -349,7 +354,7 @@ pub struct ResumeRequest {
 }
 
 /// Where a hibernated VM is: the saved state `vm resume` brings back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Hibernation {
     /// The state's id.
@@ -357,6 +362,7 @@ pub struct Hibernation {
     /// Its size on disk (memory and device state).
     pub bytes: u64,
     /// Its directory.
+    #[schema(value_type = String)]
     pub dir: std::path::PathBuf,
     /// When it was hibernated (ms since the epoch).
     pub at_ms: u64,
@@ -365,7 +371,7 @@ pub struct Hibernation {
 /// A cluster controller's claim to start a member on this host: which member, and the etcd
 /// revision its assignment was written at (the fencing token). droverd starts it only if the
 /// assignment is, right now, to this host at exactly that revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fence {
     /// The service.
@@ -386,7 +392,7 @@ impl Fence {
 }
 
 /// A VM's part in a migration between hosts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationMark {
     /// The migration's id (shared by both hosts).
     pub id: String,
@@ -399,7 +405,7 @@ pub struct MigrationMark {
 }
 
 /// Which side of a migration a host is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MigrationRole {
     /// This host sends the VM.
@@ -409,7 +415,7 @@ pub enum MigrationRole {
 }
 
 /// Phases of a migration, as each host records them durably.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationPhase {
     /// Disks and memory are being copied; the source runs the VM.
@@ -422,7 +428,7 @@ pub enum MigrationPhase {
 }
 
 /// `POST /v1/vms/{name}/migrate`: move a VM to another host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateRequest {
     /// The destination droverd (URL, token, trusted certificate).
     pub to: RemoteSpec,
@@ -443,7 +449,7 @@ pub struct MigrateRequest {
 }
 
 /// Progress of a migration (sent as the text of stream progress items, JSON-encoded).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateProgress {
     /// `disks`, `memory`, `switch-over`, `handing-over`.
     pub stage: String,
@@ -464,7 +470,7 @@ pub struct MigrateProgress {
 }
 
 /// The outcome of a migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateResult {
     /// The VM.
     pub vm: String,
@@ -487,7 +493,7 @@ pub struct MigrateResult {
 }
 
 /// One stored row of a VM, carried from host to host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PackedRow {
     /// Table.
     pub table: String,
@@ -498,7 +504,7 @@ pub struct PackedRow {
 }
 
 /// `POST /v1/migrations/incoming` (droverd to droverd): get ready to receive a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IncomingRequest {
     /// Migration id.
     pub id: String,
@@ -520,7 +526,7 @@ pub struct IncomingRequest {
 }
 
 /// A file that travels with a migrating VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MovedFile {
     /// Its path on the source (records that name it are rewritten to the new path).
     pub src: String,
@@ -535,7 +541,7 @@ pub struct MovedFile {
 }
 
 /// The destination's answer: where to send memory and disks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IncomingReady {
     /// QEMU migration URI (`tcp:HOST:PORT`); empty for offline migrations.
     pub migrate_uri: String,
@@ -549,7 +555,7 @@ pub struct IncomingReady {
 }
 
 /// `POST /v1/migrations/{vm}/commit` and `/abort` (droverd to droverd).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationStep {
     /// Migration id (must match the destination's record).
     pub id: String,
@@ -563,7 +569,7 @@ fn default_mode() -> PersistMode {
 }
 
 /// Options of `start`: which configuration to boot.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
     /// Boot this generation (0 = the initial config) instead of the default.
@@ -588,7 +594,7 @@ pub struct StartRequest {
 }
 
 /// A live change: attach a disk or NIC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
     /// `disk` or `nic`.
@@ -600,6 +606,7 @@ pub struct AttachRequest {
     pub size: Option<String>,
     /// Disk: attach this existing image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub image: Option<std::path::PathBuf>,
     /// Disk: read-only.
     #[serde(default)]
@@ -616,7 +623,7 @@ pub struct AttachRequest {
 }
 
 /// Disk or NIC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     /// A disk.
@@ -626,7 +633,7 @@ pub enum DeviceKind {
 }
 
 /// A live change: remove a disk or NIC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DetachRequest {
     /// Element id.
@@ -637,7 +644,7 @@ pub struct DetachRequest {
 }
 
 /// A live change: vCPUs and/or memory.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetRequest {
     /// New vCPU count.
@@ -652,7 +659,7 @@ pub struct SetRequest {
 }
 
 /// What a change did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangeResult {
     /// The VM after the change.
     pub vm: VmInfo,
@@ -667,7 +674,7 @@ pub struct ChangeResult {
 }
 
 /// A VM's configuration history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigHistoryView {
     /// VM name.
     pub name: String,
@@ -682,7 +689,7 @@ pub struct ConfigHistoryView {
 }
 
 /// One stored generation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GenerationView {
     /// Its id (0 = the initial config).
     pub id: u32,
@@ -701,7 +708,7 @@ pub struct GenerationView {
 }
 
 /// Set the persistence flag or mode.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersistRequest {
     /// On or off.
@@ -713,7 +720,7 @@ pub struct PersistRequest {
 }
 
 /// Promote a generation to be the initial config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteRequest {
     /// The generation.
@@ -722,7 +729,7 @@ pub struct PromoteRequest {
 
 /// A saved VM state: device state, memory, pinned disk layers and the config it ran with.
 /// Stored as `manifest.json` beside its sections; the format is versioned.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StateInfo {
     /// Manifest format ([`STATE_FORMAT`]); newer ones are refused, not misread.
     pub format: u32,
@@ -743,6 +750,7 @@ pub struct StateInfo {
     pub config: VmConfig,
     /// Disk id → the qcow2 layer this state pins (read-only from the save on).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub layers: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Device state (and, for classic saves, RAM).
     pub devices: StateSection,
@@ -768,7 +776,7 @@ pub struct StateInfo {
 }
 
 /// Where a state was saved: what a QEMU must offer to load it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SavedOn {
     /// The QEMU version (`7.2.22`).
     pub qemu_version: String,
@@ -792,11 +800,12 @@ pub struct SavedOn {
 
 /// An imported disk image (`drover image import`): VMs get thin copies of it
 /// (`vm create --disk from=NAME`), and it is never written to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskImage {
     /// Its name.
     pub name: String,
     /// Its file in droverd's state dir (a standalone qcow2).
+    #[schema(value_type = String)]
     pub file: std::path::PathBuf,
     /// The guest-visible size in bytes.
     pub virtual_size: u64,
@@ -814,17 +823,18 @@ pub struct DiskImage {
 }
 
 /// `drover image import NAME FILE`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageImportRequest {
     /// The name to give it (1-64 of a-z, 0-9, '.', '_', '-').
     pub name: String,
     /// The file on the host (qcow2 or raw; a qcow2's backing chain is folded in).
+    #[schema(value_type = String)]
     pub path: std::path::PathBuf,
 }
 
 /// The answer to a piece of `drover vm cp` into a guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileWritten {
     /// The guest path.
     pub path: String,
@@ -836,7 +846,7 @@ pub struct FileWritten {
 
 /// What to check a saved state against (`drover snapshot check`): a target host and the shape
 /// to resume as.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StateCheckRequest {
     /// The target host, as its `GET /v1/host` answered (the CLI asks it for `--on REMOTE`);
@@ -855,7 +865,7 @@ pub struct StateCheckRequest {
 }
 
 /// Whether a saved state fits a target, difference by difference.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StateCheck {
     /// The VM.
     pub vm: String,
@@ -870,7 +880,7 @@ pub struct StateCheck {
 }
 
 /// One aspect of a saved state compared with a target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Difference {
     /// What is compared (`qemu`, `machine`, `cpu-model`, `accelerator`, `vcpus`, ...).
     pub what: String,
@@ -885,7 +895,7 @@ pub struct Difference {
 }
 
 /// How a difference between a state and its target is handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Nothing differs.
@@ -907,7 +917,7 @@ impl std::fmt::Display for Verdict {
 }
 
 /// How far a saved state has come.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StatePhase {
     /// The point in time is fixed and the guest runs on; its memory is still being streamed out.
@@ -939,7 +949,7 @@ impl StatePhase {
 pub const STATE_FORMAT: u32 = 2;
 
 /// One stored part of a state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StateSection {
     /// File name inside the state's directory.
     pub file: String,
@@ -951,7 +961,7 @@ pub struct StateSection {
 }
 
 /// What a guest save remembers of its request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestSaveNote {
     /// The ticket.
     pub ticket: String,
@@ -964,7 +974,7 @@ pub struct GuestSaveNote {
 }
 
 /// Save a VM's state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// A name (1-64 characters).
@@ -976,7 +986,7 @@ pub struct SnapshotRequest {
 }
 
 /// Restore a saved state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     /// State id or name.
@@ -984,7 +994,7 @@ pub struct RestoreRequest {
 }
 
 /// Grant a guest principal access to a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestGrantRequest {
     /// Principal name (what apps in the guest pass as DROVER_PRINCIPAL).
@@ -994,7 +1004,7 @@ pub struct GuestGrantRequest {
 }
 
 /// A granted principal with its secret, shown once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestGrant {
     /// Principal.
     pub principal: String,
@@ -1005,7 +1015,7 @@ pub struct GuestGrant {
 }
 
 /// A guest principal as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestPrincipal {
     /// Principal.
     pub principal: String,
@@ -1018,7 +1028,7 @@ pub struct GuestPrincipal {
 }
 
 /// One audited guest request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Order.
     pub seq: u64,
@@ -1042,7 +1052,7 @@ pub struct AuditEntry {
 }
 
 /// One journaled change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JournalEntry {
     /// Sequence number within the VM.
     pub seq: u64,
@@ -1057,7 +1067,7 @@ pub struct JournalEntry {
 }
 
 /// How to stop a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StopRequest {
     /// Seconds for the graceful steps (agent, then ACPI) before QEMU is killed.
     #[serde(default = "default_stop_timeout")]
@@ -1082,7 +1092,7 @@ impl Default for StopRequest {
 }
 
 /// A command to run in the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecRequest {
     /// Program and arguments.
     pub argv: Vec<String>,
@@ -1100,7 +1110,7 @@ pub fn default_exec_timeout() -> u64 {
 }
 
 /// The host as `drover host info` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostInfo {
     /// droverd's version.
     pub daemon_version: String,
@@ -1143,7 +1153,7 @@ pub struct HostInfo {
 }
 
 /// What a host's QEMU can do (`drover host info`): the probe droverd ran at start.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QemuFacts {
     /// Version (`10.0.2`).
     pub version: String,
@@ -1186,7 +1196,7 @@ pub struct QemuFacts {
 }
 
 /// The default guest image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageInfo {
     /// Image directory.
     pub dir: String,
@@ -1205,7 +1215,7 @@ pub struct ImageInfo {
 }
 
 /// Ask for an image build.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageBuildRequest {
     /// Rebuild even if the inputs are unchanged.
     #[serde(default)]
@@ -1216,7 +1226,7 @@ pub struct ImageBuildRequest {
 }
 
 /// Ask for a new API token for TCP callers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenCreateRequest {
     /// `admin`, `operator` or `viewer`.
     pub role: String,
@@ -1226,7 +1236,7 @@ pub struct TokenCreateRequest {
 }
 
 /// A token as droverd keeps it: never the token itself, only its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     /// Its name.
     pub name: String,
@@ -1237,7 +1247,7 @@ pub struct TokenInfo {
 }
 
 /// A new token: `token` is shown this once and stored only hashed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenCreated {
     /// The bearer token.
     pub token: String,
@@ -1247,7 +1257,7 @@ pub struct TokenCreated {
 }
 
 /// One line of a streamed (NDJSON) answer: progress, then a result or an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamItem<T> {
     /// A step of a long operation.
@@ -1259,7 +1269,7 @@ pub enum StreamItem<T> {
 }
 
 /// Stable error codes for scripts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The VM (or other object) does not exist.
@@ -1314,7 +1324,9 @@ impl ErrorCode {
 }
 
 /// An error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema,
+)]
 #[error("{message}")]
 pub struct ApiError {
     /// Stable code.
@@ -1330,5 +1342,95 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// One line of `GET /v1/events` (and of `drover events`): something that happened to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Event {
+    /// Increasing across the host's events (and across droverd restarts); give the last one
+    /// you saw as `?since=` to catch up after a reconnect. `0` on a `lagged` line.
+    pub seq: u64,
+    /// When (unix ms).
+    pub at_ms: u64,
+    /// When, as RFC 3339 in UTC (`2026-12-01T15:47:03.123Z`).
+    pub time: String,
+    /// The VM (absent on a `lagged` line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// What happened.
+    pub kind: EventKind,
+    /// More about it, by kind: `stopped`/`exited` carry `reason` (and `detail`), `started`
+    /// carries `from` (the config it booted), `state-saved`/`restored` carry `state` (its id),
+    /// `migrated` carries `direction` (`out` or `in`) and `peer`, `lagged` carries `missed`.
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+/// Kinds of [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The VM was defined.
+    Created,
+    /// QEMU runs it (a start, a restart's second half).
+    Started,
+    /// It stopped because someone asked (`vm stop`, `vm restart`).
+    Stopped,
+    /// It stopped by itself: the guest powered off, QEMU crashed or was killed.
+    Exited,
+    /// A saved state (a snapshot) was taken.
+    StateSaved,
+    /// It runs again from a saved state.
+    Restored,
+    /// It moved between hosts (sent from here, or arrived here).
+    Migrated,
+    /// It was saved to disk and stopped.
+    Hibernated,
+    /// It runs again from its hibernation.
+    Resumed,
+    /// It was deleted.
+    Deleted,
+    /// Not about a VM: this follower fell too far behind and its stream ends here.
+    Lagged,
+}
+
+impl EventKind {
+    /// Every kind.
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Created,
+        EventKind::Started,
+        EventKind::Stopped,
+        EventKind::Exited,
+        EventKind::StateSaved,
+        EventKind::Restored,
+        EventKind::Migrated,
+        EventKind::Hibernated,
+        EventKind::Resumed,
+        EventKind::Deleted,
+        EventKind::Lagged,
+    ];
+
+    /// The kind's name, as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Started => "started",
+            EventKind::Stopped => "stopped",
+            EventKind::Exited => "exited",
+            EventKind::StateSaved => "state-saved",
+            EventKind::Restored => "restored",
+            EventKind::Migrated => "migrated",
+            EventKind::Hibernated => "hibernated",
+            EventKind::Resumed => "resumed",
+            EventKind::Deleted => "deleted",
+            EventKind::Lagged => "lagged",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

@@ -90,6 +90,33 @@ enum Cmd {
     /// Saved VM states: device state, memory and disk layers; save, list, restore, delete.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// What happened to VMs: created, started, stopped, exited, state-saved, restored,
+    /// migrated, hibernated, resumed, deleted; one JSON object per line (whatever --output says).
+    ///
+    /// Without --follow it prints the recent events droverd keeps (the last 1000 since it
+    /// started) and exits; with --follow it keeps printing them as they happen (Ctrl-C to stop).
+    /// Each line has `seq`, `at_ms`, `time` (RFC 3339, UTC), `vm`, `kind` and `details`. A reader
+    /// that falls 256 events behind gets a line of kind `lagged` and the stream ends; run it again
+    /// with --since SEQ (the last seq it printed) to catch up. Needs the viewer role or more.
+    ///
+    /// Examples:
+    ///   drover events                                  # recent events, then exit
+    ///   drover events --follow                         # every VM, as it happens
+    ///   drover events --follow --vm web1 | jq -c 'select(.kind == "exited") | .details'
+    ///   drover events --since 1764600000000123         # only what came after that one
+    ///   drover --remote h2 events --follow             # another host's (a viewer token will do)
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Keep the stream open and print events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this VM's events.
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+        /// Only events after this one (its `seq`).
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
     /// Print a shell completion script.
     ///
     /// Examples:
@@ -1246,6 +1273,39 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             out.image(&i);
         }
         Cmd::Vm(cmd) => return vm(&c, out, *cmd).await,
+        Cmd::Events { follow, vm, since } => {
+            let mut path = format!("/v1/events?follow={follow}");
+            if let Some(vm) = vm {
+                path.push_str(&format!("&vm={}", seg(&vm)?));
+            }
+            if let Some(since) = since {
+                path.push_str(&format!("&since={since}"));
+            }
+            let mut stdout = std::io::stdout();
+            let mut failed = None;
+            let mut lagged = false;
+            c.get_lines(&path, |e: drover_api::Event| {
+                lagged = e.kind == drover_api::EventKind::Lagged;
+                let line = serde_json::to_string(&e).unwrap_or_default();
+                // A closed pipe (`| head`) ends the command quietly.
+                match writeln!(stdout, "{line}").and_then(|_| stdout.flush()) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        failed = Some(err);
+                        false
+                    }
+                }
+            })
+            .await?;
+            if let Some(err) = failed {
+                if err.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(anyhow::anyhow!("writing events: {err}"));
+                }
+            }
+            if lagged {
+                anyhow::bail!("this reader fell too far behind and droverd dropped it; run `drover events --follow --since SEQ` with the last seq printed to catch up");
+            }
+        }
         // Answered in main(), before any daemon is asked.
         Cmd::Completion { .. } | Cmd::Man { .. } => return Ok(0),
         Cmd::Snapshot(cmd) => match cmd {

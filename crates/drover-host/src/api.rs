@@ -8,7 +8,6 @@ use crate::manager::Manager;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_api::{
     ApiError, AttachRequest, DetachRequest, ErrorCode, ExecRequest, ImageBuildRequest,
@@ -190,6 +189,9 @@ async fn gate(
     next: axum::middleware::Next,
 ) -> Response {
     let route = matched.as_ref().map(|p| p.as_str()).unwrap_or("");
+    if PUBLIC_ROUTES.contains(&route) {
+        return next.run(req).await;
+    }
     let (need, limit) = route_rule(req.method(), route);
     let (mut parts, body) = req.into_parts();
     let caller = match resolve_caller(&parts, &m) {
@@ -290,69 +292,13 @@ pub fn router(mgr: Manager) -> Router {
 
 /// Build the router; `tokens` resolves TCP callers' bearer tokens and backs `/v1/auth/tokens`.
 pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
-    let r = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/v1/host", get(host))
-        .route("/v1/vms", get(list).post(create))
-        .route("/v1/vms/{name}", get(show).delete(delete))
-        .route("/v1/vms/{name}/start", post(start))
-        .route("/v1/vms/{name}/stop", post(stop))
-        .route("/v1/vms/{name}/restart", post(restart))
-        .route("/v1/vms/{name}/hibernate", post(hibernate))
-        .route("/v1/vms/{name}/resume", post(resume))
-        .route("/v1/vms/{name}/agent", get(agent))
-        .route("/v1/vms/{name}/exec", post(exec))
-        .route("/v1/vms/{name}/console", get(console))
-        .route("/v1/vms/{name}/console/ws", get(console_ws))
-        .route("/v1/vms/{name}/files", get(file_get).put(file_put))
-        .route("/v1/vms/{name}/attach", post(attach))
-        .route("/v1/vms/{name}/detach", post(detach))
-        .route("/v1/vms/{name}/set", post(set))
-        .route("/v1/vms/{name}/config", get(config_list))
-        .route("/v1/vms/{name}/config/diff", get(config_diff))
-        .route("/v1/vms/{name}/config/promote", post(config_promote))
-        .route("/v1/vms/{name}/config/persist", post(config_persist))
-        .route("/v1/vms/{name}/config/{gen}", get(config_show))
-        .route("/v1/vms/{name}/journal", get(journal))
-        .route(
-            "/v1/vms/{name}/guest-access",
-            get(guest_list).post(guest_grant),
-        )
-        .route(
-            "/v1/vms/{name}/guest-access/{principal}",
-            axum::routing::delete(guest_revoke),
-        )
-        .route("/v1/vms/{name}/audit", get(guest_audit))
-        .route("/v1/vms/{name}/states", get(states_list).post(state_create))
-        .route(
-            "/v1/vms/{name}/states/{state}",
-            get(state_show).delete(state_delete),
-        )
-        .route("/v1/vms/{name}/states/{state}/restore", post(state_restore))
-        .route("/v1/vms/{name}/states/{state}/check", post(state_check))
-        .route("/v1/vms/{name}/states/{state}/clone", post(state_clone))
-        .route("/v1/vms/{name}/migrate", post(migrate))
-        .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
-        // A VM's records (its journal and audit trail grow with its life) come in one request.
-        .route("/v1/migrations/incoming", post(incoming_prepare))
-        .route("/v1/migrations/{name}/commit", post(incoming_commit))
-        .route("/v1/migrations/{name}/abort", post(incoming_abort))
-        .route("/v1/image", get(image))
-        .route("/v1/image/build", post(image_build))
-        .route("/v1/images", get(images_list).post(image_import))
-        .route("/v1/images/{name}", get(image_show).delete(image_delete))
-        .route("/v1/auth/roles", get(roles).post(grant))
-        .route("/v1/auth/tokens", get(tokens_list).post(token_create))
-        .route(
-            "/v1/auth/tokens/{name}",
-            axum::routing::delete(token_revoke),
-        )
-        .route("/v1/auth/whoami", get(whoami))
+    let (r, _) = routes().split_for_parts();
+    let r = r
         .route_layer(axum::middleware::from_fn_with_state(mgr.clone(), gate))
         // The web console's page and files load before anyone logs in: outside the gate. They
         // hold no data; what the page shows it asks the API for, with the user's token.
-        .route("/", get(crate::web::index))
-        .route("/ui/{file}", get(crate::web::file))
+        .route(WEB_ROUTES[0], axum::routing::get(crate::web::index))
+        .route(WEB_ROUTES[1], axum::routing::get(crate::web::file))
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such API route")) })
         // The gate sets each route's limit; this only lifts axum's own default to the largest.
         .layer(axum::extract::DefaultBodyLimit::max(INCOMING_BODY))
@@ -362,6 +308,400 @@ pub fn router_with(mgr: Manager, tokens: Option<Arc<TokenStore>>) -> Router {
         None => r,
     };
     r.with_state(mgr)
+}
+
+/// The document's frame; the paths come from the handlers' `#[utoipa::path]`s.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "droverd",
+        description = "droverd's HTTP/JSON API. On the unix socket the caller is the peer's uid; on TCP (HTTPS) it is the holder of an `Authorization: Bearer TOKEN` header, with the token's role. Each operation's `x-drover-permission` names the permission it needs and `x-drover-roles` the roles that have it; every error is an `ApiError` with a stable `code`."
+    ),
+    components(schemas(ApiError, ErrorCode))
+)]
+struct ApiDoc;
+
+/// Every route, each with its part of the document: a route exists only as a handler with a
+/// `#[utoipa::path]`, so the router and the document cannot name different routes.
+fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
+    use utoipa::OpenApi as _;
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(events))
+        .routes(routes!(host))
+        .routes(routes!(list, create))
+        .routes(routes!(show, delete))
+        .routes(routes!(start))
+        .routes(routes!(stop))
+        .routes(routes!(restart))
+        .routes(routes!(hibernate))
+        .routes(routes!(resume))
+        .routes(routes!(agent))
+        .routes(routes!(exec))
+        .routes(routes!(console))
+        .routes(routes!(console_ws))
+        .routes(routes!(file_get, file_put))
+        .routes(routes!(attach))
+        .routes(routes!(detach))
+        .routes(routes!(set))
+        .routes(routes!(config_list))
+        .routes(routes!(config_diff))
+        .routes(routes!(config_promote))
+        .routes(routes!(config_persist))
+        .routes(routes!(config_show))
+        .routes(routes!(journal))
+        .routes(routes!(guest_list, guest_grant))
+        .routes(routes!(guest_revoke))
+        .routes(routes!(guest_audit))
+        .routes(routes!(states_list, state_create))
+        .routes(routes!(state_show, state_delete))
+        .routes(routes!(state_restore))
+        .routes(routes!(state_check))
+        .routes(routes!(state_clone))
+        .routes(routes!(migrate))
+        .routes(routes!(migrate_cancel))
+        // A VM's records (its journal and audit trail grow with its life) come in one request.
+        .routes(routes!(incoming_prepare))
+        .routes(routes!(incoming_commit))
+        .routes(routes!(incoming_abort))
+        .routes(routes!(image))
+        .routes(routes!(image_build))
+        .routes(routes!(images_list, image_import))
+        .routes(routes!(image_show, image_delete))
+        .routes(routes!(roles, grant))
+        .routes(routes!(tokens_list, token_create))
+        .routes(routes!(token_revoke))
+        .routes(routes!(whoami))
+}
+
+/// The errors each operation answers besides those every route can (401, 403, 429, 500, and
+/// 400 and 413 for one that takes a body), by HTTP status ([`ErrorCode::http_status`]); the
+/// document lists each with [`error_answer`]'s description. A test checks every row names a
+/// served operation.
+const ROUTE_ERRORS: &[(&str, &str, &[u16])] = &[
+    ("GET", "/v1/vms/{name}/console/ws", &[404, 429]),
+    ("GET", "/v1/vms/{name}/files", &[400, 404, 409, 503, 504]),
+    ("PUT", "/v1/vms/{name}/files", &[400, 404, 409, 503, 504]),
+    ("POST", "/v1/vms/{name}/states/{state}/check", &[400, 404]),
+    (
+        "POST",
+        "/v1/vms/{name}/states/{state}/clone",
+        &[400, 404, 409, 507],
+    ),
+    ("GET", "/v1/images/{name}", &[404]),
+    ("POST", "/v1/images", &[400, 409, 507]),
+    ("DELETE", "/v1/images/{name}", &[404, 409]),
+    ("GET", "/v1/events", &[400]),
+    ("POST", "/v1/vms", &[400, 409, 507]),
+    ("GET", "/v1/vms/{name}", &[404]),
+    ("DELETE", "/v1/vms/{name}", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/start", &[400, 404, 409, 424, 507]),
+    ("POST", "/v1/vms/{name}/stop", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/restart", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/attach", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/detach", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/set", &[400, 404, 409, 507]),
+    ("GET", "/v1/vms/{name}/config", &[404]),
+    ("GET", "/v1/vms/{name}/config/{gen}", &[400, 404]),
+    ("GET", "/v1/vms/{name}/config/diff", &[400, 404]),
+    ("POST", "/v1/vms/{name}/config/promote", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/config/persist", &[400, 404, 409]),
+    ("GET", "/v1/vms/{name}/journal", &[404]),
+    ("GET", "/v1/vms/{name}/guest-access", &[404]),
+    ("POST", "/v1/vms/{name}/guest-access", &[400, 404]),
+    ("DELETE", "/v1/vms/{name}/guest-access/{principal}", &[404]),
+    ("GET", "/v1/vms/{name}/audit", &[404]),
+    ("GET", "/v1/vms/{name}/states", &[404]),
+    ("GET", "/v1/vms/{name}/states/{state}", &[404]),
+    ("POST", "/v1/vms/{name}/states", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/hibernate", &[404, 409]),
+    ("POST", "/v1/vms/{name}/resume", &[400, 404, 409, 507]),
+    (
+        "POST",
+        "/v1/vms/{name}/states/{state}/restore",
+        &[404, 409, 507],
+    ),
+    ("DELETE", "/v1/vms/{name}/states/{state}", &[404, 409]),
+    ("POST", "/v1/auth/roles", &[400]),
+    ("GET", "/v1/auth/tokens", &[400]),
+    ("POST", "/v1/auth/tokens", &[400, 409]),
+    ("DELETE", "/v1/auth/tokens/{name}", &[400, 404]),
+    ("GET", "/v1/vms/{name}/agent", &[404, 409, 504]),
+    ("POST", "/v1/vms/{name}/exec", &[400, 404, 409, 503, 504]),
+    ("GET", "/v1/vms/{name}/console", &[404]),
+    ("GET", "/v1/image", &[424]),
+    ("POST", "/v1/image/build", &[400]),
+    ("POST", "/v1/vms/{name}/migrate", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/migrate/cancel", &[404, 409]),
+    ("POST", "/v1/migrations/incoming", &[400, 409, 507]),
+    ("POST", "/v1/migrations/{name}/commit", &[400, 404, 409]),
+    ("POST", "/v1/migrations/{name}/abort", &[400]),
+];
+
+/// What an error status means, for the document (the `ErrorCode`s that answer with it).
+fn error_answer(status: u16) -> &'static str {
+    match status {
+        400 => "A malformed request or a value out of range (`invalid_argument`)",
+        401 => "On TCP: no bearer token, or one this droverd does not know (`unauthenticated`)",
+        403 => "The caller's role lacks the permission (`forbidden`)",
+        404 => "No such VM or object (`not_found`)",
+        409 => "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)",
+        413 => "The body is larger than this route takes (`too_large`)",
+        424 => "The guest image is not built (`image_missing`)",
+        429 => "Too many wrong tokens from this address within a minute (`too_many_requests`)",
+        502 => "The other host could not be reached (`peer_unreachable`)",
+        503 => "The guest agent is not connected or did not answer (`agent_unavailable`)",
+        504 => "It did not finish in time (`timeout`)",
+        507 => "The host cannot give what is asked (`insufficient_resources`)",
+        _ => "Something failed inside droverd (`internal`)",
+    }
+}
+
+/// The web console's page and files: served beside the API, not part of it (HTML and scripts,
+/// no data), so not in the API document.
+pub const WEB_ROUTES: [&str; 2] = ["/", "/ui/{file}"];
+
+/// Routes anyone who reaches the API may read, with or without a token (a token is not even
+/// looked at, so a wrong one is not counted against its address). The document is the same
+/// for every droverd of a version and says nothing about the host.
+const PUBLIC_ROUTES: [&str; 1] = ["/v1/openapi.json"];
+
+/// The API document (OpenAPI 3.1): the handlers' paths and types, and for each operation the
+/// permission [`route_rule`] enforces, the roles that have it and the errors every route can
+/// answer (401, 403, 413, 429, 500), on top of those its handler names.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::path::HttpMethod;
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let (_, mut doc) = routes().split_for_parts();
+    let error = |what: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ApiError")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    if let Some(c) = doc.components.as_mut() {
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [
+            (HttpMethod::Get, item.get.as_mut()),
+            (HttpMethod::Post, item.post.as_mut()),
+            (HttpMethod::Put, item.put.as_mut()),
+            (HttpMethod::Delete, item.delete.as_mut()),
+            (HttpMethod::Patch, item.patch.as_mut()),
+        ];
+        for (method, op) in ops {
+            let Some(op) = op else { continue };
+            let m = match method {
+                HttpMethod::Get => axum::http::Method::GET,
+                HttpMethod::Post => axum::http::Method::POST,
+                HttpMethod::Put => axum::http::Method::PUT,
+                HttpMethod::Delete => axum::http::Method::DELETE,
+                _ => axum::http::Method::PATCH,
+            };
+            let mut ext = utoipa::openapi::extensions::Extensions::default();
+            if PUBLIC_ROUTES.contains(&path.as_str()) {
+                ext.insert("x-drover-permission".into(), serde_json::json!(null));
+                op.description = Some("Needs no token and no role.".into());
+                op.security = Some(vec![
+                    utoipa::openapi::security::SecurityRequirement::default(),
+                ]);
+                op.extensions = Some(ext);
+                continue;
+            }
+            let (need, limit) = route_rule(&m, path);
+            let roles: Vec<String> = [Role::Admin, Role::Operator, Role::Viewer]
+                .into_iter()
+                .filter(|r| r.allows(need))
+                .map(|r| r.to_string())
+                .collect();
+            ext.insert("x-drover-permission".into(), serde_json::json!(need.name()));
+            ext.insert("x-drover-roles".into(), serde_json::json!(roles));
+            op.extensions = Some(ext);
+            op.description = Some(format!(
+                "Needs the `{}` permission (roles: {}).",
+                need.name(),
+                roles.join(", ")
+            ));
+            op.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+                "bearer",
+                Vec::<String>::new(),
+            )]);
+            let own = ROUTE_ERRORS
+                .iter()
+                .find(|(rm, rp, _)| *rm == m.as_str() && rp == path)
+                .map(|(_, _, e)| *e)
+                .unwrap_or(&[]);
+            let with_body: &[u16] = if op.request_body.is_some() {
+                &[400, 413]
+            } else {
+                &[]
+            };
+            let r = &mut op.responses.responses;
+            for &status in own.iter().chain(with_body).chain(&[401, 403, 429, 500]) {
+                let what = if status == 413 {
+                    format!("{} ({} KiB at most)", error_answer(413), limit >> 10)
+                } else {
+                    error_answer(status).to_string()
+                };
+                r.entry(status.to_string()).or_insert_with(|| error(&what));
+            }
+        }
+    }
+    doc
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "host",
+    summary = "This document (OpenAPI 3.1)",
+    responses((status = 200, description = "The document", body = Object)),
+)]
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOC.get_or_init(|| {
+        openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        text.clone(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/events?follow=&vm=&since=`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct EventsQuery {
+    /// Keep the stream open and send events as they happen.
+    #[serde(default)]
+    follow: bool,
+    /// Only this VM's events.
+    #[serde(default)]
+    vm: Option<String>,
+    /// Only events after this `seq` (to catch up after a reconnect); without `follow`, the
+    /// default is every recent event, with it, none (only new ones).
+    #[serde(default)]
+    since: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    summary = "VM, state and migration events: NDJSON, one Event per line. Without follow: the recent events (the last 1000 since droverd started), then the stream ends. With follow=true the stream stays open; a client that falls 256 events behind gets one `lagged` line and the stream ends",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "One Event per line", body = drover_api::Event, content_type = "application/x-ndjson"),
+    ),
+)]
+async fn events(
+    State(m): State<Manager>,
+    who: Who,
+    Q(q): Q<EventsQuery>,
+) -> Result<Response, Failure> {
+    need(&who, Permission::Read)?;
+    if let Some(vm) = &q.vm {
+        drover_model::VmName::new(vm).map_err(|e| {
+            Failure(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("vm: {e}"),
+            ))
+        })?;
+    }
+    let vm = q.vm.clone();
+    let wanted = move |e: &drover_api::Event| vm.is_none() || e.vm == vm || e.vm.is_none();
+    let line = |e: &drover_api::Event| {
+        let mut s = serde_json::to_string(e).unwrap_or_default();
+        s.push('\n');
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(s))
+    };
+    let stream = if !q.follow {
+        let lines: Vec<_> = m
+            .events()
+            .recent(q.since)
+            .iter()
+            .filter(|e| wanted(e))
+            .map(line)
+            .collect();
+        futures_util::stream::iter(lines).boxed()
+    } else {
+        let sub = m.events().subscribe(q.since);
+        let backlog: Vec<_> = sub.backlog.iter().filter(|e| wanted(e)).map(line).collect();
+        let live = futures_util::stream::unfold(
+            (sub.live, sub.closed, false),
+            move |(mut rx, mut closed, done)| async move {
+                if done || *closed.borrow() {
+                    return None;
+                }
+                let got = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = closed.changed() => return None,
+                };
+                match got {
+                    Ok(e) => Some((Some(e), (rx, closed, false))),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Some((Some(crate::events::lagged(n)), (rx, closed, true)))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+                }
+            },
+        )
+        .filter_map(move |e| {
+            let keep = e.filter(|e| wanted(e));
+            async move { keep }
+        })
+        .map(move |e| line(&e));
+        futures_util::stream::iter(backlog).chain(live).boxed()
+    };
+    let mut resp = axum::body::Body::from_stream(stream).into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
+}
+
+/// A query string whose parse errors become `invalid_argument` answers (as the document says),
+/// not axum's plain-text ones.
+pub struct Q<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for Q<T> {
+    type Rejection = Failure;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Q(q))
+            .map_err(|e| {
+                Failure(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("invalid query: {}", e.body_text()),
+                ))
+            })
+    }
 }
 
 /// A JSON body whose parse errors become `invalid_argument` answers.
@@ -394,12 +734,30 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/host",
+    tag = "host",
+    summary = "The host: accelerator, QEMU, resources",
+    responses(
+        (status = 200, description = "Done", body = drover_api::HostInfo),
+    ),
+)]
 async fn host(State(m): State<Manager>, who: Who) -> Res<drover_api::HostInfo> {
     need(&who, Permission::Read)?;
     Ok(Json(m.host_info()))
 }
 
 /// Prometheus' scrape: OpenMetrics text ([`crate::metrics`]).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "host",
+    summary = "Prometheus metrics (OpenMetrics text)",
+    responses(
+        (status = 200, description = "Done", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    ),
+)]
 async fn metrics(State(m): State<Manager>, who: Who) -> Result<Response, Failure> {
     need(&who, Permission::Read)?;
     let (states, targets) = m.metrics_targets();
@@ -414,11 +772,30 @@ async fn metrics(State(m): State<Manager>, who: Who) -> Result<Response, Failure
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    tag = "vms",
+    summary = "Every VM",
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::VmInfo>),
+    ),
+)]
 async fn list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::VmInfo>> {
     need(&who, Permission::Read)?;
     Ok(Json(m.list()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms",
+    tag = "vms",
+    summary = "Define a VM",
+    request_body = VmSpec,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn create(
     State(m): State<Manager>,
     who: Who,
@@ -430,6 +807,16 @@ async fn create(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}",
+    tag = "vms",
+    summary = "One VM",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn show(
     State(m): State<Manager>,
     who: Who,
@@ -440,20 +827,33 @@ async fn show(
 }
 
 /// `DELETE /v1/vms/NAME?force=&discard_changes=`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeleteQuery {
+    /// Delete a running VM too (its QEMU is killed).
     #[serde(default)]
     force: bool,
+    /// Drop changes not yet written back into a user's image (`image=` disks).
     #[serde(default)]
     discard_changes: bool,
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}",
+    tag = "vms",
+    summary = "Delete a VM and the disks Drover made (answers with the VM as it was)",
+    params(("name" = String, Path, description = "The VM's name"), DeleteQuery),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn delete(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    Q(q): Q<DeleteQuery>,
 ) -> Res<drover_api::VmInfo> {
     need(&who, Permission::Lifecycle)?;
     Ok(Json(
@@ -461,6 +861,17 @@ async fn delete(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/start",
+    tag = "vms",
+    summary = "Start a VM (answers once QEMU runs)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = StartRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn start(
     State(m): State<Manager>,
     who: Who,
@@ -473,6 +884,17 @@ async fn start(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/stop",
+    tag = "vms",
+    summary = "Stop a VM: agent, then ACPI, then kill after timeout_s",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = StopRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn stop(
     State(m): State<Manager>,
     who: Who,
@@ -485,6 +907,17 @@ async fn stop(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/restart",
+    tag = "vms",
+    summary = "Stop and start a VM",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = StopRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn restart(
     State(m): State<Manager>,
     who: Who,
@@ -497,6 +930,17 @@ async fn restart(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/attach",
+    tag = "config",
+    summary = "Hot-plug a disk or NIC (or record it for the next boot)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = AttachRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ChangeResult),
+    ),
+)]
 async fn attach(
     State(m): State<Manager>,
     who: Who,
@@ -508,6 +952,17 @@ async fn attach(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/detach",
+    tag = "config",
+    summary = "Hot-unplug a disk or NIC",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = DetachRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ChangeResult),
+    ),
+)]
 async fn detach(
     State(m): State<Manager>,
     who: Who,
@@ -519,6 +974,17 @@ async fn detach(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/set",
+    tag = "config",
+    summary = "Change vCPUs or memory (live, or for the next boot)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = SetRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ChangeResult),
+    ),
+)]
 async fn set(
     State(m): State<Manager>,
     who: Who,
@@ -530,6 +996,16 @@ async fn set(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/config",
+    tag = "config",
+    summary = "The VM's config generations",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::ConfigHistoryView),
+    ),
+)]
 async fn config_list(
     State(m): State<Manager>,
     who: Who,
@@ -538,6 +1014,16 @@ async fn config_list(
     Ok(Json(m.config_history(&name, &who.0)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/config/{gen}",
+    tag = "config",
+    summary = "One generation's config",
+    params(("name" = String, Path, description = "The VM's name"), ("gen" = u32, Path, description = "The generation (0: the initial config)")),
+    responses(
+        (status = 200, description = "Done", body = drover_model::VmConfig),
+    ),
+)]
 async fn config_show(
     State(m): State<Manager>,
     who: Who,
@@ -546,21 +1032,45 @@ async fn config_show(
     Ok(Json(m.generation_config(&name, gen, &who.0)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DiffQuery {
+    /// The generation to diff from.
     from: u32,
+    /// The generation to diff to.
     to: u32,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/config/diff",
+    tag = "config",
+    summary = "What changes between two generations, one line each",
+    params(("name" = String, Path, description = "The VM's name"), DiffQuery),
+    responses(
+        (status = 200, description = "Done", body = Vec<String>),
+    ),
+)]
 async fn config_diff(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<DiffQuery>,
+    Q(q): Q<DiffQuery>,
 ) -> Res<Vec<String>> {
     Ok(Json(m.config_diff(&name, q.from, q.to, &who.0)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/config/promote",
+    tag = "config",
+    summary = "Make a generation the initial config (also needs config.persist)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = PromoteRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::ConfigHistoryView),
+    ),
+)]
 async fn config_promote(
     State(m): State<Manager>,
     who: Who,
@@ -572,6 +1082,17 @@ async fn config_promote(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/config/persist",
+    tag = "config",
+    summary = "Turn persistence on or off, or change its mode (also needs config.persist)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = PersistRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn config_persist(
     State(m): State<Manager>,
     who: Who,
@@ -583,6 +1104,16 @@ async fn config_persist(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/journal",
+    tag = "config",
+    summary = "Every change to the VM's config, as journaled",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::JournalEntry>),
+    ),
+)]
 async fn journal(
     State(m): State<Manager>,
     who: Who,
@@ -592,6 +1123,16 @@ async fn journal(
     Ok(Json(m.journal_of(&name)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/guest-access",
+    tag = "guest-access",
+    summary = "The VM's guest principals",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::GuestPrincipal>),
+    ),
+)]
 async fn guest_list(
     State(m): State<Manager>,
     who: Who,
@@ -600,6 +1141,17 @@ async fn guest_list(
     Ok(Json(m.guest_principals(&name, &who.0)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/guest-access",
+    tag = "guest-access",
+    summary = "Grant a guest principal ops (its secret is shown once)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::GuestGrantRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::GuestGrant),
+    ),
+)]
 async fn guest_grant(
     State(m): State<Manager>,
     who: Who,
@@ -611,15 +1163,35 @@ async fn guest_grant(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}/guest-access/{principal}",
+    tag = "guest-access",
+    summary = "Revoke a guest principal",
+    params(("name" = String, Path, description = "The VM's name"), ("principal" = String, Path, description = "The principal")),
+    responses(
+        (status = 200, description = "Done", body = Revoked),
+    ),
+)]
 async fn guest_revoke(
     State(m): State<Manager>,
     who: Who,
     Path((name, principal)): Path<(String, String)>,
-) -> Res<serde_json::Value> {
+) -> Res<Revoked> {
     m.guest_revoke(&name, &principal, &who.0)?;
-    Ok(Json(serde_json::json!({"revoked": principal})))
+    Ok(Json(Revoked { revoked: principal }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/audit",
+    tag = "guest-access",
+    summary = "Guest requests and refused operator changes",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::AuditEntry>),
+    ),
+)]
 async fn guest_audit(
     State(m): State<Manager>,
     who: Who,
@@ -628,6 +1200,16 @@ async fn guest_audit(
     Ok(Json(m.guest_audit(&name, &who.0)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/states",
+    tag = "states",
+    summary = "The VM's saved states",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::StateInfo>),
+    ),
+)]
 async fn states_list(
     State(m): State<Manager>,
     who: Who,
@@ -637,6 +1219,16 @@ async fn states_list(
     Ok(Json(m.states(&name)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/states/{state}",
+    tag = "states",
+    summary = "One saved state",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::StateInfo),
+    ),
+)]
 async fn state_show(
     State(m): State<Manager>,
     who: Who,
@@ -646,6 +1238,17 @@ async fn state_show(
     Ok(Json(m.state(&name, &state)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/states",
+    tag = "states",
+    summary = "Save a running VM's state (a snapshot)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::SnapshotRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::StateInfo),
+    ),
+)]
 async fn state_create(
     State(m): State<Manager>,
     who: Who,
@@ -661,6 +1264,16 @@ async fn state_create(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/hibernate",
+    tag = "states",
+    summary = "Save a running VM to disk and stop it",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn hibernate(
     State(m): State<Manager>,
     who: Who,
@@ -671,6 +1284,17 @@ async fn hibernate(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/resume",
+    tag = "states",
+    summary = "Bring a hibernated VM back (optionally grown)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::ResumeRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn resume(
     State(m): State<Manager>,
     who: Who,
@@ -682,6 +1306,16 @@ async fn resume(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/states/{state}/restore",
+    tag = "states",
+    summary = "Run the VM from a saved state (a running VM is replaced)",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn state_restore(
     State(m): State<Manager>,
     who: Who,
@@ -692,6 +1326,15 @@ async fn state_restore(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/states/{state}/check",
+    tag = "states",
+    summary = "Compare a saved state with a host and shape: same, adaptable or blocking, line by line",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    request_body = drover_api::StateCheckRequest,
+    responses((status = 200, description = "Done", body = drover_api::StateCheck)),
+)]
 async fn state_check(
     State(m): State<Manager>,
     who: Who,
@@ -701,6 +1344,17 @@ async fn state_check(
     Ok(Json(m.check_state(&name, &state, &req, &who.0)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/states/{state}/clone",
+    tag = "states",
+    summary = "Start new VMs from a saved state (instant clones): NDJSON lines of StreamItem (a progress line per clone, then the result or the error)",
+    params(("name" = String, Path, description = "The template VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    request_body = drover_api::CloneRequest,
+    responses(
+        (status = 200, description = "Done", body = StreamItem<drover_api::CloneResult>, content_type = "application/x-ndjson"),
+    ),
+)]
 async fn state_clone(
     State(m): State<Manager>,
     who: Who,
@@ -710,6 +1364,16 @@ async fn state_clone(
     ndjson(move |progress| async move { m.clone_state(&name, &state, req, &who.0, progress).await })
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}/states/{state}",
+    tag = "states",
+    summary = "Delete a saved state (answers with it as it was)",
+    params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::StateInfo),
+    ),
+)]
 async fn state_delete(
     State(m): State<Manager>,
     who: Who,
@@ -721,7 +1385,7 @@ async fn state_delete(
 }
 
 /// A role grant.
-#[derive(Deserialize, serde::Serialize)]
+#[derive(Deserialize, serde::Serialize, utoipa::ToSchema)]
 pub struct GrantRequest {
     /// The uid.
     pub uid: u32,
@@ -729,11 +1393,30 @@ pub struct GrantRequest {
     pub role: Option<Role>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/auth/roles",
+    tag = "auth",
+    summary = "Roles granted to local uids, as [uid, role] pairs",
+    responses(
+        (status = 200, description = "Done", body = Vec<(u32, Role)>),
+    ),
+)]
 async fn roles(State(m): State<Manager>, who: Who) -> Res<Vec<(u32, Role)>> {
     need(&who, Permission::Admin)?;
     Ok(Json(m.roles()?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/roles",
+    tag = "auth",
+    summary = "Grant a local uid a role (or none); answers with every grant",
+    request_body = GrantRequest,
+    responses(
+        (status = 200, description = "Done", body = Vec<(u32, Role)>),
+    ),
+)]
 async fn grant(
     State(m): State<Manager>,
     who: Who,
@@ -753,6 +1436,15 @@ fn token_store(ext: Option<axum::Extension<Arc<TokenStore>>>) -> Result<Arc<Toke
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/auth/tokens",
+    tag = "auth",
+    summary = "API tokens (never the tokens, only their hashes)",
+    responses(
+        (status = 200, description = "Done", body = Vec<drover_api::TokenInfo>),
+    ),
+)]
 async fn tokens_list(
     who: Who,
     ext: Option<axum::Extension<Arc<TokenStore>>>,
@@ -763,6 +1455,16 @@ async fn tokens_list(
     Ok(Json(list.iter().map(|e| e.info()).collect()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/tokens",
+    tag = "auth",
+    summary = "Make an API token for TCP callers (shown once)",
+    request_body = drover_api::TokenCreateRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::TokenCreated),
+    ),
+)]
 async fn token_create(
     who: Who,
     ext: Option<axum::Extension<Arc<TokenStore>>>,
@@ -784,6 +1486,16 @@ async fn token_create(
     }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/auth/tokens/{name}",
+    tag = "auth",
+    summary = "Revoke an API token (answers with it as it was)",
+    params(("name" = String, Path, description = "The token's name")),
+    responses(
+        (status = 200, description = "Done", body = drover_api::TokenInfo),
+    ),
+)]
 async fn token_revoke(
     who: Who,
     ext: Option<axum::Extension<Arc<TokenStore>>>,
@@ -796,17 +1508,29 @@ async fn token_revoke(
     Ok(Json(gone.info()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
+    /// Seconds to wait for the agent to be ready (0: answer at once; at most 3600).
     #[serde(default)]
     wait_s: u64,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/agent",
+    tag = "vms",
+    summary = "The guest agent's status (waits up to wait_s for readiness)",
+    params(("name" = String, Path, description = "The VM's name"), WaitQuery),
+    responses(
+        (status = 200, description = "Done", body = drover_api::AgentStatus),
+    ),
+)]
 async fn agent(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<WaitQuery>,
+    Q(q): Q<WaitQuery>,
 ) -> Res<drover_api::AgentStatus> {
     need(&who, Permission::Read)?;
     if q.wait_s == 0 {
@@ -819,6 +1543,17 @@ async fn agent(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/exec",
+    tag = "vms",
+    summary = "Run a command in the guest",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_proto::ExecResult),
+    ),
+)]
 async fn exec(
     State(m): State<Manager>,
     who: Who,
@@ -829,10 +1564,13 @@ async fn exec(
     Ok(Json(m.exec(&name, req).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ConsoleQuery {
+    /// Where to start reading the console log (bytes).
     #[serde(default)]
     offset: u64,
+    /// Bytes to read at most (default 256 KiB, at most 4 MiB).
     #[serde(default = "default_console_max")]
     max: usize,
 }
@@ -840,11 +1578,21 @@ fn default_console_max() -> usize {
     256 * 1024
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/console",
+    tag = "vms",
+    summary = "The serial console's bytes from offset (header x-drover-next-offset: where to go on)",
+    params(("name" = String, Path, description = "The VM's name"), ConsoleQuery),
+    responses(
+        (status = 200, description = "Done", body = String, content_type = "application/octet-stream", headers(("x-drover-next-offset" = u64, description = "The offset to ask for next"))),
+    ),
+)]
 async fn console(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-    Query(q): Query<ConsoleQuery>,
+    Q(q): Q<ConsoleQuery>,
 ) -> Result<Response, Failure> {
     need(&who, Permission::Read)?;
     let (bytes, next) = m.console(&name, q.offset, q.max.min(4 << 20))?;
@@ -871,6 +1619,14 @@ const CONSOLE_SILENCE: Duration = Duration::from_secs(60);
 /// `GET /v1/vms/NAME/console/ws`: the serial console as a WebSocket. Output for everyone who
 /// may read the VM; input only for callers with `vm.exec` (root in the guest's shell is what
 /// `vm exec` gives too). See [`drover_api::ConsoleHello`].
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/console/ws",
+    tag = "vms",
+    summary = "The serial console as a WebSocket: a ConsoleHello text frame, then output as binary frames; frames from a client with vm.exec are typed into the guest",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, body = drover_api::ConsoleHello, description = "Switching to the WebSocket protocol (101 in fact; its first frame is this)")),
+)]
 async fn console_ws(
     State(m): State<Manager>,
     who: Who,
@@ -997,6 +1753,13 @@ fn json_frame(v: &impl serde::Serialize) -> axum::extract::ws::Message {
 }
 
 /// `GET /v1/auth/whoami`: the caller, its role and what that role may do.
+#[utoipa::path(
+    get,
+    path = "/v1/auth/whoami",
+    tag = "auth",
+    summary = "The caller, its role and what it may do",
+    responses((status = 200, description = "Done", body = drover_api::WhoAmI)),
+)]
 async fn whoami(who: Who) -> Res<drover_api::WhoAmI> {
     let c = &who.0;
     Ok(Json(drover_api::WhoAmI {
@@ -1011,8 +1774,9 @@ async fn whoami(who: Who) -> Res<drover_api::WhoAmI> {
 }
 
 /// Where in a guest file a `vm cp` request reads or writes.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct FileQuery {
     path: String,
     #[serde(default)]
@@ -1036,6 +1800,14 @@ const FILE_SIZE: &str = "x-drover-file-size";
 const FILE_MODE: &str = "x-drover-file-mode";
 const FILE_EOF: &str = "x-drover-eof";
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/files",
+    tag = "vms",
+    summary = "Read a piece of a file in the guest (vm cp)",
+    params(("name" = String, Path, description = "The VM's name"), FileQuery),
+    responses((status = 200, body = String, content_type = "application/octet-stream", headers(("x-drover-file-size" = u64, description = "The file's size"), ("x-drover-file-mode" = String, description = "Its mode, octal"), ("x-drover-eof" = bool, description = "Whether this piece ends the file")))),
+)]
 async fn file_get(
     State(m): State<Manager>,
     who: Who,
@@ -1056,6 +1828,15 @@ async fn file_get(
     Ok((headers, r.data).into_response())
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/vms/{name}/files",
+    tag = "vms",
+    summary = "Write a piece of a file in the guest (vm cp; renamed into place once done)",
+    params(("name" = String, Path, description = "The VM's name"), FileQuery),
+    request_body(content = String, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Done", body = drover_api::FileWritten)),
+)]
 async fn file_put(
     State(m): State<Manager>,
     who: Who,
@@ -1087,10 +1868,20 @@ async fn file_put(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/image",
+    tag = "image",
+    summary = "The guest image (default, or ?distro=)",
+    params(ImageQuery),
+    responses(
+        (status = 200, description = "Done", body = drover_api::ImageInfo),
+    ),
+)]
 async fn image(
     State(m): State<Manager>,
     who: Who,
-    Query(q): Query<ImageQuery>,
+    Q(q): Q<ImageQuery>,
 ) -> Res<drover_api::ImageInfo> {
     need(&who, Permission::Read)?;
     if let Some(distro) = q.distro {
@@ -1112,17 +1903,34 @@ async fn image(
 }
 
 /// `GET /v1/image?distro=debian-12`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ImageQuery {
+    /// A distribution image (`debian-12`) instead of the default one.
     #[serde(default)]
     distro: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/images",
+    tag = "image",
+    summary = "Imported disk images",
+    responses((status = 200, description = "Done", body = Vec<drover_api::DiskImage>)),
+)]
 async fn images_list(State(m): State<Manager>, who: Who) -> Res<Vec<drover_api::DiskImage>> {
     need(&who, Permission::Read)?;
     Ok(Json(m.images()?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/images/{name}",
+    tag = "image",
+    summary = "One disk image",
+    params(("name" = String, Path, description = "The image's name")),
+    responses((status = 200, description = "Done", body = drover_api::DiskImage)),
+)]
 async fn image_show(
     State(m): State<Manager>,
     who: Who,
@@ -1132,6 +1940,14 @@ async fn image_show(
     Ok(Json(m.image_get(&name)?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/images",
+    tag = "image",
+    summary = "Import a disk image (copied in as a checked standalone qcow2)",
+    request_body = drover_api::ImageImportRequest,
+    responses((status = 200, description = "Done", body = drover_api::DiskImage)),
+)]
 async fn image_import(
     State(m): State<Manager>,
     who: Who,
@@ -1142,6 +1958,14 @@ async fn image_import(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/images/{name}",
+    tag = "image",
+    summary = "Delete a disk image (refused while a VM uses it)",
+    params(("name" = String, Path, description = "The image's name")),
+    responses((status = 200, description = "Done", body = drover_api::DiskImage)),
+)]
 async fn image_delete(
     State(m): State<Manager>,
     who: Who,
@@ -1151,6 +1975,16 @@ async fn image_delete(
 }
 
 /// Streams progress lines, then the result, as NDJSON.
+#[utoipa::path(
+    post,
+    path = "/v1/image/build",
+    tag = "image",
+    summary = "Build the guest image: NDJSON lines of StreamItem (progress text, then the image or the error)",
+    request_body = ImageBuildRequest,
+    responses(
+        (status = 200, description = "Done", body = StreamItem<drover_api::ImageInfo>, content_type = "application/x-ndjson"),
+    ),
+)]
 async fn image_build(
     State(m): State<Manager>,
     who: Who,
@@ -1205,6 +2039,17 @@ where
     resp
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/migrate",
+    tag = "migration",
+    summary = "Move the VM to another host: NDJSON lines of StreamItem (progress: JSON MigrateProgress as text, then the result or the error)",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = drover_api::MigrateRequest,
+    responses(
+        (status = 200, description = "Done", body = StreamItem<drover_api::MigrateResult>, content_type = "application/x-ndjson"),
+    ),
+)]
 async fn migrate(
     State(m): State<Manager>,
     who: Who,
@@ -1219,15 +2064,35 @@ async fn migrate(
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/migrate/cancel",
+    tag = "migration",
+    summary = "Cancel the VM's outgoing migration",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses(
+        (status = 200, description = "Done", body = Cancelling),
+    ),
+)]
 async fn migrate_cancel(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
-) -> Res<serde_json::Value> {
+) -> Res<Cancelling> {
     m.migrate_cancel(&name, &who.0)?;
-    Ok(Json(serde_json::json!({"cancelling": name})))
+    Ok(Json(Cancelling { cancelling: name }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/incoming",
+    tag = "migration",
+    summary = "Droverd to droverd: take a VM's records and get ready to receive it",
+    request_body = drover_api::IncomingRequest,
+    responses(
+        (status = 200, description = "Done", body = drover_api::IncomingReady),
+    ),
+)]
 async fn incoming_prepare(
     State(m): State<Manager>,
     who: Who,
@@ -1238,6 +2103,17 @@ async fn incoming_prepare(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{name}/commit",
+    tag = "migration",
+    summary = "Droverd to droverd: the VM is this host's now",
+    params(("name" = String, Path, description = "The arriving VM")),
+    request_body = drover_api::MigrationStep,
+    responses(
+        (status = 200, description = "Done", body = drover_api::VmInfo),
+    ),
+)]
 async fn incoming_commit(
     State(m): State<Manager>,
     who: Who,
@@ -1249,15 +2125,44 @@ async fn incoming_commit(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{name}/abort",
+    tag = "migration",
+    summary = "Droverd to droverd: the source gave up; drop the copy",
+    params(("name" = String, Path, description = "The arriving VM")),
+    request_body = drover_api::MigrationStep,
+    responses(
+        (status = 200, description = "Done", body = Empty),
+    ),
+)]
 async fn incoming_abort(
     State(m): State<Manager>,
     who: Who,
     Path(name): Path<String>,
     Body(step): Body<drover_api::MigrationStep>,
-) -> Res<serde_json::Value> {
+) -> Res<Empty> {
     detached(async move { m.incoming_abort(&name, step, &who.0).await }).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Empty {}))
 }
+
+/// The answer to a guest principal's revocation.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Revoked {
+    /// The principal revoked.
+    revoked: String,
+}
+
+/// The answer to a migration's cancel.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Cancelling {
+    /// The VM whose migration is being cancelled.
+    cancelling: String,
+}
+
+/// An empty JSON object.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Empty {}
 
 use futures_util::StreamExt as _;
 
@@ -1535,6 +2440,283 @@ mod tests {
             let (status, _) = scrape(&app, tcp.clone(), token).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
         }
+    }
+
+    /// A GET of `uri` from local uid `uid`.
+    fn local_get(uid: u32, uri: &str) -> axum::http::Request<axum::body::Body> {
+        let mut req = axum::http::Request::builder()
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(Peer {
+                uid: Some(uid),
+                remote: None,
+            }));
+        req
+    }
+
+    /// The lines of an NDJSON answer, decoded.
+    fn ndjson_lines<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Vec<T> {
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    /// The router serves every operation of the document and, on those paths, no other
+    /// method; every route is registered through `routes()` (no plain `.route(`), so nothing
+    /// is served that the document does not list.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_documented_operations() {
+        let src = include_str!("api.rs");
+        let code = &src[..src.find("#[cfg(test)]").unwrap_or(src.len())];
+        assert_eq!(
+            code.matches(concat!(".route", "(")).count(),
+            WEB_ROUTES.len(),
+            "a route added with .route() is not in the API document: use a #[utoipa::path] handler in routes() (only the web console's pages are served outside it)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let app = router(Manager::for_tests(dir.path(), Default::default()).await);
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.len() > 35, "{paths:?}");
+        let mut operations = 0;
+        for (path, item) in paths {
+            let uri = path
+                .replace("{gen}", "1")
+                .replace("{name}", "nosuchvm")
+                .replace("{state}", "s1")
+                .replace("{principal}", "p1");
+            for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+                let documented = item.get(method.to_lowercase()).is_some();
+                // uid 1000 has no role: the gate answers every route it reaches with 403,
+                // before any handler runs (the document alone is public). A method the path
+                // lacks is asked as root, past the gate, to see axum's 405.
+                let uid = if documented { 1000 } else { 0 };
+                let (status, e) = call(
+                    &app,
+                    Some(uid),
+                    method,
+                    &uri,
+                    None,
+                    axum::body::Body::empty(),
+                )
+                .await;
+                let unrouted = status == StatusCode::METHOD_NOT_ALLOWED
+                    || (status == StatusCode::NOT_FOUND && e.message == "no such API route");
+                if documented {
+                    operations += 1;
+                    assert!(
+                        !unrouted,
+                        "{method} {path}: documented, not served ({status})"
+                    );
+                    let want = if PUBLIC_ROUTES.contains(&path.as_str()) {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::FORBIDDEN
+                    };
+                    assert_eq!(status, want, "{method} {path}: {}", e.message);
+                } else {
+                    assert!(
+                        unrouted,
+                        "{method} {path}: served, not documented ({status})"
+                    );
+                }
+            }
+        }
+        assert!(operations > 40, "{operations}");
+        for (m, p, _) in ROUTE_ERRORS {
+            assert!(
+                paths
+                    .get(*p)
+                    .is_some_and(|i| i.get(m.to_lowercase()).is_some()),
+                "ROUTE_ERRORS names {m} {p}, which is not served"
+            );
+        }
+        let (status, e) = call(
+            &app,
+            Some(0),
+            "GET",
+            "/v1/nothing",
+            None,
+            axum::body::Body::empty(),
+        )
+        .await;
+        assert_eq!(
+            (status, e.code),
+            (StatusCode::NOT_FOUND, ErrorCode::NotFound)
+        );
+    }
+
+    /// Answers of real handlers (error answers included) validate against the document, with
+    /// every object closed (`unevaluatedProperties: false`), so a field the type has and the
+    /// document lacks, or the other way round, fails here.
+    #[tokio::test]
+    async fn answers_validate_against_the_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        m.set_role(&Caller::daemon(), 1001, Some(Role::Viewer))
+            .unwrap();
+        let app = router(m.clone());
+        let doc = serde_json::to_value(openapi()).unwrap();
+        m.events().emit(
+            "web1",
+            drover_api::EventKind::Created,
+            serde_json::json!({}),
+        );
+        for (uid, method, uri, body, status) in [
+            (0, "GET", "/v1/host", "", 200),
+            (0, "GET", "/v1/vms", "", 200),
+            (0, "GET", "/v1/auth/roles", "", 200),
+            (0, "GET", "/v1/vms/nosuchvm", "", 404),
+            (0, "POST", "/v1/vms", "{\"name\": 5}", 400),
+            (0, "POST", "/v1/vms/nosuchvm/start", "", 404),
+            (1001, "POST", "/v1/vms", "{}", 403),
+            (1001, "GET", "/v1/events?follow=maybe", "", 400),
+        ] {
+            let mut req = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(Peer {
+                    uid: Some(uid),
+                    remote: None,
+                }));
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status().as_u16(), status, "{method} {uri}");
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            let route = uri.split('?').next().unwrap().replace("nosuchvm", "{name}");
+            crate::openapi_check::validate(&doc, method, &route, status, &answer)
+                .unwrap_or_else(|e| panic!("{method} {uri}: {e}"));
+        }
+        // A renamed field is caught, whichever side has the new name.
+        assert!(crate::openapi_check::validate_schema(
+            &doc,
+            "ApiError",
+            &serde_json::json!({"code": "not_found", "messages": "x"})
+        )
+        .is_err());
+        assert!(crate::openapi_check::validate_schema(
+            &doc,
+            "ApiError",
+            &serde_json::json!({"code": "not_found", "message": "x"})
+        )
+        .is_ok());
+        // The event stream's lines are Events.
+        let req = local_get(1001, "/v1/events");
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let lines: Vec<serde_json::Value> = ndjson_lines(&bytes);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["kind"], "created");
+        crate::openapi_check::validate(&doc, "GET", "/v1/events", 200, &lines[0]).unwrap();
+    }
+
+    /// A follower that does not read falls behind: it gets one `lagged` line saying how many
+    /// events it missed, and its stream ends (nothing is buffered for it beyond the channel).
+    #[tokio::test]
+    async fn a_follower_that_does_not_read_is_told_it_lagged_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let app = router(m.clone());
+        let req = local_get(0, "/v1/events?follow=true");
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        for _ in 0..crate::events::CAPACITY + 10 {
+            m.events()
+                .emit("a", drover_api::EventKind::Started, serde_json::json!({}));
+        }
+        let bytes = tokio::time::timeout(
+            Duration::from_secs(5),
+            axum::body::to_bytes(resp.into_body(), 1 << 20),
+        )
+        .await
+        .expect("the lagging stream ended")
+        .unwrap();
+        let lines: Vec<drover_api::Event> = ndjson_lines(&bytes);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0].kind, drover_api::EventKind::Lagged);
+        assert_eq!(lines[0].details["missed"], 10);
+    }
+
+    /// Follow streams end when droverd stops, rather than hold its shutdown for the grace time.
+    #[tokio::test]
+    async fn follow_streams_end_when_droverd_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let app = router(m.clone());
+        let req = local_get(0, "/v1/events?follow=true&vm=a");
+        let resp = app.oneshot(req).await.unwrap();
+        m.events()
+            .emit("a", drover_api::EventKind::Created, serde_json::json!({}));
+        m.events()
+            .emit("b", drover_api::EventKind::Created, serde_json::json!({}));
+        let reader = tokio::spawn(axum::body::to_bytes(resp.into_body(), 1 << 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!reader.is_finished(), "a follow stream stays open");
+        m.begin_shutdown();
+        let bytes = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the stream ended at shutdown")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert_eq!(text.lines().count(), 1, "only VM a's event: {text}");
+    }
+
+    /// The document is public on TCP, with no token or a wrong one, and a wrong one sent with
+    /// it does not count against the address.
+    #[tokio::test]
+    async fn the_document_needs_no_token_and_wrong_ones_sent_with_it_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::for_tests(dir.path(), Default::default()).await;
+        let tokens = Arc::new(TokenStore::new(&dir.path().join("tokens")));
+        let (viewer, _) = tokens.create(Role::Viewer, Some("v")).unwrap();
+        let app = router_with(m, Some(tokens));
+        let tcp = Peer {
+            uid: None,
+            remote: Some(([127, 0, 0, 1], 40000).into()),
+        };
+        let get = |uri: &'static str, token: Option<String>| {
+            let app = app.clone();
+            let tcp = tcp.clone();
+            async move {
+                let mut b = axum::http::Request::builder().uri(uri);
+                if let Some(t) = token {
+                    b = b.header("authorization", format!("Bearer {t}"));
+                }
+                let mut req = b.body(axum::body::Body::empty()).unwrap();
+                req.extensions_mut().insert(axum::extract::ConnectInfo(tcp));
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = axum::body::to_bytes(resp.into_body(), 4 << 20)
+                    .await
+                    .unwrap();
+                (status, bytes)
+            }
+        };
+        let (status, bytes) = get("/v1/openapi.json", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        for _ in 0..TOKEN_FAILURES + 2 {
+            let (status, _) = get("/v1/openapi.json", Some("drv_wrong".into())).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        let (status, _) = get("/v1/host", Some(viewer)).await;
+        assert_eq!(status, StatusCode::OK, "the address was not blocked");
+        let (status, _) = get("/v1/events", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "events need a token");
     }
 
     #[tokio::test]

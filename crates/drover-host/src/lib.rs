@@ -18,11 +18,14 @@ pub mod config_file;
 pub mod console;
 pub mod crashpoint;
 pub mod error;
+pub mod events;
 pub mod filecopy;
 pub mod hostfacts;
 pub mod limits;
 pub mod manager;
 pub mod metrics;
+#[cfg(test)]
+mod openapi_check;
 pub mod pools;
 pub mod qemu_user;
 pub mod serve;

@@ -14,7 +14,8 @@ use crate::auth::{Caller, Permission, Role};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
 use drover_api::{
-    AgentStatus, ExitInfo, HostInfo, ImageInfo, JournalEntry, StartRequest, VmInfo, VmState,
+    AgentStatus, EventKind, ExitInfo, HostInfo, ImageInfo, JournalEntry, StartRequest, VmInfo,
+    VmState,
 };
 use drover_model::{
     format_size, Accel, Boot, ConfigHistory, DiskConfig, DiskSource, MacAddr, NicBackend,
@@ -246,6 +247,8 @@ struct Shared {
     stopping: std::sync::atomic::AtomicBool,
     /// Checks a controller's fencing token against the cluster (set with `--cluster`).
     fence_check: Mutex<Option<FenceCheck>>,
+    /// What happened to VMs, for `GET /v1/events`.
+    events: crate::events::Events,
     /// Connections to the VMs' serial console sockets (keystrokes from web consoles).
     console_inputs: crate::console::ConsoleInputs,
 }
@@ -404,6 +407,7 @@ impl Manager {
                 qemu_user,
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 fence_check: Mutex::new(None),
+                events: crate::events::Events::default(),
                 console_inputs: Default::default(),
             }),
         };
@@ -1116,6 +1120,7 @@ impl Manager {
                 let slot = VmSlot::new(info.clone());
                 lock(&self.s.vms).insert(name.clone(), slot);
                 tracing::info!(vm = name, "created");
+                self.event(&name, EventKind::Created, serde_json::json!({}));
                 Ok(info)
             }
             Err(e) => {
@@ -1198,6 +1203,7 @@ impl Manager {
         crate::crashpoint::hit("delete-files");
         self.finish_delete(name, &intent);
         tracing::info!(vm = name, "deleted");
+        self.event(name, EventKind::Deleted, serde_json::json!({}));
         Ok(info)
     }
 
@@ -1257,6 +1263,15 @@ impl Manager {
         self.start_locked(name, &slot, req, caller).await
     }
 
+    /// Tell followers the VM runs (after a start, a restart, a migration's arrival).
+    fn started_event(&self, info: &VmInfo) {
+        self.event(
+            &info.name,
+            EventKind::Started,
+            serde_json::json!({ "from": info.started_from, "pid": info.pid }),
+        );
+    }
+
     async fn start_locked(
         &self,
         name: &str,
@@ -1280,8 +1295,11 @@ impl Manager {
                 self.persist(slot, |i| i.fence = Some(f.clone()))?;
             }
         }
-        self.launch(name, slot, config.pinned(), started_from, LaunchKind::Boot)
-            .await
+        let info = self
+            .launch(name, slot, config.pinned(), started_from, LaunchKind::Boot)
+            .await?;
+        self.started_event(&info);
+        Ok(info)
     }
 
     /// Use `check` for the fencing tokens of cluster starts (droverd `--cluster`).
@@ -1378,6 +1396,17 @@ impl Manager {
         self.s
             .stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.s.events.close();
+    }
+
+    /// The event feed (`GET /v1/events`).
+    pub fn events(&self) -> &crate::events::Events {
+        &self.s.events
+    }
+
+    /// Tell followers what happened to `vm`; call it once the change is durable.
+    pub(crate) fn event(&self, vm: &str, kind: drover_api::EventKind, details: serde_json::Value) {
+        self.s.events.emit(vm, kind, details);
     }
 
     /// Launch QEMU with `config`: boot it, restore a saved state, or wait for a migration.
@@ -1844,6 +1873,17 @@ impl Manager {
         };
         tracing::info!(vm = name, reason = exit_info.reason, "stopped");
         let recorded = self.record_stopped(slot, exit_info.clone());
+        if recorded.is_ok() {
+            let kind = match exit_info.reason.as_str() {
+                "operator-stop" => EventKind::Stopped,
+                _ => EventKind::Exited,
+            };
+            self.event(
+                name,
+                kind,
+                serde_json::json!({ "reason": exit_info.reason, "detail": exit_info.detail }),
+            );
+        }
         if let Err(e) = recorded {
             tracing::error!(vm = name, "could not record the stop: {e}");
         }

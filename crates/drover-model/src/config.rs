@@ -297,6 +297,7 @@ impl fmt::Display for ElementKey {
 
 /// The value of one element. Serialized as `{"kind": "disk", "value": {...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", content = "value", rename_all = "lowercase")]
 pub enum Element {
     /// vCPU count.
@@ -677,6 +678,7 @@ fn check_boot(boot: &Boot, disk_ids: &BTreeSet<&ElementId>) -> Result<(), Config
 
 /// One change to one element.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum ElementOp {
     /// Add an element the config does not have.
@@ -713,6 +715,7 @@ impl ElementOp {
 
 /// Operations turning one config into another; serialized as `{"ops": [...]}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigDiff {
     /// Applied in order. [`diff`] makes at most one per key, sorted by key.
     pub ops: Vec<ElementOp>,

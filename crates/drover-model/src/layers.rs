@@ -19,15 +19,18 @@ pub const LAYERS_FORMAT: u32 = 1;
 /// One disk's layer chain: the current top layer of each origin the disk id has named, and the
 /// layers saved states pin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskLayers {
     /// Record format ([`LAYERS_FORMAT`]).
     pub format: u32,
     /// Origin → the layer that holds its current content. An origin not listed is its own top.
     /// (A disk id may name another image in another generation; each keeps its own top.)
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
     pub tops: BTreeMap<PathBuf, PathBuf>,
     /// Layers pinned by saved states → the ids of those states.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, BTreeSet<String>>))]
     pub pinned: BTreeMap<PathBuf, BTreeSet<String>>,
 }
 

@@ -22,3 +22,28 @@ pub use layers::{origin_below, DiskLayers, LayerError, OpenPlan, LAYERS_FORMAT};
 pub use platform::Platform;
 pub use size::{format_size, parse_size, SizeError};
 pub use spec::*;
+
+/// Types that travel as strings (parsed with `TryFrom<String>`) are strings in the API document.
+#[cfg(feature = "openapi")]
+mod openapi {
+    macro_rules! string_schema {
+        ($($t:ty: $what:literal),* $(,)?) => {$(
+            impl utoipa::PartialSchema for $t {
+                fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                    utoipa::openapi::ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String)
+                        .description(Some($what))
+                        .into()
+                }
+            }
+            impl utoipa::ToSchema for $t {}
+        )*};
+    }
+    string_schema!(
+        crate::VmName: "A VM name: lowercase letters, digits and '-', starting with a letter",
+        crate::ElementId: "A disk's or NIC's id",
+        crate::MacAddr: "A MAC address (52:54:00:12:34:56)",
+        crate::PortForward: "A port forward: [tcp|udp:][HOST_ADDR:]HOST_PORT-:GUEST_PORT",
+        crate::ElementKey: "A config element: cpu, memory, disk:ID, nic:ID, boot, ...",
+    );
+}

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// A VM's machine type, CPU model and RAM layout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Platform {
     /// Versioned machine type (`pc-q35-7.2`); `None`: QEMU's `q35` alias, whatever it means
     /// for the QEMU that runs the VM (VMs created before machine types were pinned).

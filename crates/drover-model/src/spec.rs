@@ -234,6 +234,7 @@ impl fmt::Display for MacAddr {
 
 /// Transport of a port forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     /// TCP.
@@ -314,6 +315,7 @@ impl fmt::Display for PortForward {
 
 /// Accelerator choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Hardware KVM.
@@ -343,6 +345,7 @@ impl fmt::Display for Accel {
 
 /// A disk as asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Id within the VM (default `disk0`, `disk1`, ...). Visible in the guest as the disk serial.
@@ -353,6 +356,7 @@ pub struct DiskSpec {
     pub size: Option<String>,
     /// Attach this existing image (qcow2 or raw) instead.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub image: Option<PathBuf>,
     /// Or: a thin copy of this imported image (`drover image import`), owned by the VM; `size`
     /// may grow it.
@@ -400,6 +404,7 @@ impl FromStr for DiskSpec {
 
 /// A NIC as asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// Id within the VM (default `net0`, `net1`, ...).
@@ -449,13 +454,16 @@ impl FromStr for NicSpec {
 
 /// What the VM boots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BootSpec {
     /// A kernel (ELF vmlinux or bzImage); the default guest image when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub kernel: Option<PathBuf>,
     /// Its initrd.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub initrd: Option<PathBuf>,
     /// Extra kernel command line (appended to the tuned default for the default image).
     #[serde(default)]
@@ -467,6 +475,7 @@ pub struct BootSpec {
 
 /// A VM as an operator asks for it: from `drover vm create` flags or a TOML file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// VM name.
@@ -500,6 +509,7 @@ pub struct VmSpec {
 /// What goes into a VM's NoCloud seed (made by droverd at create, attached read-only as the
 /// last disk). The hostname is the VM's name; the network config matches every NIC by MAC.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SeedSpec {
     /// `authorized_keys` lines for root (or cloud-init's default user).
@@ -767,6 +777,7 @@ pub fn valid_image_name(name: &str) -> bool {
 
 /// Disk image formats Drover attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
     /// qcow2.
@@ -786,10 +797,12 @@ impl fmt::Display for DiskFormat {
 
 /// A resolved disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskConfig {
     /// Id; the guest sees it as the disk's serial (`/sys/block/vdX/serial`).
     pub id: ElementId,
     /// Absolute path of the image.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub path: PathBuf,
     /// Its format.
     pub format: DiskFormat,
@@ -820,6 +833,7 @@ pub struct DiskConfig {
 
 /// How a NIC reaches the world.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum NicBackend {
     /// QEMU user-mode networking (NAT) with optional port forwards.
@@ -836,6 +850,7 @@ pub enum NicBackend {
 
 /// A resolved NIC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NicConfig {
     /// Id.
     pub id: ElementId,
@@ -855,6 +870,7 @@ pub struct NicConfig {
 
 /// A resolved boot source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Boot {
     /// Drover's default guest image (current build at start time), with extra cmdline.
@@ -866,8 +882,10 @@ pub enum Boot {
     /// A given kernel and initrd.
     Kernel {
         /// Kernel path.
+        #[cfg_attr(feature = "openapi", schema(value_type = String))]
         kernel: PathBuf,
         /// Initrd path.
+        #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
         initrd: Option<PathBuf>,
         /// Full command line.
         cmdline: Option<String>,
@@ -881,6 +899,7 @@ pub enum Boot {
 
 /// A VM's resolved configuration: what droverd stores and boots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmConfig {
     /// Name.
     pub name: VmName,

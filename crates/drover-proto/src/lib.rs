@@ -40,6 +40,7 @@ pub const PORT_B_NAME: &str = "org.drover.evt";
 
 /// One message on either port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Frame {
     /// Schema version ([`PROTOCOL_VERSION`] when sent by this build).
@@ -63,6 +64,7 @@ impl Frame {
 
 /// Message bodies. Each variant says who sends it and on which port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Body {
     /// Guest → host, port A: the agent is up. Sent each time the agent (re)opens port A.
@@ -140,6 +142,7 @@ pub const MAX_FILE_PATH: usize = 4096;
 /// marked `done` makes it durable and puts it in place of `path` in one rename, so a reader of
 /// `path` sees the old file or the whole new one, never half.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FilePut {
     /// Absolute path in the guest.
@@ -159,6 +162,7 @@ pub struct FilePut {
 
 /// A piece of a file to read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FileGet {
     /// Absolute path in the guest.
@@ -171,6 +175,7 @@ pub struct FileGet {
 
 /// A piece of a file read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FileData {
     /// The bytes from the asked offset, base64 on the wire.
@@ -224,6 +229,7 @@ pub const MAX_CHANGES: usize = 16;
 
 /// An app's request, as the agent forwards it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GuestRequest {
     /// The guest principal the app acts as (granted by a host administrator).
@@ -243,6 +249,7 @@ pub struct GuestRequest {
 /// Operations a guest may ask for. The host checks each against the principal's allowed ops,
 /// named by [`GuestOp::name`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum GuestOp {
     /// Change the VM's configuration (live where possible).
@@ -335,6 +342,7 @@ pub fn valid_generation_id(s: &str) -> bool {
 
 /// A host's component id: what a guest (or a licence scanner in it) sees of the machine it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostIdentity {
     /// The host id (droverd `--host-id`; default derived from /etc/machine-id), unique in a fleet.
@@ -372,6 +380,7 @@ impl HostIdentity {
 
 /// The `result` of a [`GuestOp::HostIdentity`] request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostIdentityAnswer {
     /// The host that runs the VM now.
@@ -395,6 +404,7 @@ impl HostIdentityAnswer {
 
 /// What set off a [`GuestOp::MigrationNotice`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NoticeTrigger {
     /// `drover-guest scan --notify-if-migrated` saw the host id change during a scan.
@@ -407,6 +417,7 @@ pub enum NoticeTrigger {
 
 /// The guest's report that it moved, as [`GuestOp::MigrationNotice`] carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MigrationNotice {
     /// The host id before.
@@ -451,6 +462,7 @@ impl MigrationNotice {
 /// The host's notice that the VM was just live-migrated: a [`GuestEvent`] with op
 /// [`NOTICE_MIGRATED`], status [`EventStatus::Notice`] and this as its `result`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MigratedNotice {
     /// The host id of the source.
@@ -503,6 +515,7 @@ impl GuestEvent {
 
 /// One configuration change asked for from inside the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "change", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ConfigChange {
     /// Set the vCPU count.
@@ -536,6 +549,7 @@ pub enum ConfigChange {
 
 /// The outcome of a guest request, or a notice from the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GuestEvent {
     /// The request's ticket (from its `Ack`); a host notice has its own.
@@ -560,6 +574,7 @@ pub struct GuestEvent {
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EventStatus {
     /// Done.
@@ -616,6 +631,7 @@ pub const MAX_IDENTITY_NICS: usize = 16;
 /// host may resend after a reconnect or a droverd restart).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IdentityUpdate {
     /// Names this update; the agent records the last one it applied.
     pub token: String,
@@ -633,6 +649,7 @@ pub struct IdentityUpdate {
 /// One NIC's address change in an [`IdentityUpdate`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NicIdentity {
     /// The MAC the guest's interface has now (`52:54:00:12:34:56`).
     pub old_mac: String,
@@ -643,6 +660,7 @@ pub struct NicIdentity {
 /// What the agent did with an [`IdentityUpdate`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IdentityApplied {
     /// The hostname now.
     pub hostname: String,
@@ -737,6 +755,7 @@ impl IdentityUpdate {
 
 /// What the agent reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AgentInfo {
     /// The agent's version (`CARGO_PKG_VERSION`).
@@ -751,6 +770,7 @@ pub struct AgentInfo {
 
 /// A command for the guest to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; `argv[0]` is looked up in `PATH`.
@@ -764,6 +784,7 @@ pub struct ExecRequest {
 
 /// The outcome of a command run in the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecResult {
     /// Exit code, when the command exited normally.

@@ -14,6 +14,7 @@ pub const MAX_KEY_LEN: usize = 8 * 1024;
 
 /// Hostname and SSH keys for the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AgentSeed {
     /// Keys are installed once per instance id.

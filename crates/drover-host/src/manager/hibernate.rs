@@ -48,6 +48,11 @@ impl Manager {
             i.hibernation = Some(hibernation.clone());
         })?;
         tracing::info!(vm = name, state = state.id, bytes, "hibernated");
+        self.event(
+            name,
+            drover_api::EventKind::Hibernated,
+            serde_json::json!({ "state": state.id, "bytes": bytes }),
+        );
         Ok(self.view(&slot))
     }
 
@@ -131,6 +136,11 @@ impl Manager {
             );
         }
         let _ = info;
+        self.event(
+            name,
+            drover_api::EventKind::Resumed,
+            serde_json::json!({ "state": h.state }),
+        );
         Ok(self.view(&slot))
     }
 }

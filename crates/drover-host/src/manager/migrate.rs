@@ -528,6 +528,11 @@ impl Manager {
             downtime_ms,
             "migrated"
         );
+        self.event(
+            name,
+            drover_api::EventKind::Migrated,
+            serde_json::json!({ "direction": "out", "peer": to_id, "id": id, "offline": req.offline, "downtime_ms": downtime_ms }),
+        );
         Ok(MigrateResult {
             vm: name.to_string(),
             from: me,
@@ -1496,6 +1501,11 @@ impl Manager {
             vm = name,
             from = mark.peer,
             "migration committed; the VM is ours"
+        );
+        self.event(
+            name,
+            drover_api::EventKind::Migrated,
+            serde_json::json!({ "direction": "in", "peer": mark.peer, "id": step.id, "offline": offline }),
         );
         Ok(self.view(&slot))
     }

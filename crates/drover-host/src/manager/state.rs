@@ -426,6 +426,11 @@ impl Manager {
             }
         }
         tracing::info!(vm, state = id, paused_ms, mode = state.mode, "state saved");
+        self.event(
+            vm,
+            drover_api::EventKind::StateSaved,
+            serde_json::json!({ "state": state.id, "name": state.name, "by": who, "guest": state.guest_save.is_some() }),
+        );
         Ok(state)
     }
 
@@ -936,11 +941,17 @@ impl Manager {
                 "another operation is running on VM {vm}; restore when it has finished"
             ))
         })?;
-        crate::metrics::timed(
+        let info = crate::metrics::timed(
             crate::metrics::Op::Restore,
             self.restore_locked(vm, &slot, which),
         )
-        .await
+        .await?;
+        self.event(
+            vm,
+            drover_api::EventKind::Restored,
+            serde_json::json!({ "state": which, "from": info.started_from }),
+        );
+        Ok(info)
     }
 
     pub(super) async fn restore_locked(

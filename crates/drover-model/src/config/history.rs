@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 /// How a sealed generation is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum PersistMode {
     /// The whole config.
@@ -42,6 +43,7 @@ impl fmt::Display for PersistMode {
 /// A stored generation's content: `{"kind": "snapshot", <config>}` or
 /// `{"kind": "diff", "ops": [...]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StoredConfig {
     /// The whole config, as sealed.
@@ -52,6 +54,7 @@ pub enum StoredConfig {
 
 /// One sealed config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Generation {
     /// Id, from 1 up (0 stands for the initial config).
     pub id: u32,
@@ -67,6 +70,7 @@ pub struct Generation {
 
 /// A VM's initial config and its sealed generations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigHistory {
     /// The config the VM starts from without persistence; generation 0.
     pub initial: VmConfig,
