@@ -94,27 +94,13 @@ impl PortB {
             Body::SetClock { unix_ms } => match crate::clock::set_clock(unix_ms) {
                 Ok(()) => {
                     crate::log!("clock set to the host's ({unix_ms} ms since the epoch)");
-                    writer.reply(
-                        id,
-                        Body::Ack {
-                            accepted: true,
-                            reason: None,
-                            ticket: None,
-                        },
-                    )
+                    writer.ack(id)
                 }
                 Err(e) => writer.reply_error(id, "io", &format!("setting the clock: {e}")),
             },
             // Pieces are small (MAX_FILE_CHUNK) and the host waits for each: handled in line.
             Body::FilePut(p) => match crate::files::put(&p) {
-                Ok(()) => writer.reply(
-                    id,
-                    Body::Ack {
-                        accepted: true,
-                        reason: None,
-                        ticket: None,
-                    },
-                ),
+                Ok(()) => writer.ack(id),
                 Err(e) => writer.reply_error(id, e.code, &e.message),
             },
             Body::FileGet(g) => match crate::files::get(&g) {
@@ -128,28 +114,14 @@ impl PortB {
                     PowerAction::PowerOff
                 };
                 crate::log!("host requested {action:?} (id {id})");
-                writer.reply(
-                    id,
-                    Body::Ack {
-                        accepted: true,
-                        reason: None,
-                        ticket: None,
-                    },
-                );
+                writer.ack(id);
                 thread::sleep(SHUTDOWN_DRAIN);
                 self.power.stop(action);
             }
             Body::Event(event) => {
                 // Ack first: the event is ours now, so the host need not redeliver it; delivery
                 // never blocks, so the ack does not wait on slow apps either.
-                writer.reply(
-                    id,
-                    Body::Ack {
-                        accepted: true,
-                        reason: None,
-                        ticket: None,
-                    },
-                );
+                writer.ack(id);
                 match event.migrated_notice() {
                     None => {
                         self.hub.deliver(event);

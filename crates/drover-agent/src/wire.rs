@@ -106,6 +106,18 @@ impl<W: Write> FrameWriter<W> {
         }
     }
 
+    /// Acknowledge request `id` as accepted.
+    pub fn ack(&self, id: u64) {
+        self.reply(
+            id,
+            Body::Ack {
+                accepted: true,
+                reason: None,
+                ticket: None,
+            },
+        );
+    }
+
     /// Send `Error{code, message}` for request `id`, cut to the protocol's field limits.
     pub fn reply_error(&self, id: u64, code: &str, message: &str) {
         let body = error_body(code, message);

@@ -207,13 +207,7 @@ impl Manager {
         let _op = tslot.op.lock().await;
         let state = self.state(template, which)?;
         check_cloneable(template, &state).map_err(HostError::Conflict)?;
-        let facts = self.qemu_facts();
-        crate::compat::check_restore(
-            &state.id,
-            state.saved_on.as_ref(),
-            &self.restore_target(facts.as_ref()),
-        )
-        .map_err(HostError::Conflict)?;
+        self.check_loads_here(&state)?;
         let sdir = self.states_dir(template).join(&state.id);
         let devices = sdir.join(&state.devices.file);
         super::state::check_devices(&state, &devices)?;

@@ -979,13 +979,7 @@ impl Manager {
                 state.id, state.format
             )));
         }
-        let facts = self.qemu_facts();
-        crate::compat::check_restore(
-            &state.id,
-            state.saved_on.as_ref(),
-            &self.restore_target(facts.as_ref()),
-        )
-        .map_err(HostError::Conflict)?;
+        self.check_loads_here(&state)?;
         let dir = self.states_dir(vm).join(&state.id);
         let devices = dir.join(&state.devices.file);
         check_devices(&state, &devices)?;
@@ -1057,6 +1051,17 @@ impl Manager {
             self.prepare_standby(vm, slot);
         }
         Ok(info)
+    }
+
+    /// Refuse a state this host's QEMU cannot load, naming every reason.
+    pub(super) fn check_loads_here(&self, state: &StateInfo) -> Result<()> {
+        let facts = self.qemu_facts();
+        crate::compat::check_restore(
+            &state.id,
+            state.saved_on.as_ref(),
+            &self.restore_target(facts.as_ref()),
+        )
+        .map_err(HostError::Conflict)
     }
 
     /// A restored guest's clock stands where it was saved: once its agent answers, set it to
