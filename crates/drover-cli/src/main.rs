@@ -1372,30 +1372,7 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
                 cpus,
                 memory,
             } => {
-                let target = match &on {
-                    None => None,
-                    Some(r) => {
-                        let all = remotes::Remotes::load(&remotes::config_file()?)?;
-                        let h: drover_api::HostInfo =
-                            all.get(r)?
-                                .client()?
-                                .get("/v1/host")
-                                .await
-                                .with_context(|| format!("asking {r} what it offers"))?;
-                        Some(Box::new(h))
-                    }
-                };
-                let r: drover_api::StateCheck = c
-                    .post(
-                        &format!("/v1/vms/{}/states/{}/check", seg(&vm)?, seg(&state)?),
-                        &drover_api::StateCheckRequest {
-                            target,
-                            target_name: on,
-                            cpus,
-                            memory,
-                        },
-                    )
-                    .await?;
+                let r = check_state(&c, &vm, &state, on.as_deref(), cpus, memory).await?;
                 out.state_check(&r);
                 return Ok(if r.fits { 0 } else { 4 });
             }
@@ -2145,6 +2122,38 @@ fn remote_client(name: &str) -> anyhow::Result<Client> {
     Ok(all.get(name)?.client()?)
 }
 
+/// Check state `state` of `vm` against remote `on` (its `GET /v1/host`; `None`: the VM's host)
+/// as `cpus`/`memory`.
+async fn check_state(
+    c: &Client,
+    vm: &str,
+    state: &str,
+    on: Option<&str>,
+    cpus: Option<u32>,
+    memory: Option<String>,
+) -> anyhow::Result<drover_api::StateCheck> {
+    let target = match on {
+        None => None,
+        Some(r) => {
+            let h: drover_api::HostInfo = remote_client(r)?
+                .get("/v1/host")
+                .await
+                .with_context(|| format!("asking {r} what it offers"))?;
+            Some(Box::new(h))
+        }
+    };
+    Ok(c.post(
+        &format!("/v1/vms/{}/states/{}/check", seg(vm)?, seg(state)?),
+        &drover_api::StateCheckRequest {
+            target,
+            target_name: on.map(str::to_string),
+            cpus,
+            memory,
+        },
+    )
+    .await?)
+}
+
 /// Check state `state` of `vm` against remote `on` before moving anything: `Some(4)` (the
 /// blocking lines printed) when it does not fit.
 async fn check_on(
@@ -2156,21 +2165,7 @@ async fn check_on(
     cpus: Option<u32>,
     memory: Option<String>,
 ) -> anyhow::Result<Option<u8>> {
-    let h: drover_api::HostInfo = remote_client(on)?
-        .get("/v1/host")
-        .await
-        .with_context(|| format!("asking {on} what it offers"))?;
-    let r: drover_api::StateCheck = c
-        .post(
-            &format!("/v1/vms/{}/states/{}/check", seg(vm)?, seg(state)?),
-            &drover_api::StateCheckRequest {
-                target: Some(Box::new(h)),
-                target_name: Some(on.to_string()),
-                cpus,
-                memory,
-            },
-        )
-        .await?;
+    let r = check_state(c, vm, state, Some(on), cpus, memory).await?;
     if r.fits {
         return Ok(None);
     }
