@@ -482,15 +482,27 @@ mod tests {
         );
     }
 
-    /// A fake guest: garbage and an oversized frame on port A, then hello; answers ping on B.
-    #[tokio::test]
-    async fn survives_bad_frames_and_answers() {
+    /// The two ports' sockets, listening, in a temporary directory (kept alive by the caller).
+    fn ports() -> (
+        tempfile::TempDir,
+        PathBuf,
+        PathBuf,
+        UnixListener,
+        UnixListener,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
         let (la, lb) = (
             UnixListener::bind(&pa).unwrap(),
             UnixListener::bind(&pb).unwrap(),
         );
+        (dir, pa, pb, la, lb)
+    }
+
+    /// A fake guest: garbage and an oversized frame on port A, then hello; answers ping on B.
+    #[tokio::test]
+    async fn survives_bad_frames_and_answers() {
+        let (_dir, pa, pb, la, lb) = ports();
         let guest_a = tokio::spawn(async move {
             let (mut s, _) = la.accept().await.unwrap();
             s.write_all(b"garbage!").await.unwrap();
@@ -569,12 +581,7 @@ mod tests {
     /// finds its agent, without a hello on port A.
     #[tokio::test]
     async fn probing_after_migration_finds_an_agent_that_lost_the_first_pings() {
-        let dir = tempfile::tempdir().unwrap();
-        let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
-        let (_la, lb) = (
-            UnixListener::bind(&pa).unwrap(),
-            UnixListener::bind(&pb).unwrap(),
-        );
+        let (_dir, pa, pb, _la, lb) = ports();
         tokio::spawn(async move {
             let (mut s, _) = lb.accept().await.unwrap();
             let mut dec = Decoder::new();
