@@ -30,6 +30,19 @@ pub trait LocalVms {
     fn fence(&self, vms: Vec<String>) -> impl Future<Output = ()>;
     /// The cluster members running on this host, with the token of their last start.
     fn members(&self) -> impl Future<Output = Vec<LocalMember>>;
+    /// The lease was (re)newed: unless it is renewed again, this host's cluster VMs must be
+    /// gone by `stop_by`, even if this process dies or hangs meanwhile (a watchdog outside
+    /// it keeps that promise). `stop_by` is before the lease can expire.
+    fn lease_renewed(&self, stop_by: Instant) -> impl Future<Output = ()> {
+        let _ = stop_by;
+        async {}
+    }
+}
+
+/// The latest a silent host's cluster VMs may still run: halfway between its own fence and
+/// the earliest the lease can expire, so the in-process fence comes first while it lives.
+pub fn watchdog_deadline(fence_at: Instant, margin: Duration) -> Instant {
+    fence_at + margin / 2
 }
 
 /// A cluster member running on this host, as droverd recorded its last start.
@@ -108,6 +121,8 @@ pub async fn run(m: Membership, vms: impl LocalVms) {
         };
         tracing::info!(host = %name, lease = lease.id(), "joined the cluster");
         let mut deadline = fence_deadline(sent, m.ttl, m.margin);
+        vms.lease_renewed(watchdog_deadline(deadline, m.margin))
+            .await;
         let mut mine: BTreeSet<String> = BTreeSet::new();
         loop {
             let now = Instant::now();
@@ -122,7 +137,11 @@ pub async fn run(m: Membership, vms: impl LocalVms) {
                 continue;
             }
             match tokio::time::timeout(deadline - sent, lease.renew()).await {
-                Ok(Ok(_)) => deadline = fence_deadline(sent, m.ttl, m.margin),
+                Ok(Ok(_)) => {
+                    deadline = fence_deadline(sent, m.ttl, m.margin);
+                    vms.lease_renewed(watchdog_deadline(deadline, m.margin))
+                        .await;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(host = %name, error = %e, "lease renewal failed");
                     continue;
@@ -205,5 +224,9 @@ mod tests {
         assert_eq!(d - sent, Duration::from_secs(2));
         // A margin larger than the TTL fences at once rather than never.
         assert_eq!(fence_deadline(sent, ttl, Duration::from_secs(5)), sent);
+        // The watchdog outside the daemon comes after the daemon's own fence, and still
+        // before the lease can expire (sent + ttl).
+        let w = watchdog_deadline(d, Duration::from_secs(1));
+        assert!(w > d && w < sent + ttl);
     }
 }

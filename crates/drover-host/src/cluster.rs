@@ -81,6 +81,17 @@ impl LocalVms for ManagerVms {
             .collect()
     }
 
+    async fn lease_renewed(&self, stop_by: tokio::time::Instant) {
+        let within = stop_by.saturating_duration_since(tokio::time::Instant::now());
+        let armed = std::env::current_exe()
+            .context("finding droverd's binary for the fence watchdog")
+            .and_then(|bin| crate::fence_watchdog::arm(self.0.state_dir(), within, &bin));
+        if let Err(e) = armed {
+            // Without the watchdog a dead droverd's members would outlive the lease.
+            tracing::error!(error = format!("{e:#}"), "cannot arm the fence watchdog");
+        }
+    }
+
     async fn fence(&self, vms: Vec<String>) {
         for name in vms {
             let running = self.0.get(&name).is_ok_and(|v| {
@@ -153,6 +164,11 @@ pub fn spawn(
                 .map_err(|e| e.to_string())
         })
     }));
+    // Members started by an older droverd carry no mark yet; the watchdog must know them too.
+    for v in mgr.list().into_iter().filter(|v| v.fence.is_some()) {
+        crate::fence_watchdog::mark_member(mgr.state_dir(), &v.name)
+            .with_context(|| format!("marking VM {} as a cluster member", v.name))?;
+    }
     tracing::info!(host = %inventory.name, etcd = ?etcd, ttl_s = ttl.as_secs(), "joining the cluster");
     tokio::spawn(drover_cluster::host::run(
         Membership::new(etcd, inventory, ttl),

@@ -525,6 +525,11 @@ impl Manager {
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.s.cfg.state_dir.join("vms").join(name)
     }
+    /// The state dir this daemon keeps its truth in.
+    pub fn state_dir(&self) -> &Path {
+        &self.s.cfg.state_dir
+    }
+
     /// The serial console log of a VM (kept across runs).
     pub fn console_path(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("console.log")
@@ -1294,6 +1299,9 @@ impl Manager {
                 // Durable before QEMU exists: a restarted droverd knows which member this is.
                 self.persist(slot, |i| i.fence = Some(f.clone()))?;
             }
+            // Before QEMU exists too: the fence watchdog kills it if droverd goes silent.
+            crate::fence_watchdog::mark_member(&self.s.cfg.state_dir, name)
+                .map_err(|e| io_ctx("marking as a cluster member", &self.vm_dir(name), e))?;
         }
         let info = self
             .launch(name, slot, config.pinned(), started_from, LaunchKind::Boot)

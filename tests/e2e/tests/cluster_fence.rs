@@ -1,11 +1,12 @@
 //! Fencing tokens on a real etcd (Debian's `etcd-server`) and a real droverd `--cluster`: a
 //! controller's start of a member runs only if the member's assignment is, right now, to this
 //! host at exactly the token it carries; a member the cluster placed elsewhere is stopped by the
-//! host itself, and an operator cannot start it here again.
+//! host itself, and an operator cannot start it here again; a member whose droverd dies is
+//! killed (by the fence watchdog droverd left behind) before the host's lease can expire.
 
 use drover_e2e::{free_port, wait_for, Daemon};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// etcd on loopback with a private data dir, killed when dropped.
 struct Etcd {
@@ -91,6 +92,30 @@ impl Etcd {
     }
 }
 
+/// A daemon of host `h1` in the cluster at `etcd`, with a lease of 3 s.
+fn cluster_daemon(etcd: &Etcd) -> (Daemon, tempfile::NamedTempFile) {
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cfg.path(), "name = \"h1\"\nttl_s = 3\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with(&[
+        "--listen",
+        &listen,
+        "--cluster",
+        &etcd.url,
+        "--cluster-config",
+        cfg.path().to_str().unwrap(),
+    ]);
+    (d, cfg)
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn runs(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+}
+
 /// POST a start of `vm` with a fencing token over droverd's unix socket: (HTTP status, body).
 fn fenced_start(d: &Daemon, vm: &str, token: i64) -> (u16, String) {
     let body = serde_json::json!({
@@ -116,17 +141,7 @@ fn fenced_start(d: &Daemon, vm: &str, token: i64) -> (u16, String) {
 #[test]
 fn a_member_starts_only_with_its_current_token_and_stops_once_placed_elsewhere() {
     let etcd = Etcd::start();
-    let cfg = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(cfg.path(), "name = \"h1\"\nttl_s = 3\n").unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let d = Daemon::start_with(&[
-        "--listen",
-        &listen,
-        "--cluster",
-        &etcd.url,
-        "--cluster-config",
-        cfg.path().to_str().unwrap(),
-    ]);
+    let (d, _cfg) = cluster_daemon(&etcd);
     d.ok(&["vm", "create", "shop-web-1", "--memory", "128M"]);
     let token = etcd.assign("h1");
 
@@ -162,6 +177,77 @@ fn a_member_starts_only_with_its_current_token_and_stops_once_placed_elsewhere()
     d.ok(&["vm", "create", "mine", "--memory", "128M"]);
     d.ok(&["vm", "start", "mine", "--wait"]);
     std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.json(&["vm", "show", "mine"])["state"], "running");
+    d.ok(&["vm", "stop", "mine", "--force"]);
+}
+
+#[test]
+fn a_killed_droverds_members_die_before_its_lease_can_expire_and_other_vms_run_on() {
+    let etcd = Etcd::start();
+    let (mut d, _cfg) = cluster_daemon(&etcd);
+    d.ok(&["vm", "create", "shop-web-1", "--memory", "128M"]);
+    d.ok(&["vm", "create", "mine", "--memory", "128M"]);
+    let token = etcd.assign("h1");
+    let (code, body) = fenced_start(&d, "shop-web-1", token);
+    assert_eq!(code, 200, "{body}\n{}", drover_e2e::tail(&d.log(), 20));
+    d.ok(&["vm", "start", "mine"]);
+    let member = d.json(&["vm", "show", "shop-web-1"])["pid"]
+        .as_i64()
+        .expect("pid");
+    let mine = d.json(&["vm", "show", "mine"])["pid"]
+        .as_i64()
+        .expect("pid");
+    let watchdog_log = d.state_dir().join("fence-watchdog.log");
+    wait_for("the fence watchdog", Duration::from_secs(10), || {
+        std::fs::read_to_string(&watchdog_log)
+            .ok()
+            .filter(|l| l.contains("running"))
+    });
+    // The host is alive in etcd until its lease expires: nobody renews it once droverd is gone.
+    let alive = || {
+        etcd.ctl(&["get", "/drover/alive/h1", "--print-value-only"])
+            .is_some_and(|v| !v.trim().is_empty())
+    };
+    assert!(alive(), "h1 is alive in etcd");
+
+    d.kill9();
+    let killed = Instant::now();
+    let (mut member_gone, mut lease_gone) = (None, None);
+    while killed.elapsed() < Duration::from_secs(15) && lease_gone.is_none() {
+        if member_gone.is_none() && !runs(member) {
+            member_gone = Some(killed.elapsed());
+        }
+        if !alive() {
+            lease_gone = Some(killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (Some(member_gone), Some(lease_gone)) = (member_gone, lease_gone) else {
+        panic!(
+            "after droverd's kill: member gone {member_gone:?}, lease gone {lease_gone:?}\n{}",
+            std::fs::read_to_string(&watchdog_log).unwrap_or_default()
+        );
+    };
+    eprintln!(
+        "after droverd's kill -9: member dead at {member_gone:?}, lease expired at {lease_gone:?}"
+    );
+    // Before the controller can see the host down, its member is dead: never two copies.
+    assert!(
+        member_gone < lease_gone,
+        "member died {member_gone:?} after the kill, the lease expired at {lease_gone:?}"
+    );
+    assert!(
+        std::fs::read_to_string(&watchdog_log)
+            .unwrap_or_default()
+            .contains("killing member shop-web-1"),
+        "the watchdog says what it did"
+    );
+    // A VM that is not the cluster's runs on without droverd, as every VM does.
+    assert!(runs(mine), "VM mine was killed too");
+
+    // droverd comes back into the same truth: the member stopped, mine re-adopted.
+    d.spawn();
+    assert_eq!(d.json(&["vm", "show", "shop-web-1"])["state"], "stopped");
     assert_eq!(d.json(&["vm", "show", "mine"])["state"], "running");
     d.ok(&["vm", "stop", "mine", "--force"]);
 }

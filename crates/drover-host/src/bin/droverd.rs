@@ -167,8 +167,24 @@ struct Args {
     log: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // `droverd --fence-watchdog STATE_DIR`: the small process a cluster droverd starts to kill
+    // its members' QEMU if it stops renewing its lease (not for people: no tokio, no config).
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().as_deref() == Some(std::ffi::OsStr::new(drover_host::fence_watchdog::ARG)) {
+        let dir = argv
+            .next()
+            .context("--fence-watchdog needs the state dir")?;
+        return drover_host::fence_watchdog::run(PathBuf::from(dir));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(daemon())
+}
+
+async fn daemon() -> anyhow::Result<()> {
     let argv =
         drover_host::config_file::merged_argv(&Args::command(), std::env::args_os().collect())?;
     let args = match Args::from_arg_matches(&Args::command().get_matches_from(argv)) {

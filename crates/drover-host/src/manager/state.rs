@@ -925,9 +925,9 @@ impl Manager {
     pub(super) fn write_state(&self, s: &StateInfo) -> Result<()> {
         let dir = self.states_dir(&s.vm).join(&s.id);
         let json = serde_json::to_vec_pretty(s).map_err(|e| HostError::Internal(e.to_string()))?;
-        let tmp = dir.join("manifest.json.tmp");
-        std::fs::write(&tmp, json).map_err(|e| io_ctx("writing", &tmp, e))?;
-        std::fs::rename(&tmp, dir.join("manifest.json")).map_err(|e| io_ctx("writing", &tmp, e))?;
+        let manifest = dir.join("manifest.json");
+        crate::fsutil::replace_file(&manifest, &json)
+            .map_err(|e| io_ctx("writing", &manifest, e))?;
         self.s.store.put(STATES, &format!("{}/{}", s.vm, s.id), s)?;
         Ok(())
     }

@@ -75,10 +75,9 @@ pub(super) fn upgrade(store: &dyn Store, state_dir: &Path) -> Result<Vec<String>
         if dir.is_dir() {
             let json =
                 serde_json::to_vec_pretty(s).map_err(|e| HostError::Internal(e.to_string()))?;
-            let tmp = dir.join("manifest.json.tmp");
-            std::fs::write(&tmp, json).map_err(|e| io_ctx("writing", &tmp, e))?;
-            std::fs::rename(&tmp, dir.join("manifest.json"))
-                .map_err(|e| io_ctx("writing", &tmp, e))?;
+            let manifest = dir.join("manifest.json");
+            crate::fsutil::replace_file(&manifest, &json)
+                .map_err(|e| io_ctx("writing", &manifest, e))?;
         }
     }
     writes.push(drover_store::put(META, "schema", &SCHEMA)?);
