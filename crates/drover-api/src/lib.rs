@@ -72,6 +72,7 @@
 //! document from the same handlers.
 
 mod client;
+mod peer;
 pub use client::{
     fetch_server_cert, fingerprint, pem_fingerprint, Client, ClientError, Endpoint, RemoteSpec,
 };

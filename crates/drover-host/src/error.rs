@@ -111,6 +111,18 @@ impl From<drover_model::SizeError> for HostError {
     }
 }
 
+impl From<drover_qemu::live_migration::LiveMigrationError> for HostError {
+    fn from(e: drover_qemu::live_migration::LiveMigrationError) -> Self {
+        use drover_qemu::live_migration::LiveMigrationError as E;
+        match e {
+            E::Qmp(e) => HostError::Qmp(e),
+            E::Timeout(m) => HostError::Timeout(m),
+            E::Incomplete(_) => HostError::Conflict(e.to_string()),
+            E::MirrorFailed | E::Failed(_) => HostError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<std::io::Error> for HostError {
     fn from(e: std::io::Error) -> Self {
         HostError::Internal(e.to_string())

@@ -104,8 +104,8 @@ pub fn arm(state_dir: &Path, within: Duration, binary: &Path) -> anyhow::Result<
     ensure_running(state_dir, binary)
 }
 
-/// Start the watchdog unless one holds the lock.
-fn ensure_running(state_dir: &Path, binary: &Path) -> anyhow::Result<()> {
+/// The watchdog's lock, if nobody holds it.
+fn try_lock(state_dir: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
     let lock = state_dir.join(LOCK);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -114,10 +114,17 @@ fn ensure_running(state_dir: &Path, binary: &Path) -> anyhow::Result<()> {
         .open(&lock)
         .with_context(|| format!("opening {}", lock.display()))?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        // Nobody holds it: no watchdog runs. Released here, taken by the child.
-        Ok(held) => drop(held),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(()),
-        Err((_, e)) => return Err(e).with_context(|| format!("locking {}", lock.display())),
+        Ok(held) => Ok(Some(held)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", lock.display())),
+    }
+}
+
+/// Start the watchdog unless one holds the lock.
+fn ensure_running(state_dir: &Path, binary: &Path) -> anyhow::Result<()> {
+    // Nobody holds the lock: no watchdog runs. Released here, taken by the child.
+    if try_lock(state_dir)?.is_none() {
+        return Ok(());
     }
     let log_path = state_dir.join("fence-watchdog.log");
     let log = std::fs::OpenOptions::new()
@@ -180,18 +187,9 @@ fn log(line: std::fmt::Arguments) {
 
 /// The watchdog process (`droverd --fence-watchdog STATE_DIR`).
 pub fn run(state_dir: PathBuf) -> anyhow::Result<()> {
-    let lock = state_dir.join(LOCK);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .with_context(|| format!("opening {}", lock.display()))?;
-    let _held = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(held) => held,
+    let Some(_held) = try_lock(&state_dir)? else {
         // Another watchdog guards this state dir.
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(()),
-        Err((_, e)) => return Err(e).with_context(|| format!("locking {}", lock.display())),
+        return Ok(());
     };
     log(format_args!(
         "fence watchdog for {} running",

@@ -239,7 +239,8 @@ struct Shared {
     create_lock: tokio::sync::Mutex<()>,
     image_lock: tokio::sync::Mutex<()>,
     journal_seq: std::sync::atomic::AtomicU64,
-    buckets: Mutex<std::collections::HashMap<String, guest::Bucket>>,
+    /// The guest broker's rate buckets and verified secrets.
+    broker: guest::Broker,
     pools: crate::pools::Pools,
     /// Whom QEMU runs as.
     qemu_user: crate::qemu_user::QemuUser,
@@ -251,6 +252,8 @@ struct Shared {
     events: crate::events::Events,
     /// Connections to the VMs' serial console sockets (keystrokes from web consoles).
     console_inputs: crate::console::ConsoleInputs,
+    /// The migrations running now.
+    migrations: migrate::Migrations,
 }
 
 /// Answers whether a cluster member may start here with its token right now (`Err`: the
@@ -402,13 +405,14 @@ impl Manager {
                 image_lock: tokio::sync::Mutex::new(()),
                 // Journal keys sort by time across restarts.
                 journal_seq: std::sync::atomic::AtomicU64::new(hostfacts::now_ms() * 1000),
-                buckets: Mutex::default(),
+                broker: Default::default(),
                 pools: crate::pools::Pools::new(cfg_pools, &cfg_image_dir),
                 qemu_user,
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 fence_check: Mutex::new(None),
                 events: crate::events::Events::default(),
                 console_inputs: Default::default(),
+                migrations: Default::default(),
             }),
         };
         for (name, mut info) in records {

@@ -23,10 +23,18 @@ use std::time::{Duration, Instant};
 
 pub(super) const PRINCIPALS: &str = "principals";
 
-/// Secrets already verified with argon2, per principal: (its stored hash, sha256 of the secret).
-static VERIFIED: std::sync::Mutex<std::collections::BTreeMap<String, (String, [u8; 32])>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-/// Secret checks (argon2, ~19 MiB each) running at once, across all VMs.
+/// What the guest broker keeps while droverd runs (not on disk).
+#[derive(Default)]
+pub(super) struct Broker {
+    /// Request rate per VM.
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+    /// Secrets already verified with argon2, per principal: (its stored hash, sha256 of the
+    /// secret).
+    verified: std::sync::Mutex<std::collections::BTreeMap<String, (String, [u8; 32])>>,
+}
+
+/// Secret checks (argon2, ~19 MiB each) running at once, across all VMs (and every daemon of
+/// this process: it bounds the process's memory).
 static ARGON2_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 /// Lines about what guests do, at most one per VM and kind every 10 s (with a count).
 static GUEST_LOG: crate::limits::LogLimiter =
@@ -308,12 +316,12 @@ impl Manager {
     /// Check and queue one request; the answer is the `Ack`.
     async fn accept(&self, vm: &str, req: GuestRequest) -> Body {
         let op = req.op.name();
-        let allowed = lock(&self.s.buckets)
+        let allowed = lock(&self.s.broker.buckets)
             .entry(vm.to_string())
             .or_default()
             .take();
         if !allowed {
-            let dropped = lock(&self.s.buckets)
+            let dropped = lock(&self.s.broker.buckets)
                 .get(vm)
                 .map(|b| b.dropped)
                 .unwrap_or(0);
@@ -353,10 +361,9 @@ impl Manager {
         // argon2 is deliberately slow (tens of ms): verify a secret once per grant, then compare
         // a sha256 of it. Our secrets are long random strings, so the fast hash gives nothing
         // away; a new grant (a new stored hash) drops the shortcut.
-        let cache_key = format!("{}#{key}", self.s.cfg.state_dir.display());
         let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(req.secret.as_bytes()).into();
-        let known = lock(&VERIFIED)
-            .get(&cache_key)
+        let known = lock(&self.s.broker.verified)
+            .get(&key)
             .is_some_and(|(h, d)| *h == principal.secret_hash && *d == digest);
         let ok = known || {
             // Each argon2 check takes ~19 MiB: a few at a time, whatever a flood of wrong
@@ -380,7 +387,7 @@ impl Manager {
             .unwrap_or(false)
         };
         if ok && !known {
-            lock(&VERIFIED).insert(cache_key, (principal.secret_hash.clone(), digest));
+            lock(&self.s.broker.verified).insert(key, (principal.secret_hash.clone(), digest));
         }
         if !ok {
             return refused("wrong secret", "unknown principal or wrong secret".into());

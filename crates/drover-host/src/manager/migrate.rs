@@ -26,7 +26,8 @@ use drover_api::{
     MovedFile, PackedRow, RemoteSpec, VmInfo, VmState,
 };
 use drover_model::VmConfig;
-use drover_qemu::qmp::Qmp;
+use drover_qemu::live_migration::{self, Phase};
+use drover_qemu::nbd;
 use drover_store::{StoreExt, Write};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -55,10 +56,15 @@ fn stall() -> Duration {
 /// How long a source keeps asking an unclear destination before it reports and waits longer.
 const RESOLVE_WINDOW: Duration = Duration::from_secs(30);
 
-/// Cancel requests of running migrations, by (state dir, VM).
-static CANCELS: Mutex<BTreeMap<(PathBuf, String), bool>> = Mutex::new(BTreeMap::new());
-/// qemu-nbd servers of offline migrations this host receives, by (state dir, VM).
-static NBD_SERVERS: Mutex<BTreeMap<(PathBuf, String), Vec<u32>>> = Mutex::new(BTreeMap::new());
+/// What this daemon's migrations keep while they run (not on disk: a restart finds each
+/// migration from its record instead).
+#[derive(Default)]
+pub(super) struct Migrations {
+    /// Cancel requests of the migrations this host sends, by VM.
+    cancels: Mutex<BTreeMap<String, bool>>,
+    /// qemu-nbd servers of the offline migrations this host receives, by VM.
+    nbd_servers: Mutex<BTreeMap<String, Vec<u32>>>,
+}
 
 fn peer_error(to: &str, e: ClientError) -> HostError {
     match e {
@@ -108,17 +114,6 @@ fn free_port(ip: std::net::IpAddr) -> Result<u16> {
         .map_err(|e| HostError::Internal(e.to_string()))
 }
 
-fn num(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        match cur.get(*p) {
-            Some(c) => cur = c,
-            None => return 0,
-        }
-    }
-    cur.as_u64().unwrap_or(0)
-}
-
 /// Close this host's connections to the destination's NBD and migration ports. On a cut
 /// network nothing tells QEMU they are dead, and cancelling a disk mirror would wait (with the
 /// guest frozen) for its in-flight writes until TCP gives up, many minutes later. Closing them
@@ -159,24 +154,6 @@ async fn cut_connections(ready: &IncomingReady) {
     }
 }
 
-/// QEMU's block jobs among `jobs` (by id), as `query-block-jobs` reports them.
-async fn our_jobs(qmp: &Qmp, jobs: &[String]) -> Result<Vec<Value>> {
-    let list = qmp.execute("query-block-jobs", None).await?;
-    Ok(list
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|j| {
-                    j.get("device")
-                        .and_then(Value::as_str)
-                        .is_some_and(|d| jobs.iter().any(|x| x == d))
-                })
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
 /// The destination's NBD port for disk `id`.
 fn disk_port(ready: &IncomingReady, id: &str) -> Result<u16> {
     ready
@@ -190,71 +167,13 @@ fn disk_port(ready: &IncomingReady, id: &str) -> Result<u16> {
 /// Where a destination lists the files it waits for (in the VM's directory).
 const INCOMING_FILES: &str = "incoming-files.json";
 
-/// The export name of every qemu-nbd a migration starts (one file or disk each).
-const NBD_EXPORT: &str = "f";
-
 /// Serve `path` (format `fmt`) over NBD on `ip` for a migration's copy; returns (pid, port).
 async fn spawn_nbd(ip: std::net::IpAddr, path: &std::path::Path, fmt: &str) -> Result<(u32, u16)> {
     let port = free_port(ip)?;
-    let q = drover_qemu::install::current();
-    let child = q
-        .tokio_command(&q.qemu_nbd)
-        .args([
-            "-f",
-            fmt,
-            "-x",
-            NBD_EXPORT,
-            "-b",
-            &ip.to_string(),
-            "-p",
-            &port.to_string(),
-        ])
-        .args(["--persistent", "--shared=2"])
-        .arg(path)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| HostError::Internal(format!("starting {}: {e}", q.qemu_nbd.display())))?;
-    let pid = child.id().unwrap_or(0);
-    // qemu-nbd listens within milliseconds.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect((ip, port)).await.is_err() {
-        if Instant::now() > deadline {
-            drover_qemu::process::signal(pid, nix::sys::signal::Signal::SIGKILL);
-            return Err(HostError::Internal(format!(
-                "qemu-nbd did not start for {}",
-                path.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok((pid, port))
-}
-
-/// Copy the content of `src` (format `fmt`) into a destination's NBD export.
-async fn nbd_copy(
-    src: &std::path::Path,
-    fmt: &str,
-    host: &str,
-    port: u16,
-    export: &str,
-) -> std::result::Result<(), String> {
-    let q = drover_qemu::install::current();
-    let out = q
-        .tokio_command(&q.qemu_img)
-        .args(["convert", "-n", "-U", "-f", fmt])
-        .arg(src)
-        .args(["-O", "raw"])
-        .arg(format!("nbd://{host}:{port}/{export}"))
-        .kill_on_drop(true)
-        .output()
+    let pid = nbd::serve(drover_qemu::install::current(), ip, port, path, fmt)
         .await
-        .map_err(|e| format!("running {}: {e}", q.qemu_img.display()))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    Ok(())
+        .map_err(|e| HostError::Internal(e.to_string()))?;
+    Ok((pid, port))
 }
 
 /// Send the files that travel with the VM, byte for byte.
@@ -280,12 +199,13 @@ async fn send_files(
             disk_total: total,
             ..Default::default()
         });
-        nbd_copy(
+        nbd::copy_into(
+            drover_qemu::install::current(),
             std::path::Path::new(&f.src),
             "raw",
             &ready.nbd_host,
             port,
-            NBD_EXPORT,
+            nbd::EXPORT,
         )
         .await
         .map_err(|e| HostError::Internal(format!("copying {}: {e}", f.src)))?;
@@ -316,13 +236,9 @@ enum PeerSays {
 }
 
 impl Manager {
-    fn cancel_key(&self, vm: &str) -> (PathBuf, String) {
-        (self.s.cfg.state_dir.clone(), vm.to_string())
-    }
-
     fn cancelled(&self, vm: &str) -> bool {
-        lock(&CANCELS)
-            .get(&self.cancel_key(vm))
+        lock(&self.s.migrations.cancels)
+            .get(vm)
             .copied()
             .unwrap_or(false)
     }
@@ -339,8 +255,8 @@ impl Manager {
                 ..
             })
         );
-        let mut c = lock(&CANCELS);
-        match c.get_mut(&self.cancel_key(vm)) {
+        let mut c = lock(&self.s.migrations.cancels);
+        match c.get_mut(vm) {
             Some(flag) if outgoing => {
                 *flag = true;
                 Ok(())
@@ -458,7 +374,7 @@ impl Manager {
             .client()
             .map_err(|e| HostError::Invalid(format!("remote {}: {e}", req.to_name)))?;
         let host: HostInfo = peer
-            .get("/v1/host")
+            .host_info()
             .await
             .map_err(|e| peer_error(&req.to_name, e))?;
         let to_id = host
@@ -513,13 +429,13 @@ impl Manager {
         };
         self.s.store.put(MIGRATIONS, name, &req.to)?;
         self.persist(&slot, |i| i.migration = Some(mark.clone()))?;
-        lock(&CANCELS).insert(self.cancel_key(name), false);
+        lock(&self.s.migrations.cancels).insert(name.to_string(), false);
         let result = self
             .migrate_run(
                 name, &slot, &req, &peer, &id, &to_id, info, rows, files, &progress,
             )
             .await;
-        lock(&CANCELS).remove(&self.cancel_key(name));
+        lock(&self.s.migrations.cancels).remove(name);
         let (downtime_ms, ram_bytes, disk_bytes) = result?;
         tracing::info!(
             vm = name,
@@ -572,7 +488,7 @@ impl Manager {
             files: files.clone(),
         };
         let ready: std::result::Result<IncomingReady, HostError> = peer
-            .post("/v1/migrations/incoming", &incoming)
+            .migration_prepare(&incoming)
             .await
             .map_err(|e| peer_error(&req.to_name, e));
         let ready = match ready {
@@ -634,30 +550,15 @@ impl Manager {
         let mut jobs = Vec::new();
         if !req.shared_storage {
             for d in &running.disks {
-                let port = disk_port(ready, d.id.as_str())?;
-                let target = format!("mig-{}", d.id);
-                qmp.execute(
-                    "blockdev-add",
-                    Some(json!({
-                        "driver": "nbd",
-                        "node-name": target,
-                        "server": {"type": "inet", "host": ready.nbd_host, "port": port.to_string()},
-                        "export": d.id.as_str(),
-                    })),
-                )
-                .await?;
-                jobs.push(target.clone());
-                qmp.execute(
-                    "blockdev-mirror",
-                    Some(json!({
-                        "job-id": target,
-                        "device": rt.active_node(d),
-                        "target": target,
-                        "sync": "full",
-                        "speed": bandwidth,
-                    })),
-                )
-                .await?;
+                let target = live_migration::NbdTarget {
+                    host: &ready.nbd_host,
+                    port: disk_port(ready, d.id.as_str())?,
+                    export: d.id.as_str(),
+                };
+                let job = live_migration::mirror_node(d.id.as_str());
+                live_migration::mirror_to_nbd(qmp, &job, &rt.active_node(d), &target, bandwidth)
+                    .await?;
+                jobs.push(job);
             }
         }
         // Disks first: memory is copied once they only need the guest's new writes.
@@ -667,14 +568,12 @@ impl Manager {
             if self.cancelled(name) {
                 return Err(HostError::Conflict("cancelled; the VM stays here".into()));
             }
-            let mine = our_jobs(qmp, &jobs).await?;
+            let mine = live_migration::block_jobs(qmp, &jobs).await?;
             if mine.len() < jobs.len() {
-                return Err(HostError::Internal(
-                    "copying a disk to the destination failed (see its log)".into(),
-                ));
+                return Err(live_migration::LiveMigrationError::MirrorFailed.into());
             }
-            let done: u64 = mine.iter().map(|j| num(j, &["offset"])).sum();
-            let total: u64 = mine.iter().map(|j| num(j, &["len"])).sum();
+            let done: u64 = mine.iter().map(|j| j.offset).sum();
+            let total: u64 = mine.iter().map(|j| j.len).sum();
             disk_bytes = total;
             progress(MigrateProgress {
                 stage: "disks".into(),
@@ -683,10 +582,7 @@ impl Manager {
                 ram_total: running.memory,
                 ..Default::default()
             });
-            if mine
-                .iter()
-                .all(|j| j.get("ready").and_then(Value::as_bool) == Some(true))
-            {
+            if mine.iter().all(|j| j.ready) {
                 break;
             }
             if done != last.1 {
@@ -699,79 +595,50 @@ impl Manager {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        qmp.execute(
-            "migrate-set-capabilities",
-            Some(json!({"capabilities": [
-                {"capability": "x-ignore-shared", "state": false},
-                {"capability": "background-snapshot", "state": false},
-                // Disks mirrored: stop before the switch-over to complete them. Without mirrors
-                // (no disks, or shared storage) that stop would only add to the downtime.
-                {"capability": "pause-before-switchover", "state": !jobs.is_empty()},
-                // A guest that dirties memory faster than the link carries it is slowed down
-                // step by step until the copy converges, instead of migrating forever.
-                {"capability": "auto-converge", "state": true},
-            ]})),
-        )
-        .await?;
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({
-                "downtime-limit": req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
-                "max-bandwidth": bandwidth,
-            })),
-        )
-        .await?;
-        qmp.execute("migrate", Some(json!({"uri": ready.migrate_uri})))
-            .await?;
+        let tuning = live_migration::Tuning {
+            // Disks mirrored: stop before the switch-over to complete them. Without mirrors
+            // (no disks, or shared storage) that stop would only add to the downtime.
+            pause_before_switchover: !jobs.is_empty(),
+            downtime_ms: req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+            bandwidth,
+        };
+        live_migration::start_outgoing(qmp, &ready.migrate_uri, &tuning).await?;
         let mut last = (Instant::now(), u64::MAX);
         loop {
             if self.cancelled(name) {
                 return Err(HostError::Conflict("cancelled; the VM stays here".into()));
             }
-            let m = qmp.execute("query-migrate", None).await?;
-            match m.get("status").and_then(Value::as_str).unwrap_or("") {
-                "completed" => {
-                    return Ok((
-                        num(&m, &["downtime"]),
-                        num(&m, &["ram", "transferred"]),
-                        disk_bytes,
-                    ))
+            let m = live_migration::progress(qmp).await?;
+            match m.phase {
+                Phase::Completed => return Ok((m.downtime_ms, m.ram_transferred, disk_bytes)),
+                Phase::Failed(why) => {
+                    return Err(live_migration::LiveMigrationError::Failed(why).into())
                 }
-                "failed" | "cancelled" => {
-                    return Err(HostError::Internal(format!(
-                        "QEMU's migration failed: {}",
-                        m.get("error-desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("no reason given")
-                    )))
-                }
-                "pre-switchover" => {
+                Phase::PreSwitchover => {
                     // Paused: finish the disk mirrors (the destination gets every last write),
                     // then let QEMU send the final state.
                     progress(MigrateProgress {
                         stage: "switch-over".into(),
                         disk_done: disk_bytes,
                         disk_total: disk_bytes,
-                        ram_done: num(&m, &["ram", "transferred"]),
+                        ram_done: m.ram_transferred,
                         ram_total: running.memory,
                         ..Default::default()
                     });
-                    self.finish_mirrors(qmp, &jobs).await?;
-                    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
-                        .await?;
+                    live_migration::complete_mirrors(qmp, &jobs, Duration::from_secs(60)).await?;
+                    live_migration::continue_switchover(qmp).await?;
                 }
                 _ => {
-                    let sent = num(&m, &["ram", "transferred"]);
+                    let sent = m.ram_transferred;
                     progress(MigrateProgress {
                         stage: "memory".into(),
                         disk_done: disk_bytes,
                         disk_total: disk_bytes,
                         ram_done: sent,
-                        ram_total: num(&m, &["ram", "total"]),
-                        ram_remaining: num(&m, &["ram", "remaining"]),
-                        dirty_rate: num(&m, &["ram", "dirty-pages-rate"])
-                            * num(&m, &["ram", "page-size"]).max(4096),
-                        expected_downtime_ms: num(&m, &["expected-downtime"]),
+                        ram_total: m.ram_total,
+                        ram_remaining: m.ram_remaining,
+                        dirty_rate: m.dirty_bytes_per_s,
+                        expected_downtime_ms: m.expected_downtime_ms,
                     });
                     if sent != last.1 {
                         last = (Instant::now(), sent);
@@ -787,34 +654,6 @@ impl Manager {
             // Every millisecond polled late in `pre-switchover` is a millisecond of downtime.
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-    }
-
-    /// Complete mirror jobs (cancel after `ready` leaves the target a point-in-time copy) and
-    /// drop their NBD nodes.
-    async fn finish_mirrors(&self, qmp: &Qmp, jobs: &[String]) -> Result<()> {
-        for j in jobs {
-            qmp.execute("block-job-cancel", Some(json!({"device": j})))
-                .await?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = our_jobs(qmp, jobs).await?.len();
-            if left == 0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(HostError::Timeout(
-                    "the disk mirrors did not finish within 60 s".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        for j in jobs {
-            let _ = qmp
-                .execute("blockdev-del", Some(json!({"node-name": j})))
-                .await;
-        }
-        Ok(())
     }
 
     /// Offline copy: each disk's content into the destination's qemu-nbd.
@@ -848,12 +687,13 @@ impl Manager {
             });
             // The layer with the disk's current content (the config names its origin).
             let layer = self.current_layer(name, d)?;
-            nbd_copy(
+            nbd::copy_into(
+                drover_qemu::install::current(),
                 &layer,
                 &d.format.to_string(),
                 &ready.nbd_host,
                 port,
-                NBD_EXPORT,
+                nbd::EXPORT,
             )
             .await
             .map_err(|e| HostError::Internal(format!("copying disk {}: {e}", d.id)))?;
@@ -866,65 +706,29 @@ impl Manager {
     /// the destination to throw its copy away, and forget the migration.
     async fn undo_outgoing(&self, name: &str, slot: &Arc<VmSlot>, peer: &Client, id: &str) {
         if let Some(rt) = self.runtime(slot) {
-            let q = &rt.qmp;
-            let _ = q.execute("migrate_cancel", None).await;
-            if let Ok(list) = q.execute("query-block-jobs", None).await {
-                for j in list.as_array().into_iter().flatten() {
-                    if let Some(dev) = j
-                        .get("device")
-                        .and_then(Value::as_str)
-                        .filter(|d| d.starts_with("mig-"))
-                    {
-                        let _ = q
-                            .execute(
-                                "block-job-cancel",
-                                Some(json!({"device": dev, "force": true})),
-                            )
-                            .await;
-                    }
-                }
-            }
-            // A cancelled migration resumes the guest by itself; make sure.
-            for _ in 0..50 {
-                match q.status().await.ok().as_deref() {
-                    Some("running") => break,
-                    Some("paused") | Some("postmigrate") => {
-                        let _ = q.execute("cont", None).await;
-                    }
-                    _ => {}
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
             let nodes: Vec<String> = lock(&slot.info)
                 .running_config
                 .iter()
                 .flat_map(|c| c.disks.iter())
-                .map(|d| format!("mig-{}", d.id))
+                .map(|d| live_migration::mirror_node(d.id.as_str()))
                 .collect();
-            for node in nodes {
-                let _ = q
-                    .execute("blockdev-del", Some(json!({"node-name": node})))
-                    .await;
-            }
+            live_migration::abandon_outgoing(&rt.qmp, &nodes).await;
         }
         let step = MigrationStep {
             id: id.to_string(),
             downtime_ms: 0,
         };
-        if let Err(e) = peer
-            .post::<_, Value>(&format!("/v1/migrations/{name}/abort"), &step)
-            .await
-        {
+        if let Err(e) = peer.migration_abort(name, &step).await {
             // A cut network: keep telling it (its copy must not linger once it is reachable).
             tracing::warn!(
                 vm = name,
                 "could not tell the destination to abort: {e}; retrying"
             );
-            let (peer, path) = (peer.clone(), format!("/v1/migrations/{name}/abort"));
+            let (peer, name) = (peer.clone(), name.to_string());
             tokio::spawn(async move {
                 for _ in 0..600 {
                     tokio::time::sleep(Duration::from_secs(2)).await;
-                    match peer.post::<_, Value>(&path, &step).await {
+                    match peer.migration_abort(&name, &step).await {
                         Ok(_) => return,
                         Err(ClientError::Api(e)) => {
                             tracing::info!("destination answered the abort: {e}");
@@ -973,9 +777,7 @@ impl Manager {
             id: id.to_string(),
             downtime_ms,
         };
-        let answer = peer
-            .post::<_, VmInfo>(&format!("/v1/migrations/{name}/commit"), &step)
-            .await;
+        let answer = peer.migration_commit(name, &step).await;
         let says = match answer {
             Ok(_) => PeerSays::Committed,
             Err(e) => {
@@ -1063,7 +865,7 @@ impl Manager {
         let deadline = Instant::now() + window;
         let mut why = String::new();
         while Instant::now() < deadline {
-            match peer.get::<VmInfo>(&format!("/v1/vms/{name}")).await {
+            match peer.vm(name).await {
                 Ok(v) => match v.migration {
                     Some(m) if m.id == id && m.phase == MigrationPhase::Committed => {
                         return PeerSays::Committed
@@ -1385,42 +1187,24 @@ impl Manager {
         let mut ports = Vec::new();
         if !req.shared_storage {
             let port = free_port(ip)?;
-            rt.qmp
-                .execute(
-                    "nbd-server-start",
-                    Some(json!({"addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}})),
-                )
-                .await?;
-            for d in &live.disks {
-                rt.qmp
-                    .execute(
-                        "block-export-add",
-                        Some(json!({
-                            "type": "nbd",
-                            "id": format!("mig-{}", d.id),
-                            "node-name": drover_qemu::cmdline::disk_node(d),
-                            "name": d.id.as_str(),
-                            "writable": true,
-                        })),
-                    )
-                    .await?;
-                ports.push((d.id.to_string(), port));
-            }
+            let exports: Vec<live_migration::Export> = live
+                .disks
+                .iter()
+                .map(|d| live_migration::Export {
+                    name: d.id.as_str(),
+                    node: drover_qemu::cmdline::disk_node(d),
+                })
+                .collect();
+            live_migration::export_disks(&rt.qmp, &host, port, &exports).await?;
+            ports = live
+                .disks
+                .iter()
+                .map(|d| (d.id.to_string(), port))
+                .collect();
         }
         let port = free_port(ip)?;
         let uri = format!("tcp:{host}:{port}");
-        rt.qmp
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({"capabilities": [
-                    {"capability": "x-ignore-shared", "state": false},
-                    {"capability": "pause-before-switchover", "state": true},
-                ]})),
-            )
-            .await?;
-        rt.qmp
-            .execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await?;
+        live_migration::start_incoming(&rt.qmp, &uri).await?;
         tracing::info!(
             vm = name,
             from = req.from,
@@ -1455,22 +1239,15 @@ impl Manager {
         if let Some(rt) = self.runtime(&slot) {
             // The source sees `completed` once it has sent the last of the memory; this QEMU
             // may still be loading it (seconds, on a loaded host): wait for it, bounded.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let m = rt.qmp.execute("query-migrate", None).await?;
-                let status = m.get("status").and_then(Value::as_str).unwrap_or("none");
-                if status == "completed" {
-                    break;
-                }
-                let loading = matches!(status, "active" | "setup" | "device" | "postcopy-active");
-                if !loading || Instant::now() >= deadline {
-                    return Err(HostError::Conflict(format!(
-                        "the memory of VM {name} has not fully arrived (migration {status})"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let _ = rt.qmp.execute("nbd-server-stop", None).await;
+            live_migration::wait_arrived(&rt.qmp, Duration::from_secs(30))
+                .await
+                .map_err(|e| match e {
+                    live_migration::LiveMigrationError::Incomplete(_) => {
+                        HostError::Conflict(format!("VM {name}: {e}"))
+                    }
+                    e => e.into(),
+                })?;
+            live_migration::stop_exports(&rt.qmp).await;
         }
         // Owned from here on: durable before the guest runs.
         self.persist(&slot, |i| {
@@ -1695,15 +1472,15 @@ impl Manager {
     }
 
     fn track_nbd(&self, name: &str, pids: Vec<u32>) {
-        lock(&NBD_SERVERS)
-            .entry(self.cancel_key(name))
+        lock(&self.s.migrations.nbd_servers)
+            .entry(name.to_string())
             .or_default()
             .extend(pids);
     }
 
     fn stop_nbd(&self, name: &str) {
-        for pid in lock(&NBD_SERVERS)
-            .remove(&self.cancel_key(name))
+        for pid in lock(&self.s.migrations.nbd_servers)
+            .remove(name)
             .unwrap_or_default()
         {
             drover_qemu::process::signal(pid, nix::sys::signal::Signal::SIGTERM);
