@@ -88,6 +88,9 @@ pub(crate) struct RestoreSpec {
     pub layers: Option<BTreeMap<String, PathBuf>>,
     /// A classic save written with `mapped-ram`.
     pub mapped_ram: bool,
+    /// Check the device state against this manifest's checksum while QEMU loads it (`None`:
+    /// checked before, or nothing to check).
+    pub verify: Option<drover_api::StateInfo>,
 }
 
 const VMS: &str = "vms";
@@ -1539,16 +1542,35 @@ impl Manager {
         };
         if let Some(r) = restore {
             crate::crashpoint::hit("restore-loading");
+            // The state's checksum is checked while QEMU reads it: the file is read at the
+            // pace of the slower of the two, not twice in a row, and the guest runs only once
+            // both are done.
+            let check = r.verify.clone().map(|state| {
+                let devices = r.devices.clone();
+                tokio::task::spawn_blocking(move || state::check_devices(&state, &devices))
+            });
             let loaded = async {
                 if r.mapped_ram {
-                    drover_qemu::migrate::load_state_mapped(&qmp, &r.devices).await?;
+                    drover_qemu::migrate::load_state_mapped(&qmp, &r.devices).await
                 } else {
-                    drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await?;
+                    drover_qemu::migrate::load_state(&qmp, &r.devices, r.memory.is_some()).await
                 }
-                qmp.execute("cont", None).await.map(|_| ())
             }
             .await;
-            if let Err(e) = loaded {
+            let checked = match check {
+                None => Ok(()),
+                Some(c) => c.await.unwrap_or_else(|e| {
+                    Err(HostError::Internal(format!(
+                        "checking the state failed: {e}"
+                    )))
+                }),
+            };
+            let failed: Option<HostError> = match (loaded, checked) {
+                (Ok(()), Ok(())) => qmp.execute("cont", None).await.err().map(HostError::from),
+                (Err(e), _) => Some(e.into()),
+                (Ok(()), Err(e)) => Some(e),
+            };
+            if let Some(e) = failed {
                 let _ = qmp.execute("quit", None).await;
                 process::signal(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
@@ -1560,7 +1582,11 @@ impl Manager {
                     not_started(i);
                     i.last_exit = Some(exit("start-failed", Some(detail.clone())));
                 })?;
-                return Err(HostError::Internal(format!("VM {name}: {detail}")));
+                return Err(match e {
+                    // A damaged state says so, as it did before anything started.
+                    HostError::Invalid(m) => HostError::Invalid(m),
+                    _ => HostError::Internal(format!("VM {name}: {detail}")),
+                });
             }
         }
         let info = self.persist(slot, |i| {
@@ -2649,7 +2675,12 @@ pub fn running_vm_qemus(state_dir: &Path) -> BTreeMap<String, Vec<u32>> {
 
 /// Back to stopped after a launch that never ran the guest (nothing to seal).
 fn not_started(i: &mut VmInfo) {
-    i.state = VmState::Stopped;
+    // A resume that fails leaves the VM hibernated: its state is still there to resume from.
+    i.state = if i.hibernation.is_some() {
+        VmState::Hibernated
+    } else {
+        VmState::Stopped
+    };
     i.pid = None;
     i.accel = None;
     i.running_config = None;

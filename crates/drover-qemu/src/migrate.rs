@@ -7,6 +7,9 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// The name under which QEMU holds a state file handed to it.
+const STATE_FD: &str = "drover-state";
+
 /// Shell-quote a path for QEMU's `exec:` URIs (which run through `sh -c`).
 fn sh_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
@@ -143,11 +146,27 @@ pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpErr
 }
 
 /// Load state from `file` into a QEMU started with `-incoming defer`; it stays paused.
+///
+/// QEMU is handed the open file (`getfd`, then `fd:`), as libvirt does: it reads the state
+/// itself, with no `cat` and no pipe between (a classic state holds all of RAM). droverd opens
+/// it, so QEMU's user needs no right to read the state dir.
 pub async fn load_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpError> {
     set_ignore_shared(qmp, fast).await?;
+    let f = std::fs::File::open(file).map_err(|source| QmpError::Io {
+        path: file.display().to_string(),
+        source,
+    })?;
+    qmp.execute_with_fd(
+        "getfd",
+        Some(json!({"fdname": STATE_FD})),
+        std::os::fd::AsFd::as_fd(&f),
+    )
+    .await?;
+    // QEMU holds its own copy now.
+    drop(f);
     qmp.execute(
         "migrate-incoming",
-        Some(json!({"uri": format!("exec:cat {}", sh_quote(file))})),
+        Some(json!({"uri": format!("fd:{STATE_FD}")})),
     )
     .await?;
     wait_migration(qmp, Duration::from_secs(600))

@@ -5,6 +5,23 @@
 use drover_e2e::{pids_mentioning, wait_for, Daemon};
 use std::time::Duration;
 
+/// The largest file below `dir` (a saved state's memory).
+fn largest_file_under(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut best: Option<(u64, std::path::PathBuf)> = None;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let m = e.metadata().expect("metadata");
+            if m.is_dir() {
+                todo.push(e.path());
+            } else if best.as_ref().is_none_or(|(n, _)| m.len() > *n) {
+                best = Some((m.len(), e.path()));
+            }
+        }
+    }
+    best.expect("a saved state file").1
+}
+
 fn counter(d: &Daemon) -> u64 {
     d.sh("h", "cat /tmp/count").trim().parse().unwrap_or(0)
 }
@@ -66,6 +83,23 @@ fn hibernate_frees_the_host_and_resume_brings_back_memory_and_disk() {
     d.kill9();
     d.spawn();
     assert_eq!(d.json(&["vm", "show", "h"])["state"], "hibernated");
+
+    // A state damaged on disk (one byte of its saved memory) is refused, checked while QEMU
+    // reads it: the guest never runs from it, and the VM stays hibernated with its state.
+    let saved = largest_file_under(&d.state_dir().join("vms/h/states"));
+    let original = std::fs::read(&saved).expect("the saved state");
+    let mut damaged = original.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x5a;
+    std::fs::write(&saved, &damaged).expect("damaging the state");
+    let e = d.fails(1, &["vm", "resume", "h", "--wait"]);
+    assert!(e.contains("damaged"), "{e}");
+    assert_eq!(d.json(&["vm", "show", "h"])["state"], "hibernated");
+    assert!(
+        pids_mentioning(&run).is_empty(),
+        "the QEMU that loaded the damaged state is gone"
+    );
+    std::fs::write(&saved, &original).expect("mending the state");
 
     d.ok(&["vm", "resume", "h", "--wait"]);
     assert_eq!(d.json(&["vm", "show", "h"])["state"], "running");

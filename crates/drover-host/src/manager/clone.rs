@@ -368,6 +368,8 @@ impl Manager {
             state: state.id.clone(),
             // The clone's own overlays, in its config already.
             layers: None,
+            // Checked before the clone was made.
+            verify: None,
         };
         let launched = {
             let _op = slot.op.lock().await;
