@@ -569,6 +569,34 @@ fn default_mode() -> PersistMode {
     PersistMode::Diff
 }
 
+/// One element of another generation, for a composed start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ElementFrom {
+    /// The generation (0 = the initial config).
+    pub generation: u32,
+    /// The element (`nic:net1`).
+    #[schema(value_type = String)]
+    pub element: drover_model::ElementKey,
+}
+
+impl std::str::FromStr for ElementFrom {
+    type Err = String;
+
+    /// `GEN:KEY`, as `3:nic:net1`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (g, key) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: use GEN:KEY, e.g. 3:nic:net1"))?;
+        Ok(ElementFrom {
+            generation: g
+                .parse()
+                .map_err(|_| format!("{s:?}: {g:?} is not a generation number"))?,
+            element: key.parse().map_err(|e| format!("{s:?}: {e}"))?,
+        })
+    }
+}
+
 /// Options of `start`: which configuration to boot.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -578,13 +606,17 @@ pub struct StartRequest {
     pub config: Option<u32>,
     /// Leave out these elements (`disk:data2`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub without: Vec<String>,
-    /// Take these elements from other generations (`3:nic:net1`).
+    #[schema(value_type = Vec<String>)]
+    pub without: Vec<drover_model::ElementKey>,
+    /// Take these elements from other generations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub with: Vec<String>,
-    /// Override `cpus=N` or `memory=SIZE`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub set: Vec<String>,
+    pub with: Vec<ElementFrom>,
+    /// Boot with this many vCPUs instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Boot with this much memory instead, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
     /// Store the composed config as a new generation.
     #[serde(default)]
     pub save_as_generation: bool,
@@ -1433,5 +1465,32 @@ impl EventKind {
 impl std::fmt::Display for EventKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_names_elements_of_other_generations_as_structured_values() {
+        let w: ElementFrom = "3:nic:net1".parse().expect("parses");
+        assert_eq!(w.generation, 3);
+        assert_eq!(w.element.to_string(), "nic:net1");
+        assert!("nic:net1".parse::<ElementFrom>().is_err());
+        assert!("3:nonsense".parse::<ElementFrom>().is_err());
+        let req: StartRequest = serde_json::from_value(serde_json::json!({
+            "without": ["disk:data2"],
+            "with": [{"generation": 1, "element": "nic:net1"}],
+            "memory": 335544320u64,
+        }))
+        .expect("a typed start");
+        assert_eq!(req.with, vec!["1:nic:net1".parse().expect("parses")]);
+        assert_eq!(req.memory, Some(320 << 20));
+        // A malformed element is refused where it is read, not deep in the daemon.
+        assert!(
+            serde_json::from_value::<StartRequest>(serde_json::json!({"without": ["disk"]}))
+                .is_err()
+        );
     }
 }

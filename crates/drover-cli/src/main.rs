@@ -425,22 +425,43 @@ enum Kind {
     Nic,
 }
 
+/// One `--set` of `vm start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShapeSet {
+    Cpus(u32),
+    Memory(u64),
+}
+
+fn parse_shape(kv: &str) -> Result<ShapeSet, String> {
+    match kv.split_once('=') {
+        Some(("cpus", v)) => v
+            .parse()
+            .map(ShapeSet::Cpus)
+            .map_err(|_| format!("{v:?} is not a number of vCPUs")),
+        Some(("memory", v)) => drover_model::parse_size(v)
+            .map(ShapeSet::Memory)
+            .map_err(|e| e.to_string()),
+        _ => Err("use cpus=N or memory=SIZE".into()),
+    }
+}
+
 #[derive(Args, Debug, Default)]
+#[command(group(clap::ArgGroup::new("composition").multiple(true)))]
 struct PickArgs {
     /// Boot this config generation (0 = the initial config).
     #[arg(long, value_name = "GEN")]
     config: Option<u32>,
     /// Leave out an element, e.g. disk:data2. Repeatable.
-    #[arg(long, value_name = "KEY")]
-    without: Vec<String>,
+    #[arg(long, value_name = "KEY", group = "composition")]
+    without: Vec<drover_model::ElementKey>,
     /// Take an element from a generation, e.g. 3:nic:net1. Repeatable.
-    #[arg(long, value_name = "GEN:KEY")]
-    with: Vec<String>,
+    #[arg(long, value_name = "GEN:KEY", group = "composition")]
+    with: Vec<drover_api::ElementFrom>,
     /// Override cpus=N or memory=SIZE. Repeatable.
-    #[arg(long, value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Store the composed config as a new generation.
-    #[arg(long)]
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_shape, group = "composition")]
+    set: Vec<ShapeSet>,
+    /// Store the composed config as a new generation (with --without, --with or --set).
+    #[arg(long, requires = "composition")]
     save_as_generation: bool,
 }
 
@@ -2026,7 +2047,14 @@ async fn start_vm(
         config: pick.config,
         without: pick.without.clone(),
         with: pick.with.clone(),
-        set: pick.set.clone(),
+        cpus: pick.set.iter().rev().find_map(|s| match s {
+            ShapeSet::Cpus(n) => Some(*n),
+            ShapeSet::Memory(_) => None,
+        }),
+        memory: pick.set.iter().rev().find_map(|s| match s {
+            ShapeSet::Memory(b) => Some(*b),
+            ShapeSet::Cpus(_) => None,
+        }),
         save_as_generation: pick.save_as_generation,
         fence: None,
     };

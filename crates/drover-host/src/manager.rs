@@ -2013,49 +2013,29 @@ impl Manager {
             },
         };
         let base = history.resolve(gen)?;
-        let composing = !(req.without.is_empty() && req.with.is_empty() && req.set.is_empty());
+        let composing = !(req.without.is_empty()
+            && req.with.is_empty()
+            && req.cpus.is_none()
+            && req.memory.is_none());
         if !composing {
             if req.save_as_generation {
                 return Err(HostError::Invalid(
-                    "--save-as-generation stores a composed config: give --without, --with or --set too".into(),
+                    "storing a composed config as a generation needs something composed: elements left out or taken from other generations, or cpus or memory set".into(),
                 ));
             }
             return Ok((base, from));
         }
-        let without = req
-            .without
-            .iter()
-            .map(|k| k.parse::<drover_model::ElementKey>())
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let without = req.without.clone();
         let mut with = Vec::new();
         for w in &req.with {
-            let (g, key) = w.split_once(':').ok_or_else(|| {
-                HostError::Invalid(format!("--with {w:?}: use GEN:KEY, e.g. 3:nic:net1"))
-            })?;
-            let g: u32 = g.parse().map_err(|_| {
-                HostError::Invalid(format!("--with {w:?}: {g:?} is not a generation number"))
-            })?;
-            let key: drover_model::ElementKey = key.parse()?;
-            let element = history.element(g, &key)?;
-            with.push((format!("generation {g}"), key, element));
+            let element = history.element(w.generation, &w.element)?;
+            with.push((
+                format!("generation {}", w.generation),
+                w.element.clone(),
+                element,
+            ));
         }
-        let (mut set_cpus, mut set_memory) = (None, None);
-        for kv in &req.set {
-            match kv.split_once('=') {
-                Some(("cpus", v)) => {
-                    set_cpus =
-                        Some(v.parse().map_err(|_| {
-                            HostError::Invalid(format!("--set {kv:?}: not a number"))
-                        })?)
-                }
-                Some(("memory", v)) => set_memory = Some(drover_model::parse_size(v)?),
-                _ => {
-                    return Err(HostError::Invalid(format!(
-                        "--set {kv:?}: use cpus=N or memory=SIZE"
-                    )))
-                }
-            }
-        }
+        let (set_cpus, set_memory) = (req.cpus, req.memory);
         let composed = drover_model::compose(&drover_model::Compose {
             base,
             without,
