@@ -72,9 +72,11 @@
 //! document from the same handlers.
 
 mod client;
+mod console;
 pub use client::{
     fetch_server_cert, fingerprint, pem_fingerprint, Client, ClientError, Endpoint, RemoteSpec,
 };
+pub use console::{Console, ConsoleEvent};
 pub use hyper::Method;
 
 use drover_model::{Accel, PersistMode, VmConfig};

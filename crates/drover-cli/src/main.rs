@@ -1,5 +1,6 @@
 //! `drover`: the command-line interface to droverd.
 
+mod attach;
 mod cluster;
 mod conventions;
 mod copy;
@@ -844,19 +845,32 @@ enum VmCmd {
         /// VM name.
         name: String,
     },
-    /// Print the VM's serial console log.
+    /// Print the VM's serial console log, or attach to the console to type into it.
     ///
-    /// To type into the console, use the web console: droverd --listen ADDR:PORT serves it at
-    /// https://ADDR:PORT/ (open the VM, log in with a token whose role has vm.exec).
+    /// --attach connects this terminal to the guest's serial port (raw mode on a terminal:
+    /// every key, Ctrl-C too, goes to the guest) until the detach key, Ctrl-] unless
+    /// --detach-key says otherwise. Only new output shows; the log keeps all of it. With piped
+    /// input, the end of input detaches once the output has been quiet for 2 s. Needs vm.exec,
+    /// over the local socket or a remote (--remote) alike; the web console is the same console.
     ///
-    /// Example: drover vm console web1 --follow
+    /// Examples:
+    ///   drover vm console web1 --follow
+    ///   drover vm console web1 --attach
+    ///   drover vm console web1 --attach --detach-key ctrl-p
+    ///   echo 'uname -a' | drover vm console web1 --attach
     #[command(verbatim_doc_comment)]
     Console {
         /// VM name.
         name: String,
         /// Keep printing new output (Ctrl-C to stop).
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "attach")]
         follow: bool,
+        /// Type into the console: stdin goes to the guest, its output to stdout.
+        #[arg(long, short)]
+        attach: bool,
+        /// The key that detaches (ctrl-X or ^X).
+        #[arg(long, default_value = "ctrl-]", value_parser = attach::parse_detach_key, requires = "attach")]
+        detach_key: u8,
     },
     /// Copy a file into or out of a running guest, through its agent (binary-safe, any size).
     ///
@@ -1940,7 +1954,13 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             }
             out.json_only(&v);
         }
-        VmCmd::Console { name, follow } => {
+        VmCmd::Console {
+            name,
+            attach: true,
+            detach_key,
+            ..
+        } => attach::attach(c, &seg(&name)?, detach_key).await?,
+        VmCmd::Console { name, follow, .. } => {
             let name = seg(&name)?;
             let mut offset = 0u64;
             let mut stdout = std::io::stdout();
