@@ -822,6 +822,26 @@ pub struct DiskImage {
     /// The VMs whose disks are thin copies of it.
     #[serde(default)]
     pub used_by: Vec<String>,
+    /// How to boot it, for an image built by `drover image build --distro` (`vm create
+    /// --from-image` uses it); `None` for an imported file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<ImageBoot>,
+    /// The build's input key, for a built image: a rebuild with other inputs refreshes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_key: Option<String>,
+}
+
+/// The kernel, initrd and command line an image boots with (copies kept beside the image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageBoot {
+    /// The kernel (`--kernel`).
+    #[schema(value_type = String)]
+    pub kernel: std::path::PathBuf,
+    /// The initrd (`--initrd`).
+    #[schema(value_type = String)]
+    pub initrd: std::path::PathBuf,
+    /// The kernel command line (`--cmdline`).
+    pub cmdline: String,
 }
 
 /// `drover image import NAME FILE`.
@@ -1214,6 +1234,12 @@ pub struct ImageInfo {
     /// The kernel command line to boot a distribution image with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    /// A distribution image's disk image (`vm create --from-image NAME`), as imported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<DiskImage>,
+    /// Why that image was left as it was (VMs use it), when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Ask for an image build.

@@ -263,16 +263,17 @@ enum ImageCmd {
     /// With --distro debian-12: a real Debian 12 system (debootstrap: systemd, udev, networkd,
     /// openssh, the drover-agent .deb), as a qcow2 root disk booted with Drover's kernel and a
     /// small root loader. Takes minutes the first time (needs root on the host and the Debian
-    /// mirror); cached afterwards. Boot it with a copy of its disk, for example:
+    /// mirror); cached afterwards. The result is imported as the image `debian-12` (again
+    /// after a rebuild that changed it, unless VMs use the old one: then it says so), with its
+    /// kernel, initrd and command line, so a VM is one thin copy away:
     ///
     ///   drover image build --distro debian-12
-    ///   cp --reflink=auto DISK /srv/vms/deb1.qcow2
-    ///   drover vm create deb1 --memory 1G --kernel KERNEL --initrd INITRD --cmdline 'CMDLINE' \
-    ///       --disk image=/srv/vms/deb1.qcow2,id=root --ssh-key ~/.ssh/id_ed25519.pub \
-    ///       --nic user,forward=tcp:127.0.0.1:2222-:22
+    ///   drover vm create deb1 --from-image debian-12 --memory 1G \
+    ///       --ssh-key ~/.ssh/id_ed25519.pub --nic user,forward=tcp:127.0.0.1:2222-:22
     ///   drover vm start deb1 --wait && ssh -p 2222 root@127.0.0.1
     ///
-    /// (DISK, KERNEL, INITRD and CMDLINE are what `drover image show --distro debian-12` prints.)
+    /// (`drover image show --distro debian-12` prints the build's DISK, KERNEL, INITRD and
+    /// CMDLINE, to boot a copy of the disk of your own with --kernel/--initrd/--cmdline.)
     #[command(verbatim_doc_comment)]
     Build {
         /// Rebuild even if nothing changed.
@@ -534,12 +535,14 @@ enum VmCmd {
     ///   drover vm create db --disk size=20G,id=data --disk image=/srv/seed.qcow2,id=seed,ro
     ///   drover vm create app1 --disk from=debian-12,id=root,size=20G   (a thin copy of an imported image)
     ///   drover vm create --file web1.toml
-    ///   drover vm create deb1 --kernel K --initrd I --cmdline C --disk image=/srv/deb1.qcow2 \
-    ///       --ssh-key ~/.ssh/id_ed25519.pub --user-data cloud.yaml   (see `drover image build --help`)
+    ///   drover vm create deb1 --from-image debian-12 --memory 1G --ssh-key ~/.ssh/id_ed25519.pub
+    ///       (after `drover image build --distro debian-12`: its disk, kernel, initrd and cmdline)
+    ///   drover vm create deb2 --kernel K --initrd I --cmdline C --disk image=/srv/deb2.qcow2 \
+    ///       --user-data cloud.yaml   (your own copy of a disk, booted with your own kernel)
     ///
-    /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image | from, readonly),
-    /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk),
-    /// [seed] (ssh_keys = [...], user_data = "...").
+    /// A TOML file has the same fields: name, cpus, memory, from_image, [[disk]] (id, size | image
+    /// | from, readonly), [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline,
+    /// disk), [seed] (ssh_keys = [...], user_data = "...").
     ///
     /// Unless you are an admin, images, kernels and initrds must be files in an image pool
     /// (droverd --image-pool NAME=DIR; read-only unless the pool is NAME=DIR:rw), forwards use
@@ -563,6 +566,11 @@ enum VmCmd {
         /// by the VM). Repeatable.
         #[arg(long = "disk", value_name = "SPEC")]
         disks: Vec<String>,
+        /// The root disk: a thin copy of this image (`drover image list`), the first disk, id
+        /// `root`, owned by the VM. An image built by `drover image build --distro` also brings
+        /// its kernel, initrd and command line (unless --kernel or --boot-disk is given).
+        #[arg(long, value_name = "IMAGE")]
+        from_image: Option<String>,
         /// A NIC: user[,id=ID][,mac=MAC][,forward=tcp:HOSTPORT-:GUESTPORT]... or tap=IFNAME. Repeatable.
         #[arg(long = "nic", value_name = "SPEC")]
         nics: Vec<String>,
@@ -1440,6 +1448,7 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             cpus,
             memory,
             disks,
+            from_image,
             nics,
             kernel,
             initrd,
@@ -1476,6 +1485,9 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             }
             for d in disks {
                 spec.disks.push(d.parse::<DiskSpec>()?);
+            }
+            if from_image.is_some() {
+                spec.from_image = from_image;
             }
             for n in nics {
                 spec.nics.push(n.parse::<NicSpec>()?);
