@@ -55,6 +55,7 @@
 //! | POST | `/migrations/{name}/abort` | [`MigrationStep`] (droverd to droverd) |  |
 //! | GET | `/image` |  | [`ImageInfo`] |
 //! | POST | `/image/build` | [`ImageBuildRequest`] | NDJSON lines of [`StreamItem<ImageInfo>`] |
+//! | POST | `/image/inject-agent` | [`InjectAgentRequest`] | [`AgentInjected`] (admin; the agent package installed offline into a stopped disk) |
 //! | GET | `/auth/roles` |  | the granted roles (uid, role) |
 //! | POST | `/auth/roles` | a uid and a role (or none) |  |
 //! | GET | `/auth/tokens` |  | `Vec<TokenInfo>` |
@@ -829,6 +830,34 @@ pub struct DiskImage {
     /// The build's input key, for a built image: a rebuild with other inputs refreshes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_key: Option<String>,
+}
+
+/// `drover image inject-agent TARGET`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InjectAgentRequest {
+    /// An imported image's name, or a disk file's absolute path on the host.
+    pub target: String,
+}
+
+/// What `drover image inject-agent` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentInjected {
+    /// As asked.
+    pub target: String,
+    /// The disk file written (a standalone qcow2 now).
+    #[schema(value_type = String)]
+    pub file: std::path::PathBuf,
+    /// The agent package's version now installed.
+    pub version: String,
+    /// The version it replaced, if one was installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<String>,
+    /// The partition holding the root file system (`None`: the whole disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// The file's size now.
+    pub bytes: u64,
 }
 
 /// The kernel, initrd and command line an image boots with (copies kept beside the image).

@@ -313,6 +313,23 @@ enum ImageCmd {
         /// Its name.
         name: String,
     },
+    /// Install the agent package into a stopped Debian or Ubuntu disk, offline.
+    ///
+    /// For images without cloud-init to install it at boot. TARGET is an imported image no VM
+    /// uses, or a disk file (qcow2 or raw, a path on droverd's host) that no running VM uses
+    /// and no VM's saved states are layered on. droverd copies the disk to a scratch file,
+    /// loop-mounts its root (the whole disk, or the partition holding /var/lib/dpkg), runs
+    /// `dpkg --root` with the package, and renames the result (a standalone qcow2) over the
+    /// target, which stays whole until then. Needs admin, and root for droverd.
+    ///
+    /// Examples:
+    ///   drover image inject-agent ubuntu-24.04
+    ///   drover image inject-agent /srv/images/bookworm.qcow2
+    #[command(verbatim_doc_comment)]
+    InjectAgent {
+        /// An image's name (`drover image list`), or a disk file's path.
+        target: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1277,6 +1294,34 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             let p = out.progress("");
             p.done(&format!("deleted image {}", i.name));
             out.json_only(&i);
+        }
+        Cmd::Image(ImageCmd::InjectAgent { target }) => {
+            // A name is an image; anything with a slash (or an existing file here) a file.
+            let target = if target.contains('/') || std::path::Path::new(&target).is_file() {
+                std::path::absolute(&target)
+                    .with_context(|| format!("resolving {target}"))?
+                    .display()
+                    .to_string()
+            } else {
+                target
+            };
+            let p = out.progress(&format!("installing the agent into {target}"));
+            let r: drover_api::AgentInjected = c
+                .post(
+                    "/v1/image/inject-agent",
+                    &drover_api::InjectAgentRequest { target },
+                )
+                .await?;
+            p.done(&format!(
+                "installed drover-agent {} into {}{}",
+                r.version,
+                r.file.display(),
+                r.replaced
+                    .as_deref()
+                    .map(|v| format!(" (it had {v})"))
+                    .unwrap_or_default()
+            ));
+            out.json_only(&r);
         }
         Cmd::Image(ImageCmd::Build { force, distro }) => {
             let p = out.progress("building the guest image");

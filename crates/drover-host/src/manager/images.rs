@@ -363,6 +363,168 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// Install the agent's package into a stopped disk offline (`drover image inject-agent`):
+    /// an imported image no VM uses, or a disk file no running VM uses and no saved state of a
+    /// VM is layered on. The result is written beside the target and renamed over it, so the
+    /// target is whole, old or new, at every moment. See [`drover_image::inject`].
+    pub async fn image_inject_agent(
+        &self,
+        req: &drover_api::InjectAgentRequest,
+        caller: &Caller,
+    ) -> Result<drover_api::AgentInjected> {
+        // A host path, root's tools: an admin's business, as an import is.
+        caller.require(Permission::Admin)?;
+        let target = req.target.as_str();
+        let image = if target.starts_with('/') {
+            None
+        } else {
+            Some(
+                self.s
+                    .store
+                    .get::<DiskImage>(IMAGES, target)?
+                    .ok_or_else(|| {
+                        HostError::Invalid(format!(
+                            "{target}: no image of that name (`drover image list`); give an image's name or a disk file's absolute path"
+                        ))
+                    })?,
+            )
+        };
+        // An image's VMs get their copies under this lock: none is made while it changes.
+        let _one = match image {
+            Some(_) => Some(self.s.create_lock.lock().await),
+            None => None,
+        };
+        let file = match &image {
+            Some(i) => {
+                let users = self.image_users(&i.name);
+                if !users.is_empty() {
+                    return Err(HostError::Conflict(format!(
+                        "image {} is the base of VM(s) {}: their disks read it, so it is not changed. Inject into a file copy and import that (`drover image import NAME FILE`), or delete those VMs first",
+                        i.name,
+                        users.join(", ")
+                    )));
+                }
+                i.file.clone()
+            }
+            None => {
+                let path = PathBuf::from(target);
+                self.check_disk_free(&path)?;
+                path
+            }
+        };
+        let info = {
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || img::inspect(&f))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))??
+        };
+        let agent = self.agent_binary()?;
+        let scratch = self.s.cfg.state_dir.join("tmp");
+        std::fs::create_dir_all(&scratch).map_err(|e| io_ctx("creating", &scratch, e))?;
+        let part = file.with_file_name(format!(
+            ".{}.inject.part",
+            file.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let _ = std::fs::remove_file(&part);
+        let (src, out) = (file.clone(), part.clone());
+        let format = info.format.to_string();
+        let done = tokio::task::spawn_blocking(move || {
+            drover_image::inject::inject_agent(&src, &format, &agent, &out, &scratch)
+        })
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?;
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                return Err(HostError::Invalid(format!(
+                    "injecting the agent into {}: {e}",
+                    file.display()
+                )));
+            }
+        };
+        // A VM may have started on the file meanwhile: check again before it changes.
+        if image.is_none() {
+            if let Err(e) = self.check_disk_free(&file) {
+                let _ = std::fs::remove_file(&part);
+                return Err(e);
+            }
+        }
+        if let Ok(md) = std::fs::metadata(&file) {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let _ = std::fs::set_permissions(&part, std::fs::Permissions::from_mode(md.mode()));
+            let _ = std::os::unix::fs::chown(&part, Some(md.uid()), Some(md.gid()));
+        }
+        std::fs::rename(&part, &file).map_err(|e| io_ctx("moving into place", &file, e))?;
+        if let Some(d) = file.parent() {
+            sync_file(d)?;
+        }
+        let bytes = std::fs::metadata(&file)
+            .map_err(|e| io_ctx("reading", &file, e))?
+            .len();
+        if let Some(mut i) = image.clone() {
+            i.bytes = bytes;
+            i.source_format = "qcow2".into();
+            self.s
+                .store
+                .apply(vec![drover_store::put(IMAGES, &i.name, &i)?])?;
+        }
+        tracing::info!(target = %file.display(), version = done.version, "installed the agent package offline");
+        Ok(drover_api::AgentInjected {
+            target: req.target.clone(),
+            file,
+            version: done.version,
+            replaced: done.replaced,
+            partition: done.partition,
+            bytes,
+        })
+    }
+
+    /// Refuse a disk file that a running VM uses, or that a VM's saved states are layered on
+    /// (writing it would change what they restore).
+    fn check_disk_free(&self, path: &Path) -> Result<()> {
+        if !path.is_absolute() {
+            return Err(HostError::Invalid(format!(
+                "{}: give the file's absolute path",
+                path.display()
+            )));
+        }
+        let vms = lock(&self.s.vms).clone();
+        for (name, slot) in vms {
+            let (state, uses) = {
+                let info = lock(&slot.info);
+                let uses = std::iter::once(&info.config)
+                    .chain(info.running_config.iter())
+                    .chain(info.next_config.iter())
+                    .flat_map(|c| c.disks.iter())
+                    .any(|d| d.path == path);
+                (info.state, uses)
+            };
+            let layered = self
+                .all_layers(&name)?
+                .into_values()
+                .flat_map(|l| l.tops.into_iter())
+                .any(|(origin, top)| origin == path && top != origin);
+            if layered {
+                return Err(HostError::Conflict(format!(
+                    "VM {name}'s saved states are layered on {}: changing it would change what they restore. Delete the VM (its latest data is written back) or its states first",
+                    path.display()
+                )));
+            }
+            if uses && !matches!(state, drover_api::VmState::Stopped) {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} is {state:?} with {} as a disk; stop it first",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// fsync a file or directory.
 fn sync_file(p: &Path) -> Result<()> {
     std::fs::File::open(p)
@@ -421,7 +583,10 @@ mod tests {
         };
         let v = m.create(spec.clone(), &operator).await.unwrap();
         let d0 = &v.config.disks[0];
-        assert_eq!((d0.id.as_str(), d0.base.as_deref(), d0.owned), ("root", Some("deb"), true));
+        assert_eq!(
+            (d0.id.as_str(), d0.base.as_deref(), d0.owned),
+            ("root", Some("deb"), true)
+        );
         assert_eq!(v.config.disks[1].id.as_str(), "data");
         let shown = serde_json::to_string(&v.config.boot).unwrap();
         assert!(shown.contains(&b.kernel.display().to_string()), "{shown}");
@@ -430,21 +595,33 @@ mod tests {
         let mut clash = spec.clone();
         clash.name = "v2".into();
         clash.disks = vec!["size=8M,id=root".parse().unwrap()];
-        assert!(matches!(m.create(clash, &operator).await, Err(HostError::Invalid(_))));
+        assert!(matches!(
+            m.create(clash, &operator).await,
+            Err(HostError::Invalid(_))
+        ));
         let mut nothing = spec.clone();
         nothing.name = "v3".into();
         nothing.from_image = Some("nope".into());
-        assert!(matches!(m.create(nothing, &operator).await, Err(HostError::Invalid(_))));
+        assert!(matches!(
+            m.create(nothing, &operator).await,
+            Err(HostError::Invalid(_))
+        ));
 
         // A new build while v1 uses the image: kept, and said why.
         let (disk_b, boot_b) = built(dir.path(), "b");
-        let (kept, note) = m.import_built("deb", &disk_b, &boot_b, "key-b").await.unwrap();
+        let (kept, note) = m
+            .import_built("deb", &disk_b, &boot_b, "key-b")
+            .await
+            .unwrap();
         assert_eq!(kept.build_key.as_deref(), Some("key-a"));
         assert!(note.is_some_and(|n| n.contains("v1")));
         assert_eq!(std::fs::read_to_string(&b.kernel).unwrap(), "kernel a");
         // Once nothing uses it, the new build replaces it.
         m.delete("v1", false, false).await.unwrap();
-        let (fresh, note) = m.import_built("deb", &disk_b, &boot_b, "key-b").await.unwrap();
+        let (fresh, note) = m
+            .import_built("deb", &disk_b, &boot_b, "key-b")
+            .await
+            .unwrap();
         assert_eq!((fresh.build_key.as_deref(), note), (Some("key-b"), None));
         assert_eq!(std::fs::read_to_string(&b.kernel).unwrap(), "kernel b");
         m.image_delete("deb", &Caller::daemon()).await.unwrap();
