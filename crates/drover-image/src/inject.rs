@@ -241,14 +241,14 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if self.mounted {
-            if Command::new("umount")
+        let unmounted = || {
+            Command::new("umount")
                 .arg(&self.at)
                 .status()
-                .map_or(true, |s| !s.success())
-            {
-                let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-            }
+                .is_ok_and(|s| s.success())
+        };
+        if self.mounted && !unmounted() {
+            let _ = Command::new("umount").arg("-l").arg(&self.at).status();
         }
     }
 }
