@@ -3,7 +3,7 @@
 //! running and the log keeping what was typed; over the unix socket and a TCP remote alike, and
 //! refused to a role without vm.exec. One boot of the default image.
 
-use drover_e2e::{bin_dir, wait_for, Daemon};
+use drover_e2e::{bin_dir, free_port, wait_for, Daemon};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -75,11 +75,7 @@ fn attach(
 
 #[test]
 fn attach_types_into_the_serial_console_and_detaches() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start_with(&["--listen", &listen]);
     d.ok(&["vm", "create", "con1", "--memory", "256M"]);
     d.ok(&["vm", "start", "con1", "--wait"]);
