@@ -322,6 +322,10 @@ enum ImageCmd {
     /// `dpkg --root` with the package, and renames the result (a standalone qcow2) over the
     /// target, which stays whole until then. Needs admin, and root for droverd.
     ///
+    /// Trust: the host mounts the disk and dpkg runs the disk's own /bin/sh (chrooted, as root)
+    /// for the package's scripts. Use it on images you built or trust, not on a disk an
+    /// untrusted guest has written.
+    ///
     /// Examples:
     ///   drover image inject-agent ubuntu-24.04
     ///   drover image inject-agent /srv/images/bookworm.qcow2

@@ -8,6 +8,10 @@
 //! `/dev` bound in so they write to a real `/dev/null`), unmounted, and the scratch converted to
 //! a standalone qcow2 at `out`. The source is only ever read: the caller puts `out` in place.
 //! Needs root (loop mounts), qemu-img, util-linux (`sfdisk`, `mount`) and dpkg on the host.
+//!
+//! Trust: the host kernel parses the disk's file system and dpkg runs the disk's own shell for
+//! the maintainer scripts (chroot is no boundary for root), so this is for disks the admin
+//! trusts (images they built or imported), not for a disk an untrusted guest has written.
 
 use std::fs;
 use std::path::{Path, PathBuf};
