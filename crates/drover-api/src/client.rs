@@ -93,12 +93,12 @@ pub enum Endpoint {
 
 /// A remote droverd: its address, bearer token and TLS trust.
 pub struct Remote {
-    url: String,
-    authority: String,
+    pub(crate) url: String,
+    pub(crate) authority: String,
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     tls: tokio_rustls::TlsConnector,
 }
 
@@ -319,7 +319,7 @@ impl Client {
         Ok((raw.status, raw.headers, body))
     }
 
-    fn error_from(status: StatusCode, body: &[u8]) -> ClientError {
+    pub(crate) fn error_from(status: StatusCode, body: &[u8]) -> ClientError {
         match serde_json::from_slice::<ApiError>(body) {
             Ok(e) => ClientError::Api(e),
             Err(_) => ClientError::Protocol(format!(
@@ -499,7 +499,9 @@ where
 }
 
 impl Remote {
-    async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    pub(crate) async fn connect(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
         let unreachable = |source| ClientError::RemoteUnreachable {
             url: self.url.clone(),
             source,

@@ -55,6 +55,7 @@
 //! | POST | `/migrations/{name}/abort` | [`MigrationStep`] (droverd to droverd) |  |
 //! | GET | `/image` |  | [`ImageInfo`] |
 //! | POST | `/image/build` | [`ImageBuildRequest`] | NDJSON lines of [`StreamItem<ImageInfo>`] |
+//! | POST | `/image/inject-agent` | [`InjectAgentRequest`] | [`AgentInjected`] (admin; the agent package installed offline into a stopped disk) |
 //! | GET | `/auth/roles` |  | the granted roles (uid, role) |
 //! | POST | `/auth/roles` | a uid and a role (or none) |  |
 //! | GET | `/auth/tokens` |  | `Vec<TokenInfo>` |
@@ -72,10 +73,12 @@
 //! document from the same handlers.
 
 mod client;
+mod console;
 mod peer;
 pub use client::{
     fetch_server_cert, fingerprint, pem_fingerprint, Client, ClientError, Endpoint, RemoteSpec,
 };
+pub use console::{Console, ConsoleEvent};
 pub use hyper::Method;
 
 use drover_model::{Accel, PersistMode, VmConfig};
@@ -853,6 +856,54 @@ pub struct DiskImage {
     /// The VMs whose disks are thin copies of it.
     #[serde(default)]
     pub used_by: Vec<String>,
+    /// How to boot it, for an image built by `drover image build --distro` (`vm create
+    /// --from-image` uses it); `None` for an imported file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<ImageBoot>,
+    /// The build's input key, for a built image: a rebuild with other inputs refreshes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_key: Option<String>,
+}
+
+/// `drover image inject-agent TARGET`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InjectAgentRequest {
+    /// An imported image's name, or a disk file's absolute path on the host.
+    pub target: String,
+}
+
+/// What `drover image inject-agent` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentInjected {
+    /// As asked.
+    pub target: String,
+    /// The disk file written (a standalone qcow2 now).
+    #[schema(value_type = String)]
+    pub file: std::path::PathBuf,
+    /// The agent package's version now installed.
+    pub version: String,
+    /// The version it replaced, if one was installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<String>,
+    /// The partition holding the root file system (`None`: the whole disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// The file's size now.
+    pub bytes: u64,
+}
+
+/// The kernel, initrd and command line an image boots with (copies kept beside the image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageBoot {
+    /// The kernel (`--kernel`).
+    #[schema(value_type = String)]
+    pub kernel: std::path::PathBuf,
+    /// The initrd (`--initrd`).
+    #[schema(value_type = String)]
+    pub initrd: std::path::PathBuf,
+    /// The kernel command line (`--cmdline`).
+    pub cmdline: String,
 }
 
 /// `drover image import NAME FILE`.
@@ -1245,6 +1296,12 @@ pub struct ImageInfo {
     /// The kernel command line to boot a distribution image with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    /// A distribution image's disk image (`vm create --from-image NAME`), as imported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<DiskImage>,
+    /// Why that image was left as it was (VMs use it), when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Ask for an image build.

@@ -1,5 +1,6 @@
 //! `drover`: the command-line interface to droverd.
 
+mod attach;
 mod cluster;
 mod conventions;
 mod copy;
@@ -262,16 +263,17 @@ enum ImageCmd {
     /// With --distro debian-12: a real Debian 12 system (debootstrap: systemd, udev, networkd,
     /// openssh, the drover-agent .deb), as a qcow2 root disk booted with Drover's kernel and a
     /// small root loader. Takes minutes the first time (needs root on the host and the Debian
-    /// mirror); cached afterwards. Boot it with a copy of its disk, for example:
+    /// mirror); cached afterwards. The result is imported as the image `debian-12` (again
+    /// after a rebuild that changed it, unless VMs use the old one: then it says so), with its
+    /// kernel, initrd and command line, so a VM is one thin copy away:
     ///
     ///   drover image build --distro debian-12
-    ///   cp --reflink=auto DISK /srv/vms/deb1.qcow2
-    ///   drover vm create deb1 --memory 1G --kernel KERNEL --initrd INITRD --cmdline 'CMDLINE' \
-    ///       --disk image=/srv/vms/deb1.qcow2,id=root --ssh-key ~/.ssh/id_ed25519.pub \
-    ///       --nic user,forward=tcp:127.0.0.1:2222-:22
+    ///   drover vm create deb1 --from-image debian-12 --memory 1G \
+    ///       --ssh-key ~/.ssh/id_ed25519.pub --nic user,forward=tcp:127.0.0.1:2222-:22
     ///   drover vm start deb1 --wait && ssh -p 2222 root@127.0.0.1
     ///
-    /// (DISK, KERNEL, INITRD and CMDLINE are what `drover image show --distro debian-12` prints.)
+    /// (`drover image show --distro debian-12` prints the build's DISK, KERNEL, INITRD and
+    /// CMDLINE, to boot a copy of the disk of your own with --kernel/--initrd/--cmdline.)
     #[command(verbatim_doc_comment)]
     Build {
         /// Rebuild even if nothing changed.
@@ -310,6 +312,27 @@ enum ImageCmd {
     Delete {
         /// Its name.
         name: String,
+    },
+    /// Install the agent package into a stopped Debian or Ubuntu disk, offline.
+    ///
+    /// For images without cloud-init to install it at boot. TARGET is an imported image no VM
+    /// uses, or a disk file (qcow2 or raw, a path on droverd's host) that no running VM uses
+    /// and no VM's saved states are layered on. droverd copies the disk to a scratch file,
+    /// loop-mounts its root (the whole disk, or the partition holding /var/lib/dpkg), runs
+    /// `dpkg --root` with the package, and renames the result (a standalone qcow2) over the
+    /// target, which stays whole until then. Needs admin, and root for droverd.
+    ///
+    /// Trust: the host mounts the disk and dpkg runs the disk's own /bin/sh (chrooted, as root)
+    /// for the package's scripts. Use it on images you built or trust, not on a disk an
+    /// untrusted guest has written.
+    ///
+    /// Examples:
+    ///   drover image inject-agent ubuntu-24.04
+    ///   drover image inject-agent /srv/images/bookworm.qcow2
+    #[command(verbatim_doc_comment)]
+    InjectAgent {
+        /// An image's name (`drover image list`), or a disk file's path.
+        target: String,
     },
 }
 
@@ -545,6 +568,8 @@ enum ConfigCmd {
     },
 }
 
+// One value per run, parsed once: boxing `Create`'s many flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum VmCmd {
     /// Define a VM (from flags or a TOML file); creates its disks.
@@ -554,12 +579,14 @@ enum VmCmd {
     ///   drover vm create db --disk size=20G,id=data --disk image=/srv/seed.qcow2,id=seed,ro
     ///   drover vm create app1 --disk from=debian-12,id=root,size=20G   (a thin copy of an imported image)
     ///   drover vm create --file web1.toml
-    ///   drover vm create deb1 --kernel K --initrd I --cmdline C --disk image=/srv/deb1.qcow2 \
-    ///       --ssh-key ~/.ssh/id_ed25519.pub --user-data cloud.yaml   (see `drover image build --help`)
+    ///   drover vm create deb1 --from-image debian-12 --memory 1G --ssh-key ~/.ssh/id_ed25519.pub
+    ///       (after `drover image build --distro debian-12`: its disk, kernel, initrd and cmdline)
+    ///   drover vm create deb2 --kernel K --initrd I --cmdline C --disk image=/srv/deb2.qcow2 \
+    ///       --user-data cloud.yaml   (your own copy of a disk, booted with your own kernel)
     ///
-    /// A TOML file has the same fields: name, cpus, memory, [[disk]] (id, size | image | from, readonly),
-    /// [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline, disk),
-    /// [seed] (ssh_keys = [...], user_data = "...").
+    /// A TOML file has the same fields: name, cpus, memory, from_image, [[disk]] (id, size | image
+    /// | from, readonly), [[nic]] (id, mac, tap, forward = [...]), [boot] (kernel, initrd, cmdline,
+    /// disk), [seed] (ssh_keys = [...], user_data = "...").
     ///
     /// Unless you are an admin, images, kernels and initrds must be files in an image pool
     /// (droverd --image-pool NAME=DIR; read-only unless the pool is NAME=DIR:rw), forwards use
@@ -583,6 +610,11 @@ enum VmCmd {
         /// by the VM). Repeatable.
         #[arg(long = "disk", value_name = "SPEC")]
         disks: Vec<String>,
+        /// The root disk: a thin copy of this image (`drover image list`), the first disk, id
+        /// `root`, owned by the VM. An image built by `drover image build --distro` also brings
+        /// its kernel, initrd and command line (unless --kernel or --boot-disk is given).
+        #[arg(long, value_name = "IMAGE")]
+        from_image: Option<String>,
         /// A NIC: user[,id=ID][,mac=MAC][,forward=tcp:HOSTPORT-:GUESTPORT]... or tap=IFNAME. Repeatable.
         #[arg(long = "nic", value_name = "SPEC")]
         nics: Vec<String>,
@@ -865,19 +897,32 @@ enum VmCmd {
         /// VM name.
         name: String,
     },
-    /// Print the VM's serial console log.
+    /// Print the VM's serial console log, or attach to the console to type into it.
     ///
-    /// To type into the console, use the web console: droverd --listen ADDR:PORT serves it at
-    /// https://ADDR:PORT/ (open the VM, log in with a token whose role has vm.exec).
+    /// --attach connects this terminal to the guest's serial port (raw mode on a terminal:
+    /// every key, Ctrl-C too, goes to the guest) until the detach key, Ctrl-] unless
+    /// --detach-key says otherwise. Only new output shows; the log keeps all of it. With piped
+    /// input, the end of input detaches once the output has been quiet for 2 s. Needs vm.exec,
+    /// over the local socket or a remote (--remote) alike; the web console is the same console.
     ///
-    /// Example: drover vm console web1 --follow
+    /// Examples:
+    ///   drover vm console web1 --follow
+    ///   drover vm console web1 --attach
+    ///   drover vm console web1 --attach --detach-key ctrl-p
+    ///   echo 'uname -a' | drover vm console web1 --attach
     #[command(verbatim_doc_comment)]
     Console {
         /// VM name.
         name: String,
         /// Keep printing new output (Ctrl-C to stop).
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "attach")]
         follow: bool,
+        /// Type into the console: stdin goes to the guest, its output to stdout.
+        #[arg(long, short)]
+        attach: bool,
+        /// The key that detaches (ctrl-X or ^X).
+        #[arg(long, default_value = "ctrl-]", value_parser = attach::parse_detach_key, requires = "attach")]
+        detach_key: u8,
     },
     /// Copy a file into or out of a running guest, through its agent (binary-safe, any size).
     ///
@@ -1277,6 +1322,34 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             p.done(&format!("deleted image {}", i.name));
             out.json_only(&i);
         }
+        Cmd::Image(ImageCmd::InjectAgent { target }) => {
+            // A name is an image; anything with a slash (or an existing file here) a file.
+            let target = if target.contains('/') || std::path::Path::new(&target).is_file() {
+                std::path::absolute(&target)
+                    .with_context(|| format!("resolving {target}"))?
+                    .display()
+                    .to_string()
+            } else {
+                target
+            };
+            let p = out.progress(&format!("installing the agent into {target}"));
+            let r: drover_api::AgentInjected = c
+                .post(
+                    "/v1/image/inject-agent",
+                    &drover_api::InjectAgentRequest { target },
+                )
+                .await?;
+            p.done(&format!(
+                "installed drover-agent {} into {}{}",
+                r.version,
+                r.file.display(),
+                r.replaced
+                    .as_deref()
+                    .map(|v| format!(" (it had {v})"))
+                    .unwrap_or_default()
+            ));
+            out.json_only(&r);
+        }
         Cmd::Image(ImageCmd::Build { force, distro }) => {
             let p = out.progress("building the guest image");
             let started = Instant::now();
@@ -1447,6 +1520,7 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             cpus,
             memory,
             disks,
+            from_image,
             nics,
             kernel,
             initrd,
@@ -1483,6 +1557,9 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             }
             for d in disks {
                 spec.disks.push(d.parse::<DiskSpec>()?);
+            }
+            if from_image.is_some() {
+                spec.from_image = from_image;
             }
             for n in nics {
                 spec.nics.push(n.parse::<NicSpec>()?);
@@ -1961,7 +2038,13 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             }
             out.json_only(&v);
         }
-        VmCmd::Console { name, follow } => {
+        VmCmd::Console {
+            name,
+            attach: true,
+            detach_key,
+            ..
+        } => attach::attach(c, &seg(&name)?, detach_key).await?,
+        VmCmd::Console { name, follow, .. } => {
             let name = seg(&name)?;
             let mut offset = 0u64;
             let mut stdout = std::io::stdout();

@@ -473,6 +473,15 @@ impl Out {
                 s("agent_deb"),
                 s("agent_sha256").chars().take(16).collect::<String>()
             );
+            if let Some(img) = &i.image {
+                println!(
+                    "imported: image {} (vm create --from-image {})",
+                    img.name, img.name
+                );
+            }
+            if let Some(note) = &i.note {
+                eprintln!("note: {note}");
+            }
             return;
         }
         println!(

@@ -156,7 +156,7 @@ fn route_rule(method: &axum::http::Method, route: &str) -> (Permission, usize) {
     let p = match (method, route) {
         (&Method::GET, "/v1/auth/whoami") => Read,
         (_, r) if r.starts_with("/v1/auth") || r.starts_with("/v1/migrations") => Admin,
-        (&Method::POST, "/v1/image/build") => Admin,
+        (&Method::POST, "/v1/image/build" | "/v1/image/inject-agent") => Admin,
         (_, _) if on_vm && (tail.starts_with("/guest-access") || tail == "/audit") => GuestAccess,
         // Reading or writing any file in the guest is as much as running a command there.
         (_, _) if on_vm && tail == "/files" => Exec,
@@ -368,6 +368,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<Manager> {
         .routes(routes!(incoming_abort))
         .routes(routes!(image))
         .routes(routes!(image_build))
+        .routes(routes!(image_inject_agent))
         .routes(routes!(images_list, image_import))
         .routes(routes!(image_show, image_delete))
         .routes(routes!(roles, grant))
@@ -433,6 +434,7 @@ const ROUTE_ERRORS: &[(&str, &str, &[u16])] = &[
     ("GET", "/v1/vms/{name}/console", &[404]),
     ("GET", "/v1/image", &[424]),
     ("POST", "/v1/image/build", &[400]),
+    ("POST", "/v1/image/inject-agent", &[400, 409]),
     ("POST", "/v1/vms/{name}/migrate", &[400, 404, 409]),
     ("POST", "/v1/vms/{name}/migrate/cancel", &[404, 409]),
     ("POST", "/v1/migrations/incoming", &[400, 409, 507]),
@@ -1974,6 +1976,24 @@ async fn image_delete(
     Ok(Json(m.image_delete(&name, &who.0).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/image/inject-agent",
+    tag = "image",
+    summary = "Install the agent package offline into a stopped disk (an image no VM uses, or a file no running VM uses)",
+    request_body = drover_api::InjectAgentRequest,
+    responses((status = 200, description = "Done", body = drover_api::AgentInjected)),
+)]
+async fn image_inject_agent(
+    State(m): State<Manager>,
+    who: Who,
+    Body(req): Body<drover_api::InjectAgentRequest>,
+) -> Res<drover_api::AgentInjected> {
+    Ok(Json(
+        detached(async move { m.image_inject_agent(&req, &who.0).await }).await?,
+    ))
+}
+
 /// Streams progress lines, then the result, as NDJSON.
 #[utoipa::path(
     post,
@@ -2246,6 +2266,7 @@ mod tests {
             (&post, "/v1/migrations/{name}/abort", Admin, SMALL_BODY),
             (&get, "/v1/image", Read, SMALL_BODY),
             (&post, "/v1/image/build", Admin, SMALL_BODY),
+            (&post, "/v1/image/inject-agent", Admin, SMALL_BODY),
             (&get, "/v1/auth/roles", Admin, SMALL_BODY),
             (&post, "/v1/auth/roles", Admin, SMALL_BODY),
             (&get, "/v1/auth/tokens", Admin, SMALL_BODY),

@@ -962,6 +962,7 @@ impl Manager {
     /// and its port forwards unprivileged ports on loopback (see [`crate::pools`]).
     pub async fn create(&self, spec: VmSpec, caller: &Caller) -> Result<VmInfo> {
         caller.require(Permission::Lifecycle)?;
+        let (spec, image_boot) = self.expand_from_image(spec)?;
         let mut valid = spec.validate()?;
         for (_, source, readonly) in valid.disks.iter_mut() {
             if let DiskSource::Image { path } = source {
@@ -1021,11 +1022,17 @@ impl Manager {
         let mut boot = spec.boot.resolve()?;
         if let Boot::Kernel { kernel, initrd, .. } = &mut boot {
             for p in std::iter::once(&mut *kernel).chain(initrd.iter_mut()) {
+                let from_image = image_boot
+                    .as_ref()
+                    .is_some_and(|b| *p == b.kernel || *p == b.initrd);
                 // Before any look at the file: a non-admin learns nothing of paths outside pools.
-                *p = self
-                    .s
-                    .pools
-                    .resolve(caller, p, crate::pools::PathUse::Boot)?;
+                *p = if from_image {
+                    p.clone()
+                } else {
+                    self.s
+                        .pools
+                        .resolve(caller, p, crate::pools::PathUse::Boot)?
+                };
                 if !p.is_file() {
                     return Err(HostError::Invalid(format!(
                         "boot file {} does not exist",
@@ -2561,7 +2568,10 @@ impl Manager {
         check_distro(distro)?;
         let loaded = drover_image::debian::load(&self.s.cfg.image_dir)
             .map_err(|e| HostError::ImageMissing(e.to_string()))?;
-        Ok(loaded.map(distro_image_info))
+        Ok(loaded.map(|b| ImageInfo {
+            image: self.image_get(distro).ok(),
+            ..distro_image_info(b)
+        }))
     }
 
     /// Build (or reuse) a distribution image (`debian-12`): debootstrap, the agent's package.
@@ -2580,7 +2590,19 @@ impl Manager {
         .await
         .map_err(|e| HostError::Internal(e.to_string()))?
         .map_err(|e| HostError::ImageMissing(format!("{distro} image build failed: {e}")))?;
-        Ok(distro_image_info(built))
+        // Imported under the distribution's name, so `vm create --from-image debian-12` works.
+        let boot = drover_api::ImageBoot {
+            kernel: built.kernel.clone(),
+            initrd: built.initrd.clone(),
+            cmdline: built.manifest.cmdline.clone(),
+        };
+        let (image, note) = self
+            .import_built(distro, &built.disk, &boot, &built.manifest.key)
+            .await?;
+        let mut info = distro_image_info(built);
+        info.image = Some(image);
+        info.note = note;
+        Ok(info)
     }
 
     /// Build (or reuse, when inputs are unchanged) the default guest image.
@@ -2609,6 +2631,8 @@ fn image_info(b: drover_image::BuiltImage) -> ImageInfo {
         manifest: serde_json::to_value(&b.manifest).unwrap_or_default(),
         disk: None,
         cmdline: None,
+        image: None,
+        note: None,
     }
 }
 
@@ -2620,6 +2644,8 @@ fn distro_image_info(b: drover_image::debian::DebianImage) -> ImageInfo {
         disk: Some(b.disk.display().to_string()),
         cmdline: Some(b.manifest.cmdline.clone()),
         manifest: serde_json::to_value(&b.manifest).unwrap_or_default(),
+        image: None,
+        note: None,
     }
 }
 

@@ -20,6 +20,7 @@ mod elf;
 mod error;
 mod host;
 mod initramfs;
+pub mod inject;
 mod modules;
 pub mod seed;
 mod vmlinux;

@@ -504,6 +504,12 @@ pub struct VmSpec {
     /// A NoCloud seed disk (`cidata`) for the guest: hostname, SSH keys, user-data, network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<SeedSpec>,
+    /// A thin copy of this imported image (`drover image list`) as the root disk: the first
+    /// disk, id `root`, owned by the VM; and, when the image records them (an image made by
+    /// `drover image build --distro`), its kernel, initrd and command line unless `boot` names
+    /// others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image: Option<String>,
 }
 
 /// What goes into a VM's NoCloud seed (made by droverd at create, attached read-only as the
@@ -540,6 +546,7 @@ impl VmSpec {
             accel: None,
             max_memory: None,
             seed: None,
+            from_image: None,
         }
     }
 

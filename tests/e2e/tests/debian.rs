@@ -3,7 +3,9 @@
 //! inside (Debian boots take about a minute under TCG, so one guest does everything): exec, the
 //! hostname and SSH key from the NoCloud seed (an `ssh` login through a port forward), the app
 //! socket's group, a guest save/restore with app data, an orderly stop whose next boot finds a
-//! clean shutdown in the journal and an ext4 root that needed no recovery.
+//! clean shutdown in the journal and an ext4 root that needed no recovery. The guest is a
+//! `vm create --from-image debian-12` of the build's image, after its agent was purged offline
+//! and put back by `drover image inject-agent`, so the agent it runs is the injected one.
 
 use drover_e2e::{free_port, wait_for, Daemon};
 use std::path::Path;
@@ -65,8 +67,30 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
             .to_string()
     };
     let dir = d.dir.path();
-    let disk = dir.join("deb.qcow2");
-    std::fs::copy(s("disk"), &disk).expect("copy the image's disk");
+    // The build is imported as the image `debian-12`, with its boot.
+    let image = &img["image"];
+    assert_eq!(image["name"], "debian-12", "{img}");
+    let boot = &image["boot"];
+    assert!(
+        boot["cmdline"].as_str().is_some_and(|c| c == s("cmdline")),
+        "{img}"
+    );
+    // Building again changes nothing: the same image, not imported twice.
+    let again = d.json(&["image", "build", "--distro", "debian-12"]);
+    assert_eq!(again["image"]["imported_at_ms"], image["imported_at_ms"]);
+    assert!(again.get("note").is_none(), "{again}");
+
+    // An image without the agent (its package purged offline, as a stock Debian image has
+    // none), then `image inject-agent` puts it back: the guest below runs that agent.
+    let file = image["file"].as_str().expect("image file").to_string();
+    purge_agent(Path::new(&file), dir);
+    let injected = d.json(&["image", "inject-agent", "debian-12"]);
+    assert_eq!(injected["file"], file.as_str(), "{injected}");
+    assert!(
+        injected.get("replaced").is_none(),
+        "the agent was gone: {injected}"
+    );
+
     let key = dir.join("key");
     let kg = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -76,11 +100,20 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     assert!(kg.success());
     let port = free_port();
     let nic = format!("user,forward=tcp:127.0.0.1:{port}-:22");
-    let disk_arg = format!("image={},id=root", disk.display());
     let pubkey = format!("{}.pub", key.display());
     #[rustfmt::skip]
-    d.ok(&["vm", "create", "deb", "--memory", "1G", "--kernel", &s("kernel"), "--initrd", &s("initrd"),
-           "--cmdline", &s("cmdline"), "--disk", &disk_arg, "--nic", &nic, "--ssh-key", &pubkey]);
+    d.ok(&["vm", "create", "deb", "--from-image", "debian-12", "--memory", "1G", "--nic", &nic,
+           "--ssh-key", &pubkey]);
+    let v = d.json(&["vm", "show", "deb"]);
+    let root = &v["config"]["disks"][0];
+    assert_eq!(
+        (&root["id"], &root["base"]),
+        (&"root".into(), &"debian-12".into()),
+        "{v}"
+    );
+    // The image is in use now: it cannot be changed under the VM's disk.
+    let err = d.fails(4, &["image", "inject-agent", "debian-12"]);
+    assert!(err.contains("deb"), "{err}");
     start_timed(&d, "deb");
 
     // The agent came from its package and runs as a systemd service.
@@ -223,5 +256,45 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
     );
     d.ok(&["vm", "stop", "deb"]);
     d.ok(&["vm", "delete", "deb"]);
-    assert!(disk.is_file(), "the user's disk image is kept");
+    let list = d.json(&["image", "list"]);
+    assert_eq!(list[0]["used_by"], serde_json::json!([]), "{list}");
+    assert!(
+        Path::new(&file).is_file(),
+        "the image stays after its VM goes"
+    );
+}
+
+/// Remove the agent package from the disk at `file` offline (as root: a loop mount and
+/// `dpkg --root --purge`), in place, with scratch space in `dir`.
+fn purge_agent(file: &Path, dir: &Path) {
+    let raw = dir.join("purge.raw");
+    let mnt = dir.join("purge-root");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("run");
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    };
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(file)
+        .arg(&raw));
+    run(Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&raw)
+        .arg(&mnt));
+    let purged = Command::new("dpkg")
+        .arg(format!("--root={}", mnt.display()))
+        .args(["--purge", "drover-agent"])
+        .output()
+        .expect("dpkg");
+    let gone = !mnt.join("usr/bin/drover-agent").exists();
+    run(Command::new("umount").arg(&mnt));
+    assert!(purged.status.success() && gone, "{purged:?}");
+    let _ = std::fs::remove_file(file);
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(file));
+    std::fs::remove_file(&raw).expect("rm");
 }
