@@ -871,6 +871,10 @@ pub struct DiskImage {
 pub struct InjectAgentRequest {
     /// An imported image's name, or a disk file's absolute path on the host.
     pub target: String,
+    /// The caller vouches for the disk: injecting mounts it on the host and runs its own
+    /// programs (dpkg's maintainer scripts) as root. Not needed for an image droverd built.
+    #[serde(default)]
+    pub trusted: bool,
 }
 
 /// What `drover image inject-agent` did.

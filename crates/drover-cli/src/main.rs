@@ -323,16 +323,22 @@ enum ImageCmd {
     /// target, which stays whole until then. Needs admin, and root for droverd.
     ///
     /// Trust: the host mounts the disk and dpkg runs the disk's own /bin/sh (chrooted, as root)
-    /// for the package's scripts. Use it on images you built or trust, not on a disk an
-    /// untrusted guest has written.
+    /// for the package's scripts, so a disk can run code as root on this host. An image
+    /// `drover image build` made needs nothing more; any other needs --trusted (you vouch for
+    /// it: you built it, or it comes from its distribution). A disk of a VM is refused: its
+    /// guest has written it (install the agent inside the VM: `drover vm cp` the .deb, dpkg -i).
     ///
     /// Examples:
-    ///   drover image inject-agent ubuntu-24.04
-    ///   drover image inject-agent /srv/images/bookworm.qcow2
+    ///   drover image inject-agent debian-12
+    ///   drover image inject-agent ubuntu-24.04 --trusted
+    ///   drover image inject-agent /srv/images/bookworm.qcow2 --trusted
     #[command(verbatim_doc_comment)]
     InjectAgent {
         /// An image's name (`drover image list`), or a disk file's path.
         target: String,
+        /// Vouch for the disk: its own programs run as root on this host.
+        #[arg(long)]
+        trusted: bool,
     },
 }
 
@@ -1322,7 +1328,7 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             p.done(&format!("deleted image {}", i.name));
             out.json_only(&i);
         }
-        Cmd::Image(ImageCmd::InjectAgent { target }) => {
+        Cmd::Image(ImageCmd::InjectAgent { target, trusted }) => {
             // A name is an image; anything with a slash (or an existing file here) a file.
             let target = if target.contains('/') || std::path::Path::new(&target).is_file() {
                 std::path::absolute(&target)
@@ -1336,7 +1342,7 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
             let r: drover_api::AgentInjected = c
                 .post(
                     "/v1/image/inject-agent",
-                    &drover_api::InjectAgentRequest { target },
+                    &drover_api::InjectAgentRequest { target, trusted },
                 )
                 .await?;
             p.done(&format!(

@@ -395,6 +395,24 @@ impl Manager {
             Some(_) => Some(self.s.create_lock.lock().await),
             None => None,
         };
+        // dpkg runs the disk's own /bin/sh as root (chrooted, which is no boundary for root)
+        // with the host's /dev: a disk a guest has written could take the host. Such disks are
+        // refused whatever the caller says; for the rest the caller must vouch, except for
+        // images droverd built itself from Debian's packages.
+        let built_here = image.as_ref().is_some_and(|i| i.build_key.is_some());
+        if !built_here && !req.trusted {
+            return Err(HostError::Invalid(format!(
+                "{target}: injecting mounts the disk on this host and runs its own programs (dpkg's maintainer scripts) as root; pass --trusted if you vouch for it (an image you built or got from its distribution), never for a disk a guest has written"
+            )));
+        }
+        if image.is_none() {
+            let path = Path::new(target);
+            if let Some(vm) = self.vm_with_disk(path) {
+                return Err(HostError::Conflict(format!(
+                    "{target} is a disk of VM {vm}: its guest has written it, and injecting would run what the guest put there as root on this host. Install the agent from inside the VM instead (`drover vm cp` the .deb in and `dpkg -i` it)"
+                )));
+            }
+        }
         let file = match &image {
             Some(i) => {
                 let users = self.image_users(&i.name);
@@ -485,6 +503,20 @@ impl Manager {
 
     /// Refuse a disk file that a running VM uses, or that a VM's saved states are layered on
     /// (writing it would change what they restore).
+    /// A VM whose config (any of them) has `path` as a disk.
+    fn vm_with_disk(&self, path: &Path) -> Option<String> {
+        let vms = lock(&self.s.vms).clone();
+        vms.into_iter().find_map(|(name, slot)| {
+            let info = lock(&slot.info);
+            std::iter::once(&info.config)
+                .chain(info.running_config.iter())
+                .chain(info.next_config.iter())
+                .flat_map(|c| c.disks.iter())
+                .any(|d| d.path == path)
+                .then_some(name)
+        })
+    }
+
     fn check_disk_free(&self, path: &Path) -> Result<()> {
         if !path.is_absolute() {
             return Err(HostError::Invalid(format!(
@@ -553,6 +585,49 @@ mod tests {
             cmdline: format!("console=ttyS0 root=LABEL=x {tag}"),
         };
         (disk, boot)
+    }
+
+    /// Injecting runs the disk's own programs as root on the host: a VM's disk (written by its
+    /// guest) is refused even when vouched for, and anything droverd did not build needs the
+    /// caller to vouch for it. Both refusals come before anything is read or changed.
+    #[tokio::test]
+    async fn injecting_into_a_guest_written_or_unvouched_disk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = super::super::guest::tests::manager(dir.path()).await;
+        let admin = Caller {
+            name: "root".into(),
+            role: Some(crate::auth::Role::Admin),
+            uid: Some(0),
+        };
+        let file = dir.path().join("vendor.qcow2");
+        img::create_qcow2(&file, 16 << 20).unwrap();
+        let before = std::fs::read(&file).unwrap();
+        let req = |target: &Path, trusted| drover_api::InjectAgentRequest {
+            target: target.display().to_string(),
+            trusted,
+        };
+        let e = m
+            .image_inject_agent(&req(&file, false), &admin)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, HostError::Invalid(m) if m.contains("--trusted")),
+            "{e}"
+        );
+        let mut spec = VmSpec::named("g");
+        spec.memory = "64M".into();
+        spec.disks
+            .push(format!("image={},id=data", file.display()).parse().unwrap());
+        m.create(spec, &admin).await.unwrap();
+        let e = m
+            .image_inject_agent(&req(&file, true), &admin)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, HostError::Conflict(m) if m.contains("disk of VM g")),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), before, "nothing written");
     }
 
     /// A built image is imported once per build key with its boot files copied beside it; a VM
