@@ -939,6 +939,7 @@ impl Manager {
             platform,
             fence: None,
             hibernation: None,
+            identity: None,
             unwritten: Default::default(),
             clone_of: None,
         }

@@ -196,3 +196,147 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
     let v = d.json(&["vm", "show", "g"]);
     assert_eq!(v["running_config"]["cpus"], 2, "{v}");
 }
+
+/// Resumed as another machine (issue 15, items 3 and 6): more vCPUs and memory, a NIC with a
+/// new MAC and a new identity, all checked from inside the guest: nproc, MemTotal, the NIC's
+/// address and a working lease, the hostname (the VM's name) and a new machine-id, the
+/// `restored.d` hook run exactly once, a listening app told what changed. A NIC the VM lacks
+/// is refused first with nothing changed.
+#[test]
+fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
+    let d = Daemon::start();
+    d.ok(&[
+        "vm",
+        "create",
+        "r",
+        "--cpus",
+        "1",
+        "--memory",
+        "256M",
+        "--max-memory",
+        "512M",
+        "--nic",
+        "user",
+    ]);
+    d.ok(&["vm", "start", "r", "--wait"]);
+    let nic = d.json(&["vm", "show", "r"])["config"]["nics"][0].clone();
+    let nic_id = nic["id"].as_str().expect("a NIC id").to_string();
+    let old_mac = nic["mac"].as_str().expect("a MAC").to_string();
+    let inet = |d: &Daemon| -> String {
+        d.sh("r", "ip -4 -o addr show dev eth0 | awk '{print $4}'")
+            .trim()
+            .to_string()
+    };
+    wait_for("a DHCP lease before", Duration::from_secs(30), || {
+        (!inet(&d).is_empty()).then_some(())
+    });
+    // A name that is not the VM's, a hook that logs each run, an app listening for events.
+    d.sh(
+        "r",
+        "hostname before-1 && echo before-1 > /etc/hostname && mkdir -p /etc/drover/hooks/restored.d && \
+         printf '#!/bin/sh\\necho \"$DROVER_OLD_HOSTNAME>$DROVER_NEW_HOSTNAME [$DROVER_CHANGED]\" >> /tmp/hook.log\\n' > /etc/drover/hooks/restored.d/10-log && \
+         chmod +x /etc/drover/hooks/restored.d/10-log && echo MEM-ident > /tmp/mem",
+    );
+    d.sh(
+        "r",
+        "(setsid drover-guest listen --app-id watcher > /tmp/events.log 2>&1 &); sleep 0.3",
+    );
+    let old_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
+    assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), old_mac);
+    d.ok(&["vm", "hibernate", "r"]);
+    assert_eq!(d.json(&["vm", "show", "r"])["hibernation"]["agent"], true);
+
+    // Refused before anything changes: a NIC it does not have.
+    let e = d.fails(
+        4,
+        &[
+            "vm",
+            "resume",
+            "r",
+            "--nic",
+            "nope,mac=52:54:00:5e:00:42",
+            "--new-identity",
+        ],
+    );
+    assert!(
+        e.contains("nothing was changed") && e.contains("no NIC nope"),
+        "{e}"
+    );
+    assert_eq!(d.json(&["vm", "show", "r"])["state"], "hibernated");
+
+    let new_mac = "52:54:00:5e:00:42";
+    let spec = format!("{nic_id},mac={new_mac}");
+    d.ok(&[
+        "vm",
+        "resume",
+        "r",
+        "--cpus",
+        "2",
+        "--memory",
+        "384M",
+        "--nic",
+        &spec,
+        "--new-identity",
+        "--wait",
+    ]);
+    assert_eq!(
+        d.sh("r", "cat /tmp/mem").trim(),
+        "MEM-ident",
+        "the saved memory"
+    );
+    wait_for("the second vCPU online", Duration::from_secs(20), || {
+        (d.sh("r", "nproc").trim() == "2").then_some(())
+    });
+    wait_for("the new memory online", Duration::from_secs(20), || {
+        let kb: u64 = d
+            .sh("r", "awk '/MemTotal/ {print $2}' /proc/meminfo")
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (kb > 300 * 1024).then_some(())
+    });
+    assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), new_mac);
+    assert_eq!(d.sh("r", "hostname").trim(), "r");
+    let new_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
+    assert_eq!(new_id.len(), 32, "{new_id}");
+    assert_ne!(new_id, old_id);
+    // The lease renewed under the new MAC: an address, and the gateway answers.
+    wait_for("a working address after", Duration::from_secs(30), || {
+        let ok = d
+            .cli()
+            .drover(&[
+                "vm",
+                "exec",
+                "r",
+                "--",
+                "sh",
+                "-c",
+                "ping -c 1 -W 2 10.0.2.2 >/dev/null",
+            ])
+            .status
+            .success();
+        (ok && !inet(&d).is_empty()).then_some(())
+    });
+    let hook = d.sh("r", "cat /tmp/hook.log");
+    assert_eq!(hook.lines().count(), 1, "the hook ran once: {hook}");
+    assert!(
+        hook.contains("before-1>r") && hook.contains("machine-id") && hook.contains("mac:eth0"),
+        "{hook}"
+    );
+    let events = d.sh("r", "cat /tmp/events.log");
+    assert!(
+        events.contains("restored") && events.contains("hostname") && events.contains("before-1"),
+        "the listening app heard what changed: {events}"
+    );
+    let v = d.json(&["vm", "show", "r"]);
+    assert_eq!(v["running_config"]["cpus"], 2, "{v}");
+    assert_eq!(v["running_config"]["nics"][0]["mac"], new_mac, "{v}");
+    assert!(v["identity"]["error"].is_null(), "{v}");
+    let changed = v["identity"]["changed"].to_string();
+    assert!(
+        changed.contains("hostname")
+            && changed.contains("machine-id")
+            && changed.contains("mac:eth0"),
+        "{v}"
+    );
+}
