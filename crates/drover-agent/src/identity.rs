@@ -45,9 +45,10 @@ pub trait System {
     fn set_hostname(&self, name: &str) -> io::Result<()>;
     /// Give interface `ifname` the address `mac`.
     fn set_mac(&self, ifname: &str, mac: &str) -> io::Result<()>;
-    /// Ask the DHCP client of `ifname` to renew its lease: `Ok(false)` when none runs for it
-    /// (a static address is left alone).
-    fn renew_dhcp(&self, ifname: &str) -> io::Result<bool>;
+    /// Ask the DHCP client of `ifname` to renew its lease, or with `fresh` (a new MAC) to let
+    /// it go and ask for a new one from scratch: `Ok(false)` when none runs for it (a static
+    /// address is left alone).
+    fn renew_dhcp(&self, ifname: &str, fresh: bool) -> io::Result<bool>;
     /// Make new SSH host keys under `root` (the old ones are already removed).
     fn make_ssh_host_keys(&self, root: &Path) -> io::Result<()>;
 }
@@ -73,15 +74,27 @@ impl System for RealSystem {
         }
     }
 
-    fn renew_dhcp(&self, ifname: &str) -> io::Result<bool> {
-        // busybox udhcpc (Drover's image): SIGUSR1 renews.
+    fn renew_dhcp(&self, ifname: &str, fresh: bool) -> io::Result<bool> {
+        // busybox udhcpc (Drover's image): SIGUSR1 renews; SIGUSR2 releases first. A renew
+        // under a new MAC is one unicast request whose loss udhcpc would retry only hours
+        // later; released, SIGUSR1 starts a discovery, which it retries every few seconds.
         if let Some(pid) = udhcpc_for(Path::new("/proc"), ifname) {
-            // SAFETY: a signal to a process found by its command line; a stale pid at worst
-            // gets a signal it ignores or has already gone (ESRCH).
-            if unsafe { libc::kill(pid, libc::SIGUSR1) } == 0 {
-                return Ok(true);
+            let signal = |sig| {
+                // SAFETY: a signal to a process found by its command line; a stale pid at
+                // worst gets a signal it ignores, or has gone (ESRCH).
+                if unsafe { libc::kill(pid, sig) } == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            };
+            if fresh {
+                signal(libc::SIGUSR2)?;
+                // udhcpc takes signals one per loop turn; let it release before the renew.
+                std::thread::sleep(Duration::from_millis(100));
             }
-            return Err(io::Error::last_os_error());
+            signal(libc::SIGUSR1)?;
+            return Ok(true);
         }
         // systemd-networkd (Debian guests).
         if Path::new("/run/systemd/netif").is_dir() {
@@ -369,10 +382,10 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
     let renew: Vec<String> = if out.changed.iter().any(|c| c == "hostname") {
         interfaces(&paths.sys_net)
     } else {
-        changed_ifs
+        changed_ifs.clone()
     };
     for ifname in renew {
-        match sys.renew_dhcp(&ifname) {
+        match sys.renew_dhcp(&ifname, changed_ifs.contains(&ifname)) {
             Ok(true) => out.renewed.push(ifname),
             Ok(false) => {}
             Err(e) => err(&format!("renewing {ifname}'s DHCP lease"), e),
@@ -496,8 +509,9 @@ mod tests {
             self.macs.lock().unwrap().push((ifname.into(), mac.into()));
             Ok(())
         }
-        fn renew_dhcp(&self, ifname: &str) -> io::Result<bool> {
-            self.renewed.lock().unwrap().push(ifname.into());
+        fn renew_dhcp(&self, ifname: &str, fresh: bool) -> io::Result<bool> {
+            let tag = if fresh { "+" } else { "" };
+            self.renewed.lock().unwrap().push(format!("{tag}{ifname}"));
             Ok(ifname != "eth9")
         }
         fn make_ssh_host_keys(&self, root: &Path) -> io::Result<()> {
@@ -666,7 +680,8 @@ mod tests {
         assert!(a.errors.is_empty(), "{:?}", a.errors);
         assert_eq!(a.hostname, "web", "kept");
         assert_eq!(a.changed, vec!["mac:eth1"]);
-        assert_eq!(*sys.renewed.lock().unwrap(), vec!["eth1"]);
+        // A new MAC: a new lease from scratch.
+        assert_eq!(*sys.renewed.lock().unwrap(), vec!["+eth1"]);
         assert_eq!(a.renewed, vec!["eth1"]);
         assert!(sys.hostname.lock().unwrap().is_none());
         assert_eq!(

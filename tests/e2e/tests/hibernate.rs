@@ -302,23 +302,34 @@ fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
     let new_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
     assert_eq!(new_id.len(), 32, "{new_id}");
     assert_ne!(new_id, old_id);
-    // The lease renewed under the new MAC: an address, and the gateway answers.
-    wait_for("a working address after", Duration::from_secs(30), || {
-        let ok = d
-            .cli()
-            .drover(&[
-                "vm",
-                "exec",
-                "r",
-                "--",
-                "sh",
-                "-c",
-                "ping -c 1 -W 2 10.0.2.2 >/dev/null",
-            ])
-            .status
-            .success();
-        (ok && !inet(&d).is_empty()).then_some(())
-    });
+    // A new lease under the new MAC: an address, and the gateway answers.
+    let t0 = std::time::Instant::now();
+    loop {
+        let ping = d.drover(&[
+            "vm",
+            "exec",
+            "r",
+            "--",
+            "sh",
+            "-c",
+            "ping -c 1 -W 2 10.0.2.2 >/dev/null",
+        ]);
+        if ping.status.success() && !inet(&d).is_empty() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(45) {
+            panic!(
+                "no working address 45 s after the resume: {}\nagent log: {}\nvm: {}",
+                d.sh("r", "ip addr; ip route; ps | grep -v grep | grep udhcpc"),
+                d.sh(
+                    "r",
+                    "tail -n 20 /run/drover/agent.log 2>/dev/null; dmesg | tail -n 10"
+                ),
+                d.json(&["vm", "show", "r"])["identity"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let hook = d.sh("r", "cat /tmp/hook.log");
     assert_eq!(hook.lines().count(), 1, "the hook ran once: {hook}");
     assert!(
