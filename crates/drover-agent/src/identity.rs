@@ -553,19 +553,8 @@ mod tests {
     #[test]
     fn applies_names_and_addresses_and_runs_the_hooks_once_per_token() {
         let d = TempDir::new("identity");
-        let root = d.path().join("root");
-        fs::create_dir_all(root.join("etc")).unwrap();
-        fs::write(root.join("etc/hostname"), "web\n").unwrap();
-        fs::write(
-            root.join("etc/machine-id"),
-            "ffffffffffffffffffffffffffffffff\n",
-        )
-        .unwrap();
-        let sys_net = d.path().join("net");
-        for (n, mac) in [("lo", "00:00:00:00:00:00"), ("eth0", "52:54:00:00:00:02")] {
-            fs::create_dir_all(sys_net.join(n)).unwrap();
-            fs::write(sys_net.join(n).join("address"), format!("{mac}\n")).unwrap();
-        }
+        let paths = guest(&d, &[("eth0", "52:54:00:00:00:02")], false);
+        let root = paths.root.clone();
         let hooks = d.path().join("hooks");
         fs::create_dir_all(&hooks).unwrap();
         let log = d.path().join("hook.log");
@@ -579,12 +568,6 @@ mod tests {
         )
         .unwrap();
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-        let paths = Paths {
-            root: root.clone(),
-            sys_net,
-            hooks,
-            state: d.path().join("run/identity-token"),
-        };
         let sys = Fake::default();
         let a = apply(&update("t1"), &paths, &sys);
         assert!(!a.already);
@@ -629,8 +612,11 @@ mod tests {
         assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 2);
     }
 
-    /// A guest with SSH host keys and two NICs, for the tests below.
-    fn guest(d: &TempDir) -> Paths {
+    const TWO_NICS: &[(&str, &str)] =
+        &[("eth0", "52:54:00:00:00:02"), ("eth1", "52:54:00:00:00:09")];
+
+    /// A guest (hostname web) with these interfaces besides lo, and SSH host keys if `ssh`.
+    fn guest(d: &TempDir, nics: &[(&str, &str)], ssh: bool) -> Paths {
         let root = d.path().join("root");
         fs::create_dir_all(root.join("etc/ssh")).unwrap();
         fs::write(root.join("etc/hostname"), "web\n").unwrap();
@@ -639,16 +625,17 @@ mod tests {
             "ffffffffffffffffffffffffffffffff\n",
         )
         .unwrap();
-        for k in ["ssh_host_ed25519_key", "ssh_host_rsa_key"] {
+        let keys: &[&str] = if ssh {
+            &["ssh_host_ed25519_key", "ssh_host_rsa_key"]
+        } else {
+            &[]
+        };
+        for k in keys {
             fs::write(root.join("etc/ssh").join(k), "OLD").unwrap();
             fs::write(root.join("etc/ssh").join(format!("{k}.pub")), "OLD.pub").unwrap();
         }
         let sys_net = d.path().join("net");
-        for (n, mac) in [
-            ("lo", "00:00:00:00:00:00"),
-            ("eth0", "52:54:00:00:00:02"),
-            ("eth1", "52:54:00:00:00:09"),
-        ] {
+        for (n, mac) in [("lo", "00:00:00:00:00:00")].iter().chain(nics) {
             fs::create_dir_all(sys_net.join(n)).unwrap();
             fs::write(sys_net.join(n).join("address"), format!("{mac}\n")).unwrap();
         }
@@ -663,7 +650,7 @@ mod tests {
     #[test]
     fn new_macs_alone_keep_the_name_and_renew_only_the_changed_interface() {
         let d = TempDir::new("identity-macs");
-        let paths = guest(&d);
+        let paths = guest(&d, TWO_NICS, true);
         let sys = Fake::default();
         let u = IdentityUpdate {
             token: "r1".into(),
@@ -703,7 +690,7 @@ mod tests {
     #[test]
     fn a_new_machine_id_replaces_the_ssh_host_keys() {
         let d = TempDir::new("identity-ssh");
-        let paths = guest(&d);
+        let paths = guest(&d, TWO_NICS, true);
         let sys = Fake::default();
         let mut u = update("k1");
         u.nics.clear();

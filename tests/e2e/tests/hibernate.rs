@@ -5,6 +5,24 @@
 use drover_e2e::{pids_mentioning, wait_for, Daemon};
 use std::time::Duration;
 
+/// The guest's MemTotal, in KiB.
+fn mem_kb(d: &Daemon, vm: &str) -> u64 {
+    d.sh(vm, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        .trim()
+        .parse()
+        .expect("MemTotal")
+}
+
+/// Wait until the guest sees its second vCPU and the 128M DIMM added to `kb0` KiB.
+fn wait_grown(d: &Daemon, vm: &str, kb0: u64) {
+    wait_for("the second vCPU online", Duration::from_secs(20), || {
+        (d.sh(vm, "grep -c ^processor /proc/cpuinfo").trim() == "2").then_some(())
+    });
+    wait_for("the new memory online", Duration::from_secs(20), || {
+        (mem_kb(d, vm) >= kb0 + 120 * 1024).then_some(())
+    });
+}
+
 fn counter(d: &Daemon) -> u64 {
     d.sh("h", "cat /tmp/count").trim().parse().unwrap_or(0)
 }
@@ -128,13 +146,7 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
     ]);
     d.ok(&["vm", "start", "g", "--wait"]);
     d.sh("g", "echo MEM-shape > /tmp/mem");
-    let mem_kb = || -> u64 {
-        d.sh("g", "awk '/MemTotal/ {print $2}' /proc/meminfo")
-            .trim()
-            .parse()
-            .expect("MemTotal")
-    };
-    let kb0 = mem_kb();
+    let kb0 = mem_kb(&d, "g");
     d.ok(&["vm", "hibernate", "g"]);
     let hib = d.json(&["vm", "show", "g"]);
     let state = hib["hibernation"]["state"]
@@ -187,12 +199,7 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
         "MEM-shape",
         "the saved memory"
     );
-    wait_for("the second vCPU online", Duration::from_secs(20), || {
-        (d.sh("g", "grep -c ^processor /proc/cpuinfo").trim() == "2").then_some(())
-    });
-    wait_for("the new memory online", Duration::from_secs(20), || {
-        (mem_kb() >= kb0 + 120 * 1024).then_some(())
-    });
+    wait_grown(&d, "g", kb0);
     let v = d.json(&["vm", "show", "g"]);
     assert_eq!(v["running_config"]["cpus"], 2, "{v}");
 }
@@ -241,13 +248,7 @@ fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
         "r",
         "(setsid drover-guest listen --app-id watcher > /tmp/events.log 2>&1 &); sleep 0.3",
     );
-    let mem_kb = |d: &Daemon| -> u64 {
-        d.sh("r", "awk '/MemTotal/ {print $2}' /proc/meminfo")
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    };
-    let kb0 = mem_kb(&d);
+    let kb0 = mem_kb(&d, "r");
     let old_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
     assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), old_mac);
     d.ok(&["vm", "hibernate", "r"]);
@@ -291,12 +292,7 @@ fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
         "MEM-ident",
         "the saved memory"
     );
-    wait_for("the second vCPU online", Duration::from_secs(20), || {
-        (d.sh("r", "nproc").trim() == "2").then_some(())
-    });
-    wait_for("the new memory online", Duration::from_secs(20), || {
-        (mem_kb(&d) >= kb0 + 120 * 1024).then_some(())
-    });
+    wait_grown(&d, "r", kb0);
     assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), new_mac);
     assert_eq!(d.sh("r", "hostname").trim(), "r");
     let new_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
