@@ -16,12 +16,26 @@ Times from the host include starting the guest command through `drover vm exec` 
 Everything runs once per QEMU installation (`--qemu both`: the system's, and QEMU 10 from
 target/qemu-10 or /opt/drover-qemu10 when there), with a side-by-side table at the end.
 
-Usage: bench/state.py [RUNS] [--qemu system|both|DIR] [--sizes 512,2048]   (default 5, both;
-needs `PROFILE=release scripts/build.sh` first)
-"""
-import argparse, json, os, statistics, sys, time
+Across hosts (`--part across`, or with `all`; needs root): two droverd's in network namespaces
+(scripts/netns-hosts.sh; DROVER_NETNS_SET/DROVER_NETNS_NET, default rsb / 10.150.0), one VM of
+each size with 75 % of its RAM filled from /dev/urandom (a 64 MiB block read from it, repeated:
+incompressible), moved back and forth:
+  hibernate      `drover vm hibernate` on the host it runs on (the state synced to disk)
+  move           `drover vm migrate --to OTHER --offline` (the hibernation state's files and
+                 the disks cross: bytes moved = the state's size on disk + the migration's
+                 disk_bytes)
+  resume there   `drover vm resume` on the other host (to QEMU running the restored guest)
+what `drover vm resume NAME --on OTHER` composes (plus its check), medians of RUNS each.
 
-from common import Droverd, count, poll, qemu_installs
+Usage: bench/state.py [RUNS] [--qemu system|both|DIR] [--sizes 512,2048] [--part local|across|all]
+(default 5, both, all; needs `PROFILE=release scripts/build.sh` first)
+"""
+import argparse, json, os, shutil, statistics, subprocess, sys, time
+
+from common import AGENT, BIN, IMAGES, ROOT, Droverd, count, passable_tmpdir, poll, qemu_installs
+
+SET = os.environ.get("DROVER_NETNS_SET", "rsb")
+NET = os.environ.get("DROVER_NETNS_NET", "10.150.0")
 
 
 def bench(runs, version, qemu_dir, sizes):
@@ -110,13 +124,101 @@ def bench(runs, version, qemu_dir, sizes):
     return out
 
 
+def across(runs, sizes):
+    """Hibernate on one host, resume on the other: {size: {figure: median}}."""
+    if os.geteuid() != 0:
+        print("across hosts: skipped (needs root for network namespaces)")
+        return {}
+    tmp = passable_tmpdir("drover-sta.")
+    env = dict(os.environ, DROVER_NETNS_ROOT=tmp, DROVER_CONFIG_DIR=f"{tmp}/config", DROVER_BIN_DIR=BIN,
+               DROVER_IMAGE_DIR=IMAGES, DROVER_AGENT_BIN=AGENT, DROVER_NETNS_SET=SET, DROVER_NETNS_NET=NET)
+
+    def netns(*cmd):
+        r = subprocess.run([f"{ROOT}/scripts/netns-hosts.sh", *cmd], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"netns-hosts.sh {' '.join(cmd)}: {r.stderr}")
+
+    def drover(host, *args):
+        r = subprocess.run([f"{BIN}/drover", "--remote", f"{SET}{host}", *args], env=env,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"drover --remote {SET}{host} {' '.join(args)}: {r.stderr}")
+        return r.stdout
+
+    out = {}
+    netns("up", "2")
+    try:
+        print(f"across hosts ({SET}1 <-> {SET}2, offline move over TLS on a veth pair):")
+        for size_mib in sizes:
+            vm = f"x{size_mib}"
+            fill = int(size_mib * 0.75)
+            drover(1, "vm", "create", vm, "--memory", f"{size_mib}M")
+            drover(1, "vm", "start", vm, "--wait")
+            # 64 MiB from /dev/urandom, repeated up to the fill: no page is zero or like its
+            # neighbours, and repeats lie beyond any stream compressor's window. (Reading all of
+            # it from /dev/urandom took longer than `vm exec` allows under TCG here at 2 GiB.)
+            drover(1, "vm", "exec", vm, "--timeout", "900", "--", "sh", "-c",
+                   "mount -o remount,size=95% /tmp; head -c 67108864 /dev/urandom > /tmp/chunk; "
+                   "md5sum /tmp/chunk > /tmp/fill.md5")
+            drover(1, "vm", "exec", vm, "--timeout", "900", "--", "sh", "-c",
+                   f"for i in $(seq {max(1, fill // 64 - 1)}); do cat /tmp/chunk; done > /tmp/fill")
+            hib, move, res, ram_b, disk_b, state_b = [], [], [], [], [], []
+            here = 1
+            for i in range(runs):
+                there = 3 - here
+                t0 = time.monotonic()
+                drover(here, "vm", "hibernate", vm)
+                hib.append(time.monotonic() - t0)
+                state_b.append(json.loads(drover(here, "--output", "json", "vm", "show", vm))["hibernation"]["bytes"])
+                t0 = time.monotonic()
+                m = json.loads(drover(here, "--output", "json", "vm", "migrate", vm, "--to", f"{SET}{there}", "--offline"))
+                move.append(time.monotonic() - t0)
+                # The state's files go as files (not in ram_bytes); disks through NBD.
+                ram_b.append(state_b[-1] + m.get("ram_bytes", 0))
+                disk_b.append(m.get("disk_bytes", 0))
+                t0 = time.monotonic()
+                drover(there, "vm", "resume", vm)
+                res.append(time.monotonic() - t0)
+                # The guest runs there with its memory as it was (checked outside the timing).
+                ok = drover(there, "vm", "exec", vm, "--timeout", "900", "--", "sh", "-c",
+                            "md5sum -c /tmp/fill.md5 && tail -c 67108864 /tmp/fill | cmp - /tmp/chunk && echo SAME")
+                if "SAME" not in ok:
+                    raise SystemExit(f"{vm}: the filled memory did not survive: {ok}")
+                print(f"  {size_mib} MiB run {i + 1} ({SET}{here} -> {SET}{there}): hibernate {hib[-1] * 1000:.0f} ms "
+                      f"(state {state_b[-1] / 1048576:.0f} MiB), move {move[-1] * 1000:.0f} ms "
+                      f"({(ram_b[-1] + disk_b[-1]) / 1048576:.0f} MiB moved), resume there {res[-1] * 1000:.0f} ms")
+                here = there
+            med = lambda v: statistics.median(v)
+            print(f"{size_mib} MiB ({fill} MiB of /dev/urandom blocks), medians of {runs}: hibernate {med(hib) * 1000:.0f} ms, "
+                  f"move {med(move) * 1000:.0f} ms, resume there {med(res) * 1000:.0f} ms, "
+                  f"hibernate -> running there {(med(hib) + med(move) + med(res)) * 1000:.0f} ms; "
+                  f"{(med(ram_b) + med(disk_b)) / 1048576:.0f} MiB moved (state on disk {med(state_b) / 1048576:.0f} MiB)")
+            out[size_mib] = {"hibernate": med(hib) * 1000, "move": med(move) * 1000, "resume there": med(res) * 1000,
+                             "bytes moved": med(ram_b) + med(disk_b)}
+            drover(here, "vm", "stop", vm, "--force")
+            drover(here, "vm", "delete", vm)
+    finally:
+        r = subprocess.run([f"{ROOT}/scripts/netns-hosts.sh", "down", "--purge"], env=env,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"netns-hosts.sh down: {r.stderr}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description="saving and restoring VM state, per QEMU version")
     p.add_argument("runs", nargs="?", type=int, default=5)
     p.add_argument("--qemu", default="both", help="system, both (system + QEMU 10), or an installation dir")
     p.add_argument("--sizes", default="512,2048", help="guest sizes in MiB (default 512,2048)")
+    p.add_argument("--part", default="all", choices=["local", "across", "all"],
+                   help="local saves/restores, hibernate -> resume on another host, or both (default)")
     a = p.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
+    if a.part in ("across", "all"):
+        across(a.runs, sizes)
+    if a.part == "across":
+        return
     results = [(v, bench(a.runs, v, d, sizes)) for v, d in qemu_installs(a.qemu)]
     if len(results) > 1:
         print("\nside by side (medians, ms):")

@@ -121,6 +121,23 @@ impl EventHub {
         d
     }
 
+    /// Hand a notice of the agent's own (`restored`) to every app listening, whatever its app
+    /// id. Never blocks; returns how many took it.
+    pub fn broadcast(&self, event: GuestEvent) -> usize {
+        let mut inner = crate::lock(&self.inner);
+        let keys: Vec<Key> = inner
+            .subs
+            .keys()
+            .filter(|k| matches!(k, Key::App(_)))
+            .cloned()
+            .collect();
+        let n = keys.iter().map(|k| inner.send(k, &event)).sum();
+        if n == 0 {
+            log_unclaimed(&event, 0);
+        }
+        n
+    }
+
     fn subscribe(self: &Arc<Self>, key: Key) -> Subscription {
         let (tx, rx) = mpsc::sync_channel(SUBSCRIBER_QUEUE);
         let mut inner = crate::lock(&self.inner);
@@ -257,6 +274,22 @@ impl Drop for Expectation {
 mod tests {
     use super::*;
     use crate::test_support::event;
+
+    #[test]
+    fn a_broadcast_reaches_every_listening_app_and_no_waiter() {
+        let hub = EventHub::new();
+        let a = hub.listen("a");
+        let b = hub.listen("b");
+        let waiter = hub.expect().claim("t1");
+        let ev = GuestEvent::restored(
+            "restored-x".into(),
+            serde_json::json!({"changed": ["hostname"]}),
+        );
+        assert_eq!(hub.broadcast(ev.clone()), 2);
+        assert_eq!(a.events().try_recv().unwrap(), ev);
+        assert_eq!(b.events().try_recv().unwrap(), ev);
+        assert!(waiter.events().try_recv().is_err());
+    }
 
     #[test]
     fn listeners_and_waiter_each_get_the_event() {

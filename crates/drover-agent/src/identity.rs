@@ -1,6 +1,9 @@
-//! A new identity pushed by the host after a clone lands ([`drover_proto::IdentityUpdate`]):
-//! hostname, machine-id and NIC MAC addresses, then the `restored.d` hooks with the old and new
-//! values.
+//! A new identity pushed by the host after a clone lands, or after a resume with `--nic` /
+//! `--new-identity` ([`drover_proto::IdentityUpdate`]): hostname, machine-id and NIC MAC
+//! addresses (each only if given), a DHCP renew on every interface that changed (every one when
+//! the hostname changed: the lease carries it), SSH host keys regenerated with a new machine-id
+//! (where the guest has any: two machines must not share them), then the `restored.d` hooks with
+//! the old and new values. What changed is returned, and port B tells listening apps.
 //!
 //! The host may send the same update again (after a reconnect, or a droverd restart that did not
 //! hear the answer): the last applied token is recorded on `/run` before the hooks run, so a
@@ -30,6 +33,8 @@ pub const ENV_NEW_MACHINE_ID: &str = "DROVER_NEW_MACHINE_ID";
 pub const ENV_NEW_MACS: &str = "DROVER_NEW_MACS";
 /// Why (`clone of state s1 of web`).
 pub const ENV_REASON: &str = "DROVER_RESTORE_REASON";
+/// What changed, separated by spaces (`hostname machine-id mac:eth0 ssh-host-keys`).
+pub const ENV_CHANGED: &str = "DROVER_CHANGED";
 /// Longest one hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -40,6 +45,12 @@ pub trait System {
     fn set_hostname(&self, name: &str) -> io::Result<()>;
     /// Give interface `ifname` the address `mac`.
     fn set_mac(&self, ifname: &str, mac: &str) -> io::Result<()>;
+    /// Ask the DHCP client of `ifname` to renew its lease, or with `fresh` (a new MAC) to let
+    /// it go and ask for a new one from scratch: `Ok(false)` when none runs for it (a static
+    /// address is left alone).
+    fn renew_dhcp(&self, ifname: &str, fresh: bool) -> io::Result<bool>;
+    /// Make new SSH host keys under `root` (the old ones are already removed).
+    fn make_ssh_host_keys(&self, root: &Path) -> io::Result<()>;
 }
 
 /// The guest itself.
@@ -60,6 +71,44 @@ impl System for RealSystem {
                 crate::log!("SIOCSIFHWADDR on {ifname} failed ({e}); trying `ip link set`");
                 set_mac_ip(ifname, mac)
             }
+        }
+    }
+
+    fn renew_dhcp(&self, ifname: &str, fresh: bool) -> io::Result<bool> {
+        // busybox udhcpc (Drover's image): SIGUSR1 renews; SIGUSR2 releases first. A renew
+        // under a new MAC is one unicast request whose loss udhcpc would retry only hours
+        // later; released, SIGUSR1 starts a discovery, which it retries every few seconds.
+        if let Some(pid) = udhcpc_for(Path::new("/proc"), ifname) {
+            let signal = |sig| {
+                // SAFETY: a signal to a process found by its command line; a stale pid at
+                // worst gets a signal it ignores, or has gone (ESRCH).
+                if unsafe { libc::kill(pid, sig) } == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            };
+            if fresh {
+                signal(libc::SIGUSR2)?;
+                // udhcpc takes signals one per loop turn; let it release before the renew.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            signal(libc::SIGUSR1)?;
+            return Ok(true);
+        }
+        // systemd-networkd (Debian guests).
+        if Path::new("/run/systemd/netif").is_dir() {
+            return run_quiet("networkctl", &["renew", ifname]).map(|()| true);
+        }
+        Ok(false)
+    }
+
+    fn make_ssh_host_keys(&self, root: &Path) -> io::Result<()> {
+        if root == Path::new("/") {
+            run_quiet("ssh-keygen", &["-A"])
+        } else {
+            let r = root.to_string_lossy().into_owned();
+            run_quiet("ssh-keygen", &["-A", "-f", &r])
         }
     }
 }
@@ -107,6 +156,65 @@ fn set_mac_ioctl(ifname: &str, mac: &str) -> io::Result<()> {
     } else {
         Err(err)
     }
+}
+
+/// The pid of a `udhcpc ... -i IFNAME` under `proc`.
+fn udhcpc_for(proc: &Path, ifname: &str) -> Option<i32> {
+    let mut pids: Vec<i32> = fs::read_dir(proc)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids.into_iter().find(|pid| {
+        // Bounded: a command line longer than this is not one of ours.
+        let Ok(raw) = fs::read(proc.join(pid.to_string()).join("cmdline")) else {
+            return false;
+        };
+        let raw = &raw[..raw.len().min(4096)];
+        let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+        let is_udhcpc = args
+            .first()
+            .is_some_and(|a| a.rsplit(|b| *b == b'/').next() == Some(b"udhcpc"));
+        is_udhcpc
+            && args
+                .windows(2)
+                .any(|w| (w[0] == b"-i" || w[0] == b"--interface") && w[1] == ifname.as_bytes())
+    })
+}
+
+fn run_quiet(prog: &str, args: &[&str]) -> io::Result<()> {
+    let mut cmd = Command::new(prog);
+    cmd.args(args);
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", crate::exec::DEFAULT_PATH);
+    }
+    let out = cmd.output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let mut e = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        e.truncate(500);
+        Err(io::Error::other(format!("{prog} {}: {e}", args.join(" "))))
+    }
+}
+
+/// The SSH host keys (private halves) under `etc/ssh` of `root`.
+fn ssh_host_keys(root: &Path) -> Vec<PathBuf> {
+    let mut keys: Vec<PathBuf> = fs::read_dir(root.join("etc/ssh"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("ssh_host_") && n.ends_with("_key"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    keys.sort();
+    keys
 }
 
 fn set_mac_ip(ifname: &str, mac: &str) -> io::Result<()> {
@@ -177,54 +285,92 @@ fn read_trimmed(p: &Path) -> String {
 
 /// Apply `u` (checked by the decoder) under `paths` through `sys`; see the module docs.
 pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApplied {
+    let etc = paths.root.join("etc");
+    let old_hostname = read_trimmed(&etc.join("hostname"));
     let mut out = IdentityApplied {
-        hostname: u.hostname.clone(),
+        hostname: u.hostname.clone().unwrap_or_else(|| old_hostname.clone()),
         ..Default::default()
     };
     if read_trimmed(&paths.state) == u.token {
         out.already = true;
         return out;
     }
-    let etc = paths.root.join("etc");
-    let old_hostname = read_trimmed(&etc.join("hostname"));
     let old_machine_id = read_trimmed(&etc.join("machine-id"));
-    let mut err = |what: &str, e: io::Error| out_err(&mut out.errors, what, e);
-    if let Err(e) = sys.set_hostname(&u.hostname) {
-        err("setting the hostname", e);
+    let mut errors = Vec::new();
+    let mut err = |what: &str, e: io::Error| out_err(&mut errors, what, e);
+    if let Some(hostname) = &u.hostname {
+        if let Err(e) = sys.set_hostname(hostname) {
+            err("setting the hostname", e);
+        }
+        if let Err(e) = crate::seed::write_atomic(
+            &etc.join("hostname"),
+            format!("{hostname}\n").as_bytes(),
+            0o644,
+        ) {
+            err("writing /etc/hostname", e);
+        }
+        let hosts = fs::read_to_string(etc.join("hosts")).unwrap_or_default();
+        if let Err(e) = crate::seed::write_atomic(
+            &etc.join("hosts"),
+            crate::seed::hosts_with(&hosts, hostname).as_bytes(),
+            0o644,
+        ) {
+            err("writing /etc/hosts", e);
+        }
+        if *hostname != old_hostname {
+            out.changed.push("hostname".into());
+        }
     }
-    if let Err(e) = crate::seed::write_atomic(
-        &etc.join("hostname"),
-        format!("{}\n", u.hostname).as_bytes(),
-        0o644,
-    ) {
-        err("writing /etc/hostname", e);
-    }
-    let hosts = fs::read_to_string(etc.join("hosts")).unwrap_or_default();
-    if let Err(e) = crate::seed::write_atomic(
-        &etc.join("hosts"),
-        crate::seed::hosts_with(&hosts, &u.hostname).as_bytes(),
-        0o644,
-    ) {
-        err("writing /etc/hosts", e);
-    }
-    let id = format!("{}\n", u.machine_id);
-    if let Err(e) = crate::seed::write_atomic(&etc.join("machine-id"), id.as_bytes(), 0o444) {
-        err("writing /etc/machine-id", e);
-    }
-    // D-Bus keeps its own copy where it is not a link to /etc/machine-id.
-    let dbus = paths.root.join("var/lib/dbus/machine-id");
-    if fs::symlink_metadata(&dbus).is_ok_and(|m| m.is_file()) {
-        if let Err(e) = crate::seed::write_atomic(&dbus, id.as_bytes(), 0o444) {
-            err("writing /var/lib/dbus/machine-id", e);
+    if let Some(machine_id) = &u.machine_id {
+        let id = format!("{machine_id}\n");
+        if let Err(e) = crate::seed::write_atomic(&etc.join("machine-id"), id.as_bytes(), 0o444) {
+            err("writing /etc/machine-id", e);
+        }
+        // D-Bus keeps its own copy where it is not a link to /etc/machine-id.
+        let dbus = paths.root.join("var/lib/dbus/machine-id");
+        if fs::symlink_metadata(&dbus).is_ok_and(|m| m.is_file()) {
+            if let Err(e) = crate::seed::write_atomic(&dbus, id.as_bytes(), 0o444) {
+                err("writing /var/lib/dbus/machine-id", e);
+            }
+        }
+        if *machine_id != old_machine_id {
+            out.changed.push("machine-id".into());
+        }
+        // A new machine must not prove itself with the old one's host keys.
+        let keys = ssh_host_keys(&paths.root);
+        if !keys.is_empty() {
+            for k in &keys {
+                let _ = fs::remove_file(k);
+                // `ssh_host_ed25519_key` has no extension: this is `..._key.pub`.
+                let _ = fs::remove_file(k.with_extension("pub"));
+            }
+            match sys.make_ssh_host_keys(&paths.root) {
+                Ok(()) => {
+                    out.ssh_keys = ssh_host_keys(&paths.root)
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    out.changed.push("ssh-host-keys".into());
+                }
+                Err(e) => err("regenerating the SSH host keys", e),
+            }
         }
     }
     let mut macs = Vec::new();
+    let mut changed_ifs = Vec::new();
     for n in &u.nics {
         match interface_with(&paths.sys_net, &n.old_mac) {
             Some(ifname) => match sys.set_mac(&ifname, &n.mac) {
-                Ok(()) => macs.push(format!("{ifname}={}", n.mac)),
+                Ok(()) => {
+                    macs.push(format!("{ifname}={}", n.mac));
+                    out.changed.push(format!("mac:{ifname}"));
+                    changed_ifs.push(ifname);
+                }
                 Err(e) => err(&format!("setting {ifname}'s address"), e),
             },
+            None if interface_with(&paths.sys_net, &n.mac).is_some() => {
+                // Already has it (a clone's QEMU started with it, or an update resent).
+            }
             None => err(
                 &format!("NIC {}", n.old_mac),
                 io::Error::other("no interface has this address"),
@@ -232,6 +378,20 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
         }
     }
     out.nics = macs;
+    // A new address needs a new lease; a new hostname is announced in one.
+    let renew: Vec<String> = if out.changed.iter().any(|c| c == "hostname") {
+        interfaces(&paths.sys_net)
+    } else {
+        changed_ifs.clone()
+    };
+    for ifname in renew {
+        match sys.renew_dhcp(&ifname, changed_ifs.contains(&ifname)) {
+            Ok(true) => out.renewed.push(ifname),
+            Ok(false) => {}
+            Err(e) => err(&format!("renewing {ifname}'s DHCP lease"), e),
+        }
+    }
+    out.errors = errors;
     // Recorded before the hooks: a repeat of this update never runs them twice.
     if let Some(dir) = paths.state.parent() {
         let _ = fs::create_dir_all(dir);
@@ -241,10 +401,14 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
     }
     let env = [
         (ENV_OLD_HOSTNAME, old_hostname),
-        (ENV_NEW_HOSTNAME, u.hostname.clone()),
-        (ENV_OLD_MACHINE_ID, old_machine_id),
-        (ENV_NEW_MACHINE_ID, u.machine_id.clone()),
+        (ENV_NEW_HOSTNAME, out.hostname.clone()),
+        (ENV_OLD_MACHINE_ID, old_machine_id.clone()),
+        (
+            ENV_NEW_MACHINE_ID,
+            u.machine_id.clone().unwrap_or(old_machine_id),
+        ),
         (ENV_NEW_MACS, out.nics.join(" ")),
+        (ENV_CHANGED, out.changed.join(" ")),
         (ENV_REASON, u.reason.clone()),
     ];
     out.hooks = crate::migration::run_hooks_with(&paths.hooks, &env, HOOK_TIMEOUT)
@@ -256,15 +420,62 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
         })
         .collect();
     crate::log!(
-        "new identity: hostname {}, machine-id {}, nics [{}], {} hook(s), {} error(s) ({})",
-        u.hostname,
-        u.machine_id,
+        "new identity: changed [{}], hostname {}, nics [{}], renewed [{}], {} hook(s), {} error(s) ({})",
+        out.changed.join(" "),
+        out.hostname,
         out.nics.join(" "),
+        out.renewed.join(" "),
         out.hooks.len(),
         out.errors.len(),
         u.reason
     );
     out
+}
+
+/// What listening apps are told: what changed, with the old and new values.
+pub fn restored_notice(u: &IdentityUpdate, a: &IdentityApplied, old: &Before) -> serde_json::Value {
+    serde_json::json!({
+        "changed": a.changed,
+        "hostname": { "old": old.hostname, "new": a.hostname },
+        "machine_id": { "old": old.machine_id, "new": u.machine_id.clone().unwrap_or_else(|| old.machine_id.clone()) },
+        "nics": a.nics,
+        "renewed": a.renewed,
+        "reason": u.reason,
+    })
+}
+
+/// Hostname and machine-id before an update, for the [`restored_notice`].
+#[derive(Debug, Clone, Default)]
+pub struct Before {
+    /// `/etc/hostname`.
+    pub hostname: String,
+    /// `/etc/machine-id`.
+    pub machine_id: String,
+}
+
+impl Before {
+    /// Read them under `paths`.
+    pub fn read(paths: &Paths) -> Self {
+        let etc = paths.root.join("etc");
+        Before {
+            hostname: read_trimmed(&etc.join("hostname")),
+            machine_id: read_trimmed(&etc.join("machine-id")),
+        }
+    }
+}
+
+/// Every interface under `sys_net` but loopback, in name order.
+fn interfaces(sys_net: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(sys_net)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 fn out_err(errors: &mut Vec<String>, what: &str, e: io::Error) {
@@ -285,6 +496,8 @@ mod tests {
     struct Fake {
         hostname: Mutex<Option<String>>,
         macs: Mutex<Vec<(String, String)>>,
+        renewed: Mutex<Vec<String>>,
+        keygens: Mutex<u32>,
     }
 
     impl System for Fake {
@@ -296,13 +509,23 @@ mod tests {
             self.macs.lock().unwrap().push((ifname.into(), mac.into()));
             Ok(())
         }
+        fn renew_dhcp(&self, ifname: &str, fresh: bool) -> io::Result<bool> {
+            let tag = if fresh { "+" } else { "" };
+            self.renewed.lock().unwrap().push(format!("{tag}{ifname}"));
+            Ok(ifname != "eth9")
+        }
+        fn make_ssh_host_keys(&self, root: &Path) -> io::Result<()> {
+            *self.keygens.lock().unwrap() += 1;
+            fs::write(root.join("etc/ssh/ssh_host_ed25519_key"), "NEW")?;
+            fs::write(root.join("etc/ssh/ssh_host_ed25519_key.pub"), "NEW.pub")
+        }
     }
 
     fn update(token: &str) -> IdentityUpdate {
         IdentityUpdate {
             token: token.into(),
-            hostname: "web-2".into(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            hostname: Some("web-2".into()),
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
             nics: vec![
                 NicIdentity {
                     old_mac: "52:54:00:00:00:02".into(),
@@ -330,19 +553,8 @@ mod tests {
     #[test]
     fn applies_names_and_addresses_and_runs_the_hooks_once_per_token() {
         let d = TempDir::new("identity");
-        let root = d.path().join("root");
-        fs::create_dir_all(root.join("etc")).unwrap();
-        fs::write(root.join("etc/hostname"), "web\n").unwrap();
-        fs::write(
-            root.join("etc/machine-id"),
-            "ffffffffffffffffffffffffffffffff\n",
-        )
-        .unwrap();
-        let sys_net = d.path().join("net");
-        for (n, mac) in [("lo", "00:00:00:00:00:00"), ("eth0", "52:54:00:00:00:02")] {
-            fs::create_dir_all(sys_net.join(n)).unwrap();
-            fs::write(sys_net.join(n).join("address"), format!("{mac}\n")).unwrap();
-        }
+        let paths = guest(&d, &[("eth0", "52:54:00:00:00:02")], false);
+        let root = paths.root.clone();
         let hooks = d.path().join("hooks");
         fs::create_dir_all(&hooks).unwrap();
         let log = d.path().join("hook.log");
@@ -350,22 +562,20 @@ mod tests {
         fs::write(
             &hook,
             format!(
-                "#!/bin/sh\necho \"$DROVER_OLD_HOSTNAME>$DROVER_NEW_HOSTNAME $DROVER_OLD_MACHINE_ID>$DROVER_NEW_MACHINE_ID $DROVER_NEW_MACS\" >>{}\n",
+                "#!/bin/sh\necho \"$DROVER_OLD_HOSTNAME>$DROVER_NEW_HOSTNAME $DROVER_OLD_MACHINE_ID>$DROVER_NEW_MACHINE_ID $DROVER_NEW_MACS [$DROVER_CHANGED]\" >>{}\n",
                 log.display()
             ),
         )
         .unwrap();
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-        let paths = Paths {
-            root: root.clone(),
-            sys_net,
-            hooks,
-            state: d.path().join("run/identity-token"),
-        };
         let sys = Fake::default();
         let a = apply(&update("t1"), &paths, &sys);
         assert!(!a.already);
         assert_eq!(a.nics, vec!["eth0=52:54:00:aa:bb:cc"]);
+        assert_eq!(a.changed, vec!["hostname", "machine-id", "mac:eth0"]);
+        // A new hostname is announced in a new lease on every interface.
+        assert_eq!(a.renewed, vec!["eth0"]);
+        assert!(a.ssh_keys.is_empty(), "this guest has no SSH host keys");
         assert_eq!(
             a.errors.len(),
             1,
@@ -388,7 +598,7 @@ mod tests {
             .contains("127.0.1.1\tweb-2"));
         assert_eq!(
             fs::read_to_string(&log).unwrap(),
-            "web>web-2 ffffffffffffffffffffffffffffffff>0123456789abcdef0123456789abcdef eth0=52:54:00:aa:bb:cc\n"
+            "web>web-2 ffffffffffffffffffffffffffffffff>0123456789abcdef0123456789abcdef eth0=52:54:00:aa:bb:cc [hostname machine-id mac:eth0]\n"
         );
         // The same update again (a resend): nothing changes, no hook runs.
         let again = apply(&update("t1"), &paths, &sys);
@@ -400,5 +610,130 @@ mod tests {
         let next = apply(&update("t2"), &paths, &sys);
         assert!(!next.already);
         assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 2);
+    }
+
+    const TWO_NICS: &[(&str, &str)] =
+        &[("eth0", "52:54:00:00:00:02"), ("eth1", "52:54:00:00:00:09")];
+
+    /// A guest (hostname web) with these interfaces besides lo, and SSH host keys if `ssh`.
+    fn guest(d: &TempDir, nics: &[(&str, &str)], ssh: bool) -> Paths {
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("etc/ssh")).unwrap();
+        fs::write(root.join("etc/hostname"), "web\n").unwrap();
+        fs::write(
+            root.join("etc/machine-id"),
+            "ffffffffffffffffffffffffffffffff\n",
+        )
+        .unwrap();
+        let keys: &[&str] = if ssh {
+            &["ssh_host_ed25519_key", "ssh_host_rsa_key"]
+        } else {
+            &[]
+        };
+        for k in keys {
+            fs::write(root.join("etc/ssh").join(k), "OLD").unwrap();
+            fs::write(root.join("etc/ssh").join(format!("{k}.pub")), "OLD.pub").unwrap();
+        }
+        let sys_net = d.path().join("net");
+        for (n, mac) in [("lo", "00:00:00:00:00:00")].iter().chain(nics) {
+            fs::create_dir_all(sys_net.join(n)).unwrap();
+            fs::write(sys_net.join(n).join("address"), format!("{mac}\n")).unwrap();
+        }
+        Paths {
+            root,
+            sys_net,
+            hooks: d.path().join("hooks"),
+            state: d.path().join("run/identity-token"),
+        }
+    }
+
+    #[test]
+    fn new_macs_alone_keep_the_name_and_renew_only_the_changed_interface() {
+        let d = TempDir::new("identity-macs");
+        let paths = guest(&d, TWO_NICS, true);
+        let sys = Fake::default();
+        let u = IdentityUpdate {
+            token: "r1".into(),
+            hostname: None,
+            machine_id: None,
+            nics: vec![NicIdentity {
+                old_mac: "52:54:00:00:00:09".into(),
+                mac: "52:54:00:aa:bb:dd".into(),
+            }],
+            reason: "resume of state s3".into(),
+        };
+        let before = Before::read(&paths);
+        let a = apply(&u, &paths, &sys);
+        assert!(a.errors.is_empty(), "{:?}", a.errors);
+        assert_eq!(a.hostname, "web", "kept");
+        assert_eq!(a.changed, vec!["mac:eth1"]);
+        // A new MAC: a new lease from scratch.
+        assert_eq!(*sys.renewed.lock().unwrap(), vec!["+eth1"]);
+        assert_eq!(a.renewed, vec!["eth1"]);
+        assert!(sys.hostname.lock().unwrap().is_none());
+        assert_eq!(
+            *sys.keygens.lock().unwrap(),
+            0,
+            "keys stay with the machine-id"
+        );
+        assert_eq!(
+            fs::read_to_string(paths.root.join("etc/machine-id")).unwrap(),
+            "ffffffffffffffffffffffffffffffff\n"
+        );
+        let n = restored_notice(&u, &a, &before);
+        assert_eq!(n["changed"], serde_json::json!(["mac:eth1"]));
+        assert_eq!(n["hostname"]["old"], "web");
+        assert_eq!(n["hostname"]["new"], "web");
+        assert_eq!(n["machine_id"]["new"], "ffffffffffffffffffffffffffffffff");
+    }
+
+    #[test]
+    fn a_new_machine_id_replaces_the_ssh_host_keys() {
+        let d = TempDir::new("identity-ssh");
+        let paths = guest(&d, TWO_NICS, true);
+        let sys = Fake::default();
+        let mut u = update("k1");
+        u.nics.clear();
+        let before = Before::read(&paths);
+        let a = apply(&u, &paths, &sys);
+        assert_eq!(*sys.keygens.lock().unwrap(), 1);
+        let ssh = paths.root.join("etc/ssh");
+        assert_eq!(
+            fs::read_to_string(ssh.join("ssh_host_ed25519_key")).unwrap(),
+            "NEW"
+        );
+        assert!(!ssh.join("ssh_host_rsa_key").exists(), "old keys removed");
+        assert!(
+            !ssh.join("ssh_host_rsa_key.pub").exists(),
+            "old keys removed"
+        );
+        assert_eq!(a.ssh_keys.len(), 1, "{:?}", a.ssh_keys);
+        assert_eq!(a.changed, vec!["hostname", "machine-id", "ssh-host-keys"]);
+        // The hostname changed: every interface but lo renews.
+        assert_eq!(*sys.renewed.lock().unwrap(), vec!["eth0", "eth1"]);
+        let n = restored_notice(&u, &a, &before);
+        assert_eq!(n["hostname"]["old"], "web");
+        assert_eq!(n["hostname"]["new"], "web-2");
+        assert_eq!(n["machine_id"]["new"], "0123456789abcdef0123456789abcdef");
+    }
+
+    #[test]
+    fn the_dhcp_client_is_found_by_its_interface() {
+        let d = TempDir::new("identity-proc");
+        let proc = d.path();
+        for (pid, args) in [
+            ("12", &["udhcpc", "-b", "-s", "/x", "-i", "eth1"][..]),
+            ("7", &["/sbin/udhcpc", "-i", "eth0"][..]),
+            ("3", &["sh", "-c", "udhcpc -i eth0"][..]),
+            ("self", &["udhcpc", "-i", "eth0"][..]),
+        ] {
+            fs::create_dir_all(proc.join(pid)).unwrap();
+            let mut raw = args.join("\0");
+            raw.push('\0');
+            fs::write(proc.join(pid).join("cmdline"), raw).unwrap();
+        }
+        assert_eq!(udhcpc_for(proc, "eth0"), Some(7));
+        assert_eq!(udhcpc_for(proc, "eth1"), Some(12));
+        assert_eq!(udhcpc_for(proc, "eth2"), None);
     }
 }

@@ -145,15 +145,27 @@ impl PortB {
             Body::SetIdentity(update) => {
                 // On its own thread: the hooks may take a while, and port B keeps serving.
                 let w = writer.clone();
+                let hub = self.hub.clone();
                 let spawned =
                     thread::Builder::new()
                         .name(format!("identity-{id}"))
                         .spawn(move || {
+                            let paths = crate::identity::Paths::guest();
+                            let before = crate::identity::Before::read(&paths);
                             let applied = crate::identity::apply(
                                 &update,
-                                &crate::identity::Paths::guest(),
+                                &paths,
                                 &crate::identity::RealSystem,
                             );
+                            if !applied.already {
+                                // Every listening app hears what changed (once per update).
+                                let notice =
+                                    crate::identity::restored_notice(&update, &applied, &before);
+                                hub.broadcast(drover_proto::GuestEvent::restored(
+                                    format!("restored-{}", update.token),
+                                    notice,
+                                ));
+                            }
                             w.reply(id, Body::IdentitySet(applied));
                         });
                 if let Err(e) = spawned {

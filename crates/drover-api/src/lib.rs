@@ -261,6 +261,10 @@ pub struct VmInfo {
     /// While `hibernated`: the state that holds the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hibernation: Option<Hibernation>,
+    /// What the last resume with `--new-identity` or `--nic ID,mac=...` changed in the guest
+    /// (kept until the next one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityOutcome>,
     /// Disks given as `image=PATH` whose latest data is, since a save, in a layer of droverd's
     /// over the user's image (disk id → that layer); `vm delete` writes it back into the image
     /// (or `--discard-changes`). Shown, never stored.
@@ -355,6 +359,42 @@ pub struct ResumeRequest {
     /// Memory to have (`2G`; added live as DIMMs, within its `--max-memory`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    /// NICs to give a new MAC: each keeps its id and PCI address; the guest's agent takes the
+    /// new address and renews its DHCP lease.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicMac>,
+    /// Give the guest a new identity once it runs: hostname (the VM's name), machine-id, SSH
+    /// host keys, a DHCP renew; its `restored.d` hooks run, and listening apps hear `restored`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_identity: bool,
+}
+
+/// One NIC to give a new MAC on resume (`--nic net0,mac=52:54:00:12:34:56`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicMac {
+    /// The NIC's id.
+    pub id: String,
+    /// Its new MAC (unicast, `52:54:00:12:34:56`).
+    pub mac: String,
+}
+
+/// What a resume with a new identity or new MACs did inside the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityOutcome {
+    /// What changed (`hostname`, `machine-id`, `mac:eth0`, `ssh-host-keys`).
+    #[serde(default)]
+    pub changed: Vec<String>,
+    /// The `restored.d` hooks that ran, as `name:exit code`.
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// Interfaces whose DHCP lease was renewed.
+    #[serde(default)]
+    pub renewed: Vec<String>,
+    /// Why it was not (fully) applied; the VM runs either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where a hibernated VM is: the saved state `vm resume` brings back.
@@ -370,6 +410,10 @@ pub struct Hibernation {
     pub dir: std::path::PathBuf,
     /// When it was hibernated (ms since the epoch).
     pub at_ms: u64,
+    /// Whether the guest agent answered when it was hibernated: a resume with a new identity
+    /// or new MACs needs it.
+    #[serde(default)]
+    pub agent: bool,
 }
 
 /// A cluster controller's claim to start a member on this host: which member, and the etcd

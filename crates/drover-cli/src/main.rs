@@ -832,10 +832,15 @@ enum VmCmd {
         name: String,
     },
     /// Bring a hibernated VM back, running from where it was hibernated (the state is then
-    /// deleted), optionally grown to more vCPUs or memory once it runs.
+    /// deleted), optionally adapted once it runs: grown to more vCPUs or memory, NICs given new
+    /// MACs, a new identity in the guest. What cannot be adapted is refused before anything
+    /// changes (it stays hibernated). Exit code 6 when it runs but its agent did not take the
+    /// new identity or MACs (`drover vm show NAME` says why).
     ///
     /// Example: drover vm resume web1 --wait
     ///          drover vm resume web1 --cpus 2 --memory 1G --wait
+    ///          drover vm resume web1 --nic net0,mac=52:54:00:12:34:56 --wait
+    ///          drover vm resume web1 --new-identity --wait   # a second machine, not the first
     #[command(verbatim_doc_comment)]
     Resume {
         /// VM name.
@@ -847,6 +852,16 @@ enum VmCmd {
         /// create, and steps of 128M).
         #[arg(long, value_name = "SIZE")]
         memory: Option<String>,
+        /// Give NIC ID a new MAC (repeatable). It keeps its id and PCI address; the guest's
+        /// agent takes the new address and renews its DHCP lease. Needs the agent.
+        #[arg(long = "nic", value_name = "ID,mac=MAC")]
+        nics: Vec<String>,
+        /// Give the guest a new identity once it runs: hostname (the VM's name), machine-id,
+        /// SSH host keys where it has any, a DHCP renew; /etc/drover/hooks/restored.d/* run with
+        /// the old and new values, and apps under `drover-guest listen` get a `restored` event.
+        /// Needs the agent.
+        #[arg(long)]
+        new_identity: bool,
         /// Resume it on this remote host (`drover remote list`): checked there first, then its
         /// state and disks move as `vm migrate --offline` moves them, then it resumes there.
         #[arg(long, value_name = "REMOTE")]
@@ -1898,9 +1913,15 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             name,
             cpus,
             memory,
+            nics,
+            new_identity,
             on,
             wait,
         } => {
+            let nics = nics
+                .iter()
+                .map(|n| parse_nic_mac(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let mut target = c.clone();
             if let Some(r) = &on {
                 let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(&name)?)).await?;
@@ -1924,14 +1945,43 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             let v: VmInfo = c
                 .post(
                     &format!("/v1/vms/{}/resume", seg(&name)?),
-                    &drover_api::ResumeRequest { cpus, memory },
+                    &drover_api::ResumeRequest {
+                        cpus,
+                        memory,
+                        nics: nics.clone(),
+                        new_identity,
+                    },
                 )
                 .await?;
             p.done(&format!("{name} resumed (pid {})", v.pid.unwrap_or(0)));
+            let adapted = !nics.is_empty() || new_identity;
+            if let Some(i) = v.identity.as_ref().filter(|_| adapted) {
+                match &i.error {
+                    None => out.line(&format!(
+                        "  changed in the guest: {}; hooks: {}",
+                        if i.changed.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            i.changed.join(", ")
+                        },
+                        if i.hooks.is_empty() {
+                            "none".to_string()
+                        } else {
+                            i.hooks.join(", ")
+                        }
+                    )),
+                    Some(e) => out.error(&anyhow::anyhow!(
+                        "{name} runs, but its new identity or MACs were not applied: {e}"
+                    )),
+                }
+            }
             if wait.wait {
                 wait_agent(c, out, &name, wait.wait_timeout).await?;
             } else {
                 out.json_only(&v);
+            }
+            if adapted && v.identity.as_ref().is_none_or(|i| i.error.is_some()) {
+                return Ok(6);
             }
         }
         VmCmd::Clone {
@@ -2174,6 +2224,21 @@ struct MigrateOpts {
     bandwidth: Option<u64>,
 }
 
+/// `--nic ID,mac=MAC` of `vm resume`.
+fn parse_nic_mac(s: &str) -> anyhow::Result<drover_api::NicMac> {
+    let bad =
+        || anyhow::anyhow!("--nic {s}: give it as ID,mac=MAC (e.g. net0,mac=52:54:00:12:34:56)");
+    let (id, rest) = s.split_once(',').ok_or_else(bad)?;
+    let mac = rest.strip_prefix("mac=").ok_or_else(bad)?;
+    if id.is_empty() || mac.is_empty() || mac.contains(',') {
+        return Err(bad());
+    }
+    Ok(drover_api::NicMac {
+        id: id.to_string(),
+        mac: mac.to_ascii_lowercase(),
+    })
+}
+
 /// Move VM `name` to remote `to_name`, showing progress; what `vm migrate` and the `--on REMOTE`
 /// of `vm resume` and `snapshot restore` do.
 async fn migrate_vm(
@@ -2318,4 +2383,26 @@ async fn wait_agent(c: &Client, out: &Out, name: &str, timeout: u64) -> anyhow::
     let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(name)?)).await?;
     out.json_only(&v);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nic_macs_parse_as_id_comma_mac() {
+        let n = super::parse_nic_mac("net0,mac=52:54:00:AB:cd:01").unwrap();
+        assert_eq!(
+            (n.id.as_str(), n.mac.as_str()),
+            ("net0", "52:54:00:ab:cd:01")
+        );
+        for bad in [
+            "net0",
+            "net0,52:54:00:ab:cd:01",
+            ",mac=52:54:00:ab:cd:01",
+            "net0,mac=",
+            "net0,mac=a,b",
+        ] {
+            let e = super::parse_nic_mac(bad).unwrap_err().to_string();
+            assert!(e.contains("ID,mac=MAC"), "{bad}: {e}");
+        }
+    }
 }

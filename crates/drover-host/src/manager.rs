@@ -951,6 +951,7 @@ impl Manager {
             platform,
             fence: None,
             hibernation: None,
+            identity: None,
             unwritten: Default::default(),
             clone_of: None,
         }

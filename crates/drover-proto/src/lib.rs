@@ -319,6 +319,9 @@ pub const MAX_HOST_FIELD: usize = 128;
 pub const MAX_GENERATION_ID: usize = 64;
 /// The [`GuestEvent::op`] of the host's notice that the VM has just been live-migrated.
 pub const NOTICE_MIGRATED: &str = "migrated";
+/// The [`GuestEvent::op`] of the agent's notice to every listening app that an
+/// [`IdentityUpdate`] was applied; its `result` names what changed, with old and new values.
+pub const NOTICE_RESTORED: &str = "restored";
 
 /// Whether `s` is a well-formed host id: 1-[`MAX_HOST_ID`] characters of `A-Z a-z 0-9 . _ -`.
 pub fn valid_host_id(s: &str) -> bool {
@@ -474,6 +477,20 @@ pub struct MigratedNotice {
 }
 
 impl GuestEvent {
+    /// The agent's [`NOTICE_RESTORED`] event for every listening app: `result` says what
+    /// changed (`{"changed": [...], "hostname": {"old":..,"new":..}, ...}`).
+    pub fn restored(ticket: String, result: serde_json::Value) -> GuestEvent {
+        GuestEvent {
+            ticket,
+            app_id: None,
+            op: NOTICE_RESTORED.to_string(),
+            status: EventStatus::Notice,
+            result,
+            error: None,
+            data: None,
+        }
+    }
+
     /// The `migrated` notice event, with the host's `ticket` for it.
     pub fn migrated(ticket: String, notice: &MigratedNotice) -> GuestEvent {
         GuestEvent {
@@ -625,20 +642,25 @@ pub const MAX_HOSTNAME: usize = 63;
 /// Most NICs in one [`IdentityUpdate`].
 pub const MAX_IDENTITY_NICS: usize = 16;
 
-/// A new identity for the guest, pushed by the host after a clone lands: the agent sets the
-/// hostname, machine-id and NIC MAC addresses, then runs `/etc/drover/hooks/restored.d/*` with
-/// the old and new values. Applying the same `token` twice changes nothing the second time (the
-/// host may resend after a reconnect or a droverd restart).
+/// A new identity for the guest, pushed by the host after a clone lands or a state is resumed
+/// with `--nic ID,mac=...` / `--new-identity`: the agent sets the hostname, machine-id and NIC
+/// MAC addresses, renews DHCP on the interfaces that changed (on every one with a new hostname),
+/// regenerates SSH host keys with a new machine-id, runs `/etc/drover/hooks/restored.d/*` with
+/// the old and new values, and tells listening apps with a [`NOTICE_RESTORED`] event. Applying
+/// the same `token` twice changes nothing the second time (the host may resend after a
+/// reconnect or a droverd restart).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IdentityUpdate {
     /// Names this update; the agent records the last one it applied.
     pub token: String,
-    /// The new hostname (a lower-case DNS label).
-    pub hostname: String,
-    /// The new machine-id: 32 lower-case hex digits.
-    pub machine_id: String,
+    /// The new hostname (a lower-case DNS label); absent: kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The new machine-id: 32 lower-case hex digits; absent: kept (and so are SSH host keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
     /// NICs to give a new MAC, found by the MAC they have now.
     #[serde(default)]
     pub nics: Vec<NicIdentity>,
@@ -673,6 +695,16 @@ pub struct IdentityApplied {
     /// The `restored.d` hooks that ran, as `name:exit code`.
     #[serde(default)]
     pub hooks: Vec<String>,
+    /// Interfaces whose DHCP lease was renewed (`eth0`).
+    #[serde(default)]
+    pub renewed: Vec<String>,
+    /// SSH host keys regenerated (`/etc/ssh/ssh_host_ed25519_key`).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// What changed, as the [`NOTICE_RESTORED`] event names it (`hostname`, `machine-id`,
+    /// `mac:eth0`, `ssh-host-keys`).
+    #[serde(default)]
+    pub changed: Vec<String>,
     /// What could not be applied (an interface not found, a file not writable).
     #[serde(default)]
     pub errors: Vec<String>,
@@ -720,12 +752,16 @@ impl IdentityUpdate {
                 "identity token must be 1-64 characters of a-z, A-Z, 0-9, '-'".into(),
             ));
         }
-        if !valid_hostname(&self.hostname) {
+        if self.hostname.as_deref().is_some_and(|h| !valid_hostname(h)) {
             return Err(ProtoError::Invalid(format!(
                 "hostname must be one lower-case DNS label of 1-{MAX_HOSTNAME} characters"
             )));
         }
-        if !valid_machine_id(&self.machine_id) {
+        if self
+            .machine_id
+            .as_deref()
+            .is_some_and(|m| !valid_machine_id(m))
+        {
             return Err(ProtoError::Invalid(
                 "machine-id must be 32 lower-case hex digits".into(),
             ));
@@ -1421,8 +1457,8 @@ mod tests {
     fn identity() -> IdentityUpdate {
         IdentityUpdate {
             token: "0f3c-aa".into(),
-            hostname: "web-3".into(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            hostname: Some("web-3".into()),
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
             nics: vec![NicIdentity {
                 old_mac: "52:54:00:12:34:56".into(),
                 mac: "52:54:00:ab:cd:ef".into(),
@@ -1437,28 +1473,41 @@ mod tests {
         let frame = Frame::new(9, Body::SetIdentity(ok.clone()));
         let bytes = encode(&frame).unwrap();
         assert_eq!(decode_body(&bytes[HEADER_LEN..]).unwrap(), frame);
+        // Only new MACs (a resume with `--nic` but no `--new-identity`): hostname and
+        // machine-id are kept.
+        let macs_only = IdentityUpdate {
+            hostname: None,
+            machine_id: None,
+            ..ok.clone()
+        };
+        let frame = Frame::new(10, Body::SetIdentity(macs_only));
+        let bytes = encode(&frame).unwrap();
+        assert_eq!(decode_body(&bytes[HEADER_LEN..]).unwrap(), frame);
         type Spoil = Box<dyn Fn(&mut IdentityUpdate)>;
         let bad: Vec<(&str, Spoil)> = vec![
             (
                 "hostname upper case",
-                Box::new(|u| u.hostname = "Web".into()),
+                Box::new(|u| u.hostname = Some("Web".into())),
             ),
             (
                 "hostname with a dot",
-                Box::new(|u| u.hostname = "a.b".into()),
+                Box::new(|u| u.hostname = Some("a.b".into())),
             ),
             (
                 "hostname too long",
-                Box::new(|u| u.hostname = "a".repeat(64)),
+                Box::new(|u| u.hostname = Some("a".repeat(64))),
             ),
-            ("hostname ends in -", Box::new(|u| u.hostname = "a-".into())),
+            (
+                "hostname ends in -",
+                Box::new(|u| u.hostname = Some("a-".into())),
+            ),
             (
                 "short machine-id",
-                Box::new(|u| u.machine_id = "abc".into()),
+                Box::new(|u| u.machine_id = Some("abc".into())),
             ),
             (
                 "machine-id upper",
-                Box::new(|u| u.machine_id = "0123456789ABCDEF0123456789abcdef".into()),
+                Box::new(|u| u.machine_id = Some("0123456789ABCDEF0123456789abcdef".into())),
             ),
             (
                 "mac with a dash",

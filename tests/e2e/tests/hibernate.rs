@@ -22,6 +22,24 @@ fn largest_file_under(dir: &std::path::Path) -> std::path::PathBuf {
     best.expect("a saved state file").1
 }
 
+/// The guest's MemTotal, in KiB.
+fn mem_kb(d: &Daemon, vm: &str) -> u64 {
+    d.sh(vm, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        .trim()
+        .parse()
+        .expect("MemTotal")
+}
+
+/// Wait until the guest sees its second vCPU and the 128M DIMM added to `kb0` KiB.
+fn wait_grown(d: &Daemon, vm: &str, kb0: u64) {
+    wait_for("the second vCPU online", Duration::from_secs(20), || {
+        (d.sh(vm, "grep -c ^processor /proc/cpuinfo").trim() == "2").then_some(())
+    });
+    wait_for("the new memory online", Duration::from_secs(20), || {
+        (mem_kb(d, vm) >= kb0 + 120 * 1024).then_some(())
+    });
+}
+
 fn counter(d: &Daemon) -> u64 {
     d.sh("h", "cat /tmp/count").trim().parse().unwrap_or(0)
 }
@@ -162,13 +180,7 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
     ]);
     d.ok(&["vm", "start", "g", "--wait"]);
     d.sh("g", "echo MEM-shape > /tmp/mem");
-    let mem_kb = || -> u64 {
-        d.sh("g", "awk '/MemTotal/ {print $2}' /proc/meminfo")
-            .trim()
-            .parse()
-            .expect("MemTotal")
-    };
-    let kb0 = mem_kb();
+    let kb0 = mem_kb(&d, "g");
     d.ok(&["vm", "hibernate", "g"]);
     let hib = d.json(&["vm", "show", "g"]);
     let state = hib["hibernation"]["state"]
@@ -221,12 +233,153 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
         "MEM-shape",
         "the saved memory"
     );
-    wait_for("the second vCPU online", Duration::from_secs(20), || {
-        (d.sh("g", "grep -c ^processor /proc/cpuinfo").trim() == "2").then_some(())
-    });
-    wait_for("the new memory online", Duration::from_secs(20), || {
-        (mem_kb() >= kb0 + 120 * 1024).then_some(())
-    });
+    wait_grown(&d, "g", kb0);
     let v = d.json(&["vm", "show", "g"]);
     assert_eq!(v["running_config"]["cpus"], 2, "{v}");
+}
+
+/// Resumed as another machine (issue 15, items 3 and 6): more vCPUs and memory, a NIC with a
+/// new MAC and a new identity, all checked from inside the guest: nproc, MemTotal, the NIC's
+/// address and a working lease, the hostname (the VM's name) and a new machine-id, the
+/// `restored.d` hook run exactly once, a listening app told what changed. A NIC the VM lacks
+/// is refused first with nothing changed.
+#[test]
+fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
+    let d = Daemon::start();
+    d.ok(&[
+        "vm",
+        "create",
+        "r",
+        "--cpus",
+        "1",
+        "--memory",
+        "256M",
+        "--max-memory",
+        "512M",
+        "--nic",
+        "user",
+    ]);
+    d.ok(&["vm", "start", "r", "--wait"]);
+    let nic = d.json(&["vm", "show", "r"])["config"]["nics"][0].clone();
+    let nic_id = nic["id"].as_str().expect("a NIC id").to_string();
+    let old_mac = nic["mac"].as_str().expect("a MAC").to_string();
+    let inet = |d: &Daemon| -> String {
+        d.sh("r", "ip -4 -o addr show dev eth0 | awk '{print $4}'")
+            .trim()
+            .to_string()
+    };
+    wait_for("a DHCP lease before", Duration::from_secs(30), || {
+        (!inet(&d).is_empty()).then_some(())
+    });
+    // A name that is not the VM's, a hook that logs each run, an app listening for events.
+    d.sh(
+        "r",
+        "hostname before-1 && echo before-1 > /etc/hostname && mkdir -p /etc/drover/hooks/restored.d && \
+         printf '#!/bin/sh\\necho \"$DROVER_OLD_HOSTNAME>$DROVER_NEW_HOSTNAME [$DROVER_CHANGED]\" >> /tmp/hook.log\\n' > /etc/drover/hooks/restored.d/10-log && \
+         chmod +x /etc/drover/hooks/restored.d/10-log && echo MEM-ident > /tmp/mem",
+    );
+    d.sh(
+        "r",
+        "(setsid drover-guest listen --app-id watcher > /tmp/events.log 2>&1 &); sleep 0.3",
+    );
+    let kb0 = mem_kb(&d, "r");
+    let old_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
+    assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), old_mac);
+    d.ok(&["vm", "hibernate", "r"]);
+    assert_eq!(d.json(&["vm", "show", "r"])["hibernation"]["agent"], true);
+
+    // Refused before anything changes: a NIC it does not have.
+    let e = d.fails(
+        4,
+        &[
+            "vm",
+            "resume",
+            "r",
+            "--nic",
+            "nope,mac=52:54:00:5e:00:42",
+            "--new-identity",
+        ],
+    );
+    assert!(
+        e.contains("nothing was changed") && e.contains("no NIC nope"),
+        "{e}"
+    );
+    assert_eq!(d.json(&["vm", "show", "r"])["state"], "hibernated");
+
+    let new_mac = "52:54:00:5e:00:42";
+    let spec = format!("{nic_id},mac={new_mac}");
+    d.ok(&[
+        "vm",
+        "resume",
+        "r",
+        "--cpus",
+        "2",
+        "--memory",
+        "384M",
+        "--nic",
+        &spec,
+        "--new-identity",
+        "--wait",
+    ]);
+    assert_eq!(
+        d.sh("r", "cat /tmp/mem").trim(),
+        "MEM-ident",
+        "the saved memory"
+    );
+    wait_grown(&d, "r", kb0);
+    assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), new_mac);
+    assert_eq!(d.sh("r", "hostname").trim(), "r");
+    let new_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
+    assert_eq!(new_id.len(), 32, "{new_id}");
+    assert_ne!(new_id, old_id);
+    // A new lease under the new MAC: an address, and the gateway answers.
+    let t0 = std::time::Instant::now();
+    loop {
+        let ping = d.drover(&[
+            "vm",
+            "exec",
+            "r",
+            "--",
+            "sh",
+            "-c",
+            "ping -c 1 -W 2 10.0.2.2 >/dev/null",
+        ]);
+        if ping.status.success() && !inet(&d).is_empty() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(45) {
+            panic!(
+                "no working address 45 s after the resume: {}\nagent log: {}\nvm: {}",
+                d.sh("r", "ip addr; ip route; ps | grep -v grep | grep udhcpc"),
+                d.sh(
+                    "r",
+                    "tail -n 20 /run/drover/agent.log 2>/dev/null; dmesg | tail -n 10"
+                ),
+                d.json(&["vm", "show", "r"])["identity"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let hook = d.sh("r", "cat /tmp/hook.log");
+    assert_eq!(hook.lines().count(), 1, "the hook ran once: {hook}");
+    assert!(
+        hook.contains("before-1>r") && hook.contains("machine-id") && hook.contains("mac:eth0"),
+        "{hook}"
+    );
+    let events = d.sh("r", "cat /tmp/events.log");
+    assert!(
+        events.contains("restored") && events.contains("hostname") && events.contains("before-1"),
+        "the listening app heard what changed: {events}"
+    );
+    let v = d.json(&["vm", "show", "r"]);
+    assert_eq!(v["running_config"]["cpus"], 2, "{v}");
+    assert_eq!(v["running_config"]["nics"][0]["mac"], new_mac, "{v}");
+    assert!(v["identity"]["error"].is_null(), "{v}");
+    let changed = v["identity"]["changed"].to_string();
+    assert!(
+        changed.contains("hostname")
+            && changed.contains("machine-id")
+            && changed.contains("mac:eth0"),
+        "{v}"
+    );
 }

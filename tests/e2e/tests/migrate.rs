@@ -429,3 +429,68 @@ fn offline_migration_and_bad_input() {
         "the hibernation state is gone once resumed"
     );
 }
+
+/// `snapshot restore --on REMOTE` (issue 15, items 2 and 6): a saved state of a running VM is
+/// brought back on the other host with the memory and disk of the save (not what the guest wrote
+/// after it); then, hibernated there, `vm resume --on` the first host with `--new-identity`
+/// gives it its name as hostname and a new machine-id, with its memory intact.
+#[test]
+fn snapshot_restore_on_another_host_and_resume_there_as_a_new_machine() {
+    let Some(f) = Fleet::up("rsh", "10.149.0", 2, &[]) else {
+        return;
+    };
+    let (h1, h2) = (f.host(1), f.host(2));
+    h1.ok(&[
+        "vm",
+        "create",
+        "st",
+        "--memory",
+        "128M",
+        "--disk",
+        "size=16M,id=data",
+        "--nic",
+        "user",
+    ]);
+    h1.ok(&["vm", "start", "st", "--wait"]);
+    h1.sh(
+        "st",
+        "echo MEM-at-save > /run/m && echo disk-at-save | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null",
+    );
+    h1.ok(&["snapshot", "create", "st", "--name", "point"]);
+    wait_for("the state to be durable", Duration::from_secs(60), || {
+        (h1.json(&["snapshot", "show", "st", "point"])["phase"] == "durable").then_some(())
+    });
+    // After the save both change: the restore must bring back the saved point.
+    h1.sh(
+        "st",
+        "echo MEM-after > /run/m && echo disk-after | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null",
+    );
+    h1.ok(&["snapshot", "restore", "st", "point", "--on", &f.remote(2)]);
+    runs_only_on(&f, 2, 1, "st");
+    assert_eq!(h2.sh("st", "cat /run/m").trim(), "MEM-at-save");
+    assert_eq!(
+        h2.sh("st", "dd if=/dev/vda bs=512 count=1 2>/dev/null | head -n1")
+            .trim(),
+        "disk-at-save"
+    );
+
+    // Hibernated there, resumed back on host 1 as a new machine.
+    h2.sh("st", "hostname other && echo other > /etc/hostname");
+    let old_id = h2.sh("st", "cat /etc/machine-id").trim().to_string();
+    h2.ok(&["vm", "hibernate", "st"]);
+    h2.ok(&[
+        "vm",
+        "resume",
+        "st",
+        "--on",
+        &f.remote(1),
+        "--new-identity",
+        "--wait",
+    ]);
+    runs_only_on(&f, 1, 2, "st");
+    assert_eq!(h1.sh("st", "cat /run/m").trim(), "MEM-at-save");
+    assert_eq!(h1.sh("st", "hostname").trim(), "st");
+    let new_id = h1.sh("st", "cat /etc/machine-id").trim().to_string();
+    assert_eq!(new_id.len(), 32, "{new_id}");
+    assert_ne!(new_id, old_id);
+}

@@ -29,7 +29,7 @@ use drover_api::{
     STATE_FORMAT,
 };
 use drover_model::{format_size, ConfigHistory, MacAddr, NicBackend, VmConfig, VmName};
-use drover_proto::{Body, IdentityUpdate, NicIdentity};
+use drover_proto::{Body, IdentityApplied, IdentityUpdate, NicIdentity};
 use drover_qemu::{cmdline, img};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -511,8 +511,8 @@ impl Manager {
             .unwrap_or_default();
         let update = IdentityUpdate {
             token: self.generation_id(name)?,
-            hostname: name.to_string(),
-            machine_id: origin.machine_id.clone(),
+            hostname: Some(name.to_string()),
+            machine_id: Some(origin.machine_id.clone()),
             nics: info
                 .config
                 .nics
@@ -526,37 +526,9 @@ impl Manager {
                 .collect(),
             reason: format!("clone of state {} of {}", origin.state, origin.vm),
         };
-        let t = Instant::now();
-        rt.agent
-            .wait_ready(AGENT_WAIT)
-            .await
-            .map_err(|e| HostError::Agent(format!("clone {name}'s agent: {e}")))?;
-        let ready_ms = t.elapsed().as_millis() as u64;
-        let answer = rt
-            .agent
-            .call(Body::SetIdentity(update), IDENTITY_WAIT)
-            .await
-            .map_err(|e| HostError::Agent(format!("clone {name}'s agent: {e}")))?;
-        let applied = match answer {
-            Body::IdentitySet(a) => a,
-            Body::Error { code, message } => {
-                return Err(HostError::Agent(format!(
-                    "clone {name}'s agent refused its identity ({code}: {message}); an agent older than this droverd cannot take one"
-                )))
-            }
-            other => {
-                return Err(HostError::Agent(format!(
-                    "clone {name}'s agent answered {} to its identity",
-                    other.name()
-                )))
-            }
-        };
-        tracing::debug!(
-            vm = name,
-            ready_ms,
-            applied_ms = t.elapsed().as_millis() as u64 - ready_ms,
-            "clone's agent answered, and took its identity"
-        );
+        let applied = self
+            .send_identity(&format!("clone {name}"), &rt.agent, update)
+            .await?;
         self.persist(slot, |i| {
             if let Some(c) = i.clone_of.as_mut() {
                 c.identity_applied_ms = Some(hostfacts::now_ms());
@@ -569,6 +541,49 @@ impl Manager {
             )));
         }
         Ok(applied.hooks)
+    }
+
+    /// Send `update` to a VM's agent (waiting for it to answer first) and return what it did:
+    /// the one door for a clone's identity and a resume's new identity or MACs. `who` names the
+    /// VM in errors (`clone web-2`, `VM web`).
+    pub(super) async fn send_identity(
+        &self,
+        who: &str,
+        agent: &crate::agent_link::AgentLink,
+        update: IdentityUpdate,
+    ) -> Result<IdentityApplied> {
+        let t = Instant::now();
+        agent
+            .wait_ready(AGENT_WAIT)
+            .await
+            .map_err(|e| HostError::Agent(format!("{who}'s agent: {e}")))?;
+        let ready_ms = t.elapsed().as_millis() as u64;
+        let answer = agent
+            .call(Body::SetIdentity(update), IDENTITY_WAIT)
+            .await
+            .map_err(|e| HostError::Agent(format!("{who}'s agent: {e}")))?;
+        let applied = match answer {
+            Body::IdentitySet(a) => a,
+            Body::Error { code, message } => {
+                return Err(HostError::Agent(format!(
+                    "{who}'s agent refused its identity ({code}: {message}); an agent older than this droverd cannot take one"
+                )))
+            }
+            other => {
+                return Err(HostError::Agent(format!(
+                    "{who}'s agent answered {} to its identity",
+                    other.name()
+                )))
+            }
+        };
+        tracing::debug!(
+            who,
+            ready_ms,
+            applied_ms = t.elapsed().as_millis() as u64 - ready_ms,
+            changed = ?applied.changed,
+            "the agent answered, and took its identity"
+        );
+        Ok(applied)
     }
 
     /// At start: clones re-adopted before their agent confirmed their identity get it again

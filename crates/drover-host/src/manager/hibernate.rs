@@ -8,12 +8,24 @@
 //! stays in RAM (a fast save's memory would live in /dev/shm). Resuming restores that state
 //! (fresh overlays on the layers it pins, so the disks are as they were at the save) and deletes
 //! it. A droverd restart or a host reboot finds the VM hibernated and the state on disk.
+//!
+//! A resume may adapt the VM once it runs: more vCPUs and memory (hot-plugged), NICs with new
+//! MACs (`--nic ID,mac=MAC`) and a new identity (`--new-identity`). A NIC keeps its device id
+//! and PCI address: QEMU starts with the new MAC on its command line, and since the saved device
+//! state carries the old one (and a NIC on the root bus cannot be unplugged), the guest's agent
+//! sets the new address on the interface (virtio-net tells QEMU through its control queue) and
+//! renews its lease. The identity is pushed through the same call as a clone's
+//! ([`Manager::send_identity`]). Everything is checked before the state is touched; what needs
+//! the agent is refused when the VM had none answering at hibernation.
 
 use super::{lock, Manager};
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
-use drover_api::{Hibernation, VmInfo, VmState};
+use drover_api::{Hibernation, IdentityOutcome, NicMac, VmInfo, VmState};
+use drover_model::{MacAddr, VmConfig};
+use drover_proto::{IdentityUpdate, NicIdentity};
+use std::collections::{BTreeMap, HashSet};
 
 impl Manager {
     /// Save a running VM to disk and stop it (see the module docs).
@@ -24,6 +36,10 @@ impl Manager {
         crate::action::VmAction::Hibernate
             .check(name, lock(&slot.info).state)
             .map_err(HostError::Conflict)?;
+        // A resume with a new identity or MACs needs the agent: remember whether there is one.
+        let agent = self
+            .runtime(&slot)
+            .is_some_and(|rt| rt.agent.status().ready);
         let label = format!("hibernate-{}", hostfacts::now_ms());
         let save = self.save_locked(name, &slot, Some(label), true, &caller.name, None);
         let state = crate::metrics::timed(crate::metrics::Op::Save, save).await?;
@@ -42,6 +58,7 @@ impl Manager {
             bytes,
             dir,
             at_ms: hostfacts::now_ms(),
+            agent,
         };
         self.persist(&slot, |i| {
             i.state = VmState::Hibernated;
@@ -67,7 +84,7 @@ impl Manager {
         caller: &Caller,
     ) -> Result<VmInfo> {
         caller.require(Permission::Lifecycle)?;
-        if req.cpus.is_some() || req.memory.is_some() {
+        if req.cpus.is_some() || req.memory.is_some() || !req.nics.is_empty() || req.new_identity {
             caller.require(Permission::Change)?;
         }
         let slot = self.slot(name)?;
@@ -110,8 +127,37 @@ impl Manager {
                 }
                 other => other,
             })?;
+        let refused = |m: String| {
+            HostError::Conflict(format!(
+                "VM {name} cannot resume as asked, nothing was changed (it stays hibernated): {m}"
+            ))
+        };
+        let taken: HashSet<MacAddr> = self
+            .list()
+            .iter()
+            .filter(|v| v.name != name)
+            .flat_map(|v| {
+                v.config
+                    .nics
+                    .iter()
+                    .chain(v.running_config.iter().flat_map(|c| c.nics.iter()))
+                    .map(|n| n.mac)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let nics = plan_nics(&saved.config, &req.nics, &taken).map_err(refused)?;
+        if (!nics.is_empty() || req.new_identity) && !h.agent {
+            return Err(refused(format!(
+                "{} needs the guest agent, and none answered when it was hibernated; resume it without, then `drover vm attach` a NIC with the MAC you want",
+                if req.new_identity { "--new-identity" } else { "--nic ID,mac=..." }
+            )));
+        }
+        let macs: BTreeMap<String, MacAddr> = nics
+            .iter()
+            .map(|(id, (_, new))| (id.clone(), *new))
+            .collect();
         let started = std::time::Instant::now();
-        let restore = self.restore_locked(name, &slot, &h.state);
+        let restore = self.restore_locked_as(name, &slot, &h.state, &macs);
         let info = crate::metrics::timed(crate::metrics::Op::Restore, restore).await?;
         tracing::info!(
             vm = name,
@@ -126,6 +172,57 @@ impl Manager {
                     "VM {name} resumed in its saved shape, but growing it failed: {e}"
                 )));
             }
+        }
+        if !nics.is_empty() {
+            let lines: Vec<String> = nics
+                .iter()
+                .map(|(id, (old, new))| format!("nic {id}: mac {old} -> {new} (on resume)"))
+                .collect();
+            self.commit(&slot, |i| {
+                // A live change like any other: kept past the next stop as persistence says.
+                if let Some(next) = i.next_config.as_mut() {
+                    set_macs(next, &macs);
+                }
+                Ok(vec![self.journal(name, &caller.name, "live", lines)?])
+            })?;
+        }
+        if !nics.is_empty() || req.new_identity {
+            let update = identity_update(
+                name,
+                &self.generation_id(name)?,
+                req.new_identity,
+                &nics,
+                &h.state,
+            );
+            let outcome = match self.runtime(&slot) {
+                Some(rt) => match self
+                    .send_identity(&format!("VM {name}"), &rt.agent, update)
+                    .await
+                {
+                    Ok(a) => IdentityOutcome {
+                        error: (!a.errors.is_empty())
+                            .then(|| format!("applied only in part: {}", a.errors.join("; "))),
+                        changed: a.changed,
+                        hooks: a.hooks,
+                        renewed: a.renewed,
+                    },
+                    Err(e) => IdentityOutcome {
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                },
+                None => IdentityOutcome {
+                    error: Some(format!("VM {name} stopped before its agent answered")),
+                    ..Default::default()
+                },
+            };
+            if let Some(e) = &outcome.error {
+                tracing::warn!(
+                    vm = name,
+                    "resumed, but its new identity was not applied: {e}"
+                );
+            }
+            self.persist(&slot, |i| i.identity = Some(outcome))?;
         }
         // The VM runs on overlays of its own now: the state is no longer needed.
         if let Err(e) = self.drop_state_locked(name, &h.state) {
@@ -145,6 +242,86 @@ impl Manager {
     }
 }
 
+/// The NICs `asked` names, each with its MAC in `cfg` (the saved state's config) and its new
+/// one; refused, saying why, for a NIC the VM lacks, a NIC named twice, a MAC that is not
+/// unicast, or one another NIC here has (`taken`, or another NIC of this VM).
+pub(super) fn plan_nics(
+    cfg: &VmConfig,
+    asked: &[NicMac],
+    taken: &HashSet<MacAddr>,
+) -> std::result::Result<BTreeMap<String, (MacAddr, MacAddr)>, String> {
+    let mut out = BTreeMap::new();
+    for a in asked {
+        let Some(nic) = cfg.nics.iter().find(|n| n.id.as_str() == a.id) else {
+            let have: Vec<&str> = cfg.nics.iter().map(|n| n.id.as_str()).collect();
+            return Err(format!(
+                "it has no NIC {} (its NICs: {})",
+                a.id,
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            ));
+        };
+        let mac: MacAddr = a
+            .mac
+            .parse()
+            .map_err(|e| format!("--nic {},mac={}: {e}", a.id, a.mac))?;
+        if out.insert(a.id.clone(), (nic.mac, mac)).is_some() {
+            return Err(format!("NIC {} is named twice", a.id));
+        }
+    }
+    for (id, (_, mac)) in &out {
+        let own = cfg
+            .nics
+            .iter()
+            .filter(|n| n.id.as_str() != id && !out.contains_key(n.id.as_str()))
+            .any(|n| n.mac == *mac);
+        let twice = out.values().filter(|(_, m)| m == mac).count() > 1;
+        if taken.contains(mac) || own || twice {
+            return Err(format!(
+                "MAC {mac} for NIC {id} is already used by another NIC on this host; pick another"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Give the NICs of `cfg` named in `macs` their new MAC.
+fn set_macs(cfg: &mut VmConfig, macs: &BTreeMap<String, MacAddr>) {
+    for n in cfg.nics.iter_mut() {
+        if let Some(m) = macs.get(n.id.as_str()) {
+            n.mac = *m;
+        }
+    }
+}
+
+/// What a resumed VM's agent is sent: with `new_identity` its name as hostname and a new
+/// machine-id; the NICs' old and new MACs; `token` (the VM's new generation id) makes a resend
+/// harmless.
+fn identity_update(
+    vm: &str,
+    token: &str,
+    new_identity: bool,
+    nics: &BTreeMap<String, (MacAddr, MacAddr)>,
+    state: &str,
+) -> IdentityUpdate {
+    IdentityUpdate {
+        token: token.to_string(),
+        hostname: new_identity.then(|| vm.to_string()),
+        machine_id: new_identity.then(|| super::identity::new_uuid().replace('-', "")),
+        nics: nics
+            .values()
+            .map(|(old, new)| NicIdentity {
+                old_mac: old.to_string(),
+                mac: new.to_string(),
+            })
+            .collect(),
+        reason: format!("resume of VM {vm} from state {state}"),
+    }
+}
+
 /// Bytes of the files in `dir`.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
@@ -156,4 +333,97 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_model::{ElementId, NicBackend, NicConfig, VmName};
+
+    fn cfg() -> VmConfig {
+        let nic = |id: &str, last: u8| NicConfig {
+            id: ElementId::new(id).unwrap(),
+            mac: MacAddr::qemu_local([0, 0, last]),
+            backend: NicBackend::User { forwards: vec![] },
+            slot: None,
+            addr: None,
+        };
+        VmConfig {
+            name: VmName::new("web").unwrap(),
+            cpus: 1,
+            memory: 256 << 20,
+            disks: Vec::new(),
+            nics: vec![nic("net0", 1), nic("net1", 2)],
+            boot: drover_model::Boot::Default { cmdline: None },
+            accel: None,
+            max_memory: None,
+        }
+    }
+
+    fn ask(id: &str, mac: &str) -> NicMac {
+        NicMac {
+            id: id.into(),
+            mac: mac.into(),
+        }
+    }
+
+    #[test]
+    fn new_macs_are_planned_against_the_saved_nics() {
+        let none = HashSet::new();
+        let p = plan_nics(&cfg(), &[ask("net1", "52:54:00:aa:bb:cc")], &none).unwrap();
+        assert_eq!(
+            p["net1"],
+            (
+                MacAddr::qemu_local([0, 0, 2]),
+                "52:54:00:aa:bb:cc".parse().unwrap()
+            )
+        );
+        assert!(plan_nics(&cfg(), &[], &none).unwrap().is_empty());
+        // Two NICs may swap their MACs.
+        let swap = [
+            ask("net0", "52:54:00:00:00:02"),
+            ask("net1", "52:54:00:00:00:01"),
+        ];
+        assert_eq!(plan_nics(&cfg(), &swap, &none).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_nic_or_mac_that_cannot_be_is_refused_by_name() {
+        let none = HashSet::new();
+        let e = plan_nics(&cfg(), &[ask("net7", "52:54:00:aa:bb:cc")], &none).unwrap_err();
+        assert!(e.contains("no NIC net7") && e.contains("net0, net1"), "{e}");
+        let e = plan_nics(&cfg(), &[ask("net0", "01:00:5e:00:00:01")], &none).unwrap_err();
+        assert!(e.contains("01:00:5e:00:00:01"), "multicast: {e}");
+        let e = plan_nics(&cfg(), &[ask("net0", "zz")], &none).unwrap_err();
+        assert!(e.contains("net0,mac=zz"), "{e}");
+        let twice = [
+            ask("net0", "52:54:00:aa:bb:cc"),
+            ask("net0", "52:54:00:aa:bb:cd"),
+        ];
+        assert!(plan_nics(&cfg(), &twice, &none)
+            .unwrap_err()
+            .contains("twice"));
+        // The other NIC of the VM keeps its MAC: the new one may not be it.
+        let e = plan_nics(&cfg(), &[ask("net0", "52:54:00:00:00:02")], &none).unwrap_err();
+        assert!(e.contains("already used"), "{e}");
+        let taken: HashSet<MacAddr> = ["52:54:00:aa:bb:cc".parse().unwrap()].into();
+        let e = plan_nics(&cfg(), &[ask("net0", "52:54:00:aa:bb:cc")], &taken).unwrap_err();
+        assert!(e.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn the_update_carries_a_name_and_machine_id_only_for_a_new_identity() {
+        let nics = plan_nics(&cfg(), &[ask("net0", "52:54:00:aa:bb:cc")], &HashSet::new()).unwrap();
+        let u = identity_update("web", "tok-1", false, &nics, "s4");
+        assert!(u.hostname.is_none() && u.machine_id.is_none());
+        assert_eq!(u.nics[0].old_mac, "52:54:00:00:00:01");
+        assert_eq!(u.nics[0].mac, "52:54:00:aa:bb:cc");
+        u.check().unwrap();
+        let u = identity_update("web", "tok-1", true, &BTreeMap::new(), "s4");
+        assert_eq!(u.hostname.as_deref(), Some("web"));
+        assert!(drover_proto::valid_machine_id(
+            u.machine_id.as_deref().unwrap()
+        ));
+        u.check().unwrap();
+    }
 }

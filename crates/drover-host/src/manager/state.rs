@@ -960,6 +960,20 @@ impl Manager {
         slot: &Arc<VmSlot>,
         which: &str,
     ) -> Result<VmInfo> {
+        self.restore_locked_as(vm, slot, which, &Default::default())
+            .await
+    }
+
+    /// Restore state `which` into `vm` (the op lock held); NICs named in `macs` get that MAC on
+    /// the new QEMU's command line (the guest's driver keeps the saved one until its agent sets
+    /// the new one: see `Manager::resume`).
+    pub(super) async fn restore_locked_as(
+        &self,
+        vm: &str,
+        slot: &Arc<VmSlot>,
+        which: &str,
+        macs: &std::collections::BTreeMap<String, drover_model::MacAddr>,
+    ) -> Result<VmInfo> {
         let mut state = self.state(vm, which)?;
         if state.phase == StatePhase::Capturing {
             // Restorable once its memory has streamed out; the capture holds this until then.
@@ -1030,7 +1044,12 @@ impl Manager {
             }
         }
         // The launch puts fresh overlays on the pinned layers: the state is never written to.
-        let cfg = state.config.clone();
+        let mut cfg = state.config.clone();
+        for n in cfg.nics.iter_mut() {
+            if let Some(m) = macs.get(n.id.as_str()) {
+                n.mac = *m;
+            }
+        }
         // The guest must learn it is a copy of its past (vmgenid), before QEMU starts.
         self.regenerate_generation_id(vm, &format!("restore of state {}", state.id))?;
         let mapped_ram = state
