@@ -17,7 +17,8 @@
 # names namespaces drover-maI, remotes/host ids maI, sockets /run/drover/maI.sock, a bridge of
 # its own, on DROVER_NETNS_NET (default 10.77.0 for the set h, else required, e.g. 10.81.0).
 # QEMU: DROVER_QEMU_DIR (droverd --qemu-dir) for every host, or per host DROVER_NETNS_QEMU_DIR_I
-# (a directory, or `system`), e.g. host 1 on QEMU 7.2 and host 2 on 10.0. Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
+# (a directory, or `system`), e.g. host 1 on QEMU 7.2 and host 2 on 10.0. DROVER_NETNS_CLUSTER=URLS:
+# every droverd joins that etcd (--cluster), with STATE_DIR/cluster.toml as --cluster-config. Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
 # (built if neither has them), else PATH. Needs root and iproute2.
 set -euo pipefail
 
@@ -126,6 +127,12 @@ start_daemon() {
   help=$("$BIN/droverd" --help 2>/dev/null || true)
   if [[ "$help" == *--host-id* ]]; then
     extra+=(--host-id "$P$i")
+  fi
+  # A cluster host (scripts/cluster.sh): joins the etcd at DROVER_NETNS_CLUSTER with what its
+  # state dir's cluster.toml says of it (name, site, labels, costs).
+  if [ -n "${DROVER_NETNS_CLUSTER:-}" ]; then
+    extra+=(--cluster "$DROVER_NETNS_CLUSTER")
+    [ -f "$dir/cluster.toml" ] && extra+=(--cluster-config "$dir/cluster.toml")
   fi
   local agent=${DROVER_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/drover-agent}
   [ -x "$agent" ] && extra+=(--agent-binary "$agent")
