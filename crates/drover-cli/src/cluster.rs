@@ -152,10 +152,16 @@ struct ServiceView {
 
 #[derive(Serialize)]
 struct MemberView {
+    /// `web-1`.
     name: String,
     host: Option<String>,
-    state: MemberState,
+    /// `ready`, `starting`, `waiting`, `pending`, ...: [`MemberState::kind`].
+    state: &'static str,
+    /// What a person reads: `starting on h2`, `waiting for db-1 (starting)`.
     detail: String,
+    /// Everything the controller reported of it.
+    #[serde(rename = "status")]
+    full: MemberState,
 }
 
 async fn view(etcd: &Etcd, service: &Service) -> anyhow::Result<ServiceView> {
@@ -173,14 +179,15 @@ async fn view(etcd: &Etcd, service: &Service) -> anyhow::Result<ServiceView> {
             MemberView {
                 name: m.short(),
                 host: state.host().map(str::to_string),
+                state: state.kind(),
                 detail: state.describe(),
-                state,
+                full: state,
             }
         })
         .collect();
     Ok(ServiceView {
         name: service.name.clone(),
-        available: members.iter().all(|m| m.state.is_ready()),
+        available: members.iter().all(|m| m.full.is_ready()),
         reported_by: status.map(|s| s.controller),
         members,
     })
@@ -219,7 +226,7 @@ pub async fn service_cmd(cmd: ServiceCmd, out: &Out) -> anyhow::Result<u8> {
                 t.load_preset(NOTHING);
                 t.set_header(["NAME", "MEMBERS", "READY", "STATE"]);
                 for v in &views {
-                    let ready = v.members.iter().filter(|m| m.state.is_ready()).count();
+                    let ready = v.members.iter().filter(|m| m.full.is_ready()).count();
                     let state = if v.available {
                         "available"
                     } else {
@@ -248,7 +255,7 @@ pub async fn service_cmd(cmd: ServiceCmd, out: &Out) -> anyhow::Result<u8> {
                     let missing: Vec<&str> = v
                         .members
                         .iter()
-                        .filter(|m| !m.state.is_ready())
+                        .filter(|m| !m.full.is_ready())
                         .map(|m| m.name.as_str())
                         .collect();
                     println!(
