@@ -100,30 +100,6 @@ host_index() {
   echo "${BASH_REMATCH[1]}"
 }
 
-bridge_up() {
-  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-  local addrs
-  addrs=$(ip addr show dev "$BRIDGE")
-  [[ "$addrs" == *"inet $NET.1/24"* ]] || ip addr add "$NET.1/24" dev "$BRIDGE"
-  ip link set "$BRIDGE" up
-}
-
-etcd_net_up() {
-  local i=$1 ns veth=dre-$P$1 addrs
-  ns=$(etcd_ns "$i")
-  [ -e "/run/netns/$ns" ] || ip netns add "$ns"
-  if ! ip link show "$veth" >/dev/null 2>&1; then
-    ip link add "$veth" type veth peer name "$veth-ns"
-    ip link set "$veth-ns" netns "$ns"
-    ip -n "$ns" link set "$veth-ns" name eth0
-  fi
-  ip link set "$veth" master "$BRIDGE" up
-  addrs=$(ip -n "$ns" addr show dev eth0)
-  [[ "$addrs" == *"inet $(etcd_ip "$i")/24"* ]] || ip -n "$ns" addr add "$(etcd_ip "$i")/24" dev eth0
-  ip -n "$ns" link set eth0 up
-  ip -n "$ns" link set lo up
-}
-
 etcd_start() {
   local i=$1 dir=$CL/etcd$1 ip peers state=new
   ip=$(etcd_ip "$i")
@@ -186,8 +162,10 @@ up() {
   command -v etcd >/dev/null || die "needs etcd (scripts/install-deps.sh, or apt-get install etcd-server etcd-client)"
   bins
   mkdir -p "$CL"
-  bridge_up
-  for i in 1 2 3; do etcd_net_up "$i"; etcd_start "$i"; done
+  for i in 1 2 3; do
+    "$NETNS_HOSTS" attach "$(etcd_ns "$i")" "dre-$P$i" "$(etcd_ip "$i")"
+    etcd_start "$i"
+  done
   etcd_wait
   for i in $(seq "$n"); do host_config "$i"; done
   DROVER_NETNS_CLUSTER=$ENDPOINTS DROVER_CONFIG_DIR=$CONFIG "$NETNS_HOSTS" up "$n" >/dev/null

@@ -51,7 +51,8 @@ pub enum ServiceCmd {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
-    /// A service's members: host and state; `available` when all run and are ready.
+    /// A service's members: host and state; `available` when all run and are ready (agent up,
+    /// and the app's `ready = "CMD"` exited 0). A member that is not says why.
     /// Exits 0 when available, 4 when not (so scripts can wait for it).
     ///
     /// Examples:
