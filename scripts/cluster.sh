@@ -35,15 +35,11 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h | --help | help | "") usage; [ -n "${1:-}" ]; exit $? ;; esac
 
+# The set and its /24 as netns-hosts.sh takes them (it checks both, and owns the bridge).
 P=${DROVER_NETNS_SET:-h}
 [[ "$P" =~ ^[a-z]{1,4}$ ]] || { echo "cluster: DROVER_NETNS_SET must be 1-4 letters a-z" >&2; exit 2; }
-if [ "$P" = h ]; then
-  BRIDGE=drover-br0
-  NET=${DROVER_NETNS_NET:-10.77.0}
-else
-  BRIDGE=drbr-$P
-  NET=${DROVER_NETNS_NET:?set DROVER_NETNS_NET (e.g. 10.81.0) for DROVER_NETNS_SET=$P}
-fi
+[ "$P" = h ] && NET=${DROVER_NETNS_NET:-10.77.0} || NET=${DROVER_NETNS_NET:-}
+[[ "$NET" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "cluster: set DROVER_NETNS_NET (e.g. 10.81.0) for DROVER_NETNS_SET=$P" >&2; exit 2; }
 export DROVER_NETNS_SET=$P DROVER_NETNS_NET=$NET
 ROOT=$(realpath -m "${DROVER_NETNS_ROOT:-/var/lib}")
 export DROVER_NETNS_ROOT=$ROOT
@@ -265,7 +261,6 @@ down() {
     ip netns del "$(etcd_ns "$i")" 2>/dev/null || true
     ip link del "dre-$P$i" 2>/dev/null || true
   done
-  ip link del "$BRIDGE" 2>/dev/null || true
   rm -rf "$CL"
   # Forget it as the CLI's default if it is (another cluster's registration is left alone).
   if [ -f "$CONFIG/cluster.toml" ] && grep -qF "$(etcd_ip 1):2379" "$CONFIG/cluster.toml"; then
