@@ -17,7 +17,8 @@
 # names namespaces drover-maI, remotes/host ids maI, sockets /run/drover/maI.sock, a bridge of
 # its own, on DROVER_NETNS_NET (default 10.77.0 for the set h, else required, e.g. 10.81.0).
 # QEMU: DROVER_QEMU_DIR (droverd --qemu-dir) for every host, or per host DROVER_NETNS_QEMU_DIR_I
-# (a directory, or `system`), e.g. host 1 on QEMU 7.2 and host 2 on 10.0. Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
+# (a directory, or `system`), e.g. host 1 on QEMU 7.2 and host 2 on 10.0. DROVER_NETNS_CLUSTER=URLS:
+# every droverd joins that etcd (--cluster), with STATE_DIR/cluster.toml as --cluster-config. Both commands are idempotent. Binaries: $DROVER_BIN_DIR, else target/debug or target/release
 # (built if neither has them), else PATH. Needs root and iproute2.
 set -euo pipefail
 
@@ -88,8 +89,10 @@ daemon_pid() {
   [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *droverd* ]] && echo "$pid"
 }
 
-net_up() {
-  local i=$1 ns=drover-$P$1 veth=drv-$P$1
+# Namespace NS joined to the bridge (made if missing) through veth VETH, at IP/24 with the bridge
+# as its default route. Hosts use it, and scripts/cluster.sh for its etcd members.
+attach() {
+  local ns=$1 veth=$2 ip=$3
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge
   fi
@@ -106,11 +109,13 @@ net_up() {
   fi
   ip link set "$veth" master "$BRIDGE" up
   addrs=$(ip -n "$ns" addr show dev eth0)
-  [[ "$addrs" == *"inet $(ipof "$i")/24"* ]] || ip -n "$ns" addr add "$(ipof "$i")/24" dev eth0
+  [[ "$addrs" == *"inet $ip/24"* ]] || ip -n "$ns" addr add "$ip/24" dev eth0
   ip -n "$ns" link set eth0 up
   ip -n "$ns" link set lo up
   ip -n "$ns" route replace default via "$NET.1" dev eth0
 }
+
+net_up() { attach "drover-$P$1" "drv-$P$1" "$(ipof "$1")"; }
 
 start_daemon() {
   local i=$1 dir log extra=()
@@ -126,6 +131,12 @@ start_daemon() {
   help=$("$BIN/droverd" --help 2>/dev/null || true)
   if [[ "$help" == *--host-id* ]]; then
     extra+=(--host-id "$P$i")
+  fi
+  # A cluster host (scripts/cluster.sh): joins the etcd at DROVER_NETNS_CLUSTER with what its
+  # state dir's cluster.toml says of it (name, site, labels, costs).
+  if [ -n "${DROVER_NETNS_CLUSTER:-}" ]; then
+    extra+=(--cluster "$DROVER_NETNS_CLUSTER")
+    [ -f "$dir/cluster.toml" ] && extra+=(--cluster-config "$dir/cluster.toml")
   fi
   local agent=${DROVER_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/drover-agent}
   [ -x "$agent" ] && extra+=(--agent-binary "$agent")
@@ -245,5 +256,10 @@ case "${1:-}" in
   up) up "${2:-}" ;;
   down) down "${2:-}" ;;
   status) status ;;
+  # For scripts/cluster.sh: another namespace of this set on the bridge (attach NS VETH IP).
+  attach)
+    [[ "${2:-}" =~ ^drover-$P-[a-z0-9]+$ && "${3:-}" =~ ^[a-z0-9-]{1,12}$ && "${4:-}" == "$NET".* ]] ||
+      die "usage: $0 attach drover-$P-NAME VETH $NET.X"
+    attach "$2" "$3" "$4" ;;
   *) die "usage: $0 up N | status | down [--purge]" ;;
 esac

@@ -51,7 +51,8 @@ pub enum ServiceCmd {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
-    /// A service's members: host and state; `available` when all run and are ready.
+    /// A service's members: host and state; `available` when all run and are ready (agent up,
+    /// and the app's `ready = "CMD"` exited 0). A member that is not says why.
     /// Exits 0 when available, 4 when not (so scripts can wait for it).
     ///
     /// Examples:
@@ -152,10 +153,16 @@ struct ServiceView {
 
 #[derive(Serialize)]
 struct MemberView {
+    /// `web-1`.
     name: String,
     host: Option<String>,
-    state: MemberState,
+    /// `ready`, `starting`, `waiting`, `pending`, ...: [`MemberState::kind`].
+    state: &'static str,
+    /// What a person reads: `starting on h2`, `waiting for db-1 (starting)`.
     detail: String,
+    /// Everything the controller reported of it.
+    #[serde(rename = "status")]
+    full: MemberState,
 }
 
 async fn view(etcd: &Etcd, service: &Service) -> anyhow::Result<ServiceView> {
@@ -173,14 +180,15 @@ async fn view(etcd: &Etcd, service: &Service) -> anyhow::Result<ServiceView> {
             MemberView {
                 name: m.short(),
                 host: state.host().map(str::to_string),
+                state: state.kind(),
                 detail: state.describe(),
-                state,
+                full: state,
             }
         })
         .collect();
     Ok(ServiceView {
         name: service.name.clone(),
-        available: members.iter().all(|m| m.state.is_ready()),
+        available: members.iter().all(|m| m.full.is_ready()),
         reported_by: status.map(|s| s.controller),
         members,
     })
@@ -219,7 +227,7 @@ pub async fn service_cmd(cmd: ServiceCmd, out: &Out) -> anyhow::Result<u8> {
                 t.load_preset(NOTHING);
                 t.set_header(["NAME", "MEMBERS", "READY", "STATE"]);
                 for v in &views {
-                    let ready = v.members.iter().filter(|m| m.state.is_ready()).count();
+                    let ready = v.members.iter().filter(|m| m.full.is_ready()).count();
                     let state = if v.available {
                         "available"
                     } else {
@@ -248,7 +256,7 @@ pub async fn service_cmd(cmd: ServiceCmd, out: &Out) -> anyhow::Result<u8> {
                     let missing: Vec<&str> = v
                         .members
                         .iter()
-                        .filter(|m| !m.state.is_ready())
+                        .filter(|m| !m.full.is_ready())
                         .map(|m| m.name.as_str())
                         .collect();
                     println!(

@@ -7,13 +7,17 @@
 //! carries, so a host can refuse a start that a newer decision has overtaken, and a controller
 //! that lost its leadership fails at the write, before it touches any host.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::join_all;
+
 use crate::etcd::{Etcd, EtcdError, Leadership, ServiceStatus};
 use crate::inventory::{HostInventory, HostStatus};
-use crate::reconcile::{reconcile, Action, Assignment, ObservedVm, RestartPolicy, World};
+use crate::reconcile::{
+    reconcile, Action, Assignment, MemberState, ObservedVm, RestartPolicy, VmState, World,
+};
 use crate::service::{App, MemberId, Service};
 
 /// Why a host could not be driven.
@@ -48,6 +52,14 @@ pub trait HostDriver {
         host: &HostInventory,
         member: &MemberId,
     ) -> impl Future<Output = Result<(), DriverError>>;
+    /// Run the app's readiness command (`ready = "CMD"`) in the member's guest through its
+    /// agent: `Ok(None)` when it exited 0, `Ok(Some(why))` when it did not.
+    fn check_ready(
+        &self,
+        host: &HostInventory,
+        member: &MemberId,
+        command: &str,
+    ) -> impl Future<Output = Result<Option<String>, DriverError>>;
 }
 
 /// What one round did, for logs and tests.
@@ -69,8 +81,15 @@ pub struct Controller<D> {
     pub driver: D,
     /// Restart policy for members.
     pub policy: RestartPolicy,
-    last_status: BTreeMap<String, Vec<(MemberId, crate::reconcile::MemberState)>>,
+    last_status: BTreeMap<String, Vec<(MemberId, MemberState)>>,
+    /// Members whose readiness command passed, by host and start token: not asked again
+    /// until they are started again.
+    passed: BTreeSet<(MemberId, String, i64)>,
 }
+
+/// Longest a host may take to list its VMs before the round goes on without it (its members
+/// are then left as they are this round).
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -87,6 +106,7 @@ impl<D: HostDriver> Controller<D> {
             driver,
             policy: RestartPolicy::default(),
             last_status: BTreeMap::new(),
+            passed: BTreeSet::new(),
         }
     }
 
@@ -139,19 +159,35 @@ impl<D: HostDriver> Controller<D> {
                 }
             }
         }
+        // Every live host at once, each for at most LIST_TIMEOUT: a host that died but whose
+        // lease has not expired yet must not hold the round up (it would delay its own failover).
+        let live: Vec<&HostInventory> = hosts
+            .iter()
+            .filter(|h| h.status != HostStatus::Down)
+            .map(|h| &h.inventory)
+            .collect();
+        let answers = join_all(
+            live.iter()
+                .map(|h| tokio::time::timeout(LIST_TIMEOUT, self.driver.list(h, &members))),
+        )
+        .await;
         let mut observed = Vec::new();
         let mut unobserved = Vec::new();
-        for h in hosts.iter().filter(|h| h.status != HostStatus::Down) {
-            match self.driver.list(&h.inventory, &members).await {
-                Ok(vms) => observed.extend(vms),
-                Err(e) => {
-                    tracing::warn!(host = %h.inventory.name, error = %e, "host did not answer");
-                    unobserved.push(h.inventory.name.clone());
+        for (h, answer) in live.iter().zip(answers) {
+            let why = match answer {
+                Ok(Ok(vms)) => {
+                    observed.extend(vms);
+                    continue;
                 }
-            }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {LIST_TIMEOUT:?}"),
+            };
+            tracing::warn!(host = %h.name, error = %why, "host did not answer");
+            unobserved.push(h.name.clone());
         }
+        let not_ready = self.check_ready(&services, &by_name, &mut observed).await;
         let now = now_ms();
-        let plan = reconcile(&World {
+        let mut plan = reconcile(&World {
             services: &services,
             hosts: &hosts,
             assignments: &assignments,
@@ -160,8 +196,22 @@ impl<D: HostDriver> Controller<D> {
             now_ms: now,
             policy: self.policy,
         });
+        // A member that runs but failed its readiness command says why.
+        for (m, st) in plan.members.iter_mut() {
+            if let (MemberState::Starting { host }, Some(reason)) = (&*st, not_ready.get(m)) {
+                *st = MemberState::NotReady {
+                    host: host.clone(),
+                    reason: reason.clone(),
+                };
+            }
+        }
         let app_of = |m: &MemberId| crate::service::app_of(&services, m);
         let mut report = RoundReport::default();
+        // First every decision is written (fenced: a deposed leader stops here, before it
+        // touches a host), then the hosts are driven, stops before starts, each phase on all
+        // hosts at once.
+        let mut stops = Vec::new();
+        let mut starts = Vec::new();
         for action in plan.actions {
             // Placing and restarting both write the assignment, then start under its revision.
             let start_as = match &action {
@@ -190,28 +240,59 @@ impl<D: HostDriver> Controller<D> {
                 },
                 _ => None,
             };
-            let result = match (&action, start_as) {
+            match (&action, start_as) {
                 (_, Some(a)) => {
                     let host = by_name.get(a.host.as_str()).copied();
-                    self.start(lead, &a, host, app_of(&a.member)).await?
+                    match (host, app_of(&a.member)) {
+                        (Some(host), Some(app)) => {
+                            let token = lead.assign(&a).await?;
+                            starts.push((action, host, app, token));
+                        }
+                        _ => {
+                            let why = format!("host {} or the member's app is gone", a.host);
+                            report.failed.push((action, why));
+                        }
+                    }
                 }
-                (Action::Stop { host, member, .. }, None) => match by_name.get(host.as_str()) {
-                    Some(inv) => self
-                        .driver
-                        .stop(inv, member)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    None => Err(format!("host {host} is not registered")),
+                (Action::Stop { host, .. }, None) => match by_name.get(host.as_str()) {
+                    Some(inv) => stops.push((action, *inv)),
+                    None => {
+                        let why = format!("host {host} is not registered");
+                        report.failed.push((action, why));
+                    }
                 },
                 (Action::Unassign { member }, None) => {
                     lead.unassign(member).await?;
-                    Ok(())
+                    report.done.push(action);
                 }
-                _ => continue,
+                _ => {}
+            }
+        }
+        let driver = &self.driver;
+        let stopped = join_all(stops.iter().map(|(action, host)| async move {
+            match action {
+                Action::Stop { member, .. } => driver.stop(host, member).await,
+                _ => Ok(()),
+            }
+        }))
+        .await;
+        let started = join_all(starts.iter().map(|(action, host, app, token)| {
+            let member = match action {
+                Action::Place { member, .. } | Action::Restart { member, .. } => member,
+                Action::Stop { member, .. } | Action::Unassign { member } => member,
             };
+            driver.start(host, member, app, *token)
+        }))
+        .await;
+        let outcomes = stops
+            .into_iter()
+            .map(|(a, _)| a)
+            .zip(stopped)
+            .chain(starts.into_iter().map(|(a, ..)| a).zip(started));
+        for (action, result) in outcomes {
             match result {
                 Ok(()) => report.done.push(action),
-                Err(why) => report.failed.push((action, why)),
+                Err(e) => report.failed.push((action, e.to_string())),
             }
         }
         self.write_status(lead, &services, plan.members, now)
@@ -219,23 +300,43 @@ impl<D: HostDriver> Controller<D> {
         Ok(report)
     }
 
-    /// Write the assignment (fenced), then start the member with the new revision as token.
-    async fn start(
-        &self,
-        lead: &Leadership,
-        a: &Assignment,
-        host: Option<&HostInventory>,
-        app: Option<&App>,
-    ) -> Result<Result<(), String>, EtcdError> {
-        let (Some(host), Some(app)) = (host, app) else {
-            return Ok(Err(format!("host {} or the member's app is gone", a.host)));
-        };
-        let token = lead.assign(a).await?;
-        Ok(self
-            .driver
-            .start(host, &a.member, app, token)
-            .await
-            .map_err(|e| e.to_string()))
+    /// Run the readiness commands of members whose agent is ready and whose command has not
+    /// passed since their last start; those that fail count as running, not ready. Returns
+    /// why each such member is not ready.
+    async fn check_ready(
+        &mut self,
+        services: &[Service],
+        hosts: &BTreeMap<&str, &HostInventory>,
+        observed: &mut [ObservedVm],
+    ) -> BTreeMap<MemberId, String> {
+        self.passed.retain(|(m, h, t)| {
+            observed
+                .iter()
+                .any(|v| v.member == *m && v.host == *h && v.token == *t)
+        });
+        let mut not_ready = BTreeMap::new();
+        for vm in observed.iter_mut().filter(|v| v.state == VmState::Ready) {
+            let command = crate::service::app_of(services, &vm.member)
+                .and_then(|a| a.ready_command.as_deref());
+            let (Some(command), Some(host)) = (command, hosts.get(vm.host.as_str())) else {
+                continue;
+            };
+            let key = (vm.member.clone(), vm.host.clone(), vm.token);
+            if self.passed.contains(&key) {
+                continue;
+            }
+            let why = match self.driver.check_ready(host, &vm.member, command).await {
+                Ok(None) => {
+                    self.passed.insert(key);
+                    continue;
+                }
+                Ok(Some(why)) => why,
+                Err(e) => format!("ready command could not run: {e}"),
+            };
+            vm.state = VmState::Running;
+            not_ready.insert(vm.member.clone(), why);
+        }
+        not_ready
     }
 
     /// Write each service's member states when they changed; remove those of deleted services.
@@ -243,7 +344,7 @@ impl<D: HostDriver> Controller<D> {
         &mut self,
         lead: &Leadership,
         services: &[Service],
-        members: Vec<(MemberId, crate::reconcile::MemberState)>,
+        members: Vec<(MemberId, MemberState)>,
         now: u64,
     ) -> Result<(), EtcdError> {
         let mut by_service: BTreeMap<String, Vec<_>> = services

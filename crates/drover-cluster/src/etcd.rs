@@ -93,6 +93,52 @@ fn unreachable(e: &etcd_client::Error) -> bool {
         .any(|t| text.contains(t))
 }
 
+/// A client of one etcd member that answers, tried in turn from a place that depends on the
+/// process (so hosts and controllers spread over the members).
+///
+/// Not etcd-client's balanced channel over all endpoints: with one member down it routes
+/// requests to that member too and they fail ("tcp connect error"; etcdv3/etcd-client#39), so
+/// one lost member of three would stop every host, controller and command.
+async fn connect_one(endpoints: &[String], timeout: Duration) -> Result<Client, EtcdError> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(2), timeout);
+    let unreachable = |source| EtcdError::Unreachable {
+        endpoints: endpoints.join(","),
+        source,
+    };
+    let n = endpoints.len();
+    if n == 0 {
+        return Err(unreachable(etcd_client::Error::InvalidArgs(
+            "no etcd endpoints given".into(),
+        )));
+    }
+    let first = std::process::id() as usize % n;
+    let mut last = None;
+    for k in 0..n {
+        let endpoint = endpoints[(first + k) % n].as_str();
+        let tried = async {
+            let mut c = Client::connect([endpoint], Some(opts.clone())).await?;
+            c.status().await?;
+            Ok::<_, etcd_client::Error>(c)
+        };
+        match tokio::time::timeout(timeout, tried).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{endpoint}: no answer within {timeout:?}"),
+                )))
+            }
+        }
+    }
+    Err(unreachable(last.unwrap_or_else(|| {
+        etcd_client::Error::InvalidArgs("no etcd endpoint answered".into())
+    })))
+}
+
 /// A connection to the cluster's etcd.
 #[derive(Clone)]
 pub struct Etcd {
@@ -109,16 +155,7 @@ impl Etcd {
         prefix: &str,
         timeout: Duration,
     ) -> Result<Etcd, EtcdError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(2), timeout);
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(|source| EtcdError::Unreachable {
-                endpoints: endpoints.join(","),
-                source,
-            })?;
+        let client = connect_one(endpoints, timeout).await?;
         let mut prefix = prefix.to_string();
         if !prefix.ends_with('/') {
             prefix.push('/');
@@ -222,6 +259,8 @@ impl Etcd {
             ttl,
             keeper,
             stream,
+            endpoints: self.endpoints.clone(),
+            timeout: self.timeout,
         })
     }
 
@@ -456,6 +495,9 @@ pub struct HostLease {
     ttl: Duration,
     keeper: etcd_client::LeaseKeeper,
     stream: etcd_client::LeaseKeepAliveStream,
+    /// To keep the lease alive through another member when this one fails.
+    endpoints: Vec<String>,
+    timeout: Duration,
 }
 
 impl HostLease {
@@ -469,8 +511,28 @@ impl HostLease {
         self.ttl
     }
 
-    /// Renew the lease; the TTL etcd granted again. `LeaseLost` once it has expired.
+    /// Renew the lease; the TTL etcd granted again. `LeaseLost` once it has expired. If the
+    /// member it talks to fails, the keep-alive is opened again on another one and retried
+    /// once (a lease is the cluster's, not one member's).
     pub async fn renew(&mut self) -> Result<Duration, EtcdError> {
+        match self.renew_here().await {
+            Err(EtcdError::LeaseLost(id)) => Err(EtcdError::LeaseLost(id)),
+            Err(e) => {
+                tracing::warn!(lease = self.id, error = %e, "lease keep-alive failed; trying another etcd member");
+                let client = connect_one(&self.endpoints, self.timeout).await?;
+                let (keeper, stream) = client
+                    .lease_client()
+                    .keep_alive(self.id)
+                    .await
+                    .map_err(req("lease keep-alive"))?;
+                (self.keeper, self.stream) = (keeper, stream);
+                self.renew_here().await
+            }
+            ok => ok,
+        }
+    }
+
+    async fn renew_here(&mut self) -> Result<Duration, EtcdError> {
         self.keeper
             .keep_alive()
             .await

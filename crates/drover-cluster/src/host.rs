@@ -107,7 +107,7 @@ pub async fn run(m: Membership, vms: impl LocalVms) {
             let lease = etcd.join(&m.inventory, m.ttl).await?;
             Ok::<_, crate::etcd::EtcdError>((etcd, lease))
         };
-        let (etcd, mut lease) = match tokio::time::timeout(m.margin, joined).await {
+        let (mut etcd, mut lease) = match tokio::time::timeout(m.margin, joined).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 tracing::warn!(host = %name, error = %e, "cannot join the cluster; retrying");
@@ -150,7 +150,19 @@ pub async fn run(m: Membership, vms: impl LocalVms) {
             }
             // Which cluster VMs are this host's: fenced if the lease is lost. A member running
             // here that the cluster placed elsewhere (or restarted since) is stopped now.
-            if let Ok(Ok(list)) = tokio::time::timeout(period, etcd.assignments()).await {
+            let list = match tokio::time::timeout(period, etcd.assignments()).await {
+                Ok(Ok(list)) => Some(list),
+                _ => {
+                    // Its etcd member may be the one that is gone: the next read goes to one
+                    // that answers (the lease's keep-alive moves on by itself).
+                    let again = Etcd::connect(&m.etcd, "/drover", m.margin);
+                    if let Ok(Ok(e)) = tokio::time::timeout(period, again).await {
+                        etcd = e;
+                    }
+                    None
+                }
+            };
+            if let Some(list) = list {
                 let gone = stale(&vms.members().await, &list, &name);
                 if !gone.is_empty() {
                     tracing::warn!(host = %name, vms = ?gone, "cluster members running here are assigned elsewhere or were restarted since: stopping them (fencing)");

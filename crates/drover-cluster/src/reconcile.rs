@@ -172,6 +172,13 @@ pub enum MemberState {
         /// Where.
         host: String,
     },
+    /// Running with its agent up, but its app's readiness command has not exited 0 yet.
+    NotReady {
+        /// Where.
+        host: String,
+        /// What the command said (`ready command exited 1: ...`).
+        reason: String,
+    },
     /// Waiting for the apps it starts after.
     Waiting {
         /// Why (`waiting for db-1 (starting)`).
@@ -223,6 +230,7 @@ impl MemberState {
         match self {
             MemberState::Ready { host }
             | MemberState::Starting { host }
+            | MemberState::NotReady { host, .. }
             | MemberState::WaitingForHost { host, .. }
             | MemberState::BackingOff { host, .. }
             | MemberState::Unknown { host }
@@ -231,11 +239,29 @@ impl MemberState {
         }
     }
 
+    /// The state's name as `--output json` gives it (`ready`, `starting`, `waiting`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MemberState::Ready { .. } => "ready",
+            MemberState::Starting { .. } => "starting",
+            MemberState::NotReady { .. } => "not_ready",
+            MemberState::Waiting { .. } => "waiting",
+            MemberState::Pending { .. } => "pending",
+            MemberState::WaitingForHost { .. } => "waiting_for_host",
+            MemberState::BackingOff { .. } => "backing_off",
+            MemberState::Unknown { .. } => "unknown",
+            MemberState::Failed { .. } => "failed",
+        }
+    }
+
     /// One line for a person.
     pub fn describe(&self) -> String {
         match self {
             MemberState::Ready { host } => format!("ready on {host}"),
             MemberState::Starting { host } => format!("starting on {host}"),
+            MemberState::NotReady { host, reason } => {
+                format!("running on {host}, not ready: {reason}")
+            }
             MemberState::Waiting { reason } => reason.clone(),
             MemberState::Pending { reason } => format!("pending: {reason}"),
             MemberState::WaitingForHost { host, reason } => {
@@ -377,6 +403,10 @@ pub fn reconcile(world: &World<'_>) -> Plan {
                                 "relocatable = false".to_string()
                             },
                         }
+                    } else if let Some(reason) = ready(&states) {
+                        // Moved members keep the start order too: a web member re-placed
+                        // with its db waits until the db is ready again.
+                        MemberState::Waiting { reason }
                     } else {
                         let why = format!("host {} lost", a.host);
                         place(&mut sched, &member, app, &a.avoid, &why, &mut plan)

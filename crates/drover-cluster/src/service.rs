@@ -110,8 +110,9 @@ struct AppFile {
     replicas: Option<u32>,
     #[serde(default)]
     after: Vec<String>,
-    #[serde(default)]
-    ready_command: Option<String>,
+    /// `ready = "CMD"`: run through the agent until it exits 0 (`ready_command` is the old name).
+    #[serde(default, alias = "ready_command")]
+    ready: Option<String>,
     #[serde(default)]
     anti_affinity: Option<Scope>,
     #[serde(default)]
@@ -472,9 +473,12 @@ fn validate_app(file: &ServiceFile, a: &AppFile) -> Result<App, ServiceError> {
             ));
         }
     }
-    if let Some(cmd) = &a.ready_command {
+    if let Some(cmd) = &a.ready {
         if cmd.trim().is_empty() || cmd.len() > 4096 {
-            return Err(impossible(name, "ready_command: must be 1-4096 characters"));
+            return Err(impossible(
+                name,
+                "ready: the command must be 1-4096 characters",
+            ));
         }
     }
     // The VM name on the host is `service-app-index`; it must stay a DNS label.
@@ -496,7 +500,7 @@ fn validate_app(file: &ServiceFile, a: &AppFile) -> Result<App, ServiceError> {
         },
         replicas,
         after: a.after.clone(),
-        ready_command: a.ready_command.clone(),
+        ready_command: a.ready.clone(),
         constraints: Constraints {
             anti_affinity: a.anti_affinity,
             pin_host: a.pin_host.clone(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use drover_cluster::controller::{Controller, DriverError, HostDriver};
 use drover_cluster::etcd::{Etcd, EtcdError, HostLease};
-use drover_cluster::{App, HostInventory, MemberId, ObservedVm, VmState};
+use drover_cluster::{App, HostInventory, MemberId, MemberState, ObservedVm, VmState};
 
 /// Hosts simulated in memory: which member runs where with which token.
 #[derive(Clone, Default)]
@@ -25,6 +25,10 @@ struct Fake {
     starts: Vec<(MemberId, String, i64)>,
     /// Starts of a member while a copy ran elsewhere.
     doubles: Vec<MemberId>,
+    /// Readiness commands run: (member, command).
+    checks: Vec<(MemberId, String)>,
+    /// Members whose readiness command fails, with what it says.
+    not_ready: BTreeMap<MemberId, String>,
 }
 
 impl FakeHosts {
@@ -72,6 +76,16 @@ impl HostDriver for FakeHosts {
         f.running.insert(member.clone(), (host.name.clone(), token));
         f.starts.push((member.clone(), host.name.clone(), token));
         Ok(())
+    }
+    async fn check_ready(
+        &self,
+        _: &HostInventory,
+        member: &MemberId,
+        command: &str,
+    ) -> Result<Option<String>, DriverError> {
+        let mut f = self.lock();
+        f.checks.push((member.clone(), command.to_string()));
+        Ok(f.not_ready.get(member).cloned())
     }
     async fn stop(&self, host: &HostInventory, member: &MemberId) -> Result<(), DriverError> {
         let mut f = self.lock();
@@ -228,5 +242,78 @@ async fn controllers_fail_over_without_doing_anything_twice_and_lost_hosts_are_r
         let (host, token) = hosts.lock().running[&a.member].clone();
         assert_eq!((host, token), (a.host.clone(), a.revision), "{}", a.member);
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_member_is_ready_only_once_its_ready_command_passes_and_its_dependents_wait() -> Result<()>
+{
+    let server = common::start_etcd().await?;
+    let etcd = common::connect(&server).await?;
+    let ttl = Duration::from_secs(2);
+    let mut alive = Vec::new();
+    for name in ["h1", "h2"] {
+        let lease = etcd
+            .join(&HostInventory::new(name, 4, 4 << 30, 100 << 30), ttl)
+            .await?;
+        alive.push(keep_alive(lease));
+    }
+    let file = drover_cluster::service::SHOP_EXAMPLE.replace(
+        "name = \"db\"\n",
+        "name = \"db\"\nready = \"pg_isready -q\"\n",
+    );
+    etcd.put_service("shop", &file).await?;
+    let hosts = FakeHosts::default();
+    let db = MemberId {
+        service: "shop".into(),
+        app: "db".into(),
+        index: 1,
+    };
+    hosts
+        .lock()
+        .not_ready
+        .insert(db.clone(), "ready command exited 2: no response".into());
+    let mut c = Controller::new("ctl", common::connect(&server).await?, hosts.clone());
+    let lead = c.etcd.campaign("ctl", ttl).await?;
+    for _ in 0..3 {
+        c.round(&lead).await?;
+    }
+    // The db runs with its agent up, but its command fails: not ready, and says why; the web
+    // members wait for it.
+    let status = etcd.status("shop").await?.expect("status");
+    let state = |name: &str| {
+        status
+            .members
+            .iter()
+            .find(|(m, _)| m.short() == name)
+            .map(|(_, s)| s.clone())
+    };
+    match state("db-1") {
+        Some(MemberState::NotReady { reason, .. }) => assert!(reason.contains("no response")),
+        other => panic!("db-1: {other:?}"),
+    }
+    assert!(
+        matches!(state("web-1"), Some(MemberState::Waiting { .. })),
+        "{status:?}"
+    );
+    assert_eq!(hosts.lock().starts.len(), 1, "only the db started");
+    assert!(hosts
+        .lock()
+        .checks
+        .iter()
+        .all(|(m, cmd)| *m == db && cmd == "pg_isready -q"));
+    // The command passes: the db is ready, the web members start, and it is not run again.
+    hosts.lock().not_ready.clear();
+    for _ in 0..3 {
+        c.round(&lead).await?;
+    }
+    assert!(available(&etcd).await?);
+    let checks = hosts.lock().checks.len();
+    c.round(&lead).await?;
+    assert_eq!(
+        hosts.lock().checks.len(),
+        checks,
+        "a passed command ran again"
+    );
     Ok(())
 }

@@ -172,6 +172,17 @@ async fn services_round_trip_and_an_unreachable_etcd_says_so() -> Result<()> {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("etcd"), "{err}");
+
+    // A member of the list that is down is passed over, wherever it is in the list.
+    let dead = format!("http://127.0.0.1:{}", free_port()?);
+    for endpoints in [
+        vec![dead.clone(), server.url.clone()],
+        vec![server.url.clone(), dead.clone()],
+    ] {
+        let e = Etcd::connect(&endpoints, "/d", Duration::from_millis(500)).await?;
+        e.put_service("shop", shop).await?;
+        assert_eq!(e.services().await?.len(), 1, "{endpoints:?}");
+    }
     Ok(())
 }
 

@@ -251,6 +251,74 @@ fn a_lost_host_moves_stateless_members_and_keeps_local_ones_waiting() {
 }
 
 #[test]
+fn members_moved_off_a_lost_host_keep_the_start_order() {
+    let shop = Service::from_toml(drover_cluster::service::SHOP_EXAMPLE).unwrap();
+    let mut hosts = vec![
+        host("h1", 4, 4 * GIB),
+        host("h2", 4, 4 * GIB),
+        host("h3", 4, 4 * GIB),
+    ];
+    hosts[0].status = HostStatus::Down;
+    let (db, web1, web2) = (
+        member("shop", "db", 1),
+        member("shop", "web", 1),
+        member("shop", "web", 2),
+    );
+    let ready_web2 = ObservedVm {
+        host: "h2".into(),
+        member: web2.clone(),
+        token: 3,
+        state: VmState::Ready,
+    };
+    let round = |assignments: &[Assignment], observed: &[ObservedVm]| {
+        reconcile(&World {
+            services: std::slice::from_ref(&shop),
+            hosts: &hosts,
+            assignments,
+            observed,
+            now_ms: 1,
+            policy: RestartPolicy::default(),
+            unobserved: &[],
+        })
+    };
+    // db-1 and web-1 were on h1: the db moves first; web-1 waits for it.
+    let lost = [
+        assignment(&db, "h1", 1, 0),
+        assignment(&web1, "h1", 1, 0),
+        assignment(&web2, "h2", 1, 0),
+    ];
+    let p = round(&lost, std::slice::from_ref(&ready_web2));
+    assert!(
+        matches!(&p.actions[..], [Action::Place { member, .. }] if *member == db),
+        "{:?}",
+        p.actions
+    );
+    assert!(
+        matches!(&p.members[1].1, MemberState::Waiting { reason } if reason.contains("db-1")),
+        "{:?}",
+        p.members
+    );
+    // Once the db is ready on its new host, web-1 moves, away from web-2 (anti-affinity).
+    let moved = [
+        assignment(&db, "h3", 1, 0),
+        assignment(&web1, "h1", 1, 0),
+        assignment(&web2, "h2", 1, 0),
+    ];
+    let db_ready = ObservedVm {
+        host: "h3".into(),
+        member: db.clone(),
+        token: 4,
+        state: VmState::Ready,
+    };
+    let p = round(&moved, &[db_ready, ready_web2.clone()]);
+    assert!(
+        matches!(&p.actions[..], [Action::Place { member, host, .. }] if *member == web1 && host == "h3"),
+        "{:?}",
+        p.actions
+    );
+}
+
+#[test]
 fn a_copy_on_the_wrong_host_is_stopped_and_deleted_members_are_cleaned_up() {
     let service = one_app("");
     let hosts = [host("h1", 4, 4 * GIB), host("h2", 4, 4 * GIB)];

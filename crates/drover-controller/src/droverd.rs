@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use drover_api::{
-    Client, ClientError, ErrorCode, Fence, RemoteSpec, StartRequest, StopRequest, VmInfo,
+    Client, ClientError, ErrorCode, ExecRequest, Fence, RemoteSpec, StartRequest, StopRequest,
+    VmInfo,
 };
 use drover_cluster::controller::{DriverError, HostDriver};
 use drover_cluster::{App, HostInventory, MemberId, ObservedVm, VmState};
@@ -47,6 +48,43 @@ impl Droverd {
         })?;
         spec.client().map_err(|e| err(&host.name, e))
     }
+}
+
+/// Longest a readiness command may run before it counts as failed (the controller's round
+/// waits for it).
+const READY_TIMEOUT_S: u64 = 5;
+
+/// Why a readiness command's run means "not ready" (`None`: it exited 0). The guest's output is
+/// untrusted: only its last line, cut to 200 characters, is kept.
+fn not_ready(r: &drover_proto::ExecResult) -> Option<String> {
+    if r.exit_code == Some(0) && !r.timed_out {
+        return None;
+    }
+    let how = match (r.timed_out, r.exit_code, r.signal) {
+        (true, _, _) => format!("ready command timed out after {READY_TIMEOUT_S} s"),
+        (_, Some(code), _) => format!("ready command exited {code}"),
+        (_, None, Some(sig)) => format!("ready command was killed by signal {sig}"),
+        _ => "ready command did not exit".to_string(),
+    };
+    let said = if r.stderr.trim().is_empty() {
+        &r.stdout
+    } else {
+        &r.stderr
+    };
+    let last: String = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    Some(if last.is_empty() {
+        how
+    } else {
+        format!("{how}: {last}")
+    })
 }
 
 fn not_found(e: &ClientError) -> bool {
@@ -140,6 +178,27 @@ impl HostDriver for Droverd {
         Ok(())
     }
 
+    async fn check_ready(
+        &self,
+        host: &HostInventory,
+        member: &MemberId,
+        command: &str,
+    ) -> Result<Option<String>, DriverError> {
+        let c = self.client(host)?;
+        let r: drover_proto::ExecResult = c
+            .post(
+                &format!("/v1/vms/{}/exec", member.vm_name()),
+                &ExecRequest {
+                    argv: vec!["sh".into(), "-c".into(), command.to_string()],
+                    stdin: None,
+                    timeout_s: READY_TIMEOUT_S,
+                },
+            )
+            .await
+            .map_err(|e| err(&host.name, e))?;
+        Ok(not_ready(&r))
+    }
+
     async fn stop(&self, host: &HostInventory, member: &MemberId) -> Result<(), DriverError> {
         let c = self.client(host)?;
         let name = member.vm_name();
@@ -166,5 +225,41 @@ impl HostDriver for Droverd {
             Err(e) if not_found(&e) => Ok(()),
             Err(e) => Err(err(&host.name, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ran(exit_code: Option<i32>, stderr: &str) -> drover_proto::ExecResult {
+        drover_proto::ExecResult {
+            exit_code,
+            signal: None,
+            timed_out: false,
+            stdout: String::new(),
+            stderr: stderr.into(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            duration_ms: 3,
+        }
+    }
+
+    #[test]
+    fn a_ready_command_passes_only_on_exit_0_and_says_why_not_in_one_short_line() {
+        assert_eq!(not_ready(&ran(Some(0), "noise")), None);
+        assert_eq!(
+            not_ready(&ran(Some(1), "connecting\npg_isready: no response\n\n")).as_deref(),
+            Some("ready command exited 1: pg_isready: no response")
+        );
+        let long = format!("{}\u{1b}[31m", "x".repeat(500));
+        let why = not_ready(&ran(Some(2), &long)).unwrap_or_default();
+        assert!(why.len() < 240 && !why.contains('\u{1b}'), "{why}");
+        let mut timed_out = ran(None, "");
+        timed_out.timed_out = true;
+        assert_eq!(
+            not_ready(&timed_out).as_deref(),
+            Some("ready command timed out after 5 s")
+        );
     }
 }

@@ -66,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colours only on a terminal: logs are mostly files (scripts/cluster.sh).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
     let name = args.name.clone().unwrap_or_else(|| {
@@ -79,15 +81,26 @@ async fn main() -> anyhow::Result<()> {
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let ttl = Duration::from_secs(args.ttl.max(1));
     let interval = Duration::from_millis(args.interval_ms.max(50));
-    let etcd = Etcd::connect(&args.etcd, "/drover", Duration::from_secs(2)).await?;
-    let mut controller = Controller::new(&name, etcd.clone(), droverd::Droverd::new(remotes));
+    let connect = || Etcd::connect(&args.etcd, "/drover", Duration::from_secs(2));
+    let etcd = connect().await?;
+    let mut controller = Controller::new(&name, etcd, droverd::Droverd::new(remotes));
+    let mut reconnect = false;
     loop {
+        // After a failure: the etcd member this controller talked to may be the one that is
+        // gone; connect again (to whichever member answers).
+        if std::mem::take(&mut reconnect) {
+            match connect().await {
+                Ok(etcd) => controller.etcd = etcd,
+                Err(e) => tracing::warn!(error = %e, "etcd unreachable; retrying"),
+            }
+        }
         tracing::info!(%name, "campaigning");
-        let mut lead = match etcd.campaign(&name, ttl).await {
+        let mut lead = match controller.etcd.campaign(&name, ttl).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "campaign failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                reconnect = true;
                 continue;
             }
         };
@@ -107,5 +120,6 @@ async fn main() -> anyhow::Result<()> {
         // Whatever happened, this lease is finished with.
         lead.stop_renewing();
         drop(lead);
+        reconnect = true;
     }
 }

@@ -38,6 +38,9 @@ pub struct ClusterConfig {
     /// Network bandwidth in Mbit/s offered to VMs.
     #[serde(default)]
     pub bandwidth_mbps: u32,
+    /// vCPUs offered to cluster members (default: the host's CPU count; more overcommits).
+    #[serde(default)]
+    pub cpus: Option<u32>,
 }
 
 impl ClusterConfig {
@@ -128,7 +131,7 @@ pub fn spawn(
     let inventory = HostInventory {
         name,
         api_url,
-        cpus: info.cpus,
+        cpus: cfg.cpus.unwrap_or(info.cpus),
         memory: info.memory_total,
         disk: info.disk_free,
         bandwidth_mbps: cfg.bandwidth_mbps,

@@ -385,12 +385,35 @@ pub struct Fleet {
     /// State dirs and the remotes file live here.
     pub dir: tempfile::TempDir,
     extra_env: Vec<(String, String)>,
+    /// The script that brings it up and down (`netns-hosts.sh`, or `cluster.sh`).
+    script: &'static str,
 }
 
 impl Fleet {
+    /// A whole cluster (`scripts/cluster.sh up n`): a 3-member etcd, `n` hosts joined to it
+    /// and 2 controllers, registered as the CLI's default cluster in this fleet's config dir
+    /// (see [`Fleet::cli`]). Returns `None` (skip) without root, iproute2 or etcd.
+    pub fn cluster(set: &str, net: &str, n: usize) -> Option<Fleet> {
+        if Command::new("etcd").arg("--version").output().is_err() {
+            eprintln!("skipped: needs etcd (scripts/install-deps.sh installs etcd-server)");
+            return None;
+        }
+        Fleet::start("scripts/cluster.sh", set, net, n, &[])
+    }
+
     /// Start `n` hosts of set `set` on subnet `net` (like `10.81.0`), with extra droverd
     /// environment. Returns `None` (the test should skip) without root or iproute2.
     pub fn up(set: &str, net: &str, n: usize, env: &[(&str, &str)]) -> Option<Fleet> {
+        Fleet::start("scripts/netns-hosts.sh", set, net, n, env)
+    }
+
+    fn start(
+        script: &'static str,
+        set: &str,
+        net: &str,
+        n: usize,
+        env: &[(&str, &str)],
+    ) -> Option<Fleet> {
         if !nix::unistd::geteuid().is_root() || Command::new("ip").arg("-V").output().is_err() {
             eprintln!("skipped: needs root and iproute2");
             return None;
@@ -408,21 +431,23 @@ impl Fleet {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            script,
         };
         // Leftovers of an earlier, killed run of the same set.
         let _ = f.script(&["down"]);
         let out = f.script(&["up", &n.to_string()]);
         assert!(
             out.status.success(),
-            "netns-hosts up {n}: {}{}",
+            "{script} up {n}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         Some(f)
     }
 
-    fn script(&self, args: &[&str]) -> Output {
-        Command::new(workspace().join("scripts/netns-hosts.sh"))
+    /// Run the fleet's script (`netns-hosts.sh` or `cluster.sh`) with `args`, on this fleet.
+    pub fn script(&self, args: &[&str]) -> Output {
+        Command::new(workspace().join(self.script))
             .args(args)
             .env("DROVER_BIN_DIR", bin_dir())
             .env("DROVER_NETNS_ROOT", self.dir.path())
@@ -438,7 +463,22 @@ impl Fleet {
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
-            .expect("run netns-hosts.sh")
+            .expect("run the fleet's script")
+    }
+
+    /// The CLI with this fleet's config dir and no remote: for the cluster commands (`drover
+    /// service ...`, `drover host list`), which reach etcd.
+    pub fn cli(&self) -> Cli {
+        Cli {
+            envs: vec![(
+                "DROVER_CONFIG_DIR".into(),
+                self.dir.path().join("cfg").display().to_string(),
+            )],
+            log_file: self
+                .dir
+                .path()
+                .join(format!("drover-{}-cluster/ctl-1.log", self.set)),
+        }
     }
 
     /// Remote name of host `i` (1-based).
