@@ -86,9 +86,15 @@ impl LocalVms for ManagerVms {
 
     async fn lease_renewed(&self, stop_by: tokio::time::Instant) {
         let within = stop_by.saturating_duration_since(tokio::time::Instant::now());
-        let armed = std::env::current_exe()
-            .context("finding droverd's binary for the fence watchdog")
-            .and_then(|bin| crate::fence_watchdog::arm(self.0.state_dir(), within, &bin));
+        let state_dir = self.0.state_dir().to_path_buf();
+        // Off the runtime's threads: the lease loop must not wait on the disk.
+        let armed = tokio::task::spawn_blocking(move || {
+            std::env::current_exe()
+                .context("finding droverd's binary for the fence watchdog")
+                .and_then(|bin| crate::fence_watchdog::arm(&state_dir, within, &bin))
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the fence watchdog's arming failed: {e}")));
         if let Err(e) = armed {
             // Without the watchdog a dead droverd's members would outlive the lease.
             tracing::error!(error = format!("{e:#}"), "cannot arm the fence watchdog");

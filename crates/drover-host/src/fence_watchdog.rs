@@ -100,7 +100,8 @@ pub fn arm(state_dir: &Path, within: Duration, binary: &Path) -> anyhow::Result<
         droverd_pid: std::process::id(),
     };
     let json = serde_json::to_vec(&plan).context("encoding the fence plan")?;
-    crate::fsutil::replace_file(&state_dir.join(PLAN), &json)?;
+    // Only the running watchdog reads it: no fsync between two lease renewals.
+    crate::fsutil::replace_file_volatile(&state_dir.join(PLAN), &json)?;
     ensure_running(state_dir, binary)
 }
 

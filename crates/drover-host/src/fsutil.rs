@@ -7,6 +7,16 @@ use std::path::Path;
 /// Replace `path` with `data` atomically and durably: written beside it, synced, renamed over
 /// it, and the directory synced so the rename survives a crash.
 pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    replace(path, data, true)
+}
+
+/// Replace `path` with `data` atomically, not durably: for what only matters while this boot
+/// lasts (no fsync to wait for on a busy disk).
+pub fn replace_file_volatile(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    replace(path, data, false)
+}
+
+fn replace(path: &Path, data: &[u8], durable: bool) -> std::io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
@@ -15,9 +25,14 @@ pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_file_name(tmp_name);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(data)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| durable && !d.as_os_str().is_empty())
+    {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
