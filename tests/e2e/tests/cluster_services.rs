@@ -245,12 +245,16 @@ fn shop_runs_in_order_apart_and_survives_a_lost_host_a_lost_controller_and_a_par
     );
 
     // A readiness command: run through the agent until it exits 0; until then the member is
-    // not ready and `service show` says why.
+    // not ready and `service show` says why. Pinned to a live host: it runs there.
+    let pinned = f.remote(live[live.len() - 1]);
     let probe = f.dir.path().join("probe.toml");
     std::fs::write(
         &probe,
-        "name = \"probe\"\n[[app]]\nname = \"app\"\ncpus = 1\nmemory = \"256M\"\n\
-         ready = \"test -e /tmp/ok || { echo no /tmp/ok yet >&2; exit 3; }\"\n",
+        format!(
+            "name = \"probe\"\n[[app]]\nname = \"app\"\ncpus = 1\nmemory = \"256M\"\n\
+             pin_host = \"{pinned}\"\n\
+             ready = \"test -e /tmp/ok || {{ echo no /tmp/ok yet >&2; exit 3; }}\"\n"
+        ),
     )
     .unwrap();
     // If e1 led etcd, the other two elect a new leader first (a second or so): until then a
@@ -281,6 +285,7 @@ fn shop_runs_in_order_apart_and_survives_a_lost_host_a_lost_controller_and_a_par
         Some(4),
         "not available while not ready"
     );
+    assert_eq!(member["host"], pinned.as_str(), "pinned: {member}");
     let detail = member["detail"].as_str().unwrap_or_default();
     assert!(
         detail.contains("ready command exited 3: no /tmp/ok yet"),
