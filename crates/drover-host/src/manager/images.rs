@@ -506,15 +506,8 @@ impl Manager {
     /// A VM whose config (any of them) has `path` as a disk.
     fn vm_with_disk(&self, path: &Path) -> Option<String> {
         let vms = lock(&self.s.vms).clone();
-        vms.into_iter().find_map(|(name, slot)| {
-            let info = lock(&slot.info);
-            std::iter::once(&info.config)
-                .chain(info.running_config.iter())
-                .chain(info.next_config.iter())
-                .flat_map(|c| c.disks.iter())
-                .any(|d| d.path == path)
-                .then_some(name)
-        })
+        vms.into_iter()
+            .find_map(|(name, slot)| has_disk(&lock(&slot.info), path).then_some(name))
     }
 
     fn check_disk_free(&self, path: &Path) -> Result<()> {
@@ -528,12 +521,7 @@ impl Manager {
         for (name, slot) in vms {
             let (state, uses) = {
                 let info = lock(&slot.info);
-                let uses = std::iter::once(&info.config)
-                    .chain(info.running_config.iter())
-                    .chain(info.next_config.iter())
-                    .flat_map(|c| c.disks.iter())
-                    .any(|d| d.path == path);
-                (info.state, uses)
+                (info.state, has_disk(&info, path))
             };
             let layered = self
                 .all_layers(&name)?
@@ -555,6 +543,15 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Whether any of the VM's configs (booted, running, next) has `path` as a disk.
+fn has_disk(info: &drover_api::VmInfo, path: &Path) -> bool {
+    std::iter::once(&info.config)
+        .chain(info.running_config.iter())
+        .chain(info.next_config.iter())
+        .flat_map(|c| c.disks.iter())
+        .any(|d| d.path == path)
 }
 
 /// fsync a file or directory.
