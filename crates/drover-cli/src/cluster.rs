@@ -98,6 +98,25 @@ pub enum ClusterCmd {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
+    /// What each service's members used and what it cost, at the prices their hosts
+    /// registered (`[cost]` in their `host.toml`). Counted by the leading controller while it
+    /// sees members running: a lower bound (time without a leading controller is not counted).
+    ///
+    /// Examples:
+    ///   drover cluster usage
+    ///   drover cluster usage --by host
+    ///   drover cluster usage --service shop --by app --output json
+    #[command(verbatim_doc_comment)]
+    Usage {
+        /// One row per service, per app of a service, or per host.
+        #[arg(long, value_enum, default_value = "service")]
+        by: UsageBy,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
     /// Make these etcd endpoints the default cluster for this user.
     ///
     /// Example:
@@ -108,6 +127,27 @@ pub enum ClusterCmd {
         #[arg(value_delimiter = ',', required = true)]
         endpoints: Vec<String>,
     },
+}
+
+/// How `drover cluster usage` groups its rows.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum UsageBy {
+    /// One row per service.
+    Service,
+    /// One row per app of each service.
+    App,
+    /// One row per host.
+    Host,
+}
+
+impl From<UsageBy> for drover_cluster::usage::GroupBy {
+    fn from(b: UsageBy) -> Self {
+        match b {
+            UsageBy::Service => Self::Service,
+            UsageBy::App => Self::App,
+            UsageBy::Host => Self::Host,
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -149,6 +189,8 @@ struct ServiceView {
     /// The controller that last reported, `None` before any did.
     reported_by: Option<String>,
     members: Vec<MemberView>,
+    /// Apps with a scale rule.
+    scale: Vec<ScaleView>,
 }
 
 #[derive(Serialize)]
@@ -165,8 +207,34 @@ struct MemberView {
     full: MemberState,
 }
 
+/// An app with a scale rule: its members now and why.
+#[derive(Debug, Serialize)]
+struct ScaleView {
+    app: String,
+    replicas: u32,
+    /// The last change (`scaled out to 3: cpu 0.91 > 0.80 over 2 members`); `None` before any.
+    why: Option<String>,
+}
+
 async fn view(etcd: &Etcd, service: &Service) -> anyhow::Result<ServiceView> {
     let status = etcd.status(&service.name).await?;
+    // Scaled apps run as many members as their stored target says.
+    let targets = etcd.scale_targets().await?;
+    let mut scaled = [service.clone()];
+    drover_cluster::scale::apply_targets(&mut scaled, &targets);
+    let [service] = &scaled;
+    let scale: Vec<ScaleView> = service
+        .apps
+        .iter()
+        .filter(|a| a.scale.is_some())
+        .map(|a| ScaleView {
+            app: a.name.clone(),
+            replicas: a.replicas,
+            why: targets
+                .get(&(service.name.clone(), a.name.clone()))
+                .map(|t| t.why.clone()),
+        })
+        .collect();
     let reported: BTreeMap<_, _> = status
         .as_ref()
         .map(|s| s.members.iter().cloned().collect())
@@ -191,6 +259,7 @@ async fn view(etcd: &Etcd, service: &Service) -> anyhow::Result<ServiceView> {
         available: members.iter().all(|m| m.full.is_ready()),
         reported_by: status.map(|s| s.controller),
         members,
+        scale,
     })
 }
 
@@ -276,6 +345,13 @@ pub async fn service_cmd(cmd: ServiceCmd, out: &Out) -> anyhow::Result<u8> {
                     ]);
                 }
                 println!("{t}");
+                for sc in &v.scale {
+                    let why = sc
+                        .why
+                        .as_deref()
+                        .unwrap_or("as the file says, not scaled yet");
+                    println!("{}: {} members ({why})", sc.app, sc.replicas);
+                }
             }
             return Ok(if v.available { 0 } else { 4 });
         }
@@ -422,9 +498,72 @@ pub async fn host_list(args: EtcdArgs, out: &Out) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+fn usage_row(name: String, u: &drover_cluster::usage::Usage) -> [String; 5] {
+    [
+        name,
+        format!("{:.2}", u.vm_seconds / 3600.0),
+        format!("{:.2}", u.vcpu_seconds / 3600.0),
+        format!("{:.2}", u.gib_seconds / 3600.0),
+        format!("{:.4}", u.cost),
+    ]
+}
+
 /// Run a `drover cluster` command.
 pub async fn cluster_cmd(cmd: ClusterCmd, out: &Out) -> anyhow::Result<u8> {
     match cmd {
+        ClusterCmd::Usage { by, service, etcd } => {
+            let etcd = connect(&etcd).await?;
+            let rows: Vec<_> = etcd
+                .usage()
+                .await?
+                .into_iter()
+                .filter(|(k, _)| service.as_ref().is_none_or(|s| k.service == *s))
+                .collect();
+            let report = drover_cluster::usage::report(&rows, by.into());
+            if out.is_json() {
+                let rows: Vec<_> = report
+                    .iter()
+                    .map(|(k, u)| {
+                        serde_json::json!({
+                            "service": (!k.service.is_empty()).then_some(&k.service),
+                            "app": (!k.app.is_empty()).then_some(&k.app),
+                            "host": (!k.host.is_empty()).then_some(&k.host),
+                            "vm_hours": u.vm_seconds / 3600.0,
+                            "vcpu_hours": u.vcpu_seconds / 3600.0,
+                            "gib_hours": u.gib_seconds / 3600.0,
+                            "cost": u.cost,
+                            "since_ms": u.since_ms,
+                        })
+                    })
+                    .collect();
+                out.json_only(&rows);
+            } else if report.is_empty() {
+                println!("no usage counted yet (the leading controller counts running members)");
+            } else {
+                let mut t = Table::new();
+                t.load_preset(NOTHING);
+                let first = match by {
+                    UsageBy::Service => "SERVICE",
+                    UsageBy::App => "SERVICE/APP",
+                    UsageBy::Host => "HOST",
+                };
+                t.set_header([first, "VM-HOURS", "VCPU-HOURS", "GIB-HOURS", "COST"]);
+                let mut total = drover_cluster::usage::Usage::default();
+                for (k, u) in &report {
+                    let name = match by {
+                        UsageBy::Service => k.service.clone(),
+                        UsageBy::App => format!("{}/{}", k.service, k.app),
+                        UsageBy::Host => k.host.clone(),
+                    };
+                    t.add_row(usage_row(name, u));
+                    total.add(u);
+                }
+                if report.len() > 1 {
+                    t.add_row(usage_row("total".into(), &total));
+                }
+                println!("{t}");
+            }
+        }
         ClusterCmd::Use { endpoints } => {
             let path = cluster_file()?;
             if let Some(dir) = path.parent() {

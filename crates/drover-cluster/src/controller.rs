@@ -18,7 +18,9 @@ use crate::inventory::{HostInventory, HostStatus};
 use crate::reconcile::{
     reconcile, Action, Assignment, MemberState, ObservedVm, RestartPolicy, VmState, World,
 };
+use crate::scale::{self, Load, Target};
 use crate::service::{App, MemberId, Service};
+use crate::usage::Meter;
 
 /// Why a host could not be driven.
 #[derive(Debug, thiserror::Error)]
@@ -81,10 +83,20 @@ pub struct Controller<D> {
     pub driver: D,
     /// Restart policy for members.
     pub policy: RestartPolicy,
+    /// How fast scale rules act.
+    pub scale_policy: scale::Policy,
+    /// How often counted usage is written to etcd.
+    pub usage_flush_ms: u64,
     last_status: BTreeMap<String, Vec<(MemberId, MemberState)>>,
     /// Members whose readiness command passed, by host and start token: not asked again
     /// until they are started again.
     passed: BTreeSet<(MemberId, String, i64)>,
+    /// Each running member's last CPU sample (when, CPU seconds), by host and start token.
+    cpu: BTreeMap<(MemberId, String, i64), (u64, f64)>,
+    /// What the scale rules remember between rounds, by (service, app).
+    scale_memory: BTreeMap<(String, String), scale::Memory>,
+    /// Usage counted since the last flush.
+    meter: Meter,
 }
 
 /// Longest a host may take to list its VMs before the round goes on without it (its members
@@ -105,8 +117,13 @@ impl<D: HostDriver> Controller<D> {
             etcd,
             driver,
             policy: RestartPolicy::default(),
+            scale_policy: scale::Policy::default(),
+            usage_flush_ms: crate::usage::FLUSH_EVERY_MS,
             last_status: BTreeMap::new(),
             passed: BTreeSet::new(),
+            cpu: BTreeMap::new(),
+            scale_memory: BTreeMap::new(),
+            meter: Meter::default(),
         }
     }
 
@@ -117,8 +134,10 @@ impl<D: HostDriver> Controller<D> {
         lead: &mut Leadership,
         interval: Duration,
     ) -> Result<(), EtcdError> {
-        // What the previous leader wrote is unknown to this one: write every status again.
+        // What the previous leader wrote is unknown to this one: write every status again, and
+        // count usage afresh from this leader's first round.
         self.last_status.clear();
+        self.meter = Meter::default();
         loop {
             if lead.is_lost() {
                 return Err(EtcdError::NotLeader);
@@ -141,8 +160,17 @@ impl<D: HostDriver> Controller<D> {
     /// it at once; a host's error is reported and retried next round.
     pub async fn round(&mut self, lead: &Leadership) -> Result<RoundReport, EtcdError> {
         let hosts = self.etcd.hosts().await?;
-        let services = self.etcd.services().await?;
+        let mut services = self.etcd.services().await?;
         let assignments = self.etcd.assignments().await?;
+        let targets = self.etcd.scale_targets().await?;
+        // Members up to each scale rule's maximum are asked about, so a scaled-out member
+        // is seen whatever the target this round.
+        let mut asked = services.clone();
+        for app in asked.iter_mut().flat_map(|s| s.apps.iter_mut()) {
+            if let Some(rule) = &app.scale {
+                app.replicas = app.replicas.max(rule.max_replicas);
+            }
+        }
         let by_name: BTreeMap<&str, &HostInventory> = hosts
             .iter()
             .map(|h| (h.inventory.name.as_str(), &h.inventory))
@@ -152,7 +180,7 @@ impl<D: HostDriver> Controller<D> {
             .iter()
             .map(|a| (a.member.clone(), a.revision))
             .collect();
-        for s in &services {
+        for s in &asked {
             for (m, _) in s.members() {
                 if !members.iter().any(|(x, _)| *x == m) {
                     members.push((m, 0));
@@ -187,6 +215,15 @@ impl<D: HostDriver> Controller<D> {
         }
         let not_ready = self.check_ready(&services, &by_name, &mut observed).await;
         let now = now_ms();
+        self.scale(lead, &mut services, &targets, &assignments, &observed, now)
+            .await?;
+        self.meter
+            .round(now, &services, &hosts, &assignments, &observed);
+        if self.meter.due(now, self.usage_flush_ms) {
+            lead.add_usage(&self.meter.pending).await?;
+            self.meter.pending.clear();
+            self.meter.flushed_ms = now;
+        }
         let mut plan = reconcile(&World {
             services: &services,
             hosts: &hosts,
@@ -298,6 +335,91 @@ impl<D: HostDriver> Controller<D> {
         self.write_status(lead, &services, plan.members, now)
             .await?;
         Ok(report)
+    }
+
+    /// Apply the scale rules: measure each app's load from its members' CPU time since the last
+    /// round, write a changed target (fenced) and set the app's replicas to it for this round.
+    /// Targets of apps that lost their rule (or services that are gone) are removed.
+    async fn scale(
+        &mut self,
+        lead: &Leadership,
+        services: &mut [Service],
+        targets: &BTreeMap<(String, String), Target>,
+        assignments: &[Assignment],
+        observed: &[ObservedVm],
+        now: u64,
+    ) -> Result<(), EtcdError> {
+        let mut load: BTreeMap<(String, String), (f64, u32)> = BTreeMap::new();
+        let mut cpu = BTreeMap::new();
+        for vm in observed.iter().filter(|v| v.state != VmState::Stopped) {
+            let Some(seconds) = vm.cpu_seconds else {
+                continue;
+            };
+            let key = (vm.member.clone(), vm.host.clone(), vm.token);
+            let cpus = crate::service::app_of(services, &vm.member).map_or(0, |a| a.needs.cpus);
+            if let Some(l) = self
+                .cpu
+                .get(&key)
+                .and_then(|before| scale::cpu_load(*before, (now, seconds), cpus))
+            {
+                let e = load
+                    .entry((vm.member.service.clone(), vm.member.app.clone()))
+                    .or_default();
+                e.0 += l;
+                e.1 += 1;
+            }
+            cpu.insert(key, (now, seconds));
+        }
+        self.cpu = cpu;
+        let mut wanted = BTreeSet::new();
+        for service in services.iter_mut() {
+            let name = service.name.clone();
+            for app in &mut service.apps {
+                let Some(rule) = app.scale.clone() else {
+                    continue;
+                };
+                let key = (name.clone(), app.name.clone());
+                let current = targets.get(&key);
+                let replicas = current.map_or(app.replicas, |t| t.replicas);
+                let all_ready = (1..=replicas).all(|index| {
+                    let m = MemberId {
+                        service: name.clone(),
+                        app: app.name.clone(),
+                        index,
+                    };
+                    let host = assignments.iter().find(|a| a.member == m).map(|a| &a.host);
+                    observed.iter().any(|v| {
+                        v.member == m && Some(&v.host) == host && v.state == VmState::Ready
+                    })
+                });
+                let measured = load.get(&key).map(|(sum, n)| Load {
+                    average: sum / f64::from(*n),
+                    measured: *n,
+                    all_ready,
+                });
+                let memory = self.scale_memory.entry(key.clone()).or_default();
+                let (n, changed) = scale::decide(
+                    &self.scale_policy,
+                    &rule,
+                    app.replicas,
+                    current,
+                    measured,
+                    memory,
+                    now,
+                );
+                if let Some(t) = changed {
+                    tracing::info!(service = %name, app = %app.name, why = %t.why, "scaled");
+                    lead.put_scale(&name, &app.name, Some(&t)).await?;
+                }
+                app.replicas = n;
+                wanted.insert(key);
+            }
+        }
+        for (service, app) in targets.keys().filter(|k| !wanted.contains(*k)) {
+            lead.put_scale(service, app, None).await?;
+        }
+        self.scale_memory.retain(|k, _| wanted.contains(k));
+        Ok(())
     }
 
     /// Run the readiness commands of members whose agent is ready and whose command has not

@@ -8,6 +8,9 @@
 //! - `assign/<service>/<member>`: an [`Assignment`]; its mod revision is the member's fencing token.
 //! - `status/<service>`: the member states the leading controller last saw (fenced like every
 //!   controller write).
+//! - `scale/<service>/<app>`: a [`crate::scale::Target`]: how many members a scale rule wants now.
+//! - `usage/<service>/<app>/<host>`: a [`crate::usage::Usage`] row: what the app's members used
+//!   on that host.
 //! - `election`: the controllers' election (etcd's election API, each candidate on its own lease).
 //!
 //! Every write a controller decides is a transaction conditioned on its leader key's create
@@ -73,6 +76,13 @@ pub enum EtcdError {
         /// What is wrong.
         reason: String,
     },
+}
+
+fn json(key: &str, value: &impl serde::Serialize) -> Result<Vec<u8>, EtcdError> {
+    serde_json::to_vec(value).map_err(|e| EtcdError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn req(op: &'static str) -> impl FnOnce(etcd_client::Error) -> EtcdError {
@@ -233,10 +243,7 @@ impl Etcd {
             .await
             .map_err(self.req("lease grant"))?;
         let id = grant.id();
-        let value = serde_json::to_vec(inventory).map_err(|e| EtcdError::Corrupt {
-            key: inventory.name.clone(),
-            reason: e.to_string(),
-        })?;
+        let value = json(&inventory.name, inventory)?;
         let txn = Txn::new().and_then(vec![
             TxnOp::put(self.key(&format!("hosts/{}", inventory.name)), value, None),
             TxnOp::put(
@@ -360,6 +367,33 @@ impl Etcd {
                 a.revision = rev;
                 Ok(a)
             })
+            .collect()
+    }
+
+    // ---- scale targets and usage ----
+
+    /// Every app's scale target, by (service, app).
+    pub async fn scale_targets(
+        &self,
+    ) -> Result<std::collections::BTreeMap<(String, String), crate::scale::Target>, EtcdError> {
+        self.get_prefix("scale/")
+            .await?
+            .into_iter()
+            .map(|(k, v, _)| {
+                let (key, t): ((String, String), crate::scale::Target) = Self::parse(&k, &v)?;
+                Ok((key, t))
+            })
+            .collect()
+    }
+
+    /// Every usage row.
+    pub async fn usage(
+        &self,
+    ) -> Result<Vec<(crate::usage::UsageKey, crate::usage::Usage)>, EtcdError> {
+        self.get_prefix("usage/")
+            .await?
+            .into_iter()
+            .map(|(k, v, _)| Self::parse(&k, &v))
             .collect()
     }
 
@@ -611,16 +645,9 @@ impl Leadership {
 
     /// Write a member's assignment; the revision returned is its new fencing token.
     pub async fn assign(&self, a: &Assignment) -> Result<i64, EtcdError> {
-        let value = serde_json::to_vec(a).map_err(|e| EtcdError::Corrupt {
-            key: a.member.to_string(),
-            reason: e.to_string(),
-        })?;
-        self.fenced(vec![TxnOp::put(
-            self.etcd.assignment_key(&a.member),
-            value,
-            None,
-        )])
-        .await
+        let key = self.etcd.assignment_key(&a.member);
+        let value = json(&key, a)?;
+        self.fenced(vec![TxnOp::put(key, value, None)]).await
     }
 
     /// Record a service's member states for `drover service show` (or remove them: `None`).
@@ -631,16 +658,45 @@ impl Leadership {
     ) -> Result<(), EtcdError> {
         let key = self.etcd.key(&format!("status/{service}"));
         let op = match status {
-            Some(st) => {
-                let value = serde_json::to_vec(st).map_err(|e| EtcdError::Corrupt {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                })?;
-                TxnOp::put(key, value, None)
-            }
+            Some(st) => TxnOp::put(key.clone(), json(&key, st)?, None),
             None => TxnOp::delete(key, None),
         };
         self.fenced(vec![op]).await.map(|_| ())
+    }
+
+    /// Write an app's scale target (`None`: remove it, the service or its rule is gone).
+    pub async fn put_scale(
+        &self,
+        service: &str,
+        app: &str,
+        target: Option<&crate::scale::Target>,
+    ) -> Result<(), EtcdError> {
+        let key = self.etcd.key(&format!("scale/{service}/{app}"));
+        let op = match target {
+            Some(t) => TxnOp::put(key.clone(), json(&key, &((service, app), t))?, None),
+            None => TxnOp::delete(key, None),
+        };
+        self.fenced(vec![op]).await.map(|_| ())
+    }
+
+    /// Add what was counted to the stored usage rows, in one fenced write.
+    pub async fn add_usage(
+        &self,
+        counted: &std::collections::BTreeMap<crate::usage::UsageKey, crate::usage::Usage>,
+    ) -> Result<(), EtcdError> {
+        let mut rows: std::collections::BTreeMap<_, _> =
+            self.etcd.usage().await?.into_iter().collect();
+        let mut ops = Vec::new();
+        for (k, u) in counted {
+            let row = rows.entry(k.clone()).or_insert_with(Default::default);
+            row.add(u);
+            let key = self.etcd.key(&k.path());
+            ops.push(TxnOp::put(key.clone(), json(&key, &(k, &*row))?, None));
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.fenced(ops).await.map(|_| ())
     }
 
     /// Delete a member's assignment.

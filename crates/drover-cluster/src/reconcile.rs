@@ -42,7 +42,7 @@ pub struct Assignment {
 }
 
 /// What a host reports of one of its cluster VMs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ObservedVm {
     /// The host that runs it.
     pub host: String,
@@ -52,6 +52,10 @@ pub struct ObservedVm {
     pub token: i64,
     /// Its state.
     pub state: VmState,
+    /// CPU time its QEMU process has used so far, in seconds (for scale rules; `None` when the
+    /// host did not say).
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
 }
 
 /// A cluster VM's state as its host sees it.

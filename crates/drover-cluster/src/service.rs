@@ -81,13 +81,14 @@ pub enum Storage {
     Local,
 }
 
-/// A scale-out rule: add replicas while a metric is over a threshold.
+/// A scale-out rule: add replicas while a metric is over a threshold ([`crate::scale`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleRule {
-    /// The metric (`cpu`, `memory`, or an app metric reported through the agent).
+    /// The metric: `cpu`, the share of its vCPUs a member's QEMU used between two rounds.
     pub metric: String,
-    /// Add a replica while the metric's average over the members is above this.
+    /// Add a replica while the metric's average over the members is above this; remove one
+    /// once it stayed below half of it for two minutes.
     pub threshold: f64,
     /// Never more replicas than this.
     pub max_replicas: u32,
@@ -466,10 +467,23 @@ fn validate_app(file: &ServiceFile, a: &AppFile) -> Result<App, ServiceError> {
                 ),
             ));
         }
-        if !rule.threshold.is_finite() || rule.metric.is_empty() {
+        if !crate::scale::METRICS.contains(&rule.metric.as_str()) {
             return Err(impossible(
                 name,
-                "scale: give a metric and a finite threshold",
+                format!(
+                    "scale.metric = {:?}: the controller measures only {}",
+                    rule.metric,
+                    crate::scale::METRICS.join(", ")
+                ),
+            ));
+        }
+        if !rule.threshold.is_finite() || rule.threshold <= 0.0 || rule.threshold > 1.0 {
+            return Err(impossible(
+                name,
+                format!(
+                    "scale.threshold = {}: give the share of the members' vCPUs (0 < t <= 1, e.g. 0.8)",
+                    rule.threshold
+                ),
             ));
         }
     }
@@ -655,6 +669,14 @@ memory = "64M"
             "{base}[app.scale]\nmetric = \"cpu\"\nthreshold = 0.8\nmax_replicas = 0\n"
         ))
         .contains("scale.max_replicas"));
+        assert!(err(&format!(
+            "{base}[app.scale]\nmetric = \"queue\"\nthreshold = 0.8\nmax_replicas = 3\n"
+        ))
+        .contains("measures only cpu"));
+        assert!(err(&format!(
+            "{base}[app.scale]\nmetric = \"cpu\"\nthreshold = 80\nmax_replicas = 3\n"
+        ))
+        .contains("share of the members' vCPUs"));
         assert!(err("name = \"s\"\n").contains("has no [[app]]"));
         assert!(err("name = \"S\"\n").contains("invalid name"));
         assert!(err(&format!(

@@ -29,6 +29,10 @@ struct Fake {
     checks: Vec<(MemberId, String)>,
     /// Members whose readiness command fails, with what it says.
     not_ready: BTreeMap<MemberId, String>,
+    /// The share of its vCPU every member keeps busy (its CPU counter grows at that rate).
+    busy: f64,
+    /// Each member's CPU counter: (last read, seconds so far).
+    cpu: BTreeMap<MemberId, (Instant, f64)>,
 }
 
 impl FakeHosts {
@@ -47,18 +51,23 @@ impl HostDriver for FakeHosts {
         host: &HostInventory,
         _: &[(MemberId, i64)],
     ) -> Result<Vec<ObservedVm>, DriverError> {
-        Ok(self
-            .lock()
-            .running
-            .iter()
-            .filter(|(_, (h, _))| *h == host.name)
-            .map(|(m, (h, t))| ObservedVm {
+        let mut guard = self.lock();
+        let f = &mut *guard;
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (m, (h, t)) in f.running.iter().filter(|(_, (h, _))| *h == host.name) {
+            let (at, seconds) = f.cpu.entry(m.clone()).or_insert((now, 0.0));
+            *seconds += now.duration_since(*at).as_secs_f64() * f.busy;
+            *at = now;
+            out.push(ObservedVm {
                 host: h.clone(),
                 member: m.clone(),
                 token: *t,
                 state: VmState::Ready,
-            })
-            .collect())
+                cpu_seconds: Some(*seconds),
+            });
+        }
+        Ok(out)
     }
     async fn start(
         &self,
@@ -74,6 +83,7 @@ impl HostDriver for FakeHosts {
             }
         }
         f.running.insert(member.clone(), (host.name.clone(), token));
+        f.cpu.remove(member);
         f.starts.push((member.clone(), host.name.clone(), token));
         Ok(())
     }
@@ -315,5 +325,128 @@ async fn a_member_is_ready_only_once_its_ready_command_passes_and_its_dependents
         checks,
         "a passed command ran again"
     );
+    Ok(())
+}
+
+/// A scale rule on a real etcd: a busy app gains members one step at a time up to its maximum,
+/// an idle one sheds them after a sustained low, and what the members used is billed at their
+/// hosts' prices.
+#[tokio::test]
+async fn busy_apps_scale_out_idle_ones_scale_in_and_usage_is_billed() -> Result<()> {
+    let server = common::start_etcd().await?;
+    let etcd = common::connect(&server).await?;
+    let ttl = Duration::from_secs(5);
+    let mut alive = Vec::new();
+    for (name, vcpu_hour) in [("h1", 0.04), ("h2", 0.10)] {
+        let mut inv = HostInventory::new(name, 8, 8 << 30, 100 << 30);
+        inv.cost.vcpu_hour = vcpu_hour;
+        inv.cost.gib_hour = 0.01;
+        alive.push(keep_alive(etcd.join(&inv, ttl).await?));
+    }
+    let file = "name = \"batch\"\n[[app]]\nname = \"work\"\ncpus = 1\nmemory = \"1G\"\n\
+                [app.scale]\nmetric = \"cpu\"\nthreshold = 0.5\nmax_replicas = 3\n";
+    etcd.put_service("batch", file).await?;
+    let hosts = FakeHosts::default();
+    hosts.lock().busy = 1.0;
+    let mut c = Controller::new("ctl", common::connect(&server).await?, hosts.clone());
+    c.scale_policy = drover_cluster::scale::Policy {
+        out_cooldown_ms: 0,
+        in_after_ms: 1500,
+    };
+    c.usage_flush_ms = 0;
+    let lead = c.etcd.campaign("ctl", ttl).await?;
+    let members = |h: &FakeHosts| -> Vec<u32> {
+        let mut v: Vec<u32> = h.lock().running.keys().map(|m| m.index).collect();
+        v.sort();
+        v
+    };
+    let target = |e: &Etcd| {
+        let e = e.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                e.scale_targets()
+                    .await?
+                    .get(&("batch".to_string(), "work".to_string()))
+                    .map(|t| (t.replicas, t.why.clone())),
+            )
+        }
+    };
+
+    // The file's one member first; its first round only samples its CPU.
+    c.round(&lead).await?;
+    c.round(&lead).await?;
+    assert_eq!(members(&hosts), [1]);
+    assert_eq!(target(&etcd).await?, None);
+    // Busy: one member more per round (cooldown 0 here), never past max_replicas.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.round(&lead).await?;
+    assert_eq!(members(&hosts), [1, 2]);
+    let (n, why) = target(&etcd).await?.expect("a target is written");
+    assert_eq!(n, 2);
+    assert!(why.starts_with("scaled out to 2: cpu 1.0"), "{why}");
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.round(&lead).await?;
+    }
+    assert_eq!(members(&hosts), [1, 2, 3], "stops at max_replicas");
+    let status = etcd.status("batch").await?.expect("status");
+    assert_eq!(status.members.len(), 3);
+
+    // Idle: nothing changes until the load stayed low for in_after_ms, then one step at a time
+    // down to the file's replicas, newest member first.
+    hosts.lock().busy = 0.0;
+    c.round(&lead).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.round(&lead).await?;
+    assert_eq!(members(&hosts), [1, 2, 3], "a short lull changes nothing");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while members(&hosts) != [1] {
+        assert!(
+            Instant::now() < deadline,
+            "not scaled in: {:?}",
+            members(&hosts)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        c.round(&lead).await?;
+        assert!(!members(&hosts).is_empty());
+    }
+    let (n, why) = target(&etcd).await?.expect("target");
+    assert_eq!(n, 1);
+    assert!(why.starts_with("scaled in to 1: cpu 0.00 < 0.50"), "{why}");
+    // The stopped member's assignment goes the round after its stop.
+    c.round(&lead).await?;
+    assert_eq!(
+        etcd.assignments().await?.len(),
+        1,
+        "scaled-in members are unassigned"
+    );
+
+    // Usage: every row is the app's, each host's cost follows its own prices.
+    let rows = etcd.usage().await?;
+    assert!(!rows.is_empty());
+    let mut total = 0.0;
+    for (k, u) in &rows {
+        assert_eq!((k.service.as_str(), k.app.as_str()), ("batch", "work"));
+        let per_hour = if k.host == "h1" { 0.05 } else { 0.11 };
+        assert!(u.vm_seconds > 0.0 && u.vcpu_seconds == u.vm_seconds);
+        assert!((u.gib_seconds - u.vm_seconds).abs() < 1e-9);
+        assert!(
+            (u.cost - u.vm_seconds * per_hour / 3600.0).abs() < 1e-12,
+            "{k:?} {u:?}"
+        );
+        total += u.vm_seconds;
+    }
+    // Counted only while seen running: never more than the members could have run.
+    assert!(total > 1.0 && total < 3.0 * 20.0, "{total}");
+
+    // The rule removed from the file: its target goes too.
+    etcd.put_service(
+        "batch",
+        "name = \"batch\"\n[[app]]\nname = \"work\"\ncpus = 1\nmemory = \"1G\"\n",
+    )
+    .await?;
+    c.round(&lead).await?;
+    assert_eq!(target(&etcd).await?, None);
+    drop(alive);
     Ok(())
 }

@@ -113,6 +113,7 @@ fn nothing_fits_stays_pending_with_the_reason_until_a_host_appears() {
                     member: member.clone(),
                     token: rev,
                     state: VmState::Ready,
+                    cpu_seconds: None,
                 });
             }
         }
@@ -235,6 +236,7 @@ fn a_lost_host_moves_stateless_members_and_keeps_local_ones_waiting() {
             member: ms.clone(),
             token: 7,
             state: VmState::Ready,
+            cpu_seconds: None,
         }],
         now_ms: 1,
         policy: RestartPolicy::default(),
@@ -269,6 +271,7 @@ fn members_moved_off_a_lost_host_keep_the_start_order() {
         member: web2.clone(),
         token: 3,
         state: VmState::Ready,
+        cpu_seconds: None,
     };
     let round = |assignments: &[Assignment], observed: &[ObservedVm]| {
         reconcile(&World {
@@ -309,6 +312,7 @@ fn members_moved_off_a_lost_host_keep_the_start_order() {
         member: db.clone(),
         token: 4,
         state: VmState::Ready,
+        cpu_seconds: None,
     };
     let p = round(&moved, &[db_ready, ready_web2.clone()]);
     assert!(
@@ -329,6 +333,7 @@ fn a_copy_on_the_wrong_host_is_stopped_and_deleted_members_are_cleaned_up() {
         member: member.clone(),
         token: 1,
         state: VmState::Ready,
+        cpu_seconds: None,
     };
     let p = reconcile(&World {
         services: std::slice::from_ref(&service),

@@ -87,6 +87,28 @@ fn not_ready(r: &drover_proto::ExecResult) -> Option<String> {
     })
 }
 
+/// Largest metrics page read for CPU times; the rest is ignored.
+const MAX_METRICS: usize = 4 << 20;
+
+/// Each VM's QEMU CPU time from a host's `/metrics` page
+/// (`drover_vm_cpu_seconds_total{vm="web1"} 12.5`). The page comes over the network: lines that
+/// do not parse exactly are skipped.
+fn cpu_seconds(page: &[u8]) -> BTreeMap<String, f64> {
+    let page = &page[..page.len().min(MAX_METRICS)];
+    let text = String::from_utf8_lossy(page);
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("drover_vm_cpu_seconds_total{vm=\"")?;
+            let (name, rest) = rest.split_once("\"} ")?;
+            if name.is_empty() || name.len() > 64 || name.contains(['\\', '"']) {
+                return None;
+            }
+            let value: f64 = rest.split(' ').next()?.parse().ok()?;
+            (value.is_finite() && value >= 0.0).then(|| (name.to_string(), value))
+        })
+        .collect()
+}
+
 fn not_found(e: &ClientError) -> bool {
     e.code() == Some(ErrorCode::NotFound)
 }
@@ -98,7 +120,16 @@ impl HostDriver for Droverd {
         members: &[(MemberId, i64)],
     ) -> Result<Vec<ObservedVm>, DriverError> {
         let c = self.client(host)?;
-        let vms: Vec<VmInfo> = c.get("/v1/vms").await.map_err(|e| err(&host.name, e))?;
+        let (vms, metrics) = tokio::join!(c.get::<Vec<VmInfo>>("/v1/vms"), c.get_bytes("/metrics"));
+        let vms = vms.map_err(|e| err(&host.name, e))?;
+        // CPU time only feeds scale rules: a host whose metrics fail is still listed.
+        let cpu = match metrics {
+            Ok((_, body)) => cpu_seconds(&body),
+            Err(e) => {
+                tracing::debug!(host = %host.name, error = %e, "no metrics");
+                BTreeMap::new()
+            }
+        };
         let by_name: BTreeMap<&str, &VmInfo> = vms.iter().map(|v| (v.name.as_str(), v)).collect();
         Ok(members
             .iter()
@@ -124,6 +155,7 @@ impl HostDriver for Droverd {
                     // VM started before droverd recorded them).
                     token: vm.fence.as_ref().map(|f| f.token).unwrap_or(*token),
                     state,
+                    cpu_seconds: cpu.get(vm.name.as_str()).copied(),
                 })
             })
             .collect())
@@ -243,6 +275,21 @@ mod tests {
             stderr_truncated: false,
             duration_ms: 3,
         }
+    }
+
+    #[test]
+    fn cpu_times_are_read_from_the_metrics_page_and_anything_odd_is_skipped() {
+        let page = b"# TYPE drover_vm_cpu_seconds counter\n\
+drover_vm_cpu_seconds_total{vm=\"shop-web-1\"} 12.5\n\
+drover_vm_cpu_seconds_total{vm=\"x\"} NaN\n\
+drover_vm_cpu_seconds_total{vm=\"y\"} -1\n\
+drover_vm_cpu_seconds_total{vm=\"a\\\"b\"} 3\n\
+drover_vm_cpu_seconds_created{vm=\"shop-web-1\"} 1700000000\n\
+drover_vm_rss_bytes{vm=\"shop-web-1\"} 5\n";
+        let cpu = cpu_seconds(page);
+        assert_eq!(cpu.len(), 1, "{cpu:?}");
+        assert_eq!(cpu.get("shop-web-1"), Some(&12.5));
+        assert!(cpu_seconds(&[0xff; 64]).is_empty());
     }
 
     #[test]
