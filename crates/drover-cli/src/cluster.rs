@@ -508,6 +508,22 @@ fn usage_row(name: String, u: &drover_cluster::usage::Usage) -> [String; 5] {
     ]
 }
 
+/// `drover host drain|undrain NAME`.
+pub async fn host_drain(name: &str, drain: bool, args: EtcdArgs, out: &Out) -> anyhow::Result<u8> {
+    let etcd = connect(&args).await?;
+    if !etcd.hosts().await?.iter().any(|h| h.inventory.name == name) {
+        bail!("no host {name} in the cluster (see `drover host list`)");
+    }
+    etcd.set_draining(name, drain).await?;
+    out.json_only(&serde_json::json!({"host": name, "draining": drain}));
+    out.line(&if drain {
+        format!("host {name} is draining: it takes no new members and its stateless members move to other hosts; `drover host list` and `drover service show` follow it")
+    } else {
+        format!("host {name} takes members again")
+    });
+    Ok(0)
+}
+
 /// Run a `drover cluster` command.
 pub async fn cluster_cmd(cmd: ClusterCmd, out: &Out) -> anyhow::Result<u8> {
     match cmd {

@@ -254,6 +254,29 @@ enum HostCmd {
     /// Every host of the cluster: up/down/draining, used and total resources.
     #[command(alias = "ls")]
     List(cluster::EtcdArgs),
+    /// Drain a cluster host: it takes no new members, and its stateless members move to other
+    /// hosts, one member per app at a time and only while the app's other members are ready
+    /// (each is stopped, then started elsewhere: never two copies). Members with shared or
+    /// local disks, or `relocatable = false`, stay. Follow it with `drover host list` and
+    /// `drover service show`.
+    ///
+    /// Examples:
+    ///   drover host drain h2
+    ///   drover host undrain h2
+    #[command(verbatim_doc_comment)]
+    Drain {
+        /// The host's cluster name.
+        name: String,
+        #[command(flatten)]
+        etcd: cluster::EtcdArgs,
+    },
+    /// Let a drained host take members again (members moved off it stay where they are).
+    Undrain {
+        /// The host's cluster name.
+        name: String,
+        #[command(flatten)]
+        etcd: cluster::EtcdArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1290,7 +1313,10 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
     // `remote` commands edit the remotes file and must work whatever --remote says.
     let c = match cli.cmd {
         // Cluster commands talk to etcd, not to a droverd.
-        Cmd::Remote(_) | Cmd::Service(_) | Cmd::Cluster(_) | Cmd::Host(HostCmd::List(_)) => {
+        Cmd::Remote(_)
+        | Cmd::Service(_)
+        | Cmd::Cluster(_)
+        | Cmd::Host(HostCmd::List(_) | HostCmd::Drain { .. } | HostCmd::Undrain { .. }) => {
             Client::new(&cli.socket)
         }
         _ => client(&cli)?,
@@ -1300,6 +1326,12 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
         Cmd::Service(cmd) => return cluster::service_cmd(cmd, out).await,
         Cmd::Cluster(cmd) => return cluster::cluster_cmd(cmd, out).await,
         Cmd::Host(HostCmd::List(etcd)) => return cluster::host_list(etcd, out).await,
+        Cmd::Host(HostCmd::Drain { name, etcd }) => {
+            return cluster::host_drain(&name, true, etcd, out).await
+        }
+        Cmd::Host(HostCmd::Undrain { name, etcd }) => {
+            return cluster::host_drain(&name, false, etcd, out).await
+        }
         Cmd::Host(HostCmd::Info) => {
             let h: drover_api::HostInfo = c.get("/v1/host").await?;
             out.host(&h);

@@ -91,12 +91,21 @@ pub struct Controller<D> {
     /// Members whose readiness command passed, by host and start token: not asked again
     /// until they are started again.
     passed: BTreeSet<(MemberId, String, i64)>,
-    /// Each running member's last CPU sample (when, CPU seconds), by host and start token.
-    cpu: BTreeMap<(MemberId, String, i64), (u64, f64)>,
+    /// Each ready member's CPU samples, by host and start token.
+    cpu: BTreeMap<(MemberId, String, i64), CpuSample>,
     /// What the scale rules remember between rounds, by (service, app).
     scale_memory: BTreeMap<(String, String), scale::Memory>,
     /// Usage counted since the last flush.
     meter: Meter,
+}
+
+/// A ready member's last CPU reading.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    /// When it was first seen ready (ms since the epoch).
+    ready_since_ms: u64,
+    /// When it was last read, and its QEMU's CPU seconds then.
+    last: (u64, f64),
 }
 
 /// Longest a host may take to list its VMs before the round goes on without it (its members
@@ -351,24 +360,31 @@ impl<D: HostDriver> Controller<D> {
     ) -> Result<(), EtcdError> {
         let mut load: BTreeMap<(String, String), (f64, u32)> = BTreeMap::new();
         let mut cpu = BTreeMap::new();
-        for vm in observed.iter().filter(|v| v.state != VmState::Stopped) {
+        for vm in observed.iter().filter(|v| v.state == VmState::Ready) {
             let Some(seconds) = vm.cpu_seconds else {
                 continue;
             };
             let key = (vm.member.clone(), vm.host.clone(), vm.token);
             let cpus = crate::service::app_of(services, &vm.member).map_or(0, |a| a.needs.cpus);
-            if let Some(l) = self
-                .cpu
-                .get(&key)
-                .and_then(|before| scale::cpu_load(*before, (now, seconds), cpus))
-            {
+            let before = self.cpu.get(&key).copied();
+            let warm = before.filter(|b| {
+                b.last.0.saturating_sub(b.ready_since_ms) >= self.scale_policy.warmup_ms
+            });
+            if let Some(l) = warm.and_then(|b| scale::cpu_load(b.last, (now, seconds), cpus)) {
                 let e = load
                     .entry((vm.member.service.clone(), vm.member.app.clone()))
                     .or_default();
                 e.0 += l;
                 e.1 += 1;
             }
-            cpu.insert(key, (now, seconds));
+            let ready_since_ms = before.map_or(now, |b| b.ready_since_ms);
+            cpu.insert(
+                key,
+                CpuSample {
+                    ready_since_ms,
+                    last: (now, seconds),
+                },
+            );
         }
         self.cpu = cpu;
         let mut wanted = BTreeSet::new();

@@ -309,6 +309,9 @@ pub fn reconcile(world: &World<'_>) -> Plan {
         .map(|h| (h.inventory.name.as_str(), h.status))
         .collect();
     let host_up = |h: &str| matches!(status.get(h), Some(HostStatus::Up | HostStatus::Draining));
+    let draining = |h: &str| status.get(h) == Some(&HostStatus::Draining);
+    // Apps with a member being moved off a draining host this round (one at a time per app).
+    let mut evacuating: BTreeSet<(String, String)> = BTreeSet::new();
     let assigned: BTreeMap<&MemberId, &Assignment> =
         world.assignments.iter().map(|a| (&a.member, a)).collect();
     let mut running: BTreeMap<&MemberId, Vec<&ObservedVm>> = BTreeMap::new();
@@ -419,6 +422,30 @@ pub fn reconcile(world: &World<'_>) -> Plan {
                 Some(a) if world.unobserved.contains(&a.host) => MemberState::Unknown {
                     host: a.host.clone(),
                 },
+                Some(a)
+                    if draining(&a.host)
+                        && app.relocatable
+                        && app.storage == Storage::Stateless =>
+                {
+                    evacuate(
+                        &mut sched,
+                        world,
+                        &running,
+                        &member,
+                        app,
+                        a,
+                        &mut plan,
+                        &mut evacuating,
+                    )
+                    .unwrap_or_else(|| match ready(&states) {
+                        Some(reason) => MemberState::Waiting { reason },
+                        None => {
+                            sched.release(&member);
+                            let why = format!("host {} draining", a.host);
+                            place(&mut sched, &member, app, &a.avoid, &why, &mut plan)
+                        }
+                    })
+                }
                 Some(a) => {
                     let here = running
                         .get(&member)
@@ -466,6 +493,62 @@ fn place(
             reason: nofit.summary(),
         },
     }
+}
+
+/// A member on a draining host that may move. While it runs there: stopped (break before make,
+/// so there are never two copies) once every other member of its app is ready, no other member
+/// of the app is moving, and another host would take it; until then it stays as it is.
+/// `None` once it no longer runs there: the caller places it elsewhere.
+#[allow(clippy::too_many_arguments)]
+fn evacuate(
+    sched: &mut Scheduler,
+    world: &World<'_>,
+    running: &BTreeMap<&MemberId, Vec<&ObservedVm>>,
+    member: &MemberId,
+    app: &crate::service::App,
+    a: &Assignment,
+    plan: &mut Plan,
+    evacuating: &mut BTreeSet<(String, String)>,
+) -> Option<MemberState> {
+    let here = running
+        .get(member)
+        .and_then(|v| v.iter().find(|vm| vm.host == a.host))?;
+    let host = a.host.clone();
+    let state = if here.state == VmState::Ready {
+        MemberState::Ready { host: host.clone() }
+    } else {
+        MemberState::Starting { host: host.clone() }
+    };
+    let app_key = (member.service.clone(), member.app.clone());
+    let others_ready = (1..=app.replicas)
+        .filter(|i| *i != member.index)
+        .all(|index| {
+            let m = MemberId {
+                index,
+                ..member.clone()
+            };
+            let Some(assigned) = world.assignments.iter().find(|x| x.member == m) else {
+                return false;
+            };
+            running.get(&m).is_some_and(|v| {
+                v.iter()
+                    .any(|vm| vm.host == assigned.host && vm.state == VmState::Ready)
+            })
+        });
+    let mut req = Request::new(member, app);
+    req.avoid = &a.avoid;
+    let elsewhere = sched.explain(&req).chosen.is_some();
+    if here.state != VmState::Ready || !others_ready || !elsewhere || evacuating.contains(&app_key)
+    {
+        return Some(state);
+    }
+    evacuating.insert(app_key);
+    plan.actions.push(Action::Stop {
+        host,
+        member: member.clone(),
+        why: "its host is draining: moving it elsewhere".into(),
+    });
+    Some(state)
 }
 
 /// A member assigned to a live host that does not run there: restart, wait, or move it.

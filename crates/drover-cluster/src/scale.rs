@@ -1,7 +1,8 @@
 //! Scale-out: how many members an app with a `[app.scale]` rule runs, from its members' load.
 //!
 //! Pure: the controller measures each member's load between two rounds (vCPU time used over
-//! vCPU time given, from the QEMU process's CPU time its host reports), calls [`decide`] and
+//! vCPU time given, from the QEMU process's CPU time its host reports; only for members ready
+//! for [`Policy::warmup_ms`], as a guest that just booted is busy), calls [`decide`] and
 //! writes a changed target (fenced) before the reconciler places or stops members for it.
 //!
 //! Rules it keeps:
@@ -24,6 +25,10 @@ pub struct Policy {
     pub out_cooldown_ms: u64,
     /// How long the load must stay low before one member is removed.
     pub in_after_ms: u64,
+    /// A member's load counts only from this long after it was first seen ready: a guest
+    /// that just booted is still busy (under TCG an idle minimal guest read 0.87 right after
+    /// its agent answered).
+    pub warmup_ms: u64,
 }
 
 impl Default for Policy {
@@ -31,6 +36,7 @@ impl Default for Policy {
         Policy {
             out_cooldown_ms: 30_000,
             in_after_ms: 120_000,
+            warmup_ms: 10_000,
         }
     }
 }
@@ -182,6 +188,7 @@ mod tests {
     const P: Policy = Policy {
         out_cooldown_ms: 30_000,
         in_after_ms: 120_000,
+        warmup_ms: 10_000,
     };
 
     fn rule(threshold: f64, max: u32) -> ScaleRule {

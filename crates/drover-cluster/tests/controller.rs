@@ -352,6 +352,7 @@ async fn busy_apps_scale_out_idle_ones_scale_in_and_usage_is_billed() -> Result<
     c.scale_policy = drover_cluster::scale::Policy {
         out_cooldown_ms: 0,
         in_after_ms: 1500,
+        warmup_ms: 0,
     };
     c.usage_flush_ms = 0;
     let lead = c.etcd.campaign("ctl", ttl).await?;

@@ -631,3 +631,125 @@ proptest! {
         prop_assert_eq!(reconcile(&world), reconcile(&world));
     }
 }
+
+fn ready_on(host: &str, m: &MemberId) -> ObservedVm {
+    ObservedVm {
+        host: host.into(),
+        member: m.clone(),
+        token: 7,
+        state: VmState::Ready,
+        cpu_seconds: None,
+    }
+}
+
+#[test]
+fn a_draining_host_is_emptied_one_member_per_app_at_a_time_break_before_make() {
+    let web = one_app("replicas = 3\nanti_affinity = \"host\"\n");
+    let local = Service::from_toml(
+        "name = \"l\"\n[[app]]\nname = \"a\"\ncpus = 1\nmemory = \"64M\"\nstorage = \"local\"\n",
+    )
+    .unwrap();
+    let mut hosts = vec![
+        host("h1", 4, 4 * GIB),
+        host("h2", 4, 4 * GIB),
+        host("h3", 4, 4 * GIB),
+        host("h4", 4, 4 * GIB),
+    ];
+    hosts[0].status = HostStatus::Draining;
+    let (w1, w2, w3, l1) = (
+        member("s", "a", 1),
+        member("s", "a", 2),
+        member("s", "a", 3),
+        member("l", "a", 1),
+    );
+    let assigned = [
+        assignment(&w1, "h1", 1, 0),
+        assignment(&w2, "h2", 1, 0),
+        assignment(&w3, "h3", 1, 0),
+        assignment(&l1, "h1", 1, 0),
+    ];
+    let services = [web, local];
+    let round = |assignments: &[Assignment], observed: &[ObservedVm]| {
+        reconcile(&World {
+            services: &services,
+            hosts: &hosts,
+            assignments,
+            observed,
+            now_ms: 1,
+            policy: RestartPolicy::default(),
+            unobserved: &[],
+        })
+    };
+    // While another member of the app is not ready, nothing moves.
+    let mut w2_starting = ready_on("h2", &w2);
+    w2_starting.state = VmState::Running;
+    let all = [
+        ready_on("h1", &w1),
+        w2_starting,
+        ready_on("h3", &w3),
+        ready_on("h1", &l1),
+    ];
+    assert_eq!(round(&assigned, &all).actions, []);
+    // All ready: web-1 is stopped first (no second copy is started in the same round); the
+    // member with local disks stays.
+    let all = [
+        ready_on("h1", &w1),
+        ready_on("h2", &w2),
+        ready_on("h3", &w3),
+        ready_on("h1", &l1),
+    ];
+    let p = round(&assigned, &all);
+    assert!(
+        matches!(&p.actions[..], [Action::Stop { host, member, why }]
+            if host == "h1" && *member == w1 && why.contains("draining")),
+        "{:?}",
+        p.actions
+    );
+    // Once it is gone from h1 it is placed elsewhere, on the one host anti-affinity leaves.
+    let p = round(&assigned, &all[1..]);
+    assert!(
+        matches!(&p.actions[..], [Action::Place { member, host, why, .. }]
+            if *member == w1 && host == "h4" && why == "host h1 draining"),
+        "{:?}",
+        p.actions
+    );
+    // With nowhere else to go (h4 gone), the member keeps running where it is.
+    let three = &hosts[..3];
+    let p = reconcile(&World {
+        services: &services,
+        hosts: three,
+        assignments: &assigned,
+        observed: &all,
+        now_ms: 1,
+        policy: RestartPolicy::default(),
+        unobserved: &[],
+    });
+    assert_eq!(p.actions, []);
+    assert!(p.members.iter().any(|(m, s)| *m == w1 && s.is_ready()));
+}
+
+#[test]
+fn two_members_of_one_app_on_a_draining_host_move_one_at_a_time() {
+    let app = one_app("replicas = 2\n");
+    let mut hosts = vec![host("h1", 4, 4 * GIB), host("h2", 4, 4 * GIB)];
+    hosts[0].status = HostStatus::Draining;
+    let (w1, w2) = (member("s", "a", 1), member("s", "a", 2));
+    let p = reconcile(&World {
+        services: std::slice::from_ref(&app),
+        hosts: &hosts,
+        assignments: &[assignment(&w1, "h1", 1, 0), assignment(&w2, "h1", 1, 0)],
+        observed: &[ready_on("h1", &w1), ready_on("h1", &w2)],
+        now_ms: 1,
+        policy: RestartPolicy::default(),
+        unobserved: &[],
+    });
+    assert_eq!(
+        p.actions
+            .iter()
+            .filter(|a| matches!(a, Action::Stop { .. }))
+            .count(),
+        1,
+        "{:?}",
+        p.actions
+    );
+}

@@ -377,6 +377,84 @@ fn shop_runs_in_order_apart_and_survives_a_lost_host_a_lost_controller_and_a_par
         )),
         after
     );
+
+    // A host drained: its members (all stateless here) are stopped there, then started
+    // elsewhere one per app at a time (the checker never sees two copies); the host shows
+    // draining and takes nothing new.
+    let drained = after["web-2"].clone();
+    let checker = Checker::start(&f);
+    cli.ok(&["host", "drain", &drained]);
+    let v = wait_for(
+        "the members to move off the drained host",
+        Duration::from_secs(180),
+        || {
+            let v = show(&cli);
+            let off = hosts_of(&v).values().all(|h| *h != drained);
+            (off && v["available"] == true).then_some(v)
+        },
+    );
+    let moved = hosts_of(&v);
+    assert_ne!(moved["web-1"], moved["web-2"], "{v}");
+    let polls = checker.stop();
+    assert!(
+        polls.doubles.is_empty(),
+        "two copies of a member ran at once while draining: {:?}",
+        polls.doubles
+    );
+    let hosts = cli.json(&["host", "list"]);
+    let status = hosts
+        .as_array()
+        .and_then(|hs| {
+            hs.iter()
+                .find(|h| h["inventory"]["name"] == drained.as_str())
+        })
+        .map(|h| h["status"].clone());
+    assert_eq!(status, Some(Value::from("draining")), "{hosts}");
+    cli.ok(&["host", "undrain", &drained]);
+
+    // A scale rule on real guests: a member kept busy inside its guest makes the controller
+    // (reading each host's /metrics) add a second member, which becomes ready.
+    let burn = f.dir.path().join("burn.toml");
+    std::fs::write(
+        &burn,
+        "name = \"burn\"\n[[app]]\nname = \"app\"\ncpus = 1\nmemory = \"256M\"\n\
+         [app.scale]\nmetric = \"cpu\"\nthreshold = 0.3\nmax_replicas = 2\n",
+    )
+    .unwrap();
+    cli.ok(&["service", "apply", "-f", burn.to_str().unwrap()]);
+    let first = wait_for("burn-1 to be ready", Duration::from_secs(120), || {
+        let out = cli.drover(&["--output", "json", "service", "show", "burn"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["available"] == true).then_some(v)
+    });
+    assert_eq!(
+        first["members"].as_array().map(Vec::len),
+        Some(1),
+        "{first}"
+    );
+    assert_eq!(
+        first["scale"][0]["replicas"], 1,
+        "idle: not scaled: {first}"
+    );
+    let h = f.host(index(&f, first["members"][0]["host"].as_str().unwrap()));
+    h.sh(
+        "burn-app-1",
+        // Its own session: exec's process group is killed when the command returns.
+        "setsid sh -c 'while :; do :; done' >/dev/null 2>&1 </dev/null &",
+    );
+    let v = wait_for(
+        "a second member for the busy app",
+        Duration::from_secs(120),
+        || {
+            let out = cli.drover(&["--output", "json", "service", "show", "burn"]);
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let two = v["members"].as_array().map(Vec::len) == Some(2);
+            (two && v["available"] == true).then_some(v)
+        },
+    );
+    let why = v["scale"][0]["why"].as_str().unwrap_or_default();
+    assert!(why.starts_with("scaled out to 2: cpu "), "{v}");
+    cli.ok(&["service", "delete", "burn"]);
 }
 
 /// Polls every host's QEMU processes (by the `-name guest=VM` of QEMUs under the host's state
