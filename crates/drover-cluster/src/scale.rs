@@ -249,44 +249,16 @@ mod tests {
             why: String::new(),
         };
         let mut mem = Memory::default();
+        // Four members against a floor of two, at time `now`.
+        let mut four = |l, now| decide(&P, &r, 2, Some(&at(4)), l, &mut mem, now);
         let t0 = 10_000_000;
-        assert_eq!(
-            decide(&P, &r, 2, Some(&at(4)), load(0.1, 4), &mut mem, t0),
-            (4, None)
-        );
+        assert_eq!(four(load(0.1, 4), t0), (4, None));
         // A blip to 0.5: not over the threshold, but above half: the low stretch is broken.
-        let (n, _) = decide(
-            &P,
-            &r,
-            2,
-            Some(&at(4)),
-            load(0.5, 4),
-            &mut mem,
-            t0 + 100_000,
-        );
-        assert_eq!(n, 4);
-        assert_eq!(mem.low_since_ms, None);
+        assert_eq!(four(load(0.5, 4), t0 + 100_000).0, 4);
         let t1 = t0 + 110_000;
-        decide(&P, &r, 2, Some(&at(4)), load(0.1, 4), &mut mem, t1);
-        let (n, t) = decide(
-            &P,
-            &r,
-            2,
-            Some(&at(4)),
-            load(0.1, 4),
-            &mut mem,
-            t1 + P.in_after_ms - 1,
-        );
-        assert_eq!((n, t), (4, None));
-        let (n, t) = decide(
-            &P,
-            &r,
-            2,
-            Some(&at(4)),
-            load(0.1, 4),
-            &mut mem,
-            t1 + P.in_after_ms,
-        );
+        four(load(0.1, 4), t1);
+        assert_eq!(four(load(0.1, 4), t1 + P.in_after_ms - 1), (4, None));
+        let (n, t) = four(load(0.1, 4), t1 + P.in_after_ms);
         assert_eq!(n, 3);
         assert!(t
             .expect("scaled in")

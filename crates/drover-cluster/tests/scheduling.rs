@@ -154,6 +154,14 @@ fn assignment(m: &MemberId, host: &str, attempt: u32, started_ms: u64) -> Assign
     }
 }
 
+/// Service `l`: one app with local disks.
+fn local_app() -> Service {
+    Service::from_toml(
+        "name = \"l\"\n[[app]]\nname = \"a\"\ncpus = 1\nmemory = \"64M\"\nstorage = \"local\"\n",
+    )
+    .unwrap()
+}
+
 fn one_app(extra: &str) -> Service {
     Service::from_toml(&format!(
         "name = \"s\"\n[[app]]\nname = \"a\"\ncpus = 1\nmemory = \"64M\"\n{extra}"
@@ -219,10 +227,7 @@ fn an_exited_member_restarts_in_place_with_back_off_then_moves() {
 #[test]
 fn a_lost_host_moves_stateless_members_and_keeps_local_ones_waiting() {
     let stateless = one_app("");
-    let local = Service::from_toml(
-        "name = \"l\"\n[[app]]\nname = \"a\"\ncpus = 1\nmemory = \"64M\"\nstorage = \"local\"\n",
-    )
-    .unwrap();
+    let local = local_app();
     let mut hosts = vec![host("h1", 4, 4 * GIB), host("h2", 4, 4 * GIB)];
     hosts[0].status = HostStatus::Down;
     let (ms, ml) = (member("s", "a", 1), member("l", "a", 1));
@@ -645,10 +650,7 @@ fn ready_on(host: &str, m: &MemberId) -> ObservedVm {
 #[test]
 fn a_draining_host_is_emptied_one_member_per_app_at_a_time_break_before_make() {
     let web = one_app("replicas = 3\nanti_affinity = \"host\"\n");
-    let local = Service::from_toml(
-        "name = \"l\"\n[[app]]\nname = \"a\"\ncpus = 1\nmemory = \"64M\"\nstorage = \"local\"\n",
-    )
-    .unwrap();
+    let local = local_app();
     let mut hosts = vec![
         host("h1", 4, 4 * GIB),
         host("h2", 4, 4 * GIB),
