@@ -292,6 +292,22 @@ drover_vm_rss_bytes{vm=\"shop-web-1\"} 5\n";
         assert!(cpu_seconds(&[0xff; 64]).is_empty());
     }
 
+    proptest::proptest! {
+        /// Whatever a host's metrics page holds, reading it never panics and every CPU time
+        /// kept is a finite, non-negative number for a plausible VM name.
+        #[test]
+        fn any_metrics_page_reads_safely(page in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+                                         name in "[a-z0-9-]{1,20}", value in 0.0f64..1e9) {
+            let mut text = page.clone();
+            text.extend_from_slice(format!("\ndrover_vm_cpu_seconds_total{{vm=\"{name}\"}} {value}\n").as_bytes());
+            let cpu = cpu_seconds(&text);
+            proptest::prop_assert_eq!(cpu.get(&name).copied(), Some(value));
+            for (n, v) in cpu_seconds(&page) {
+                proptest::prop_assert!(v.is_finite() && v >= 0.0 && !n.is_empty() && n.len() <= 64);
+            }
+        }
+    }
+
     #[test]
     fn a_ready_command_passes_only_on_exit_0_and_says_why_not_in_one_short_line() {
         assert_eq!(not_ready(&ran(Some(0), "noise")), None);
