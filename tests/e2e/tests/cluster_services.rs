@@ -455,6 +455,24 @@ fn shop_runs_in_order_apart_and_survives_a_lost_host_a_lost_controller_and_a_par
     let why = v["scale"][0]["why"].as_str().unwrap_or_default();
     assert!(why.starts_with("scaled out to 2: cpu "), "{v}");
     cli.ok(&["service", "delete", "burn"]);
+
+    // Usage: what the members used, per app, at their hosts' prices (cluster.sh registers
+    // prices on every host), with a total in the text form.
+    let usage = cli.json(&["cluster", "usage", "--by", "app"]);
+    let rows = usage.as_array().cloned().unwrap_or_default();
+    let web = rows
+        .iter()
+        .find(|r| r["service"] == "shop" && r["app"] == "web")
+        .unwrap_or_else(|| panic!("no usage row for shop/web: {usage}"));
+    let hours = web["vm_hours"].as_f64().unwrap_or_default();
+    assert!(hours > 0.0 && hours < 1.0, "{web}");
+    assert!(web["cost"].as_f64().unwrap_or_default() > 0.0, "{web}");
+    let text = cli.drover(&["cluster", "usage"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("VM-HOURS") && text.contains("total"),
+        "{text}"
+    );
 }
 
 /// Polls every host's QEMU processes (by the `-name guest=VM` of QEMUs under the host's state
