@@ -223,7 +223,7 @@ impl Manager {
         here: bool,
     ) -> (
         Vec<drover_api::Difference>,
-        std::result::Result<BTreeMap<String, (MacAddr, MacAddr)>, String>,
+        std::result::Result<NicPlan, String>,
     ) {
         use drover_api::{Difference, Verdict};
         let mut out = Vec::new();
@@ -293,6 +293,9 @@ impl Manager {
     }
 }
 
+/// Each NIC to give a new MAC, by id: its MAC in the saved state and its new one.
+pub(super) type NicPlan = BTreeMap<String, (MacAddr, MacAddr)>;
+
 /// Whether `req` asks for more than bringing the VM back as it was.
 pub(super) fn reshapes(req: &drover_api::ResumeRequest) -> bool {
     req.cpus.is_some() || req.memory.is_some() || !req.nics.is_empty() || req.new_identity
@@ -305,7 +308,7 @@ pub(super) fn plan_nics(
     cfg: &VmConfig,
     asked: &[NicMac],
     taken: &HashSet<MacAddr>,
-) -> std::result::Result<BTreeMap<String, (MacAddr, MacAddr)>, String> {
+) -> std::result::Result<NicPlan, String> {
     let mut out = BTreeMap::new();
     for a in asked {
         let Some(nic) = cfg.nics.iter().find(|n| n.id.as_str() == a.id) else {
