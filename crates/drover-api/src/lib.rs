@@ -39,7 +39,7 @@
 //! | POST | `/vms/{name}/states` | [`SnapshotRequest`] | [`StateInfo`] |
 //! | GET | `/vms/{name}/states/{state}` |  | [`StateInfo`] |
 //! | DELETE | `/vms/{name}/states/{state}` |  | [`StateInfo`] (as it was) |
-//! | POST | `/vms/{name}/states/{state}/restore` |  | [`VmInfo`] |
+//! | POST | `/vms/{name}/states/{state}/restore` | [`ResumeRequest`] (optional) | [`VmInfo`] |
 //! | POST | `/vms/{name}/states/{state}/check` | [`StateCheckRequest`] | [`StateCheck`] |
 //! | GET | `/images` |  | `Vec<DiskImage>` |
 //! | POST | `/images` | [`ImageImportRequest`] | [`DiskImage`] (admin) |
@@ -349,7 +349,8 @@ pub struct CloneResult {
     pub total_ms: u64,
 }
 
-/// Options of `resume`: the shape to grow to once the VM runs again.
+/// Options of `resume` and of a state's `restore` (the body of both, all optional): the shape
+/// to grow to and the identity to take once the VM runs again.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResumeRequest {
@@ -994,6 +995,12 @@ pub struct StateCheckRequest {
     /// Memory to resume with (`2G`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    /// NICs to give a new MAC (as a resume's or restore's `--nic ID,mac=MAC`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicMac>,
+    /// Whether the resume or restore asks for a new identity (needs the guest agent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_identity: bool,
 }
 
 /// Whether a saved state fits a target, difference by difference.

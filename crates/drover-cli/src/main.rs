@@ -185,9 +185,15 @@ enum SnapshotCmd {
     /// With --on REMOTE the state is checked against that host first, the VM moves there with
     /// its states (live if it runs, else offline), and the state is restored there.
     ///
+    /// With --cpus, --memory, --nic ID,mac=MAC or --new-identity the VM is adapted once it
+    /// runs, exactly as `vm resume` adapts it; what cannot be adapted is refused before anything
+    /// changes. Exit code 6 when it runs but its agent did not take the new identity or MACs.
+    ///
     /// Examples:
     ///   drover snapshot restore web1 before-upgrade
     ///   drover snapshot restore web1 s2 --on b2
+    ///   drover snapshot restore web1 s2 --cpus 2 --memory 1G --new-identity
+    ///   drover snapshot restore web1 s2 --on b2 --nic net0,mac=52:54:00:12:34:56
     #[command(verbatim_doc_comment)]
     Restore {
         /// VM name.
@@ -197,6 +203,8 @@ enum SnapshotCmd {
         /// Restore it on this remote host (`drover remote list`).
         #[arg(long, value_name = "REMOTE")]
         on: Option<String>,
+        #[command(flatten)]
+        shape: ShapeArgs,
     },
     /// Delete a state.
     Delete {
@@ -227,12 +235,8 @@ enum SnapshotCmd {
         /// Check against this remote host (`drover remote list`) instead of the VM's host.
         #[arg(long, value_name = "REMOTE")]
         on: Option<String>,
-        /// vCPUs to resume with.
-        #[arg(long)]
-        cpus: Option<u32>,
-        /// Memory to resume with, e.g. 2G.
-        #[arg(long, value_name = "SIZE")]
-        memory: Option<String>,
+        #[command(flatten)]
+        shape: ShapeArgs,
     },
 }
 
@@ -455,6 +459,44 @@ enum RemoteCmd {
         /// Its name.
         name: String,
     },
+}
+
+/// The shape and identity a resumed or restored VM is adapted to once it runs.
+#[derive(Args, Debug, Clone)]
+struct ShapeArgs {
+    /// Grow to this many vCPUs once it runs (hot-plugged; within the host's CPUs).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Grow to this much memory once it runs (hot-plugged DIMMs; needs --max-memory at
+    /// create, and steps of 128M).
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Give NIC ID a new MAC (repeatable). It keeps its id and PCI address; the guest's
+    /// agent takes the new address and renews its DHCP lease. Needs the agent.
+    #[arg(long = "nic", value_name = "ID,mac=MAC")]
+    nics: Vec<String>,
+    /// Give the guest a new identity once it runs: hostname (the VM's name), machine-id,
+    /// SSH host keys where it has any, a DHCP renew; /etc/drover/hooks/restored.d/* run with
+    /// the old and new values, and apps under `drover-guest listen` get a `restored` event.
+    /// Needs the agent.
+    #[arg(long)]
+    new_identity: bool,
+}
+
+impl ShapeArgs {
+    /// As the body of a resume or restore.
+    fn request(&self) -> anyhow::Result<drover_api::ResumeRequest> {
+        Ok(drover_api::ResumeRequest {
+            cpus: self.cpus,
+            memory: self.memory.clone(),
+            nics: self
+                .nics
+                .iter()
+                .map(|n| parse_nic_mac(n))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            new_identity: self.new_identity,
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -868,23 +910,8 @@ enum VmCmd {
     Resume {
         /// VM name.
         name: String,
-        /// Grow to this many vCPUs once it runs (hot-plugged; within the host's CPUs).
-        #[arg(long, value_name = "N")]
-        cpus: Option<u32>,
-        /// Grow to this much memory once it runs (hot-plugged DIMMs; needs --max-memory at
-        /// create, and steps of 128M).
-        #[arg(long, value_name = "SIZE")]
-        memory: Option<String>,
-        /// Give NIC ID a new MAC (repeatable). It keeps its id and PCI address; the guest's
-        /// agent takes the new address and renews its DHCP lease. Needs the agent.
-        #[arg(long = "nic", value_name = "ID,mac=MAC")]
-        nics: Vec<String>,
-        /// Give the guest a new identity once it runs: hostname (the VM's name), machine-id,
-        /// SSH host keys where it has any, a DHCP renew; /etc/drover/hooks/restored.d/* run with
-        /// the old and new values, and apps under `drover-guest listen` get a `restored` event.
-        /// Needs the agent.
-        #[arg(long)]
-        new_identity: bool,
+        #[command(flatten)]
+        shape: ShapeArgs,
         /// Resume it on this remote host (`drover remote list`): checked there first, then its
         /// state and disks move as `vm migrate --offline` moves them, then it resumes there.
         #[arg(long, value_name = "REMOTE")]
@@ -1484,11 +1511,17 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
                     .await?;
                 out.state(&st);
             }
-            SnapshotCmd::Restore { vm, state, on } => {
+            SnapshotCmd::Restore {
+                vm,
+                state,
+                on,
+                shape,
+            } => {
+                let req = shape.request()?;
                 let mut target = c.clone();
                 if let Some(r) = &on {
                     let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(&vm)?)).await?;
-                    if let Some(code) = check_on(&c, out, &vm, &state, r, None, None).await? {
+                    if let Some(code) = check_on(&c, out, &vm, &state, r, &req).await? {
                         return Ok(code);
                     }
                     let opts = MigrateOpts {
@@ -1503,7 +1536,7 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
                 let v: VmInfo = c
                     .post(
                         &format!("/v1/vms/{}/states/{}/restore", seg(&vm)?, seg(&state)?),
-                        &serde_json::json!({}),
+                        &req,
                     )
                     .await?;
                 p.done(&format!(
@@ -1511,15 +1544,17 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<u8> {
                     v.pid.unwrap_or(0)
                 ));
                 out.json_only(&v);
+                if !identity_taken(out, &vm, &req, &v) {
+                    return Ok(6);
+                }
             }
             SnapshotCmd::Check {
                 vm,
                 state,
                 on,
-                cpus,
-                memory,
+                shape,
             } => {
-                let r = check_state(&c, &vm, &state, on.as_deref(), cpus, memory).await?;
+                let r = check_state(&c, &vm, &state, on.as_deref(), &shape.request()?).await?;
                 out.state_check(&r);
                 return Ok(if r.fits { 0 } else { 4 });
             }
@@ -1943,17 +1978,11 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
         }
         VmCmd::Resume {
             name,
-            cpus,
-            memory,
-            nics,
-            new_identity,
+            shape,
             on,
             wait,
         } => {
-            let nics = nics
-                .iter()
-                .map(|n| parse_nic_mac(n))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let req = shape.request()?;
             let mut target = c.clone();
             if let Some(r) = &on {
                 let v: VmInfo = c.get(&format!("/v1/vms/{}", seg(&name)?)).await?;
@@ -1961,8 +1990,7 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                     out.error(&anyhow::anyhow!("VM {name} is {}, not hibernated", v.state));
                     return Ok(4);
                 };
-                let (cpus, memory) = (cpus, memory.clone());
-                if let Some(code) = check_on(c, out, &name, &h.state, r, cpus, memory).await? {
+                if let Some(code) = check_on(c, out, &name, &h.state, r, &req).await? {
                     return Ok(code);
                 }
                 let opts = MigrateOpts {
@@ -1975,44 +2003,16 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             let c = &target;
             let p = out.progress(&format!("resuming {name}"));
             let v: VmInfo = c
-                .post(
-                    &format!("/v1/vms/{}/resume", seg(&name)?),
-                    &drover_api::ResumeRequest {
-                        cpus,
-                        memory,
-                        nics: nics.clone(),
-                        new_identity,
-                    },
-                )
+                .post(&format!("/v1/vms/{}/resume", seg(&name)?), &req)
                 .await?;
             p.done(&format!("{name} resumed (pid {})", v.pid.unwrap_or(0)));
-            let adapted = !nics.is_empty() || new_identity;
-            if let Some(i) = v.identity.as_ref().filter(|_| adapted) {
-                match &i.error {
-                    None => out.line(&format!(
-                        "  changed in the guest: {}; hooks: {}",
-                        if i.changed.is_empty() {
-                            "nothing".to_string()
-                        } else {
-                            i.changed.join(", ")
-                        },
-                        if i.hooks.is_empty() {
-                            "none".to_string()
-                        } else {
-                            i.hooks.join(", ")
-                        }
-                    )),
-                    Some(e) => out.error(&anyhow::anyhow!(
-                        "{name} runs, but its new identity or MACs were not applied: {e}"
-                    )),
-                }
-            }
+            let taken = identity_taken(out, &name, &req, &v);
             if wait.wait {
                 wait_agent(c, out, &name, wait.wait_timeout).await?;
             } else {
                 out.json_only(&v);
             }
-            if adapted && v.identity.as_ref().is_none_or(|i| i.error.is_some()) {
+            if !taken {
                 return Ok(6);
             }
         }
@@ -2261,6 +2261,15 @@ fn parse_nic_mac(s: &str) -> anyhow::Result<drover_api::NicMac> {
     let bad =
         || anyhow::anyhow!("--nic {s}: give it as ID,mac=MAC (e.g. net0,mac=52:54:00:12:34:56)");
     let (id, rest) = s.split_once(',').ok_or_else(bad)?;
+    if rest.split(',').any(|kv| kv.starts_with("net=")) {
+        // NICs attach to QEMU user networking or to a tap device the host owns; droverd has no
+        // named host networks to move a NIC between, so there is nothing `net=` could name.
+        anyhow::bail!(
+            "--nic {s}: net= is not supported: this host has no named networks (a NIC is user-mode \
+             NAT or an existing tap device); resume or restore as it was, then `drover vm detach` \
+             the NIC and `drover vm attach` one on the backend you want"
+        );
+    }
     let mac = rest.strip_prefix("mac=").ok_or_else(bad)?;
     if id.is_empty() || mac.is_empty() || mac.contains(',') {
         return Err(bad());
@@ -2343,8 +2352,7 @@ async fn check_state(
     vm: &str,
     state: &str,
     on: Option<&str>,
-    cpus: Option<u32>,
-    memory: Option<String>,
+    shape: &drover_api::ResumeRequest,
 ) -> anyhow::Result<drover_api::StateCheck> {
     let target = match on {
         None => None,
@@ -2361,8 +2369,10 @@ async fn check_state(
         &drover_api::StateCheckRequest {
             target,
             target_name: on.map(str::to_string),
-            cpus,
-            memory,
+            cpus: shape.cpus,
+            memory: shape.memory.clone(),
+            nics: shape.nics.clone(),
+            new_identity: shape.new_identity,
         },
     )
     .await?)
@@ -2376,10 +2386,9 @@ async fn check_on(
     vm: &str,
     state: &str,
     on: &str,
-    cpus: Option<u32>,
-    memory: Option<String>,
+    shape: &drover_api::ResumeRequest,
 ) -> anyhow::Result<Option<u8>> {
-    let r = check_state(c, vm, state, Some(on), cpus, memory).await?;
+    let r = check_state(c, vm, state, Some(on), shape).await?;
     if r.fits {
         return Ok(None);
     }
@@ -2394,6 +2403,40 @@ async fn check_on(
         why.join("; ")
     ));
     Ok(Some(4))
+}
+
+/// After a resume or restore as `req`: print what the agent changed in the guest; false when a
+/// new identity or MACs were asked for and not taken.
+fn identity_taken(out: &Out, name: &str, req: &drover_api::ResumeRequest, v: &VmInfo) -> bool {
+    if req.nics.is_empty() && !req.new_identity {
+        return true;
+    }
+    let list = |l: &[String]| {
+        if l.is_empty() {
+            "none".to_string()
+        } else {
+            l.join(", ")
+        }
+    };
+    match &v.identity {
+        Some(i) => match &i.error {
+            None => {
+                out.line(&format!(
+                    "  changed in the guest: {}; hooks: {}",
+                    list(&i.changed),
+                    list(&i.hooks)
+                ));
+                true
+            }
+            Some(e) => {
+                out.error(&anyhow::anyhow!(
+                    "{name} runs, but its new identity or MACs were not applied: {e}"
+                ));
+                false
+            }
+        },
+        None => false,
+    }
 }
 
 async fn wait_agent(c: &Client, out: &Out, name: &str, timeout: u64) -> anyhow::Result<()> {
@@ -2435,6 +2478,14 @@ mod tests {
         ] {
             let e = super::parse_nic_mac(bad).unwrap_err().to_string();
             assert!(e.contains("ID,mac=MAC"), "{bad}: {e}");
+        }
+        // Moving a NIC to another network is refused by name, with what to do instead.
+        for net in ["net0,net=lan", "net0,mac=52:54:00:ab:cd:01,net=lan"] {
+            let e = super::parse_nic_mac(net).unwrap_err().to_string();
+            assert!(
+                e.contains("net= is not supported") && e.contains("vm attach"),
+                "{e}"
+            );
         }
     }
 }

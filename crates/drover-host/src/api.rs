@@ -1314,6 +1314,7 @@ async fn resume(
     tag = "states",
     summary = "Run the VM from a saved state (a running VM is replaced)",
     params(("name" = String, Path, description = "The VM's name"), ("state" = String, Path, description = "The state's id or name")),
+    request_body = drover_api::ResumeRequest,
     responses(
         (status = 200, description = "Done", body = drover_api::VmInfo),
     ),
@@ -1322,9 +1323,10 @@ async fn state_restore(
     State(m): State<Manager>,
     who: Who,
     Path((name, state)): Path<(String, String)>,
+    Body(req): Body<drover_api::ResumeRequest>,
 ) -> Res<drover_api::VmInfo> {
     Ok(Json(
-        detached(async move { m.snapshot_restore(&name, &state, &who.0).await }).await?,
+        detached(async move { m.snapshot_restore(&name, &state, &req, &who.0).await }).await?,
     ))
 }
 

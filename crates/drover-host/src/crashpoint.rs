@@ -12,7 +12,8 @@
 //! state's memory back into RAM under a temporary name), `start-spawned` (a start's QEMU
 //! launched, QMP not connected yet), `restore-loading` (a restore's QEMU up, its state not
 //! loaded), `delete-files` (a delete recorded, its files not removed yet), `clone-identity` (a
-//! clone runs, its agent not yet given its identity).
+//! clone runs, its agent not yet given its identity), `restore-identity` (a resumed or restored
+//! VM runs, its agent not yet given its new identity or MACs).
 
 /// Die here if the test environment asks for it (debug builds only).
 pub fn hit(point: &str) {

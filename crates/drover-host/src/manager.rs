@@ -95,7 +95,7 @@ pub(crate) struct RestoreSpec {
 
 const VMS: &str = "vms";
 /// Tables besides [`VMS`] with one row per VM, keyed by its name.
-const VM_TABLES_BY_NAME: &[&str] = &[HISTORY, identity::GENERATIONS];
+const VM_TABLES_BY_NAME: &[&str] = &[HISTORY, identity::GENERATIONS, identity::PENDING_IDENTITIES];
 /// Tables whose rows of VM `n` are keyed `n/...`.
 const VM_TABLES_BY_PREFIX: &[&str] = &[
     JOURNAL,

@@ -245,7 +245,7 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
 /// is refused first with nothing changed.
 #[test]
 fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     d.ok(&[
         "vm",
         "create",
@@ -285,6 +285,12 @@ fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
     let kb0 = mem_kb(&d, "r");
     let old_id = d.sh("r", "cat /etc/machine-id").trim().to_string();
     assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), old_mac);
+    // The same moment kept as a state, for `snapshot restore` with the same options below.
+    d.ok(&["snapshot", "create", "r", "--name", "base"]);
+    wait_for("the state to be ready", Duration::from_secs(60), || {
+        let s = d.json(&["snapshot", "show", "r", "base"]);
+        (s["phase"] != "capturing").then_some(())
+    });
     d.ok(&["vm", "hibernate", "r"]);
     assert_eq!(d.json(&["vm", "show", "r"])["hibernation"]["agent"], true);
 
@@ -382,4 +388,91 @@ fn resume_as_another_machine_new_mac_and_identity_checked_from_inside() {
             && changed.contains("mac:eth0"),
         "{v}"
     );
+
+    restore_as_another_machine_survives_a_crash(&mut d, &nic_id, &[&old_id, &new_id], kb0);
+}
+
+/// `snapshot restore` with the same options as the resume above (issue 15): a check and a
+/// restore refuse the same NIC with nothing changed; then a restore as another shape, cut off
+/// by a droverd crash after the restored guest runs and before its agent took the new identity
+/// (crash point `restore-identity`, debug builds): the next droverd re-adopts it and sends the
+/// identity, which the guest shows (hostname, a third machine-id, the MAC), its hook run once.
+fn restore_as_another_machine_survives_a_crash(
+    d: &mut Daemon,
+    nic_id: &str,
+    old_ids: &[&str],
+    kb0: u64,
+) {
+    let bad = ["--nic", "nope,mac=52:54:00:5e:00:43", "--new-identity"];
+    let out = d.drover(
+        &[
+            &["--output", "json", "snapshot", "check", "r", "base"],
+            &bad[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(check["fits"], false, "{check}");
+    let e = d.fails(
+        4,
+        &[&["snapshot", "restore", "r", "base"], &bad[..]].concat(),
+    );
+    assert!(
+        e.contains("nothing was changed") && e.contains("no NIC nope"),
+        "{e}"
+    );
+    assert_eq!(d.json(&["vm", "show", "r"])["state"], "running");
+    assert_eq!(d.sh("r", "hostname").trim(), "r");
+
+    let mac = "52:54:00:5e:00:43";
+    let spec = format!("{nic_id},mac={mac}");
+    let shape = [
+        "--cpus",
+        "2",
+        "--memory",
+        "384M",
+        "--nic",
+        &spec,
+        "--new-identity",
+    ];
+    let check = d.json(&[&["snapshot", "check", "r", "base"], &shape[..]].concat());
+    assert_eq!(check["fits"], true, "{check}");
+    d.kill9();
+    d.set_env(&[("DROVER_TEST_CRASH_AT", "restore-identity")]);
+    d.spawn();
+    let out = d.drover(&[&["snapshot", "restore", "r", "base"], &shape[..]].concat());
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        d.wait_exit(Duration::from_secs(60)),
+        "droverd did not reach restore-identity"
+    );
+    d.set_env(&[]);
+    d.spawn();
+    // The restored guest came back as `before-1`; the next droverd sends the identity again.
+    wait_for(
+        "the identity after the restart",
+        Duration::from_secs(90),
+        || {
+            let o = d.drover(&["vm", "exec", "r", "--", "hostname"]);
+            (o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "r").then_some(())
+        },
+    );
+    assert_eq!(
+        d.sh("r", "cat /tmp/mem").trim(),
+        "MEM-ident",
+        "the saved memory"
+    );
+    let id = d.sh("r", "cat /etc/machine-id").trim().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(!old_ids.contains(&id.as_str()), "a new machine-id: {id}");
+    assert_eq!(d.sh("r", "cat /sys/class/net/eth0/address").trim(), mac);
+    wait_grown(d, "r", kb0);
+    assert_eq!(d.sh("r", "nproc").trim(), "2");
+    let hook = d.sh("r", "cat /tmp/hook.log");
+    assert_eq!(hook.lines().count(), 1, "the hook ran once: {hook}");
+    assert!(hook.contains("before-1>r"), "{hook}");
+    let v = d.json(&["vm", "show", "r"]);
+    assert_eq!(v["running_config"]["nics"][0]["mac"], mac, "{v}");
+    assert!(v["identity"]["error"].is_null(), "{v}");
 }

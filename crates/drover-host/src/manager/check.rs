@@ -65,7 +65,16 @@ impl Manager {
                 },
             ),
         };
-        let differences = differences(&state, &target, room, req.cpus, memory);
+        let mut differences = differences(&state, &target, room, req.cpus, memory);
+        // The same lines a restore or resume judges a new identity and MACs by.
+        let (adapt, _) = self.adapt_differences(
+            vm,
+            &state,
+            &req.nics,
+            req.new_identity,
+            req.target.is_none(),
+        );
+        differences.extend(adapt);
         Ok(StateCheck {
             vm: vm.to_string(),
             state: state.id.clone(),

@@ -587,8 +587,10 @@ impl Manager {
     }
 
     /// At start: clones re-adopted before their agent confirmed their identity get it again
-    /// (the agent applies each token once, so a repeat is harmless).
+    /// (the agent applies each token once, so a repeat is harmless); so do resumed and
+    /// restored VMs whose new identity was not confirmed.
     pub(super) fn resume_pending_identities(&self) {
+        self.resend_pending_identities();
         for v in self.list() {
             let pending = v.state == VmState::Running
                 && v.clone_of

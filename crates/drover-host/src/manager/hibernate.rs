@@ -22,7 +22,7 @@ use super::{lock, Manager};
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
-use drover_api::{Hibernation, IdentityOutcome, NicMac, VmInfo, VmState};
+use drover_api::{Hibernation, NicMac, VmInfo, VmState};
 use drover_model::{MacAddr, VmConfig};
 use drover_proto::{IdentityUpdate, NicIdentity};
 use std::collections::{BTreeMap, HashSet};
@@ -84,7 +84,7 @@ impl Manager {
         caller: &Caller,
     ) -> Result<VmInfo> {
         caller.require(Permission::Lifecycle)?;
-        if req.cpus.is_some() || req.memory.is_some() || !req.nics.is_empty() || req.new_identity {
+        if reshapes(req) {
             caller.require(Permission::Change)?;
         }
         let slot = self.slot(name)?;
@@ -98,131 +98,11 @@ impl Manager {
                 "VM {name} is hibernated but its record names no state; `drover snapshot list {name}` shows what can be restored"
             )));
         };
-        let memory = super::check::parse_memory(req.memory.as_deref())?;
-        let saved = self.state(name, &h.state)?;
-        // Everything that differs is judged before anything changes; a refusal names each.
-        let facts = self.qemu_facts();
-        let room = super::check::Room {
-            cpus: hostfacts::cpus(),
-            memory_available: None,
-        };
-        let diffs = super::check::differences(
-            &saved,
-            &self.restore_target(facts.as_ref()),
-            room,
-            req.cpus,
-            memory,
-        );
-        if let Some(why) = crate::compat::blocking(&saved.id, &diffs) {
-            return Err(HostError::Conflict(format!(
-                "VM {name} cannot resume as asked, nothing was changed (it stays hibernated): {why}"
-            )));
-        }
-        let reshape = super::live::check_reshape(name, &saved.config, req.cpus, memory)
-            .map_err(|e| match e {
-                HostError::Conflict(m) | HostError::Resources(m) | HostError::Invalid(m) => {
-                    HostError::Conflict(format!(
-                        "VM {name} cannot resume as asked, nothing was changed (it stays hibernated): {m}"
-                    ))
-                }
-                other => other,
-            })?;
-        let refused = |m: String| {
-            HostError::Conflict(format!(
-                "VM {name} cannot resume as asked, nothing was changed (it stays hibernated): {m}"
-            ))
-        };
-        let taken: HashSet<MacAddr> = self
-            .list()
-            .iter()
-            .filter(|v| v.name != name)
-            .flat_map(|v| {
-                v.config
-                    .nics
-                    .iter()
-                    .chain(v.running_config.iter().flat_map(|c| c.nics.iter()))
-                    .map(|n| n.mac)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let nics = plan_nics(&saved.config, &req.nics, &taken).map_err(refused)?;
-        if (!nics.is_empty() || req.new_identity) && !h.agent {
-            return Err(refused(format!(
-                "{} needs the guest agent, and none answered when it was hibernated; resume it without, then `drover vm attach` a NIC with the MAC you want",
-                if req.new_identity { "--new-identity" } else { "--nic ID,mac=..." }
-            )));
-        }
-        let macs: BTreeMap<String, MacAddr> = nics
-            .iter()
-            .map(|(id, (_, new))| (id.clone(), *new))
-            .collect();
-        let started = std::time::Instant::now();
-        let restore = self.restore_locked_as(name, &slot, &h.state, &macs);
-        let info = crate::metrics::timed(crate::metrics::Op::Restore, restore).await?;
-        tracing::info!(
-            vm = name,
-            state = h.state,
-            ms = started.elapsed().as_millis() as u64,
-            "resumed"
-        );
-        if !reshape.is_empty() {
-            if let Err(e) = self.change(name, &slot, reshape, false, caller).await {
-                let _ = self.drop_state_locked(name, &h.state);
-                return Err(HostError::Conflict(format!(
-                    "VM {name} resumed in its saved shape, but growing it failed: {e}"
-                )));
-            }
-        }
-        if !nics.is_empty() {
-            let lines: Vec<String> = nics
-                .iter()
-                .map(|(id, (old, new))| format!("nic {id}: mac {old} -> {new} (on resume)"))
-                .collect();
-            self.commit(&slot, |i| {
-                // A live change like any other: kept past the next stop as persistence says.
-                if let Some(next) = i.next_config.as_mut() {
-                    set_macs(next, &macs);
-                }
-                Ok(vec![self.journal(name, &caller.name, "live", lines)?])
-            })?;
-        }
-        if !nics.is_empty() || req.new_identity {
-            let update = identity_update(
-                name,
-                &self.generation_id(name)?,
-                req.new_identity,
-                &nics,
-                &h.state,
-            );
-            let outcome = match self.runtime(&slot) {
-                Some(rt) => match self
-                    .send_identity(&format!("VM {name}"), &rt.agent, update)
-                    .await
-                {
-                    Ok(a) => IdentityOutcome {
-                        error: (!a.errors.is_empty())
-                            .then(|| format!("applied only in part: {}", a.errors.join("; "))),
-                        changed: a.changed,
-                        hooks: a.hooks,
-                        renewed: a.renewed,
-                    },
-                    Err(e) => IdentityOutcome {
-                        error: Some(e.to_string()),
-                        ..Default::default()
-                    },
-                },
-                None => IdentityOutcome {
-                    error: Some(format!("VM {name} stopped before its agent answered")),
-                    ..Default::default()
-                },
-            };
-            if let Some(e) = &outcome.error {
-                tracing::warn!(
-                    vm = name,
-                    "resumed, but its new identity was not applied: {e}"
-                );
-            }
-            self.persist(&slot, |i| i.identity = Some(outcome))?;
+        let back = self
+            .restore_reshaped(name, &slot, &h.state, req, "it stays hibernated", caller)
+            .await;
+        if back.is_err() && lock(&slot.info).state == VmState::Hibernated {
+            return back;
         }
         // The VM runs on overlays of its own now: the state is no longer needed.
         if let Err(e) = self.drop_state_locked(name, &h.state) {
@@ -232,14 +112,193 @@ impl Manager {
                 "resumed, but could not delete the hibernation state: {e}"
             );
         }
-        let _ = info;
         self.event(
             name,
             drover_api::EventKind::Resumed,
             serde_json::json!({ "state": h.state }),
         );
-        Ok(self.view(&slot))
+        back
     }
+
+    /// Restore state `which` into VM `name` (its op lock held) and adapt it to `req` once it
+    /// runs: the one path of `vm resume` and `snapshot restore`. Everything is judged first, by
+    /// the same lines `snapshot check` lists ([`Manager::adapt_differences`]): a refusal names
+    /// each blocking one and changes nothing (`still` says what the VM is then). After the load:
+    /// vCPUs and memory hot-plugged, the new MACs kept in its config, and the new identity sent
+    /// to the agent (recorded pending before the guest runs, so a droverd crash does not lose it).
+    pub(super) async fn restore_reshaped(
+        &self,
+        name: &str,
+        slot: &std::sync::Arc<super::VmSlot>,
+        which: &str,
+        req: &drover_api::ResumeRequest,
+        still: &str,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
+        let refused = |m: String| {
+            HostError::Conflict(format!(
+                "VM {name} cannot be brought back as asked, nothing was changed ({still}): {m}"
+            ))
+        };
+        let memory = super::check::parse_memory(req.memory.as_deref())?;
+        let saved = self.state(name, which)?;
+        let facts = self.qemu_facts();
+        let room = super::check::Room {
+            cpus: hostfacts::cpus(),
+            memory_available: None,
+        };
+        let mut diffs = super::check::differences(
+            &saved,
+            &self.restore_target(facts.as_ref()),
+            room,
+            req.cpus,
+            memory,
+        );
+        let (adapt, nics) = self.adapt_differences(name, &saved, &req.nics, req.new_identity, true);
+        diffs.extend(adapt);
+        if let Some(why) = crate::compat::blocking(&saved.id, &diffs) {
+            return Err(refused(why));
+        }
+        let nics = nics.map_err(refused)?;
+        let reshape = super::live::check_reshape(name, &saved.config, req.cpus, memory).map_err(
+            |e| match e {
+                HostError::Conflict(m) | HostError::Resources(m) | HostError::Invalid(m) => {
+                    refused(m)
+                }
+                other => other,
+            },
+        )?;
+        let macs: BTreeMap<String, MacAddr> = nics
+            .iter()
+            .map(|(id, (_, new))| (id.clone(), *new))
+            .collect();
+        let update = (!nics.is_empty() || req.new_identity)
+            .then(|| identity_update(name, req.new_identity, &nics, &saved.id));
+        let started = std::time::Instant::now();
+        let restore = self.restore_locked_as(name, slot, &saved.id, &macs, update.as_ref());
+        crate::metrics::timed(crate::metrics::Op::Restore, restore).await?;
+        tracing::info!(
+            vm = name,
+            state = saved.id,
+            ms = started.elapsed().as_millis() as u64,
+            "restored"
+        );
+        if !reshape.is_empty() {
+            if let Err(e) = self.change(name, slot, reshape, false, caller).await {
+                return Err(HostError::Conflict(format!(
+                    "VM {name} runs again in its saved shape, but growing it failed: {e}"
+                )));
+            }
+        }
+        if !nics.is_empty() {
+            let lines: Vec<String> = nics
+                .iter()
+                .map(|(id, (old, new))| {
+                    format!("nic {id}: mac {old} -> {new} (on restore of {})", saved.id)
+                })
+                .collect();
+            self.commit(slot, |i| {
+                // A live change like any other: kept past the next stop as persistence says.
+                if let Some(next) = i.next_config.as_mut() {
+                    set_macs(next, &macs);
+                }
+                Ok(vec![self.journal(name, &caller.name, "live", lines)?])
+            })?;
+        }
+        if let Some(update) = update {
+            self.apply_identity(name, slot, update).await;
+        }
+        Ok(self.view(slot))
+    }
+
+    /// The lines a new identity and new MACs add to a restore's check of `state` (the NIC
+    /// exists, the MAC is free here when `here`, the agent answered when the state was saved by a
+    /// hibernation), and the NIC plan when they all fit.
+    pub(super) fn adapt_differences(
+        &self,
+        name: &str,
+        state: &drover_api::StateInfo,
+        asked: &[NicMac],
+        new_identity: bool,
+        here: bool,
+    ) -> (
+        Vec<drover_api::Difference>,
+        std::result::Result<NicPlan, String>,
+    ) {
+        use drover_api::{Difference, Verdict};
+        let mut out = Vec::new();
+        let taken: HashSet<MacAddr> = if here {
+            self.list()
+                .iter()
+                .filter(|v| v.name != name)
+                .flat_map(|v| {
+                    v.config
+                        .nics
+                        .iter()
+                        .chain(v.running_config.iter().flat_map(|c| c.nics.iter()))
+                        .map(|n| n.mac)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let plan = plan_nics(&state.config, asked, &taken);
+        match &plan {
+            Ok(p) => out.extend(p.iter().map(|(id, (old, new))| Difference {
+                what: format!("nic {id}"),
+                saved: old.to_string(),
+                target: new.to_string(),
+                verdict: Verdict::Adaptable,
+                note: "keeps its device; the guest agent sets the new MAC".into(),
+            })),
+            Err(e) => out.push(Difference {
+                what: "nic".into(),
+                saved: String::new(),
+                target: String::new(),
+                verdict: Verdict::Blocking,
+                note: e.clone(),
+            }),
+        }
+        if new_identity {
+            out.push(Difference {
+                what: "identity".into(),
+                saved: "as saved".into(),
+                target: "new".into(),
+                verdict: Verdict::Adaptable,
+                note: "hostname, machine-id, SSH host keys set by the guest agent".into(),
+            });
+        }
+        // Only a hibernation records whether the agent answered when it was saved.
+        let agent = self.slot(name).ok().and_then(|s| {
+            lock(&s.info)
+                .hibernation
+                .as_ref()
+                .filter(|h| h.state == state.id)
+                .map(|h| h.agent)
+        });
+        if (!asked.is_empty() || new_identity) && agent == Some(false) {
+            out.push(Difference {
+                what: "agent".into(),
+                saved: "none answering".into(),
+                target: "needed".into(),
+                verdict: Verdict::Blocking,
+                note: format!(
+                    "{} needs the guest agent, and none answered when it was hibernated; resume it without, then `drover vm attach` a NIC with the MAC you want",
+                    if new_identity { "--new-identity" } else { "--nic ID,mac=..." }
+                ),
+            });
+        }
+        (out, plan)
+    }
+}
+
+/// Each NIC to give a new MAC, by id: its MAC in the saved state and its new one.
+pub(super) type NicPlan = BTreeMap<String, (MacAddr, MacAddr)>;
+
+/// Whether `req` asks for more than bringing the VM back as it was.
+pub(super) fn reshapes(req: &drover_api::ResumeRequest) -> bool {
+    req.cpus.is_some() || req.memory.is_some() || !req.nics.is_empty() || req.new_identity
 }
 
 /// The NICs `asked` names, each with its MAC in `cfg` (the saved state's config) and its new
@@ -249,7 +308,7 @@ pub(super) fn plan_nics(
     cfg: &VmConfig,
     asked: &[NicMac],
     taken: &HashSet<MacAddr>,
-) -> std::result::Result<BTreeMap<String, (MacAddr, MacAddr)>, String> {
+) -> std::result::Result<NicPlan, String> {
     let mut out = BTreeMap::new();
     for a in asked {
         let Some(nic) = cfg.nics.iter().find(|n| n.id.as_str() == a.id) else {
@@ -297,18 +356,16 @@ fn set_macs(cfg: &mut VmConfig, macs: &BTreeMap<String, MacAddr>) {
     }
 }
 
-/// What a resumed VM's agent is sent: with `new_identity` its name as hostname and a new
-/// machine-id; the NICs' old and new MACs; `token` (the VM's new generation id) makes a resend
-/// harmless.
+/// What a resumed or restored VM's agent is sent: with `new_identity` its name as hostname and
+/// a new machine-id; the NICs' old and new MACs; a fresh token makes a resend harmless.
 fn identity_update(
     vm: &str,
-    token: &str,
     new_identity: bool,
     nics: &BTreeMap<String, (MacAddr, MacAddr)>,
     state: &str,
 ) -> IdentityUpdate {
     IdentityUpdate {
-        token: token.to_string(),
+        token: super::identity::new_uuid(),
         hostname: new_identity.then(|| vm.to_string()),
         machine_id: new_identity.then(|| super::identity::new_uuid().replace('-', "")),
         nics: nics
@@ -318,7 +375,7 @@ fn identity_update(
                 mac: new.to_string(),
             })
             .collect(),
-        reason: format!("resume of VM {vm} from state {state}"),
+        reason: format!("VM {vm} back from state {state}"),
     }
 }
 
@@ -414,12 +471,12 @@ mod tests {
     #[test]
     fn the_update_carries_a_name_and_machine_id_only_for_a_new_identity() {
         let nics = plan_nics(&cfg(), &[ask("net0", "52:54:00:aa:bb:cc")], &HashSet::new()).unwrap();
-        let u = identity_update("web", "tok-1", false, &nics, "s4");
+        let u = identity_update("web", false, &nics, "s4");
         assert!(u.hostname.is_none() && u.machine_id.is_none());
         assert_eq!(u.nics[0].old_mac, "52:54:00:00:00:01");
         assert_eq!(u.nics[0].mac, "52:54:00:aa:bb:cc");
         u.check().unwrap();
-        let u = identity_update("web", "tok-1", true, &BTreeMap::new(), "s4");
+        let u = identity_update("web", true, &BTreeMap::new(), "s4");
         assert_eq!(u.hostname.as_deref(), Some("web"));
         assert!(drover_proto::valid_machine_id(
             u.machine_id.as_deref().unwrap()

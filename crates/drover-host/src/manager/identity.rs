@@ -5,17 +5,27 @@
 //! per-VM records: a new one at create, and a new one on every restore or clone
 //! ([`Manager::regenerate_generation_id`]), before QEMU is launched for it, so the `vmgenid`
 //! device on the command line carries the new value.
+//!
+//! A resume's or restore's new identity (hostname, machine-id, MACs) is recorded as pending, with
+//! the generation id of the QEMU it is meant for, before that QEMU runs the guest, and cleared
+//! once the agent has taken it: a droverd killed in between sends it again when it re-adopts the
+//! VM ([`Manager::resend_pending_identities`]), as clones' identities are. The agent applies each
+//! token once, so a second send is harmless.
 
 use super::Manager;
 use crate::error::{HostError, Result};
 use crate::hostfacts;
-use drover_proto::{Body, GuestEvent, HostIdentityAnswer, MigratedNotice};
+use drover_api::{IdentityOutcome, VmState};
+use drover_proto::{Body, GuestEvent, HostIdentityAnswer, IdentityUpdate, MigratedNotice};
 use drover_store::StoreExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Table of generation ids, keyed by VM name.
 pub(super) const GENERATIONS: &str = "generations";
+
+/// Table of identities sent to a resumed or restored guest and not yet taken, keyed by VM name.
+pub(super) const PENDING_IDENTITIES: &str = "pending-identities";
 
 /// How long [`Manager::notify_migrated`] waits for the agent (it reconnects to the new host).
 const NOTIFY_WAIT: Duration = Duration::from_secs(30);
@@ -26,6 +36,22 @@ struct Generation {
     id: String,
     since_ms: u64,
     reason: String,
+}
+
+/// An identity a resumed or restored VM's agent has not confirmed yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct PendingIdentity {
+    /// The generation id of the QEMU run it is for: another run (a later restore, a cold
+    /// start) must not get it.
+    pub generation: String,
+    pub update: IdentityUpdate,
+    pub since_ms: u64,
+}
+
+/// What a droverd starting up does with a pending identity: send it again only to the run it
+/// was meant for (the VM runs, with the generation id it was recorded with), else forget it.
+pub(super) fn resend_pending(p: &PendingIdentity, state: VmState, generation: &str) -> bool {
+    state == VmState::Running && p.generation == generation
 }
 
 /// A random (version 4) UUID.
@@ -83,6 +109,99 @@ impl Manager {
         let id = self.set_generation(vm, reason)?;
         tracing::info!(vm, generation_id = id, reason, "new generation id");
         Ok(id)
+    }
+
+    /// Record `update` as pending for VM `vm`'s current run (call it after the restore's new
+    /// generation id, before its QEMU runs the guest).
+    pub(super) fn set_pending_identity(&self, vm: &str, update: &IdentityUpdate) -> Result<()> {
+        let p = PendingIdentity {
+            generation: self.generation_id(vm)?,
+            update: update.clone(),
+            since_ms: hostfacts::now_ms(),
+        };
+        self.s.store.put(PENDING_IDENTITIES, vm, &p)?;
+        Ok(())
+    }
+
+    /// Send VM `vm`'s pending identity `update` to its agent; on the agent's answer, record the
+    /// outcome in the VM and clear the pending record, in that order (a crash between the two
+    /// only sends it once more). Never fails: what went wrong is in the outcome.
+    pub(super) async fn apply_identity(
+        &self,
+        vm: &str,
+        slot: &std::sync::Arc<super::VmSlot>,
+        update: IdentityUpdate,
+    ) -> IdentityOutcome {
+        crate::crashpoint::hit("restore-identity");
+        let outcome = match self.runtime(slot) {
+            Some(rt) => match self
+                .send_identity(&format!("VM {vm}"), &rt.agent, update)
+                .await
+            {
+                Ok(a) => IdentityOutcome {
+                    error: (!a.errors.is_empty())
+                        .then(|| format!("applied only in part: {}", a.errors.join("; "))),
+                    changed: a.changed,
+                    hooks: a.hooks,
+                    renewed: a.renewed,
+                },
+                Err(e) => IdentityOutcome {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                },
+            },
+            None => IdentityOutcome {
+                error: Some(format!("VM {vm} stopped before its agent answered")),
+                ..Default::default()
+            },
+        };
+        if let Some(e) = &outcome.error {
+            tracing::warn!(vm, "runs, but its new identity was not applied: {e}");
+        }
+        let answered = outcome.error.is_none() || !outcome.changed.is_empty();
+        if let Err(e) = self.persist(slot, |i| i.identity = Some(outcome.clone())) {
+            tracing::warn!(vm, "could not record its identity outcome: {e}");
+        } else if answered {
+            if let Err(e) = self.s.store.delete(PENDING_IDENTITIES, vm) {
+                tracing::warn!(vm, "could not clear its pending identity: {e}");
+            }
+        }
+        outcome
+    }
+
+    /// At start: VMs re-adopted before their agent took a resume's or restore's identity get it
+    /// again; records for runs that are gone are dropped.
+    pub(super) fn resend_pending_identities(&self) {
+        let pending = match self.s.store.list::<PendingIdentity>(PENDING_IDENTITIES) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("could not read pending identities: {e}");
+                return;
+            }
+        };
+        for (vm, p) in pending {
+            let slot = self.slot(&vm).ok();
+            let state = slot
+                .as_ref()
+                .map(|s| super::lock(&s.info).state)
+                .unwrap_or(VmState::Stopped);
+            let generation = self.generation_id(&vm).unwrap_or_default();
+            let (Some(slot), true) = (slot, resend_pending(&p, state, &generation)) else {
+                tracing::info!(vm, "dropping a pending identity of a run that is gone");
+                if let Err(e) = self.s.store.delete(PENDING_IDENTITIES, &vm) {
+                    tracing::warn!(vm, "could not drop its pending identity: {e}");
+                }
+                continue;
+            };
+            let mgr = self.clone();
+            tokio::spawn(async move {
+                let o = mgr.apply_identity(&vm, &slot, p.update).await;
+                match o.error {
+                    None => tracing::info!(vm, "identity applied after a restart"),
+                    Some(e) => tracing::warn!(vm, "identity still not applied: {e}"),
+                }
+            });
+        }
     }
 
     fn set_generation(&self, vm: &str, reason: &str) -> Result<String> {
@@ -163,6 +282,32 @@ impl Manager {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_identity_goes_only_to_the_run_it_was_recorded_for() {
+        let p = PendingIdentity {
+            generation: "g1".into(),
+            update: IdentityUpdate {
+                token: new_uuid(),
+                hostname: Some("web".into()),
+                machine_id: None,
+                nics: Vec::new(),
+                reason: "resume".into(),
+            },
+            since_ms: 1,
+        };
+        assert!(resend_pending(&p, VmState::Running, "g1"));
+        // Re-adopted, but restored again or cold-started since: another run.
+        assert!(!resend_pending(&p, VmState::Running, "g2"));
+        // The crash came before its QEMU ran the guest.
+        assert!(!resend_pending(&p, VmState::Stopped, "g1"));
+        assert!(!resend_pending(&p, VmState::Hibernated, "g1"));
+        let back: PendingIdentity =
+            serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
+
     #[test]
     fn uuids_are_version_4() {
         let a = super::new_uuid();

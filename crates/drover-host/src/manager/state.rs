@@ -932,20 +932,29 @@ impl Manager {
         Ok(())
     }
 
-    /// Restore a state (host side: `drover snapshot restore`). A running VM is replaced.
-    pub async fn snapshot_restore(&self, vm: &str, which: &str, caller: &Caller) -> Result<VmInfo> {
+    /// Restore a state (host side: `drover snapshot restore`). A running VM is replaced. With
+    /// `req`'s shape options the VM is adapted once it runs, exactly as a resume is
+    /// ([`Manager::restore_reshaped`]).
+    pub async fn snapshot_restore(
+        &self,
+        vm: &str,
+        which: &str,
+        req: &drover_api::ResumeRequest,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
         caller.require(Permission::Lifecycle)?;
+        if super::hibernate::reshapes(req) {
+            caller.require(Permission::Change)?;
+        }
         let slot = self.slot(vm)?;
         let _op = slot.op.try_lock().map_err(|_| {
             HostError::Conflict(format!(
                 "another operation is running on VM {vm}; restore when it has finished"
             ))
         })?;
-        let info = crate::metrics::timed(
-            crate::metrics::Op::Restore,
-            self.restore_locked(vm, &slot, which),
-        )
-        .await?;
+        let info = self
+            .restore_reshaped(vm, &slot, which, req, "it is as it was", caller)
+            .await?;
         self.event(
             vm,
             drover_api::EventKind::Restored,
@@ -960,19 +969,21 @@ impl Manager {
         slot: &Arc<VmSlot>,
         which: &str,
     ) -> Result<VmInfo> {
-        self.restore_locked_as(vm, slot, which, &Default::default())
+        self.restore_locked_as(vm, slot, which, &Default::default(), None)
             .await
     }
 
     /// Restore state `which` into `vm` (the op lock held); NICs named in `macs` get that MAC on
     /// the new QEMU's command line (the guest's driver keeps the saved one until its agent sets
-    /// the new one: see `Manager::resume`).
+    /// the new one: see `Manager::resume`); `identity`, if any, is recorded pending for the new
+    /// run before its QEMU starts (see `manager::identity`).
     pub(super) async fn restore_locked_as(
         &self,
         vm: &str,
         slot: &Arc<VmSlot>,
         which: &str,
         macs: &std::collections::BTreeMap<String, drover_model::MacAddr>,
+        identity: Option<&drover_proto::IdentityUpdate>,
     ) -> Result<VmInfo> {
         let mut state = self.state(vm, which)?;
         if state.phase == StatePhase::Capturing {
@@ -1052,6 +1063,9 @@ impl Manager {
         }
         // The guest must learn it is a copy of its past (vmgenid), before QEMU starts.
         self.regenerate_generation_id(vm, &format!("restore of state {}", state.id))?;
+        if let Some(u) = identity {
+            self.set_pending_identity(vm, u)?;
+        }
         let mapped_ram = state
             .saved_on
             .as_ref()
