@@ -383,7 +383,7 @@ impl Manager {
             .await
         };
         if let Err(e) = launched {
-            if let Err(d) = self.delete(name, true, true).await {
+            if let Err(d) = self.delete(name, true, true, &Caller::daemon()).await {
                 tracing::warn!(vm = name, "could not remove the failed clone: {d}");
             }
             return Err(e);

@@ -19,6 +19,7 @@
 //! the agent is refused when the VM had none answering at hibernation.
 
 use super::{lock, Manager};
+use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
@@ -30,24 +31,20 @@ use std::collections::{BTreeMap, HashSet};
 impl Manager {
     /// Save a running VM to disk and stop it (see the module docs).
     pub async fn hibernate(&self, name: &str, caller: &Caller) -> Result<VmInfo> {
-        caller.require(Permission::Lifecycle)?;
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
-        crate::action::VmAction::Hibernate
-            .check(name, lock(&slot.info).state)
-            .map_err(HostError::Conflict)?;
+        let op = self.door(name, VmAction::Hibernate, caller).await?;
+        let slot = op.slot();
         // A resume with a new identity or MACs needs the agent: remember whether there is one.
         let agent = self
             .runtime(&slot)
             .is_some_and(|rt| rt.agent.status().ready);
         let label = format!("hibernate-{}", hostfacts::now_ms());
-        let save = self.save_locked(name, &slot, Some(label), true, &caller.name, None);
+        let save = self.save_locked(name, &op, Some(label), true, &caller.name, None);
         let state = crate::metrics::timed(crate::metrics::Op::Save, save).await?;
         let dir = self.states_dir(name).join(&state.id);
         let bytes = dir_bytes(&dir);
         // The state is durable (synced) now; the guest ran on for the moments since, into a
         // layer no resume uses.
-        if let Err(e) = self.stop_locked(name, &slot, 0, true).await {
+        if let Err(e) = self.stop_locked(name, &op, 0, true).await {
             return Err(HostError::Internal(format!(
                 "VM {name} was saved as state {} but did not stop ({e}); it is still running, and `drover snapshot restore {name} {}` brings back the saved point",
                 state.id, state.id
@@ -84,15 +81,13 @@ impl Manager {
         caller: &Caller,
     ) -> Result<VmInfo> {
         caller.require(Permission::Lifecycle)?;
+        // What the resume changes needs more than the resume itself.
         if req.cpus.is_some() || req.memory.is_some() || !req.nics.is_empty() || req.new_identity {
             caller.require(Permission::Change)?;
         }
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
+        let op = self.door(name, VmAction::Resume, caller).await?;
+        let slot = op.slot();
         let info = lock(&slot.info).clone();
-        crate::action::VmAction::Resume
-            .check(name, info.state)
-            .map_err(HostError::Conflict)?;
         let Some(h) = info.hibernation.clone() else {
             return Err(HostError::Internal(format!(
                 "VM {name} is hibernated but its record names no state; `drover snapshot list {name}` shows what can be restored"
@@ -157,7 +152,7 @@ impl Manager {
             .map(|(id, (_, new))| (id.clone(), *new))
             .collect();
         let started = std::time::Instant::now();
-        let restore = self.restore_locked_as(name, &slot, &h.state, &macs);
+        let restore = self.restore_locked_as(name, &op, &h.state, &macs);
         let info = crate::metrics::timed(crate::metrics::Op::Restore, restore).await?;
         tracing::info!(
             vm = name,
@@ -166,8 +161,8 @@ impl Manager {
             "resumed"
         );
         if !reshape.is_empty() {
-            if let Err(e) = self.change(name, &slot, reshape, false, caller).await {
-                let _ = self.drop_state_locked(name, &h.state);
+            if let Err(e) = self.change(name, &op, reshape, false, caller).await {
+                let _ = self.drop_state_locked(&op, name, &h.state);
                 return Err(HostError::Conflict(format!(
                     "VM {name} resumed in its saved shape, but growing it failed: {e}"
                 )));
@@ -225,7 +220,7 @@ impl Manager {
             self.persist(&slot, |i| i.identity = Some(outcome))?;
         }
         // The VM runs on overlays of its own now: the state is no longer needed.
-        if let Err(e) = self.drop_state_locked(name, &h.state) {
+        if let Err(e) = self.drop_state_locked(&op, name, &h.state) {
             tracing::warn!(
                 vm = name,
                 state = h.state,
