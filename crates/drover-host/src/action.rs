@@ -51,6 +51,15 @@ pub enum VmAction {
     /// Move the VM to another host (target, offline). Lifecycle; any state (the feature says
     /// which of live/offline fits the VM's state); refused while another operation runs.
     Migrate,
+    /// Clone VMs from one of this (template) VM's states (names, count). Lifecycle; any state;
+    /// the template's states stay put while its clones are made.
+    Clone,
+    /// Copy files into or out of the guest (path, offset, data). Exec; only when running; no
+    /// lock (the agent serves it).
+    Files,
+    /// Type into the serial console (bytes). Exec, checked once per console session by the
+    /// API; running or paused; no lock.
+    ConsoleInput,
     /// A peer host hands over a VM that arrived here (migration commit). Admin; any state.
     MigrateCommit,
     /// The guest asks for a save of itself (through the broker). Guest access, checked by the
@@ -90,6 +99,9 @@ impl VmAction {
         VmAction::DropState,
         VmAction::Change,
         VmAction::Promote,
+        VmAction::Clone,
+        VmAction::Files,
+        VmAction::ConsoleInput,
         VmAction::Migrate,
         VmAction::MigrateCommit,
         VmAction::GuestSave,
@@ -103,11 +115,11 @@ impl VmAction {
         use VmAction::*;
         match self {
             Start | Stop | Restart | Delete | Hibernate | Resume | Save | Restore | DropState
-            | Migrate => Some(Permission::Lifecycle),
-            Exec => Some(Permission::Exec),
+            | Migrate | Clone => Some(Permission::Lifecycle),
+            Exec | Files => Some(Permission::Exec),
             Change => Some(Permission::Change),
             MigrateCommit => Some(Permission::Admin),
-            Promote | GuestSave | GuestRestore | GuestChange => None,
+            Promote | ConsoleInput | GuestSave | GuestRestore | GuestChange => None,
         }
     }
 
@@ -119,11 +131,12 @@ impl VmAction {
             // A hibernated VM's state goes with it.
             Delete => &[VmState::Stopped, VmState::Hibernated],
             // A guest QEMU paused (full disk) can still be stopped.
-            Stop | Restart => &[VmState::Running, VmState::Paused],
-            Exec | Hibernate | Save | GuestSave | GuestChange => &[VmState::Running],
+            Stop | Restart | ConsoleInput => &[VmState::Running, VmState::Paused],
+            Exec | Files | Hibernate | Save | GuestSave | GuestChange => &[VmState::Running],
             Resume => &[VmState::Hibernated],
             // Checked once the state to restore is known (which may be the VM's hibernation).
-            Restore | GuestRestore | DropState | Change | Promote | Migrate | MigrateCommit => ANY,
+            Restore | GuestRestore | DropState | Change | Promote | Clone | Migrate
+            | MigrateCommit => ANY,
         }
     }
 
@@ -131,7 +144,7 @@ impl VmAction {
     pub fn op_lock(self) -> OpLock {
         use VmAction::*;
         match self {
-            Exec => OpLock::None,
+            Exec | Files | ConsoleInput => OpLock::None,
             Restore | GuestRestore | Migrate => OpLock::Refuse,
             _ => OpLock::Wait,
         }
@@ -145,7 +158,9 @@ impl VmAction {
             Stop => "stop",
             Restart => "restart",
             Delete => "delete",
-            Exec => "exec",
+            // The word the file copy's messages always used.
+            Exec | Files => "exec",
+            ConsoleInput => "type into",
             Hibernate => "hibernate",
             Resume => "resume",
             Save | GuestSave => "save",
@@ -153,6 +168,7 @@ impl VmAction {
             DropState => "delete the state of",
             Change | GuestChange => "change",
             Promote => "promote a generation of",
+            Clone => "clone",
             Migrate => "migrate",
             MigrateCommit => "commit the migration of",
         }
@@ -184,6 +200,9 @@ impl VmAction {
         Err(match (self, state) {
             (Save, s) => format!("VM {name} is {s}; only a running VM's state can be saved"),
             (GuestChange, _) => format!("VM {name} is not running"),
+            (ConsoleInput, s) => {
+                format!("VM {name} is {s}: its console takes input only while it runs")
+            }
             (Start, VmState::Running) => format!("VM {name} is already running"),
             (_, VmState::Hibernated) => format!(
                 "VM {name} is hibernated; `drover vm resume {name}` brings it back (or delete it)"
@@ -223,7 +242,9 @@ mod tests {
                 Stop | Restart => (Some(P::Lifecycle), OpLock::Wait, &|s| {
                     s == Running || s == Paused
                 }),
-                Exec => (Some(P::Exec), OpLock::None, &|s| s == Running),
+                Exec | Files => (Some(P::Exec), OpLock::None, &|s| s == Running),
+                ConsoleInput => (None, OpLock::None, &|s| s == Running || s == Paused),
+                Clone => (Some(P::Lifecycle), OpLock::Wait, &|_| true),
                 Hibernate | Save => (Some(P::Lifecycle), OpLock::Wait, &|s| s == Running),
                 GuestSave | GuestChange => (None, OpLock::Wait, &|s| s == Running),
                 Resume => (Some(P::Lifecycle), OpLock::Wait, &|s| s == Hibernated),

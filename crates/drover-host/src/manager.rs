@@ -2500,14 +2500,10 @@ impl Manager {
     }
 
     /// Type `bytes` into the VM's serial console (its guest reads them as serial input).
+    ///
+    /// The caller's right to type was checked once for the whole console session.
     pub async fn console_input(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let slot = self.slot(name)?;
-        let state = lock(&slot.info).state;
-        if !matches!(state, VmState::Running | VmState::Paused) {
-            return Err(HostError::Conflict(format!(
-                "VM {name} is {state}: its console takes input only while it runs"
-            )));
-        }
+        self.look(name, VmAction::ConsoleInput, &Caller::daemon())?;
         self.s
             .console_inputs
             .send(&self.run_paths(name).console, bytes)

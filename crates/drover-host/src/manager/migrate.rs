@@ -16,7 +16,8 @@
 //! Offline (stopped VM): the destination serves each new disk with `qemu-nbd`, the source
 //! copies into it with `qemu-img convert`, then commits the same way.
 
-use super::{lock, LaunchKind, Manager, VmSlot};
+use super::{lock, LaunchKind, Manager, OpGuard, VmSlot};
+use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
@@ -275,15 +276,9 @@ impl Manager {
         caller: &Caller,
         progress: impl Fn(MigrateProgress) + Send + Sync,
     ) -> Result<MigrateResult> {
-        caller.require(Permission::Lifecycle)?;
         let t0 = Instant::now();
-        let slot = self.slot(name)?;
-        let _op = slot.op.try_lock().map_err(|_| {
-            HostError::Conflict(format!(
-                "another operation (perhaps a migration) is running on VM {name}; wait for it \
-                 or cancel it with `drover vm migrate {name} --cancel`"
-            ))
-        })?;
+        let op = self.door(name, VmAction::Migrate, caller).await?;
+        let slot = op.slot();
         let info = lock(&slot.info).clone();
         // A clone's disks are overlays on its template's layers, which stay on this host; and
         // a template's layers must stay for its clones.
@@ -842,7 +837,7 @@ impl Manager {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
             // Nothing else may touch the VM (stop it, start it) until it is settled.
-            let _op = slot.op.lock().await;
+            let _op = OpGuard::lock(&slot).await;
             loop {
                 match self.ask_peer(&peer, &name, &id, RESOLVE_WINDOW).await {
                     PeerSays::Unknown(_) => continue,
@@ -1226,10 +1221,9 @@ impl Manager {
         step: MigrationStep,
         caller: &Caller,
     ) -> Result<VmInfo> {
-        caller.require(Permission::Admin)?;
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
-        let mark = self.incoming_mark(&slot, name, &step.id)?;
+        let op = self.door(name, VmAction::MigrateCommit, caller).await?;
+        let slot = op.slot();
+        let mark = self.incoming_mark(slot, name, &step.id)?;
         if mark.phase == MigrationPhase::Committed {
             return Ok(self.view(&slot));
         }
@@ -1491,7 +1485,7 @@ impl Manager {
     pub(super) async fn discard_incoming(&self, name: &str) {
         let Ok(slot) = self.slot(name) else { return };
         // Serialised with a commit: a VM committed a moment ago is never thrown away.
-        let _op = slot.op.lock().await;
+        let _op = OpGuard::lock(&slot).await;
         if !matches!(
             lock(&slot.info).migration,
             Some(MigrationMark {
