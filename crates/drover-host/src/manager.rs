@@ -1199,7 +1199,7 @@ impl Manager {
         let op = self.door(name, VmAction::Delete, caller).await?;
         let slot = op.slot();
         self.refuse_if_cloned(name, None, &format!("delete VM {name}"))?;
-        let mut info = self.view(&slot);
+        let mut info = self.view(slot);
         if discard_changes {
             if !info.unwritten.is_empty() {
                 tracing::warn!(vm = name, disks = ?info.unwritten.keys().collect::<Vec<_>>(), "deleting without writing the latest data back into the user's images (--discard-changes)");

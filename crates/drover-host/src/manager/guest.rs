@@ -762,7 +762,7 @@ impl Manager {
                     if !(drover_model::MIN_DISK_SIZE..=drover_model::MAX_DISK_SIZE).contains(size) {
                         return Err(format!("disk size {size} is out of range"));
                     }
-                    let (count, bytes) = self.guest_disks_held(vm, &slot);
+                    let (count, bytes) = self.guest_disks_held(vm, slot);
                     let asked = list.iter().filter_map(|c| match c {
                         Change::AddDisk(d, _) => Some(d.size),
                         _ => None,

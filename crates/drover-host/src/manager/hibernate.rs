@@ -34,9 +34,7 @@ impl Manager {
         let op = self.door(name, VmAction::Hibernate, caller).await?;
         let slot = op.slot();
         // A resume with a new identity or MACs needs the agent: remember whether there is one.
-        let agent = self
-            .runtime(&slot)
-            .is_some_and(|rt| rt.agent.status().ready);
+        let agent = self.runtime(slot).is_some_and(|rt| rt.agent.status().ready);
         let label = format!("hibernate-{}", hostfacts::now_ms());
         let save = self.save_locked(name, &op, Some(label), true, &caller.name, None);
         let state = crate::metrics::timed(crate::metrics::Op::Save, save).await?;
@@ -57,7 +55,7 @@ impl Manager {
             at_ms: hostfacts::now_ms(),
             agent,
         };
-        self.persist(&slot, |i| {
+        self.persist(slot, |i| {
             i.state = VmState::Hibernated;
             i.hibernation = Some(hibernation.clone());
         })?;
@@ -67,7 +65,7 @@ impl Manager {
             drover_api::EventKind::Hibernated,
             serde_json::json!({ "state": state.id, "bytes": bytes }),
         );
-        Ok(self.view(&slot))
+        Ok(self.view(slot))
     }
 
     /// Bring a hibernated VM back, running from the point it was hibernated at; with `req`'s
@@ -173,7 +171,7 @@ impl Manager {
                 .iter()
                 .map(|(id, (old, new))| format!("nic {id}: mac {old} -> {new} (on resume)"))
                 .collect();
-            self.commit(&slot, |i| {
+            self.commit(slot, |i| {
                 // A live change like any other: kept past the next stop as persistence says.
                 if let Some(next) = i.next_config.as_mut() {
                     set_macs(next, &macs);
@@ -189,7 +187,7 @@ impl Manager {
                 &nics,
                 &h.state,
             );
-            let outcome = match self.runtime(&slot) {
+            let outcome = match self.runtime(slot) {
                 Some(rt) => match self
                     .send_identity(&format!("VM {name}"), &rt.agent, update)
                     .await
@@ -217,7 +215,7 @@ impl Manager {
                     "resumed, but its new identity was not applied: {e}"
                 );
             }
-            self.persist(&slot, |i| i.identity = Some(outcome))?;
+            self.persist(slot, |i| i.identity = Some(outcome))?;
         }
         // The VM runs on overlays of its own now: the state is no longer needed.
         if let Err(e) = self.drop_state_locked(&op, name, &h.state) {
@@ -233,7 +231,7 @@ impl Manager {
             drover_api::EventKind::Resumed,
             serde_json::json!({ "state": h.state }),
         );
-        Ok(self.view(&slot))
+        Ok(self.view(slot))
     }
 }
 

@@ -634,7 +634,7 @@ impl Manager {
         let info = lock(&slot.info).clone();
         let mut history = self.history(&info)?;
         history.promote(gen)?;
-        self.commit(&slot, |i| {
+        self.commit(slot, |i| {
             i.config = history.initial.clone();
             Ok(vec![
                 drover_store::put(HISTORY, name, &history)?,

@@ -344,7 +344,7 @@ impl Manager {
             .as_ref()
             .is_none_or(|p| p.tcg_dirty_tracking_bug());
         if !req.offline && buggy {
-            let grown = self.runtime(&slot).is_some_and(|rt| {
+            let grown = self.runtime(slot).is_some_and(|rt| {
                 info.running_config
                     .as_ref()
                     .is_some_and(|c| c.memory != rt.launched.memory)
@@ -423,11 +423,11 @@ impl Manager {
             phase: MigrationPhase::Copying,
         };
         self.s.store.put(MIGRATIONS, name, &req.to)?;
-        self.persist(&slot, |i| i.migration = Some(mark.clone()))?;
+        self.persist(slot, |i| i.migration = Some(mark.clone()))?;
         lock(&self.s.migrations.cancels).insert(name.to_string(), false);
         let result = self
             .migrate_run(
-                name, &slot, &req, &peer, &id, &to_id, info, rows, files, &progress,
+                name, slot, &req, &peer, &id, &to_id, info, rows, files, &progress,
             )
             .await;
         lock(&self.s.migrations.cancels).remove(name);
@@ -1225,12 +1225,12 @@ impl Manager {
         let slot = op.slot();
         let mark = self.incoming_mark(slot, name, &step.id)?;
         if mark.phase == MigrationPhase::Committed {
-            return Ok(self.view(&slot));
+            return Ok(self.view(slot));
         }
-        let offline = self.runtime(&slot).is_none();
+        let offline = self.runtime(slot).is_none();
         self.stop_nbd(name);
         self.settle_files(name).await?;
-        if let Some(rt) = self.runtime(&slot) {
+        if let Some(rt) = self.runtime(slot) {
             // The source sees `completed` once it has sent the last of the memory; this QEMU
             // may still be loading it (seconds, on a loaded host): wait for it, bounded.
             live_migration::wait_arrived(&rt.qmp, Duration::from_secs(30))
@@ -1244,7 +1244,7 @@ impl Manager {
             live_migration::stop_exports(&rt.qmp).await;
         }
         // Owned from here on: durable before the guest runs.
-        self.persist(&slot, |i| {
+        self.persist(slot, |i| {
             if let Some(m) = i.migration.as_mut() {
                 m.phase = MigrationPhase::Committed;
             }
@@ -1253,7 +1253,7 @@ impl Manager {
                 i.started_at_ms = Some(hostfacts::now_ms());
             }
         })?;
-        if let Some(rt) = self.runtime(&slot) {
+        if let Some(rt) = self.runtime(slot) {
             rt.qmp.execute("cont", None).await?;
             rt.agent.probe_until_ready(Duration::from_secs(60));
             let (mgr, vm, from, to) = (
@@ -1278,7 +1278,7 @@ impl Manager {
             drover_api::EventKind::Migrated,
             serde_json::json!({ "direction": "in", "peer": mark.peer, "id": step.id, "offline": offline }),
         );
-        Ok(self.view(&slot))
+        Ok(self.view(slot))
     }
 
     /// The source gave up: throw the copy away (called by the source droverd). Idempotent.
