@@ -6,14 +6,7 @@ use crate::auth::Permission;
 use drover_api::VmState;
 
 /// Every state a VM can be in (for verbs that any state allows).
-const ANY: &[VmState] = &[
-    VmState::Stopped,
-    VmState::Starting,
-    VmState::Running,
-    VmState::Stopping,
-    VmState::Paused,
-    VmState::Hibernated,
-];
+const ANY: &[VmState] = &VmState::ALL;
 
 /// A verb on one VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +225,6 @@ mod tests {
         use Permission as P;
         use VmAction::*;
         use VmState::*;
-        let all = [Stopped, Starting, Running, Stopping, Paused, Hibernated];
         for &a in VmAction::ALL {
             let (perm, lock, ok_in): (Option<P>, OpLock, &dyn Fn(VmState) -> bool) = match a {
                 Start => (Some(P::Lifecycle), OpLock::Wait, &|s| s == Stopped),
@@ -258,7 +250,7 @@ mod tests {
             };
             assert_eq!(a.permission(), perm, "{a:?}'s permission");
             assert_eq!(a.op_lock(), lock, "{a:?}'s lock");
-            for s in all {
+            for s in VmState::ALL {
                 assert_eq!(a.check("x", s).is_ok(), ok_in(s), "{a:?} in {s:?}");
             }
         }
