@@ -857,9 +857,8 @@ async fn delete(
     Path(name): Path<String>,
     Q(q): Q<DeleteQuery>,
 ) -> Res<drover_api::VmInfo> {
-    need(&who, Permission::Lifecycle)?;
     Ok(Json(
-        detached(async move { m.delete(&name, q.force, q.discard_changes).await }).await?,
+        detached(async move { m.delete(&name, q.force, q.discard_changes, &who.0).await }).await?,
     ))
 }
 
@@ -880,7 +879,6 @@ async fn start(
     Path(name): Path<String>,
     Body(req): Body<StartRequest>,
 ) -> Res<drover_api::VmInfo> {
-    need(&who, Permission::Lifecycle)?;
     Ok(Json(
         detached(async move { m.start(&name, &req, &who.0).await }).await?,
     ))
@@ -903,9 +901,8 @@ async fn stop(
     Path(name): Path<String>,
     Body(req): Body<StopRequest>,
 ) -> Res<drover_api::VmInfo> {
-    need(&who, Permission::Lifecycle)?;
     Ok(Json(
-        detached(async move { m.stop(&name, req.timeout_s, req.force).await }).await?,
+        detached(async move { m.stop(&name, req.timeout_s, req.force, &who.0).await }).await?,
     ))
 }
 
@@ -926,9 +923,8 @@ async fn restart(
     Path(name): Path<String>,
     Body(req): Body<StopRequest>,
 ) -> Res<drover_api::VmInfo> {
-    need(&who, Permission::Lifecycle)?;
     Ok(Json(
-        detached(async move { m.restart(&name, req.timeout_s, req.force).await }).await?,
+        detached(async move { m.restart(&name, req.timeout_s, req.force, &who.0).await }).await?,
     ))
 }
 
@@ -1564,8 +1560,7 @@ async fn exec(
     Path(name): Path<String>,
     Body(req): Body<ExecRequest>,
 ) -> Res<drover_proto::ExecResult> {
-    need(&who, Permission::Exec)?;
-    Ok(Json(m.exec(&name, req).await?))
+    Ok(Json(m.exec(&name, req, &who.0).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -110,7 +110,11 @@ impl LocalVms for ManagerVms {
                 )
             });
             if running {
-                if let Err(e) = self.0.stop(&name, 0, true).await {
+                if let Err(e) = self
+                    .0
+                    .stop(&name, 0, true, &crate::auth::Caller::daemon())
+                    .await
+                {
                     tracing::error!(vm = %name, error = %e, "self-fencing: could not stop the VM");
                 }
             }

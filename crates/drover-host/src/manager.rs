@@ -38,6 +38,8 @@ mod check;
 mod files;
 pub use files::{FileRead, MAX_FILE_REQUEST};
 mod clone;
+mod door;
+use door::OpGuard;
 mod guest;
 mod helpers;
 mod hibernate;
@@ -205,7 +207,8 @@ impl Clone for Runtime {
 }
 
 struct VmSlot {
-    op: tokio::sync::Mutex<()>,
+    /// The operation lock: held through an [`OpGuard`] (see `door`).
+    op: Arc<tokio::sync::Mutex<()>>,
     /// Held while a state's memory is streamed out of the running QEMU: stopping or replacing
     /// that QEMU waits for it, or the capture would be cut off.
     capture: Arc<tokio::sync::Mutex<()>>,
@@ -221,7 +224,7 @@ struct VmSlot {
 impl VmSlot {
     fn new(info: VmInfo) -> Arc<VmSlot> {
         Arc::new(VmSlot {
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
             capture: Arc::new(tokio::sync::Mutex::new(())),
             standby: tokio::sync::Mutex::new(None),
             info: Mutex::new(info),
@@ -1181,19 +1184,22 @@ impl Manager {
     /// A disk given as `image=PATH` gets the VM's latest data written back into the image first
     /// (after a save it lives in droverd's layers), unless `discard_changes`: the image then stays
     /// as it was when the first save pinned it.
-    pub async fn delete(&self, name: &str, force: bool, discard_changes: bool) -> Result<VmInfo> {
+    pub async fn delete(
+        &self,
+        name: &str,
+        force: bool,
+        discard_changes: bool,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
+        caller.require(Permission::Lifecycle)?;
         let slot = self.slot(name)?;
-        let state = lock(&slot.info).state;
-        if force && matches!(state, VmState::Running | VmState::Paused) {
-            self.stop(name, 0, true).await?;
+        if force && VmAction::Stop.check(name, lock(&slot.info).state).is_ok() {
+            self.stop(name, 0, true, caller).await?;
         }
-        let _op = slot.op.lock().await;
-        let info = lock(&slot.info).clone();
-        VmAction::Delete
-            .check(name, info.state)
-            .map_err(HostError::Conflict)?;
+        let op = self.door(name, VmAction::Delete, caller).await?;
+        let slot = op.slot();
         self.refuse_if_cloned(name, None, &format!("delete VM {name}"))?;
-        let mut info = self.view(&slot);
+        let mut info = self.view(slot);
         if discard_changes {
             if !info.unwritten.is_empty() {
                 tracing::warn!(vm = name, disks = ?info.unwritten.keys().collect::<Vec<_>>(), "deleting without writing the latest data back into the user's images (--discard-changes)");
@@ -1278,9 +1284,8 @@ impl Manager {
     /// Launch QEMU for a stopped VM; returns once QEMU runs and QMP answers. `req` picks the
     /// configuration: by default the latest generation when persistence is on, else the initial.
     pub async fn start(&self, name: &str, req: &StartRequest, caller: &Caller) -> Result<VmInfo> {
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
-        self.start_locked(name, &slot, req, caller).await
+        let op = self.door(name, VmAction::Start, caller).await?;
+        self.start_locked(name, &op, req, caller).await
     }
 
     /// Tell followers the VM runs (after a start, a restart, a migration's arrival).
@@ -1292,13 +1297,15 @@ impl Manager {
         );
     }
 
+    /// Start with the lock held; the state is checked again, for a restart's second half.
     async fn start_locked(
         &self,
         name: &str,
-        slot: &Arc<VmSlot>,
+        op: &OpGuard,
         req: &StartRequest,
         caller: &Caller,
     ) -> Result<VmInfo> {
+        let slot = op.slot();
         let info = lock(&slot.info).clone();
         VmAction::Start
             .check(name, info.state)
@@ -2267,19 +2274,27 @@ impl Manager {
     }
 
     /// Stop a running VM: the agent's shutdown, then ACPI power-down, then kill.
-    pub async fn stop(&self, name: &str, timeout_s: u64, force: bool) -> Result<VmInfo> {
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
-        self.stop_locked(name, &slot, timeout_s, force).await
+    pub async fn stop(
+        &self,
+        name: &str,
+        timeout_s: u64,
+        force: bool,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
+        let op = self.door(name, VmAction::Stop, caller).await?;
+        self.stop_locked(name, &op, timeout_s, force).await
     }
 
+    /// Stop with the lock held; the state is checked again, as the VM may have exited since
+    /// the caller's own check (a hibernate's save, a restore's replacement).
     async fn stop_locked(
         &self,
         name: &str,
-        slot: &Arc<VmSlot>,
+        op: &OpGuard,
         timeout_s: u64,
         force: bool,
     ) -> Result<VmInfo> {
+        let slot = op.slot();
         VmAction::Stop
             .check(name, lock(&slot.info).state)
             .map_err(HostError::Conflict)?;
@@ -2377,14 +2392,16 @@ impl Manager {
     }
 
     /// Stop, then start again.
-    pub async fn restart(&self, name: &str, timeout_s: u64, force: bool) -> Result<VmInfo> {
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
-        VmAction::Restart
-            .check(name, lock(&slot.info).state)
-            .map_err(HostError::Conflict)?;
-        self.stop_locked(name, &slot, timeout_s, force).await?;
-        self.start_locked(name, &slot, &StartRequest::default(), &Caller::daemon())
+    pub async fn restart(
+        &self,
+        name: &str,
+        timeout_s: u64,
+        force: bool,
+        caller: &Caller,
+    ) -> Result<VmInfo> {
+        let op = self.door(name, VmAction::Restart, caller).await?;
+        self.stop_locked(name, &op, timeout_s, force).await?;
+        self.start_locked(name, &op, &StartRequest::default(), &Caller::daemon())
             .await
     }
 
@@ -2446,11 +2463,9 @@ impl Manager {
         &self,
         name: &str,
         req: drover_api::ExecRequest,
+        caller: &Caller,
     ) -> Result<drover_proto::ExecResult> {
-        let slot = self.slot(name)?;
-        VmAction::Exec
-            .check(name, lock(&slot.info).state)
-            .map_err(HostError::Conflict)?;
+        let slot = self.look(name, VmAction::Exec, caller)?;
         if req.argv.is_empty() {
             return Err(HostError::Invalid("exec needs a command".into()));
         }
@@ -2485,14 +2500,10 @@ impl Manager {
     }
 
     /// Type `bytes` into the VM's serial console (its guest reads them as serial input).
+    ///
+    /// The caller's right to type was checked once for the whole console session.
     pub async fn console_input(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let slot = self.slot(name)?;
-        let state = lock(&slot.info).state;
-        if !matches!(state, VmState::Running | VmState::Paused) {
-            return Err(HostError::Conflict(format!(
-                "VM {name} is {state}: its console takes input only while it runs"
-            )));
-        }
+        self.look(name, VmAction::ConsoleInput, &Caller::daemon())?;
         self.s
             .console_inputs
             .send(&self.run_paths(name).console, bytes)

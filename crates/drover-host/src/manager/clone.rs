@@ -20,7 +20,8 @@
 //!   than keeping orphan layers until the last clone goes, keeps one owner per file and makes
 //!   no file outlive every record that names it.
 
-use super::{lock, LaunchKind, Manager, RestoreSpec, VmSlot, HOST_RESERVE, VMS};
+use super::{lock, LaunchKind, Manager, OpGuard, RestoreSpec, VmSlot, HOST_RESERVE, VMS};
+use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
@@ -202,9 +203,9 @@ impl Manager {
         caller.require(Permission::Lifecycle)?;
         let t0 = Instant::now();
         let names = clone_names(&req.name, req.count).map_err(HostError::Invalid)?;
-        let tslot = self.slot(template)?;
         // The state cannot go (nor the template change its states) while clones are made.
-        let _op = tslot.op.lock().await;
+        let op = self.door(template, VmAction::Clone, caller).await?;
+        let tslot = op.slot();
         let state = self.state(template, which)?;
         check_cloneable(template, &state).map_err(HostError::Conflict)?;
         self.check_loads_here(&state)?;
@@ -372,7 +373,7 @@ impl Manager {
             verify: None,
         };
         let launched = {
-            let _op = slot.op.lock().await;
+            let _op = OpGuard::lock(&slot).await;
             self.launch(
                 name,
                 &slot,
@@ -383,7 +384,7 @@ impl Manager {
             .await
         };
         if let Err(e) = launched {
-            if let Err(d) = self.delete(name, true, true).await {
+            if let Err(d) = self.delete(name, true, true, &Caller::daemon()).await {
                 tracing::warn!(vm = name, "could not remove the failed clone: {d}");
             }
             return Err(e);

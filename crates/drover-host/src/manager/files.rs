@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use super::{lock, Manager};
+use super::Manager;
 use crate::action::VmAction;
 use crate::agent_link::LinkError;
-use crate::auth::{Caller, Permission};
+use crate::auth::Caller;
 use crate::error::{HostError, Result};
 use drover_proto::{Body, FileGet, FilePut, MAX_FILE_CHUNK};
 
@@ -47,8 +47,7 @@ impl Manager {
         mode: Option<u32>,
         caller: &Caller,
     ) -> Result<u64> {
-        caller.require(Permission::Exec)?;
-        let agent = self.file_agent(name).await?;
+        let agent = self.file_agent(name, caller).await?;
         if data.len() > MAX_FILE_REQUEST {
             return Err(HostError::Invalid(format!(
                 "a file request carries at most {MAX_FILE_REQUEST} bytes"
@@ -84,8 +83,7 @@ impl Manager {
         len: usize,
         caller: &Caller,
     ) -> Result<FileRead> {
-        caller.require(Permission::Exec)?;
-        let agent = self.file_agent(name).await?;
+        let agent = self.file_agent(name, caller).await?;
         let want = len.min(MAX_FILE_REQUEST);
         let mut out = FileRead {
             data: Vec::new(),
@@ -126,11 +124,12 @@ impl Manager {
     }
 
     /// The ready agent of running VM `name`, for a file copy.
-    async fn file_agent(&self, name: &str) -> Result<crate::agent_link::AgentLink> {
-        let slot = self.slot(name)?;
-        VmAction::Exec
-            .check(name, lock(&slot.info).state)
-            .map_err(HostError::Conflict)?;
+    async fn file_agent(
+        &self,
+        name: &str,
+        caller: &Caller,
+    ) -> Result<crate::agent_link::AgentLink> {
+        let slot = self.look(name, VmAction::Files, caller)?;
         self.ready_agent(name, &slot, "copying files").await
     }
 }

@@ -8,12 +8,13 @@
 
 use super::live::Change;
 use super::{lock, Manager};
+use crate::action::VmAction;
 use crate::agent_link::RequestHandler;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use drover_api::{AuditEntry, GuestGrant, GuestPrincipal, VmState};
+use drover_api::{AuditEntry, GuestGrant, GuestPrincipal};
 use drover_model::{DiskConfig, ElementId, MacAddr, NicBackend, NicConfig};
 use drover_proto::{Body, ConfigChange, EventStatus, GuestEvent, GuestOp, GuestRequest};
 use drover_store::StoreExt;
@@ -551,13 +552,12 @@ impl Manager {
                 .map_err(|e| e.to_string()),
             GuestOp::Save { name } => {
                 let note = drover_api::GuestSaveNote { ticket: p.ticket.clone(), app_id: p.app_id.clone(), data: p.data.clone() };
-                match self.slot(vm) {
+                match self.door(vm, VmAction::GuestSave, &caller).await {
                     Err(e) => Err(e.to_string()),
-                    Ok(slot) => {
-                        let _op = slot.op.lock().await;
+                    Ok(op) => {
                         match self.guest_state_quota(vm) {
                             Err(why) => Err(why),
-                            Ok(()) => crate::metrics::timed(crate::metrics::Op::Save, self.save_locked(vm, &slot, name.clone(), false, &caller.name, Some(note)))
+                            Ok(()) => crate::metrics::timed(crate::metrics::Op::Save, self.save_locked(vm, &op, name.clone(), false, &caller.name, Some(note)))
                             .await
                             .map(|s| serde_json::json!({"state": s.id, "name": s.name, "paused_ms": s.paused_ms}))
                             .map_err(|e| e.to_string()),
@@ -565,7 +565,7 @@ impl Manager {
                     }
                 }
             }
-            GuestOp::Restore { state } => match self.guest_restore(vm, state).await {
+            GuestOp::Restore { state } => match self.guest_restore(vm, state, &caller).await {
                 Ok(restored) => {
                     // The guest now runs from the saved state. If that state was saved at a guest's
                     // request, the app waiting there for the save's answer gets it now.
@@ -602,13 +602,14 @@ impl Manager {
         &self,
         vm: &str,
         state: &str,
+        caller: &Caller,
     ) -> std::result::Result<drover_api::StateInfo, String> {
-        let slot = self.slot(vm).map_err(|e| e.to_string())?;
-        let _op = slot.op.try_lock().map_err(|_| {
-            format!("another operation is running on VM {vm}; ask again when it has finished")
-        })?;
+        let op = self
+            .door(vm, VmAction::GuestRestore, caller)
+            .await
+            .map_err(|e| e.to_string())?;
         let st = self.state(vm, state).map_err(|e| e.to_string())?;
-        let restore = self.restore_locked(vm, &slot, state);
+        let restore = self.restore_locked(vm, &op, state);
         crate::metrics::timed(crate::metrics::Op::Restore, restore)
             .await
             .map_err(|e| e.to_string())?;
@@ -745,9 +746,12 @@ impl Manager {
         changes: &[ConfigChange],
         caller: &Caller,
     ) -> std::result::Result<serde_json::Value, String> {
-        let slot = self.slot(vm).map_err(|e| e.to_string())?;
         // Held from the quota check to the change, so two requests cannot both pass it.
-        let _op = slot.op.lock().await;
+        let op = self
+            .door(vm, VmAction::GuestChange, caller)
+            .await
+            .map_err(|e| e.to_string())?;
+        let slot = op.slot();
         let mut list = Vec::new();
         for c in changes {
             list.push(match c {
@@ -758,7 +762,7 @@ impl Manager {
                     if !(drover_model::MIN_DISK_SIZE..=drover_model::MAX_DISK_SIZE).contains(size) {
                         return Err(format!("disk size {size} is out of range"));
                     }
-                    let (count, bytes) = self.guest_disks_held(vm, &slot);
+                    let (count, bytes) = self.guest_disks_held(vm, slot);
                     let asked = list.iter().filter_map(|c| match c {
                         Change::AddDisk(d, _) => Some(d.size),
                         _ => None,
@@ -794,9 +798,6 @@ impl Manager {
                 ConfigChange::Detach { id } => Change::Remove(id.clone()),
             });
         }
-        if lock(&slot.info).state != VmState::Running {
-            return Err(format!("VM {vm} is not running"));
-        }
         let asked: Vec<(String, u64)> = list
             .iter()
             .filter_map(|c| match c {
@@ -815,7 +816,7 @@ impl Manager {
                 tracing::error!(vm, "cannot record the guest's disks for its quota: {e}");
             }
         };
-        match self.change(vm, &slot, list.clone(), false, caller).await {
+        match self.change(vm, &op, list.clone(), false, caller).await {
             Ok(r) => {
                 record(self);
                 Ok(serde_json::json!({"applied": r.applied, "changes": r.changes}))
@@ -825,10 +826,10 @@ impl Manager {
                 // asked the long way — shut down, reconfigure, start again.
                 tracing::info!(vm, "guest reconfigure needs a restart: {why}");
                 let restart = async {
-                    self.stop_locked(vm, &slot, 30, false).await?;
-                    let r = self.change(vm, &slot, list, false, caller).await?;
+                    self.stop_locked(vm, &op, 30, false).await?;
+                    let r = self.change(vm, &op, list, false, caller).await?;
                     record(self);
-                    self.start_locked(vm, &slot, &drover_api::StartRequest::default(), caller)
+                    self.start_locked(vm, &op, &drover_api::StartRequest::default(), caller)
                         .await?;
                     Ok::<_, HostError>(r)
                 }
@@ -1100,7 +1101,9 @@ pub(super) mod tests {
             Err(HostError::Invalid(_))
         ));
 
-        m.delete("g1", false, false).await.unwrap();
+        m.delete("g1", false, false, &Caller::daemon())
+            .await
+            .unwrap();
         m.create(
             drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap(),
             &Caller::daemon(),

@@ -19,6 +19,7 @@
 //! the agent is refused when the VM had none answering at hibernation.
 
 use super::{lock, Manager};
+use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
@@ -30,24 +31,18 @@ use std::collections::{BTreeMap, HashSet};
 impl Manager {
     /// Save a running VM to disk and stop it (see the module docs).
     pub async fn hibernate(&self, name: &str, caller: &Caller) -> Result<VmInfo> {
-        caller.require(Permission::Lifecycle)?;
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
-        crate::action::VmAction::Hibernate
-            .check(name, lock(&slot.info).state)
-            .map_err(HostError::Conflict)?;
+        let op = self.door(name, VmAction::Hibernate, caller).await?;
+        let slot = op.slot();
         // A resume with a new identity or MACs needs the agent: remember whether there is one.
-        let agent = self
-            .runtime(&slot)
-            .is_some_and(|rt| rt.agent.status().ready);
+        let agent = self.runtime(slot).is_some_and(|rt| rt.agent.status().ready);
         let label = format!("hibernate-{}", hostfacts::now_ms());
-        let save = self.save_locked(name, &slot, Some(label), true, &caller.name, None);
+        let save = self.save_locked(name, &op, Some(label), true, &caller.name, None);
         let state = crate::metrics::timed(crate::metrics::Op::Save, save).await?;
         let dir = self.states_dir(name).join(&state.id);
         let bytes = dir_bytes(&dir);
         // The state is durable (synced) now; the guest ran on for the moments since, into a
         // layer no resume uses.
-        if let Err(e) = self.stop_locked(name, &slot, 0, true).await {
+        if let Err(e) = self.stop_locked(name, &op, 0, true).await {
             return Err(HostError::Internal(format!(
                 "VM {name} was saved as state {} but did not stop ({e}); it is still running, and `drover snapshot restore {name} {}` brings back the saved point",
                 state.id, state.id
@@ -60,7 +55,7 @@ impl Manager {
             at_ms: hostfacts::now_ms(),
             agent,
         };
-        self.persist(&slot, |i| {
+        self.persist(slot, |i| {
             i.state = VmState::Hibernated;
             i.hibernation = Some(hibernation.clone());
         })?;
@@ -70,7 +65,7 @@ impl Manager {
             drover_api::EventKind::Hibernated,
             serde_json::json!({ "state": state.id, "bytes": bytes }),
         );
-        Ok(self.view(&slot))
+        Ok(self.view(slot))
     }
 
     /// Bring a hibernated VM back, running from the point it was hibernated at; with `req`'s
@@ -87,25 +82,22 @@ impl Manager {
         if reshapes(req) {
             caller.require(Permission::Change)?;
         }
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
+        let op = self.door(name, VmAction::Resume, caller).await?;
+        let slot = op.slot();
         let info = lock(&slot.info).clone();
-        crate::action::VmAction::Resume
-            .check(name, info.state)
-            .map_err(HostError::Conflict)?;
         let Some(h) = info.hibernation.clone() else {
             return Err(HostError::Internal(format!(
                 "VM {name} is hibernated but its record names no state; `drover snapshot list {name}` shows what can be restored"
             )));
         };
         let back = self
-            .restore_reshaped(name, &slot, &h.state, req, "it stays hibernated", caller)
+            .restore_reshaped(name, &op, &h.state, req, "it stays hibernated", caller)
             .await;
         if back.is_err() && lock(&slot.info).state == VmState::Hibernated {
             return back;
         }
         // The VM runs on overlays of its own now: the state is no longer needed.
-        if let Err(e) = self.drop_state_locked(name, &h.state) {
+        if let Err(e) = self.drop_state_locked(&op, name, &h.state) {
             tracing::warn!(
                 vm = name,
                 state = h.state,
@@ -129,12 +121,13 @@ impl Manager {
     pub(super) async fn restore_reshaped(
         &self,
         name: &str,
-        slot: &std::sync::Arc<super::VmSlot>,
+        op: &super::OpGuard,
         which: &str,
         req: &drover_api::ResumeRequest,
         still: &str,
         caller: &Caller,
     ) -> Result<VmInfo> {
+        let slot = op.slot();
         let refused = |m: String| {
             HostError::Conflict(format!(
                 "VM {name} cannot be brought back as asked, nothing was changed ({still}): {m}"
@@ -175,7 +168,7 @@ impl Manager {
         let update = (!nics.is_empty() || req.new_identity)
             .then(|| identity_update(name, req.new_identity, &nics, &saved.id));
         let started = std::time::Instant::now();
-        let restore = self.restore_locked_as(name, slot, &saved.id, &macs, update.as_ref());
+        let restore = self.restore_locked_as(name, op, &saved.id, &macs, update.as_ref());
         crate::metrics::timed(crate::metrics::Op::Restore, restore).await?;
         tracing::info!(
             vm = name,
@@ -184,7 +177,7 @@ impl Manager {
             "restored"
         );
         if !reshape.is_empty() {
-            if let Err(e) = self.change(name, slot, reshape, false, caller).await {
+            if let Err(e) = self.change(name, op, reshape, false, caller).await {
                 return Err(HostError::Conflict(format!(
                     "VM {name} runs again in its saved shape, but growing it failed: {e}"
                 )));

@@ -689,7 +689,9 @@ mod tests {
         assert!(note.is_some_and(|n| n.contains("v1")));
         assert_eq!(std::fs::read_to_string(&b.kernel).unwrap(), "kernel a");
         // Once nothing uses it, the new build replaces it.
-        m.delete("v1", false, false).await.unwrap();
+        m.delete("v1", false, false, &crate::auth::Caller::daemon())
+            .await
+            .unwrap();
         let (fresh, note) = m
             .import_built("deb", &disk_b, &boot_b, "key-b")
             .await

@@ -5,7 +5,8 @@
 //! if a step fails), and journaled durably third, in the same transaction as the VM's new
 //! running config: a crash after a change loses nothing, a failed change leaves no trace.
 
-use super::{lock, Manager, VmSlot, HISTORY, HOTPLUG_PORTS};
+use super::{lock, Manager, OpGuard, VmSlot, HISTORY, HOTPLUG_PORTS};
+use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
@@ -45,9 +46,7 @@ impl Manager {
         req: AttachRequest,
         caller: &Caller,
     ) -> Result<ChangeResult> {
-        caller.require(Permission::Change)?;
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
+        let op = self.door(name, VmAction::Change, caller).await?;
         let id = ElementId::new(&req.id)?;
         let change = match req.kind {
             DeviceKind::Disk => {
@@ -134,7 +133,7 @@ impl Manager {
                 })
             }
         };
-        self.change(name, &slot, vec![change], req.next_boot, caller)
+        self.change(name, &op, vec![change], req.next_boot, caller)
             .await
     }
 
@@ -145,12 +144,10 @@ impl Manager {
         req: DetachRequest,
         caller: &Caller,
     ) -> Result<ChangeResult> {
-        caller.require(Permission::Change)?;
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
+        let op = self.door(name, VmAction::Change, caller).await?;
         self.change(
             name,
-            &slot,
+            &op,
             vec![Change::Remove(req.id)],
             req.next_boot,
             caller,
@@ -160,9 +157,7 @@ impl Manager {
 
     /// Set vCPUs and/or memory.
     pub async fn set(&self, name: &str, req: SetRequest, caller: &Caller) -> Result<ChangeResult> {
-        caller.require(Permission::Change)?;
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
+        let op = self.door(name, VmAction::Change, caller).await?;
         let mut changes = Vec::new();
         if let Some(c) = req.cpus {
             changes.push(Change::Cpus(c));
@@ -175,19 +170,19 @@ impl Manager {
                 "nothing to set: give cpus=N and/or memory=SIZE".into(),
             ));
         }
-        self.change(name, &slot, changes, req.next_boot, caller)
-            .await
+        self.change(name, &op, changes, req.next_boot, caller).await
     }
 
     /// Apply changes. The op lock is held by the caller.
     pub(super) async fn change(
         &self,
         name: &str,
-        slot: &Arc<VmSlot>,
+        op: &OpGuard,
         changes: Vec<Change>,
         next_boot: bool,
         caller: &Caller,
     ) -> Result<ChangeResult> {
+        let slot = op.slot();
         let info = lock(&slot.info).clone();
         match info.state {
             VmState::Running => {}
@@ -632,13 +627,14 @@ impl Manager {
         gen: u32,
         caller: &Caller,
     ) -> Result<ConfigHistoryView> {
-        let slot = self.slot(name)?;
+        // The VM is looked up before the caller's right to change its initial config.
+        let op = self.door(name, VmAction::Promote, caller).await?;
+        let slot = op.slot();
         self.authorize_initial_change(name, caller, &format!("promote generation {gen}"))?;
-        let _op = slot.op.lock().await;
         let info = lock(&slot.info).clone();
         let mut history = self.history(&info)?;
         history.promote(gen)?;
-        self.commit(&slot, |i| {
+        self.commit(slot, |i| {
             i.config = history.initial.clone();
             Ok(vec![
                 drover_store::put(HISTORY, name, &history)?,

@@ -16,7 +16,8 @@
 //! Offline (stopped VM): the destination serves each new disk with `qemu-nbd`, the source
 //! copies into it with `qemu-img convert`, then commits the same way.
 
-use super::{lock, LaunchKind, Manager, VmSlot};
+use super::{lock, LaunchKind, Manager, OpGuard, VmSlot};
+use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
@@ -275,15 +276,9 @@ impl Manager {
         caller: &Caller,
         progress: impl Fn(MigrateProgress) + Send + Sync,
     ) -> Result<MigrateResult> {
-        caller.require(Permission::Lifecycle)?;
         let t0 = Instant::now();
-        let slot = self.slot(name)?;
-        let _op = slot.op.try_lock().map_err(|_| {
-            HostError::Conflict(format!(
-                "another operation (perhaps a migration) is running on VM {name}; wait for it \
-                 or cancel it with `drover vm migrate {name} --cancel`"
-            ))
-        })?;
+        let op = self.door(name, VmAction::Migrate, caller).await?;
+        let slot = op.slot();
         let info = lock(&slot.info).clone();
         // A clone's disks are overlays on its template's layers, which stay on this host; and
         // a template's layers must stay for its clones.
@@ -349,7 +344,7 @@ impl Manager {
             .as_ref()
             .is_none_or(|p| p.tcg_dirty_tracking_bug());
         if !req.offline && buggy {
-            let grown = self.runtime(&slot).is_some_and(|rt| {
+            let grown = self.runtime(slot).is_some_and(|rt| {
                 info.running_config
                     .as_ref()
                     .is_some_and(|c| c.memory != rt.launched.memory)
@@ -428,11 +423,11 @@ impl Manager {
             phase: MigrationPhase::Copying,
         };
         self.s.store.put(MIGRATIONS, name, &req.to)?;
-        self.persist(&slot, |i| i.migration = Some(mark.clone()))?;
+        self.persist(slot, |i| i.migration = Some(mark.clone()))?;
         lock(&self.s.migrations.cancels).insert(name.to_string(), false);
         let result = self
             .migrate_run(
-                name, &slot, &req, &peer, &id, &to_id, info, rows, files, &progress,
+                name, slot, &req, &peer, &id, &to_id, info, rows, files, &progress,
             )
             .await;
         lock(&self.s.migrations.cancels).remove(name);
@@ -842,7 +837,7 @@ impl Manager {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
             // Nothing else may touch the VM (stop it, start it) until it is settled.
-            let _op = slot.op.lock().await;
+            let _op = OpGuard::lock(&slot).await;
             loop {
                 match self.ask_peer(&peer, &name, &id, RESOLVE_WINDOW).await {
                     PeerSays::Unknown(_) => continue,
@@ -1226,17 +1221,16 @@ impl Manager {
         step: MigrationStep,
         caller: &Caller,
     ) -> Result<VmInfo> {
-        caller.require(Permission::Admin)?;
-        let slot = self.slot(name)?;
-        let _op = slot.op.lock().await;
-        let mark = self.incoming_mark(&slot, name, &step.id)?;
+        let op = self.door(name, VmAction::MigrateCommit, caller).await?;
+        let slot = op.slot();
+        let mark = self.incoming_mark(slot, name, &step.id)?;
         if mark.phase == MigrationPhase::Committed {
-            return Ok(self.view(&slot));
+            return Ok(self.view(slot));
         }
-        let offline = self.runtime(&slot).is_none();
+        let offline = self.runtime(slot).is_none();
         self.stop_nbd(name);
         self.settle_files(name).await?;
-        if let Some(rt) = self.runtime(&slot) {
+        if let Some(rt) = self.runtime(slot) {
             // The source sees `completed` once it has sent the last of the memory; this QEMU
             // may still be loading it (seconds, on a loaded host): wait for it, bounded.
             live_migration::wait_arrived(&rt.qmp, Duration::from_secs(30))
@@ -1250,7 +1244,7 @@ impl Manager {
             live_migration::stop_exports(&rt.qmp).await;
         }
         // Owned from here on: durable before the guest runs.
-        self.persist(&slot, |i| {
+        self.persist(slot, |i| {
             if let Some(m) = i.migration.as_mut() {
                 m.phase = MigrationPhase::Committed;
             }
@@ -1259,7 +1253,7 @@ impl Manager {
                 i.started_at_ms = Some(hostfacts::now_ms());
             }
         })?;
-        if let Some(rt) = self.runtime(&slot) {
+        if let Some(rt) = self.runtime(slot) {
             rt.qmp.execute("cont", None).await?;
             rt.agent.probe_until_ready(Duration::from_secs(60));
             let (mgr, vm, from, to) = (
@@ -1284,7 +1278,7 @@ impl Manager {
             drover_api::EventKind::Migrated,
             serde_json::json!({ "direction": "in", "peer": mark.peer, "id": step.id, "offline": offline }),
         );
-        Ok(self.view(&slot))
+        Ok(self.view(slot))
     }
 
     /// The source gave up: throw the copy away (called by the source droverd). Idempotent.
@@ -1491,7 +1485,7 @@ impl Manager {
     pub(super) async fn discard_incoming(&self, name: &str) {
         let Ok(slot) = self.slot(name) else { return };
         // Serialised with a commit: a VM committed a moment ago is never thrown away.
-        let _op = slot.op.lock().await;
+        let _op = OpGuard::lock(&slot).await;
         if !matches!(
             lock(&slot.info).migration,
             Some(MigrationMark {

@@ -6,8 +6,9 @@
 //! has them, else a sparse in-kernel copy), resume. A restore starts QEMU with a copy of the RAM
 //! file and new overlays on the pinned layers, and loads the device state (`-incoming defer`).
 
-use super::{lock, LaunchKind, Manager, QemuMode, RestoreSpec, VmSlot};
-use crate::auth::{Caller, Permission};
+use super::{lock, LaunchKind, Manager, OpGuard, QemuMode, RestoreSpec, VmSlot};
+use crate::action::VmAction;
+use crate::auth::Caller;
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
 use drover_api::{
@@ -177,29 +178,23 @@ impl Manager {
         classic: bool,
         caller: &Caller,
     ) -> Result<StateInfo> {
-        caller.require(Permission::Lifecycle)?;
-        let slot = self.slot(vm)?;
-        let _op = slot.op.lock().await;
-        let save = self.save_locked(vm, &slot, name, classic, &caller.name, None);
+        let op = self.door(vm, VmAction::Save, caller).await?;
+        let save = self.save_locked(vm, &op, name, classic, &caller.name, None);
         crate::metrics::timed(crate::metrics::Op::Save, save).await
     }
 
+    /// Save with the lock held; the door checked that the VM runs.
     pub(super) async fn save_locked(
         &self,
         vm: &str,
-        slot: &Arc<VmSlot>,
+        op: &OpGuard,
         name: Option<String>,
         classic: bool,
         who: &str,
         guest: Option<GuestSaveNote>,
     ) -> Result<StateInfo> {
+        let slot = op.slot();
         let info = lock(&slot.info).clone();
-        if info.state != VmState::Running {
-            return Err(HostError::Conflict(format!(
-                "VM {vm} is {}; only a running VM's state can be saved",
-                info.state
-            )));
-        }
         if let Some(n) = &name {
             if !valid_state_name(n) {
                 return Err(HostError::Invalid(format!(
@@ -942,18 +937,13 @@ impl Manager {
         req: &drover_api::ResumeRequest,
         caller: &Caller,
     ) -> Result<VmInfo> {
-        caller.require(Permission::Lifecycle)?;
+        // What the restore changes needs more than the restore itself.
         if super::hibernate::reshapes(req) {
-            caller.require(Permission::Change)?;
+            caller.require(super::Permission::Change)?;
         }
-        let slot = self.slot(vm)?;
-        let _op = slot.op.try_lock().map_err(|_| {
-            HostError::Conflict(format!(
-                "another operation is running on VM {vm}; restore when it has finished"
-            ))
-        })?;
+        let op = self.door(vm, VmAction::Restore, caller).await?;
         let info = self
-            .restore_reshaped(vm, &slot, which, req, "it is as it was", caller)
+            .restore_reshaped(vm, &op, which, req, "it is as it was", caller)
             .await?;
         self.event(
             vm,
@@ -966,10 +956,10 @@ impl Manager {
     pub(super) async fn restore_locked(
         &self,
         vm: &str,
-        slot: &Arc<VmSlot>,
+        op: &OpGuard,
         which: &str,
     ) -> Result<VmInfo> {
-        self.restore_locked_as(vm, slot, which, &Default::default(), None)
+        self.restore_locked_as(vm, op, which, &Default::default(), None)
             .await
     }
 
@@ -980,11 +970,12 @@ impl Manager {
     pub(super) async fn restore_locked_as(
         &self,
         vm: &str,
-        slot: &Arc<VmSlot>,
+        op: &OpGuard,
         which: &str,
         macs: &std::collections::BTreeMap<String, drover_model::MacAddr>,
         identity: Option<&drover_proto::IdentityUpdate>,
     ) -> Result<VmInfo> {
+        let slot = op.slot();
         let mut state = self.state(vm, which)?;
         if state.phase == StatePhase::Capturing {
             // Restorable once its memory has streamed out; the capture holds this until then.
@@ -1044,7 +1035,7 @@ impl Manager {
         let current = lock(&slot.info).state;
         match current {
             VmState::Running => {
-                self.stop_locked(vm, slot, 0, true).await?;
+                self.stop_locked(vm, op, 0, true).await?;
             }
             // A hibernated VM may come back from any of its states.
             VmState::Stopped | VmState::Hibernated => {}
@@ -1174,9 +1165,8 @@ impl Manager {
         which: &str,
         caller: &Caller,
     ) -> Result<StateInfo> {
-        caller.require(Permission::Lifecycle)?;
-        let slot = self.slot(vm)?;
-        let _op = slot.op.lock().await;
+        let op = self.door(vm, VmAction::DropState, caller).await?;
+        let slot = op.slot();
         let state = self.state(vm, which)?;
         if let Some(h) = lock(&slot.info)
             .hibernation
@@ -1188,11 +1178,16 @@ impl Manager {
                 h.state
             )));
         }
-        self.drop_state_locked(vm, &state.id)
+        self.drop_state_locked(&op, vm, &state.id)
     }
 
     /// Delete state `which` of `vm` (its operation lock held by the caller).
-    pub(super) fn drop_state_locked(&self, vm: &str, which: &str) -> Result<StateInfo> {
+    pub(super) fn drop_state_locked(
+        &self,
+        _op: &OpGuard,
+        vm: &str,
+        which: &str,
+    ) -> Result<StateInfo> {
         let state = self.state(vm, which)?;
         self.refuse_if_cloned(
             vm,
