@@ -212,6 +212,9 @@ struct VmSlot {
     /// Held while a state's memory is streamed out of the running QEMU: stopping or replacing
     /// that QEMU waits for it, or the capture would be cut off.
     capture: Arc<tokio::sync::Mutex<()>>,
+    /// Held while a captured (ready, restorable) state's memory is written to disk: what moves
+    /// the VM's states elsewhere waits for it; restores and stops need not.
+    persist: Arc<tokio::sync::Mutex<()>>,
     /// A QEMU kept ready to receive the next fast save of this VM (with the config it fits).
     standby: tokio::sync::Mutex<Option<(VmConfig, state::Receiver)>>,
     info: Mutex<VmInfo>,
@@ -226,6 +229,7 @@ impl VmSlot {
         Arc::new(VmSlot {
             op: Arc::new(tokio::sync::Mutex::new(())),
             capture: Arc::new(tokio::sync::Mutex::new(())),
+            persist: Arc::new(tokio::sync::Mutex::new(())),
             standby: tokio::sync::Mutex::new(None),
             info: Mutex::new(info),
             rt: Mutex::new(None),
@@ -1895,7 +1899,7 @@ impl Manager {
             }
         };
         // The guest's memory is gone with it; free the RAM file (it lives in /dev/shm).
-        let _ = std::fs::remove_file(&paths.ram);
+        qemu_files::free_ram_file(&paths.ram);
         self.drop_standby(slot).await;
         let operator = lock(&stop_reason).clone();
         let guest = shutdown

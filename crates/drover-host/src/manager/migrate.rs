@@ -404,6 +404,7 @@ impl Manager {
         .map_err(HostError::Conflict)?;
         // Wait for a state capture still streaming from this QEMU, and for states to be on disk.
         let _capture = slot.capture.lock().await;
+        let _persist = slot.persist.lock().await;
         let files = self.moved_files(name).await?;
         let id = format!("m{}-{}", hostfacts::now_ms(), std::process::id());
         let mut rows = Vec::new();

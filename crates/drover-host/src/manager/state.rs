@@ -117,9 +117,62 @@ fn load_memory(src: &Path, dst: &Path, sha256: Option<&str>, state: &str) -> Res
     Ok(())
 }
 
-/// Refuse a state whose device state does not match its checksum.
+/// What identifies one version of a file: any write to it (or a copy put in its place) changes
+/// its ctime, which no program can set back, so an equal stamp means the same bytes as when it
+/// was hashed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// Files this droverd hashed, with the stamp they had then and their checksum: a restore of an
+/// unchanged state does not read all of it again (a classic state holds the whole RAM). Kept in
+/// memory only, so a restarted droverd hashes each file once more.
+static VERIFIED: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, (FileStamp, String)>>> =
+    std::sync::Mutex::new(None);
+
+/// The checksum of `path`, from the record of an earlier hash when the file has not changed
+/// since; otherwise hashed now and recorded.
+fn sha256_file_verified(path: &Path) -> std::io::Result<String> {
+    let before = FileStamp::of(path)?;
+    if let Some((stamp, sum)) = lock(&VERIFIED).as_ref().and_then(|m| m.get(path)) {
+        if *stamp == before {
+            return Ok(sum.clone());
+        }
+    }
+    let sum = sha256_file(path)?;
+    // Changed while it was read: its checksum describes no single version, so keep no record.
+    if FileStamp::of(path)? == before {
+        lock(&VERIFIED)
+            .get_or_insert_with(Default::default)
+            .insert(path.to_path_buf(), (before, sum.clone()));
+    }
+    Ok(sum)
+}
+
+/// Refuse a state whose device state does not match its checksum. An unchanged file that
+/// matched before is not read again.
 pub(super) fn check_devices(state: &StateInfo, devices: &Path) -> Result<()> {
-    let sum = sha256_file(devices).map_err(|e| io_ctx("reading", devices, e))?;
+    let sum = sha256_file_verified(devices).map_err(|e| io_ctx("reading", devices, e))?;
     if state.devices.sha256.as_deref() != Some(sum.as_str()) {
         return Err(HostError::Invalid(format!(
             "state {} is damaged: its device state does not match its checksum",
@@ -408,8 +461,8 @@ impl Manager {
                 let (a_qmp, st) = (rt.qmp.clone(), state.clone());
                 let (vm2, slot2) = (vm.to_string(), slot.clone());
                 tokio::spawn(async move {
-                    let _capturing = capture_guard;
-                    mgr.finish_capture(st, a_qmp, r).await;
+                    mgr.finish_capture(st, a_qmp, r, capture_guard, slot2.persist.clone())
+                        .await;
                     mgr.prepare_standby(&vm2, &slot2);
                 });
             }
@@ -609,7 +662,19 @@ impl Manager {
     /// After a fast save has answered: wait for the memory stream, take the device state from
     /// the receiving QEMU (without RAM), then write the memory to disk. Each step is recorded,
     /// so `drover snapshot show` tells how far it got and a failure is never silent.
-    async fn finish_capture(&self, mut state: StateInfo, vm_qmp: Qmp, r: Receiver) {
+    ///
+    /// `capturing` (the slot's capture lock) is let go once the state is ready: a restore, a
+    /// clone or a stop need not wait for the write-out to disk, which reads the RAM copy they
+    /// only map privately. The write-out holds `persist` instead (taken before `capturing` is
+    /// let go, so a migration waiting for both never finds a ready state without its file).
+    async fn finish_capture(
+        &self,
+        mut state: StateInfo,
+        vm_qmp: Qmp,
+        r: Receiver,
+        capturing: tokio::sync::OwnedMutexGuard<()>,
+        persist: Arc<tokio::sync::Mutex<()>>,
+    ) {
         let dir = self.states_dir(&state.vm).join(&state.id);
         let devices = dir.join(&state.devices.file);
         let shm = self.state_ram(&state.vm, &state.id);
@@ -642,6 +707,8 @@ impl Manager {
                     state.phase = StatePhase::Ready;
                     self.write_state(&state)?;
                     let ready_ms = t.elapsed().as_millis();
+                    let _persisting = persist.lock_owned().await;
+                    drop(capturing);
                     self.persist_memory(&mut state).await?;
                     tracing::info!(
                         vm = state.vm,
@@ -694,15 +761,27 @@ impl Manager {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            crate::filecopy::copy(&src, &tmp)?;
-            for f in [&tmp, &devices] {
-                std::fs::File::open(f)?.sync_all()?;
-            }
+            // The RAM copy no longer changes (the capture is over; restores map it privately),
+            // so it is hashed while it is copied and synced rather than read again after.
+            let sum = std::thread::scope(|scope| {
+                let hashing = scope.spawn(|| sha256_file(&src));
+                let written = (|| {
+                    crate::filecopy::copy(&src, &tmp)?;
+                    for f in [&tmp, &devices] {
+                        std::fs::File::open(f)?.sync_all()?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                })();
+                let sum = hashing
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("hashing the memory panicked")));
+                written.and(sum)
+            })?;
             crate::crashpoint::hit("write-out-copy");
             std::fs::rename(&tmp, &dst)?;
             std::fs::File::open(&d2)?.sync_all()?;
             crate::crashpoint::hit("write-out-renamed");
-            sha256_file(&dst)
+            Ok(sum)
         })
         .await
         .map_err(|e| HostError::Internal(e.to_string()))?
@@ -737,8 +816,9 @@ impl Manager {
         _memory: Option<&Path>,
     ) -> Result<()> {
         state.devices.bytes = std::fs::metadata(devices).map(|m| m.len()).unwrap_or(0);
+        // Recorded, so the first restore of this state need not hash it again.
         state.devices.sha256 =
-            Some(sha256_file(devices).map_err(|e| io_ctx("hashing", devices, e))?);
+            Some(sha256_file_verified(devices).map_err(|e| io_ctx("hashing", devices, e))?);
         // On disk before the state is called durable (a classic save's memory is in this file).
         let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
         sync(devices).map_err(|e| io_ctx("syncing", devices, e))?;
@@ -764,7 +844,10 @@ impl Manager {
         // Interrupted restores' partial copies of a state's memory.
         if let Ok(dir) = std::fs::read_dir(self.ram_dir()) {
             for e in dir.flatten() {
-                if e.file_name().to_string_lossy().ends_with(LOADING_SUFFIX) {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                // ... and RAM files a killed droverd was freeing.
+                if n.ends_with(LOADING_SUFFIX) || n.contains(super::qemu_files::FREEING_SUFFIX) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -806,7 +889,13 @@ impl Manager {
                     }
                     StatePhase::Ready => {
                         let mgr = self.clone();
+                        let persist = self.slot(&vm).ok().map(|s| s.persist.clone());
                         tokio::spawn(async move {
+                            // A migration of this VM waits for the write-out.
+                            let _persisting = match &persist {
+                                Some(p) => Some(p.lock().await),
+                                None => None,
+                            };
                             if let Err(e) = mgr.persist_memory(&mut st).await {
                                 tracing::warn!(state = st.id, "writing state memory failed: {e}");
                                 st.phase = StatePhase::Failed;
@@ -882,9 +971,9 @@ impl Manager {
                 let mgr = self.clone();
                 let (vm_qmp, st, slot) = (rt.qmp.clone(), st.clone(), slot.clone());
                 let guard = slot.capture.clone().lock_owned().await;
+                let persist = slot.persist.clone();
                 tokio::spawn(async move {
-                    let _capturing = guard;
-                    mgr.finish_capture(st, vm_qmp, r).await;
+                    mgr.finish_capture(st, vm_qmp, r, guard, persist).await;
                 });
                 break;
             }
@@ -978,7 +1067,8 @@ impl Manager {
         let slot = op.slot();
         let mut state = self.state(vm, which)?;
         if state.phase == StatePhase::Capturing {
-            // Restorable once its memory has streamed out; the capture holds this until then.
+            // Restorable once its memory has streamed out (ready); the capture holds this
+            // until then, not until the memory is on disk.
             drop(slot.capture.lock().await);
             state = self.state(vm, which)?;
         }
@@ -1206,5 +1296,35 @@ impl Manager {
         // A VM restored from it keeps its private mapping of the memory: unlinking is safe.
         let _ = std::fs::remove_file(self.state_ram(vm, &state.id));
         Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unchanged_file_is_not_hashed_again_and_a_changed_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("devices.bin");
+        std::fs::write(&f, b"device state one").unwrap();
+        let first = sha256_file_verified(&f).unwrap();
+        assert_eq!(first, sha256_file(&f).unwrap());
+        let recorded = lock(&VERIFIED).as_ref().unwrap().get(&f).cloned();
+        assert_eq!(recorded.map(|r| r.1), Some(first.clone()));
+
+        // A byte flipped in place, size and even mtime kept: the ctime moves, so it is read
+        // again and the damage shows.
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::write(&f, b"device state onE").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let second = sha256_file_verified(&f).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(second, sha256_file(&f).unwrap());
     }
 }
