@@ -1602,10 +1602,6 @@ async fn console(
     Ok((headers, bytes).into_response())
 }
 
-/// Console WebSockets open at once (each polls its VM's log); more are refused with 429.
-const CONSOLE_SOCKETS_MAX: usize = 64;
-static CONSOLE_SOCKETS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
-    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(CONSOLE_SOCKETS_MAX)));
 /// The largest frame a console client may send (keystrokes and pastes).
 const CONSOLE_FRAME_MAX: usize = 64 << 10;
 /// How much of the log a new console session starts with.
@@ -1634,10 +1630,13 @@ async fn console_ws(
 ) -> Result<Response, Failure> {
     need(&who, Permission::Read)?;
     m.get(&name)?;
-    let permit = CONSOLE_SOCKETS.clone().try_acquire_owned().map_err(|_| {
+    let permit = m.console_socket().ok_or_else(|| {
         Failure(ApiError::new(
             ErrorCode::TooManyRequests,
-            format!("{CONSOLE_SOCKETS_MAX} consoles are open on this host; close one and retry"),
+            format!(
+                "{} consoles are open on this host; close one and retry",
+                crate::manager::CONSOLE_SOCKETS_MAX
+            ),
         ))
     })?;
     let input = who.0.require(Permission::Exec);

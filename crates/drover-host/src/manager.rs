@@ -262,8 +262,12 @@ struct Shared {
     events: crate::events::Events,
     /// Connections to the VMs' serial console sockets (keystrokes from web consoles).
     console_inputs: crate::console::ConsoleInputs,
+    /// Console WebSockets open now, at most [`CONSOLE_SOCKETS_MAX`].
+    console_sockets: Arc<tokio::sync::Semaphore>,
     /// The migrations running now.
     migrations: migrate::Migrations,
+    /// State files this daemon hashed, so an unchanged one is not read again.
+    hashes: state::Hashes,
 }
 
 /// Answers whether a cluster member may start here with its token right now (`Err`: the
@@ -275,6 +279,9 @@ pub type FenceCheck = Arc<
         + Send
         + Sync,
 >;
+
+/// Console WebSockets open at once (each polls its VM's log); more are refused with 429.
+pub const CONSOLE_SOCKETS_MAX: usize = 64;
 
 /// The VM manager. Cheap to clone.
 #[derive(Clone)]
@@ -422,7 +429,9 @@ impl Manager {
                 fence_check: Mutex::new(None),
                 events: crate::events::Events::default(),
                 console_inputs: Default::default(),
+                console_sockets: Arc::new(tokio::sync::Semaphore::new(CONSOLE_SOCKETS_MAX)),
                 migrations: Default::default(),
+                hashes: Default::default(),
             }),
         };
         for (name, mut info) in records {
@@ -1565,8 +1574,8 @@ impl Manager {
             // pace of the slower of the two, not twice in a row, and the guest runs only once
             // both are done.
             let check = r.verify.clone().map(|state| {
-                let devices = r.devices.clone();
-                tokio::task::spawn_blocking(move || state::check_devices(&state, &devices))
+                let (devices, hashes) = (r.devices.clone(), self.s.hashes.clone());
+                tokio::task::spawn_blocking(move || hashes.check_devices(&state, &devices))
             });
             let loaded = async {
                 if r.mapped_ram {
@@ -2501,6 +2510,12 @@ impl Manager {
             ))),
             Err(e) => Err(HostError::Agent(format!("VM {name}: {e}"))),
         }
+    }
+
+    /// A place for one more console WebSocket, held while it is open; `None` when
+    /// [`CONSOLE_SOCKETS_MAX`] are open.
+    pub fn console_socket(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.s.console_sockets.clone().try_acquire_owned().ok()
     }
 
     /// Type `bytes` into the VM's serial console (its guest reads them as serial input).

@@ -211,7 +211,7 @@ impl Manager {
         self.check_loads_here(&state)?;
         let sdir = self.states_dir(template).join(&state.id);
         let devices = sdir.join(&state.devices.file);
-        super::state::check_devices(&state, &devices)?;
+        self.s.hashes.check_devices(&state, &devices)?;
         for d in &state.config.disks {
             match state.layers.get(d.id.as_str()) {
                 Some(l) if l.exists() => {}

@@ -146,40 +146,44 @@ impl FileStamp {
 
 /// Files this droverd hashed, with the stamp they had then and their checksum: a restore of an
 /// unchanged state does not read all of it again (a classic state holds the whole RAM). Kept in
-/// memory only, so a restarted droverd hashes each file once more.
-static VERIFIED: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, (FileStamp, String)>>> =
-    std::sync::Mutex::new(None);
+/// memory only (one per daemon, in `Shared`), so a restarted droverd hashes each file once more.
+#[derive(Clone, Default)]
+pub(super) struct Hashes(
+    Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, (FileStamp, String)>>>,
+);
 
-/// The checksum of `path`, from the record of an earlier hash when the file has not changed
-/// since; otherwise hashed now and recorded.
-fn sha256_file_verified(path: &Path) -> std::io::Result<String> {
-    let before = FileStamp::of(path)?;
-    if let Some((stamp, sum)) = lock(&VERIFIED).as_ref().and_then(|m| m.get(path)) {
-        if *stamp == before {
-            return Ok(sum.clone());
+impl Hashes {
+    /// The checksum of `path`, from the record of an earlier hash when the file has not changed
+    /// since; otherwise hashed now and recorded.
+    fn sha256(&self, path: &Path) -> std::io::Result<String> {
+        let before = FileStamp::of(path)?;
+        if let Some((stamp, sum)) = lock(&self.0).get(path) {
+            if *stamp == before {
+                return Ok(sum.clone());
+            }
         }
+        let sum = sha256_file(path)?;
+        // Changed while it was read: its checksum describes no single version, so keep no record.
+        if FileStamp::of(path)? == before {
+            lock(&self.0).insert(path.to_path_buf(), (before, sum.clone()));
+        }
+        Ok(sum)
     }
-    let sum = sha256_file(path)?;
-    // Changed while it was read: its checksum describes no single version, so keep no record.
-    if FileStamp::of(path)? == before {
-        lock(&VERIFIED)
-            .get_or_insert_with(Default::default)
-            .insert(path.to_path_buf(), (before, sum.clone()));
-    }
-    Ok(sum)
-}
 
-/// Refuse a state whose device state does not match its checksum. An unchanged file that
-/// matched before is not read again.
-pub(super) fn check_devices(state: &StateInfo, devices: &Path) -> Result<()> {
-    let sum = sha256_file_verified(devices).map_err(|e| io_ctx("reading", devices, e))?;
-    if state.devices.sha256.as_deref() != Some(sum.as_str()) {
-        return Err(HostError::Invalid(format!(
-            "state {} is damaged: its device state does not match its checksum",
-            state.id
-        )));
+    /// Refuse a state whose device state does not match its checksum. An unchanged file that
+    /// matched before is not read again.
+    pub(super) fn check_devices(&self, state: &StateInfo, devices: &Path) -> Result<()> {
+        let sum = self
+            .sha256(devices)
+            .map_err(|e| io_ctx("reading", devices, e))?;
+        if state.devices.sha256.as_deref() != Some(sum.as_str()) {
+            return Err(HostError::Invalid(format!(
+                "state {} is damaged: its device state does not match its checksum",
+                state.id
+            )));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn valid_state_name(n: &str) -> bool {
@@ -817,8 +821,12 @@ impl Manager {
     ) -> Result<()> {
         state.devices.bytes = std::fs::metadata(devices).map(|m| m.len()).unwrap_or(0);
         // Recorded, so the first restore of this state need not hash it again.
-        state.devices.sha256 =
-            Some(sha256_file_verified(devices).map_err(|e| io_ctx("hashing", devices, e))?);
+        state.devices.sha256 = Some(
+            self.s
+                .hashes
+                .sha256(devices)
+                .map_err(|e| io_ctx("hashing", devices, e))?,
+        );
         // On disk before the state is called durable (a classic save's memory is in this file).
         let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
         sync(devices).map_err(|e| io_ctx("syncing", devices, e))?;
@@ -1092,7 +1100,7 @@ impl Manager {
         // stops. Otherwise the check runs while QEMU loads the state (see `launch`): a classic
         // state holds all of RAM, and reading it twice in a row doubled a restore's time.
         let verify = if lock(&slot.info).state == VmState::Running {
-            check_devices(&state, &devices)?;
+            self.s.hashes.check_devices(&state, &devices)?;
             None
         } else {
             Some(state.clone())
@@ -1308,9 +1316,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("devices.bin");
         std::fs::write(&f, b"device state one").unwrap();
-        let first = sha256_file_verified(&f).unwrap();
+        let hashes = Hashes::default();
+        let first = hashes.sha256(&f).unwrap();
         assert_eq!(first, sha256_file(&f).unwrap());
-        let recorded = lock(&VERIFIED).as_ref().unwrap().get(&f).cloned();
+        let recorded = lock(&hashes.0).get(&f).cloned();
         assert_eq!(recorded.map(|r| r.1), Some(first.clone()));
 
         // A byte flipped in place, size and even mtime kept: the ctime moves, so it is read
@@ -1323,7 +1332,7 @@ mod tests {
             .unwrap()
             .set_modified(mtime)
             .unwrap();
-        let second = sha256_file_verified(&f).unwrap();
+        let second = hashes.sha256(&f).unwrap();
         assert_ne!(second, first);
         assert_eq!(second, sha256_file(&f).unwrap());
     }
