@@ -403,10 +403,7 @@ impl<D: HostDriver> Controller<D> {
                         app: app.name.clone(),
                         index,
                     };
-                    let host = assignments.iter().find(|a| a.member == m).map(|a| &a.host);
-                    observed.iter().any(|v| {
-                        v.member == m && Some(&v.host) == host && v.state == VmState::Ready
-                    })
+                    crate::reconcile::ready_where_assigned(&m, assignments, observed)
                 });
                 let measured = load.get(&key).map(|(sum, n)| Load {
                     average: sum / f64::from(*n),

@@ -495,6 +495,20 @@ fn place(
     }
 }
 
+/// Is `member` running and ready on the host it is assigned to?
+pub fn ready_where_assigned(
+    member: &MemberId,
+    assignments: &[Assignment],
+    observed: &[ObservedVm],
+) -> bool {
+    let Some(a) = assignments.iter().find(|a| a.member == *member) else {
+        return false;
+    };
+    observed
+        .iter()
+        .any(|vm| vm.member == *member && vm.host == a.host && vm.state == VmState::Ready)
+}
+
 /// A member on a draining host that may move. While it runs there: stopped (break before make,
 /// so there are never two copies) once every other member of its app is ready, no other member
 /// of the app is moving, and another host would take it; until then it stays as it is.
@@ -527,13 +541,7 @@ fn evacuate(
                 index,
                 ..member.clone()
             };
-            let Some(assigned) = world.assignments.iter().find(|x| x.member == m) else {
-                return false;
-            };
-            running.get(&m).is_some_and(|v| {
-                v.iter()
-                    .any(|vm| vm.host == assigned.host && vm.state == VmState::Ready)
-            })
+            ready_where_assigned(&m, world.assignments, world.observed)
         });
     let mut req = Request::new(member, app);
     req.avoid = &a.avoid;

@@ -49,10 +49,7 @@ impl Manager {
         action: VmAction,
         caller: &Caller,
     ) -> Result<OpGuard> {
-        if let Some(p) = action.permission() {
-            caller.require(p)?;
-        }
-        let slot = self.slot(vm)?;
+        let slot = self.admit(vm, action, caller)?;
         let op = match action.op_lock() {
             OpLock::Refuse => {
                 OpGuard::try_lock(&slot).ok_or_else(|| HostError::Conflict(action.busy(vm)))?
@@ -68,13 +65,19 @@ impl Manager {
     /// The door for actions that take no operation lock (`OpLock::None`): permission, VM and
     /// state are checked as by [`Manager::door`].
     pub(super) fn look(&self, vm: &str, action: VmAction, caller: &Caller) -> Result<Arc<VmSlot>> {
-        if let Some(p) = action.permission() {
-            caller.require(p)?;
-        }
-        let slot = self.slot(vm)?;
+        let slot = self.admit(vm, action, caller)?;
         action
             .check(vm, lock(&slot.info).state)
             .map_err(HostError::Conflict)?;
         Ok(slot)
+    }
+
+    /// The caller's permission for `action` (first, so a caller without it learns nothing of
+    /// the VM), then the VM.
+    fn admit(&self, vm: &str, action: VmAction, caller: &Caller) -> Result<Arc<VmSlot>> {
+        if let Some(p) = action.permission() {
+            caller.require(p)?;
+        }
+        self.slot(vm)
     }
 }
