@@ -85,6 +85,14 @@ echo "${mid//-/}" >/etc/machine-id
 echo "$hn" >/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$hn" >/etc/hosts
 
+# One line of what the host can rely on (no forks: this is on the boot's critical path). Printed
+# before the agent starts, which writes to the same console: a write of its own would land in the
+# middle of this line.
+ports= nics=
+for l in /dev/virtio-ports/*; do [ -L "$l" ] && ports="$ports ${l##*/}"; done
+for d in /sys/class/net/eth*; do [ -e "$d" ] && nics="$nics ${d##*/}"; done
+echo "drover-init: hostname $hn; ports:${ports:- none}; nics:${nics:- none}" >/dev/console
+
 # The agent is what makes the guest usable: start it (respawned if it dies) as soon as its ports
 # exist and the hostname is set; the rest of /init runs beside it.
 (
@@ -103,11 +111,7 @@ for d in /sys/class/net/eth*; do
     udhcpc -b -s /usr/share/udhcpc/default.script -i "${d##*/}" >/dev/null 2>&1 &
 done
 
-# One line of what the host can rely on now (no forks: this is on the boot's critical path).
-ports= nics=
-for l in /dev/virtio-ports/*; do [ -L "$l" ] && ports="$ports ${l##*/}"; done
-for d in /sys/class/net/eth*; do [ -e "$d" ] && nics="$nics ${d##*/}"; done
-echo "drover-init: hostname $hn; ports:${ports:- none}; nics:${nics:- none}" >/dev/console
+# The NICs are up: the host may rely on the summary above now.
 echo DROVER-INIT-READY >/dev/console
 
 # A root shell on the serial console, respawned when it exits: `drover vm console` and the web
@@ -661,5 +665,16 @@ mod tests {
         assert!(INIT.trim_end().ends_with("done"));
         assert!(INIT.contains("    while true; do\n        /usr/bin/drover-agent\n"));
         assert!(!INIT.contains("set -e"));
+    }
+
+    /// The agent writes to the console too: the summary the host reads must be out before it
+    /// starts, or the two writes interleave into one line (seen in CI).
+    #[test]
+    fn init_prints_its_summary_before_the_agent_starts() {
+        let summary = INIT.find("echo \"drover-init: hostname").unwrap();
+        let agent = INIT.find("/usr/bin/drover-agent\n").unwrap();
+        let marker = INIT.find(&format!("echo {READY_MARKER}")).unwrap();
+        assert!(summary < agent, "summary after the agent starts");
+        assert!(agent < marker);
     }
 }
