@@ -24,12 +24,15 @@ FILL = 0.75
 
 
 def fill(path, mib):
-    """Write FILL of the RAM file with pages that differ from each other and are not zero."""
-    page = bytearray(b"drover-fills-ram" * 256)
+    """Write FILL of the RAM file with incompressible data: 64 MiB from /dev/urandom, repeated
+    (no page is zero or like its neighbours; repeats lie beyond any compressor's window)."""
+    chunk = os.urandom(64 << 20)
+    left = int(mib * FILL) << 20
     with open(path, "r+b") as f:
-        for i in range(int(mib * FILL) * 256):
-            page[0:8] = i.to_bytes(8, "little")
-            f.write(page)
+        while left > 0:
+            n = min(left, len(chunk))
+            f.write(chunk[:n])
+            left -= n
 
 
 def start(qemu, work, tag, ram, mib, incoming=False):

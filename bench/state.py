@@ -38,6 +38,19 @@ SET = os.environ.get("DROVER_NETNS_SET", "rsb")
 NET = os.environ.get("DROVER_NETNS_NET", "10.150.0")
 
 
+def fill_ram(sh, fill_mib):
+    """Fill about `fill_mib` MiB of the guest's RAM (its /tmp, a tmpfs) with incompressible data.
+
+    64 MiB from /dev/urandom, repeated up to the fill: no page is zero or like its neighbours, and
+    repeats lie beyond any stream compressor's window. (Reading all of it from /dev/urandom took
+    longer than `vm exec` allows under TCG here at 2 GiB.) /tmp/fill.md5 and /tmp/chunk let a
+    test check the memory survived. `sh(script)` runs a shell script in the guest."""
+    sh("mount -o remount,size=95% /tmp; head -c 67108864 /dev/urandom > /tmp/chunk; "
+       "md5sum /tmp/chunk > /tmp/fill.md5")
+    # The chunk counts towards the fill.
+    sh(f"for i in $(seq {max(1, fill_mib // 64 - 1)}); do cat /tmp/chunk; done > /tmp/fill")
+
+
 def bench(runs, version, qemu_dir, sizes):
     """One QEMU installation: {size: {figure: median ms}}."""
     out = {}
@@ -56,8 +69,8 @@ def bench(runs, version, qemu_dir, sizes):
             secret = json.loads(drover("--output", "json", "vm", "guest-access", "grant", vm,
                                        "--principal", "bench", "--ops", "save,restore"))["secret"]
             fill = int(size_mib * 0.75)
-            sh(vm, f"echo 'export DROVER_PRINCIPAL=bench DROVER_SECRET={secret}' > /tmp/cred; "
-                   f"mount -o remount,size=95% /tmp; yes drover-fills-ram | head -c {fill * 1048576} > /tmp/fill")
+            sh(vm, f"echo 'export DROVER_PRINCIPAL=bench DROVER_SECRET={secret}' > /tmp/cred")
+            fill_ram(lambda script: sh(vm, script), fill)
             sh(vm, "(drover-guest listen --app-id bench > /dev/console 2>&1 &); sleep 0.5")
             gsave, grest, hsave, hrest, csave, crest = [], [], [], [], [], []
             ready, durable, paused_log = [], [], []
@@ -154,14 +167,7 @@ def across(runs, sizes):
             fill = int(size_mib * 0.75)
             drover(1, "vm", "create", vm, "--memory", f"{size_mib}M")
             drover(1, "vm", "start", vm, "--wait")
-            # 64 MiB from /dev/urandom, repeated up to the fill: no page is zero or like its
-            # neighbours, and repeats lie beyond any stream compressor's window. (Reading all of
-            # it from /dev/urandom took longer than `vm exec` allows under TCG here at 2 GiB.)
-            drover(1, "vm", "exec", vm, "--timeout", "900", "--", "sh", "-c",
-                   "mount -o remount,size=95% /tmp; head -c 67108864 /dev/urandom > /tmp/chunk; "
-                   "md5sum /tmp/chunk > /tmp/fill.md5")
-            drover(1, "vm", "exec", vm, "--timeout", "900", "--", "sh", "-c",
-                   f"for i in $(seq {max(1, fill // 64 - 1)}); do cat /tmp/chunk; done > /tmp/fill")
+            fill_ram(lambda script: drover(1, "vm", "exec", vm, "--timeout", "900", "--", "sh", "-c", script), fill)
             hib, move, res, ram_b, disk_b, state_b = [], [], [], [], [], []
             here = 1
             for i in range(runs):
