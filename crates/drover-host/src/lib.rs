@@ -22,6 +22,7 @@ pub mod events;
 pub mod fence_watchdog;
 pub mod filecopy;
 pub mod fsutil;
+pub mod guest_ram;
 pub mod hostfacts;
 pub mod limits;
 pub mod manager;

@@ -268,6 +268,9 @@ struct Shared {
     migrations: migrate::Migrations,
     /// State files this daemon hashed, so an unchanged one is not read again.
     hashes: state::Hashes,
+    /// How fast this host copies a paused guest's memory, bytes per second (measured by each
+    /// copy; see `state::choose_capture`).
+    copy_rate: std::sync::atomic::AtomicU64,
 }
 
 /// Answers whether a cluster member may start here with its token right now (`Err`: the
@@ -432,6 +435,7 @@ impl Manager {
                 console_sockets: Arc::new(tokio::sync::Semaphore::new(CONSOLE_SOCKETS_MAX)),
                 migrations: Default::default(),
                 hashes: Default::default(),
+                copy_rate: state::INITIAL_COPY_RATE.into(),
             }),
         };
         for (name, mut info) in records {
@@ -2236,8 +2240,9 @@ impl Manager {
                         tracing::warn!(vm = name, "cannot check the disks' layers: {e}");
                     }
                     // Drover pauses a VM only inside a state save; a VM still paused now was
-                    // left so by a droverd that died mid-save.
-                    if !migrating && status.as_deref() == Some("paused") {
+                    // left so by a droverd that died mid-save (`postmigrate` once the save's
+                    // device state was written: a copying or classic save).
+                    if !migrating && matches!(status.as_deref(), Some("paused" | "postmigrate")) {
                         tracing::warn!(
                             vm = name,
                             "VM was left paused by an interrupted save; resuming it"

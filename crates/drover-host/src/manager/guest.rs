@@ -557,7 +557,7 @@ impl Manager {
                     Ok(op) => {
                         match self.guest_state_quota(vm) {
                             Err(why) => Err(why),
-                            Ok(()) => crate::metrics::timed(crate::metrics::Op::Save, self.save_locked(vm, &op, name.clone(), false, &caller.name, Some(note)))
+                            Ok(()) => crate::metrics::timed(crate::metrics::Op::Save, self.save_locked(vm, &op, name.clone(), super::state::SaveHow::Fast(drover_api::Capture::Auto), &caller.name, Some(note)))
                             .await
                             .map(|s| serde_json::json!({"state": s.id, "name": s.name, "paused_ms": s.paused_ms}))
                             .map_err(|e| e.to_string()),
