@@ -13,16 +13,45 @@ use crate::agent_link::RequestHandler;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
+use crate::vm_events::{Subscriber, VmEvent};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use drover_api::{AuditEntry, GuestGrant, GuestPrincipal};
 use drover_model::{DiskConfig, ElementId, MacAddr, NicBackend, NicConfig};
 use drover_proto::{Body, ConfigChange, EventStatus, GuestEvent, GuestOp, GuestRequest};
 use drover_store::StoreExt;
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(super) const PRINCIPALS: &str = "principals";
+
+/// The guest broker's per-VM tables.
+pub(super) const TABLES: &[super::VmTable] = &[
+    super::VmTable::by_prefix(PRINCIPALS),
+    super::VmTable::by_prefix(AUDIT),
+    super::VmTable::by_prefix(REQUESTS),
+    super::VmTable::by_prefix(GUEST_DISKS),
+];
+
+/// The guest broker's part in the VM events: requests a previous droverd left queued are
+/// answered once their VM is re-adopted, and a deleted VM's rate bucket and verified secrets go.
+pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber {
+    name: "guest broker",
+    handle: on_vm_event,
+};
+
+fn on_vm_event<'a>(
+    m: &'a Manager,
+    ev: &'a VmEvent,
+) -> BoxFuture<'a, std::result::Result<(), String>> {
+    match ev {
+        VmEvent::Readopted { vm, .. } => m.resume_requests(vm),
+        VmEvent::Deleted { vm } => m.s.broker.forget(vm),
+        _ => {}
+    }
+    crate::vm_events::done()
+}
 
 /// What the guest broker keeps while droverd runs (not on disk).
 #[derive(Default)]
@@ -32,6 +61,15 @@ pub(super) struct Broker {
     /// Secrets already verified with argon2, per principal: (its stored hash, sha256 of the
     /// secret).
     verified: std::sync::Mutex<std::collections::BTreeMap<String, (String, [u8; 32])>>,
+}
+
+impl Broker {
+    /// Drop what is kept of VM `vm` (deleted).
+    fn forget(&self, vm: &str) {
+        lock(&self.buckets).remove(vm);
+        let prefix = format!("{vm}/");
+        lock(&self.verified).retain(|k, _| !k.starts_with(&prefix));
+    }
 }
 
 /// Secret checks (argon2, ~19 MiB each) running at once, across all VMs (and every daemon of
