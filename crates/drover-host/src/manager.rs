@@ -2855,7 +2855,7 @@ mod crash_tests {
         }
     }
 
-    fn cfg(dir: &Path) -> DaemonConfig {
+    pub(super) fn cfg(dir: &Path) -> DaemonConfig {
         DaemonConfig {
             state_dir: dir.join("state"),
             image_dir: dir.join("images"),

@@ -92,3 +92,182 @@ impl Manager {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::super::{exit, helpers, lock, migrate, DELETING};
+    use super::*;
+    use crate::auth::Caller;
+    use drover_store::{Store, StoreError, StoreExt, Write};
+    use std::sync::{Arc, Mutex};
+
+    /// Tables keyed by VM that are not its records, each for a reason: a helper process's
+    /// record (`helpers`, dropped when the delete kills the helpers), a migration's destination
+    /// (`migrations`, dropped with its mark), a delete in progress (`deleting`).
+    const NOT_RECORDS: &[&str] = &[helpers::HELPERS, migrate::MIGRATIONS, DELETING];
+
+    /// A store that notes every row written.
+    struct Noting {
+        inner: drover_store::RedbStore,
+        written: Arc<Mutex<Vec<(String, String)>>>,
+    }
+
+    impl Store for Noting {
+        fn get_raw(&self, t: &str, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get_raw(t, k)
+        }
+        fn list_raw(&self, t: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.list_raw(t)
+        }
+        fn apply(&self, w: Vec<Write>) -> Result<(), StoreError> {
+            for w in &w {
+                if let Write::Put { table, key, .. } = w {
+                    lock(&self.written).push((table.clone(), key.clone()));
+                }
+            }
+            self.inner.apply(w)
+        }
+    }
+
+    async fn manager(dir: &std::path::Path) -> (Manager, Arc<Mutex<Vec<(String, String)>>>) {
+        let written = Arc::default();
+        let store = Noting {
+            inner: drover_store::RedbStore::open(&dir.join("d.redb")).unwrap(),
+            written: Arc::clone(&written),
+        };
+        let cfg = super::super::crash_tests::cfg(dir);
+        let m = Manager::open(cfg, Box::new(store)).await.unwrap();
+        (m, written)
+    }
+
+    fn spec(name: &str) -> drover_model::VmSpec {
+        drover_model::VmSpec::from_toml(&format!(
+            "name = \"{name}\"\nmemory = \"64M\"\n[[disk]]\nid = \"d\"\nsize = \"8M\""
+        ))
+        .unwrap()
+    }
+
+    /// What the features write about one VM, without a QEMU, lands in tables the registry
+    /// lists (or in the few that are deliberately not the VM's records).
+    #[tokio::test]
+    async fn every_table_written_per_vm_is_in_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, written) = manager(dir.path()).await;
+        let daemon = Caller::daemon();
+        m.create(spec("v"), &daemon).await.unwrap();
+        m.guest_grant("v", "app", &["list".to_string()], &daemon)
+            .unwrap();
+        m.set_persist(
+            "v",
+            drover_api::PersistRequest {
+                enabled: Some(true),
+                mode: Some(drover_model::PersistMode::Snapshot),
+            },
+            &daemon,
+        )
+        .await
+        .unwrap();
+        m.regenerate_generation_id("v", "test").unwrap();
+        // A stop of a VM that ran a changed config seals it: history and journal rows.
+        let slot = m.slot("v").unwrap();
+        m.persist(&slot, |i| {
+            let mut ran = i.config.clone();
+            ran.cpus += 1;
+            i.running_config = Some(ran);
+        })
+        .unwrap();
+        m.record_stopped(&slot, exit("guest-poweroff", None))
+            .unwrap();
+        let written = lock(&written).clone();
+        let mut tables: Vec<&str> = written
+            .iter()
+            .filter(|(_, k)| k == "v" || k.starts_with("v/"))
+            .map(|(t, _)| t.as_str())
+            .collect();
+        tables.sort();
+        tables.dedup();
+        for t in [
+            super::super::VMS,
+            super::super::HISTORY,
+            super::super::JOURNAL,
+        ] {
+            assert!(tables.contains(&t), "{t} written: {tables:?}");
+        }
+        for t in &tables {
+            assert!(
+                vm_tables().any(|r| r.name == *t) || NOT_RECORDS.contains(t),
+                "table {t} holds rows of VM v but no feature declares it (add it to its TABLES)"
+            );
+        }
+    }
+
+    /// A delete leaves no row of the VM in any table of the registry, and every other VM's rows
+    /// where they were.
+    #[tokio::test]
+    async fn deleting_a_vm_leaves_no_row_in_any_of_its_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = manager(dir.path()).await;
+        let daemon = Caller::daemon();
+        // `go` is a prefix of `gone`: a row of `gone` must not be taken for one of `go`.
+        for vm in ["gone", "go"] {
+            m.create(spec(vm), &daemon).await.unwrap();
+        }
+        let key = |t: &VmTable, vm: &str| match t.keyed {
+            Keyed::ByName => vm.to_string(),
+            Keyed::ByPrefix => format!("{vm}/x"),
+        };
+        let mut planted = 0;
+        for t in vm_tables() {
+            for vm in ["gone", "go"] {
+                // Rows create wrote stay as they are (the VM's record is read back).
+                if m.s.store.get_raw(t.name, &key(t, vm)).unwrap().is_none() {
+                    m.s.store
+                        .apply(vec![Write::Put {
+                            table: t.name.into(),
+                            key: key(t, vm),
+                            value: b"{}".to_vec(),
+                        }])
+                        .unwrap();
+                    planted += 1;
+                }
+            }
+        }
+        assert!(planted >= 2 * 7, "rows planted in the feature tables");
+        let mut found: Vec<String> = m
+            .vm_rows("gone")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        found.dedup();
+        let all: Vec<&str> = vm_tables().map(|t| t.name).collect();
+        assert_eq!(found, all, "a row of VM gone in every table");
+        m.delete("gone", false, true, &daemon).await.unwrap();
+        for t in vm_tables() {
+            for (k, _) in m.s.store.list_raw(t.name).unwrap() {
+                assert!(!t.owns(&k, "gone"), "{}/{k} left after the delete", t.name);
+            }
+            assert!(
+                m.s.store.get_raw(t.name, &key(t, "go")).unwrap().is_some(),
+                "{} lost a row of another VM",
+                t.name
+            );
+        }
+        assert!(m.vm_rows("gone").unwrap().is_empty());
+        assert!(m
+            .s
+            .store
+            .list::<serde_json::Value>(DELETING)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_prefix_row_belongs_to_its_vm_only() {
+        let t = VmTable::by_prefix("journal");
+        assert!(t.owns("web/1", "web"));
+        assert!(!t.owns("web1/1", "web") && !t.owns("web", "web") && !t.owns("we/1", "web"));
+        let n = VmTable::by_name("history");
+        assert!(n.owns("web", "web") && !n.owns("web/1", "web"));
+        assert!(owns("states", "web/s1", "web") && !owns("images", "web", "web"));
+    }
+}
