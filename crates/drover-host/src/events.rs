@@ -15,9 +15,8 @@
 //!   restore, a migration, a hibernation) is emitted by the feature once it is durable.
 
 use crate::manager::Manager;
-use crate::vm_events::{Subscriber, VmEvent};
+use crate::vm_events::{Reaction, Subscriber, VmEvent};
 use drover_api::{Event, EventKind};
-use futures_util::future::BoxFuture;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use tokio::sync::broadcast;
@@ -133,12 +132,9 @@ impl Events {
 
 /// The feed's part in the VM events: what the lifecycle tells becomes a line of the feed
 /// (a stop only once it is recorded, so the feed never tells one the store could forget).
-pub(crate) const SUBSCRIBER: Subscriber<Manager> = Subscriber {
-    name: "event feed",
-    handle: on_vm_event,
-};
+pub(crate) const SUBSCRIBER: Subscriber<Manager> = Subscriber::new("event feed", on_vm_event);
 
-fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> BoxFuture<'a, Result<(), String>> {
+fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
     let feed = m.events();
     match ev {
         VmEvent::Created { info } => {

@@ -100,8 +100,11 @@ impl VmEvent {
     }
 }
 
+/// What a subscriber does about one event: done, or why it failed.
+pub type Reaction<'a> = BoxFuture<'a, Result<(), String>>;
+
 /// A subscriber's reaction to one event, given the context it runs in (the manager).
-pub type Handler<C> = for<'a> fn(&'a C, &'a VmEvent) -> BoxFuture<'a, Result<(), String>>;
+pub type Handler<C> = for<'a> fn(&'a C, &'a VmEvent) -> Reaction<'a>;
 
 /// One feature's subscription.
 pub struct Subscriber<C: 'static> {
@@ -109,6 +112,13 @@ pub struct Subscriber<C: 'static> {
     pub name: &'static str,
     /// What it does with an event (most ignore most events).
     pub handle: Handler<C>,
+}
+
+impl<C: 'static> Subscriber<C> {
+    /// Subscriber `name`, reacting with `handle`.
+    pub const fn new(name: &'static str, handle: Handler<C>) -> Self {
+        Subscriber { name, handle }
+    }
 }
 
 /// The bus: a fixed list of subscribers, called in order.
@@ -148,7 +158,7 @@ impl<C: 'static> Bus<C> {
 }
 
 /// A subscriber's answer when it has nothing to wait for.
-pub fn done<'a>() -> BoxFuture<'a, Result<(), String>> {
+pub fn done<'a>() -> Reaction<'a> {
     futures_util::future::ready(Ok(())).boxed()
 }
 
@@ -165,7 +175,7 @@ mod tests {
             .push(format!("{who}:{}:{}", ev.name(), ev.vm()));
     }
 
-    fn first<'a>(seen: &'a Seen, ev: &'a VmEvent) -> BoxFuture<'a, Result<(), String>> {
+    fn first<'a>(seen: &'a Seen, ev: &'a VmEvent) -> Reaction<'a> {
         async move {
             // Yields before noting: the next subscriber must still wait for it.
             tokio::task::yield_now().await;
@@ -176,38 +186,26 @@ mod tests {
         .boxed()
     }
 
-    fn failing<'a>(seen: &'a Seen, ev: &'a VmEvent) -> BoxFuture<'a, Result<(), String>> {
+    fn failing<'a>(seen: &'a Seen, ev: &'a VmEvent) -> Reaction<'a> {
         note(seen, "failing", ev);
         futures_util::future::ready(Err("the disk is full".to_string())).boxed()
     }
 
-    fn panicking<'a>(seen: &'a Seen, ev: &'a VmEvent) -> BoxFuture<'a, Result<(), String>> {
+    fn panicking<'a>(seen: &'a Seen, ev: &'a VmEvent) -> Reaction<'a> {
         note(seen, "panicking", ev);
         async move { panic!("a bug in a subscriber") }.boxed()
     }
 
-    fn last<'a>(seen: &'a Seen, ev: &'a VmEvent) -> BoxFuture<'a, Result<(), String>> {
+    fn last<'a>(seen: &'a Seen, ev: &'a VmEvent) -> Reaction<'a> {
         note(seen, "last", ev);
         done()
     }
 
     static SUBSCRIBERS: [Subscriber<Seen>; 4] = [
-        Subscriber {
-            name: "first",
-            handle: first,
-        },
-        Subscriber {
-            name: "failing",
-            handle: failing,
-        },
-        Subscriber {
-            name: "panicking",
-            handle: panicking,
-        },
-        Subscriber {
-            name: "last",
-            handle: last,
-        },
+        Subscriber::new("first", first),
+        Subscriber::new("failing", failing),
+        Subscriber::new("panicking", panicking),
+        Subscriber::new("last", last),
     ];
 
     /// What the subscriber's log lines say.

@@ -13,13 +13,12 @@ use crate::agent_link::RequestHandler;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
-use crate::vm_events::{Subscriber, VmEvent};
+use crate::vm_events::{Reaction, Subscriber, VmEvent};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use drover_api::{AuditEntry, GuestGrant, GuestPrincipal};
 use drover_model::{DiskConfig, ElementId, MacAddr, NicBackend, NicConfig};
 use drover_proto::{Body, ConfigChange, EventStatus, GuestEvent, GuestOp, GuestRequest};
 use drover_store::StoreExt;
-use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,15 +35,9 @@ pub(super) const TABLES: &[super::VmTable] = &[
 
 /// The guest broker's part in the VM events: requests a previous droverd left queued are
 /// answered once their VM is re-adopted, and a deleted VM's rate bucket and verified secrets go.
-pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber {
-    name: "guest broker",
-    handle: on_vm_event,
-};
+pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber::new("guest broker", on_vm_event);
 
-fn on_vm_event<'a>(
-    m: &'a Manager,
-    ev: &'a VmEvent,
-) -> BoxFuture<'a, std::result::Result<(), String>> {
+fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
     match ev {
         VmEvent::Readopted { vm, .. } => m.resume_requests(vm),
         VmEvent::Deleted { vm } => m.s.broker.forget(vm),

@@ -21,7 +21,7 @@ use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
-use crate::vm_events::{Subscriber, VmEvent};
+use crate::vm_events::{Reaction, Subscriber, VmEvent};
 use drover_api::{
     ApiError, Client, ClientError, HostInfo, IncomingReady, IncomingRequest, MigrateProgress,
     MigrateRequest, MigrateResult, MigrationMark, MigrationPhase, MigrationRole, MigrationStep,
@@ -31,7 +31,6 @@ use drover_model::VmConfig;
 use drover_qemu::live_migration::{self, Phase};
 use drover_qemu::nbd;
 use drover_store::{StoreExt, Write};
-use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -44,15 +43,9 @@ pub(super) const MIGRATIONS: &str = "migrations";
 /// Migration's part in the VM events: a VM arriving here whose QEMU exits is not ours and is
 /// dropped; a VM with a migration on record when droverd opens has it finished or undone.
 /// Both run in the background (they may talk to the peer host).
-pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber {
-    name: "migration",
-    handle: on_vm_event,
-};
+pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber::new("migration", on_vm_event);
 
-fn on_vm_event<'a>(
-    m: &'a Manager,
-    ev: &'a VmEvent,
-) -> BoxFuture<'a, std::result::Result<(), String>> {
+fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
     match ev {
         VmEvent::Exited { vm, .. } => {
             let Ok(slot) = m.slot(vm) else {
