@@ -1043,6 +1043,30 @@ pub(super) mod tests {
         assert_eq!(m.console("g1", 5000, 100).unwrap(), (b"new".to_vec(), 3));
     }
 
+    /// A deleted VM's rate bucket goes with it: a new VM of the same name is not held back by
+    /// what the old one asked.
+    #[tokio::test]
+    async fn a_new_vm_of_a_deleted_ones_name_is_not_rate_limited_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path()).await;
+        let daemon = Caller::daemon();
+        let spec = || drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap();
+        let limited = |ack: &Body| matches!(ack, Body::Ack { accepted: false, reason: Some(r), .. } if r.starts_with("rate limited"));
+        m.create(spec(), &daemon).await.unwrap();
+        let mut held = false;
+        for _ in 0..1000 {
+            if limited(&m.accept("g1", req(GuestOp::HostIdentity {})).await) {
+                held = true;
+                break;
+            }
+        }
+        assert!(held, "a flood of requests is rate-limited");
+        m.delete("g1", false, true, &daemon).await.unwrap();
+        m.create(spec(), &daemon).await.unwrap();
+        let ack = m.accept("g1", req(GuestOp::HostIdentity {})).await;
+        assert!(!limited(&ack), "{ack:?}");
+    }
+
     /// Identity ops are answered without a principal; the notice lands in the audit trail; the
     /// generation id is made at create, renewed on demand, and goes with the VM.
     #[tokio::test]

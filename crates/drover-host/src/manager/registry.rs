@@ -261,6 +261,46 @@ mod tests {
             .is_empty());
     }
 
+    /// The event feed hears of what the lifecycle publishes: a stop as `stopped` or `exited`
+    /// by its reason, and only once it is recorded.
+    #[tokio::test]
+    async fn the_feed_tells_what_the_lifecycle_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = manager(dir.path()).await;
+        let daemon = Caller::daemon();
+        m.create(spec("f"), &daemon).await.unwrap();
+        let stop = |reason: &str, recorded| VmEvent::Exited {
+            vm: "f".into(),
+            exit: exit(reason, Some("why".into())),
+            recorded,
+        };
+        m.publish(stop("operator-stop", true)).await;
+        m.publish(stop("crashed", false)).await;
+        m.publish(stop("guest-poweroff", true)).await;
+        m.publish(VmEvent::QemuGone { vm: "f".into() }).await;
+        m.delete("f", false, true, &daemon).await.unwrap();
+        let feed: Vec<(String, String)> = m
+            .events()
+            .recent(None)
+            .into_iter()
+            .map(|e| {
+                let reason = e.details["reason"].as_str().unwrap_or("").to_string();
+                (e.kind.as_str().to_string(), reason)
+            })
+            .collect();
+        let want = [
+            ("created", ""),
+            ("stopped", "operator-stop"),
+            ("exited", "guest-poweroff"),
+            ("deleted", ""),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(k, r)| (k.to_string(), r.to_string()))
+            .collect();
+        assert_eq!(feed, want);
+    }
+
     #[test]
     fn a_prefix_row_belongs_to_its_vm_only() {
         let t = VmTable::by_prefix("journal");
