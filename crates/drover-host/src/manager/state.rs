@@ -20,6 +20,7 @@ use crate::action::VmAction;
 use crate::auth::Caller;
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
+use crate::vm_events::{Reaction, Subscriber, VmEvent};
 use drover_api::{
     Capture, GuestSaveNote, StateInfo, StatePhase, StateSection, VmInfo, VmState, STATE_FORMAT,
 };
@@ -28,12 +29,32 @@ use drover_qemu::cmdline::RunPaths;
 use drover_qemu::qmp::Qmp;
 use drover_qemu::{img, migrate, process};
 use drover_store::StoreExt;
+use futures_util::FutureExt as _;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(super) const STATES: &str = "states";
+
+/// Saved states' per-VM table.
+pub(super) const TABLES: &[super::VmTable] = &[super::VmTable::by_prefix(STATES)];
+
+/// Saved states' part in the VM events: the receiver kept ready for a VM's next save goes with
+/// its QEMU, before the stop is recorded (so a next start never finds one of the old QEMU).
+pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber::new("saved states", on_vm_event);
+
+fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
+    async move {
+        if let VmEvent::QemuGone { vm } = ev {
+            if let Ok(slot) = m.slot(vm) {
+                m.drop_standby(&slot).await;
+            }
+        }
+        Ok(())
+    }
+    .boxed()
+}
 
 /// How many of a VM's newest states keep a copy of their memory in RAM for instant restores.
 const STATES_IN_RAM: usize = 2;
