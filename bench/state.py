@@ -9,7 +9,10 @@ For each size, median of RUNS:
   guest restore  `drover-guest restore` started in the guest -> the listener in the restored
                  state prints the restore event with the app's data on the console (restoring a
                  state whose capture has completed)
-  host fast      `drover snapshot create` / `drover snapshot restore` (CLI round trips)
+  copy save      first, on the booted guest: `drover snapshot create --capture copy` (the guest
+                 paused while its memory is copied), its pause and when it is restorable
+  host fast      `drover snapshot create` / `drover snapshot restore` (CLI round trips); after
+                 the first restore the guest runs on a state's memory and fast saves stream
   host classic   the same with --classic (RAM in QEMU's migration stream, as plain QEMU saves)
 Times from the host include starting the guest command through `drover vm exec` (~20-40 ms).
 
@@ -83,6 +86,20 @@ def bench(runs, version, qemu_dir, sizes):
                 r = poll(lambda: phase(name) in ("ready", "durable"), 600, 0.02) - t0
                 d = poll(lambda: phase(name) == "durable", 600, 0.02) - t0
                 return r, d
+            # A copying save first, while the guest still runs on its own (shared) memory: once
+            # restored it runs on a state's memory, mapped privately, and every save streams.
+            copy_save, copy_ready, copy_paused = [], [], []
+            for i in range(runs):
+                t0 = time.monotonic()
+                st = json.loads(drover("--output", "json", "snapshot", "create", vm, "--name", f"k{i}",
+                                       "--capture", "copy"))
+                copy_save.append(time.monotonic() - t0)
+                copy_ready.append(wait_phase(f"k{i}", t0)[0])
+                copy_paused.append(st["paused_ms"])
+                wait_phase(f"k{i}", t0)
+                drover("snapshot", "delete", vm, f"k{i}")
+                print(f"  {size_mib} MiB copy {i + 1}: save {copy_save[-1] * 1000:.0f} ms (paused {copy_paused[-1]} ms, "
+                      f"restorable {copy_ready[-1] * 1000:.0f} ms)")
             for i in range(runs):
                 n = count(console, b'"op":"save","result"')
                 t0 = time.monotonic()
@@ -123,7 +140,12 @@ def bench(runs, version, qemu_dir, sizes):
                   f"host fast save/restore {m(hsave):.0f}/{m(hrest):.0f} ms; classic {m(csave):.0f}/{m(crest):.0f} ms; "
                   f"classic/fast: save {m(csave) / m(hsave):.1f}x, restore {m(crest) / m(hrest):.1f}x; "
                   f"a guest save is restorable after {statistics.median(ready):.1f} s and on disk after {statistics.median(durable):.1f} s")
+            print(f"{size_mib} MiB copying save (guest on its own memory), medians: save {m(copy_save):.0f} ms, "
+                  f"paused {statistics.median(copy_paused):.0f} ms, restorable after {m(copy_ready):.0f} ms")
             out[size_mib] = {
+                "copy save (booted guest)": m(copy_save),
+                "copy save: paused": statistics.median(copy_paused),
+                "copy save: restorable after": m(copy_ready),
                 "guest paused, fast save": paused["fast"],
                 "guest paused, classic save": paused["classic"],
                 "host fast save": m(hsave), "host fast restore": m(hrest),
