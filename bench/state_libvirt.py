@@ -11,13 +11,19 @@ What it starts, and how it keeps the machine's libvirt untouched:
     /var/cache/libvirt and /var/log/libvirt are a temporary directory of its own: qemu.conf there
     says `user = "root"`, no security driver, serial logs written by QEMU itself
     (`stdio_handler = "file"`, no virtlogd). No network is defined, so there is no virbr0.
+    libvirt looks up its built-in default user (libvirt-qemu, which libvirt-daemon-system would
+    create) before it reads qemu.conf: /etc/passwd and /etc/group in the namespace are copies
+    with that user added. Outside, only empty mount points appear (removed on exit) where
+    those directories do not exist. DROVER_BENCH_KEEP=1 keeps the temporary directory (logs,
+    domain XML, console logs) for a look afterwards.
   * libvirtd's parent is this script in `--reap` mode: a child subreaper that waits on every child
     at once. QEMU daemonizes away from libvirtd, so without it the machine's PID 1 (which reaps
     late here) would inherit QEMU, and libvirt would wait for a zombie to go away on every save.
-  * The domain: `<domain type='qemu'>` (TCG), the kernel, initramfs and command line of Drover's
-    guest image (the one droverd booted), the same `-cpu` and `-machine` as droverd's QEMU, qboot
-    as firmware, 1 vCPU, the size's RAM, no NIC, no disk, and the serial port (the guest's root
-    shell on ttyS0) as a unix socket with a log file the host reads.
+  * The domain: `<domain type='qemu'>` (TCG) with the `-kernel`, `-initrd`, `-append`, `-cpu`,
+    `-machine` and `-bios` (qboot) of droverd's QEMU for the same VM (read from its
+    /proc/PID/cmdline), 1 vCPU, the size's RAM (anonymous, libvirt's default), no NIC, no disk,
+    and the serial port (the guest's root shell on ttyS0) as a unix socket with a log file the
+    host reads; commands are typed into that shell (the fill, the ticker).
 
 Measured per run:
   save     `virsh save DOMAIN FILE` (command time; libvirt pauses the guest, streams its state to
