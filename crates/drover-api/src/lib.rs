@@ -840,6 +840,10 @@ pub struct StateInfo {
     pub memory: Option<StateSection>,
     /// How long the VM was paused, in milliseconds.
     pub paused_ms: u64,
+    /// How a fast save captured the memory: `copy` or `stream` (absent for classic saves and
+    /// states saved before this was kept, which streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<Capture>,
     /// How far the save has come. A fast save answers once the guest runs again; its memory is
     /// still being captured and written to disk behind it.
     #[serde(default)]
@@ -1122,6 +1126,34 @@ pub struct SnapshotRequest {
     /// Put RAM in the migration stream instead of copying the RAM file (for comparison).
     #[serde(default)]
     pub classic: bool,
+    /// How a fast save captures the guest's memory (ignored with `classic`).
+    #[serde(default)]
+    pub capture: Capture,
+}
+
+/// How a fast save captures the guest's memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// `copy` when this host copies the guest's memory within about a second, else `stream`.
+    #[default]
+    Auto,
+    /// Pause the guest while its memory is copied: the state is restorable when the save
+    /// answers; the pause grows with the memory the guest has touched (about 0.4 s per GiB).
+    Copy,
+    /// Pause the guest only for its device state (~0.1 s at any size), then stream its memory
+    /// out while it runs (writes are slower meanwhile); restorable once the stream is done.
+    Stream,
+}
+
+impl std::fmt::Display for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Capture::Auto => "auto",
+            Capture::Copy => "copy",
+            Capture::Stream => "stream",
+        })
+    }
 }
 
 /// Restore a saved state.

@@ -729,10 +729,13 @@ impl Out {
             s.id, s.name, s.vm, s.format
         );
         println!(
-            "saved:    {} ago by {}, {} save, VM paused {} ms",
+            "saved:    {} ago by {}, {} save{}, VM paused {} ms",
             age(s.created_at_ms),
             s.created_by,
             s.mode,
+            s.capture
+                .map(|c| format!(" (memory by {c})"))
+                .unwrap_or_default(),
             s.paused_ms
         );
         println!(

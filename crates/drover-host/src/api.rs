@@ -1255,7 +1255,7 @@ async fn state_create(
 ) -> Res<drover_api::StateInfo> {
     Ok(Json(
         detached(async move {
-            m.snapshot_create(&name, req.name, req.classic, &who.0)
+            m.snapshot_create(&name, req.name, req.classic, req.capture, &who.0)
                 .await
         })
         .await?,

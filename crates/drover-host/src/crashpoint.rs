@@ -6,7 +6,8 @@
 //!
 //! Points: `save-receiver` (a save's receiving QEMU runs, the VM is not paused yet),
 //! `save-disks-moved` (QEMU writes each disk's new overlay, the chains do not record it yet),
-//! `capture` (a fast save answered, its memory still streaming), `write-out-copy` (a ready
+//! `save-copy` (a copying save's memory copied into RAM under a temporary name, the guest still
+//! paused), `capture` (a fast save answered, its memory still streaming), `write-out-copy` (a ready
 //! state's memory copied to a temporary file on disk, not renamed), `write-out-renamed` (its
 //! memory in place, not yet recorded durable), `restore-ram-copy` (a restore copied an older
 //! state's memory back into RAM under a temporary name), `start-spawned` (a start's QEMU

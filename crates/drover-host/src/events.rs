@@ -10,7 +10,12 @@
 //!   [`CAPACITY`] events. One that falls further behind (a slow reader, a stalled connection)
 //!   gets one last `lagged` line saying how many it missed and the stream ends: droverd never
 //!   buffers without limit for a client.
+//! - What the lifecycle tells (created, started, stopped or exited, deleted) reaches the feed as
+//!   a subscriber of the VM event bus ([`crate::vm_events`]); features' own news (a save, a
+//!   restore, a migration, a hibernation) is emitted by the feature once it is durable.
 
+use crate::manager::Manager;
+use crate::vm_events::{Reaction, Subscriber, VmEvent};
 use drover_api::{Event, EventKind};
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -123,6 +128,46 @@ impl Events {
     pub fn close(&self) {
         self.closed.send_replace(true);
     }
+}
+
+/// The feed's part in the VM events: what the lifecycle tells becomes a line of the feed
+/// (a stop only once it is recorded, so the feed never tells one the store could forget).
+pub(crate) const SUBSCRIBER: Subscriber<Manager> = Subscriber::new("event feed", on_vm_event);
+
+fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
+    let feed = m.events();
+    match ev {
+        VmEvent::Created { info } => {
+            feed.emit(&info.name, EventKind::Created, serde_json::json!({}));
+        }
+        VmEvent::Started { info } => {
+            feed.emit(
+                &info.name,
+                EventKind::Started,
+                serde_json::json!({ "from": info.started_from, "pid": info.pid }),
+            );
+        }
+        VmEvent::Exited {
+            vm,
+            exit,
+            recorded: true,
+        } => {
+            let kind = match exit.reason.as_str() {
+                "operator-stop" => EventKind::Stopped,
+                _ => EventKind::Exited,
+            };
+            feed.emit(
+                vm,
+                kind,
+                serde_json::json!({ "reason": exit.reason, "detail": exit.detail }),
+            );
+        }
+        VmEvent::Deleted { vm } => {
+            feed.emit(vm, EventKind::Deleted, serde_json::json!({}));
+        }
+        VmEvent::QemuGone { .. } | VmEvent::Exited { .. } | VmEvent::Readopted { .. } => {}
+    }
+    crate::vm_events::done()
 }
 
 /// The line a follower gets when it fell `missed` events behind, before its stream ends.

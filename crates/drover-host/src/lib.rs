@@ -7,6 +7,7 @@
 //! - [`action`]: every lifecycle verb with the states it is valid in.
 //! - [`compat`]: whether a VM's machine type and CPU model fit another host's QEMU or a state.
 //! - [`metrics`]: what `/metrics` exports to Prometheus.
+//! - [`vm_events`]: the bus on which the lifecycle tells features what happened to a VM.
 
 pub mod action;
 pub mod agent_link;
@@ -22,6 +23,7 @@ pub mod events;
 pub mod fence_watchdog;
 pub mod filecopy;
 pub mod fsutil;
+pub mod guest_ram;
 pub mod hostfacts;
 pub mod limits;
 pub mod manager;
@@ -32,6 +34,7 @@ pub mod pools;
 pub mod qemu_user;
 pub mod serve;
 pub mod tls;
+pub mod vm_events;
 pub mod web;
 
 /// One line of image-build progress for logs and the CLI.

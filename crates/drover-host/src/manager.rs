@@ -13,9 +13,9 @@ use crate::agent_link::{AgentLink, LinkError};
 use crate::auth::{Caller, Permission, Role};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
+use crate::vm_events::{Adoption, Bus, VmEvent};
 use drover_api::{
-    AgentStatus, EventKind, ExitInfo, HostInfo, ImageInfo, JournalEntry, StartRequest, VmInfo,
-    VmState,
+    AgentStatus, ExitInfo, HostInfo, ImageInfo, JournalEntry, StartRequest, VmInfo, VmState,
 };
 use drover_model::{
     format_size, Accel, Boot, ConfigHistory, DiskConfig, DiskSource, MacAddr, NicBackend,
@@ -49,6 +49,8 @@ mod layers;
 mod live;
 mod migrate;
 mod qemu_files;
+mod registry;
+use registry::VmTable;
 mod seed;
 mod state;
 mod upgrade;
@@ -96,17 +98,11 @@ pub(crate) struct RestoreSpec {
 }
 
 const VMS: &str = "vms";
-/// Tables besides [`VMS`] with one row per VM, keyed by its name.
-const VM_TABLES_BY_NAME: &[&str] = &[HISTORY, identity::GENERATIONS, identity::PENDING_IDENTITIES];
-/// Tables whose rows of VM `n` are keyed `n/...`.
-const VM_TABLES_BY_PREFIX: &[&str] = &[
-    JOURNAL,
-    guest::PRINCIPALS,
-    guest::AUDIT,
-    guest::REQUESTS,
-    guest::GUEST_DISKS,
-    state::STATES,
-    layers::LAYERS,
+/// The lifecycle's own per-VM tables (every feature declares its own: [`registry`]).
+const TABLES: &[VmTable] = &[
+    VmTable::by_name(VMS),
+    VmTable::by_name(HISTORY),
+    VmTable::by_prefix(JOURNAL),
 ];
 const HISTORY: &str = "history";
 /// Deletes in progress: what is left to remove of a VM whose records are gone.
@@ -268,6 +264,11 @@ struct Shared {
     migrations: migrate::Migrations,
     /// State files this daemon hashed, so an unchanged one is not read again.
     hashes: state::Hashes,
+    /// How fast this host copies a paused guest's memory, bytes per second (measured by each
+    /// copy; see `state::choose_capture`).
+    copy_rate: std::sync::atomic::AtomicU64,
+    /// Where the lifecycle tells features what happened to VMs ([`registry::SUBSCRIBERS`]).
+    bus: Bus<Manager>,
 }
 
 /// Answers whether a cluster member may start here with its token right now (`Err`: the
@@ -432,6 +433,8 @@ impl Manager {
                 console_sockets: Arc::new(tokio::sync::Semaphore::new(CONSOLE_SOCKETS_MAX)),
                 migrations: Default::default(),
                 hashes: Default::default(),
+                copy_rate: state::INITIAL_COPY_RATE.into(),
+                bus: Bus::new(&registry::SUBSCRIBERS),
             }),
         };
         for (name, mut info) in records {
@@ -1156,7 +1159,7 @@ impl Manager {
                 let slot = VmSlot::new(info.clone());
                 lock(&self.s.vms).insert(name.clone(), slot);
                 tracing::info!(vm = name, "created");
-                self.event(&name, EventKind::Created, serde_json::json!({}));
+                self.publish(VmEvent::Created { info: info.clone() }).await;
                 Ok(info)
             }
             Err(e) => {
@@ -1167,21 +1170,23 @@ impl Manager {
         }
     }
 
-    /// Every stored row that belongs to VM `name` (table, key, value): its record, history and
-    /// generation id under its name, journal, guest principals, audit, queued requests and states
-    /// under `name/`. What a delete removes and a migration carries.
+    /// Every stored row that belongs to VM `name` (table, key, value), in every table of
+    /// [`registry::VM_TABLES`]. What a delete removes and a migration carries.
     fn vm_rows(&self, name: &str) -> Result<Vec<(String, String, Vec<u8>)>> {
-        let prefix = format!("{name}/");
         let mut rows = Vec::new();
-        for table in [VMS].iter().chain(VM_TABLES_BY_NAME) {
-            if let Some(v) = self.s.store.get_raw(table, name)? {
-                rows.push((table.to_string(), name.to_string(), v));
-            }
-        }
-        for table in VM_TABLES_BY_PREFIX {
-            for (key, v) in self.s.store.list_raw(table)? {
-                if key.starts_with(&prefix) {
-                    rows.push((table.to_string(), key, v));
+        for table in registry::vm_tables() {
+            match table.keyed {
+                registry::Keyed::ByName => {
+                    if let Some(v) = self.s.store.get_raw(table.name, name)? {
+                        rows.push((table.name.to_string(), name.to_string(), v));
+                    }
+                }
+                registry::Keyed::ByPrefix => {
+                    for (key, v) in self.s.store.list_raw(table.name)? {
+                        if table.owns(&key, name) {
+                            rows.push((table.name.to_string(), key, v));
+                        }
+                    }
                 }
             }
         }
@@ -1242,7 +1247,7 @@ impl Manager {
         crate::crashpoint::hit("delete-files");
         self.finish_delete(name, &intent);
         tracing::info!(vm = name, "deleted");
-        self.event(name, EventKind::Deleted, serde_json::json!({}));
+        self.publish(VmEvent::Deleted { vm: name.into() }).await;
         Ok(info)
     }
 
@@ -1301,15 +1306,6 @@ impl Manager {
         self.start_locked(name, &op, req, caller).await
     }
 
-    /// Tell followers the VM runs (after a start, a restart, a migration's arrival).
-    fn started_event(&self, info: &VmInfo) {
-        self.event(
-            &info.name,
-            EventKind::Started,
-            serde_json::json!({ "from": info.started_from, "pid": info.pid }),
-        );
-    }
-
     /// Start with the lock held; the state is checked again, for a restart's second half.
     async fn start_locked(
         &self,
@@ -1341,7 +1337,7 @@ impl Manager {
         let info = self
             .launch(name, slot, config.pinned(), started_from, LaunchKind::Boot)
             .await?;
-        self.started_event(&info);
+        self.publish(VmEvent::Started { info: info.clone() }).await;
         Ok(info)
     }
 
@@ -1447,7 +1443,10 @@ impl Manager {
         &self.s.events
     }
 
-    /// Tell followers what happened to `vm`; call it once the change is durable.
+    /// Tell followers of the event feed a feature's news about `vm` (a save, a restore, a
+    /// migration, a hibernation: nothing else reacts to those); call it once the change is
+    /// durable. What the lifecycle tells goes through the VM event bus ([`Manager::publish`]),
+    /// whose feed subscriber writes it here too.
     pub(crate) fn event(&self, vm: &str, kind: drover_api::EventKind, details: serde_json::Value) {
         self.s.events.emit(vm, kind, details);
     }
@@ -1648,14 +1647,6 @@ impl Manager {
         tracing::info!(vm = name, pid, %accel, "started");
         let _ = info;
         Ok(self.view(slot))
-    }
-
-    /// Finish or undo, in the background, a migration a previous droverd left on record.
-    fn spawn_recover_migration(&self, name: &str, slot: &Arc<VmSlot>) {
-        if lock(&slot.info).migration.is_some() {
-            let (mgr, vm, slot) = (self.clone(), name.to_string(), slot.clone());
-            tokio::spawn(async move { mgr.recover_migration(&vm, &slot).await });
-        }
     }
 
     /// QEMU's command line for VM `name` running `config`.
@@ -1909,7 +1900,7 @@ impl Manager {
         };
         // The guest's memory is gone with it; free the RAM file (it lives in /dev/shm).
         qemu_files::free_ram_file(&paths.ram);
-        self.drop_standby(slot).await;
+        self.publish(VmEvent::QemuGone { vm: name.into() }).await;
         let operator = lock(&stop_reason).clone();
         let guest = shutdown
             .as_ref()
@@ -1939,33 +1930,15 @@ impl Manager {
         };
         tracing::info!(vm = name, reason = exit_info.reason, "stopped");
         let recorded = self.record_stopped(slot, exit_info.clone());
-        if recorded.is_ok() {
-            let kind = match exit_info.reason.as_str() {
-                "operator-stop" => EventKind::Stopped,
-                _ => EventKind::Exited,
-            };
-            self.event(
-                name,
-                kind,
-                serde_json::json!({ "reason": exit_info.reason, "detail": exit_info.detail }),
-            );
-        }
-        if let Err(e) = recorded {
+        if let Err(e) = &recorded {
             tracing::error!(vm = name, "could not record the stop: {e}");
         }
-        // A VM that was arriving by migration and lost its QEMU is not ours: drop it.
-        let arriving = matches!(
-            lock(&slot.info).migration,
-            Some(drover_api::MigrationMark {
-                role: drover_api::MigrationRole::Incoming,
-                phase: drover_api::MigrationPhase::Copying,
-                ..
-            })
-        );
-        if arriving {
-            let (mgr, vm) = (self.clone(), name.to_string());
-            tokio::spawn(async move { mgr.discard_incoming(&vm).await });
-        }
+        self.publish(VmEvent::Exited {
+            vm: name.into(),
+            exit: exit_info,
+            recorded: recorded.is_ok(),
+        })
+        .await;
     }
 
     /// Record a stop and, with persistence on, seal the config the VM ran with (live changes and
@@ -2187,7 +2160,11 @@ impl Manager {
                                     Some(format!("{why}; its QEMU was stopped: start it again")),
                                 ),
                             )?;
-                            self.resume_requests(name);
+                            self.publish(VmEvent::Readopted {
+                                vm: name.into(),
+                                outcome: Adoption::StartCutOff,
+                            })
+                            .await;
                             return Ok(());
                         }
                         // A state capture the previous droverd left streaming: its receiver
@@ -2236,8 +2213,9 @@ impl Manager {
                         tracing::warn!(vm = name, "cannot check the disks' layers: {e}");
                     }
                     // Drover pauses a VM only inside a state save; a VM still paused now was
-                    // left so by a droverd that died mid-save.
-                    if !migrating && status.as_deref() == Some("paused") {
+                    // left so by a droverd that died mid-save (`postmigrate` once the save's
+                    // device state was written: a copying or classic save).
+                    if !migrating && matches!(status.as_deref(), Some("paused" | "postmigrate")) {
                         tracing::warn!(
                             vm = name,
                             "VM was left paused by an interrupted save; resuming it"
@@ -2248,9 +2226,12 @@ impl Manager {
                     if let Some(rt) = self.runtime(slot) {
                         *lock(&rt.nodes) = nodes;
                     }
-                    self.resume_requests(name);
                     tracing::info!(vm = name, pid, "re-adopted running VM");
-                    self.spawn_recover_migration(name, slot);
+                    self.publish(VmEvent::Readopted {
+                        vm: name.into(),
+                        outcome: Adoption::Running,
+                    })
+                    .await;
                     return Ok(());
                 }
                 Err(e) => {
@@ -2271,8 +2252,11 @@ impl Manager {
             log_tail(&paths.qemu_log)
         );
         self.record_stopped(slot, exit("exited-while-daemon-down", Some(detail.clone())))?;
-        self.resume_requests(name);
-        self.spawn_recover_migration(name, slot);
+        self.publish(VmEvent::Readopted {
+            vm: name.into(),
+            outcome: Adoption::ExitedWhileDown,
+        })
+        .await;
         tracing::info!(
             vm = name,
             "was running before droverd restarted and has since exited"
@@ -2876,7 +2860,7 @@ mod crash_tests {
         }
     }
 
-    fn cfg(dir: &Path) -> DaemonConfig {
+    pub(super) fn cfg(dir: &Path) -> DaemonConfig {
         DaemonConfig {
             state_dir: dir.join("state"),
             image_dir: dir.join("images"),

@@ -174,8 +174,12 @@ pub fn disk_node(d: &DiskConfig) -> String {
 
 /// `bytes` (whole MiB, as configured), plus [`RAM_PAD`] when `pad`, as a QEMU size.
 fn ram_size(bytes: u64, pad: bool) -> String {
-    let pad = if pad { RAM_PAD >> 10 } else { 0 };
-    format!("{}K", ((bytes >> 20) << 10) + pad)
+    format!("{}K", ram_bytes(bytes, pad) >> 10)
+}
+
+/// The size of the guest RAM backend (the RAM file QEMU maps) for `bytes` of memory.
+pub fn ram_bytes(bytes: u64, pad: bool) -> u64 {
+    ((bytes >> 20) << 20) + if pad { RAM_PAD } else { 0 }
 }
 
 /// QEMU device id of guest-channel port A: QEMU names it in `VSERPORT_CHANGE` when the guest

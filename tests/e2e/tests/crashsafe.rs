@@ -273,7 +273,15 @@ fn capture_cut_off_is_finished_by_the_next_droverd_and_the_guest_runs_on() {
     crash_during(
         &mut d,
         "capture",
-        &["snapshot", "create", "c", "--name", "cut"],
+        &[
+            "snapshot",
+            "create",
+            "c",
+            "--name",
+            "cut",
+            "--capture",
+            "stream",
+        ],
     );
     // The guest is not frozen: it answers, and its clock moves.
     let t1 = markers(&d, "c");
@@ -304,6 +312,75 @@ fn capture_cut_off_is_finished_by_the_next_droverd_and_the_guest_runs_on() {
     // Saving works again.
     d.ok(&["snapshot", "create", "c", "--name", "again"]);
     wait_phase(&d, "c", "again", "durable");
+    no_leftovers(&d);
+}
+
+#[test]
+fn copy_cut_off_while_the_guest_is_paused_resumes_it_and_leaves_no_state() {
+    let mut d = Daemon::start();
+    vm_up(&d, "p");
+    mark(&d, "p", "p1");
+    let ok = crash_during(
+        &mut d,
+        "save-copy",
+        &[
+            "snapshot",
+            "create",
+            "p",
+            "--name",
+            "cut",
+            "--capture",
+            "copy",
+        ],
+    );
+    assert!(!ok, "the save cannot have been answered");
+    // The guest was paused for the copy: the next droverd lets it run, and the half-made state
+    // (its memory under a temporary name) is gone.
+    assert_eq!(d.json(&["vm", "show", "p"])["state"], "running");
+    assert_eq!(markers(&d, "p"), ("p1".into(), "p1".into()));
+    no_leftovers(&d);
+    let names = d.json(&["snapshot", "list", "p"]);
+    assert!(
+        names.as_array().is_some_and(|a| a.is_empty()),
+        "an unanswered save leaves no state: {names}"
+    );
+    // A copy is restorable when it answers, and restores that point in time.
+    let st = d.json(&[
+        "snapshot",
+        "create",
+        "p",
+        "--name",
+        "ok",
+        "--capture",
+        "copy",
+    ]);
+    assert_eq!(
+        (&st["capture"], &st["phase"]),
+        (&"copy".into(), &"ready".into()),
+        "{st}"
+    );
+    mark(&d, "p", "p2");
+    d.ok(&["snapshot", "restore", "p", "ok"]);
+    assert_eq!(markers(&d, "p"), ("p1".into(), "p1".into()));
+    // Running on the restored state's memory (mapped privately), a copy is refused with the
+    // way out, and auto streams.
+    let e = d.fails(
+        4,
+        &[
+            "snapshot",
+            "create",
+            "p",
+            "--name",
+            "no",
+            "--capture",
+            "copy",
+        ],
+    );
+    assert!(e.contains("--capture stream"), "{e}");
+    let st = d.json(&["snapshot", "create", "p", "--name", "auto"]);
+    assert_eq!(st["capture"], "stream", "{st}");
+    wait_phase(&d, "p", "ok", "durable");
+    wait_phase(&d, "p", "auto", "durable");
     no_leftovers(&d);
 }
 
@@ -344,7 +421,11 @@ fn save_cut_off_after_its_receiver_started_leaves_no_orphan_qemu() {
     let mut d = Daemon::start();
     vm_up(&d, "o");
     mark(&d, "o", "o1");
-    let ok = crash_during(&mut d, "save-receiver", &["snapshot", "create", "o"]);
+    let ok = crash_during(
+        &mut d,
+        "save-receiver",
+        &["snapshot", "create", "o", "--capture", "stream"],
+    );
     assert!(!ok);
     no_leftovers(&d);
     assert!(

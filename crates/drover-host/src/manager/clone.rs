@@ -680,6 +680,7 @@ mod tests {
                 sha256: None,
             }),
             paused_ms: 1,
+            capture: None,
             phase,
             failure: None,
             guest_save: None,

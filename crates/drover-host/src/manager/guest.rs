@@ -13,6 +13,7 @@ use crate::agent_link::RequestHandler;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
+use crate::vm_events::{Reaction, Subscriber, VmEvent};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use drover_api::{AuditEntry, GuestGrant, GuestPrincipal};
 use drover_model::{DiskConfig, ElementId, MacAddr, NicBackend, NicConfig};
@@ -24,6 +25,27 @@ use std::time::{Duration, Instant};
 
 pub(super) const PRINCIPALS: &str = "principals";
 
+/// The guest broker's per-VM tables.
+pub(super) const TABLES: &[super::VmTable] = &[
+    super::VmTable::by_prefix(PRINCIPALS),
+    super::VmTable::by_prefix(AUDIT),
+    super::VmTable::by_prefix(REQUESTS),
+    super::VmTable::by_prefix(GUEST_DISKS),
+];
+
+/// The guest broker's part in the VM events: requests a previous droverd left queued are
+/// answered once their VM is re-adopted, and a deleted VM's rate bucket and verified secrets go.
+pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber::new("guest broker", on_vm_event);
+
+fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
+    match ev {
+        VmEvent::Readopted { vm, .. } => m.resume_requests(vm),
+        VmEvent::Deleted { vm } => m.s.broker.forget(vm),
+        _ => {}
+    }
+    crate::vm_events::done()
+}
+
 /// What the guest broker keeps while droverd runs (not on disk).
 #[derive(Default)]
 pub(super) struct Broker {
@@ -32,6 +54,15 @@ pub(super) struct Broker {
     /// Secrets already verified with argon2, per principal: (its stored hash, sha256 of the
     /// secret).
     verified: std::sync::Mutex<std::collections::BTreeMap<String, (String, [u8; 32])>>,
+}
+
+impl Broker {
+    /// Drop what is kept of VM `vm` (deleted).
+    fn forget(&self, vm: &str) {
+        lock(&self.buckets).remove(vm);
+        let prefix = format!("{vm}/");
+        lock(&self.verified).retain(|k, _| !k.starts_with(&prefix));
+    }
 }
 
 /// Secret checks (argon2, ~19 MiB each) running at once, across all VMs (and every daemon of
@@ -557,7 +588,7 @@ impl Manager {
                     Ok(op) => {
                         match self.guest_state_quota(vm) {
                             Err(why) => Err(why),
-                            Ok(()) => crate::metrics::timed(crate::metrics::Op::Save, self.save_locked(vm, &op, name.clone(), false, &caller.name, Some(note)))
+                            Ok(()) => crate::metrics::timed(crate::metrics::Op::Save, self.save_locked(vm, &op, name.clone(), super::state::SaveHow::Fast(drover_api::Capture::Auto), &caller.name, Some(note)))
                             .await
                             .map(|s| serde_json::json!({"state": s.id, "name": s.name, "paused_ms": s.paused_ms}))
                             .map_err(|e| e.to_string()),
@@ -1010,6 +1041,30 @@ pub(super) mod tests {
         // A reader past the new end starts over.
         std::fs::write(&log, b"new").unwrap();
         assert_eq!(m.console("g1", 5000, 100).unwrap(), (b"new".to_vec(), 3));
+    }
+
+    /// A deleted VM's rate bucket goes with it: a new VM of the same name is not held back by
+    /// what the old one asked.
+    #[tokio::test]
+    async fn a_new_vm_of_a_deleted_ones_name_is_not_rate_limited_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path()).await;
+        let daemon = Caller::daemon();
+        let spec = || drover_model::VmSpec::from_toml("name = \"g1\"\nmemory = \"64M\"").unwrap();
+        let limited = |ack: &Body| matches!(ack, Body::Ack { accepted: false, reason: Some(r), .. } if r.starts_with("rate limited"));
+        m.create(spec(), &daemon).await.unwrap();
+        let mut held = false;
+        for _ in 0..1000 {
+            if limited(&m.accept("g1", req(GuestOp::HostIdentity {})).await) {
+                held = true;
+                break;
+            }
+        }
+        assert!(held, "a flood of requests is rate-limited");
+        m.delete("g1", false, true, &daemon).await.unwrap();
+        m.create(spec(), &daemon).await.unwrap();
+        let ack = m.accept("g1", req(GuestOp::HostIdentity {})).await;
+        assert!(!limited(&ack), "{ack:?}");
     }
 
     /// Identity ops are answered without a principal; the notice lands in the audit trail; the

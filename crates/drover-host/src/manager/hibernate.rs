@@ -36,7 +36,14 @@ impl Manager {
         // A resume with a new identity or MACs needs the agent: remember whether there is one.
         let agent = self.runtime(slot).is_some_and(|rt| rt.agent.status().ready);
         let label = format!("hibernate-{}", hostfacts::now_ms());
-        let save = self.save_locked(name, &op, Some(label), true, &caller.name, None);
+        let save = self.save_locked(
+            name,
+            &op,
+            Some(label),
+            super::state::SaveHow::Classic,
+            &caller.name,
+            None,
+        );
         let state = crate::metrics::timed(crate::metrics::Op::Save, save).await?;
         let dir = self.states_dir(name).join(&state.id);
         let bytes = dir_bytes(&dir);

@@ -27,6 +27,12 @@ pub(super) const GENERATIONS: &str = "generations";
 /// Table of identities sent to a resumed or restored guest and not yet taken, keyed by VM name.
 pub(super) const PENDING_IDENTITIES: &str = "pending-identities";
 
+/// Identity's per-VM tables.
+pub(super) const TABLES: &[super::VmTable] = &[
+    super::VmTable::by_name(GENERATIONS),
+    super::VmTable::by_name(PENDING_IDENTITIES),
+];
+
 /// How long [`Manager::notify_migrated`] waits for the agent (it reconnects to the new host).
 const NOTIFY_WAIT: Duration = Duration::from_secs(30);
 

@@ -18,6 +18,9 @@ use std::path::PathBuf;
 /// Table of layer chains, keyed `<vm>/<disk id>`.
 pub(super) const LAYERS: &str = "layers";
 
+/// The layer chains' per-VM table.
+pub(super) const TABLES: &[super::VmTable] = &[super::VmTable::by_prefix(LAYERS)];
+
 /// What a launch restores: a state's id and its pinned layer per disk id.
 pub(super) struct RestoreLayers<'a> {
     pub state: &'a str,

@@ -21,6 +21,7 @@ use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
+use crate::vm_events::{Reaction, Subscriber, VmEvent};
 use drover_api::{
     ApiError, Client, ClientError, HostInfo, IncomingReady, IncomingRequest, MigrateProgress,
     MigrateRequest, MigrateResult, MigrationMark, MigrationPhase, MigrationRole, MigrationStep,
@@ -38,6 +39,44 @@ use std::time::{Duration, Instant};
 
 /// Where a source keeps the destination's address for recovery after a restart (key: VM).
 pub(super) const MIGRATIONS: &str = "migrations";
+
+/// Migration's part in the VM events: a VM arriving here whose QEMU exits is not ours and is
+/// dropped; a VM with a migration on record when droverd opens has it finished or undone.
+/// Both run in the background (they may talk to the peer host).
+pub(super) const SUBSCRIBER: Subscriber<Manager> = Subscriber::new("migration", on_vm_event);
+
+fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
+    match ev {
+        VmEvent::Exited { vm, .. } => {
+            let Ok(slot) = m.slot(vm) else {
+                return crate::vm_events::done();
+            };
+            let arriving = matches!(
+                lock(&slot.info).migration,
+                Some(MigrationMark {
+                    role: MigrationRole::Incoming,
+                    phase: MigrationPhase::Copying,
+                    ..
+                })
+            );
+            if arriving {
+                let (m, vm) = (m.clone(), vm.clone());
+                tokio::spawn(async move { m.discard_incoming(&vm).await });
+            }
+        }
+        VmEvent::Readopted { vm, .. } => {
+            let Ok(slot) = m.slot(vm) else {
+                return crate::vm_events::done();
+            };
+            if lock(&slot.info).migration.is_some() {
+                let (m, vm) = (m.clone(), vm.clone());
+                tokio::spawn(async move { m.recover_migration(&vm, &slot).await });
+            }
+        }
+        _ => {}
+    }
+    crate::vm_events::done()
+}
 
 /// Default longest planned switch-over pause. PLATFORM.md: a 50 ms limit gives ~10 ms here, with
 /// spikes; 20 keeps the pause short with no measurable cost in total time on a LAN.
@@ -1027,9 +1066,7 @@ impl Manager {
         for mut row in req.rows.clone() {
             // Only a VM's own rows, in the tables that hold them (the same as a delete removes).
             let t = row.table.as_str();
-            let own = (super::VM_TABLES_BY_NAME.contains(&t) && row.key == name)
-                || (super::VM_TABLES_BY_PREFIX.contains(&t)
-                    && row.key.starts_with(&format!("{name}/")));
+            let own = t != super::VMS && super::registry::owns(t, &row.key, &name);
             if !own {
                 return Err(HostError::Invalid(format!(
                     "record {}/{} does not belong to VM {name}",
