@@ -34,7 +34,7 @@ filled the same way) under a libvirtd of its own, and each of Drover's runs abov
 `virsh save` + `virsh restore` of it (libvirt, Drover, libvirt, ...; on the system's QEMU only,
 which is the one libvirt drives). Both guests print `tick N` on their serial console every
 ~20 ms, so "restore -> guest runs" is from the restore's start until the console shows a tick
-of the restored guest (for Drover: one numbered below what the replaced guest had printed).
+of the restored guest (for Drover: one numbered at most the last the replaced guest printed).
 
 Usage: bench/state.py [RUNS] [--qemu system|both|DIR] [--sizes 512,2048] [--part local|across|libvirt|all]
 (default 5, both, all; needs `PROFILE=release scripts/build.sh` first)
