@@ -30,12 +30,22 @@ incompressible), moved back and forth:
   resume there   `drover vm resume` on the other host (to QEMU running the restored guest)
 what `drover vm resume NAME --on OTHER` composes (plus its check), medians of RUNS each.
 
-Usage: bench/state.py [RUNS] [--qemu system|both|DIR] [--sizes 512,2048] [--part local|across|all]
+Beside libvirt (`--part libvirt`, or with `all`; needs root and Debian's libvirt-daemon,
+libvirt-daemon-driver-qemu and libvirt-clients): bench/state_libvirt.py boots the same guest
+(droverd's kernel, initramfs, command line, CPU model and machine type, 1 vCPU, the size's RAM
+filled the same way) under a libvirtd of its own, and each of Drover's runs above follows one
+`virsh save` + `virsh restore` of it (libvirt, Drover, libvirt, ...; on the system's QEMU only,
+which is the one libvirt drives). Both guests print `tick N` on their serial console every
+~20 ms, so "restore -> guest runs" is from the restore's start until the console shows a tick
+of the restored guest (for Drover: one numbered at most the last the replaced guest printed).
+
+Usage: bench/state.py [RUNS] [--qemu system|both|DIR] [--sizes 512,2048] [--part local|across|libvirt|all]
 (default 5, both, all; needs `PROFILE=release scripts/build.sh` first)
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, time
 
 from common import AGENT, BIN, IMAGES, ROOT, Droverd, count, passable_tmpdir, poll, qemu_installs
+import state_libvirt
 
 SET = os.environ.get("DROVER_NETNS_SET", "rsb")
 NET = os.environ.get("DROVER_NETNS_NET", "10.150.0")
@@ -54,8 +64,10 @@ def fill_ram(sh, fill_mib):
     sh(f"for i in $(seq {max(1, fill_mib // 64 - 1)}); do cat /tmp/chunk; done > /tmp/fill")
 
 
-def bench(runs, version, qemu_dir, sizes):
-    """One QEMU installation: {size: {figure: median ms}}."""
+def bench(runs, version, qemu_dir, sizes, side=None):
+    """One QEMU installation: {size: {figure: median ms}}. With `side` (a state_libvirt.Side),
+    each run follows one of libvirt's on a guest of the same size, and restores are also timed
+    until the restored guest's console ticks."""
     out = {}
     print(f"QEMU {version}:")
     with Droverd("drover-st.", qemu_dir=qemu_dir) as drover:
@@ -75,6 +87,13 @@ def bench(runs, version, qemu_dir, sizes):
             sh(vm, f"echo 'export DROVER_PRINCIPAL=bench DROVER_SECRET={secret}' > /tmp/cred")
             fill_ram(lambda script: sh(vm, script), fill)
             sh(vm, "(drover-guest listen --app-id bench > /dev/console 2>&1 &); sleep 0.5")
+            ticks = {False: [], True: []}  # restore -> the restored guest ticks, fast / classic
+            if side:
+                sh(vm, state_libvirt.TICKER)
+                time.sleep(0.5)
+                if state_libvirt.last_tick(console)[1] is None:
+                    raise SystemExit(f"{vm}: the ticker prints nothing on the console ({console})")
+                side.begin(size_mib, state_libvirt.qemu_argv(drover.tmp, f"guest={vm},"))
             gsave, grest, hsave, hrest, csave, crest = [], [], [], [], [], []
             ready, durable, paused_log = [], [], []
 
@@ -101,6 +120,8 @@ def bench(runs, version, qemu_dir, sizes):
                 print(f"  {size_mib} MiB copy {i + 1}: save {copy_save[-1] * 1000:.0f} ms (paused {copy_paused[-1]} ms, "
                       f"restorable {copy_ready[-1] * 1000:.0f} ms)")
             for i in range(runs):
+                if side:
+                    side.run(size_mib, i)
                 n = count(console, b'"op":"save","result"')
                 t0 = time.monotonic()
                 sh(vm, f". /tmp/cred; (drover-guest save --name g{i} --app-id bench --wait > /dev/null &)")
@@ -121,15 +142,22 @@ def bench(runs, version, qemu_dir, sizes):
                                                         *(["--classic"] if classic else []))))
                     saves.append(time.monotonic() - t0)
                     wait_phase(name, t0)
+                    if side:
+                        start, last = state_libvirt.last_tick(console)
+                        watch = state_libvirt.TickWatch(console, start, below=last)
                     t0 = time.monotonic()
                     drover("snapshot", "restore", vm, name)
                     restores.append(time.monotonic() - t0)
+                    if side:
+                        ticks[classic].append(watch.wait() - t0)
                     time.sleep(0.3)
                 for name in (f"g{i}", f"h{i}", f"c{i}"):
                     drover("snapshot", "delete", vm, name)
                 print(f"  {size_mib} MiB run {i + 1}: guest save {gsave[-1] * 1000:.0f} ms (restorable {ready[-1]:.1f} s, "
                       f"durable {durable[-1]:.1f} s), guest restore {grest[-1] * 1000:.0f} ms, "
-                      f"host fast {hsave[-1] * 1000:.0f}/{hrest[-1] * 1000:.0f} ms, classic {csave[-1] * 1000:.0f}/{crest[-1] * 1000:.0f} ms")
+                      f"host fast {hsave[-1] * 1000:.0f}/{hrest[-1] * 1000:.0f} ms, classic {csave[-1] * 1000:.0f}/{crest[-1] * 1000:.0f} ms"
+                      + (f" (restore -> guest ticks: fast {ticks[False][-1] * 1000:.0f} ms, classic {ticks[True][-1] * 1000:.0f} ms)"
+                         if side else ""))
             m = lambda v: statistics.median(v) * 1000
             states = paused_log
             paused = {mode: statistics.median([x["paused_ms"] for x in states if x["mode"] == mode] or [0])
@@ -154,9 +182,30 @@ def bench(runs, version, qemu_dir, sizes):
                 "restorable after": statistics.median(ready) * 1000,
                 "durable after": statistics.median(durable) * 1000,
             }
+            if side:
+                out[size_mib]["host fast restore -> guest ticks"] = m(ticks[False])
+                out[size_mib]["host classic restore -> guest ticks"] = m(ticks[True])
+                out[size_mib].update(side.results(size_mib))
+                side.end(size_mib)
             drover("vm", "stop", vm, "--force")
             drover("vm", "delete", vm)
     return out
+
+
+def libvirt_table(res, sizes, runs):
+    """The issue's side-by-side table: libvirt save/restore beside Drover fast and classic."""
+    rows = [("save command", "libvirt save", "host fast save", "host classic save"),
+            ("restore command", "libvirt restore command", "host fast restore", "host classic restore"),
+            ("restore start -> guest ticks again", "libvirt restore -> guest runs",
+             "host fast restore -> guest ticks", "host classic restore -> guest ticks")]
+    label = " / ".join(f"{s} MiB" if s < 1024 else f"{s // 1024} GiB" for s in sizes)
+    print(f"\nbeside libvirt (medians of {runs} alternating runs, ms):")
+    print(f"| {label} | libvirt `save`/`restore` | Drover fast | Drover `--classic` |\n|---|---|---|---|")
+    for title, *keys in rows:
+        print(f"| {title} | " + " | ".join(" / ".join(f"{res[s][k]:.0f}" for s in sizes) for k in keys) + " |")
+    print("| fast state restorable / durable after | — | "
+          + ", ".join(f"{res[s]['restorable after'] / 1000:.1f} / {res[s]['durable after'] / 1000:.1f} s" for s in sizes)
+          + " | — |")
 
 
 def across(runs, sizes):
@@ -239,21 +288,38 @@ def main():
     p.add_argument("runs", nargs="?", type=int, default=5)
     p.add_argument("--qemu", default="both", help="system, both (system + QEMU 10), or an installation dir")
     p.add_argument("--sizes", default="512,2048", help="guest sizes in MiB (default 512,2048)")
-    p.add_argument("--part", default="all", choices=["local", "across", "all"],
-                   help="local saves/restores, hibernate -> resume on another host, or both (default)")
+    p.add_argument("--part", default="all", choices=["local", "across", "libvirt", "all"],
+                   help="local saves/restores; hibernate -> resume on another host; local alternating with "
+                        "libvirt's virsh save/restore; or all of them (default: libvirt's only where it can run)")
     a = p.parse_args()
+    state_libvirt.exit_on_sigterm()
     sizes = [int(x) for x in a.sizes.split(",")]
     if a.part in ("across", "all"):
         across(a.runs, sizes)
     if a.part == "across":
         return
-    results = [(v, bench(a.runs, v, d, sizes)) for v, d in qemu_installs(a.qemu)]
+    why = state_libvirt.available() if a.part in ("libvirt", "all") else "not asked for"
+    if why and a.part == "libvirt":
+        raise SystemExit(f"beside libvirt: {why}")
+    if why and a.part == "all":
+        print(f"beside libvirt: skipped ({why})")
+    results = []
+    for v, d in qemu_installs(a.qemu):
+        if why or d is not None:
+            # libvirt drives the system's QEMU only (its <emulator>), so only that pass alternates.
+            results.append((v, bench(a.runs, v, d, sizes)))
+            continue
+        with state_libvirt.Libvirtd() as virsh:
+            print(f"beside libvirt {virsh.version()} (its own libvirtd in {virsh.tmp})")
+            res = bench(a.runs, v, d, sizes, state_libvirt.Side(virsh, fill_ram))
+        libvirt_table(res, sizes, a.runs)
+        results.append((v, res))
     if len(results) > 1:
         print("\nside by side (medians, ms):")
         for size in sizes:
             print(f"  {size} MiB{'':21}" + "".join(f"{'QEMU ' + v:>14}" for v, _ in results))
             for k in results[0][1][size]:
-                print(f"    {k:28}" + "".join(f"{r[size][k]:>14.0f}" for _, r in results))
+                print(f"    {k:28}" + "".join(f"{r[size].get(k, float('nan')):>14.0f}" for _, r in results))
 
 
 if __name__ == "__main__":
