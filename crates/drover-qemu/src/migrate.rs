@@ -46,7 +46,13 @@ fn failure(m: &Value, fallback: &str) -> Option<QmpError> {
 pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<Value, QmpError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let v = qmp.execute("query-migrate", None).await?;
+        // A paused VM's memory is written in the migration's last step, under QEMU's main lock:
+        // QMP answers only once it is all out (11 s for 1.5 GiB to a busy disk here), so the
+        // query may wait as long as the migration may take.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(10));
+        let v = qmp.execute_timeout("query-migrate", None, left).await?;
         if let Some(e) = failure(&v, "migration failed") {
             return Err(e);
         }
