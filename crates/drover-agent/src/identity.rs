@@ -78,7 +78,11 @@ impl System for RealSystem {
         // busybox udhcpc (Drover's image): SIGUSR1 renews; SIGUSR2 releases first. A renew
         // under a new MAC is one unicast request whose loss udhcpc would retry only hours
         // later; released, SIGUSR1 starts a discovery, which it retries every few seconds.
-        if let Some(pid) = udhcpc_for(Path::new("/proc"), ifname) {
+        // udhcpc forks into the background once it has a lease: a guest saved or cloned in
+        // that instant holds both, the parent about to exit. Signal the newest, and look again
+        // if it has gone.
+        let mut tries = 0;
+        while let Some(pid) = udhcpc_for(Path::new("/proc"), ifname) {
             let signal = |sig| {
                 // SAFETY: a signal to a process found by its command line; a stale pid at
                 // worst gets a signal it ignores, or has gone (ESRCH).
@@ -88,13 +92,27 @@ impl System for RealSystem {
                     Err(io::Error::last_os_error())
                 }
             };
-            if fresh {
-                signal(libc::SIGUSR2)?;
-                // udhcpc takes signals one per loop turn; let it release before the renew.
-                std::thread::sleep(Duration::from_millis(100));
+            let sent = (|| {
+                if fresh {
+                    signal(libc::SIGUSR2)?;
+                    // udhcpc takes signals one per loop turn; let it release before the renew.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                signal(libc::SIGUSR1)
+            })();
+            match sent {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) && tries < 5 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(true),
             }
-            signal(libc::SIGUSR1)?;
-            return Ok(true);
+        }
+        if tries > 0 {
+            return Err(io::Error::other(format!(
+                "udhcpc for {ifname} exited while it was asked to renew"
+            )));
         }
         // systemd-networkd (Debian guests).
         if Path::new("/run/systemd/netif").is_dir() {
@@ -165,8 +183,9 @@ fn udhcpc_for(proc: &Path, ifname: &str) -> Option<i32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
+    // The newest: a udhcpc that just forked into the background is the higher pid.
     pids.sort();
-    pids.into_iter().find(|pid| {
+    pids.into_iter().rev().find(|pid| {
         // Bounded: a command line longer than this is not one of ours.
         let Ok(raw) = fs::read(proc.join(pid.to_string()).join("cmdline")) else {
             return false;
@@ -723,6 +742,8 @@ mod tests {
         let proc = d.path();
         for (pid, args) in [
             ("12", &["udhcpc", "-b", "-s", "/x", "-i", "eth1"][..]),
+            // Forked into the background with its lease: the parent (10) is exiting.
+            ("10", &["udhcpc", "-b", "-s", "/x", "-i", "eth1"][..]),
             ("7", &["/sbin/udhcpc", "-i", "eth0"][..]),
             ("3", &["sh", "-c", "udhcpc -i eth0"][..]),
             ("self", &["udhcpc", "-i", "eth0"][..]),
