@@ -1,5 +1,5 @@
 """Shared by the benchmarks: a throwaway droverd on a temp state dir, and polling helpers."""
-import json, os, shutil, socket, subprocess, tempfile, time
+import sys, json, os, shutil, socket, subprocess, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("DROVER_BIN_DIR", f"{ROOT}/target/release")
@@ -104,7 +104,11 @@ class Droverd:
         import hashlib
         key = hashlib.sha256(os.path.abspath(self.state).encode()).hexdigest()[:12]
         shutil.rmtree(f"/dev/shm/drover-{key}", ignore_errors=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if os.environ.get("DROVER_BENCH_KEEP") is None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            # droverd's log and each VM's console (the guest's own timeline) stay for reading.
+            print(f"kept {self.tmp} (DROVER_BENCH_KEEP)", file=sys.stderr)
 
 
 class Qmp:

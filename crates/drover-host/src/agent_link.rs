@@ -80,6 +80,16 @@ pub struct AgentLink {
     inner: Arc<Inner>,
 }
 
+/// The id of a link's first request on port B: random, not 1. A restored or cloned guest (and one
+/// that arrived by migration) resumes with replies to the previous link's requests still on
+/// their way out; with ids from 1 on every link, such a stale reply would be taken for the
+/// answer to this link's request of the same number (a `Pong` for an identity update). Ids
+/// from a random point in 2^52 (exact even where a reader keeps numbers as doubles) make that a
+/// chance of about one in 4 billion; a stale one is dropped as a reply to an unknown request.
+fn first_request_id() -> u64 {
+    (u64::from(rand::random::<u32>()) << 20) | 1
+}
+
 struct Inner {
     writer_b: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
     pending: Pending,
@@ -104,7 +114,7 @@ impl AgentLink {
             inner: Arc::new(Inner {
                 writer_b: tokio::sync::Mutex::new(None),
                 pending: Arc::default(),
-                next_id: AtomicU64::new(1),
+                next_id: AtomicU64::new(first_request_id()),
                 status,
                 dropped_frames: AtomicU64::new(0),
                 started,
@@ -575,6 +585,60 @@ mod tests {
         stop_tx.send(true).unwrap();
         drop(link);
         let _ = tokio::time::timeout(Duration::from_secs(2), guest_b).await;
+    }
+
+    /// A restored guest's agent sends replies to the previous link's requests (ids 1, 2, ...)
+    /// before answering this one's: they are not taken for the answers.
+    #[tokio::test]
+    async fn stale_replies_from_before_a_restore_are_not_taken_for_answers() {
+        let (_dir, pa, pb, _la, lb) = ports();
+        tokio::spawn(async move {
+            let (mut s, _) = lb.accept().await.unwrap();
+            let mut dec = Decoder::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                dec.push(&buf[..n]);
+                while let Some(Ok(f)) = dec.next_frame() {
+                    for stale in 1..=16 {
+                        let old = Body::Error {
+                            code: "stale".into(),
+                            message: "the template's reply".into(),
+                        };
+                        s.write_all(&encode(&Frame::new(stale, old)).unwrap())
+                            .await
+                            .unwrap();
+                    }
+                    s.write_all(&encode(&Frame::new(f.id, Body::Pong(info()))).unwrap())
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        let link = AgentLink::spawn("t".into(), pa, pb, Instant::now(), stop, None);
+        let connecting = Instant::now();
+        while matches!(
+            link.call(Body::Ping, Duration::from_secs(5)).await,
+            Err(LinkError::NotConnected)
+        ) {
+            assert!(
+                connecting.elapsed() < Duration::from_secs(5),
+                "never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..3 {
+            let answer = link.call(Body::Ping, Duration::from_secs(5)).await;
+            assert!(matches!(answer, Ok(Body::Pong(_))), "{answer:?}");
+        }
+        assert!(
+            link.dropped_frames() >= 16,
+            "the stale replies were dropped"
+        );
     }
 
     /// A guest that arrived by migration loses the pings written before it ran: probing again
