@@ -12,12 +12,27 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::wire::FrameWriter;
 
 /// Pause between attempts to open a port, and between reads while the host is away.
 pub const RETRY: Duration = Duration::from_millis(150);
+/// Pause between reads in the first [`SOON`] after the host left: a restored or cloned guest's
+/// new host connects within a fraction of a second, and [`RETRY`] would add up to its length
+/// to every restore before the agent is heard. A read that returns at once costs microseconds.
+pub const RETRY_SOON: Duration = Duration::from_millis(5);
+/// How long after the host left the port is read again at [`RETRY_SOON`]'s pace.
+pub const SOON: Duration = Duration::from_secs(3);
+
+/// The pause before reading again, the host having left `away` ago (`None`: it has not been
+/// connected on this descriptor, as at boot, or it has been away long).
+pub fn pause_while_away(away: Option<Duration>) -> Duration {
+    match away {
+        Some(a) if a < SOON => RETRY_SOON,
+        _ => RETRY,
+    }
+}
 
 /// Open `path` read-write, waiting as long as it takes. Logs each new kind of failure once.
 pub fn open_port(path: &Path) -> File {
@@ -62,13 +77,15 @@ where
             }
         };
         crate::log!("{label}: serving {}", path.display());
+        let mut left: Option<Instant> = None;
         loop {
             match session(&file, &writer) {
                 Ok(frames) => {
                     if frames > 0 {
                         crate::log!("{label}: host disconnected");
+                        left = Some(Instant::now());
                     }
-                    thread::sleep(RETRY);
+                    thread::sleep(pause_while_away(left.map(|t| t.elapsed())));
                 }
                 Err(e) => {
                     crate::log!("{label}: {e}; reopening {}", path.display());
@@ -79,5 +96,18 @@ where
         drop(writer);
         drop(file);
         thread::sleep(RETRY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_is_looked_for_often_only_just_after_it_left() {
+        assert_eq!(pause_while_away(Some(Duration::ZERO)), RETRY_SOON);
+        assert_eq!(pause_while_away(Some(SOON / 2)), RETRY_SOON);
+        assert_eq!(pause_while_away(Some(SOON)), RETRY);
+        assert_eq!(pause_while_away(None), RETRY);
     }
 }

@@ -78,41 +78,25 @@ impl System for RealSystem {
         // busybox udhcpc (Drover's image): SIGUSR1 renews; SIGUSR2 releases first. A renew
         // under a new MAC is one unicast request whose loss udhcpc would retry only hours
         // later; released, SIGUSR1 starts a discovery, which it retries every few seconds.
-        // udhcpc forks into the background once it has a lease: a guest saved or cloned in
-        // that instant holds both, the parent about to exit. Signal the newest, and look again
-        // if it has gone.
-        let mut tries = 0;
-        while let Some(pid) = udhcpc_for(Path::new("/proc"), ifname) {
-            let signal = |sig| {
-                // SAFETY: a signal to a process found by its command line; a stale pid at
-                // worst gets a signal it ignores, or has gone (ESRCH).
-                if unsafe { libc::kill(pid, sig) } == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            };
-            let sent = (|| {
-                if fresh {
-                    signal(libc::SIGUSR2)?;
-                    // udhcpc takes signals one per loop turn; let it release before the renew.
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                signal(libc::SIGUSR1)
-            })();
-            match sent {
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) && tries < 5 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e),
-                Ok(()) => return Ok(true),
+        if !fresh {
+            if signal_udhcpc(ifname, libc::SIGUSR1)?.is_some() {
+                return Ok(true);
             }
-        }
-        if tries > 0 {
-            return Err(io::Error::other(format!(
-                "udhcpc for {ifname} exited while it was asked to renew"
-            )));
+        } else if let Some(pid) = signal_udhcpc(ifname, libc::SIGUSR2)? {
+            // Linux delivers pending standard signals lowest number first: sent together, the
+            // renew (SIGUSR1) would be taken before the release. It goes once udhcpc has taken
+            // the release, from a thread of its own: the lease comes later anyway, and on a
+            // clone's cold TCG cache that wait was most of the time a new identity took.
+            let ifname = ifname.to_string();
+            std::thread::spawn(move || {
+                wait_delivered(Path::new("/proc"), pid, libc::SIGUSR2, RELEASE_WAIT);
+                match signal_udhcpc(&ifname, libc::SIGUSR1) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => crate::log!("renewing {ifname}'s lease: udhcpc has gone"),
+                    Err(e) => crate::log!("renewing {ifname}'s lease: {e}"),
+                }
+            });
+            return Ok(true);
         }
         // systemd-networkd (Debian guests).
         if Path::new("/run/systemd/netif").is_dir() {
@@ -174,6 +158,72 @@ fn set_mac_ioctl(ifname: &str, mac: &str) -> io::Result<()> {
     } else {
         Err(err)
     }
+}
+
+/// Send `sig` to the udhcpc serving `ifname`; its pid, or `None` if none runs.
+///
+/// udhcpc forks into the background once it has a lease: a guest saved or cloned in that instant
+/// holds both, the parent about to exit. Signal the newest, and look again if it has gone.
+fn signal_udhcpc(ifname: &str, sig: i32) -> io::Result<Option<i32>> {
+    let mut tries = 0;
+    while let Some(pid) = udhcpc_for(Path::new("/proc"), ifname) {
+        // SAFETY: a signal to a process found by its command line; a stale pid at worst gets a
+        // signal it ignores, or has gone (ESRCH).
+        if unsafe { libc::kill(pid, sig) } == 0 {
+            return Ok(Some(pid));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) || tries >= 5 {
+            return Err(e);
+        }
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if tries > 0 {
+        return Err(io::Error::other(format!(
+            "udhcpc for {ifname} exited while it was asked to renew"
+        )));
+    }
+    Ok(None)
+}
+
+/// Longest wait for udhcpc to take a release before it is asked to renew: it takes it in a
+/// millisecond or two when it runs, 0.1-0.4 s on a clone's cold TCG cache on a busy host; one
+/// that has not run by then is asked anyway.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// Wait (up to `max`) until signal `sig` is no longer pending for process `pid` under `proc`:
+/// its handler has run. Returns whether it was seen delivered.
+fn wait_delivered(proc: &Path, pid: i32, sig: i32, max: Duration) -> bool {
+    let status = proc.join(pid.to_string()).join("status");
+    let start = std::time::Instant::now();
+    loop {
+        match fs::read_to_string(&status) {
+            Ok(s) if !signal_pending(&s, sig) => return true,
+            Ok(_) => {}
+            // Gone: nothing is pending any more; the caller's next signal finds out.
+            Err(_) => return true,
+        }
+        if start.elapsed() >= max {
+            return false;
+        }
+        // Not tighter: on one vCPU this loop takes turns with the udhcpc it waits for.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether `/proc/PID/status` text shows signal `sig` pending, to the thread or the process.
+fn signal_pending(status: &str, sig: i32) -> bool {
+    let Some(bit) = u32::try_from(sig - 1).ok().filter(|b| *b < 64) else {
+        return false;
+    };
+    status.lines().any(|l| {
+        let mask = l
+            .strip_prefix("SigPnd:")
+            .or_else(|| l.strip_prefix("ShdPnd:"));
+        mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & (1u64 << bit) != 0)
+    })
 }
 
 /// The pid of a `udhcpc ... -i IFNAME` under `proc`.
@@ -315,6 +365,17 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
         return out;
     }
     let old_machine_id = read_trimmed(&etc.join("machine-id"));
+    // Where the time goes, for the log: a clone's guest runs each step on a cold TCG cache.
+    let started = std::time::Instant::now();
+    let mut lap = {
+        let mut last = started;
+        move || {
+            let now = std::time::Instant::now();
+            let ms = now.duration_since(last).as_millis();
+            last = now;
+            ms
+        }
+    };
     let mut errors = Vec::new();
     let mut err = |what: &str, e: io::Error| out_err(&mut errors, what, e);
     if let Some(hostname) = &u.hostname {
@@ -375,6 +436,7 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
             }
         }
     }
+    let names_ms = lap();
     let mut macs = Vec::new();
     let mut changed_ifs = Vec::new();
     for n in &u.nics {
@@ -397,6 +459,7 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
         }
     }
     out.nics = macs;
+    let nics_ms = lap();
     // A new address needs a new lease; a new hostname is announced in one.
     let renew: Vec<String> = if out.changed.iter().any(|c| c == "hostname") {
         interfaces(&paths.sys_net)
@@ -411,6 +474,7 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
         }
     }
     out.errors = errors;
+    let dhcp_ms = lap();
     // Recorded before the hooks: a repeat of this update never runs them twice.
     if let Some(dir) = paths.state.parent() {
         let _ = fs::create_dir_all(dir);
@@ -438,15 +502,17 @@ pub fn apply(u: &IdentityUpdate, paths: &Paths, sys: &dyn System) -> IdentityApp
             (None, _) => format!("{}:{}", h.name, h.error.unwrap_or_default()),
         })
         .collect();
+    let hooks_ms = lap();
     crate::log!(
-        "new identity: changed [{}], hostname {}, nics [{}], renewed [{}], {} hook(s), {} error(s) ({})",
+        "new identity: changed [{}], hostname {}, nics [{}], renewed [{}], {} hook(s), {} error(s) ({}; {} ms: names {names_ms}, NICs {nics_ms}, DHCP {dhcp_ms}, hooks {hooks_ms})",
         out.changed.join(" "),
         out.hostname,
         out.nics.join(" "),
         out.renewed.join(" "),
         out.hooks.len(),
         out.errors.len(),
-        u.reason
+        u.reason,
+        started.elapsed().as_millis()
     );
     out
 }
@@ -510,6 +576,71 @@ mod tests {
     use drover_proto::NicIdentity;
     use std::os::unix::fs::PermissionsExt as _;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_pending_signal_is_read_from_either_mask() {
+        let status = |sig: &str, shd: &str| {
+            format!("Name:\tudhcpc\nSigQ:\t1/7581\nSigPnd:\t{sig}\nShdPnd:\t{shd}\nSigBlk:\t0000000000000000\n")
+        };
+        // SIGUSR2 is 12: bit 11, 0x800.
+        assert!(signal_pending(
+            &status("0000000000000000", "0000000000000800"),
+            libc::SIGUSR2
+        ));
+        assert!(signal_pending(
+            &status("0000000000000800", "0000000000000000"),
+            libc::SIGUSR2
+        ));
+        assert!(!signal_pending(
+            &status("0000000000000200", "0000000000000000"),
+            libc::SIGUSR2
+        ));
+        assert!(signal_pending(
+            &status("0000000000000200", "0000000000000000"),
+            libc::SIGUSR1
+        ));
+        assert!(!signal_pending("garbage", libc::SIGUSR2));
+    }
+
+    #[test]
+    fn a_real_signal_is_seen_pending_until_it_is_taken() {
+        let d = TempDir::new("sigwait");
+        let p = d.path().join("4242");
+        fs::create_dir_all(&p).unwrap();
+        fs::write(p.join("status"), "ShdPnd:\t0000000000000800\n").unwrap();
+        let t = std::time::Instant::now();
+        assert!(!wait_delivered(
+            d.path(),
+            4242,
+            libc::SIGUSR2,
+            Duration::from_millis(30)
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        fs::write(p.join("status"), "ShdPnd:\t0000000000000000\n").unwrap();
+        assert!(wait_delivered(
+            d.path(),
+            4242,
+            libc::SIGUSR2,
+            Duration::from_secs(5)
+        ));
+        // This process: a signal it blocks stays pending, then is taken once unblocked.
+        // SAFETY: blocking and unblocking SIGUSR2 for this thread only, around a signal to it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+        }
+        let me = std::process::id() as i32;
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        unsafe { libc::syscall(libc::SYS_tgkill, me, tid, libc::SIGUSR2) };
+        let thread_status = fs::read_to_string(format!("/proc/{me}/task/{tid}/status")).unwrap();
+        assert!(
+            signal_pending(&thread_status, libc::SIGUSR2),
+            "{thread_status}"
+        );
+    }
 
     #[derive(Default)]
     struct Fake {
