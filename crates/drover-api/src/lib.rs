@@ -871,7 +871,7 @@ pub struct SavedOn {
     /// The CPU model (`Westmere`, `max`).
     pub cpu: String,
     /// How a classic save's RAM was written: `mapped-ram` (QEMU >= 9.0), or absent for QEMU's
-    /// `exec:` stream; a restore reads it the same way.
+    /// migration stream; a restore reads it the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_stream: Option<String>,
     /// The accelerator it ran under (absent from states saved before this was kept): a TCG

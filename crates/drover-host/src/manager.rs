@@ -1382,8 +1382,9 @@ impl Manager {
     /// the descriptors `inherit` (its fd sets), seccomp (`-sandbox`: obsolete system calls,
     /// privilege changes and resource control denied) and no capabilities but those it needs —
     /// `CAP_NET_BIND_SERVICE` only for a forward an admin set below port 1024, `CAP_SYS_PTRACE`
-    /// only for QEMU before 8.1 running as root (background snapshots call `userfaultfd`). `spawn` stays
-    /// allowed: classic saves and restores run `exec:cat`. Refused once droverd is stopping.
+    /// only for QEMU before 8.1 running as root (background snapshots call `userfaultfd`). `spawn` is
+    /// denied too: QEMU is handed state files open, never runs a command. Refused once droverd
+    /// is stopping.
     fn spawn_qemu(
         &self,
         config: &VmConfig,
@@ -1399,7 +1400,7 @@ impl Manager {
         }
         args.extend([
             "-sandbox".to_string(),
-            "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny".to_string(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".to_string(),
         ]);
         let mut keep = 0;
         let low_port = config.nics.iter().any(|n| match &n.backend {

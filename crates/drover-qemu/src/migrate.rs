@@ -4,16 +4,12 @@
 
 use crate::qmp::{Qmp, QmpError};
 use serde_json::{json, Value};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The name under which QEMU holds a state file handed to it.
 const STATE_FD: &str = "drover-state";
-
-/// Shell-quote a path for QEMU's `exec:` URIs (which run through `sh -c`).
-fn sh_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
-}
 
 /// Set migration capabilities: `x-ignore-shared` for the fast path, off for a classic save.
 pub async fn set_ignore_shared(qmp: &Qmp, on: bool) -> Result<(), QmpError> {
@@ -130,7 +126,13 @@ pub async fn settle_migration(qmp: &Qmp, timeout: Duration) -> Result<Option<Str
     }
 }
 
-/// Save the (paused) VM's state to `file`. With `fast`, shared RAM is left out.
+/// Save the (paused) VM's state to `file` (made new, mode 0600). With `fast`, shared RAM is left
+/// out.
+///
+/// QEMU is handed the open file (`getfd`, then `fd:`), as [`load_state`] and libvirt do: it
+/// writes the state itself, with no shell, no `cat` and no pipe between (a classic state holds
+/// all of RAM, and the pipe cost a second copy of it). droverd makes the file, so QEMU's user
+/// needs no right to write in the state dir.
 pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpError> {
     set_ignore_shared(qmp, fast).await?;
     if !fast {
@@ -141,11 +143,26 @@ pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpErr
         )
         .await?;
     }
-    qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("exec:cat > {}", sh_quote(file))})),
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(|source| QmpError::Io {
+            path: file.display().to_string(),
+            source,
+        })?;
+    qmp.execute_with_fd(
+        "getfd",
+        Some(json!({"fdname": STATE_FD})),
+        std::os::fd::AsFd::as_fd(&f),
     )
     .await?;
+    // QEMU holds its own copy now.
+    drop(f);
+    qmp.execute("migrate", Some(json!({"uri": format!("fd:{STATE_FD}")})))
+        .await?;
     wait_migration(qmp, Duration::from_secs(600))
         .await
         .map(|_| ())
@@ -205,7 +222,7 @@ async fn set_mapped_ram(qmp: &Qmp, on: bool) -> Result<(), QmpError> {
 
 /// A classic save (RAM in the file) with `mapped-ram` and `multifd` (QEMU >= 9.0): every RAM
 /// page at a fixed offset of `file`, written by two threads with pwrite. On QEMU 10.0 it restored
-/// 2 GiB faster than the `exec:cat` stream in three sessions of bench/mapped_ram.py (or as
+/// 2 GiB faster than the stream through `exec:cat` (before QEMU was handed the file) in three sessions of bench/mapped_ram.py (or as
 /// fast) and saved faster in two of them (the machine was loaded; see bench/README.md). The
 /// file must be loaded with [`load_state_mapped`]. The capabilities are switched off again
 /// afterwards: the VM's QEMU runs on, and a later live migration or background snapshot must
@@ -377,9 +394,4 @@ pub async fn snapshot_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting_survives_odd_paths() {
-        assert_eq!(sh_quote(Path::new("/a b/c'd")), "'/a b/c'\\''d'");
-    }
 }

@@ -328,6 +328,10 @@ fn operator_is_not_root_and_guests_are_bounded() {
         .expect("the VM's QEMU");
     assert_eq!(status_field(qemu, "Seccomp:"), "2", "seccomp filter mode");
     assert_eq!(status_field(qemu, "NoNewPrivs:"), "1");
+    // ... whose filter lets it start no program (it is handed state files, never runs `cat`).
+    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("spawn=deny"), "QEMU's sandbox: {cmdline}");
     let eff = u64::from_str_radix(&status_field(qemu, "CapEff:"), 16).unwrap();
     // None at all as its own user (QEMU 7.2 gets userfaultfd from the sysctl, not ptrace).
     assert_eq!(eff, 0, "QEMU's capabilities: {eff:x}");
