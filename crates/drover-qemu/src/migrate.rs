@@ -390,8 +390,3 @@ pub async fn snapshot_disk(
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-}
