@@ -60,9 +60,15 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 ///
 /// `/init` needs nothing more. Append `drover.hostname=<name>` to set the guest's hostname
 /// (default `drover-guest`).
+///
+/// `swiotlb=2048` (a 4 MiB bounce buffer): a VM made with `--max-memory` has a hot-plug range
+/// above 4 GiB in its ACPI tables, and the kernel then sets 64 MiB aside for devices that cannot
+/// reach memory there. Its devices are virtio, which can; at `--memory 128M` those 64 MiB left
+/// too little to unpack the initramfs, and the guest died of OOM before its console said a
+/// word. 4 MiB is kept for a hot-plugged device that would need it.
 const DEFAULT_CMDLINE: &str =
     "console=ttyS0 quiet loglevel=0 mitigations=off i8042.noaux i8042.nokbd i8042.nopnp \
-8250.nr_uarts=1 no_timer_check cryptomgr.notests tsc=reliable random.trust_cpu=on";
+8250.nr_uarts=1 no_timer_check cryptomgr.notests tsc=reliable random.trust_cpu=on swiotlb=2048";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -927,6 +933,7 @@ mod tests {
             "quiet",
             "loglevel=0",
             "mitigations=off",
+            "swiotlb=2048",
             "8250.nr_uarts=1",
             "random.trust_cpu=on",
         ] {
