@@ -509,6 +509,33 @@ mod tests {
         (dir, pa, pb, la, lb)
     }
 
+    /// A fake guest's port B: accepts the host's connection and writes what `answer` returns
+    /// for each frame it reads (the `n`-th frame, counting from 1), until the host hangs up.
+    fn fake_port_b(
+        lb: UnixListener,
+        answer: impl Fn(usize, Frame) -> Vec<Frame> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let (mut s, _) = lb.accept().await.unwrap();
+            let mut dec = Decoder::new();
+            let mut buf = [0u8; 1024];
+            let mut seen = 0;
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                dec.push(&buf[..n]);
+                while let Some(Ok(f)) = dec.next_frame() {
+                    seen += 1;
+                    for reply in answer(seen, f) {
+                        s.write_all(&encode(&reply).unwrap()).await.unwrap();
+                    }
+                }
+            }
+        })
+    }
+
     /// A fake guest: garbage and an oversized frame on port A, then hello; answers ping on B.
     #[tokio::test]
     async fn survives_bad_frames_and_answers() {
@@ -531,29 +558,15 @@ mod tests {
                 }
             }
         });
-        let guest_b = tokio::spawn(async move {
-            let (mut s, _) = lb.accept().await.unwrap();
-            let mut dec = Decoder::new();
-            let mut buf = [0u8; 1024];
-            loop {
-                let n = s.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return;
-                }
-                dec.push(&buf[..n]);
-                while let Some(Ok(f)) = dec.next_frame() {
-                    let reply = match f.body {
-                        Body::Ping => Body::Pong(info()),
-                        _ => Body::Error {
-                            code: "x".into(),
-                            message: "y".into(),
-                        },
-                    };
-                    s.write_all(&encode(&Frame::new(f.id, reply)).unwrap())
-                        .await
-                        .unwrap();
-                }
-            }
+        let guest_b = fake_port_b(lb, |_, f| {
+            let reply = match f.body {
+                Body::Ping => Body::Pong(info()),
+                _ => Body::Error {
+                    code: "x".into(),
+                    message: "y".into(),
+                },
+            };
+            vec![Frame::new(f.id, reply)]
         });
         let (stop_tx, stop) = watch::channel(false);
         let link = AgentLink::spawn("t".into(), pa, pb, Instant::now(), stop, None);
@@ -592,31 +605,18 @@ mod tests {
     #[tokio::test]
     async fn stale_replies_from_before_a_restore_are_not_taken_for_answers() {
         let (_dir, pa, pb, _la, lb) = ports();
-        tokio::spawn(async move {
-            let (mut s, _) = lb.accept().await.unwrap();
-            let mut dec = Decoder::new();
-            let mut buf = [0u8; 1024];
-            loop {
-                let n = s.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return;
-                }
-                dec.push(&buf[..n]);
-                while let Some(Ok(f)) = dec.next_frame() {
-                    for stale in 1..=16 {
-                        let old = Body::Error {
-                            code: "stale".into(),
-                            message: "the template's reply".into(),
-                        };
-                        s.write_all(&encode(&Frame::new(stale, old)).unwrap())
-                            .await
-                            .unwrap();
-                    }
-                    s.write_all(&encode(&Frame::new(f.id, Body::Pong(info()))).unwrap())
-                        .await
-                        .unwrap();
-                }
-            }
+        fake_port_b(lb, |_, f| {
+            let mut out: Vec<Frame> = (1..=16)
+                .map(|stale| {
+                    let old = Body::Error {
+                        code: "stale".into(),
+                        message: "the template's reply".into(),
+                    };
+                    Frame::new(stale, old)
+                })
+                .collect();
+            out.push(Frame::new(f.id, Body::Pong(info())));
+            out
         });
         let (_stop_tx, stop) = watch::channel(false);
         let link = AgentLink::spawn("t".into(), pa, pb, Instant::now(), stop, None);
@@ -646,26 +646,12 @@ mod tests {
     #[tokio::test]
     async fn probing_after_migration_finds_an_agent_that_lost_the_first_pings() {
         let (_dir, pa, pb, _la, lb) = ports();
-        tokio::spawn(async move {
-            let (mut s, _) = lb.accept().await.unwrap();
-            let mut dec = Decoder::new();
-            let mut buf = [0u8; 1024];
-            let mut seen = 0;
-            loop {
-                let n = s.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return;
-                }
-                dec.push(&buf[..n]);
-                while let Some(Ok(f)) = dec.next_frame() {
-                    seen += 1;
-                    // The connect-time ping and the first probe are lost on the way in.
-                    if seen > 2 {
-                        s.write_all(&encode(&Frame::new(f.id, Body::Pong(info()))).unwrap())
-                            .await
-                            .unwrap();
-                    }
-                }
+        // The connect-time ping and the first probe are lost on the way in.
+        fake_port_b(lb, |seen, f| {
+            if seen > 2 {
+                vec![Frame::new(f.id, Body::Pong(info()))]
+            } else {
+                Vec::new()
             }
         });
         let (_stop_tx, stop) = watch::channel(false);

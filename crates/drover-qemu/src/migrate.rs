@@ -148,24 +148,33 @@ pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpErr
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(file)
-        .map_err(|source| QmpError::Io {
-            path: file.display().to_string(),
-            source,
-        })?;
-    qmp.execute_with_fd(
-        "getfd",
-        Some(json!({"fdname": STATE_FD})),
-        std::os::fd::AsFd::as_fd(&f),
-    )
-    .await?;
-    // QEMU holds its own copy now.
-    drop(f);
+        .open(file);
+    hand_over(qmp, file, f).await?;
     qmp.execute("migrate", Some(json!({"uri": format!("fd:{STATE_FD}")})))
         .await?;
     wait_migration(qmp, Duration::from_secs(600))
         .await
         .map(|_| ())
+}
+
+/// Give QEMU `opened` (the state file `file`, just opened) under the name [`STATE_FD`], for an
+/// `fd:` migration URI. QEMU keeps its own copy of the descriptor; ours is closed.
+async fn hand_over(
+    qmp: &Qmp,
+    file: &Path,
+    opened: std::io::Result<std::fs::File>,
+) -> Result<(), QmpError> {
+    let f = opened.map_err(|source| QmpError::Io {
+        path: file.display().to_string(),
+        source,
+    })?;
+    qmp.execute_with_fd(
+        "getfd",
+        Some(json!({"fdname": STATE_FD})),
+        std::os::fd::AsFd::as_fd(&f),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Load state from `file` into a QEMU started with `-incoming defer`; it stays paused.
@@ -175,18 +184,7 @@ pub async fn save_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpErr
 /// it, so QEMU's user needs no right to read the state dir.
 pub async fn load_state(qmp: &Qmp, file: &Path, fast: bool) -> Result<(), QmpError> {
     set_ignore_shared(qmp, fast).await?;
-    let f = std::fs::File::open(file).map_err(|source| QmpError::Io {
-        path: file.display().to_string(),
-        source,
-    })?;
-    qmp.execute_with_fd(
-        "getfd",
-        Some(json!({"fdname": STATE_FD})),
-        std::os::fd::AsFd::as_fd(&f),
-    )
-    .await?;
-    // QEMU holds its own copy now.
-    drop(f);
+    hand_over(qmp, file, std::fs::File::open(file)).await?;
     qmp.execute(
         "migrate-incoming",
         Some(json!({"uri": format!("fd:{STATE_FD}")})),
