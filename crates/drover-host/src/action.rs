@@ -1,6 +1,10 @@
 //! Every verb on one VM — from operators, guests and peer hosts — with the permission it needs,
 //! the states it is valid in and how it takes the VM's operation lock, as data checked in one
 //! place (`Manager::door`). Firecracker's `VmmAction` is the model.
+//!
+//! Verbs that make a VM have none to look up yet and are checked by their features: create,
+//! the new VMs of a clone (the template's side is [`VmAction::Clone`]) and a migration's
+//! prepare on the destination (its commit and abort are here).
 
 use crate::auth::Permission;
 use drover_api::VmState;
@@ -55,6 +59,10 @@ pub enum VmAction {
     ConsoleInput,
     /// A peer host hands over a VM that arrived here (migration commit). Admin; any state.
     MigrateCommit,
+    /// A peer host gives up a migration to here: the arriving copy is thrown away. Admin; any
+    /// state; no lock at the door (throwing the copy away takes it, so it never races a
+    /// commit). A VM that is not here (never arrived, or gone already) is not an error.
+    MigrateAbort,
     /// The guest asks for a save of itself (through the broker). Guest access, checked by the
     /// broker per app; only when running.
     GuestSave,
@@ -97,6 +105,7 @@ impl VmAction {
         VmAction::ConsoleInput,
         VmAction::Migrate,
         VmAction::MigrateCommit,
+        VmAction::MigrateAbort,
         VmAction::GuestSave,
         VmAction::GuestRestore,
         VmAction::GuestChange,
@@ -111,7 +120,7 @@ impl VmAction {
             | Migrate | Clone => Some(Permission::Lifecycle),
             Exec | Files => Some(Permission::Exec),
             Change => Some(Permission::Change),
-            MigrateCommit => Some(Permission::Admin),
+            MigrateCommit | MigrateAbort => Some(Permission::Admin),
             Promote | ConsoleInput | GuestSave | GuestRestore | GuestChange => None,
         }
     }
@@ -129,7 +138,7 @@ impl VmAction {
             Resume => &[VmState::Hibernated],
             // Checked once the state to restore is known (which may be the VM's hibernation).
             Restore | GuestRestore | DropState | Change | Promote | Clone | Migrate
-            | MigrateCommit => ANY,
+            | MigrateCommit | MigrateAbort => ANY,
         }
     }
 
@@ -137,7 +146,7 @@ impl VmAction {
     pub fn op_lock(self) -> OpLock {
         use VmAction::*;
         match self {
-            Exec | Files | ConsoleInput => OpLock::None,
+            Exec | Files | ConsoleInput | MigrateAbort => OpLock::None,
             Restore | GuestRestore | Migrate => OpLock::Refuse,
             _ => OpLock::Wait,
         }
@@ -164,6 +173,7 @@ impl VmAction {
             Clone => "clone",
             Migrate => "migrate",
             MigrateCommit => "commit the migration of",
+            MigrateAbort => "abort the migration of",
         }
     }
 
@@ -247,6 +257,7 @@ mod tests {
                 Promote => (None, OpLock::Wait, &|_| true),
                 Migrate => (Some(P::Lifecycle), OpLock::Refuse, &|_| true),
                 MigrateCommit => (Some(P::Admin), OpLock::Wait, &|_| true),
+                MigrateAbort => (Some(P::Admin), OpLock::None, &|_| true),
             };
             assert_eq!(a.permission(), perm, "{a:?}'s permission");
             assert_eq!(a.op_lock(), lock, "{a:?}'s lock");
