@@ -1104,7 +1104,13 @@ impl Manager {
                 }
                 // Stored as this droverd's record: a peer's row is read strictly.
                 let record: super::records::StateRecord = serde_json::from_value(row.value)
-                    .map_err(|e| HostError::Invalid(format!("state record {}: {e}", row.key)))?;
+                    .map_err(|e| {
+                        HostError::Invalid(format!(
+                            "saved state {} from the source does not read as a state record \
+                             ({e}); check that both droverds run the same version",
+                            row.key
+                        ))
+                    })?;
                 row.value = serde_json::to_value(&record)
                     .map_err(|e| HostError::Internal(e.to_string()))?;
             } else if row.table == super::layers::LAYERS {

@@ -33,8 +33,8 @@ use std::path::PathBuf;
 pub(super) const SCHEMA: u32 = 2;
 
 /// One row of table `vms`: what droverd keeps of a VM (its [`VmInfo`] without what is
-/// computed when shown). Unknown fields are ignored, as they always were (records from before
-/// `agent` was cleared on write still read).
+/// computed when shown); each field means what [`VmInfo`]'s field of the same name does.
+/// Unknown fields are ignored, as they always were (rows that still hold `agent` read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct VmRecord {
     pub name: String,
@@ -141,7 +141,8 @@ impl From<VmRecord> for VmInfo {
 }
 
 /// A saved state's manifest: one row of table `states` (key `VM/ID`) and the `manifest.json`
-/// beside the state's data, the same bytes' worth of fields in both.
+/// beside the state's data, the same fields in both; each means what [`StateInfo`]'s field of
+/// the same name does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct StateRecord {
     /// Its version: [`STATE_FORMAT`](drover_api::STATE_FORMAT) for states this droverd writes.
