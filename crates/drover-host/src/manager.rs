@@ -27,6 +27,7 @@ use drover_qemu::qmp::{Qmp, QmpEvent};
 use drover_qemu::{img, process};
 use drover_store::Write;
 use drover_store::{Store, StoreExt};
+use records::VmRecord;
 use sha2::Digest as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,7 @@ mod layers;
 mod live;
 mod migrate;
 mod qemu_files;
+mod records;
 mod registry;
 use registry::VmTable;
 mod seed;
@@ -384,7 +386,7 @@ impl Manager {
                 upgrade::SCHEMA
             );
         }
-        let records: Vec<(String, VmInfo)> = store.list(VMS)?;
+        let records: Vec<(String, VmInfo)> = records::vms(store.as_ref())?;
         let (cfg_pools, cfg_image_dir) = (cfg.pools.clone(), cfg.image_dir.clone());
         let qemu_user = cfg.qemu_user.clone();
         check_qemu_user_reach(&qemu_user, &cfg)?;
@@ -588,7 +590,10 @@ impl Manager {
         let mut next = info.clone();
         let mut writes = change(&mut next)?;
         next.agent = None;
-        writes.insert(0, drover_store::put(VMS, &next.name, &next)?);
+        writes.insert(
+            0,
+            drover_store::put(VMS, &next.name, &VmRecord::from(&next))?,
+        );
         let t = Instant::now();
         self.s.store.apply(writes)?;
         tracing::debug!(
@@ -609,7 +614,11 @@ impl Manager {
         let mut writes = pending.clone();
         let mut current = info.clone();
         current.agent = None;
-        writes.push(drover_store::put(VMS, &current.name, &current)?);
+        writes.push(drover_store::put(
+            VMS,
+            &current.name,
+            &VmRecord::from(&current),
+        )?);
         store.apply(writes)?;
         pending.clear();
         tracing::info!(
@@ -635,7 +644,7 @@ impl Manager {
         next.agent = None;
         let mut all = lock(&slot.pending).clone();
         all.extend(writes.iter().cloned());
-        let record = drover_store::put(VMS, &next.name, &next)?;
+        let record = drover_store::put(VMS, &next.name, &VmRecord::from(&next))?;
         all.push(record.clone());
         match self.s.store.apply(all) {
             Ok(()) => lock(&slot.pending).clear(),
@@ -1147,7 +1156,7 @@ impl Manager {
             config.validate_config()?;
             let info = self.new_record(config, self.new_vm_platform());
             self.s.store.apply(vec![
-                drover_store::put(VMS, &name, &info)?,
+                drover_store::put(VMS, &name, &VmRecord::from(&info))?,
                 drover_store::put(HISTORY, &name, &ConfigHistory::new(info.config.clone()))?,
                 identity::generation_write(&name, "created")?,
             ])?;
@@ -2906,13 +2915,13 @@ mod crash_tests {
         m.record_stopped(&slot, exit("operator-stop", None))
             .unwrap();
         assert_eq!(m.get("v").unwrap().state, VmState::Stopped, "shown at once");
-        let stored: VmInfo = m.s.store.get(VMS, "v").unwrap().unwrap();
+        let stored: VmRecord = m.s.store.get(VMS, "v").unwrap().unwrap();
         assert_eq!(stored.state, VmState::Stopping, "not on disk yet");
         assert!(m.persist(&slot, |i| i.persist = false).is_err());
         full.store(false, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let stored: VmInfo = m.s.store.get(VMS, "v").unwrap().unwrap();
+            let stored: VmRecord = m.s.store.get(VMS, "v").unwrap().unwrap();
             if stored.state == VmState::Stopped {
                 assert_eq!(stored.last_exit.unwrap().reason, "operator-stop");
                 break;

@@ -20,6 +20,7 @@
 //!   than keeping orphan layers until the last clone goes, keeps one owner per file and makes
 //!   no file outlive every record that names it.
 
+use super::records::VmRecord;
 use super::{lock, LaunchKind, Manager, OpGuard, RestoreSpec, VmSlot, HOST_RESERVE, VMS};
 use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
@@ -476,7 +477,7 @@ impl Manager {
             identity_applied_ms: None,
         });
         self.s.store.apply(vec![
-            drover_store::put(VMS, name, &info)?,
+            drover_store::put(VMS, name, &VmRecord::from(&info))?,
             drover_store::put(
                 super::HISTORY,
                 name,

@@ -1062,7 +1062,11 @@ impl Manager {
             peer: req.from.clone(),
             phase: MigrationPhase::Copying,
         });
-        let mut writes = vec![drover_store::put(super::VMS, &name, &info)?];
+        let mut writes = vec![drover_store::put(
+            super::VMS,
+            &name,
+            &super::records::VmRecord::from(&info),
+        )?];
         for mut row in req.rows.clone() {
             // Only a VM's own rows, in the tables that hold them (the same as a delete removes).
             let t = row.table.as_str();
@@ -1082,6 +1086,14 @@ impl Manager {
                         row.key
                     )));
                 }
+                if format > u64::from(drover_api::STATE_FORMAT) {
+                    return Err(HostError::Invalid(format!(
+                        "saved state {} has format {format}: the source droverd is newer than \
+                         this one (it reads up to {}); upgrade this one and migrate again",
+                        row.key,
+                        drover_api::STATE_FORMAT
+                    )));
+                }
                 // Its layers and files are the copies here; its config names disks by origin,
                 // which moves by id like every other config's.
                 let config = row.value.get("config").cloned();
@@ -1090,6 +1102,17 @@ impl Manager {
                     repath_disks(&mut c, &paths);
                     row.value["config"] = c;
                 }
+                // Stored as this droverd's record: a peer's row is read strictly.
+                let record: super::records::StateRecord = serde_json::from_value(row.value)
+                    .map_err(|e| {
+                        HostError::Invalid(format!(
+                            "saved state {} from the source does not read as a state record \
+                             ({e}); check that both droverds run the same version",
+                            row.key
+                        ))
+                    })?;
+                row.value = serde_json::to_value(&record)
+                    .map_err(|e| HostError::Internal(e.to_string()))?;
             } else if row.table == super::layers::LAYERS {
                 // Here the disk's current content is the copy just made (its own top), unless
                 // the storage is shared; the states' layers are the moved files.

@@ -15,6 +15,7 @@
 //! A restore starts QEMU with the state's RAM copy mapped privately and new overlays on the
 //! pinned layers, and loads the device state (`-incoming defer`).
 
+use super::records::StateRecord;
 use super::{lock, LaunchKind, Manager, OpGuard, QemuMode, RestoreSpec, VmSlot};
 use crate::action::VmAction;
 use crate::auth::Caller;
@@ -282,7 +283,11 @@ impl Manager {
     /// A VM's saved states, oldest first.
     pub fn states(&self, vm: &str) -> Result<Vec<StateInfo>> {
         self.slot(vm)?;
-        let mut v: Vec<StateInfo> = self.vm_records(STATES, vm)?;
+        let mut v: Vec<StateInfo> = self
+            .vm_records::<StateRecord>(STATES, vm)?
+            .into_iter()
+            .map(StateInfo::from)
+            .collect();
         v.sort_by_key(|s| s.id.trim_start_matches('s').parse::<u64>().unwrap_or(0));
         Ok(v)
     }
@@ -1229,11 +1234,16 @@ impl Manager {
 
     pub(super) fn write_state(&self, s: &StateInfo) -> Result<()> {
         let dir = self.states_dir(&s.vm).join(&s.id);
-        let json = serde_json::to_vec_pretty(s).map_err(|e| HostError::Internal(e.to_string()))?;
+        let record = StateRecord::from(s);
+        let json = record
+            .manifest_json()
+            .map_err(|e| HostError::Internal(e.to_string()))?;
         let manifest = dir.join("manifest.json");
         crate::fsutil::replace_file(&manifest, &json)
             .map_err(|e| io_ctx("writing", &manifest, e))?;
-        self.s.store.put(STATES, &format!("{}/{}", s.vm, s.id), s)?;
+        self.s
+            .store
+            .put(STATES, &format!("{}/{}", s.vm, s.id), &record)?;
         Ok(())
     }
 

@@ -13,6 +13,7 @@
 //! - rewrites every config (initial, generations, running, next-boot, states) to the origins.
 
 use super::layers::LAYERS;
+use super::records::{self, StateRecord, VmRecord};
 use super::state::STATES;
 use super::{HISTORY, VMS};
 use crate::error::{io_ctx, HostError, Result};
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 /// Table of store-wide facts.
 const META: &str = "meta";
 /// The schema this droverd writes.
-pub(super) const SCHEMA: u32 = 2;
+pub(super) use super::records::SCHEMA;
 
 /// Bring the store's records to [`SCHEMA`]; returns the VMs migrated.
 pub(super) fn upgrade(store: &dyn Store, state_dir: &Path) -> Result<Vec<String>> {
@@ -43,13 +44,9 @@ pub(super) fn upgrade(store: &dyn Store, state_dir: &Path) -> Result<Vec<String>
     let mut writes = Vec::new();
     let mut manifests = Vec::new();
     let mut migrated = Vec::new();
-    let vms: Vec<(String, VmInfo)> = store.list(VMS)?;
+    let vms: Vec<(String, VmInfo)> = records::vms(store)?;
     for (name, info) in vms {
-        let states: Vec<StateInfo> = store
-            .list_prefix::<StateInfo>(STATES, &format!("{name}/"))?
-            .into_iter()
-            .map(|(_, s)| s)
-            .collect();
+        let states: Vec<StateInfo> = records::states(store, &name)?;
         let history = store
             .get::<ConfigHistory>(HISTORY, &name)?
             .unwrap_or_else(|| ConfigHistory::new(info.config.clone()));
@@ -57,10 +54,15 @@ pub(super) fn upgrade(store: &dyn Store, state_dir: &Path) -> Result<Vec<String>
         let up = to_layer_chains(&vm_dir, info, history, states, |p| {
             drover_qemu::img::backing_file(p).ok().flatten()
         })?;
-        writes.push(drover_store::put(VMS, &name, &up.info)?);
+        writes.push(drover_store::put(VMS, &name, &VmRecord::from(&up.info))?);
         writes.push(drover_store::put(HISTORY, &name, &up.history)?);
         for s in &up.states {
-            writes.push(drover_store::put(STATES, &format!("{name}/{}", s.id), s)?);
+            let record = StateRecord::from(s);
+            writes.push(drover_store::put(
+                STATES,
+                &format!("{name}/{}", s.id),
+                &record,
+            )?);
             manifests.push(s.clone());
         }
         for (disk, chain) in &up.chains {
@@ -73,8 +75,9 @@ pub(super) fn upgrade(store: &dyn Store, state_dir: &Path) -> Result<Vec<String>
     for s in &manifests {
         let dir = state_dir.join("vms").join(&s.vm).join("states").join(&s.id);
         if dir.is_dir() {
-            let json =
-                serde_json::to_vec_pretty(s).map_err(|e| HostError::Internal(e.to_string()))?;
+            let json = StateRecord::from(s)
+                .manifest_json()
+                .map_err(|e| HostError::Internal(e.to_string()))?;
             let manifest = dir.join("manifest.json");
             crate::fsutil::replace_file(&manifest, &json)
                 .map_err(|e| io_ctx("writing", &manifest, e))?;

@@ -115,7 +115,7 @@ fn schema_1_records_are_migrated_once_to_layer_chains() {
         );
         assert_eq!(c.elements(), h.initial.elements(), "generation {g}");
     }
-    let info: VmInfo = store.get(VMS, "p2").unwrap().unwrap();
+    let info: VmRecord = store.get(VMS, "p2").unwrap().unwrap();
     assert_eq!(info.config.disks[0].path, data);
     // The chains: the last save's overlay is current, each state pins its layers.
     let chain: DiskLayers = store.get(LAYERS, "p2/data").unwrap().unwrap();
@@ -126,11 +126,11 @@ fn schema_1_records_are_migrated_once_to_layer_chains() {
     assert_eq!(chain.top(&user), i2.as_path());
     assert!(chain.pinned[&user].contains("s1") && chain.pinned[&i1].contains("s2"));
     for (id, layer) in [("s1", &data), ("s2", &d1)] {
-        let s: StateInfo = store.get(STATES, &format!("p2/{id}")).unwrap().unwrap();
+        let s: StateRecord = store.get(STATES, &format!("p2/{id}")).unwrap().unwrap();
         assert_eq!(s.format, STATE_FORMAT);
         assert_eq!(&s.layers["data"], layer);
         assert_eq!(s.config.disks[0].path, data);
-        let on_disk: StateInfo = serde_json::from_slice(
+        let on_disk: StateRecord = serde_json::from_slice(
             &std::fs::read(sd.join("vms/p2/states").join(id).join("manifest.json")).unwrap(),
         )
         .unwrap();
