@@ -17,10 +17,12 @@ fn missing_empty_or_damaged_store_is_refused_clearly_and_recovered_from_its_chec
     d.ok(&["vm", "create", "k", "--memory", "256M"]);
     d.ok(&["vm", "start", "k", "--wait"]);
     let pid = d.json(&["vm", "show", "k"])["pid"].as_u64();
-    // A start checkpoints the store (with k running).
+    // A start checkpoints the store (with k running). The first start wrote one of the empty
+    // store: removed, so the wait below is for the one that holds k.
     d.kill9();
-    d.spawn();
     let checkpoint = d.state_dir().join("drover.redb.checkpoint");
+    std::fs::remove_file(&checkpoint).expect("the first start's checkpoint");
+    d.spawn();
     wait_for("the checkpoint", Duration::from_secs(20), || {
         checkpoint.is_file().then_some(())
     });
