@@ -1,8 +1,9 @@
 //! The backend seam: what droverd's coordination code asks of one running VMM.
 //!
 //! [`Vmm`] names only the operations the host's rules are written against (hot-plug and unplug
-//! of disks, NICs, vCPUs and memory; the run state; the device-deleted events an unplug waits
-//! for), typed, with QEMU's own error type. [`QemuVmm`] is the real one over QMP; a test-only
+//! of disks, NICs, vCPUs and memory, and the device-deleted events an unplug waits for; the run
+//! state, resuming, quitting and letting a capture end, for re-adoption after a restart),
+//! typed, with QEMU's own error type. [`QemuVmm`] is the real one over QMP; a test-only
 //! `FakeVmm` (in `vmm::fake`) models the QEMU behaviour those rules depend on, so they are
 //! tested in milliseconds rather than only by booting guests.
 
@@ -27,6 +28,12 @@ pub trait Vmm: Send + Sync {
     fn cont(&self) -> impl Future<Output = Result<(), QmpError>> + Send;
     /// Ask QEMU to exit, waiting at most `timeout` for its answer.
     fn quit(&self, timeout: Duration) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Let an outgoing migration or background snapshot still under way end by itself,
+    /// cancelling it only after `timeout`; returns how it ended (`None`: none was running).
+    fn settle_capture(
+        &self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Option<String>, QmpError>> + Send;
     /// Every event from now on: an unplug subscribes before it asks, so no `DEVICE_DELETED`
     /// is missed.
     fn events(&self) -> broadcast::Receiver<QmpEvent>;
@@ -106,6 +113,10 @@ impl Vmm for QemuVmm {
             .execute_timeout("quit", None, timeout)
             .await
             .map(|_| ())
+    }
+
+    async fn settle_capture(&self, timeout: Duration) -> Result<Option<String>, QmpError> {
+        drover_qemu::migrate::settle_migration(&self.qmp, timeout).await
     }
 
     fn events(&self) -> broadcast::Receiver<QmpEvent> {

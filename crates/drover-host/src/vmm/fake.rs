@@ -38,6 +38,8 @@ struct State {
     cpus: u32,
     max_cpus: u32,
     fd_sets: u64,
+    /// How a capture left streaming ends (`None`: none is under way).
+    capture: Option<(String, String)>,
     calls: Vec<String>,
     /// (command, n): the nth call of `command` from now on fails.
     failures: Vec<(String, usize)>,
@@ -68,12 +70,30 @@ impl FakeVmm {
         }
     }
 
+    /// A running VMM with one vCPU and no disks or NICs.
+    pub fn bare() -> Self {
+        FakeVmm {
+            state: Mutex::new(State {
+                status: "running".into(),
+                cpus: 1,
+                max_cpus: 1,
+                ..State::default()
+            }),
+            events: broadcast::channel(64).0,
+        }
+    }
+
     /// Device `id` now writes to block node `node` (as after a snapshot put a layer on top;
     /// the node below stays, as its backing).
     pub fn move_to_node(&self, id: &str, node: &str) {
         let mut s = self.lock();
         s.backends.insert(node.into());
         s.devices.insert(id.into(), Some(node.into()));
+    }
+
+    /// A state capture is under way; let be, it ends as `end`, leaving the run state `then`.
+    pub fn capturing(&self, end: &str, then: &str) {
+        self.lock().capture = Some((end.into(), then.into()));
     }
 
     /// Set the run state `status` reports.
@@ -205,6 +225,16 @@ impl Vmm for FakeVmm {
         self.call(&mut s, "quit", "")?;
         s.status = "shutdown".into();
         Ok(())
+    }
+
+    async fn settle_capture(&self, _timeout: Duration) -> Result<Option<String>, QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "query-migrate", "")?;
+        let Some((end, then)) = s.capture.take() else {
+            return Ok(None);
+        };
+        s.status = then;
+        Ok(Some(end))
     }
 
     fn events(&self) -> broadcast::Receiver<QmpEvent> {
