@@ -315,14 +315,7 @@ impl Manager {
             }
         }
         for d in &created {
-            let (p, size) = (d.path.clone(), d.size);
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| crate::error::io_ctx("creating", dir, e))?;
-            }
-            tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
-                .await
-                .map_err(|e| HostError::Internal(e.to_string()))??;
+            create_image(d).await?;
         }
         let lines = describe(&base, &diff(&base, &cfg));
         let gen = history.seal(
@@ -570,14 +563,7 @@ impl LiveHost for ManagerDisks<'_> {
                     d.path.display()
                 )));
             }
-            let (p, size) = (d.path.clone(), d.size);
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| crate::error::io_ctx("creating", dir, e))?;
-            }
-            tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
-                .await
-                .map_err(|e| HostError::Internal(e.to_string()))??;
+            create_image(d).await?;
         }
         // Its current layer: the same image may have been saved before, under this id.
         let mut one = cfg.clone();
@@ -818,6 +804,18 @@ async fn wait_deleted(
     })
     .await;
     left
+}
+
+/// Create a new disk's (empty) image, and its directory.
+async fn create_image(d: &DiskConfig) -> Result<()> {
+    let (p, size) = (d.path.clone(), d.size);
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| crate::error::io_ctx("creating", dir, e))?;
+    }
+    tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))??;
+    Ok(())
 }
 
 fn persist_off_warning(name: &str) -> String {
