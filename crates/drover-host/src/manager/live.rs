@@ -4,6 +4,9 @@
 //! Every change is checked against the config model first, applied to QEMU second (undone there
 //! if a step fails), and journaled durably third, in the same transaction as the VM's new
 //! running config: a crash after a change loses nothing, a failed change leaves no trace.
+//!
+//! The QEMU side ([`live_change`]: plan, apply, undo) runs against the [`Vmm`] trait, so these
+//! rules are unit-tested against a fake QEMU (`rules_tests`).
 
 use super::{lock, Manager, OpGuard, VmSlot, HISTORY, HOTPLUG_PORTS};
 use crate::action::VmAction;
