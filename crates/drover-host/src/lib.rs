@@ -8,6 +8,8 @@
 //! - [`compat`]: whether a VM's machine type and CPU model fit another host's QEMU or a state.
 //! - [`metrics`]: what `/metrics` exports to Prometheus.
 //! - [`vm_events`]: the bus on which the lifecycle tells features what happened to a VM.
+//! - [`vmm`]: the backend seam, what the coordination code asks of a running VMM (QEMU, or a
+//!   fake in unit tests).
 
 pub mod action;
 pub mod agent_link;
@@ -35,6 +37,7 @@ pub mod qemu_user;
 pub mod serve;
 pub mod tls;
 pub mod vm_events;
+pub mod vmm;
 pub mod web;
 
 /// One line of image-build progress for logs and the CLI.

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
+mod adopt;
 mod check;
 mod files;
 pub use files::{FileRead, MAX_FILE_REQUEST};
@@ -2130,31 +2131,21 @@ impl Manager {
                 .await
             {
                 Ok((qmp, events)) => {
-                    let (migrating, has_config) = {
+                    let found = {
                         let i = lock(&slot.info);
-                        (
-                            i.migration
+                        adopt::Found {
+                            migrating: i
+                                .migration
                                 .as_ref()
                                 .is_some_and(|m| m.phase != drover_api::MigrationPhase::Committed),
-                            i.running_config.is_some(),
-                        )
+                            has_config: i.running_config.is_some(),
+                        }
                     };
-                    let status = qmp.status().await.ok();
-                    if !migrating {
-                        // A start or restore cut off before its QEMU ran the guest: nothing to
-                        // adopt. Stop it cleanly and say so, rather than adopt a half-started VM.
-                        let cut_off = if status.as_deref() == Some("inmigrate") {
-                            Some("droverd was stopped while the VM's saved state was being loaded")
-                        } else if !has_config {
-                            Some("droverd was stopped while the VM was starting, before its config was recorded")
-                        } else {
-                            None
-                        };
-                        if let Some(why) = cut_off {
-                            tracing::warn!(vm = name, pid, "{why}; stopping its QEMU");
-                            let _ = qmp
-                                .execute_timeout("quit", None, Duration::from_secs(2))
-                                .await;
+                    // No one waits on its events before it is attached.
+                    let vmm = crate::vmm::QemuVmm::new(qmp.clone(), broadcast::channel(1).0);
+                    let status = match adopt::settle(name, &vmm, found).await {
+                        adopt::Settled::Adopt { status } => status,
+                        adopt::Settled::CutOff(why) => {
                             let deadline = Instant::now() + Duration::from_secs(5);
                             while process::is_alive(pid, &marker) && Instant::now() < deadline {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -2177,25 +2168,7 @@ impl Manager {
                             .await;
                             return Ok(());
                         }
-                        // A state capture the previous droverd left streaming: its receiver
-                        // outlives droverd, so let the stream end (it is then finished from
-                        // the receiver). Cancelling it is no rescue: QEMU 7.2 leaves the vCPUs
-                        // stuck on memory still write-protected for the stream.
-                        match drover_qemu::migrate::settle_migration(&qmp, Duration::from_secs(300))
-                            .await
-                        {
-                            Ok(Some(end)) => tracing::info!(
-                                vm = name,
-                                "a state capture the previous droverd left running ended: {end}"
-                            ),
-                            Ok(None) => {}
-                            Err(e) => tracing::warn!(
-                                vm = name,
-                                "a state capture the previous droverd left running did not end: {e}"
-                            ),
-                        }
-                    }
-                    let status = qmp.status().await.ok().or(status);
+                    };
                     let io_error = status.as_deref() == Some("io-error");
                     self.commit_or_defer(slot, |i| {
                         // One still arriving by migration does not run until it is committed.
@@ -2203,13 +2176,7 @@ impl Manager {
                             m.role == drover_api::MigrationRole::Incoming
                                 && m.phase != drover_api::MigrationPhase::Committed
                         });
-                        i.state = if arriving {
-                            VmState::Starting
-                        } else if io_error {
-                            VmState::Paused
-                        } else {
-                            VmState::Running
-                        };
+                        i.state = adopt::adopted_state(arriving, status.as_deref());
                         i.paused_reason = io_error.then(|| io_error_pause(name, None));
                         i.pid = Some(pid);
                         Ok(Vec::new())
@@ -2222,16 +2189,7 @@ impl Manager {
                     if let Err(e) = self.reconcile_layers(name, slot, &launched, &files) {
                         tracing::warn!(vm = name, "cannot check the disks' layers: {e}");
                     }
-                    // Drover pauses a VM only inside a state save; a VM still paused now was
-                    // left so by a droverd that died mid-save (`postmigrate` once the save's
-                    // device state was written: a copying or classic save).
-                    if !migrating && matches!(status.as_deref(), Some("paused" | "postmigrate")) {
-                        tracing::warn!(
-                            vm = name,
-                            "VM was left paused by an interrupted save; resuming it"
-                        );
-                        let _ = qmp.execute("cont", None).await;
-                    }
+                    adopt::resume_if_left_paused(name, &vmm, found, status.as_deref()).await;
                     self.attach(name, slot, qmp, events, None, pid, Instant::now(), launched);
                     if let Some(rt) = self.runtime(slot) {
                         *lock(&rt.nodes) = nodes;

@@ -4,12 +4,16 @@
 //! Every change is checked against the config model first, applied to QEMU second (undone there
 //! if a step fails), and journaled durably third, in the same transaction as the VM's new
 //! running config: a crash after a change loses nothing, a failed change leaves no trace.
+//!
+//! The QEMU side ([`live_change`]: plan, apply, undo) runs against the [`Vmm`] trait, so these
+//! rules are unit-tested against a fake QEMU (`rules_tests`).
 
 use super::{lock, Manager, OpGuard, VmSlot, HISTORY, HOTPLUG_PORTS};
 use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
+use crate::vmm::{QemuVmm, Vmm};
 use drover_api::{
     AttachRequest, ChangeResult, ConfigHistoryView, DetachRequest, DeviceKind, GenerationView,
     PersistRequest, SetRequest, VmInfo, VmState,
@@ -19,6 +23,7 @@ use drover_model::{
     StoredConfig, VmConfig,
 };
 use drover_qemu::{hotplug, img};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -235,54 +240,17 @@ impl Manager {
         let rt = self
             .runtime(slot)
             .ok_or_else(|| HostError::Conflict(format!("VM {name} is not running")))?;
-        // Plan: check every change on a copy first, so nothing is applied when one is invalid.
-        let mut planned = running.clone();
-        let mut plan = Vec::new();
-        for c in changes {
-            let slot_no = match &c {
-                Change::AddDisk(..) | Change::AddNic(_) => Some(free_port(&planned).ok_or_else(|| {
-                    HostError::Resources(format!(
-                        "all {HOTPLUG_PORTS} hot-plug ports of VM {name} are in use; detach a hot-plugged device, or use --next-boot"
-                    ))
-                })?),
-                _ => None,
-            };
-            check_live(name, &planned, &c)?;
-            apply_to(&mut planned, &c, slot_no, host_cpus)?;
-            plan.push((c, slot_no));
-        }
-        // Apply in order; on failure undo what was done (reverse order) and report.
-        let mut done: Vec<(Change, Option<u8>, Plugged)> = Vec::new();
-        let mut cfg = running.clone();
-        for (c, slot_no) in plan {
-            let step = self.apply_live(name, &rt, &cfg, &c, slot_no).await;
-            match step {
-                Ok(plugged) => {
-                    apply_to(&mut cfg, &c, slot_no, host_cpus)?;
-                    done.push((c, slot_no, plugged));
-                }
-                Err(e) => {
-                    let mut left = Vec::new();
-                    for (c, _, plugged) in done.iter().rev() {
-                        left.extend(self.undo_live(&rt, c, plugged).await);
-                    }
-                    if left.is_empty() {
-                        return Err(e);
-                    }
-                    // Said, not hidden: the VM runs with these until it stops (not journaled).
-                    return Err(HostError::Conflict(format!(
-                        "{e}; the earlier steps were undone except {}, which the guest did not \
-                         release within {}s: they stay until VM {name} stops",
-                        left.join(", "),
-                        UNPLUG_TIMEOUT.as_secs()
-                    )));
-                }
-            }
-        }
+        let host = ManagerDisks {
+            m: self,
+            name,
+            rt: &rt,
+        };
+        let vmm = QemuVmm::new(rt.qmp.clone(), rt.events.clone());
+        let (cfg, done) = live_change(name, &vmm, &host, &running, changes, host_cpus).await?;
         // The same changes go into what will be sealed (next-boot changes made earlier stay).
         let mut next_after = next.clone();
         // A hot-plugged device keeps its port on the next boot too.
-        for (c, slot_no, _) in &done {
+        for (c, slot_no) in &done {
             let _ = apply_to(&mut next_after, c, *slot_no, host_cpus);
         }
         let lines = describe(&running, &diff(&running, &cfg));
@@ -350,14 +318,7 @@ impl Manager {
             }
         }
         for d in &created {
-            let (p, size) = (d.path.clone(), d.size);
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| crate::error::io_ctx("creating", dir, e))?;
-            }
-            tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
-                .await
-                .map_err(|e| HostError::Internal(e.to_string()))??;
+            create_image(d).await?;
         }
         let lines = describe(&base, &diff(&base, &cfg));
         let gen = history.seal(
@@ -398,142 +359,6 @@ impl Manager {
             changes: lines,
             warning: None,
         })
-    }
-
-    /// One live step through QMP. Returns what was removed, for the record.
-    async fn apply_live(
-        &self,
-        name: &str,
-        rt: &super::Runtime,
-        cfg: &VmConfig,
-        c: &Change,
-        slot_no: Option<u8>,
-    ) -> Result<Plugged> {
-        let port = slot_no.unwrap_or(0);
-        match c {
-            Change::AddDisk(d, owned) => {
-                if *owned {
-                    if d.path.exists() {
-                        return Err(HostError::Invalid(format!(
-                            "{} already exists; pick another disk id",
-                            d.path.display()
-                        )));
-                    }
-                    let (p, size) = (d.path.clone(), d.size);
-                    if let Some(dir) = p.parent() {
-                        std::fs::create_dir_all(dir)
-                            .map_err(|e| crate::error::io_ctx("creating", dir, e))?;
-                    }
-                    tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
-                        .await
-                        .map_err(|e| HostError::Internal(e.to_string()))??;
-                }
-                // Its current layer: the same image may have been saved before, under this id.
-                let mut one = cfg.clone();
-                one.disks = vec![d.clone()];
-                let slot = self.slot(name)?;
-                let layered = self.open_layers(name, &slot, &one, None).await?;
-                let on_layer = layered.disks.first().unwrap_or(d);
-                if let Err(e) = self.hotplug_disk(&rt.qmp, on_layer, port).await {
-                    if *owned {
-                        let _ = std::fs::remove_file(&d.path);
-                    }
-                    return Err(e);
-                }
-                Ok(Plugged::default())
-            }
-            Change::AddNic(n) => {
-                hotplug::add_nic(&rt.qmp, n, port).await?;
-                Ok(Plugged::default())
-            }
-            Change::Remove(id) => {
-                let disk = cfg.disks.iter().find(|d| d.id.as_str() == id).cloned();
-                let nic = cfg.nics.iter().find(|n| n.id.as_str() == id).cloned();
-                let device = match (&disk, &nic) {
-                    (Some(d), _) => drover_qemu::cmdline::disk_node(d),
-                    (_, Some(n)) => drover_qemu::cmdline::nic_node(n.id.as_str()),
-                    _ => {
-                        return Err(HostError::Invalid(format!(
-                            "VM {name} has no disk or NIC {id}"
-                        )))
-                    }
-                };
-                let events = rt.events.subscribe();
-                hotplug::request_unplug(&rt.qmp, &device).await?;
-                let left =
-                    wait_deleted(events, std::slice::from_ref(&device), UNPLUG_TIMEOUT).await;
-                if !left.is_empty() {
-                    return Err(HostError::Timeout(format!(
-                        "the guest in VM {name} did not release {id} within {}s; it stays attached (try again, or use --next-boot)",
-                        UNPLUG_TIMEOUT.as_secs()
-                    )));
-                }
-                if let Some(d) = &disk {
-                    hotplug::remove_disk_backend(&rt.qmp, &rt.active_node(d)).await?;
-                }
-                if let Some(n) = &nic {
-                    hotplug::remove_nic_backend(&rt.qmp, n).await?;
-                }
-                Ok(Plugged::default())
-            }
-            Change::Cpus(n) => Ok(Plugged {
-                devices: hotplug::add_cpus(&rt.qmp, *n).await?,
-                memory: None,
-            }),
-            Change::Memory(bytes) => {
-                let add = bytes - cfg.memory;
-                let id = format!("m{}", hostfacts::now_ms());
-                hotplug::add_memory(&rt.qmp, &id, add).await?;
-                Ok(Plugged {
-                    devices: vec![hotplug::dimm_ids(&id).0],
-                    memory: Some(id),
-                })
-            }
-        }
-    }
-
-    /// Undo a live step after a later step failed. vCPUs and DIMMs go only when the guest
-    /// releases them; returns what is still in place, for the error the caller reports.
-    async fn undo_live(&self, rt: &super::Runtime, c: &Change, plugged: &Plugged) -> Vec<String> {
-        match c {
-            Change::AddDisk(d, owned) => {
-                let _ = hotplug::request_unplug(&rt.qmp, &drover_qemu::cmdline::disk_node(d)).await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = hotplug::remove_disk_backend(&rt.qmp, &rt.active_node(d)).await;
-                if *owned {
-                    let _ = std::fs::remove_file(&d.path);
-                }
-                Vec::new()
-            }
-            Change::AddNic(n) => {
-                let _ = hotplug::request_unplug(
-                    &rt.qmp,
-                    &drover_qemu::cmdline::nic_node(n.id.as_str()),
-                )
-                .await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = hotplug::remove_nic_backend(&rt.qmp, n).await;
-                Vec::new()
-            }
-            Change::Cpus(_) | Change::Memory(_) => {
-                let events = rt.events.subscribe();
-                if hotplug::request_unplug_all(&rt.qmp, &plugged.devices)
-                    .await
-                    .is_err()
-                {
-                    return plugged.devices.clone();
-                }
-                let left = wait_deleted(events, &plugged.devices, UNPLUG_TIMEOUT).await;
-                if let (Some(id), true) = (&plugged.memory, left.is_empty()) {
-                    if hotplug::remove_memory_backend(&rt.qmp, id).await.is_err() {
-                        return vec![format!("memory backend of {id}")];
-                    }
-                }
-                left
-            }
-            // The guest already let go of a removed device; it is not plugged back.
-            Change::Remove(_) => Vec::new(),
-        }
     }
 
     // ------------------------------------------------------------ history, persistence
@@ -699,6 +524,267 @@ struct Plugged {
     memory: Option<String>,
 }
 
+/// The host's part of a live step, what the VMM does not do: a new disk's image and the layer
+/// it opens on, and which block node a disk's device writes to now.
+pub(super) trait LiveHost: Sync {
+    /// Plug disk `d` on hot-plug port `port` of `vmm`, opened on its current layer; when
+    /// `owned`, its image is created first (and removed again if the plug fails).
+    fn plug_disk<V: Vmm>(
+        &self,
+        vmm: &V,
+        cfg: &VmConfig,
+        d: &DiskConfig,
+        owned: bool,
+        port: u8,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Remove the image created for `d`, whose plug was undone.
+    fn discard_disk(&self, d: &DiskConfig);
+    /// The block node disk `d`'s guest device writes to now.
+    fn active_node(&self, d: &DiskConfig) -> String;
+}
+
+/// The manager's [`LiveHost`] for VM `name` running as `rt`.
+struct ManagerDisks<'a> {
+    m: &'a Manager,
+    name: &'a str,
+    rt: &'a super::Runtime,
+}
+
+impl LiveHost for ManagerDisks<'_> {
+    async fn plug_disk<V: Vmm>(
+        &self,
+        vmm: &V,
+        cfg: &VmConfig,
+        d: &DiskConfig,
+        owned: bool,
+        port: u8,
+    ) -> Result<()> {
+        if owned {
+            if d.path.exists() {
+                return Err(HostError::Invalid(format!(
+                    "{} already exists; pick another disk id",
+                    d.path.display()
+                )));
+            }
+            create_image(d).await?;
+        }
+        // Its current layer: the same image may have been saved before, under this id.
+        let mut one = cfg.clone();
+        one.disks = vec![d.clone()];
+        let slot = self.m.slot(self.name)?;
+        let layered = self.m.open_layers(self.name, &slot, &one, None).await?;
+        let on_layer = layered.disks.first().unwrap_or(d);
+        if let Err(e) = self.m.hotplug_disk(vmm, on_layer, port).await {
+            if owned {
+                self.discard_disk(d);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn discard_disk(&self, d: &DiskConfig) {
+        let _ = std::fs::remove_file(&d.path);
+    }
+
+    fn active_node(&self, d: &DiskConfig) -> String {
+        self.rt.active_node(d)
+    }
+}
+
+/// Make `changes` to VM `name` running `running` on `vmm`: all planned first, then applied in
+/// order, the steps done undone when one fails ([`apply_plan`]). Returns the config it runs
+/// now and the steps done, each with the hot-plug port it took.
+async fn live_change<V: Vmm, H: LiveHost>(
+    name: &str,
+    vmm: &V,
+    host: &H,
+    running: &VmConfig,
+    changes: Vec<Change>,
+    host_cpus: u32,
+) -> Result<(VmConfig, Vec<(Change, Option<u8>)>)> {
+    let plan = plan_live(name, running, changes, host_cpus)?;
+    apply_plan(name, vmm, host, running, plan, host_cpus).await
+}
+
+/// Check every change on a copy of `running` first, in order, so nothing is applied when one
+/// is invalid; each added device gets the first free hot-plug port. Returns the steps.
+fn plan_live(
+    name: &str,
+    running: &VmConfig,
+    changes: Vec<Change>,
+    host_cpus: u32,
+) -> Result<Vec<(Change, Option<u8>)>> {
+    let mut planned = running.clone();
+    let mut plan = Vec::new();
+    for c in changes {
+        let slot_no = match &c {
+            Change::AddDisk(..) | Change::AddNic(_) => Some(free_port(&planned).ok_or_else(|| {
+                HostError::Resources(format!(
+                    "all {HOTPLUG_PORTS} hot-plug ports of VM {name} are in use; detach a hot-plugged device, or use --next-boot"
+                ))
+            })?),
+            _ => None,
+        };
+        check_live(name, &planned, &c)?;
+        apply_to(&mut planned, &c, slot_no, host_cpus)?;
+        plan.push((c, slot_no));
+    }
+    Ok(plan)
+}
+
+/// Apply `plan` to the VMM in order, starting from `running`. When a step fails, the steps
+/// done are undone newest first and the step's error returned (with what the guest did not
+/// release in time, which stays until the VM stops). Returns the config the VMM now runs and
+/// the steps done.
+async fn apply_plan<V: Vmm, H: LiveHost>(
+    name: &str,
+    vmm: &V,
+    host: &H,
+    running: &VmConfig,
+    plan: Vec<(Change, Option<u8>)>,
+    host_cpus: u32,
+) -> Result<(VmConfig, Vec<(Change, Option<u8>)>)> {
+    let mut done: Vec<(Change, Option<u8>, Plugged)> = Vec::new();
+    let mut cfg = running.clone();
+    for (c, slot_no) in plan {
+        let step = apply_live(name, vmm, host, &cfg, &c, slot_no).await;
+        match step {
+            Ok(plugged) => {
+                apply_to(&mut cfg, &c, slot_no, host_cpus)?;
+                done.push((c, slot_no, plugged));
+            }
+            Err(e) => {
+                let mut left = Vec::new();
+                for (c, _, plugged) in done.iter().rev() {
+                    left.extend(undo_live(vmm, host, c, plugged).await);
+                }
+                if left.is_empty() {
+                    return Err(e);
+                }
+                // Said, not hidden: the VM runs with these until it stops (not journaled).
+                return Err(HostError::Conflict(format!(
+                    "{e}; the earlier steps were undone except {}, which the guest did not \
+                     release within {}s: they stay until VM {name} stops",
+                    left.join(", "),
+                    UNPLUG_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    }
+    Ok((cfg, done.into_iter().map(|(c, s, _)| (c, s)).collect()))
+}
+
+/// One live step. Returns what it plugged beyond its config element, to undo it.
+async fn apply_live<V: Vmm, H: LiveHost>(
+    name: &str,
+    vmm: &V,
+    host: &H,
+    cfg: &VmConfig,
+    c: &Change,
+    slot_no: Option<u8>,
+) -> Result<Plugged> {
+    let port = slot_no.unwrap_or(0);
+    match c {
+        Change::AddDisk(d, owned) => {
+            host.plug_disk(vmm, cfg, d, *owned, port).await?;
+            Ok(Plugged::default())
+        }
+        Change::AddNic(n) => {
+            vmm.add_nic(n, port).await?;
+            Ok(Plugged::default())
+        }
+        Change::Remove(id) => {
+            let disk = cfg.disks.iter().find(|d| d.id.as_str() == id).cloned();
+            let nic = cfg.nics.iter().find(|n| n.id.as_str() == id).cloned();
+            let device = match (&disk, &nic) {
+                (Some(d), _) => drover_qemu::cmdline::disk_node(d),
+                (_, Some(n)) => drover_qemu::cmdline::nic_node(n.id.as_str()),
+                _ => {
+                    return Err(HostError::Invalid(format!(
+                        "VM {name} has no disk or NIC {id}"
+                    )))
+                }
+            };
+            let events = vmm.events();
+            vmm.request_unplug(&device).await?;
+            let left = wait_deleted(events, std::slice::from_ref(&device), UNPLUG_TIMEOUT).await;
+            if !left.is_empty() {
+                return Err(HostError::Timeout(format!(
+                    "the guest in VM {name} did not release {id} within {}s; it stays attached (try again, or use --next-boot)",
+                    UNPLUG_TIMEOUT.as_secs()
+                )));
+            }
+            if let Some(d) = &disk {
+                vmm.remove_disk_backend(&host.active_node(d)).await?;
+            }
+            if let Some(n) = &nic {
+                vmm.remove_nic_backend(n).await?;
+            }
+            Ok(Plugged::default())
+        }
+        Change::Cpus(n) => Ok(Plugged {
+            devices: vmm.add_cpus(*n).await?,
+            memory: None,
+        }),
+        Change::Memory(bytes) => {
+            let add = bytes - cfg.memory;
+            let id = format!("m{}", hostfacts::now_ms());
+            vmm.add_memory(&id, add).await?;
+            Ok(Plugged {
+                devices: vec![hotplug::dimm_ids(&id).0],
+                memory: Some(id),
+            })
+        }
+    }
+}
+
+/// Undo a live step after a later step failed. vCPUs and DIMMs go only when the guest
+/// releases them; returns what is still in place, for the error the caller reports.
+async fn undo_live<V: Vmm, H: LiveHost>(
+    vmm: &V,
+    host: &H,
+    c: &Change,
+    plugged: &Plugged,
+) -> Vec<String> {
+    match c {
+        Change::AddDisk(d, owned) => {
+            let _ = vmm
+                .request_unplug(&drover_qemu::cmdline::disk_node(d))
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = vmm.remove_disk_backend(&host.active_node(d)).await;
+            if *owned {
+                host.discard_disk(d);
+            }
+            Vec::new()
+        }
+        Change::AddNic(n) => {
+            let _ = vmm
+                .request_unplug(&drover_qemu::cmdline::nic_node(n.id.as_str()))
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = vmm.remove_nic_backend(n).await;
+            Vec::new()
+        }
+        Change::Cpus(_) | Change::Memory(_) => {
+            let events = vmm.events();
+            if vmm.request_unplug_all(&plugged.devices).await.is_err() {
+                return plugged.devices.clone();
+            }
+            let left = wait_deleted(events, &plugged.devices, UNPLUG_TIMEOUT).await;
+            if let (Some(id), true) = (&plugged.memory, left.is_empty()) {
+                if vmm.remove_memory_backend(id).await.is_err() {
+                    return vec![format!("memory backend of {id}")];
+                }
+            }
+            left
+        }
+        // The guest already let go of a removed device; it is not plugged back.
+        Change::Remove(_) => Vec::new(),
+    }
+}
+
 /// Wait until QEMU reports every device in `ids` deleted, at most `timeout`; returns those
 /// that are still there.
 async fn wait_deleted(
@@ -721,6 +807,18 @@ async fn wait_deleted(
     })
     .await;
     left
+}
+
+/// Create a new disk's (empty) image, and its directory.
+async fn create_image(d: &DiskConfig) -> Result<()> {
+    let (p, size) = (d.path.clone(), d.size);
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| crate::error::io_ctx("creating", dir, e))?;
+    }
+    tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))??;
+    Ok(())
 }
 
 fn persist_off_warning(name: &str) -> String {
@@ -903,6 +1001,9 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
     *cfg = next;
     Ok(())
 }
+
+#[cfg(test)]
+mod rules_tests;
 
 #[cfg(test)]
 mod tests {

@@ -264,7 +264,7 @@ impl Manager {
     /// passed over QMP when it reaches a file outside the state dir.
     pub(super) async fn hotplug_disk(
         &self,
-        qmp: &drover_qemu::qmp::Qmp,
+        vmm: &impl crate::vmm::Vmm,
         d: &DiskConfig,
         port: u8,
     ) -> Result<()> {
@@ -275,14 +275,9 @@ impl Manager {
                 // QEMU picks the set: ask for a new one with the first descriptor, add the rest.
                 let mut set: Option<u64> = None;
                 for (fd, arg) in &disks.fds {
-                    let mut args = serde_json::json!({"opaque": arg.opaque});
-                    if let Some(s) = set {
-                        args["fdset-id"] = s.into();
-                    }
-                    let r = qmp
-                        .execute_with_fd("add-fd", Some(args), std::os::fd::AsFd::as_fd(fd))
+                    set = vmm
+                        .add_fd(std::os::fd::AsFd::as_fd(fd), &arg.opaque, set)
                         .await?;
-                    set = r.get("fdset-id").and_then(|v| v.as_u64()).or(set);
                 }
                 let set =
                     set.ok_or_else(|| HostError::Internal("QEMU's add-fd named no fd set".into()))?;
@@ -296,7 +291,7 @@ impl Manager {
                 ))
             }
         };
-        drover_qemu::hotplug::add_disk(qmp, d, port, blockdev).await?;
+        vmm.add_disk(d, port, blockdev).await?;
         Ok(())
     }
 
