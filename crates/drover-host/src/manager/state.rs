@@ -433,8 +433,17 @@ impl Manager {
         let id = format!("s{n}");
         let dir = self.states_dir(vm).join(&id);
         std::fs::create_dir_all(&dir).map_err(|e| io_ctx("creating", &dir, e))?;
-        // QEMU writes the device state (and a classic save's memory) in it.
-        self.qemu_writes_in(&dir)?;
+        let mapped_ram = classic
+            && self
+                .s
+                .probe
+                .as_ref()
+                .is_some_and(|p| p.has_capability("mapped-ram"));
+        // Every other save hands QEMU its file open (`migrate::save_state`); only a `mapped-ram`
+        // save has QEMU open the file by name, so only then may it write in the state's dir.
+        if mapped_ram {
+            self.qemu_writes_in(&dir)?;
+        }
         let devices = dir.join("devices.bin");
         // Overlays for the running VM, made before pausing (they only name their backing file).
         let mut overlays = Vec::new();
@@ -484,12 +493,6 @@ impl Manager {
         // recorded in the disks' chains. The running VM moves to new overlays.
         let state_cfg = running.clone();
         let mut moved = 0;
-        let mapped_ram = classic
-            && self
-                .s
-                .probe
-                .as_ref()
-                .is_some_and(|p| p.has_capability("mapped-ram"));
         let t0 = Instant::now();
         rt.qmp.execute("stop", None).await?;
         let saved = async {
