@@ -572,6 +572,10 @@ pub struct IncomingRequest {
     /// Files that travel with the VM: its saved states and the disk layers they pin.
     #[serde(default)]
     pub files: Vec<MovedFile>,
+    /// vCPUs and DIMMs the running VM has hot-plugged: the destination's QEMU is started with
+    /// them (a live migration; empty for an offline one, or a VM never grown live).
+    #[serde(default, skip_serializing_if = "drover_model::Plugged::is_empty")]
+    pub plugged: drover_model::Plugged,
 }
 
 /// A file that travels with a migrating VM.
@@ -858,6 +862,10 @@ pub struct StateInfo {
     /// The QEMU and machine it was saved on (absent from states saved before this was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_on: Option<SavedOn>,
+    /// vCPUs and DIMMs the VM had hot-plugged when it was saved: a restore makes them again
+    /// (its config is the whole shape, boot shape plus these). Absent when it had none.
+    #[serde(default, skip_serializing_if = "drover_model::Plugged::is_empty")]
+    pub plugged: drover_model::Plugged,
 }
 
 /// Where a state was saved: what a QEMU must offer to load it.

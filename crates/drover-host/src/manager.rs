@@ -58,9 +58,7 @@ mod seed;
 mod state;
 mod upgrade;
 
-/// A saved state to load at launch.
 /// How a QEMU is to start besides its config.
-#[derive(Default)]
 struct QemuMode<'a> {
     /// Wait for an incoming migration.
     incoming: bool,
@@ -70,6 +68,8 @@ struct QemuMode<'a> {
     ram_private: Option<&'a Path>,
     /// Only holds state: no images, no host ports.
     detached: bool,
+    /// Hot-plugged devices of the VM this QEMU continues.
+    plugged: &'a drover_model::Plugged,
 }
 
 /// What a new QEMU does first.
@@ -79,8 +79,9 @@ enum LaunchKind<'a> {
     Boot,
     /// Load a saved state and run it.
     Restore(&'a RestoreSpec),
-    /// Wait, paused, for a live migration from another host (which then commits or aborts).
-    Incoming,
+    /// Wait, paused, for a live migration from another host (which then commits or aborts),
+    /// with the devices the VM has hot-plugged there.
+    Incoming(&'a drover_model::Plugged),
 }
 
 pub(crate) struct RestoreSpec {
@@ -98,6 +99,8 @@ pub(crate) struct RestoreSpec {
     /// Check the device state against this manifest's checksum while QEMU loads it (`None`:
     /// checked before, or nothing to check).
     pub verify: Option<drover_api::StateInfo>,
+    /// The devices the saved VM had hot-plugged, made again before the state loads.
+    pub plugged: drover_model::Plugged,
 }
 
 const VMS: &str = "vms";
@@ -215,7 +218,7 @@ struct VmSlot {
     /// the VM's states elsewhere waits for it; restores and stops need not.
     persist: Arc<tokio::sync::Mutex<()>>,
     /// A QEMU kept ready to receive the next fast save of this VM (with the config it fits).
-    standby: tokio::sync::Mutex<Option<(VmConfig, state::Receiver)>>,
+    standby: tokio::sync::Mutex<Option<(VmConfig, drover_model::Plugged, state::Receiver)>>,
     info: Mutex<VmInfo>,
     rt: Mutex<Option<Runtime>>,
     /// Writes of a change that already happened (QEMU exited) which the store could not take
@@ -1475,7 +1478,13 @@ impl Manager {
             LaunchKind::Restore(r) => Some(r),
             _ => None,
         };
-        let incoming = matches!(kind, LaunchKind::Incoming);
+        let incoming = matches!(kind, LaunchKind::Incoming(_));
+        let none = drover_model::Plugged::default();
+        let plugged = match kind {
+            LaunchKind::Boot => &none,
+            LaunchKind::Restore(r) => &r.plugged,
+            LaunchKind::Incoming(p) => p,
+        };
         for d in config.disks.iter().filter(|d| !d.owned) {
             self.s.pools.recheck(&d.path)?;
         }
@@ -1533,6 +1542,7 @@ impl Manager {
                 // at once, and its writes never reach the state.
                 ram_private: restore.and_then(|r| r.memory.as_deref()),
                 detached: false,
+                plugged,
             },
         )?;
         // Everything re-adoption needs is durable before QEMU exists: a droverd killed from here
@@ -1698,6 +1708,7 @@ impl Manager {
             generation_id: Some(&generation_id),
             disk_chains: &disks.chains,
             fds: &disks.args(),
+            plugged: mode.plugged,
         }))
     }
 

@@ -14,12 +14,14 @@
 mod config;
 mod layers;
 mod platform;
+mod plugged;
 mod size;
 mod spec;
 
 pub use config::*;
 pub use layers::{origin_below, DiskLayers, LayerError, OpenPlan, LAYERS_FORMAT};
 pub use platform::Platform;
+pub use plugged::{Plugged, PluggedCpu, PluggedDimm};
 pub use size::{format_size, parse_size, SizeError};
 pub use spec::*;
 

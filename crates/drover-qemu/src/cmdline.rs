@@ -4,7 +4,7 @@
 //! default devices, virtio everywhere, and `pcie-root-port`s reserved at start so disks and NICs
 //! can be hot-plugged later (q35 cannot add root ports at run time).
 
-use drover_model::{Accel, DiskConfig, NicBackend, Platform, VmConfig};
+use drover_model::{Accel, DiskConfig, NicBackend, Platform, Plugged, VmConfig};
 use std::path::{Path, PathBuf};
 
 /// DIMM slots reserved when memory hot-plug is on.
@@ -151,6 +151,10 @@ pub struct LaunchSpec<'a> {
     pub disk_chains: &'a std::collections::BTreeMap<String, Vec<ChainLayer>>,
     /// Descriptors for the fd sets those chains name.
     pub fds: &'a [FdArg],
+    /// vCPUs and DIMMs the VM it continues had hot-plugged (a restore, a migration's
+    /// destination): made again with the same ids and places, on top of a boot shape that is the
+    /// config less them. Empty for a boot.
+    pub plugged: &'a Plugged,
 }
 
 /// QEMU's option-value escaping: a comma inside a value is doubled.
@@ -303,30 +307,32 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             push(&["-bios", &esc(qboot)]);
         }
     }
+    let plugged = spec.plugged;
+    let (cpus, memory) = (plugged.base_cpus(c), plugged.base_memory(c));
     push(&[
         "-smp",
-        &format!("cpus={},maxcpus={}", c.cpus, spec.max_cpus.max(c.cpus)),
+        &format!("cpus={cpus},maxcpus={}", spec.max_cpus.max(c.cpus)),
     ]);
     match c.max_memory {
         // DIMM slots for memory hot-plug; only when asked for, since the ACPI memory devices
         // cost the guest boot time, and only with room to grow: QEMU refuses `slots=` with a
         // `maxmem` equal to the size.
-        Some(max) if max > c.memory => push(&[
+        Some(max) if max > memory => push(&[
             "-m",
             &format!(
                 "size={},slots={MEMORY_SLOTS},maxmem={}",
-                ram_size(c.memory, pad),
+                ram_size(memory, pad),
                 ram_size(max, pad)
             ),
         ]),
-        _ => push(&["-m", &ram_size(c.memory, pad)]),
+        _ => push(&["-m", &ram_size(memory, pad)]),
     }
     if let Some(file) = spec.ram_private {
         push(&[
             "-object",
             &format!(
                 "memory-backend-file,id=ram0,size={},mem-path={},share=off",
-                ram_size(c.memory, pad),
+                ram_size(memory, pad),
                 esc(file)
             ),
             "-machine",
@@ -337,11 +343,33 @@ pub fn build(spec: &LaunchSpec<'_>) -> Vec<String> {
             "-object",
             &format!(
                 "memory-backend-file,id=ram0,size={},mem-path={},share=on",
-                ram_size(c.memory, pad),
+                ram_size(memory, pad),
                 esc(&p.ram)
             ),
             "-machine",
             "memory-backend=ram0",
+        ]);
+    }
+    // In the order QEMU made them: a state names vCPUs by that order.
+    for cpu in &plugged.cpus {
+        push(&[
+            "-device",
+            &format!(
+                "{},id={},socket-id={},core-id={},thread-id={}",
+                cpu.driver, cpu.id, cpu.socket, cpu.core, cpu.thread
+            ),
+        ]);
+    }
+    for d in &plugged.dimms {
+        let (dimm, mem) = crate::hotplug::dimm_ids(&d.id);
+        push(&[
+            "-object",
+            &format!("memory-backend-ram,id={mem},size={}", d.bytes),
+            "-device",
+            &format!(
+                "pc-dimm,id={dimm},memdev={mem},addr={},slot={}",
+                d.addr, d.slot
+            ),
         ]);
     }
     if spec.stopped {
@@ -568,6 +596,7 @@ mod tests {
             generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
             disk_chains: &Default::default(),
             fds: &[],
+            plugged: &Plugged::default(),
         });
         let joined = args.join(" ");
         assert!(joined.contains("-smp cpus=2,maxcpus=4 -m size=1048584K,slots=8,maxmem=4194312K"));
@@ -588,6 +617,58 @@ mod tests {
             !joined.contains("vmgenid"),
             "qboot hangs on vmgenid's ACPI tables"
         );
+    }
+
+    #[test]
+    fn a_grown_vm_continues_as_its_boot_shape_plus_the_devices_it_plugged() {
+        // 2 vCPUs and 1 GiB in all, of which one vCPU and a 256 MiB DIMM were plugged live.
+        let cfg = config();
+        let plugged = Plugged {
+            cpus: vec![drover_model::PluggedCpu {
+                id: "vcpu-s1-c0-t0".into(),
+                driver: "max-x86_64-cpu".into(),
+                socket: 1,
+                core: 0,
+                thread: 0,
+            }],
+            dimms: vec![drover_model::PluggedDimm {
+                id: "m7".into(),
+                bytes: 256 << 20,
+                addr: 4 << 30,
+                slot: 0,
+            }],
+        };
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let args = build(&LaunchSpec {
+            config: &cfg,
+            platform: &Platform::default(),
+            install_args: Vec::new(),
+            accel: Accel::Tcg,
+            paths: &paths,
+            console_log: Path::new("/c.log"),
+            kernel: None,
+            hotplug_ports: 4,
+            max_cpus: 4,
+            qboot: None,
+            ram_file: false,
+            ram_private: Some(Path::new("/st/memory.bin")),
+            stopped: false,
+            detached: false,
+            incoming: true,
+            generation_id: None,
+            disk_chains: &Default::default(),
+            fds: &[],
+            plugged: &plugged,
+        });
+        let joined = args.join(" ");
+        // The boot RAM (and the state's RAM file mapped as it) is the 768 MiB not in the DIMM.
+        assert!(joined.contains("-smp cpus=1,maxcpus=4 -m size=786440K,slots=8,maxmem=4194312K"));
+        assert!(joined.contains("id=ram0,size=786440K,mem-path=/st/memory.bin,share=off"));
+        assert!(joined.contains(
+            "-device max-x86_64-cpu,id=vcpu-s1-c0-t0,socket-id=1,core-id=0,thread-id=0"
+        ));
+        assert!(joined.contains("-object memory-backend-ram,id=mem-m7,size=268435456"));
+        assert!(joined.contains("-device pc-dimm,id=dimm-m7,memdev=mem-m7,addr=4294967296,slot=0"));
     }
 
     #[test]
@@ -616,6 +697,7 @@ mod tests {
             generation_id: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
             disk_chains: &Default::default(),
             fds: &[],
+            plugged: &Plugged::default(),
         });
         let joined = args.join(" ");
         assert!(!joined.contains("-bios"));
@@ -665,6 +747,7 @@ mod tests {
             generation_id: None,
             disk_chains: &Default::default(),
             fds: &[],
+            plugged: &Plugged::default(),
         };
         let joined = build(&spec).join(" ");
         assert!(joined.contains("-m 1048584K "), "{joined}");
@@ -750,6 +833,7 @@ mod tests {
             hotplug_ports: 0,
             disk_chains: &chains,
             fds: &fds,
+            plugged: &Plugged::default(),
             ..plain_spec(&c, &paths)
         });
         let joined = args.join(" ");
@@ -784,8 +868,13 @@ mod tests {
             generation_id: None,
             disk_chains: &NO_CHAINS,
             fds: &[],
+            plugged: &NOTHING_PLUGGED,
         }
     }
+    static NOTHING_PLUGGED: Plugged = Plugged {
+        cpus: Vec::new(),
+        dimms: Vec::new(),
+    };
     static DEFAULT_PLATFORM: Platform = Platform {
         machine: None,
         cpu: None,

@@ -4,7 +4,7 @@
 
 use crate::cmdline::{disk_node, nic_node, port_id, user_net_options};
 use crate::qmp::{Qmp, QmpError};
-use drover_model::{DiskConfig, NicBackend, NicConfig, Proto};
+use drover_model::{DiskConfig, NicBackend, NicConfig, Plugged, PluggedCpu, PluggedDimm, Proto};
 use serde_json::{json, Value};
 
 /// Hot-plug a disk onto root port `slot` (the disk's `slot` field is ignored here), opened as
@@ -237,6 +237,91 @@ pub async fn memory_size(qmp: &Qmp) -> Result<u64, QmpError> {
     Ok(base + plugged)
 }
 
+/// What QEMU holds hot-plugged (vCPUs and DIMMs), for a QEMU that must continue this one (a
+/// restore, a migration's destination): see [`drover_model::Plugged`].
+pub async fn plugged(qmp: &Qmp) -> Result<Plugged, QmpError> {
+    let cpus = qmp.execute("query-cpus-fast", None).await?;
+    let slots = qmp.execute("query-hotpluggable-cpus", None).await?;
+    let memory = qmp.execute("query-memory-devices", None).await?;
+    plugged_from(&cpus, &slots, &memory).map_err(QmpError::Protocol)
+}
+
+/// Device ids under this QOM path are the ones given with `device_add`/`-device`.
+const PERIPHERAL: &str = "/machine/peripheral/";
+
+/// [`plugged`] from QEMU's answers to `query-cpus-fast`, `query-hotpluggable-cpus` and
+/// `query-memory-devices`. A QEMU numbers vCPUs in the order it makes them and a state names
+/// them by that number, so the boot vCPUs must be the first ones and the plugged ones follow
+/// without gaps: a layout a new QEMU cannot make again (a boot vCPU unplugged, or one unplugged
+/// and plugged again) is an error, said in words an operator can act on.
+pub fn plugged_from(cpus: &Value, slots: &Value, memory: &Value) -> Result<Plugged, String> {
+    let list = |v: &Value, what: &str| -> Result<Vec<Value>, String> {
+        v.as_array()
+            .cloned()
+            .ok_or_else(|| format!("{what} returned {v}"))
+    };
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    let mut cpus = list(cpus, "query-cpus-fast")?;
+    cpus.sort_by_key(|c| n(c, "cpu-index").unwrap_or(u64::MAX));
+    let driver = list(slots, "query-hotpluggable-cpus")?
+        .iter()
+        .find_map(|s| s.get("type").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default();
+    let mut out = Plugged::default();
+    for (i, c) in cpus.iter().enumerate() {
+        if n(c, "cpu-index") != Some(i as u64) {
+            return Err(
+                "its vCPUs were unplugged and plugged again (QEMU numbers them with a gap); \
+                 restart the VM before saving or moving its running state"
+                    .into(),
+            );
+        }
+        let path = c.get("qom-path").and_then(Value::as_str).unwrap_or_default();
+        let Some(id) = path.strip_prefix(PERIPHERAL) else {
+            if !out.cpus.is_empty() {
+                return Err("a boot vCPU follows a plugged one; restart the VM before saving \
+                            or moving its running state"
+                    .into());
+            }
+            continue;
+        };
+        let props = c.get("props").cloned().unwrap_or(Value::Null);
+        let p = |k: &str| n(&props, k).unwrap_or(0) as u32;
+        out.cpus.push(PluggedCpu {
+            id: id.to_string(),
+            driver: driver.clone(),
+            socket: p("socket-id"),
+            core: p("core-id"),
+            thread: p("thread-id"),
+        });
+    }
+    if driver.is_empty() && !out.cpus.is_empty() {
+        return Err("QEMU named no vCPU type".into());
+    }
+    for m in list(memory, "query-memory-devices")? {
+        let data = m.get("data").cloned().unwrap_or(Value::Null);
+        let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
+        let id = data.get("id").and_then(Value::as_str).unwrap_or_default();
+        let Some(id) = id.strip_prefix("dimm-").filter(|_| kind == "dimm") else {
+            return Err(format!(
+                "it holds a memory device Drover did not plug ({kind} {id:?})"
+            ));
+        };
+        let (bytes, addr, slot) = (n(&data, "size"), n(&data, "addr"), n(&data, "slot"));
+        let (Some(bytes), Some(addr), Some(slot)) = (bytes, addr, slot) else {
+            return Err(format!("QEMU did not say where DIMM {id} is: {data}"));
+        };
+        out.dimms.push(PluggedDimm {
+            id: id.to_string(),
+            bytes,
+            addr,
+            slot: slot as u32,
+        });
+    }
+    out.dimms.sort_by_key(|d| d.slot);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +385,71 @@ mod tests {
             (last["execute"].as_str(), last["arguments"]["id"].as_str()),
             (Some("object-del"), Some("mem-m1"))
         );
+    }
+
+    fn cpu(index: u64, path: &str, socket: u64) -> Value {
+        json!({"cpu-index": index, "qom-path": path, "target": "x86_64", "thread-id": 100 + index,
+               "props": {"socket-id": socket, "core-id": 0, "thread-id": 0}})
+    }
+
+    fn slots() -> Value {
+        json!([{"type": "Westmere-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 2}}])
+    }
+
+    #[test]
+    fn plugged_vcpus_and_dimms_are_read_in_the_order_qemu_made_them() {
+        let cpus = json!([
+            cpu(2, "/machine/peripheral/vcpu-s2-c0-t0", 2),
+            cpu(0, "/machine/unattached/device[0]", 0),
+            cpu(1, "/machine/peripheral/vcpu-s1-c0-t0", 1),
+        ]);
+        let mem = json!([
+            {"type": "dimm", "data": {"id": "dimm-m9", "memdev": "/objects/mem-m9", "size": 268435456,
+             "addr": 4563402752u64, "slot": 1, "node": 0, "hotplugged": true, "hotpluggable": true}},
+            {"type": "dimm", "data": {"id": "dimm-m5", "memdev": "/objects/mem-m5", "size": 134217728,
+             "addr": 4429185024u64, "slot": 0, "node": 0, "hotplugged": true, "hotpluggable": true}},
+        ]);
+        let p = plugged_from(&cpus, &slots(), &mem).unwrap();
+        let ids: Vec<_> = p.cpus.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["vcpu-s1-c0-t0", "vcpu-s2-c0-t0"]);
+        assert_eq!(p.cpus[1].socket, 2);
+        assert_eq!(p.cpus[0].driver, "Westmere-x86_64-cpu");
+        let dimms: Vec<_> = p.dimms.iter().map(|d| (d.id.as_str(), d.slot)).collect();
+        assert_eq!(dimms, [("m5", 0), ("m9", 1)]);
+        assert_eq!(p.dimm_bytes(), 384 << 20);
+        assert_eq!(p.dimms[0].addr, 4429185024);
+    }
+
+    #[test]
+    fn a_vm_never_grown_has_nothing_plugged() {
+        let cpus = json!([cpu(0, "/machine/unattached/device[0]", 0)]);
+        let p = plugged_from(&cpus, &slots(), &json!([])).unwrap();
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn layouts_a_new_qemu_cannot_make_again_are_refused() {
+        // A vCPU unplugged and plugged again: QEMU numbered it past a gap.
+        let gap = json!([
+            cpu(0, "/machine/unattached/device[0]", 0),
+            cpu(2, "/machine/peripheral/vcpu-s1-c0-t0", 1),
+        ]);
+        assert!(plugged_from(&gap, &slots(), &json!([]))
+            .unwrap_err()
+            .contains("restart the VM"));
+        // A boot vCPU after a plugged one.
+        let order = json!([
+            cpu(0, "/machine/unattached/device[0]", 0),
+            cpu(1, "/machine/peripheral/vcpu-s1-c0-t0", 1),
+            cpu(2, "/machine/unattached/device[1]", 2),
+        ]);
+        assert!(plugged_from(&order, &slots(), &json!([])).is_err());
+        // Memory Drover did not plug, or a DIMM without its address.
+        let cpus = json!([cpu(0, "/machine/unattached/device[0]", 0)]);
+        let nvdimm = json!([{"type": "nvdimm", "data": {"id": "n0", "size": 1, "addr": 1, "slot": 0}}]);
+        assert!(plugged_from(&cpus, &slots(), &nvdimm).is_err());
+        let no_addr = json!([{"type": "dimm", "data": {"id": "dimm-m1", "size": 1, "slot": 0}}]);
+        assert!(plugged_from(&cpus, &slots(), &no_addr).is_err());
+        assert!(plugged_from(&json!({}), &slots(), &json!([])).is_err());
     }
 }

@@ -372,6 +372,7 @@ impl Manager {
             layers: None,
             // Checked before the clone was made.
             verify: None,
+            plugged: state.plugged.clone(),
         };
         let launched = {
             let _op = OpGuard::lock(&slot).await;
@@ -686,6 +687,7 @@ mod tests {
             failure: None,
             guest_save: None,
             saved_on: None,
+            plugged: Default::default(),
         }
     }
 

@@ -29,7 +29,7 @@ use drover_api::{
 };
 use drover_model::VmConfig;
 use drover_qemu::live_migration::{self, Phase};
-use drover_qemu::nbd;
+use drover_qemu::{hotplug, nbd};
 use drover_store::{StoreExt, Write};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -335,7 +335,9 @@ impl Manager {
             | (VmState::Hibernated, true) => {}
             (VmState::Hibernated, false) => {
                 return Err(HostError::Conflict(format!(
-                    "VM {name} is hibernated, so nothing runs to migrate live; move it with                      `drover vm migrate {name} --to {0} --offline`, or resume it there with                      `drover vm resume {name} --on {0}`",
+                    "VM {name} is hibernated, so nothing runs to migrate live; move it with \
+                     `drover vm migrate {name} --to {0} --offline`, or resume it there with \
+                     `drover vm resume {name} --on {0}`",
                     req.to_name
                 )))
             }
@@ -382,12 +384,16 @@ impl Manager {
             .probe
             .as_ref()
             .is_none_or(|p| p.tcg_dirty_tracking_bug());
+        // What the running VM has hot-plugged: its QEMU is asked (a droverd restarted since the
+        // VM grew knows only the config), and the destination's QEMU is started with it.
+        let plugged = match self.runtime(slot) {
+            Some(rt) if !req.offline => hotplug::plugged(&rt.qmp).await.map_err(|e| {
+                HostError::Conflict(format!("VM {name} cannot be migrated live now: {e}"))
+            })?,
+            _ => drover_model::Plugged::default(),
+        };
         if !req.offline && buggy {
-            let grown = self.runtime(slot).is_some_and(|rt| {
-                info.running_config
-                    .as_ref()
-                    .is_some_and(|c| c.memory != rt.launched.memory)
-            });
+            let grown = !plugged.dimms.is_empty();
             if grown && info.accel != Some(drover_model::Accel::Kvm) {
                 return Err(HostError::Conflict(format!(
                     "VM {name} has memory added while running; under TCG, QEMU 7.2 can lose \
@@ -467,7 +473,7 @@ impl Manager {
         lock(&self.s.migrations.cancels).insert(name.to_string(), false);
         let result = self
             .migrate_run(
-                name, slot, &req, &peer, &id, &to_id, info, rows, files, &progress,
+                name, slot, &req, &peer, &id, &to_id, info, rows, files, plugged, &progress,
             )
             .await;
         lock(&self.s.migrations.cancels).remove(name);
@@ -511,6 +517,7 @@ impl Manager {
         info: VmInfo,
         rows: Vec<PackedRow>,
         files: Vec<MovedFile>,
+        plugged: drover_model::Plugged,
         progress: &(impl Fn(MigrateProgress) + Send + Sync),
     ) -> Result<(u64, u64, u64)> {
         let incoming = IncomingRequest {
@@ -521,6 +528,7 @@ impl Manager {
             shared_storage: req.shared_storage,
             offline: req.offline,
             files: files.clone(),
+            plugged,
         };
         let ready: std::result::Result<IncomingReady, HostError> = peer
             .migration_prepare(&incoming)
@@ -1010,6 +1018,9 @@ impl Manager {
             .filter(|_| !req.offline)
             .unwrap_or_else(|| req.vm.config.clone());
         self.check_room(&name, &live)?;
+        req.plugged.check(&live).map_err(|e| {
+            HostError::Invalid(format!("VM {name} cannot arrive as sent: {e}"))
+        })?;
         let vm_dir = self.vm_dir(&name);
         let made = self.receive_disks(&name, &req, &live).await;
         let paths = match made.and_then(|p| self.receive_files(&name, &req.files).map(|_| p)) {
@@ -1234,7 +1245,7 @@ impl Manager {
             slot,
             live.clone(),
             format!("live migration from {}", req.from),
-            LaunchKind::Incoming,
+            LaunchKind::Incoming(&req.plugged),
         )
         .await?;
         let rt = self

@@ -170,6 +170,8 @@ pub(super) struct StateRecord {
     pub guest_save: Option<GuestSaveNote>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_on: Option<SavedOn>,
+    #[serde(default, skip_serializing_if = "drover_model::Plugged::is_empty")]
+    pub plugged: drover_model::Plugged,
 }
 
 impl From<&StateInfo> for StateRecord {
@@ -193,6 +195,7 @@ impl From<&StateInfo> for StateRecord {
             failure: s.failure,
             guest_save: s.guest_save,
             saved_on: s.saved_on,
+            plugged: s.plugged,
         }
     }
 }
@@ -217,6 +220,7 @@ impl From<StateRecord> for StateInfo {
             failure: r.failure,
             guest_save: r.guest_save,
             saved_on: r.saved_on,
+            plugged: r.plugged,
         }
     }
 }

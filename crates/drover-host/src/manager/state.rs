@@ -28,7 +28,7 @@ use drover_api::{
 use drover_model::DiskFormat;
 use drover_qemu::cmdline::RunPaths;
 use drover_qemu::qmp::Qmp;
-use drover_qemu::{img, migrate, process};
+use drover_qemu::{hotplug, img, migrate, process};
 use drover_store::StoreExt;
 use futures_util::FutureExt as _;
 use sha2::{Digest, Sha256};
@@ -367,13 +367,14 @@ impl Manager {
             .running_config
             .clone()
             .ok_or_else(|| HostError::Internal("no running config".into()))?;
-        if running.cpus != rt.launched.cpus || running.memory != rt.launched.memory {
-            return Err(HostError::Conflict(format!(
-                "VM {vm} was resized live ({} vCPU, {} now); restart it before saving its state",
-                running.cpus,
-                drover_model::format_size(running.memory)
-            )));
-        }
+        // A VM grown live holds vCPUs and DIMMs its command line never named; the state
+        // records them, so a restore makes them again before it loads the state.
+        let plugged = hotplug::plugged(&rt.qmp)
+            .await
+            .map_err(|e| HostError::Conflict(format!("VM {vm} cannot be saved now: {e}")))?;
+        plugged
+            .check(&running)
+            .map_err(|e| HostError::Internal(format!("VM {vm}'s QEMU disagrees with its config: {e}")))?;
         if let Some(raw) = running.disks.iter().find(|d| d.format != DiskFormat::Qcow2) {
             return Err(HostError::Invalid(format!(
                 "disk {} is {}; saved states need qcow2 disks to pin a layer",
@@ -395,7 +396,8 @@ impl Manager {
         // receiver listening before the pause.
         let ram = (!classic)
             .then(|| {
-                let size = drover_qemu::cmdline::ram_bytes(running.memory, info.platform.ram_pad);
+                let base = plugged.base_memory(&running);
+                let size = drover_qemu::cmdline::ram_bytes(base, info.platform.ram_pad);
                 crate::guest_ram::find(rt.pid, &self.ram_dir(), size).ok()
             })
             .flatten();
@@ -477,7 +479,7 @@ impl Manager {
         let receiver = if plan != Some(Capture::Stream) {
             None
         } else {
-            match self.take_receiver(vm, slot, &id, &running, &rt).await {
+            match self.take_receiver(vm, slot, &id, &running, &plugged, &rt).await {
                 Ok(r) => Some(r),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -582,7 +584,8 @@ impl Manager {
             },
             memory: (!classic).then(|| StateSection {
                 file: "memory.bin".into(),
-                bytes: running.memory,
+                // The boot RAM; DIMMs travel with the device state.
+                bytes: plugged.base_memory(&running),
                 sha256: None,
             }),
             paused_ms,
@@ -594,6 +597,7 @@ impl Manager {
                 on.ram_stream = mapped_ram.then(|| "mapped-ram".to_string());
                 on
             }),
+            plugged: plugged.clone(),
         };
         match receiver {
             Some(r) => {
@@ -671,11 +675,13 @@ impl Manager {
         slot: &Arc<VmSlot>,
         id: &str,
         config: &drover_model::VmConfig,
+        plugged: &drover_model::Plugged,
         rt: &super::Runtime,
     ) -> Result<Receiver> {
         let ready = slot.standby.lock().await.take();
-        if let Some((cfg, r)) = ready {
-            if cfg == *config && process::is_alive(r.pid, &r.paths.dir.display().to_string()) {
+        if let Some((cfg, made_with, r)) = ready {
+            let same = cfg == *config && made_with == *plugged;
+            if same && process::is_alive(r.pid, &r.paths.dir.display().to_string()) {
                 let ram = self.state_ram(vm, id);
                 // The receiver maps the file; renaming it does not disturb that.
                 if std::fs::rename(&r.paths.ram, &ram).is_ok() {
@@ -686,7 +692,7 @@ impl Manager {
             }
             r.discard().await;
         }
-        self.spawn_receiver(vm, id, config, rt).await
+        self.spawn_receiver(vm, id, config, plugged, rt).await
     }
 
     /// Keep a receiver ready for VM `vm`'s next save (after a first one: a VM whose states are
@@ -702,10 +708,14 @@ impl Manager {
             if standby.is_some() {
                 return;
             }
-            match mgr.spawn_receiver(&vm, "next", &cfg, &rt).await {
+            let plugged = match hotplug::plugged(&rt.qmp).await {
+                Ok(p) => p,
+                Err(e) => return tracing::debug!(vm, "no receiver kept ready: {e}"),
+            };
+            match mgr.spawn_receiver(&vm, "next", &cfg, &plugged, &rt).await {
                 // Only while the VM it was made for still runs.
                 Ok(r) if mgr.runtime(&slot).is_some_and(|now| now.pid == rt.pid) => {
-                    *standby = Some((cfg, r));
+                    *standby = Some((cfg, plugged, r));
                 }
                 Ok(r) => r.discard().await,
                 Err(e) => tracing::debug!(vm, "no receiver kept ready: {e}"),
@@ -715,7 +725,7 @@ impl Manager {
 
     /// Stop the receiver kept ready for a VM (it stopped, or its QEMU was replaced).
     pub(super) async fn drop_standby(&self, slot: &Arc<VmSlot>) {
-        if let Some((_, r)) = slot.standby.lock().await.take() {
+        if let Some((_, _, r)) = slot.standby.lock().await.take() {
             r.discard().await;
         }
     }
@@ -727,6 +737,7 @@ impl Manager {
         vm: &str,
         id: &str,
         config: &drover_model::VmConfig,
+        plugged: &drover_model::Plugged,
         rt: &super::Runtime,
     ) -> Result<Receiver> {
         let mut paths = RunPaths::new(&self.run_paths(vm).dir.join(format!("cap-{id}")));
@@ -765,6 +776,7 @@ impl Manager {
                 stopped: true,
                 ram_private: None,
                 detached: true,
+                plugged,
             },
         )?;
         let mut child = self.spawn_qemu(config, args, &paths.qemu_log, Vec::new())?;
@@ -1392,6 +1404,7 @@ impl Manager {
             state: state.id.clone(),
             layers: Some(state.layers.clone()),
             verify,
+            plugged: state.plugged.clone(),
         };
         let info = self
             .launch(
@@ -1412,6 +1425,9 @@ impl Manager {
 
     /// Refuse a state this host's QEMU cannot load, naming every reason.
     pub(super) fn check_loads_here(&self, state: &StateInfo) -> Result<()> {
+        state.plugged.check(&state.config).map_err(|e| {
+            HostError::Invalid(format!("state {} is damaged: {e}", state.id))
+        })?;
         let facts = self.qemu_facts();
         crate::compat::check_restore(
             &state.id,

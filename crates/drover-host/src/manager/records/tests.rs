@@ -373,7 +373,7 @@ prop_compose! {
             opt((text(), any::<u64>(), opt(text()))),
             any::<u64>(),
         ),
-        (capture, phase, failure, guest_save, saved_on) in (
+        (capture, phase, failure, guest_save, saved_on, plugged) in (
             opt(proptest::sample::select(vec![Capture::Auto, Capture::Copy, Capture::Stream])),
             proptest::sample::select(vec![
                 StatePhase::Capturing, StatePhase::Ready, StatePhase::Durable, StatePhase::Failed,
@@ -381,6 +381,7 @@ prop_compose! {
             opt(text()),
             opt((text(), opt(text()), opt(any::<i64>()))),
             opt((text(), text(), text(), opt(text()), any::<bool>(), opt(text()))),
+            opt((text(), text(), any::<u32>(), text(), any::<u64>(), any::<u64>())),
         ),
     ) -> StateRecord {
         let section = |(file, bytes, sha256)| StateSection { file, bytes, sha256 };
@@ -402,6 +403,12 @@ prop_compose! {
                 accel: Some(if tcg { Accel::Tcg } else { Accel::Kvm }),
                 host,
             }),
+            plugged: plugged
+                .map(|(cpu, driver, socket, dimm, bytes, addr)| drover_model::Plugged {
+                    cpus: vec![drover_model::PluggedCpu { id: cpu, driver, socket, core: 0, thread: 0 }],
+                    dimms: vec![drover_model::PluggedDimm { id: dimm, bytes, addr, slot: socket }],
+                })
+                .unwrap_or_default(),
         }
     }
 }
