@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the default guest image into $DROVER_IMAGE_DIR with a throwaway droverd, the same way a
-# user's `drover image build` does. Needs the binaries from scripts/build.sh.
+# user's `drover image build` does; arguments go to that command (`--distro debian-12` builds the
+# Debian image instead). Needs the binaries from scripts/build.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${DROVER_BIN_DIR:-$PWD/target/release}
@@ -14,7 +15,7 @@ chmod 711 "$tmp"
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 100); do [ -S "$tmp/d.sock" ] && break; sleep 0.1; done
-if ! "$bin/drover" --socket "$tmp/d.sock" image build; then
+if ! "$bin/drover" --socket "$tmp/d.sock" image build "$@"; then
   cat "$tmp/droverd.log" >&2
   exit 1
 fi

@@ -105,7 +105,7 @@ fn a_vm_moves_from_qemu_7_2_to_10_and_not_back() {
     let q10 = q10.display().to_string();
     let Some(f) = Fleet::up(
         "qv",
-        "10.86.0",
+        "10.89.0",
         2,
         &[
             ("DROVER_NETNS_QEMU_DIR_1", "system"),
