@@ -94,7 +94,10 @@ impl Plugged {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
         let names = self.cpus.iter().flat_map(|c| [&c.id, &c.driver]);
-        match names.chain(self.dimms.iter().map(|d| &d.id)).find(|s| !word(s)) {
+        match names
+            .chain(self.dimms.iter().map(|d| &d.id))
+            .find(|s| !word(s))
+        {
             Some(bad) => Err(format!("{bad:?} is not a device name QEMU can be given")),
             None => Ok(()),
         }

@@ -664,9 +664,8 @@ mod tests {
         // The boot RAM (and the state's RAM file mapped as it) is the 768 MiB not in the DIMM.
         assert!(joined.contains("-smp cpus=1,maxcpus=4 -m size=786440K,slots=8,maxmem=4194312K"));
         assert!(joined.contains("id=ram0,size=786440K,mem-path=/st/memory.bin,share=off"));
-        assert!(joined.contains(
-            "-device max-x86_64-cpu,id=vcpu-s1-c0-t0,socket-id=1,core-id=0,thread-id=0"
-        ));
+        assert!(joined
+            .contains("-device max-x86_64-cpu,id=vcpu-s1-c0-t0,socket-id=1,core-id=0,thread-id=0"));
         assert!(joined.contains("-object memory-backend-ram,id=mem-m7,size=268435456"));
         assert!(joined.contains("-device pc-dimm,id=dimm-m7,memdev=mem-m7,addr=4294967296,slot=0"));
     }

@@ -276,12 +276,17 @@ pub fn plugged_from(cpus: &Value, slots: &Value, memory: &Value) -> Result<Plugg
                     .into(),
             );
         }
-        let path = c.get("qom-path").and_then(Value::as_str).unwrap_or_default();
+        let path = c
+            .get("qom-path")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let Some(id) = path.strip_prefix(PERIPHERAL) else {
             if !out.cpus.is_empty() {
-                return Err("a boot vCPU follows a plugged one; restart the VM before saving \
+                return Err(
+                    "a boot vCPU follows a plugged one; restart the VM before saving \
                             or moving its running state"
-                    .into());
+                        .into(),
+                );
             }
             continue;
         };
@@ -446,7 +451,8 @@ mod tests {
         assert!(plugged_from(&order, &slots(), &json!([])).is_err());
         // Memory Drover did not plug, or a DIMM without its address.
         let cpus = json!([cpu(0, "/machine/unattached/device[0]", 0)]);
-        let nvdimm = json!([{"type": "nvdimm", "data": {"id": "n0", "size": 1, "addr": 1, "slot": 0}}]);
+        let nvdimm =
+            json!([{"type": "nvdimm", "data": {"id": "n0", "size": 1, "addr": 1, "slot": 0}}]);
         assert!(plugged_from(&cpus, &slots(), &nvdimm).is_err());
         let no_addr = json!([{"type": "dimm", "data": {"id": "dimm-m1", "size": 1, "slot": 0}}]);
         assert!(plugged_from(&cpus, &slots(), &no_addr).is_err());

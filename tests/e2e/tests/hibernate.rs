@@ -246,7 +246,8 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
     let grown_kb = mem_kb(&d, "g");
     d.sh(
         "g",
-        "head -c 200M /dev/urandom > /tmp/fill && sha256sum /tmp/fill > /tmp/fill.sum",
+        "mkdir -p /big && mount -t tmpfs -o size=300M big /big && \
+         dd if=/dev/urandom of=/big/fill bs=1M count=200 2>&1 && sha256sum /big/fill > /tmp/fill.sum",
     );
     let sum = d.sh("g", "cat /tmp/fill.sum");
     d.ok(&["snapshot", "create", "g", "--name", "grown", "--classic"]);
@@ -256,10 +257,10 @@ fn resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach() {
         assert_eq!(d.sh("g", "cat /tmp/mem").trim(), "MEM-shape", "{what}");
         assert_eq!(d.sh("g", "nproc").trim(), "2", "{what}");
         assert_eq!(mem_kb(&d, "g"), grown_kb, "{what}");
-        assert_eq!(d.sh("g", "sha256sum /tmp/fill"), sum, "{what}");
+        assert_eq!(d.sh("g", "sha256sum /big/fill"), sum, "{what}");
     };
     same("resumed");
-    d.sh("g", "rm /tmp/fill");
+    d.sh("g", "rm /big/fill");
     d.ok(&["snapshot", "restore", "g", "grown"]);
     same("the classic state restored");
 }

@@ -570,6 +570,7 @@ fn snapshot_restore_on_another_host_and_resume_there_as_a_new_machine() {
     let out = h2.drover(&["vm", "migrate", "st", "--to", &f.remote(1)]);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() {
+        eprintln!("the grown VM migrated live to host 1");
         runs_only_on(&f, 1, 2, "st");
         assert_eq!(h1.sh("st", "cat /run/m").trim(), "MEM-at-save");
         assert_eq!(h1.sh("st", "nproc").trim(), "2");
@@ -577,7 +578,11 @@ fn snapshot_restore_on_another_host_and_resume_there_as_a_new_machine() {
     } else {
         // QEMU 7.2 under TCG loses writes to hot-plugged memory while migrating: refused,
         // saying so, and the VM runs on where it was, unharmed.
-        assert!(said.contains("QEMU 7.2") && said.contains("memory added"), "{said}");
+        assert!(
+            said.contains("QEMU 7.2") && said.contains("memory added"),
+            "{said}"
+        );
+        eprintln!("the grown VM was refused a live migration: {said}");
         runs_only_on(&f, 2, 1, "st");
         assert_eq!(h2.sh("st", "cat /run/m").trim(), "MEM-at-save");
     }

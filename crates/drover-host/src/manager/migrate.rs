@@ -1018,9 +1018,9 @@ impl Manager {
             .filter(|_| !req.offline)
             .unwrap_or_else(|| req.vm.config.clone());
         self.check_room(&name, &live)?;
-        req.plugged.check(&live).map_err(|e| {
-            HostError::Invalid(format!("VM {name} cannot arrive as sent: {e}"))
-        })?;
+        req.plugged
+            .check(&live)
+            .map_err(|e| HostError::Invalid(format!("VM {name} cannot arrive as sent: {e}")))?;
         let vm_dir = self.vm_dir(&name);
         let made = self.receive_disks(&name, &req, &live).await;
         let paths = match made.and_then(|p| self.receive_files(&name, &req.files).map(|_| p)) {

@@ -372,9 +372,9 @@ impl Manager {
         let plugged = hotplug::plugged(&rt.qmp)
             .await
             .map_err(|e| HostError::Conflict(format!("VM {vm} cannot be saved now: {e}")))?;
-        plugged
-            .check(&running)
-            .map_err(|e| HostError::Internal(format!("VM {vm}'s QEMU disagrees with its config: {e}")))?;
+        plugged.check(&running).map_err(|e| {
+            HostError::Internal(format!("VM {vm}'s QEMU disagrees with its config: {e}"))
+        })?;
         if let Some(raw) = running.disks.iter().find(|d| d.format != DiskFormat::Qcow2) {
             return Err(HostError::Invalid(format!(
                 "disk {} is {}; saved states need qcow2 disks to pin a layer",
@@ -479,7 +479,10 @@ impl Manager {
         let receiver = if plan != Some(Capture::Stream) {
             None
         } else {
-            match self.take_receiver(vm, slot, &id, &running, &plugged, &rt).await {
+            match self
+                .take_receiver(vm, slot, &id, &running, &plugged, &rt)
+                .await
+            {
                 Ok(r) => Some(r),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -1425,9 +1428,10 @@ impl Manager {
 
     /// Refuse a state this host's QEMU cannot load, naming every reason.
     pub(super) fn check_loads_here(&self, state: &StateInfo) -> Result<()> {
-        state.plugged.check(&state.config).map_err(|e| {
-            HostError::Invalid(format!("state {} is damaged: {e}", state.id))
-        })?;
+        state
+            .plugged
+            .check(&state.config)
+            .map_err(|e| HostError::Invalid(format!("state {} is damaged: {e}", state.id)))?;
         let facts = self.qemu_facts();
         crate::compat::check_restore(
             &state.id,
