@@ -1,28 +1,31 @@
 //! The HTTP/JSON API: routes translate requests into [`Manager`](crate::manager::Manager)
 //! calls and errors into [`ApiError`]s. Mutating calls run in their own task
-//! ([`detached`]), so a client that hangs up mid-way cannot leave a VM half-started or
+//! (`api/detached.rs`), so a client that hangs up mid-way cannot leave a VM half-started or
 //! half-stopped.
 //!
-//! Every route is a `#[utoipa::path]` handler named once in [`routes()`], which makes both the
-//! router ([`router_with`]) and the document ([`openapi()`]). Every route goes through
-//! [`gate`](mod@gate)'s door first: the caller, the permission the route needs, its body's limit.
+//! Every route is a `#[utoipa::path]` handler named once in `routes()`, which makes both the
+//! router ([`router_with`]) and the document ([`openapi()`]). Every route goes through the door
+//! in `api/gate.rs` first: the caller, the permission the route needs, its body's limit.
 //!
 //! Where each feature's routes live:
-//! - [`vms`]: a VM's lifecycle (`/v1/vms`, `/v1/vms/{name}`, start, stop, restart).
-//! - [`config`]: attach, detach, set; config generations (diff, promote, persist); the journal.
-//! - [`states`]: saved states: snapshots, hibernate and resume, restore, check, clone.
-//! - [`guest`]: inside the guest through its agent: agent status, exec, files (`vm cp`).
-//! - [`guest_access`]: guest principals (grant, revoke) and their audit trail.
-//! - [`console`]: the serial console, by offset and as a WebSocket.
-//! - [`images`]: the guest image (show, build, inject the agent) and imported disk images.
-//! - [`migration`]: migrate and cancel, and the peer routes of an incoming VM (`/v1/migrations`).
-//! - [`access`]: roles of local uids, API tokens, whoami (`/v1/auth`).
-//! - [`events`]: the event stream (`/v1/events`).
-//! - [`host`]: host facts, Prometheus' `/metrics`, and this document (`/v1/openapi.json`).
+//! - `api/vms.rs`: a VM's lifecycle (`/v1/vms`, `/v1/vms/{name}`, start, stop, restart).
+//! - `api/config.rs`: attach, detach, set; config generations (diff, promote, persist); the
+//!   journal.
+//! - `api/states.rs`: saved states: snapshots, hibernate and resume, restore, check, clone.
+//! - `api/guest.rs`: inside the guest through its agent: agent status, exec, files (`vm cp`).
+//! - `api/guest_access.rs`: guest principals (grant, revoke) and their audit trail.
+//! - `api/console.rs`: the serial console, by offset and as a WebSocket.
+//! - `api/images.rs`: the guest image (show, build, inject the agent) and imported disk images.
+//! - `api/migration.rs`: migrate and cancel, and the peer routes of an incoming VM
+//!   (`/v1/migrations`).
+//! - `api/access.rs`: roles of local uids, API tokens, whoami (`/v1/auth`).
+//! - `api/events.rs`: the event stream (`/v1/events`).
+//! - `api/host.rs`: host facts, Prometheus' `/metrics`, and this document (`/v1/openapi.json`).
 //!
-//! And what they share: [`gate`](mod@gate) (callers, tokens at the door, [`Failure`]), [`extract`]
-//! ([`Who`], [`Q`], [`Body`]), [`detached`] (work that outlives its request, NDJSON progress),
-//! [`route_errors`] (the errors each operation answers, for the document).
+//! And what they share: `api/gate.rs` (callers, tokens at the door, [`Failure`]),
+//! `api/extract.rs` ([`Who`], [`Q`], [`Body`]), `api/detached.rs` (work that outlives its
+//! request, NDJSON progress), `api/route_errors.rs` (the errors each operation answers, for the
+//! document); `api/tests.rs` tests the whole router.
 
 use crate::auth::{Role, TokenStore};
 use crate::manager::Manager;

@@ -1,9 +1,9 @@
 //! The errors each operation answers, as the API document lists them.
 
 /// The errors each operation answers besides those every route can (401, 403, 429, 500, and
-/// 400 and 413 for one that takes a body), by HTTP status ([`ErrorCode::http_status`]); the
-/// document lists each with [`error_answer`]'s description. A test checks every row names a
-/// served operation.
+/// 400 and 413 for one that takes a body), by HTTP status
+/// ([`drover_api::ErrorCode::http_status`]); the document lists each with [`error_answer`]'s
+/// description. A test checks every row names a served operation.
 pub(super) const ROUTE_ERRORS: &[(&str, &str, &[u16])] = &[
     ("GET", "/v1/vms/{name}/console/ws", &[404, 429]),
     ("GET", "/v1/vms/{name}/files", &[400, 404, 409, 503, 504]),
