@@ -1,7 +1,6 @@
-//! The HTTP/JSON API: routes translate requests into [`Manager`](crate::manager::Manager)
-//! calls and errors into [`ApiError`]s. Mutating calls run in their own task
-//! (`api/detached.rs`), so a client that hangs up mid-way cannot leave a VM half-started or
-//! half-stopped.
+//! The HTTP/JSON API: routes translate requests into [`Manager`] calls and errors into
+//! [`ApiError`]s. Mutating calls run in their own task (`api/detached.rs`), so a client that
+//! hangs up mid-way cannot leave a VM half-started or half-stopped.
 //!
 //! Every route is a `#[utoipa::path]` handler named once in `routes()`, which makes both the
 //! router ([`router_with`]) and the document ([`openapi()`]). Every route goes through the door
