@@ -1,5 +1,5 @@
 //! The API's route list (drover-api's crate doc) is the API document's, and so the router's
-//! (both come from the same `#[utoipa::path]` handlers; `api.rs`'s tests check the router
+//! (both come from the same `#[utoipa::path]` handlers; `api/tests.rs` checks the router
 //! answers every documented operation and nothing else).
 
 use std::collections::BTreeSet;

@@ -1,0 +1,85 @@
+//! The errors each operation answers, as the API document lists them.
+
+/// The errors each operation answers besides those every route can (401, 403, 429, 500, and
+/// 400 and 413 for one that takes a body), by HTTP status
+/// ([`drover_api::ErrorCode::http_status`]); the document lists each with [`error_answer`]'s
+/// description. A test checks every row names a served operation.
+pub(super) const ROUTE_ERRORS: &[(&str, &str, &[u16])] = &[
+    ("GET", "/v1/vms/{name}/console/ws", &[404, 429]),
+    ("GET", "/v1/vms/{name}/files", &[400, 404, 409, 503, 504]),
+    ("PUT", "/v1/vms/{name}/files", &[400, 404, 409, 503, 504]),
+    ("POST", "/v1/vms/{name}/states/{state}/check", &[400, 404]),
+    (
+        "POST",
+        "/v1/vms/{name}/states/{state}/clone",
+        &[400, 404, 409, 507],
+    ),
+    ("GET", "/v1/images/{name}", &[404]),
+    ("POST", "/v1/images", &[400, 409, 507]),
+    ("DELETE", "/v1/images/{name}", &[404, 409]),
+    ("GET", "/v1/events", &[400]),
+    ("POST", "/v1/vms", &[400, 409, 507]),
+    ("GET", "/v1/vms/{name}", &[404]),
+    ("DELETE", "/v1/vms/{name}", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/start", &[400, 404, 409, 424, 507]),
+    ("POST", "/v1/vms/{name}/stop", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/restart", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/attach", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/detach", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/set", &[400, 404, 409, 507]),
+    ("GET", "/v1/vms/{name}/config", &[404]),
+    ("GET", "/v1/vms/{name}/config/{gen}", &[400, 404]),
+    ("GET", "/v1/vms/{name}/config/diff", &[400, 404]),
+    ("POST", "/v1/vms/{name}/config/promote", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/config/persist", &[400, 404, 409]),
+    ("GET", "/v1/vms/{name}/journal", &[404]),
+    ("GET", "/v1/vms/{name}/guest-access", &[404]),
+    ("POST", "/v1/vms/{name}/guest-access", &[400, 404]),
+    ("DELETE", "/v1/vms/{name}/guest-access/{principal}", &[404]),
+    ("GET", "/v1/vms/{name}/audit", &[404]),
+    ("GET", "/v1/vms/{name}/states", &[404]),
+    ("GET", "/v1/vms/{name}/states/{state}", &[404]),
+    ("POST", "/v1/vms/{name}/states", &[400, 404, 409, 507]),
+    ("POST", "/v1/vms/{name}/hibernate", &[404, 409]),
+    ("POST", "/v1/vms/{name}/resume", &[400, 404, 409, 507]),
+    (
+        "POST",
+        "/v1/vms/{name}/states/{state}/restore",
+        &[404, 409, 507],
+    ),
+    ("DELETE", "/v1/vms/{name}/states/{state}", &[404, 409]),
+    ("POST", "/v1/auth/roles", &[400]),
+    ("GET", "/v1/auth/tokens", &[400]),
+    ("POST", "/v1/auth/tokens", &[400, 409]),
+    ("DELETE", "/v1/auth/tokens/{name}", &[400, 404]),
+    ("GET", "/v1/vms/{name}/agent", &[404, 409, 504]),
+    ("POST", "/v1/vms/{name}/exec", &[400, 404, 409, 503, 504]),
+    ("GET", "/v1/vms/{name}/console", &[404]),
+    ("GET", "/v1/image", &[424]),
+    ("POST", "/v1/image/build", &[400]),
+    ("POST", "/v1/image/inject-agent", &[400, 409]),
+    ("POST", "/v1/vms/{name}/migrate", &[400, 404, 409]),
+    ("POST", "/v1/vms/{name}/migrate/cancel", &[404, 409]),
+    ("POST", "/v1/migrations/incoming", &[400, 409, 507]),
+    ("POST", "/v1/migrations/{name}/commit", &[400, 404, 409]),
+    ("POST", "/v1/migrations/{name}/abort", &[400]),
+];
+
+/// What an error status means, for the document (the `ErrorCode`s that answer with it).
+pub(super) fn error_answer(status: u16) -> &'static str {
+    match status {
+        400 => "A malformed request or a value out of range (`invalid_argument`)",
+        401 => "On TCP: no bearer token, or one this droverd does not know (`unauthenticated`)",
+        403 => "The caller's role lacks the permission (`forbidden`)",
+        404 => "No such VM or object (`not_found`)",
+        409 => "The VM is in the wrong state for this, or the name is taken (`conflict`, `already_exists`)",
+        413 => "The body is larger than this route takes (`too_large`)",
+        424 => "The guest image is not built (`image_missing`)",
+        429 => "Too many wrong tokens from this address within a minute (`too_many_requests`)",
+        502 => "The other host could not be reached (`peer_unreachable`)",
+        503 => "The guest agent is not connected or did not answer (`agent_unavailable`)",
+        504 => "It did not finish in time (`timeout`)",
+        507 => "The host cannot give what is asked (`insufficient_resources`)",
+        _ => "Something failed inside droverd (`internal`)",
+    }
+}
