@@ -640,25 +640,11 @@ mod tests {
         };
         let paths = RunPaths::new(Path::new("/run/x"));
         let args = build(&LaunchSpec {
-            config: &cfg,
-            platform: &Platform::default(),
-            install_args: Vec::new(),
-            accel: Accel::Tcg,
-            paths: &paths,
-            console_log: Path::new("/c.log"),
-            kernel: None,
-            hotplug_ports: 4,
             max_cpus: 4,
-            qboot: None,
-            ram_file: false,
             ram_private: Some(Path::new("/st/memory.bin")),
-            stopped: false,
-            detached: false,
             incoming: true,
-            generation_id: None,
-            disk_chains: &Default::default(),
-            fds: &[],
             plugged: &plugged,
+            ..plain_spec(&cfg, &paths)
         });
         let joined = args.join(" ");
         // The boot RAM (and the state's RAM file mapped as it) is the 768 MiB not in the DIMM.
