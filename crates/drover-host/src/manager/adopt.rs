@@ -10,6 +10,7 @@
 //!   error, else `running`; one left `paused`/`postmigrate` by a save that was cut off (Drover
 //!   pauses a VM only inside a save) is resumed, once recorded, unless a migration owns it.
 
+use super::*;
 use crate::vmm::Vmm;
 use drover_api::VmState;
 use std::time::Duration;
@@ -118,6 +119,119 @@ pub(super) async fn resume_if_left_paused<V: Vmm>(
             "VM was left paused by an interrupted save; resuming it"
         );
         let _ = vmm.cont().await;
+    }
+}
+
+impl Manager {
+    pub(super) async fn readopt(&self, name: &str, slot: &Arc<VmSlot>) -> Result<()> {
+        let paths = self.run_paths(name);
+        let marker = paths.dir.display().to_string();
+        let pid = process::read_pidfile(&paths.pidfile).or(lock(&slot.info).pid);
+        if let Some(pid) = pid.filter(|&p| process::is_alive(p, &marker)) {
+            match self
+                .connect_qmp(&paths.qmp, None, pid, Duration::from_secs(5))
+                .await
+            {
+                Ok((qmp, events)) => {
+                    let found = {
+                        let i = lock(&slot.info);
+                        adopt::Found {
+                            migrating: i
+                                .migration
+                                .as_ref()
+                                .is_some_and(|m| m.phase != drover_api::MigrationPhase::Committed),
+                            has_config: i.running_config.is_some(),
+                        }
+                    };
+                    // No one waits on its events before it is attached.
+                    let vmm = crate::vmm::QemuVmm::new(qmp.clone(), broadcast::channel(1).0);
+                    let status = match adopt::settle(name, &vmm, found).await {
+                        adopt::Settled::Adopt { status } => status,
+                        adopt::Settled::CutOff(why) => {
+                            let deadline = Instant::now() + Duration::from_secs(5);
+                            while process::is_alive(pid, &marker) && Instant::now() < deadline {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if process::is_alive(pid, &marker) {
+                                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                            }
+                            let _ = std::fs::remove_file(&paths.ram);
+                            self.record_stopped(
+                                slot,
+                                exit(
+                                    "start-interrupted",
+                                    Some(format!("{why}; its QEMU was stopped: start it again")),
+                                ),
+                            )?;
+                            self.publish(VmEvent::Readopted {
+                                vm: name.into(),
+                                outcome: Adoption::StartCutOff,
+                            })
+                            .await;
+                            return Ok(());
+                        }
+                    };
+                    let io_error = status.as_deref() == Some("io-error");
+                    self.commit_or_defer(slot, |i| {
+                        // One still arriving by migration does not run until it is committed.
+                        let arriving = i.migration.as_ref().is_some_and(|m| {
+                            m.role == drover_api::MigrationRole::Incoming
+                                && m.phase != drover_api::MigrationPhase::Committed
+                        });
+                        i.state = adopt::adopted_state(arriving, status.as_deref());
+                        i.paused_reason = io_error.then(|| io_error_pause(name, None));
+                        i.pid = Some(pid);
+                        Ok(Vec::new())
+                    })?;
+                    let launched = {
+                        let i = lock(&slot.info);
+                        i.running_config.clone().unwrap_or_else(|| i.config.clone())
+                    };
+                    let (nodes, files) = block_nodes(&qmp).await;
+                    if let Err(e) = self.reconcile_layers(name, slot, &launched, &files) {
+                        tracing::warn!(vm = name, "cannot check the disks' layers: {e}");
+                    }
+                    adopt::resume_if_left_paused(name, &vmm, found, status.as_deref()).await;
+                    self.attach(name, slot, qmp, events, None, pid, Instant::now(), launched);
+                    if let Some(rt) = self.runtime(slot) {
+                        *lock(&rt.nodes) = nodes;
+                    }
+                    tracing::info!(vm = name, pid, "re-adopted running VM");
+                    self.publish(VmEvent::Readopted {
+                        vm: name.into(),
+                        outcome: Adoption::Running,
+                    })
+                    .await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Alive but unreachable: QEMU is wedged. Do not leave an unmanaged VM behind.
+                    tracing::warn!(
+                        vm = name,
+                        pid,
+                        "QEMU alive but QMP unreachable ({e}); killing it"
+                    );
+                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        // Its memory file outlived it (QEMU was not around to see it removed).
+        let _ = std::fs::remove_file(&paths.ram);
+        let detail = format!(
+            "QEMU exited while droverd was not running; {}",
+            log_tail(&paths.qemu_log)
+        );
+        self.record_stopped(slot, exit("exited-while-daemon-down", Some(detail.clone())))?;
+        self.publish(VmEvent::Readopted {
+            vm: name.into(),
+            outcome: Adoption::ExitedWhileDown,
+        })
+        .await;
+        tracing::info!(
+            vm = name,
+            "was running before droverd restarted and has since exited"
+        );
+        Ok(())
     }
 }
 
