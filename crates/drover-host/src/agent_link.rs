@@ -55,23 +55,26 @@ pub enum LinkError {
 /// userspace under TCG, PLATFORM.md; 57-73 s to agent-ready on a host at load 20), so well
 /// beyond that: a false "none seen" fails a `--wait` that would have succeeded.
 pub const NO_AGENT_AFTER_DRIVER: Duration = Duration::from_secs(120);
-/// How long after QEMU's start a VM whose guest never brought up virtio-serial (or whose driver
-/// state QEMU cannot tell) is shown as having no agent.
-pub const NO_AGENT_AFTER_START: Duration = Duration::from_secs(180);
+/// How much longer than the driver's wait a VM whose guest never brought up virtio-serial (or
+/// whose driver state QEMU cannot tell) is given after QEMU's start: the guest's boot up to the
+/// driver (seconds for both images here, under TCG).
+pub const NO_AGENT_START_EXTRA: Duration = Duration::from_secs(60);
 
 /// Whether a VM is to be shown as having no agent: none answered, nothing in the guest opened
 /// the request port, and the guest has had time to (its virtio-serial driver up for
-/// [`NO_AGENT_AFTER_DRIVER`], or QEMU up for [`NO_AGENT_AFTER_START`]). Only what the host
-/// sees: an agent that is installed but fails before opening its port looks the same.
+/// `after_driver` — droverd's `--no-agent-after`, [`NO_AGENT_AFTER_DRIVER`] by default — or QEMU
+/// up for that plus [`NO_AGENT_START_EXTRA`]). Only what the host sees: an agent that is
+/// installed but fails before opening its port looks the same.
 pub fn no_agent_seen(
     status: &AgentStatus,
     since_start: Duration,
     driver_up_for: Option<Duration>,
+    after_driver: Duration,
 ) -> bool {
     !status.ready
         && !status.guest_opened
-        && (driver_up_for.is_some_and(|d| d >= NO_AGENT_AFTER_DRIVER)
-            || since_start >= NO_AGENT_AFTER_START)
+        && (driver_up_for.is_some_and(|d| d >= after_driver)
+            || since_start >= after_driver + NO_AGENT_START_EXTRA)
 }
 
 /// One VM's guest channel. Cheap to clone.
@@ -244,11 +247,11 @@ impl AgentLink {
     }
 
     /// Re-judge whether the VM shows no agent, given how long the guest's virtio-serial driver
-    /// has been up (if known).
-    pub fn judge_presence(&self, driver_up_for: Option<Duration>) {
+    /// has been up (if known) and how long a guest may take after it ([`no_agent_seen`]).
+    pub fn judge_presence(&self, driver_up_for: Option<Duration>, after_driver: Duration) {
         let since = self.inner.started.elapsed();
         self.inner.status.send_if_modified(|s| {
-            let none = no_agent_seen(s, since, driver_up_for);
+            let none = no_agent_seen(s, since, driver_up_for, after_driver);
             let changed = s.none_seen != none;
             s.none_seen = none;
             changed
@@ -439,28 +442,54 @@ mod tests {
             ..AgentStatus::default()
         };
         let secs = Duration::from_secs;
+        let driver = NO_AGENT_AFTER_DRIVER;
         assert!(
-            !no_agent_seen(&s(false, false), secs(5), None),
+            !no_agent_seen(&s(false, false), secs(5), None, driver),
             "just started"
         );
-        let driver = NO_AGENT_AFTER_DRIVER;
         let up = driver + secs(10);
-        assert!(!no_agent_seen(&s(false, false), up, Some(driver - secs(1))));
-        assert!(no_agent_seen(&s(false, false), up, Some(driver)));
+        assert!(!no_agent_seen(
+            &s(false, false),
+            up,
+            Some(driver - secs(1)),
+            driver
+        ));
+        assert!(no_agent_seen(&s(false, false), up, Some(driver), driver));
         assert!(
-            !no_agent_seen(&s(false, true), secs(400), Some(secs(300))),
+            !no_agent_seen(&s(false, true), secs(400), Some(secs(300)), driver),
             "starting"
         );
         assert!(
-            !no_agent_seen(&s(true, false), secs(400), Some(secs(300))),
+            !no_agent_seen(&s(true, false), secs(400), Some(secs(300)), driver),
             "ready"
         );
-        let start = NO_AGENT_AFTER_START;
-        assert!(!no_agent_seen(&s(false, false), start - secs(1), None));
+        let start = driver + NO_AGENT_START_EXTRA;
+        assert_eq!(start, secs(180), "the default waits as before");
+        assert!(!no_agent_seen(
+            &s(false, false),
+            start - secs(1),
+            None,
+            driver
+        ));
         assert!(
-            no_agent_seen(&s(false, false), start, None),
+            no_agent_seen(&s(false, false), start, None, driver),
             "never a driver"
         );
+        // A shorter setting (`--no-agent-after 20`) says so sooner, by the same rule.
+        let short = secs(20);
+        assert!(!no_agent_seen(
+            &s(false, false),
+            secs(25),
+            Some(secs(19)),
+            short
+        ));
+        assert!(no_agent_seen(
+            &s(false, false),
+            secs(25),
+            Some(short),
+            short
+        ));
+        assert!(no_agent_seen(&s(false, false), secs(80), None, short));
     }
 
     /// `wait_ready` ends as soon as no agent is seen, saying so; an agent seen later clears it.
@@ -477,7 +506,7 @@ mod tests {
             stop,
             None,
         );
-        link.judge_presence(Some(NO_AGENT_AFTER_DRIVER));
+        link.judge_presence(Some(NO_AGENT_AFTER_DRIVER), NO_AGENT_AFTER_DRIVER);
         assert!(link.status().none_seen);
         let t = Instant::now();
         let err = link.wait_ready(Duration::from_secs(60)).await.unwrap_err();
@@ -485,7 +514,7 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5));
         link.note_guest_opened();
         assert!(!link.status().none_seen);
-        link.judge_presence(Some(NO_AGENT_AFTER_DRIVER * 10));
+        link.judge_presence(Some(NO_AGENT_AFTER_DRIVER * 10), NO_AGENT_AFTER_DRIVER);
         assert!(
             !link.status().none_seen,
             "an agent opened the port: starting"

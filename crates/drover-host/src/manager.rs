@@ -201,6 +201,9 @@ pub struct DaemonConfig {
     pub limits: crate::limits::Limits,
     /// The user QEMU runs as ([`crate::qemu_user`]).
     pub qemu_user: crate::qemu_user::QemuUser,
+    /// How long after its virtio-serial driver came up a guest may take to open the agent's
+    /// port before the VM is shown as having no agent ([`crate::agent_link::no_agent_seen`]).
+    pub no_agent_after: Duration,
 }
 
 struct Runtime {
@@ -329,6 +332,28 @@ pub const CONSOLE_SOCKETS_MAX: usize = 64;
 #[derive(Clone)]
 pub struct Manager {
     s: Arc<Shared>,
+}
+
+impl DaemonConfig {
+    /// Settings for unit tests: a fresh state dir under `dir`, TCG, no pools, default limits.
+    #[cfg(test)]
+    pub(crate) fn for_tests(dir: &Path) -> DaemonConfig {
+        DaemonConfig {
+            state_dir: dir.join("state"),
+            image_dir: dir.join("images"),
+            agent_binary: None,
+            qemu: drover_qemu::install::QemuInstall::system(),
+            accel: Some(Accel::Tcg),
+            persist_default: true,
+            persist_mode_default: PersistMode::Diff,
+            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
+            migration_addr: None,
+            pools: Vec::new(),
+            limits: crate::limits::Limits::default(),
+            qemu_user: crate::qemu_user::QemuUser::droverd(),
+            no_agent_after: crate::agent_link::NO_AGENT_AFTER_DRIVER,
+        }
+    }
 }
 
 /// QEMU's user must be able to run the emulator and reach the state dir; say so at start
@@ -513,18 +538,8 @@ impl Manager {
     #[cfg(test)]
     pub(crate) async fn for_tests(dir: &Path, limits: crate::limits::Limits) -> Manager {
         let cfg = DaemonConfig {
-            state_dir: dir.join("state"),
-            image_dir: dir.join("images"),
-            agent_binary: None,
-            qemu: drover_qemu::install::QemuInstall::system(),
-            accel: Some(drover_model::Accel::Tcg),
-            persist_default: true,
-            persist_mode_default: drover_model::PersistMode::Diff,
-            identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
-            migration_addr: None,
-            pools: Vec::new(),
             limits,
-            qemu_user: crate::qemu_user::QemuUser::droverd(),
+            ..DaemonConfig::for_tests(dir)
         };
         let store = drover_store::RedbStore::open(&dir.join("d.redb")).expect("test store");
         Manager::open(cfg, Box::new(store))

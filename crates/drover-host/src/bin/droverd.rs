@@ -162,6 +162,12 @@ struct Args {
     /// (running VMs keep running either way).
     #[arg(long = "shutdown-grace", default_value_t = 10, value_name = "SECONDS")]
     shutdown_grace_s: u64,
+    /// A VM whose guest has not opened the agent's port this long after its virtio-serial
+    /// driver came up (or this plus 60 s after QEMU started, when QEMU cannot tell) is shown as
+    /// having no agent, and `vm start --wait` and `vm exec` say so instead of waiting on. A Debian
+    /// guest under TCG opens it about 30-70 s after the driver; raise this for slower guests.
+    #[arg(long = "no-agent-after", default_value_t = 120, value_name = "SECONDS")]
+    no_agent_after_s: u64,
     /// Log filter (RUST_LOG syntax), e.g. `info`, `drover_host=debug`.
     #[arg(long, env = "DROVER_LOG", default_value = "info")]
     log: String,
@@ -242,6 +248,7 @@ async fn daemon() -> anyhow::Result<()> {
         migration_addr: args.listen.map(|a| a.ip()),
         pools: args.image_pools.clone(),
         qemu_user: drover_host::qemu_user::QemuUser::resolve(&args.qemu_user)?,
+        no_agent_after: std::time::Duration::from_secs(args.no_agent_after_s),
         limits: drover_host::limits::Limits {
             console_log_max: args.console_log_max,
             guest_disk_count: args.guest_disk_max_count,

@@ -36,28 +36,14 @@ impl Store for Fillable {
     }
 }
 
-pub(super) fn cfg(dir: &Path) -> DaemonConfig {
-    DaemonConfig {
-        state_dir: dir.join("state"),
-        image_dir: dir.join("images"),
-        agent_binary: None,
-        qemu: drover_qemu::install::QemuInstall::system(),
-        accel: Some(Accel::Tcg),
-        persist_default: true,
-        persist_mode_default: PersistMode::Diff,
-        identity: hostfacts::host_identity(Some("host-t"), &dir.join("no-dmi")),
-        migration_addr: None,
-        pools: Vec::new(),
-        limits: crate::limits::Limits::default(),
-        qemu_user: crate::qemu_user::QemuUser::droverd(),
-    }
-}
-
 async fn manager(dir: &Path, full: Arc<AtomicBool>) -> Manager {
     let inner = drover_store::RedbStore::open(&dir.join("d.redb")).unwrap();
-    Manager::open(cfg(dir), Box::new(Fillable { inner, full }))
-        .await
-        .unwrap()
+    Manager::open(
+        DaemonConfig::for_tests(dir),
+        Box::new(Fillable { inner, full }),
+    )
+    .await
+    .unwrap()
 }
 
 fn spec(name: &str) -> VmSpec {

@@ -446,6 +446,7 @@ impl Manager {
             rt.qmp.clone(),
             rt.agent.clone(),
             exited_rx.clone(),
+            self.s.cfg.no_agent_after,
         ));
         let mgr = self.clone();
         let slot = slot.clone();

@@ -134,7 +134,7 @@ mod tests {
             inner: drover_store::RedbStore::open(&dir.join("d.redb")).unwrap(),
             written: Arc::clone(&written),
         };
-        let cfg = super::super::crash_tests::cfg(dir);
+        let cfg = crate::manager::DaemonConfig::for_tests(dir);
         let m = Manager::open(cfg, Box::new(store)).await.unwrap();
         (m, written)
     }

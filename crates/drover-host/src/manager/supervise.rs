@@ -227,11 +227,13 @@ pub(super) fn log_tail(path: &Path) -> String {
 /// Follow, once a second until the agent answers or QEMU exits, whether the guest shows an
 /// agent: when the guest's virtio-serial driver came up (QEMU's `x-query-virtio-status`; a
 /// QEMU without it leaves only the time since start) and, through
-/// [`AgentLink::judge_presence`], whether anything opened the request port since.
+/// [`AgentLink::judge_presence`], whether anything opened the request port within
+/// `after_driver` of it.
 pub(super) async fn watch_agent_presence(
     qmp: Qmp,
     agent: AgentLink,
     mut exited: watch::Receiver<bool>,
+    after_driver: Duration,
 ) {
     let mut driver_since: Option<Instant> = None;
     let mut can_query = true;
@@ -252,6 +254,6 @@ pub(super) async fn watch_agent_presence(
                 Err(_) => can_query = false,
             }
         }
-        agent.judge_presence(driver_since.map(|t| t.elapsed()));
+        agent.judge_presence(driver_since.map(|t| t.elapsed()), after_driver);
     }
 }
