@@ -357,9 +357,9 @@ pub struct ResumeRequest {
     /// vCPUs to have (added live; no fewer than it was saved with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
-    /// Memory to have (`2G`; added live as DIMMs, within its `--max-memory`).
+    /// Memory to have, in bytes (added live as DIMMs of 128 MiB, within its maximum memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<String>,
+    pub memory: Option<u64>,
     /// NICs to give a new MAC: each keeps its id and PCI address; the guest's agent takes the
     /// new address and renews its DHCP lease.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -377,7 +377,8 @@ pub struct NicMac {
     /// The NIC's id.
     pub id: String,
     /// Its new MAC (unicast, `52:54:00:12:34:56`).
-    pub mac: String,
+    #[schema(value_type = String)]
+    pub mac: drover_model::MacAddr,
 }
 
 /// What a resume with a new identity or new MACs did inside the guest.
@@ -682,39 +683,45 @@ pub struct StartRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
-    /// `disk` or `nic`.
-    pub kind: DeviceKind,
     /// The new element's id.
     pub id: String,
-    /// Disk: create a new qcow2 of this size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<String>,
-    /// Disk: attach this existing image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
-    pub image: Option<std::path::PathBuf>,
-    /// Disk: read-only.
-    #[serde(default)]
-    pub readonly: bool,
-    /// NIC: MAC address (assigned when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-    /// NIC: user-mode port forwards.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub forward: Vec<String>,
+    /// What to attach.
+    pub device: NewDevice,
     /// Record for the next start instead of changing the running VM.
     #[serde(default)]
     pub next_boot: bool,
 }
 
-/// Disk or NIC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    /// A disk.
-    Disk,
-    /// A NIC.
-    Nic,
+/// A device to attach, each with only what it takes (`kind` names which).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NewDevice {
+    /// A new, empty qcow2 disk in the VM's directory, removed with the VM.
+    NewDisk {
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// An existing image (an absolute path the caller may use: in an image pool, or any for
+    /// an admin); never removed by droverd.
+    Image {
+        /// The image file.
+        #[schema(value_type = String)]
+        path: std::path::PathBuf,
+        /// Attach it read-only.
+        #[serde(default)]
+        readonly: bool,
+    },
+    /// A NIC on QEMU's user-mode networking.
+    Nic {
+        /// Its MAC address (a random one in QEMU's 52:54:00 range when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        mac: Option<drover_model::MacAddr>,
+        /// Host ports forwarded into the guest (`tcp:8081-:80`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schema(value_type = Vec<String>)]
+        forwards: Vec<drover_model::PortForward>,
+    },
 }
 
 /// A live change: remove a disk or NIC.
@@ -735,9 +742,9 @@ pub struct SetRequest {
     /// New vCPU count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
-    /// New memory size (`2G`).
+    /// New memory size, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<String>,
+    pub memory: Option<u64>,
     /// Record for the next start instead of changing the running VM.
     #[serde(default)]
     pub next_boot: bool,
@@ -1004,9 +1011,9 @@ pub struct StateCheckRequest {
     /// vCPUs to resume with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
-    /// Memory to resume with (`2G`).
+    /// Memory to resume with, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<String>,
+    pub memory: Option<u64>,
     /// NICs to give a new MAC (as a resume's or restore's `--nic ID,mac=MAC`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicMac>,

@@ -501,8 +501,8 @@ struct ShapeArgs {
     cpus: Option<u32>,
     /// Grow to this much memory once it runs (hot-plugged DIMMs; needs --max-memory at
     /// create, and steps of 128M).
-    #[arg(long, value_name = "SIZE")]
-    memory: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    memory: Option<u64>,
     /// Give NIC ID a new MAC (repeatable). It keeps its id and PCI address; the guest's
     /// agent takes the new address and renews its DHCP lease. Needs the agent.
     #[arg(long = "nic", value_name = "ID,mac=MAC")]
@@ -520,7 +520,7 @@ impl ShapeArgs {
     fn request(&self) -> anyhow::Result<drover_api::ResumeRequest> {
         Ok(drover_api::ResumeRequest {
             cpus: self.cpus,
-            memory: self.memory.clone(),
+            memory: self.memory,
             nics: self
                 .nics
                 .iter()
@@ -534,8 +534,8 @@ impl ShapeArgs {
 #[derive(Args, Debug)]
 struct WaitArgs {
     /// Wait until the guest agent answers. Ends early, with an error, when the VM shows no
-    /// agent: its guest's virtio-serial driver has been up 60 s and nothing opened the agent's
-    /// port (`vm show` then says `agent: none seen`).
+    /// agent: its guest's virtio-serial driver has been up droverd's `--no-agent-after` (120 s
+    /// by default) and nothing opened the agent's port (`vm show` then says `agent: none seen`).
     #[arg(long)]
     wait: bool,
     /// Seconds to wait for the agent with --wait.
@@ -556,6 +556,11 @@ enum Kind {
 enum ShapeSet {
     Cpus(u32),
     Memory(u64),
+}
+
+/// A size flag's value (`512M`, `2G`) as bytes.
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    drover_model::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_shape(kv: &str) -> Result<ShapeSet, String> {
@@ -798,20 +803,20 @@ enum VmCmd {
         #[arg(long)]
         id: String,
         /// Disk: create a new qcow2 of this size.
-        #[arg(long)]
-        size: Option<String>,
+        #[arg(long, value_parser = parse_size_arg, conflicts_with_all = ["image", "readonly"])]
+        size: Option<u64>,
         /// Disk: attach an existing image.
         #[arg(long)]
         image: Option<PathBuf>,
-        /// Disk: read-only.
-        #[arg(long)]
+        /// Disk: read-only (with --image).
+        #[arg(long, requires = "image")]
         readonly: bool,
         /// NIC: MAC address.
         #[arg(long)]
-        mac: Option<String>,
+        mac: Option<drover_model::MacAddr>,
         /// NIC: port forward, e.g. tcp:8081-:80. Repeatable.
         #[arg(long)]
-        forward: Vec<String>,
+        forward: Vec<drover_model::PortForward>,
         /// Do not change the running VM; record the change for its next start.
         #[arg(long)]
         next_boot: bool,
@@ -834,8 +839,8 @@ enum VmCmd {
         /// VM name.
         name: String,
         /// cpus=N and/or memory=SIZE.
-        #[arg(required = true, value_name = "KEY=VALUE")]
-        settings: Vec<String>,
+        #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_shape)]
+        settings: Vec<ShapeSet>,
         /// Do not change the running VM; record the change for its next start.
         #[arg(long)]
         next_boot: bool,
@@ -1779,17 +1784,27 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
             forward,
             next_boot,
         } => {
-            let req = drover_api::AttachRequest {
-                kind: match kind {
-                    Kind::Disk => drover_api::DeviceKind::Disk,
-                    Kind::Nic => drover_api::DeviceKind::Nic,
+            let device = match (kind, size, image) {
+                (Kind::Disk, _, _) if mac.is_some() || !forward.is_empty() => {
+                    anyhow::bail!("--mac and --forward are for NICs")
+                }
+                (Kind::Disk, Some(size), None) => drover_api::NewDevice::NewDisk { size },
+                (Kind::Disk, None, Some(image)) => drover_api::NewDevice::Image {
+                    path: absolute(image)?,
+                    readonly,
                 },
+                (Kind::Disk, _, _) => {
+                    anyhow::bail!("give either --size (a new disk) or --image (an existing one)")
+                }
+                (Kind::Nic, None, None) if !readonly => drover_api::NewDevice::Nic {
+                    mac,
+                    forwards: forward,
+                },
+                (Kind::Nic, _, _) => anyhow::bail!("--size, --image and --readonly are for disks"),
+            };
+            let req = drover_api::AttachRequest {
                 id,
-                size,
-                image: image.map(absolute).transpose()?,
-                readonly,
-                mac,
-                forward,
+                device,
                 next_boot,
             };
             let r: drover_api::ChangeResult = c
@@ -1821,16 +1836,10 @@ async fn vm(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<u8> {
                 next_boot,
                 ..Default::default()
             };
-            for kv in settings {
-                match kv.split_once('=') {
-                    Some(("cpus", v)) => {
-                        req.cpus = Some(
-                            v.parse()
-                                .map_err(|_| anyhow::anyhow!("cpus={v}: not a number"))?,
-                        )
-                    }
-                    Some(("memory", v)) => req.memory = Some(v.to_string()),
-                    _ => anyhow::bail!("cannot set {kv:?}: use cpus=N or memory=SIZE"),
+            for s in settings {
+                match s {
+                    ShapeSet::Cpus(n) => req.cpus = Some(n),
+                    ShapeSet::Memory(b) => req.memory = Some(b),
                 }
             }
             let r: drover_api::ChangeResult = c
@@ -2337,9 +2346,12 @@ fn parse_nic_mac(s: &str) -> anyhow::Result<drover_api::NicMac> {
     if id.is_empty() || mac.is_empty() || mac.contains(',') {
         return Err(bad());
     }
+    let mac = mac
+        .parse::<drover_model::MacAddr>()
+        .map_err(|e| anyhow::anyhow!("--nic {s}: {e}"))?;
     Ok(drover_api::NicMac {
         id: id.to_string(),
-        mac: mac.to_ascii_lowercase(),
+        mac,
     })
 }
 
@@ -2433,7 +2445,7 @@ async fn check_state(
             target,
             target_name: on.map(str::to_string),
             cpus: shape.cpus,
-            memory: shape.memory.clone(),
+            memory: shape.memory,
             nics: shape.nics.clone(),
             new_identity: shape.new_identity,
         },
@@ -2529,9 +2541,13 @@ mod tests {
     fn nic_macs_parse_as_id_comma_mac() {
         let n = super::parse_nic_mac("net0,mac=52:54:00:AB:cd:01").unwrap();
         assert_eq!(
-            (n.id.as_str(), n.mac.as_str()),
+            (n.id.as_str(), n.mac.to_string().as_str()),
             ("net0", "52:54:00:ab:cd:01")
         );
+        let e = super::parse_nic_mac("net0,mac=01:00:5e:00:00:01")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--nic net0,mac=01:00:5e:00:00:01"), "{e}");
         for bad in [
             "net0",
             "net0,52:54:00:ab:cd:01",

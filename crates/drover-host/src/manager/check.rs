@@ -6,7 +6,7 @@
 use super::Manager;
 use crate::auth::{Caller, Permission};
 use crate::compat::{self, Target};
-use crate::error::{HostError, Result};
+use crate::error::Result;
 use drover_api::{Difference, StateCheck, StateCheckRequest, StateInfo, StatePhase, Verdict};
 use drover_model::VmConfig;
 
@@ -42,7 +42,7 @@ impl Manager {
     ) -> Result<StateCheck> {
         caller.require(Permission::Read)?;
         let state = self.state(vm, which)?;
-        let memory = parse_memory(req.memory.as_deref())?;
+        let memory = req.memory;
         let facts = self.qemu_facts();
         let (target, room) = match &req.target {
             Some(h) => (
@@ -84,15 +84,6 @@ impl Manager {
         })
     }
 }
-
-/// `--memory` as bytes.
-pub(super) fn parse_memory(memory: Option<&str>) -> Result<Option<u64>> {
-    memory
-        .map(drover_model::parse_size)
-        .transpose()
-        .map_err(|e| HostError::Invalid(format!("--memory: {e}")))
-}
-
 /// Every difference between `state` and restoring it on `target` as `cpus`/`memory`.
 pub(super) fn differences(
     state: &StateInfo,

@@ -15,11 +15,11 @@ use crate::error::{HostError, Result};
 use crate::hostfacts;
 use crate::vmm::{QemuVmm, Vmm};
 use drover_api::{
-    AttachRequest, ChangeResult, ConfigHistoryView, DetachRequest, DeviceKind, GenerationView,
+    AttachRequest, ChangeResult, ConfigHistoryView, DetachRequest, GenerationView, NewDevice,
     PersistRequest, SetRequest, VmInfo, VmState,
 };
 use drover_model::{
-    describe, diff, format_size, parse_size, DiskConfig, ElementId, MacAddr, NicBackend, NicConfig,
+    describe, diff, format_size, DiskConfig, ElementId, MacAddr, NicBackend, NicConfig,
     StoredConfig, VmConfig,
 };
 use drover_qemu::{hotplug, img};
@@ -53,85 +53,51 @@ impl Manager {
     ) -> Result<ChangeResult> {
         let op = self.door(name, VmAction::Change, caller).await?;
         let id = ElementId::new(&req.id)?;
-        let change = match req.kind {
-            DeviceKind::Disk => {
-                if !req.forward.is_empty() || req.mac.is_some() {
-                    return Err(HostError::Invalid(
-                        "--forward and --mac are for NICs".into(),
-                    ));
+        let change = match req.device {
+            NewDevice::NewDisk { size } => {
+                if !(drover_model::MIN_DISK_SIZE..=drover_model::MAX_DISK_SIZE).contains(&size) {
+                    return Err(HostError::Invalid(format!(
+                        "a disk of {} is out of range ({} to {})",
+                        format_size(size),
+                        format_size(drover_model::MIN_DISK_SIZE),
+                        format_size(drover_model::MAX_DISK_SIZE)
+                    )));
                 }
-                let (path, format, size, owned) = match (&req.size, &req.image) {
-                    (Some(size), None) => {
-                        let bytes = parse_size(size)?;
-                        if !(drover_model::MIN_DISK_SIZE..=drover_model::MAX_DISK_SIZE)
-                            .contains(&bytes)
-                        {
-                            return Err(HostError::Invalid(format!(
-                                "disk size {size} is out of range"
-                            )));
-                        }
-                        let path = self.vm_dir(name).join("disks").join(format!("{id}.qcow2"));
-                        (path, drover_model::DiskFormat::Qcow2, bytes, true)
-                    }
-                    (None, Some(image)) => {
-                        if !image.is_absolute() {
-                            return Err(HostError::Invalid(
-                                "the image path must be absolute".into(),
-                            ));
-                        }
-                        let usage = if req.readonly {
-                            crate::pools::PathUse::DiskReadOnly
-                        } else {
-                            crate::pools::PathUse::DiskReadWrite
-                        };
-                        let image = self.s.pools.resolve(caller, image, usage)?;
-                        let p = image.clone();
-                        let info = tokio::task::spawn_blocking(move || img::inspect(&p))
-                            .await
-                            .map_err(|e| HostError::Internal(e.to_string()))??;
-                        (image, info.format, info.virtual_size, false)
-                    }
-                    _ => {
-                        return Err(HostError::Invalid(
-                            "give either --size (a new disk) or --image (an existing one)".into(),
-                        ))
-                    }
-                };
-                let disk = DiskConfig {
-                    id,
-                    path,
-                    format,
-                    size,
-                    readonly: req.readonly,
-                    owned,
-                    base: None,
-                    index: 0,
-                    slot: None,
-                    addr: None,
-                };
-                Change::AddDisk(disk, owned)
+                let path = self.vm_dir(name).join("disks").join(format!("{id}.qcow2"));
+                Change::AddDisk(
+                    new_disk(id, path, drover_model::DiskFormat::Qcow2, size, false, true),
+                    true,
+                )
             }
-            DeviceKind::Nic => {
-                if req.size.is_some() || req.image.is_some() || req.readonly {
-                    return Err(HostError::Invalid(
-                        "--size, --image and --readonly are for disks".into(),
-                    ));
+            NewDevice::Image { path, readonly } => {
+                if !path.is_absolute() {
+                    return Err(HostError::Invalid(format!(
+                        "the image path {} must be absolute",
+                        path.display()
+                    )));
                 }
-                let mac = match &req.mac {
-                    Some(m) => m.parse::<MacAddr>()?,
-                    None => MacAddr::qemu_local(rand::random()),
+                let usage = if readonly {
+                    crate::pools::PathUse::DiskReadOnly
+                } else {
+                    crate::pools::PathUse::DiskReadWrite
                 };
-                let forwards = req
-                    .forward
-                    .iter()
-                    .map(|f| f.parse::<drover_model::PortForward>())
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let image = self.s.pools.resolve(caller, &path, usage)?;
+                let p = image.clone();
+                let info = tokio::task::spawn_blocking(move || img::inspect(&p))
+                    .await
+                    .map_err(|e| HostError::Internal(e.to_string()))??;
+                Change::AddDisk(
+                    new_disk(id, image, info.format, info.virtual_size, readonly, false),
+                    false,
+                )
+            }
+            NewDevice::Nic { mac, forwards } => {
                 for f in &forwards {
                     crate::pools::check_forward(caller, f)?;
                 }
                 Change::AddNic(NicConfig {
                     id,
-                    mac,
+                    mac: mac.unwrap_or_else(|| MacAddr::qemu_local(rand::random())),
                     backend: NicBackend::User { forwards },
                     slot: None,
                     addr: None,
@@ -167,8 +133,8 @@ impl Manager {
         if let Some(c) = req.cpus {
             changes.push(Change::Cpus(c));
         }
-        if let Some(m) = &req.memory {
-            changes.push(Change::Memory(parse_size(m)?));
+        if let Some(m) = req.memory {
+            changes.push(Change::Memory(m));
         }
         if changes.is_empty() {
             return Err(HostError::Invalid(
@@ -1002,6 +968,29 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
     Ok(())
 }
 
+/// A disk attached live: placed (index, slot, address) when it is plugged.
+fn new_disk(
+    id: ElementId,
+    path: std::path::PathBuf,
+    format: drover_model::DiskFormat,
+    size: u64,
+    readonly: bool,
+    owned: bool,
+) -> DiskConfig {
+    DiskConfig {
+        id,
+        path,
+        format,
+        size,
+        readonly,
+        owned,
+        base: None,
+        index: 0,
+        slot: None,
+        addr: None,
+    }
+}
+
 #[cfg(test)]
 mod rules_tests;
 
@@ -1065,7 +1054,7 @@ mod tests {
         m.set_persist("a1", off.clone(), &admin).await.unwrap();
         let set = || SetRequest {
             cpus: None,
-            memory: Some("96M".into()),
+            memory: Some(96 << 20),
             next_boot: false,
         };
         let op = operator();
