@@ -2,17 +2,23 @@
 //!
 //! [`Vmm`] names only the operations the host's rules are written against (hot-plug and unplug
 //! of disks, NICs, vCPUs and memory, and the device-deleted events an unplug waits for; the run
-//! state, resuming, quitting and letting a capture end, for re-adoption after a restart),
+//! state, resuming, quitting and letting a capture end, for re-adoption after a restart; the
+//! paused moment of a save: pausing, layering a disk, writing or streaming the device state;
+//! the source's side of a live migration: disk mirrors, the memory copy and its switch-over),
 //! typed, with QEMU's own error type. [`QemuVmm`] is the real one over QMP; a test-only
 //! `FakeVmm` (in `vmm::fake`) models the QEMU behaviour those rules depend on, so they are
 //! tested in milliseconds rather than only by booting guests.
 
 use drover_model::{DiskConfig, NicConfig};
-use drover_qemu::hotplug;
+use drover_qemu::live_migration::{
+    self, BlockJob, LiveMigrationError, NbdTarget, Progress, Tuning,
+};
 use drover_qemu::qmp::{Qmp, QmpError, QmpEvent};
+use drover_qemu::{hotplug, migrate};
 use serde_json::Value;
 use std::future::Future;
 use std::os::fd::BorrowedFd;
+use std::path::Path;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -26,6 +32,35 @@ pub trait Vmm: Send + Sync {
     fn status(&self) -> impl Future<Output = Result<String, QmpError>> + Send;
     /// Resume the vCPUs.
     fn cont(&self) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Pause the vCPUs.
+    fn pause(&self) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Put the qcow2 overlay `overlay` (opened as block node `new_node`) on top of block node
+    /// `node`: the guest writes to the overlay from then on, `node` stays below it, read-only.
+    fn snapshot_disk(
+        &self,
+        node: &str,
+        overlay: &Path,
+        new_node: &str,
+    ) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Write the device state into `file`, with the RAM unless `shared_ram` (guest RAM that is
+    /// a shared file is then left out); waits until it is written.
+    fn save_state(
+        &self,
+        file: &Path,
+        shared_ram: bool,
+    ) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Write the device state and RAM into `file` with `mapped-ram` (QEMU >= 9.0).
+    fn save_state_mapped(&self, file: &Path) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Start a background snapshot into `uri` (a receiving QEMU): the device state now, the
+    /// RAM streamed while the guest runs on.
+    fn background_snapshot(&self, uri: &str) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Wait until a background snapshot has taken the device state (the moment the guest may
+    /// run again); `keeps_run_state`: this QEMU leaves a paused VM paused then (>= 9.0).
+    fn wait_device_state(
+        &self,
+        keeps_run_state: bool,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), QmpError>> + Send;
     /// Ask QEMU to exit, waiting at most `timeout` for its answer.
     fn quit(&self, timeout: Duration) -> impl Future<Output = Result<(), QmpError>> + Send;
     /// Let an outgoing migration or background snapshot still under way end by itself,
@@ -34,6 +69,40 @@ pub trait Vmm: Send + Sync {
         &self,
         timeout: Duration,
     ) -> impl Future<Output = Result<Option<String>, QmpError>> + Send;
+    /// Mirror block node `node` into the destination's NBD export `target` as job `job`, at
+    /// most `speed` bytes/s.
+    fn mirror_disk(
+        &self,
+        job: &str,
+        node: &str,
+        target: &NbdTarget<'_>,
+        speed: u64,
+    ) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// The block jobs among `ids` still running.
+    fn block_jobs(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<BlockJob>, QmpError>> + Send;
+    /// Complete mirror jobs `jobs` (the destination then holds every write) and drop their
+    /// target nodes, waiting at most `timeout`.
+    fn complete_mirrors(
+        &self,
+        jobs: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), LiveMigrationError>> + Send;
+    /// Start sending memory and device state to `uri`, tuned by `tuning`.
+    fn start_outgoing(
+        &self,
+        uri: &str,
+        tuning: &Tuning,
+    ) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Where the outgoing migration is.
+    fn migration_progress(&self) -> impl Future<Output = Result<Progress, QmpError>> + Send;
+    /// Past the pause before the switch-over: send the final state.
+    fn continue_switchover(&self) -> impl Future<Output = Result<(), QmpError>> + Send;
+    /// Undo an outgoing migration that will not finish: cancel it and its mirrors, run the
+    /// guest again, drop the mirror target nodes `nodes`. Best effort.
+    fn abandon_outgoing(&self, nodes: &[String]) -> impl Future<Output = ()> + Send;
     /// Every event from now on: an unplug subscribes before it asks, so no `DEVICE_DELETED`
     /// is missed.
     fn events(&self) -> broadcast::Receiver<QmpEvent>;
@@ -108,6 +177,39 @@ impl Vmm for QemuVmm {
         self.qmp.execute("cont", None).await.map(|_| ())
     }
 
+    async fn pause(&self) -> Result<(), QmpError> {
+        self.qmp.execute("stop", None).await.map(|_| ())
+    }
+
+    async fn snapshot_disk(
+        &self,
+        node: &str,
+        overlay: &Path,
+        new_node: &str,
+    ) -> Result<(), QmpError> {
+        migrate::snapshot_disk(&self.qmp, node, overlay, new_node).await
+    }
+
+    async fn save_state(&self, file: &Path, shared_ram: bool) -> Result<(), QmpError> {
+        migrate::save_state(&self.qmp, file, shared_ram).await
+    }
+
+    async fn save_state_mapped(&self, file: &Path) -> Result<(), QmpError> {
+        migrate::save_state_mapped(&self.qmp, file).await
+    }
+
+    async fn background_snapshot(&self, uri: &str) -> Result<(), QmpError> {
+        migrate::background_snapshot(&self.qmp, uri).await
+    }
+
+    async fn wait_device_state(
+        &self,
+        keeps_run_state: bool,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        migrate::wait_device_state(&self.qmp, keeps_run_state, timeout).await
+    }
+
     async fn quit(&self, timeout: Duration) -> Result<(), QmpError> {
         self.qmp
             .execute_timeout("quit", None, timeout)
@@ -116,11 +218,49 @@ impl Vmm for QemuVmm {
     }
 
     async fn settle_capture(&self, timeout: Duration) -> Result<Option<String>, QmpError> {
-        drover_qemu::migrate::settle_migration(&self.qmp, timeout).await
+        migrate::settle_migration(&self.qmp, timeout).await
     }
 
     fn events(&self) -> broadcast::Receiver<QmpEvent> {
         self.events.subscribe()
+    }
+
+    async fn mirror_disk(
+        &self,
+        job: &str,
+        node: &str,
+        target: &NbdTarget<'_>,
+        speed: u64,
+    ) -> Result<(), QmpError> {
+        live_migration::mirror_to_nbd(&self.qmp, job, node, target, speed).await
+    }
+
+    async fn block_jobs(&self, ids: &[String]) -> Result<Vec<BlockJob>, QmpError> {
+        live_migration::block_jobs(&self.qmp, ids).await
+    }
+
+    async fn complete_mirrors(
+        &self,
+        jobs: &[String],
+        timeout: Duration,
+    ) -> Result<(), LiveMigrationError> {
+        live_migration::complete_mirrors(&self.qmp, jobs, timeout).await
+    }
+
+    async fn start_outgoing(&self, uri: &str, tuning: &Tuning) -> Result<(), QmpError> {
+        live_migration::start_outgoing(&self.qmp, uri, tuning).await
+    }
+
+    async fn migration_progress(&self) -> Result<Progress, QmpError> {
+        live_migration::progress(&self.qmp).await
+    }
+
+    async fn continue_switchover(&self) -> Result<(), QmpError> {
+        live_migration::continue_switchover(&self.qmp).await
+    }
+
+    async fn abandon_outgoing(&self, nodes: &[String]) {
+        live_migration::abandon_outgoing(&self.qmp, nodes).await
     }
 
     async fn add_fd(

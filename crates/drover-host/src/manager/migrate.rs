@@ -22,13 +22,14 @@ use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
 use crate::vm_events::{Reaction, Subscriber, VmEvent};
+use crate::vmm::QemuVmm;
 use drover_api::{
     ApiError, Client, ClientError, HostInfo, IncomingReady, IncomingRequest, MigrateProgress,
     MigrateRequest, MigrateResult, MigrationMark, MigrationPhase, MigrationRole, MigrationStep,
     MovedFile, PackedRow, RemoteSpec, VmInfo, VmState,
 };
 use drover_model::VmConfig;
-use drover_qemu::live_migration::{self, Phase};
+use drover_qemu::live_migration;
 use drover_qemu::{hotplug, nbd};
 use drover_store::{StoreExt, Write};
 use serde_json::{json, Value};
@@ -77,6 +78,8 @@ fn on_vm_event<'a>(m: &'a Manager, ev: &'a VmEvent) -> Reaction<'a> {
     }
     crate::vm_events::done()
 }
+
+mod copy;
 
 /// Default longest planned switch-over pause. PLATFORM.md: a 50 ms limit gives ~10 ms here, with
 /// spikes; 20 keeps the pause short with no measurable cost in total time on a LAN.
@@ -588,115 +591,36 @@ impl Manager {
             .running_config
             .clone()
             .ok_or_else(|| HostError::Internal("no running config".into()))?;
-        let qmp = &rt.qmp;
-        let bandwidth = req.bandwidth.unwrap_or(DEFAULT_BANDWIDTH);
-        let mut jobs = Vec::new();
-        if !req.shared_storage {
-            for d in &running.disks {
-                let target = live_migration::NbdTarget {
-                    host: &ready.nbd_host,
-                    port: disk_port(ready, d.id.as_str())?,
-                    export: d.id.as_str(),
-                };
-                let job = live_migration::mirror_node(d.id.as_str());
-                live_migration::mirror_to_nbd(qmp, &job, &rt.active_node(d), &target, bandwidth)
-                    .await?;
-                jobs.push(job);
-            }
-        }
-        // Disks first: memory is copied once they only need the guest's new writes.
-        let mut disk_bytes;
-        let mut last = (Instant::now(), u64::MAX);
-        loop {
-            if self.cancelled(name) {
-                return Err(HostError::Conflict("cancelled; the VM stays here".into()));
-            }
-            let mine = live_migration::block_jobs(qmp, &jobs).await?;
-            if mine.len() < jobs.len() {
-                return Err(live_migration::LiveMigrationError::MirrorFailed.into());
-            }
-            let done: u64 = mine.iter().map(|j| j.offset).sum();
-            let total: u64 = mine.iter().map(|j| j.len).sum();
-            disk_bytes = total;
-            progress(MigrateProgress {
-                stage: "disks".into(),
-                disk_done: done,
-                disk_total: total,
-                ram_total: running.memory,
-                ..Default::default()
-            });
-            if mine.iter().all(|j| j.ready) {
-                break;
-            }
-            if done != last.1 {
-                last = (Instant::now(), done);
-            } else if last.0.elapsed() > stall() {
-                return Err(HostError::Timeout(format!(
-                    "copying disks made no progress for {} s (is the destination reachable?)",
-                    stall().as_secs()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let tuning = live_migration::Tuning {
-            // Disks mirrored: stop before the switch-over to complete them. Without mirrors
-            // (no disks, or shared storage) that stop would only add to the downtime.
-            pause_before_switchover: !jobs.is_empty(),
-            downtime_ms: req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
-            bandwidth,
+        let mirrors = if req.shared_storage {
+            Vec::new()
+        } else {
+            running
+                .disks
+                .iter()
+                .map(|d| {
+                    Ok(copy::Mirror {
+                        job: live_migration::mirror_node(d.id.as_str()),
+                        node: rt.active_node(d),
+                        target: live_migration::NbdTarget {
+                            host: &ready.nbd_host,
+                            port: disk_port(ready, d.id.as_str())?,
+                            export: d.id.as_str(),
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
         };
-        live_migration::start_outgoing(qmp, &ready.migrate_uri, &tuning).await?;
-        let mut last = (Instant::now(), u64::MAX);
-        loop {
-            if self.cancelled(name) {
-                return Err(HostError::Conflict("cancelled; the VM stays here".into()));
-            }
-            let m = live_migration::progress(qmp).await?;
-            match m.phase {
-                Phase::Completed => return Ok((m.downtime_ms, m.ram_transferred, disk_bytes)),
-                Phase::Failed(why) => {
-                    return Err(live_migration::LiveMigrationError::Failed(why).into())
-                }
-                Phase::PreSwitchover => {
-                    // Paused: finish the disk mirrors (the destination gets every last write),
-                    // then let QEMU send the final state.
-                    progress(MigrateProgress {
-                        stage: "switch-over".into(),
-                        disk_done: disk_bytes,
-                        disk_total: disk_bytes,
-                        ram_done: m.ram_transferred,
-                        ram_total: running.memory,
-                        ..Default::default()
-                    });
-                    live_migration::complete_mirrors(qmp, &jobs, Duration::from_secs(60)).await?;
-                    live_migration::continue_switchover(qmp).await?;
-                }
-                _ => {
-                    let sent = m.ram_transferred;
-                    progress(MigrateProgress {
-                        stage: "memory".into(),
-                        disk_done: disk_bytes,
-                        disk_total: disk_bytes,
-                        ram_done: sent,
-                        ram_total: m.ram_total,
-                        ram_remaining: m.ram_remaining,
-                        dirty_rate: m.dirty_bytes_per_s,
-                        expected_downtime_ms: m.expected_downtime_ms,
-                    });
-                    if sent != last.1 {
-                        last = (Instant::now(), sent);
-                    } else if last.0.elapsed() > stall() {
-                        return Err(HostError::Timeout(format!(
-                            "the memory copy made no progress for {} s (is the destination \
-                             reachable?)",
-                            stall().as_secs()
-                        )));
-                    }
-                }
-            }
-            // Every millisecond polled late in `pre-switchover` is a millisecond of downtime.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let plan = copy::LiveCopy {
+            mirrors,
+            uri: &ready.migrate_uri,
+            bandwidth: req.bandwidth.unwrap_or(DEFAULT_BANDWIDTH),
+            downtime_ms: req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+            ram_total: running.memory,
+            stall: stall(),
+        };
+        let vmm = QemuVmm::new(rt.qmp.clone(), rt.events.clone());
+        let c = copy::copy_live(&vmm, &plan, || self.cancelled(name), progress).await?;
+        Ok((c.downtime_ms, c.ram_bytes, c.disk_bytes))
     }
 
     /// Offline copy: each disk's content into the destination's qemu-nbd.

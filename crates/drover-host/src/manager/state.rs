@@ -22,6 +22,7 @@ use crate::auth::Caller;
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
 use crate::vm_events::{Reaction, Subscriber, VmEvent};
+use crate::vmm::QemuVmm;
 use drover_api::{
     Capture, GuestSaveNote, StateInfo, StatePhase, StateSection, VmInfo, VmState, STATE_FORMAT,
 };
@@ -35,6 +36,8 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod capture;
 
 pub(super) const STATES: &str = "states";
 
@@ -497,49 +500,53 @@ impl Manager {
         // The state's config is the running one (disks by origin); the layers it pins are
         // recorded in the disks' chains. The running VM moves to new overlays.
         let state_cfg = running.clone();
-        let mut moved = 0;
-        let t0 = Instant::now();
-        rt.qmp.execute("stop", None).await?;
-        let saved = async {
-            for (i, d) in running.disks.iter().enumerate() {
-                let node = rt.active_node(d);
-                let new_node = layer_node(d.id.as_str(), &id);
-                migrate::snapshot_disk(&rt.qmp, &node, &overlays[i], &new_node).await?;
-                lock(&rt.nodes).insert(d.id.to_string(), new_node);
-                moved = i + 1;
-            }
-            crate::crashpoint::hit("save-disks-moved");
-            match &receiver {
-                // QEMU takes the device state, write-protects RAM and runs the guest again.
-                Some(r) => {
-                    migrate::background_snapshot(&rt.qmp, &r.uri).await?;
-                    let keeps = self
-                        .s
-                        .probe
-                        .as_ref()
-                        .is_some_and(|p| p.background_snapshot_keeps_run_state());
-                    migrate::wait_device_state(&rt.qmp, keeps, Duration::from_secs(120)).await?;
-                }
-                // The device state without the (shared) RAM, then the RAM file, both paused.
-                None if plan == Some(Capture::Copy) => {
-                    migrate::save_state(&rt.qmp, &devices, true).await?;
-                    if let Some(m) = &ram {
-                        self.copy_guest_ram(vm, &id, m).await?;
-                    }
-                }
-                // Faster than the exec stream where QEMU has it (bench/mapped_ram.py).
-                None if mapped_ram => migrate::save_state_mapped(&rt.qmp, &devices).await?,
-                None => migrate::save_state(&rt.qmp, &devices, false).await?,
-            }
-            Ok::<_, HostError>(())
-        }
-        .await;
-        // Resume whatever happened: a failed save must not leave the guest paused.
-        let resumed = match rt.qmp.execute("query-status", None).await {
-            Ok(v) if v.get("running").and_then(|r| r.as_bool()) == Some(true) => Ok(()),
-            _ => rt.qmp.execute("cont", None).await.map(|_| ()),
+        let moves: Vec<capture::DiskMove> = running
+            .disks
+            .iter()
+            .zip(&overlays)
+            .map(|(d, o)| capture::DiskMove {
+                node: rt.active_node(d),
+                overlay: o.clone(),
+                new_node: layer_node(d.id.as_str(), &id),
+            })
+            .collect();
+        let keeps_run_state = self
+            .s
+            .probe
+            .as_ref()
+            .is_some_and(|p| p.background_snapshot_keeps_run_state());
+        let memory = match &receiver {
+            Some(r) => capture::Memory::Stream {
+                uri: &r.uri,
+                keeps_run_state,
+            },
+            None if plan == Some(Capture::Copy) => capture::Memory::Copy { devices: &devices },
+            // Faster than the exec stream where QEMU has it (bench/mapped_ram.py).
+            None if mapped_ram => capture::Memory::Mapped { devices: &devices },
+            None => capture::Memory::Whole { devices: &devices },
         };
-        let paused_ms = t0.elapsed().as_millis() as u64;
+        let vmm = QemuVmm::new(rt.qmp.clone(), rt.events.clone());
+        let capture::Paused {
+            saved,
+            moved,
+            resumed,
+            paused_ms,
+        } = capture::paused_capture(
+            &vmm,
+            &moves,
+            memory,
+            |i| {
+                let d = &running.disks[i];
+                lock(&rt.nodes).insert(d.id.to_string(), moves[i].new_node.clone());
+            },
+            || async {
+                match &ram {
+                    Some(m) => self.copy_guest_ram(vm, &id, m).await,
+                    None => Ok(()),
+                }
+            },
+        )
+        .await;
         // The running VM now writes to the overlays that were plugged, even if a later step
         // failed; the layers under them are the state's when it was saved. No config changes.
         let mut pinned = std::collections::BTreeMap::new();

@@ -3,7 +3,12 @@
 //! It models what those rules depend on in QEMU: the run state; devices and the backend each
 //! uses (a block node, a netdev, a memory object), with QEMU's refusals (a duplicate id, a
 //! missing backend, freeing a backend a device still uses); a guest that releases an unplugged
-//! device at once (a `DEVICE_DELETED` event) unless told to hold it; vCPU slots. Every QMP
+//! device at once (a `DEVICE_DELETED` event) unless told to hold it; vCPU slots; a save's
+//! steps (a device state is written only while paused; a background snapshot restarts the
+//! guest once its device state is taken, as QEMU < 9.0 does, or leaves it paused); an outgoing
+//! live migration (disk mirrors that copy [`MIRROR_STEP`] per query up to [`MIRROR_LEN`] and
+//! stay `ready`, a memory copy of [`RAM_STEP`] per query up to [`RAM`] that waits paused before
+//! the switch-over when asked to, and refuses to continue while a mirror still runs). Every QMP
 //! command it is asked for is recorded as `"<command> <id>"`, and any one of them can be made to
 //! fail at its Nth call.
 
@@ -11,13 +16,24 @@ use super::Vmm;
 use drover_model::{DiskConfig, NicConfig};
 use drover_qemu::cmdline::{disk_node, nic_node};
 use drover_qemu::hotplug::dimm_ids;
+use drover_qemu::live_migration::{BlockJob, LiveMigrationError, NbdTarget, Progress, Tuning};
 use drover_qemu::qmp::{QmpError, QmpEvent};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::BorrowedFd;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::broadcast;
+
+/// A mirrored disk's size.
+pub const MIRROR_LEN: u64 = 64 << 20;
+/// What a mirror copies between two queries.
+pub const MIRROR_STEP: u64 = 16 << 20;
+/// The guest memory a migration sends.
+pub const RAM: u64 = 128 << 20;
+/// What the memory copy sends between two queries.
+pub const RAM_STEP: u64 = 32 << 20;
 
 /// A fake running QEMU. See the module docs.
 #[derive(Debug)]
@@ -40,6 +56,18 @@ struct State {
     fd_sets: u64,
     /// How a capture left streaming ends (`None`: none is under way).
     capture: Option<(String, String)>,
+    /// A background snapshot has been started and not yet taken its device state.
+    snapshotting: bool,
+    /// Disk mirror jobs by id: bytes copied.
+    mirrors: BTreeMap<String, u64>,
+    /// The outgoing migration: its status and memory bytes sent.
+    outgoing: Option<(String, u64, bool)>,
+    /// Mirror jobs that vanish at the next query (a failed copy).
+    lost_mirrors: BTreeSet<String>,
+    mirrors_stalled: bool,
+    memory_stalled: bool,
+    /// QEMU's reason when the migration fails at its next query.
+    migration_fails: Option<String>,
     calls: Vec<String>,
     /// (command, n): the nth call of `command` from now on fails.
     failures: Vec<(String, usize)>,
@@ -99,6 +127,26 @@ impl FakeVmm {
     /// Set the run state `status` reports.
     pub fn set_status(&self, status: &str) {
         self.lock().status = status.into();
+    }
+
+    /// Mirror job `job` disappears at the next query, as a failed one does.
+    pub fn lose_mirror(&self, job: &str) {
+        self.lock().lost_mirrors.insert(job.into());
+    }
+
+    /// The disk mirrors copy nothing more (a cut network).
+    pub fn stall_mirrors(&self) {
+        self.lock().mirrors_stalled = true;
+    }
+
+    /// The memory copy sends nothing more (a cut network).
+    pub fn stall_memory(&self) {
+        self.lock().memory_stalled = true;
+    }
+
+    /// The outgoing migration fails at its next query, QEMU saying `why`.
+    pub fn fail_migration(&self, why: &str) {
+        self.lock().migration_fails = Some(why.into());
     }
 
     /// The guest keeps device `id` when asked to release it (no `DEVICE_DELETED`).
@@ -186,6 +234,18 @@ impl FakeVmm {
         Ok(())
     }
 
+    /// Write a device state into `file`: only of a paused guest, whose state would otherwise
+    /// not be the one of one instant.
+    fn save(&self, command: &str, file: &Path) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        self.call(&mut s, command, name)?;
+        if s.status != "paused" {
+            return Err(err(command, &format!("the guest is {}", s.status)));
+        }
+        Ok(())
+    }
+
     /// Plug a device over a backend, as QEMU's hot-plug helpers do: the backend first, taken
     /// out again when the device fails.
     fn plug(&self, backend_cmd: &str, del_cmd: &str, id: &str) -> Result<(), QmpError> {
@@ -220,6 +280,70 @@ impl Vmm for FakeVmm {
         Ok(())
     }
 
+    async fn pause(&self) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "stop", "")?;
+        s.status = "paused".into();
+        Ok(())
+    }
+
+    async fn snapshot_disk(
+        &self,
+        node: &str,
+        _overlay: &Path,
+        new_node: &str,
+    ) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "blockdev-snapshot", node)?;
+        let Some(dev) = s
+            .devices
+            .iter()
+            .find(|(_, b)| b.as_deref() == Some(node))
+            .map(|(d, _)| d.clone())
+        else {
+            return Err(err(
+                "blockdev-snapshot",
+                &format!("Cannot find device='' nor node-name='{node}'"),
+            ));
+        };
+        if !s.backends.insert(new_node.into()) {
+            return Err(err("blockdev-add", &format!("Duplicate ID '{new_node}'")));
+        }
+        s.devices.insert(dev, Some(new_node.into()));
+        Ok(())
+    }
+
+    async fn save_state(&self, file: &Path, _shared_ram: bool) -> Result<(), QmpError> {
+        self.save("migrate", file)
+    }
+
+    async fn save_state_mapped(&self, file: &Path) -> Result<(), QmpError> {
+        self.save("migrate-mapped", file)
+    }
+
+    async fn background_snapshot(&self, uri: &str) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "background-snapshot", uri)?;
+        s.snapshotting = true;
+        Ok(())
+    }
+
+    async fn wait_device_state(
+        &self,
+        keeps_run_state: bool,
+        _timeout: Duration,
+    ) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "query-migrate", "")?;
+        if !std::mem::take(&mut s.snapshotting) {
+            return Err(err("query-migrate", "no background snapshot is under way"));
+        }
+        if !keeps_run_state {
+            s.status = "running".into();
+        }
+        Ok(())
+    }
+
     async fn quit(&self, _timeout: Duration) -> Result<(), QmpError> {
         let mut s = self.lock();
         self.call(&mut s, "quit", "")?;
@@ -239,6 +363,145 @@ impl Vmm for FakeVmm {
 
     fn events(&self) -> broadcast::Receiver<QmpEvent> {
         self.events.subscribe()
+    }
+
+    async fn mirror_disk(
+        &self,
+        job: &str,
+        node: &str,
+        _target: &NbdTarget<'_>,
+        _speed: u64,
+    ) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "blockdev-mirror", job)?;
+        if !s.backends.contains(node) {
+            return Err(err(
+                "blockdev-mirror",
+                &format!("Cannot find node '{node}'"),
+            ));
+        }
+        if !s.backends.insert(job.into()) {
+            return Err(err("blockdev-add", &format!("Duplicate ID '{job}'")));
+        }
+        s.mirrors.insert(job.into(), 0);
+        Ok(())
+    }
+
+    async fn block_jobs(&self, ids: &[String]) -> Result<Vec<BlockJob>, QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "query-block-jobs", "")?;
+        let lost = std::mem::take(&mut s.lost_mirrors);
+        s.mirrors.retain(|j, _| !lost.contains(j));
+        let step = if s.mirrors_stalled { 0 } else { MIRROR_STEP };
+        Ok(s.mirrors
+            .iter_mut()
+            .filter(|(j, _)| ids.contains(j))
+            .map(|(j, done)| {
+                *done = (*done + step).min(MIRROR_LEN);
+                BlockJob {
+                    device: j.clone(),
+                    offset: *done,
+                    len: MIRROR_LEN,
+                    ready: *done == MIRROR_LEN,
+                }
+            })
+            .collect())
+    }
+
+    async fn complete_mirrors(
+        &self,
+        jobs: &[String],
+        _timeout: Duration,
+    ) -> Result<(), LiveMigrationError> {
+        let mut s = self.lock();
+        for j in jobs {
+            self.call(&mut s, "block-job-cancel", j)?;
+            if s.mirrors.remove(j).is_none() {
+                return Err(err("block-job-cancel", &format!("Block job '{j}' not found")).into());
+            }
+            s.backends.remove(j);
+        }
+        Ok(())
+    }
+
+    async fn start_outgoing(&self, uri: &str, tuning: &Tuning) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "migrate", uri)?;
+        s.outgoing = Some(("setup".into(), 0, tuning.pause_before_switchover));
+        Ok(())
+    }
+
+    async fn migration_progress(&self) -> Result<Progress, QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "query-migrate", "")?;
+        let step = if s.memory_stalled { 0 } else { RAM_STEP };
+        let fails = s.migration_fails.take();
+        let mut status = s.status.clone();
+        let Some((phase, sent, pause_before)) = s.outgoing.as_mut() else {
+            return Ok(Progress::from_query(&serde_json::json!({})));
+        };
+        match (phase.as_str(), fails) {
+            (_, Some(why)) => {
+                *phase = "failed".into();
+                status = "running".into();
+                let q = serde_json::json!({ "status": "failed", "error-desc": why });
+                s.status = status;
+                return Ok(Progress::from_query(&q));
+            }
+            ("setup", None) => *phase = "active".into(),
+            ("active", None) => {
+                *sent = (*sent + step).min(RAM);
+                if *sent == RAM {
+                    // The last pass: paused, then either waiting or done.
+                    status = if *pause_before {
+                        "paused"
+                    } else {
+                        "postmigrate"
+                    }
+                    .into();
+                    *phase = if *pause_before {
+                        "pre-switchover"
+                    } else {
+                        "completed"
+                    }
+                    .into();
+                }
+            }
+            _ => {}
+        }
+        let q = serde_json::json!({
+            "status": phase,
+            "downtime": if phase == "completed" { 12 } else { 0 },
+            "ram": { "transferred": *sent, "total": RAM, "remaining": RAM - *sent },
+        });
+        s.status = status;
+        Ok(Progress::from_query(&q))
+    }
+
+    async fn continue_switchover(&self) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.call(&mut s, "migrate-continue", "")?;
+        if !s.mirrors.is_empty() {
+            // QEMU would send the final state; the destination would miss the last writes.
+            return Err(err("migrate-continue", "disk mirrors are still running"));
+        }
+        match s.outgoing.as_mut() {
+            Some((phase, _, _)) if phase == "pre-switchover" => *phase = "completed".into(),
+            _ => return Err(err("migrate-continue", "not paused before the switch-over")),
+        }
+        s.status = "postmigrate".into();
+        Ok(())
+    }
+
+    async fn abandon_outgoing(&self, nodes: &[String]) {
+        let mut s = self.lock();
+        let _ = self.call(&mut s, "migrate_cancel", "");
+        s.outgoing = None;
+        s.mirrors.clear();
+        s.status = "running".into();
+        for n in nodes {
+            s.backends.remove(n);
+        }
     }
 
     async fn add_fd(
