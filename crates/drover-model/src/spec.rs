@@ -838,6 +838,32 @@ pub struct DiskConfig {
     pub addr: Option<u8>,
 }
 
+impl DiskConfig {
+    /// A disk not placed yet (index 0, no hot-plug port or PCI address: placed when the config
+    /// is normalized or the disk is plugged), with no imported base.
+    pub fn unplaced(
+        id: ElementId,
+        path: PathBuf,
+        format: DiskFormat,
+        size: u64,
+        readonly: bool,
+        owned: bool,
+    ) -> DiskConfig {
+        DiskConfig {
+            id,
+            path,
+            format,
+            size,
+            readonly,
+            owned,
+            base: None,
+            index: 0,
+            slot: None,
+            addr: None,
+        }
+    }
+}
+
 /// How a NIC reaches the world.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -802,18 +802,14 @@ impl Manager {
                     self.guest_disk_quota(vm, count, bytes, *size)?;
                     let path = self.vm_dir(vm).join("disks").join(format!("{id}.qcow2"));
                     Change::AddDisk(
-                        DiskConfig {
+                        DiskConfig::unplaced(
                             id,
                             path,
-                            format: drover_model::DiskFormat::Qcow2,
-                            size: *size,
-                            readonly: false,
-                            owned: true,
-                            base: None,
-                            index: 0,
-                            slot: None,
-                            addr: None,
-                        },
+                            drover_model::DiskFormat::Qcow2,
+                            *size,
+                            false,
+                            true,
+                        ),
                         true,
                     )
                 }

@@ -148,18 +148,16 @@ impl Manager {
                         tokio::task::spawn_blocking(move || img::create_qcow2(&p, size))
                             .await
                             .map_err(|e| HostError::Internal(e.to_string()))??;
-                        DiskConfig {
-                            id: id.clone(),
+                        let mut d = DiskConfig::unplaced(
+                            id.clone(),
                             path,
-                            format: drover_model::DiskFormat::Qcow2,
+                            drover_model::DiskFormat::Qcow2,
                             size,
-                            readonly: *readonly,
-                            owned: true,
-                            base: None,
-                            index: disks.len() as u32,
-                            slot: None,
-                            addr: None,
-                        }
+                            *readonly,
+                            true,
+                        );
+                        d.index = disks.len() as u32;
+                        d
                     }
                     DiskSource::FromImage { name, size } => {
                         let mut d = self
@@ -173,18 +171,16 @@ impl Manager {
                         let info = tokio::task::spawn_blocking(move || img::inspect(&p))
                             .await
                             .map_err(|e| HostError::Internal(e.to_string()))??;
-                        DiskConfig {
-                            id: id.clone(),
-                            path: path.clone(),
-                            format: info.format,
-                            size: info.virtual_size,
-                            readonly: *readonly,
-                            owned: false,
-                            base: None,
-                            index: disks.len() as u32,
-                            slot: None,
-                            addr: None,
-                        }
+                        let mut d = DiskConfig::unplaced(
+                            id.clone(),
+                            path.clone(),
+                            info.format,
+                            info.virtual_size,
+                            *readonly,
+                            false,
+                        );
+                        d.index = disks.len() as u32;
+                        d
                     }
                 });
             }

@@ -65,7 +65,14 @@ impl Manager {
                 }
                 let path = self.vm_dir(name).join("disks").join(format!("{id}.qcow2"));
                 Change::AddDisk(
-                    new_disk(id, path, drover_model::DiskFormat::Qcow2, size, false, true),
+                    DiskConfig::unplaced(
+                        id,
+                        path,
+                        drover_model::DiskFormat::Qcow2,
+                        size,
+                        false,
+                        true,
+                    ),
                     true,
                 )
             }
@@ -87,7 +94,14 @@ impl Manager {
                     .await
                     .map_err(|e| HostError::Internal(e.to_string()))??;
                 Change::AddDisk(
-                    new_disk(id, image, info.format, info.virtual_size, readonly, false),
+                    DiskConfig::unplaced(
+                        id,
+                        image,
+                        info.format,
+                        info.virtual_size,
+                        readonly,
+                        false,
+                    ),
                     false,
                 )
             }
@@ -966,29 +980,6 @@ fn apply_to(cfg: &mut VmConfig, c: &Change, slot_no: Option<u8>, host_cpus: u32)
     next.validate_config()?;
     *cfg = next;
     Ok(())
-}
-
-/// A disk attached live: placed (index, slot, address) when it is plugged.
-fn new_disk(
-    id: ElementId,
-    path: std::path::PathBuf,
-    format: drover_model::DiskFormat,
-    size: u64,
-    readonly: bool,
-    owned: bool,
-) -> DiskConfig {
-    DiskConfig {
-        id,
-        path,
-        format,
-        size,
-        readonly,
-        owned,
-        base: None,
-        index: 0,
-        slot: None,
-        addr: None,
-    }
 }
 
 #[cfg(test)]

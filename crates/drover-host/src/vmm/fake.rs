@@ -35,6 +35,32 @@ pub const RAM: u64 = 128 << 20;
 /// What the memory copy sends between two queries.
 pub const RAM_STEP: u64 = 32 << 20;
 
+/// A qcow2 disk `id` of `size` bytes, for tests' configs.
+pub fn test_disk(id: &str, size: u64) -> DiskConfig {
+    DiskConfig::unplaced(
+        drover_model::ElementId::new(id).unwrap_or_else(|e| panic!("{id}: {e}")),
+        format!("/nonexistent/{id}.qcow2").into(),
+        drover_model::DiskFormat::Qcow2,
+        size,
+        false,
+        true,
+    )
+}
+
+/// A one-vCPU VM `v` of `memory` bytes with disks `disks`, for tests.
+pub fn test_config(memory: u64, disks: &[&str]) -> drover_model::VmConfig {
+    drover_model::VmConfig {
+        name: drover_model::VmName::new("v").unwrap_or_else(|e| panic!("{e}")),
+        cpus: 1,
+        memory,
+        disks: disks.iter().map(|d| test_disk(d, 64 << 20)).collect(),
+        nics: Vec::new(),
+        boot: drover_model::Boot::Default { cmdline: None },
+        accel: None,
+        max_memory: None,
+    }
+}
+
 /// A fake running QEMU. See the module docs.
 #[derive(Debug)]
 pub struct FakeVmm {

@@ -174,39 +174,14 @@ mod tests {
     //! before the switch-over without mirrors, and every way a copy ends early.
 
     use super::*;
-    use crate::vmm::fake::{FakeVmm, MIRROR_LEN, RAM};
-    use drover_model::{DiskConfig, DiskFormat, ElementId, VmConfig, VmName};
+    use crate::vmm::fake::{test_config, FakeVmm, MIRROR_LEN, RAM};
     use drover_qemu::cmdline::disk_node;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
 
-    fn disk(id: &str) -> DiskConfig {
-        DiskConfig {
-            id: ElementId::new(id).unwrap(),
-            path: format!("/d/{id}.qcow2").into(),
-            format: DiskFormat::Qcow2,
-            size: MIRROR_LEN,
-            readonly: false,
-            owned: true,
-            base: None,
-            index: 0,
-            slot: None,
-            addr: None,
-        }
-    }
-
     /// A running VM with `disks`, and the plan that mirrors each of them.
     fn vm(disks: &[&str]) -> (FakeVmm, LiveCopy<'static>) {
-        let cfg = VmConfig {
-            name: VmName::new("v").unwrap(),
-            cpus: 1,
-            memory: RAM,
-            disks: disks.iter().map(|d| disk(d)).collect(),
-            nics: Vec::new(),
-            boot: drover_model::Boot::Default { cmdline: None },
-            accel: None,
-            max_memory: None,
-        };
+        let cfg = test_config(RAM, disks);
         let mirrors = cfg
             .disks
             .iter()

@@ -118,37 +118,12 @@ mod tests {
     //! are reported, so the running VM's layers stay known.
 
     use super::*;
-    use crate::vmm::fake::FakeVmm;
-    use drover_model::{DiskConfig, DiskFormat, ElementId, VmConfig, VmName};
+    use crate::vmm::fake::{test_config, FakeVmm};
     use drover_qemu::cmdline::disk_node;
-
-    fn disk(id: &str) -> DiskConfig {
-        DiskConfig {
-            id: ElementId::new(id).unwrap(),
-            path: format!("/d/{id}.qcow2").into(),
-            format: DiskFormat::Qcow2,
-            size: 1 << 30,
-            readonly: false,
-            owned: true,
-            base: None,
-            index: 0,
-            slot: None,
-            addr: None,
-        }
-    }
 
     /// A running VM with disks `vda` and `vdb`, and their moves onto layer `s1`.
     fn vm() -> (FakeVmm, Vec<DiskMove>) {
-        let cfg = VmConfig {
-            name: VmName::new("v").unwrap(),
-            cpus: 1,
-            memory: 256 << 20,
-            disks: vec![disk("vda"), disk("vdb")],
-            nics: Vec::new(),
-            boot: drover_model::Boot::Default { cmdline: None },
-            accel: None,
-            max_memory: None,
-        };
+        let cfg = test_config(256 << 20, &["vda", "vdb"]);
         let moves = cfg
             .disks
             .iter()
@@ -167,14 +142,18 @@ mod tests {
 
     const DEVICES: &str = "/s/devices.bin";
 
+    /// Device state and RAM in one stream into `DEVICES`.
+    fn whole() -> Memory<'static> {
+        Memory::Whole {
+            devices: Path::new(DEVICES),
+        }
+    }
+
     #[tokio::test]
     async fn a_save_pauses_moves_every_disk_then_resumes() {
         let (vmm, moves) = vm();
         let mut seen = Vec::new();
-        let whole = Memory::Whole {
-            devices: Path::new(DEVICES),
-        };
-        let p = paused_capture(&vmm, &moves, whole, |i| seen.push(i), no_copy).await;
+        let p = paused_capture(&vmm, &moves, whole(), |i| seen.push(i), no_copy).await;
         assert!(p.saved.is_ok() && p.resumed.is_ok(), "{p:?}");
         assert_eq!((p.moved, seen), (2, vec![0, 1]));
         assert_eq!(
@@ -200,10 +179,7 @@ mod tests {
     async fn a_failed_disk_move_resumes_and_reports_the_disks_moved() {
         let (vmm, moves) = vm();
         vmm.fail("blockdev-snapshot", 2);
-        let whole = Memory::Whole {
-            devices: Path::new(DEVICES),
-        };
-        let p = paused_capture(&vmm, &moves, whole, |_| {}, no_copy).await;
+        let p = paused_capture(&vmm, &moves, whole(), |_| {}, no_copy).await;
         assert!(p.saved.is_err());
         // vda writes on its overlay now: the caller records it as vda's top.
         assert_eq!(p.moved, 1);
@@ -215,9 +191,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_device_state_resumes_the_guest() {
         for memory in [
-            Memory::Whole {
-                devices: Path::new(DEVICES),
-            },
+            whole(),
             Memory::Mapped {
                 devices: Path::new(DEVICES),
             },
@@ -276,10 +250,7 @@ mod tests {
     async fn a_failed_pause_takes_nothing_and_leaves_the_guest_running() {
         let (vmm, moves) = vm();
         vmm.fail("stop", 1);
-        let whole = Memory::Whole {
-            devices: Path::new(DEVICES),
-        };
-        let p = paused_capture(&vmm, &moves, whole, |_| {}, no_copy).await;
+        let p = paused_capture(&vmm, &moves, whole(), |_| {}, no_copy).await;
         assert!(p.saved.is_err() && p.resumed.is_ok());
         assert_eq!(p.moved, 0);
         assert_eq!(vmm.calls(), ["stop", "query-status"]);
@@ -289,10 +260,7 @@ mod tests {
     async fn a_guest_that_cannot_be_resumed_is_reported() {
         let (vmm, moves) = vm();
         vmm.fail("cont", 1);
-        let whole = Memory::Whole {
-            devices: Path::new(DEVICES),
-        };
-        let p = paused_capture(&vmm, &moves, whole, |_| {}, no_copy).await;
+        let p = paused_capture(&vmm, &moves, whole(), |_| {}, no_copy).await;
         // The state was taken, but the caller must not answer "saved" for a paused guest.
         assert!(p.saved.is_ok() && p.resumed.is_err());
     }
