@@ -229,6 +229,11 @@ impl Runtime {
             .cloned()
             .unwrap_or_else(|| cmdline::disk_node(d))
     }
+
+    /// This QEMU as the backend seam's [`crate::vmm::Vmm`], with the daemon's copy of its events.
+    fn vmm(&self) -> crate::vmm::QemuVmm {
+        crate::vmm::QemuVmm::new(self.qmp.clone(), self.events.clone())
+    }
 }
 
 impl Clone for Runtime {

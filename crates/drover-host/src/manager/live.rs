@@ -13,7 +13,7 @@ use crate::action::VmAction;
 use crate::auth::{Caller, Permission};
 use crate::error::{HostError, Result};
 use crate::hostfacts;
-use crate::vmm::{QemuVmm, Vmm};
+use crate::vmm::Vmm;
 use drover_api::{
     AttachRequest, ChangeResult, ConfigHistoryView, DetachRequest, GenerationView, NewDevice,
     PersistRequest, SetRequest, VmInfo, VmState,
@@ -225,7 +225,7 @@ impl Manager {
             name,
             rt: &rt,
         };
-        let vmm = QemuVmm::new(rt.qmp.clone(), rt.events.clone());
+        let vmm = rt.vmm();
         let (cfg, done) = live_change(name, &vmm, &host, &running, changes, host_cpus).await?;
         // The same changes go into what will be sealed (next-boot changes made earlier stay).
         let mut next_after = next.clone();

@@ -22,7 +22,6 @@ use crate::auth::{Caller, Permission};
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
 use crate::vm_events::{Reaction, Subscriber, VmEvent};
-use crate::vmm::QemuVmm;
 use drover_api::{
     ApiError, Client, ClientError, HostInfo, IncomingReady, IncomingRequest, MigrateProgress,
     MigrateRequest, MigrateResult, MigrationMark, MigrationPhase, MigrationRole, MigrationStep,
@@ -618,7 +617,7 @@ impl Manager {
             ram_total: running.memory,
             stall: stall(),
         };
-        let vmm = QemuVmm::new(rt.qmp.clone(), rt.events.clone());
+        let vmm = rt.vmm();
         let c = copy::copy_live(&vmm, &plan, || self.cancelled(name), progress).await?;
         Ok((c.downtime_ms, c.ram_bytes, c.disk_bytes))
     }

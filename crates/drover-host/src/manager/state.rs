@@ -22,7 +22,6 @@ use crate::auth::Caller;
 use crate::error::{io_ctx, HostError, Result};
 use crate::hostfacts;
 use crate::vm_events::{Reaction, Subscriber, VmEvent};
-use crate::vmm::QemuVmm;
 use drover_api::{
     Capture, GuestSaveNote, StateInfo, StatePhase, StateSection, VmInfo, VmState, STATE_FORMAT,
 };
@@ -525,7 +524,7 @@ impl Manager {
             None if mapped_ram => capture::Memory::Mapped { devices: &devices },
             None => capture::Memory::Whole { devices: &devices },
         };
-        let vmm = QemuVmm::new(rt.qmp.clone(), rt.events.clone());
+        let vmm = rt.vmm();
         let capture::Paused {
             saved,
             moved,

@@ -460,37 +460,29 @@ impl Vmm for FakeVmm {
     async fn migration_progress(&self) -> Result<Progress, QmpError> {
         let mut s = self.lock();
         self.call(&mut s, "query-migrate", "")?;
-        let step = if s.memory_stalled { 0 } else { RAM_STEP };
-        let fails = s.migration_fails.take();
-        let mut status = s.status.clone();
-        let Some((phase, sent, pause_before)) = s.outgoing.as_mut() else {
+        let Some((mut phase, mut sent, pause_before)) = s.outgoing.take() else {
             return Ok(Progress::from_query(&serde_json::json!({})));
         };
-        match (phase.as_str(), fails) {
-            (_, Some(why)) => {
-                *phase = "failed".into();
-                status = "running".into();
-                let q = serde_json::json!({ "status": "failed", "error-desc": why });
-                s.status = status;
-                return Ok(Progress::from_query(&q));
-            }
-            ("setup", None) => *phase = "active".into(),
-            ("active", None) => {
-                *sent = (*sent + step).min(RAM);
-                if *sent == RAM {
-                    // The last pass: paused, then either waiting or done.
-                    status = if *pause_before {
-                        "paused"
+        if let Some(why) = s.migration_fails.take() {
+            s.outgoing = Some(("failed".into(), sent, pause_before));
+            s.status = "running".into();
+            let q = serde_json::json!({ "status": "failed", "error-desc": why });
+            return Ok(Progress::from_query(&q));
+        }
+        match phase.as_str() {
+            "setup" => phase = "active".into(),
+            "active" => {
+                let step = if s.memory_stalled { 0 } else { RAM_STEP };
+                sent = (sent + step).min(RAM);
+                if sent == RAM {
+                    // The last pass: paused, then either waiting for the mirrors or done.
+                    let (status, next) = if pause_before {
+                        ("paused", "pre-switchover")
                     } else {
-                        "postmigrate"
-                    }
-                    .into();
-                    *phase = if *pause_before {
-                        "pre-switchover"
-                    } else {
-                        "completed"
-                    }
-                    .into();
+                        ("postmigrate", "completed")
+                    };
+                    s.status = status.into();
+                    phase = next.into();
                 }
             }
             _ => {}
@@ -498,9 +490,9 @@ impl Vmm for FakeVmm {
         let q = serde_json::json!({
             "status": phase,
             "downtime": if phase == "completed" { 12 } else { 0 },
-            "ram": { "transferred": *sent, "total": RAM, "remaining": RAM - *sent },
+            "ram": { "transferred": sent, "total": RAM, "remaining": RAM - sent },
         });
-        s.status = status;
+        s.outgoing = Some((phase, sent, pause_before));
         Ok(Progress::from_query(&q))
     }
 
