@@ -90,7 +90,8 @@ class Droverd:
         """Run the CLI; exit on failure."""
         r = subprocess.run([f"{BIN}/drover", "--socket", self.sock, *args], capture_output=True, text=True)
         if r.returncode != 0:
-            raise SystemExit(f"drover {' '.join(args)}: {r.stderr}")
+            # With --output json the CLI writes its error as JSON on stdout.
+            raise SystemExit(f"drover {' '.join(args)} (exit {r.returncode}): {r.stderr}{r.stdout}")
         return r.stdout
 
     def __enter__(self):

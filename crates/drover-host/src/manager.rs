@@ -216,7 +216,11 @@ struct Runtime {
     /// Every QMP event, for operations that wait on one (DEVICE_DELETED).
     events: broadcast::Sender<QmpEvent>,
     pid: u32,
+    /// True once QEMU is reaped: its files, and the locks on its disk images, are free.
     exited: watch::Receiver<bool>,
+    /// True once its stop is recorded and the VM may run a new QEMU; the old one may still be
+    /// exiting (see `supervise`).
+    recorded: watch::Receiver<bool>,
     /// Set by an operator stop so the supervisor records the right reason.
     stop_reason: Arc<Mutex<Option<String>>>,
 }
@@ -246,6 +250,7 @@ impl Clone for Runtime {
             events: self.events.clone(),
             pid: self.pid,
             exited: self.exited.clone(),
+            recorded: self.recorded.clone(),
             stop_reason: self.stop_reason.clone(),
         }
     }

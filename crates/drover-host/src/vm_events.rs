@@ -34,7 +34,8 @@ pub enum VmEvent {
         /// Its record.
         info: VmInfo,
     },
-    /// Its QEMU has exited and the process is gone, but the stop is not recorded yet: drop
+    /// Its QEMU has exited (or, after a shutdown, begun to: the kernel may still be freeing its
+    /// memory and closing its files), but the stop is not recorded yet: drop
     /// whatever belonged to that QEMU, so none of it is left when the VM starts again.
     QemuGone {
         /// The VM.

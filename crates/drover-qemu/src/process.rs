@@ -248,6 +248,38 @@ fn confine_now(c: &Confine) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The kernel's `PF_EXITING` task flag (`/proc/PID/stat` field 9): set when the process has
+/// called `exit` or been killed, before its memory is torn down and its files closed.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether a `/proc/PID/stat` text shows a process that is exiting or has exited (zombie).
+fn stat_says_exiting(stat: &str) -> bool {
+    // After the command name (which may hold spaces and parentheses): state is field 3,
+    // flags field 9.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return true;
+    };
+    let mut f = rest.split_whitespace();
+    let state = f.next();
+    if matches!(state, Some("Z") | Some("X") | None) {
+        return true;
+    }
+    f.nth(5)
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_none_or(|flags| flags & PF_EXITING != 0)
+}
+
+/// Whether process `pid` has begun to exit (or is gone). A QEMU past this point has done all its
+/// own clean-up (its sockets and pid file are unlinked); the kernel may still take a while
+/// (50-200 ms for a few hundred MiB of guest memory here) to free its memory and close its
+/// files, so disk images it had open may still be locked.
+pub fn is_exiting(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => stat_says_exiting(&s),
+        Err(_) => true,
+    }
+}
+
 /// Whether `pid` is a live (not zombie) process whose command line mentions `marker`.
 ///
 /// A zombie counts as exited: after a droverd restart QEMU is no longer our child and init reaps
@@ -364,6 +396,24 @@ pub fn version(binary: &Path) -> Result<String, ProcessError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exiting_is_read_from_the_flags_and_state() {
+        // A running QEMU (flags 0x40400040), one past exit (0x40400044), a zombie, and a name
+        // with spaces and parentheses.
+        let running = "7499 (qemu-system-x86) S 1 7499 7499 0 -1 1077936448 4421 0 0 0";
+        let leaving = "7499 (qemu-system-x86) R 1 7499 7499 0 -1 1077936452 4421 0 0 0";
+        let zombie = "7499 (qemu-system-x86) Z 1 7499 7499 0 -1 1077936452 4421 0 0 0";
+        let odd = "42 (a) b (c) S 1 42 42 0 -1 1077936448 1 0 0 0";
+        assert!(!stat_says_exiting(running));
+        assert!(stat_says_exiting(leaving));
+        assert!(stat_says_exiting(zombie));
+        assert!(!stat_says_exiting(odd));
+        assert!(stat_says_exiting("garbage"));
+        // This test's own process is not exiting; a pid that does not exist is gone.
+        assert!(!is_exiting(std::process::id()));
+        assert!(is_exiting(u32::MAX - 1));
+    }
 
     #[tokio::test]
     async fn a_confined_process_keeps_only_the_capabilities_asked_for() {

@@ -103,6 +103,7 @@ impl Manager {
         started_from: String,
         kind: LaunchKind<'_>,
     ) -> Result<VmInfo> {
+        let begun = Instant::now();
         let restore = match kind {
             LaunchKind::Restore(r) => Some(r),
             _ => None,
@@ -202,6 +203,7 @@ impl Manager {
         let connected = self
             .connect_qmp(&paths.qmp, Some(&mut child), pid, Duration::from_secs(15))
             .await;
+        let qmp_at = started.elapsed();
         let (qmp, events) = match connected {
             Ok(c) => c,
             Err(why) => {
@@ -217,6 +219,7 @@ impl Manager {
                 )));
             }
         };
+        let (mut loaded_at, mut resumed_at) = (qmp_at, qmp_at);
         if let Some(r) = restore {
             crate::crashpoint::hit("restore-loading");
             // The state's checksum is checked while QEMU reads it: the file is read at the
@@ -242,8 +245,13 @@ impl Manager {
                     )))
                 }),
             };
+            loaded_at = started.elapsed();
             let failed: Option<HostError> = match (loaded, checked) {
-                (Ok(()), Ok(())) => qmp.execute("cont", None).await.err().map(HostError::from),
+                (Ok(()), Ok(())) => {
+                    let r = qmp.execute("cont", None).await.err().map(HostError::from);
+                    resumed_at = started.elapsed();
+                    r
+                }
                 (Err(e), _) => Some(e.into()),
                 (Ok(()), Err(e)) => Some(e),
             };
@@ -295,6 +303,18 @@ impl Manager {
             config.clone(),
         );
         tracing::info!(vm = name, pid, %accel, "started");
+        // Where a start's time went, for bench/restore_latency and anyone reading a slow start.
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::debug!(
+            vm = name,
+            restore = restore.is_some(),
+            prepare_ms = ms(started - begun),
+            qmp_ms = ms(qmp_at),
+            load_ms = ms(loaded_at - qmp_at),
+            cont_ms = ms(resumed_at - loaded_at),
+            record_ms = ms(started.elapsed() - resumed_at),
+            "launch_phases"
+        );
         let _ = info;
         Ok(self.view(slot))
     }
@@ -350,7 +370,8 @@ impl Manager {
         pid: u32,
         timeout: Duration,
     ) -> std::result::Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>), String> {
-        let deadline = Instant::now() + timeout;
+        let begun = Instant::now();
+        let deadline = begun + timeout;
         let mut last_err = String::from("QMP socket never appeared");
         while Instant::now() < deadline {
             if let Some(c) = child.as_mut() {
@@ -364,7 +385,14 @@ impl Manager {
                 Ok(c) => return Ok(c),
                 Err(e) => last_err = e.to_string(),
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // QEMU makes its socket 30-50 ms after exec here: poll finely at first, since a
+            // restore's guest waits on this, then back off for a slow start.
+            let step = if begun.elapsed() < Duration::from_millis(500) {
+                2
+            } else {
+                20
+            };
+            tokio::time::sleep(Duration::from_millis(step)).await;
         }
         Err(format!("timed out waiting for QMP: {last_err}"))
     }
@@ -421,6 +449,7 @@ impl Manager {
     ) {
         let paths = self.run_paths(name);
         let (exited_tx, exited_rx) = watch::channel(false);
+        let (recorded_tx, recorded_rx) = watch::channel(false);
         let (link_stop_tx, link_stop_rx) = watch::channel(false);
         let agent = AgentLink::spawn(
             name.to_string(),
@@ -439,6 +468,7 @@ impl Manager {
             events: events_tx.clone(),
             pid,
             exited: exited_rx.clone(),
+            recorded: recorded_rx,
             stop_reason: Arc::default(),
         };
         *lock(&slot.rt) = Some(rt.clone());
@@ -461,10 +491,12 @@ impl Manager {
                 pid,
                 rt.stop_reason.clone(),
                 paths,
+                super::supervise::Gone {
+                    link_stop: link_stop_tx,
+                    recorded: recorded_tx,
+                },
             )
             .await;
-            let _ = link_stop_tx.send(true);
-            *lock(&slot.rt) = None;
             let _ = exited_tx.send(true);
         });
     }

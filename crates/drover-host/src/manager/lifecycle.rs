@@ -545,6 +545,25 @@ impl Manager {
         timeout_s: u64,
         force: bool,
     ) -> Result<VmInfo> {
+        self.stop_until(name, op, timeout_s, force, false).await
+    }
+
+    /// Stop a VM whose QEMU a restore replaces at once: returns as soon as the stop is recorded,
+    /// while the kernel may still be freeing the old QEMU's memory (50-200 ms). The new QEMU
+    /// opens fresh overlays, never a file the old one wrote.
+    pub(super) async fn stop_to_replace(&self, name: &str, op: &OpGuard) -> Result<VmInfo> {
+        self.stop_until(name, op, 0, true, true).await
+    }
+
+    /// [`Self::stop_locked`]; with `recorded_only`, [`Self::stop_to_replace`].
+    async fn stop_until(
+        &self,
+        name: &str,
+        op: &OpGuard,
+        timeout_s: u64,
+        force: bool,
+        recorded_only: bool,
+    ) -> Result<VmInfo> {
         let slot = op.slot();
         VmAction::Stop
             .check(name, lock(&slot.info).state)
@@ -573,7 +592,11 @@ impl Manager {
             Ok(Vec::new())
         })?;
         let deadline = Instant::now() + Duration::from_secs(timeout_s);
-        let mut exited = rt.exited.clone();
+        let mut exited = if recorded_only {
+            rt.recorded.clone()
+        } else {
+            rt.exited.clone()
+        };
         let wait_until = |mut rx: watch::Receiver<bool>, until: Instant| async move {
             let left = until.saturating_duration_since(Instant::now());
             matches!(
@@ -616,11 +639,19 @@ impl Manager {
             } else {
                 "killed after the graceful-stop timeout"
             });
+            let asked = Instant::now();
             let _ = rt
                 .qmp
                 .execute_timeout("quit", None, Duration::from_secs(2))
                 .await;
+            let answered = asked.elapsed();
             done = wait_until(exited.clone(), Instant::now() + Duration::from_secs(3)).await;
+            tracing::debug!(
+                vm = name,
+                quit_ms = answered.as_millis() as u64,
+                exited_ms = asked.elapsed().as_millis() as u64,
+                "stop_phases"
+            );
             if !done {
                 process::signal(rt.pid, nix::sys::signal::Signal::SIGKILL);
                 done = matches!(

@@ -1319,6 +1319,7 @@ impl Manager {
         macs: &std::collections::BTreeMap<String, drover_model::MacAddr>,
         identity: Option<&drover_proto::IdentityUpdate>,
     ) -> Result<VmInfo> {
+        let begun = Instant::now();
         let slot = op.slot();
         let mut state = self.state(vm, which)?;
         if state.phase == StatePhase::Capturing {
@@ -1377,10 +1378,11 @@ impl Manager {
             }
         }
         self.check_fits(vm, &state.config)?;
+        let checked = begun.elapsed();
         let current = lock(&slot.info).state;
         match current {
             VmState::Running => {
-                self.stop_locked(vm, op, 0, true).await?;
+                self.stop_to_replace(vm, op).await?;
             }
             // A hibernated VM may come back from any of its states.
             VmState::Stopped | VmState::Hibernated => {}
@@ -1390,6 +1392,7 @@ impl Manager {
                 )))
             }
         }
+        let stopped = begun.elapsed();
         // The launch puts fresh overlays on the pinned layers: the state is never written to.
         let mut cfg = state.config.clone();
         for n in cfg.nics.iter_mut() {
@@ -1424,11 +1427,21 @@ impl Manager {
                 LaunchKind::Restore(&spec),
             )
             .await?;
+        let launched = begun.elapsed();
         self.set_guest_clock_soon(vm, slot);
         // A VM that goes back to saved states tends to save again.
         if spec.memory.is_some() {
             self.prepare_standby(vm, slot);
         }
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::debug!(
+            vm,
+            state = state.id,
+            checks_ms = ms(checked),
+            stop_ms = ms(stopped - checked),
+            launch_ms = ms(launched - stopped),
+            "restore_phases"
+        );
         Ok(info)
     }
 

@@ -16,6 +16,7 @@ impl Manager {
         pid: u32,
         stop_reason: Arc<Mutex<Option<String>>>,
         paths: RunPaths,
+        gone: Gone,
     ) {
         let mut shutdown: Option<serde_json::Value> = None;
         while let Some(ev) = events.recv().await {
@@ -63,28 +64,24 @@ impl Manager {
                 other => tracing::debug!(vm = name, "QMP event {other}"),
             }
         }
-        // QMP closed: QEMU is exiting. Wait for the process itself so its disks are free.
+        // QMP closed: QEMU is exiting. After a shutdown it is only waited for until it has begun
+        // to exit (its own clean-up done, sockets unlinked): the kernel may take 50-200 ms more
+        // to tear its memory down, which a restore replacing it need not wait for. Its files
+        // (and disk locks) are free only once it is reaped, which `exited` tells. A QEMU that
+        // ended without a shutdown is reaped first, for its exit status.
+        let closed = Instant::now();
         let marker = paths.dir.display().to_string();
-        let status = match child {
-            Some(mut c) => match tokio::time::timeout(Duration::from_secs(10), c.wait()).await {
-                Ok(Ok(s)) => Some(s.to_string()),
-                _ => {
-                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
-                    let _ = c.wait().await;
-                    Some("killed after QMP closed".into())
+        let (mut child, status) = match child {
+            Some(c) if shutdown.is_some() => {
+                if wait_exiting(pid).await {
+                    (Some(c), None)
+                } else {
+                    (None, reap(Some(c), pid, &marker).await)
                 }
-            },
-            None => {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while process::is_alive(pid, &marker) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                if process::is_alive(pid, &marker) {
-                    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
-                }
-                None
             }
+            c => (None, reap(c, pid, &marker).await),
         };
+        let leaving = closed.elapsed();
         // The guest's memory is gone with it; free the RAM file (it lives in /dev/shm).
         qemu_files::free_ram_file(&paths.ram);
         self.publish(VmEvent::QemuGone { vm: name.into() }).await;
@@ -116,7 +113,15 @@ impl Manager {
             ),
         };
         tracing::info!(vm = name, reason = exit_info.reason, "stopped");
+        let freed = closed.elapsed();
         let recorded = self.record_stopped(slot, exit_info.clone());
+        tracing::debug!(
+            vm = name,
+            leaving_ms = leaving.as_millis() as u64,
+            freed_ms = freed.as_millis() as u64,
+            recorded_ms = closed.elapsed().as_millis() as u64,
+            "exit_phases"
+        );
         if let Err(e) = &recorded {
             tracing::error!(vm = name, "could not record the stop: {e}");
         }
@@ -126,6 +131,12 @@ impl Manager {
             recorded: recorded.is_ok(),
         })
         .await;
+        let _ = gone.link_stop.send(true);
+        *lock(&slot.rt) = None;
+        let _ = gone.recorded.send(true);
+        if let Some(c) = child.take() {
+            reap(Some(c), pid, &marker).await;
+        }
     }
 
     /// Record a stop and, with persistence on, seal the config the VM ran with (live changes and
@@ -221,6 +232,55 @@ pub(super) fn log_tail(path: &Path) -> String {
         "QEMU logged nothing".into()
     } else {
         format!("QEMU log: {tail}")
+    }
+}
+
+/// Who waits on a supervised QEMU's end, told by [`Manager::supervise`].
+pub(super) struct Gone {
+    /// Stops the VM's agent link.
+    pub link_stop: watch::Sender<bool>,
+    /// The stop is recorded and the slot free for a new QEMU (the old one's files may still be
+    /// open: see [`Runtime::exited`]).
+    pub recorded: watch::Sender<bool>,
+}
+
+/// Wait (polling every 2 ms, at most 10 s) until QEMU `pid` has begun to exit; false if it has
+/// not by then.
+async fn wait_exiting(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if process::is_exiting(pid) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Wait until QEMU has exited (our child: reaped, SIGKILLed after 10 s; adopted: gone from
+/// /proc); its exit status when it was our child.
+async fn reap(child: Option<tokio::process::Child>, pid: u32, marker: &str) -> Option<String> {
+    match child {
+        Some(mut c) => match tokio::time::timeout(Duration::from_secs(10), c.wait()).await {
+            Ok(Ok(s)) => Some(s.to_string()),
+            _ => {
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = c.wait().await;
+                Some("killed after QMP closed".into())
+            }
+        },
+        None => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while process::is_alive(pid, marker) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if process::is_alive(pid, marker) {
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            None
+        }
     }
 }
 
