@@ -60,6 +60,10 @@ def main():
             ticks.append((watch.wait() - t0) * 1000)
             print(f"  run {i + 1}: command {command[-1]:.0f} ms, guest ticks {ticks[-1]:.0f} ms")
             time.sleep(1.0)
+            # On disk first: droverds before 2026-12-03 reused a deleted state's id, and the
+            # deleted state's write-out then overwrote the next save's record.
+            poll(lambda: json.loads(drover("--output", "json", "snapshot", "show", vm, f"r{i}"))["phase"]
+                 == "durable", 600, 0.05)
             drover("snapshot", "delete", vm, f"r{i}")
         log = open(drover.log_path).read()
         phases = {}

@@ -228,3 +228,55 @@ fn guest_save_restore_with_data_and_host_snapshots() {
             .then_some(())
     });
 }
+
+/// A state deleted while its memory is still being written to disk, then a new save: the new
+/// state gets a new id and stays as saved; the deleted one does not come back. (Ids used to be
+/// reused, and the old write-out then wrote the deleted state's record over the new one.)
+#[test]
+fn a_state_deleted_during_its_write_out_stays_deleted_and_a_new_save_is_kept() {
+    let d = Daemon::start();
+    d.ok(&["vm", "create", "wo", "--memory", "512M"]);
+    d.ok(&["vm", "start", "wo", "--wait"]);
+    // Enough memory in use that writing the state out takes a while.
+    d.ok(&[
+        "vm",
+        "exec",
+        "wo",
+        "--timeout",
+        "300",
+        "--",
+        "sh",
+        "-c",
+        "mount -o remount,size=90% /tmp; head -c 300000000 /dev/urandom > /tmp/fill",
+    ]);
+    let a = d.json(&["snapshot", "create", "wo", "--name", "a"]);
+    d.ok(&["snapshot", "delete", "wo", "a"]);
+    let b = d.json(&["snapshot", "create", "wo", "--name", "b"]);
+    assert_ne!(a["id"], b["id"], "a deleted state's id was issued again");
+    let b_id = b["id"].as_str().unwrap_or_default().to_string();
+    wait_for("state b on disk", Duration::from_secs(120), || {
+        (d.json(&["snapshot", "show", "wo", &b_id])["phase"] == "durable").then_some(())
+    });
+    // Long enough for a's write-out to have ended, whatever it did.
+    std::thread::sleep(Duration::from_secs(3));
+    let list = d.json(&["snapshot", "list", "wo"]);
+    let names: Vec<(String, String, String)> = list
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|s| {
+                    (
+                        s["id"].as_str().unwrap_or_default().to_string(),
+                        s["name"].as_str().unwrap_or_default().to_string(),
+                        s["phase"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(names, vec![(b_id.clone(), "b".into(), "durable".into())]);
+    // And b is whole: it restores, and the guest still has its memory.
+    d.ok(&["snapshot", "restore", "wo", "b"]);
+    let out = d.ok(&["vm", "exec", "wo", "--", "sh", "-c", "wc -c < /tmp/fill"]);
+    assert_eq!(out.trim(), "300000000");
+}

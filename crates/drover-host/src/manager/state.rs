@@ -40,8 +40,35 @@ mod capture;
 
 pub(super) const STATES: &str = "states";
 
-/// Saved states' per-VM table.
-pub(super) const TABLES: &[super::VmTable] = &[super::VmTable::by_prefix(STATES)];
+/// The number of the last state id issued per VM (`s<N>`), so a deleted state's id is never
+/// issued again: work still under way for it (a write-out, a RAM file) must not meet a new
+/// state of the same name.
+const STATE_IDS: &str = "state_ids";
+
+/// Saved states' per-VM tables.
+pub(super) const TABLES: &[super::VmTable] = &[
+    super::VmTable::by_prefix(STATES),
+    super::VmTable::by_name(STATE_IDS),
+];
+
+/// The next state number: above every existing state's, above the last one issued (`issued`),
+/// and not one `taken` says is still in use elsewhere.
+fn next_state_number<'a>(
+    existing: impl Iterator<Item = &'a str>,
+    issued: u64,
+    taken: impl Fn(u64) -> bool,
+) -> u64 {
+    let mut n = existing
+        .filter_map(|id| id.strip_prefix('s')?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        .max(issued)
+        + 1;
+    while taken(n) {
+        n += 1;
+    }
+    n
+}
 
 /// Saved states' part in the VM events: the receiver kept ready for a VM's next save goes with
 /// its QEMU, before the stop is recorded (so a next start never finds one of the old QEMU).
@@ -417,23 +444,22 @@ impl Manager {
                 )?,
             )
         };
-        let mut n = self
-            .states(vm)?
-            .iter()
-            .filter_map(|s| s.id.trim_start_matches('s').parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
-            + 1;
         // A save a droverd crash cut off after the disks moved left its id in QEMU's node
         // names (and no state): skip it, or the node cannot be added again.
         let nodes: Vec<String> = lock(&rt.nodes).values().cloned().collect();
-        while running
-            .disks
-            .iter()
-            .any(|d| nodes.contains(&layer_node(d.id.as_str(), &format!("s{n}"))))
-        {
-            n += 1;
-        }
+        let issued: u64 = self.s.store.get(STATE_IDS, vm)?.unwrap_or(0);
+        let n = next_state_number(
+            self.states(vm)?.iter().map(|s| s.id.as_str()),
+            issued,
+            |n| {
+                running
+                    .disks
+                    .iter()
+                    .any(|d| nodes.contains(&layer_node(d.id.as_str(), &format!("s{n}"))))
+            },
+        );
+        // Durable before the id is used anywhere.
+        self.s.store.put(STATE_IDS, vm, &n)?;
         let id = format!("s{n}");
         let dir = self.states_dir(vm).join(&id);
         std::fs::create_dir_all(&dir).map_err(|e| io_ctx("creating", &dir, e))?;
@@ -881,7 +907,7 @@ impl Manager {
                 async {
                     self.seal_sections(&mut state, &devices, None)?;
                     state.phase = StatePhase::Ready;
-                    self.write_state(&state)?;
+                    self.write_state_kept(&state)?;
                     tracing::debug!(
                         vm = state.vm,
                         state = state.id,
@@ -920,11 +946,20 @@ impl Manager {
 
     /// Record that a state's capture or write-out failed, and drop its RAM copy.
     fn fail_capture(&self, mut state: StateInfo, e: HostError) {
-        tracing::warn!(vm = state.vm, state = state.id, "state capture failed: {e}");
         let _ = std::fs::remove_file(self.state_ram(&state.vm, &state.id));
+        if self.state(&state.vm, &state.id).is_err() {
+            // Deleted while its memory was written: nothing to record.
+            tracing::info!(
+                vm = state.vm,
+                state = state.id,
+                "state deleted before its capture ended: {e}"
+            );
+            return;
+        }
+        tracing::warn!(vm = state.vm, state = state.id, "state capture failed: {e}");
         state.phase = StatePhase::Failed;
         state.failure = Some(e.to_string());
-        if let Err(e) = self.write_state(&state) {
+        if let Err(e) = self.write_state_kept(&state) {
             tracing::warn!("could not record the failure of state {}: {e}", state.id);
         }
     }
@@ -1033,7 +1068,7 @@ impl Manager {
             m.sha256 = Some(sum);
         }
         state.phase = StatePhase::Durable;
-        self.write_state(state)?;
+        self.write_state_kept(state)?;
         self.evict_state_ram(&state.vm);
         Ok(())
     }
@@ -1254,6 +1289,19 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// [`Self::write_state`] for work that ran behind a save's answer (a stream, a write-out, a
+    /// failure): a state deleted meanwhile is not written back, and its RAM copy is dropped.
+    fn write_state_kept(&self, s: &StateInfo) -> Result<()> {
+        if self.state(&s.vm, &s.id).is_err() {
+            let _ = std::fs::remove_file(self.state_ram(&s.vm, &s.id));
+            return Err(HostError::NotFound(format!(
+                "state {} of VM {} was deleted while its memory was being written",
+                s.id, s.vm
+            )));
+        }
+        self.write_state(s)
     }
 
     pub(super) fn write_state(&self, s: &StateInfo) -> Result<()> {
@@ -1575,6 +1623,18 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_state_s_id_is_never_issued_again() {
+        // s1..s3 exist; s4 and s5 were issued and deleted: next is s6, not s4.
+        let ids = ["s1", "s3", "s2", "bogus"];
+        assert_eq!(next_state_number(ids.iter().copied(), 5, |_| false), 6);
+        // A first save, and one after older droverds (nothing recorded as issued).
+        assert_eq!(next_state_number(std::iter::empty(), 0, |_| false), 1);
+        assert_eq!(next_state_number(ids.iter().copied(), 0, |_| false), 4);
+        // Numbers still in QEMU's node names are skipped.
+        assert_eq!(next_state_number(ids.iter().copied(), 0, |n| n < 6), 6);
+    }
 
     #[test]
     fn auto_copies_what_fits_the_pause_budget_and_streams_the_rest() {
