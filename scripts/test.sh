@@ -56,12 +56,14 @@ if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
   # tells a VM without an agent), the cluster files (cluster_fence; cluster_services, 1-2 min:
   # a whole cluster.sh cluster, a lost host, controller and etcd member, a partition; not yet
   # run on 10.0) and metrics.
+  # The state-id test is skipped here: its rule is droverd's bookkeeping, the same on any QEMU.
   # The e2e tests are one binary (tests/e2e/tests/main.rs); a file's tests are picked by its
   # module's name.
   echo "==> end-to-end tests on QEMU 10.0 ($qemu10)" >&2
   DROVER_E2E_QEMU_DIR=$qemu10 DROVER_E2E_QEMU10_DIR=$qemu10 \
     cargo test -p drover-e2e --test e2e -- --test-threads="${TEST_THREADS:-2}" \
       lifecycle:: states:: runtime_config:: readopt:: bad_input:: hibernate:: clone:: \
-      migrate:: store:: privilege:: remote:: scan::
+      migrate:: store:: privilege:: remote:: scan:: \
+      --skip states::a_state_deleted_during_its_write_out
 fi
 echo "==> test suite finished in $(( $(date +%s) - start ))s" >&2

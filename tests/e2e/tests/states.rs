@@ -235,7 +235,7 @@ fn guest_save_restore_with_data_and_host_snapshots() {
 #[test]
 fn a_state_deleted_during_its_write_out_stays_deleted_and_a_new_save_is_kept() {
     let d = Daemon::start();
-    d.ok(&["vm", "create", "wo", "--memory", "512M"]);
+    d.ok(&["vm", "create", "wo", "--memory", "256M"]);
     d.ok(&["vm", "start", "wo", "--wait"]);
     // Enough memory in use that writing the state out takes a while.
     d.ok(&[
@@ -247,7 +247,7 @@ fn a_state_deleted_during_its_write_out_stays_deleted_and_a_new_save_is_kept() {
         "--",
         "sh",
         "-c",
-        "mount -o remount,size=90% /tmp; head -c 300000000 /dev/urandom > /tmp/fill",
+        "mount -o remount,size=90% /tmp; head -c 150000000 /dev/urandom > /tmp/fill",
     ]);
     let a = d.json(&["snapshot", "create", "wo", "--name", "a"]);
     d.ok(&["snapshot", "delete", "wo", "a"]);
@@ -278,5 +278,5 @@ fn a_state_deleted_during_its_write_out_stays_deleted_and_a_new_save_is_kept() {
     // And b is whole: it restores, and the guest still has its memory.
     d.ok(&["snapshot", "restore", "wo", "b"]);
     let out = d.ok(&["vm", "exec", "wo", "--", "sh", "-c", "wc -c < /tmp/fill"]);
-    assert_eq!(out.trim(), "300000000");
+    assert_eq!(out.trim(), "150000000");
 }
