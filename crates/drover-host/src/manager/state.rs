@@ -959,7 +959,8 @@ impl Manager {
         tracing::warn!(vm = state.vm, state = state.id, "state capture failed: {e}");
         state.phase = StatePhase::Failed;
         state.failure = Some(e.to_string());
-        if let Err(e) = self.write_state_kept(&state) {
+        // Checked just above that it still exists.
+        if let Err(e) = self.write_state(&state) {
             tracing::warn!("could not record the failure of state {}: {e}", state.id);
         }
     }
