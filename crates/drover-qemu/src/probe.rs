@@ -191,8 +191,12 @@ pub async fn probe(
         binary: binary.clone(),
         message,
     };
+    // What a killed droverd's probe left goes first; whatever this one leaves goes when it
+    // returns, on every path (the dir is the probe's alone).
+    let _ = std::fs::remove_dir_all(work_dir);
     std::fs::create_dir_all(work_dir)
         .map_err(|e| start(format!("creating {}: {e}", work_dir.display())))?;
+    let _cleanup = RemoveOnDrop(work_dir);
     let sock = work_dir.join("probe.sock");
     let log = work_dir.join("probe.log");
     let _ = std::fs::remove_file(&sock);
@@ -256,13 +260,18 @@ pub async fn probe(
     {
         let _ = child.kill().await;
     }
-    let _ = std::fs::remove_file(&sock);
-    let _ = std::fs::remove_file(&log);
-    // Nothing of the probe stays in the state dir (only removed when empty).
-    let _ = std::fs::remove_dir(work_dir);
     let mut p = result?;
     p.probe_ms = t0.elapsed().as_millis() as u64;
     Ok(p)
+}
+
+/// Removes a directory and what it holds when dropped.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0);
+    }
 }
 
 async fn query(qmp: &Qmp) -> Result<QemuProbe, ProbeError> {
@@ -362,6 +371,31 @@ pub fn parse(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A killed droverd's probe left its files: the next probe removes them, and leaves
+    /// nothing itself, whether it succeeds (the system's QEMU, where installed) or fails.
+    #[tokio::test]
+    async fn a_probe_leaves_nothing_in_its_dir_and_clears_a_killed_ones() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join(".probe");
+        let stale = |dir: &Path| {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("probe.log"), b"from a killed droverd").unwrap();
+            std::fs::write(dir.join("other"), b"x").unwrap();
+        };
+        let system = QemuInstall::system();
+        if system.emulator.exists() {
+            stale(&dir);
+            let p = probe(&system, Accel::Tcg, &dir).await;
+            assert!(p.is_ok(), "{:?}", p.err());
+            assert!(!dir.exists(), "left {:?}", std::fs::read_dir(&dir).ok());
+        }
+        stale(&dir);
+        let mut missing = QemuInstall::system();
+        missing.emulator = base.path().join("no-such-qemu");
+        assert!(probe(&missing, Accel::Tcg, &dir).await.is_err());
+        assert!(!dir.exists(), "a failed probe left its dir");
+    }
 
     fn probe_of(major: u32, minor: u32) -> QemuProbe {
         let alias = format!("pc-q35-{major}.{minor}");

@@ -85,6 +85,13 @@ impl Manager {
             let (Some(owner), Some(sub)) = (parts.next(), parts.next()) else {
                 continue;
             };
+            // The QEMU probe of a droverd killed while it probed (this one's probe is over).
+            if vm.is_none() && owner == ".probe" {
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                killed += 1;
+                tracing::info!(pid, "killed the QEMU probe of an earlier droverd");
+                continue;
+            }
             if vm.is_some_and(|v| v != owner) || !sub.starts_with("cap-") {
                 continue;
             }
