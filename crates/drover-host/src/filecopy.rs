@@ -40,8 +40,41 @@ pub fn copy_open(from: &File, to: &File, threads: usize) -> io::Result<(CopyKind
     let len = from.metadata()?.len();
     to.set_len(len)?;
     let data = extents(from, len)?;
+    let bytes = copy_extents(from, to, &data, threads)?;
+    // Durability is the caller's call: a save syncs after the guest has resumed.
+    Ok((CopyKind::Sparse, bytes))
+}
+
+/// Copy the first `max` data bytes of `from` (holes skipped) into the empty file `to`, as
+/// [`copy_open`] would, never by reflink: what a full copy's rate is measured on. Returns the
+/// data bytes copied.
+pub fn copy_prefix(from: &File, to: &File, max: u64, threads: usize) -> io::Result<u64> {
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let data = first_bytes(&extents(from, len)?, max);
+    copy_extents(from, to, &data, threads)
+}
+
+/// The first `max` bytes of `extents`, the last one cut short where needed.
+fn first_bytes(extents: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
+    let mut left = max;
+    let mut out = Vec::new();
+    for &(off, len) in extents {
+        if left == 0 {
+            break;
+        }
+        let take = len.min(left);
+        out.push((off, take));
+        left -= take;
+    }
+    out
+}
+
+/// Copy `data` (extents of `from`) into `to` at the same offsets, on up to `threads` threads;
+/// returns the bytes copied.
+fn copy_extents(from: &File, to: &File, data: &[(u64, u64)], threads: usize) -> io::Result<u64> {
     let bytes = data.iter().map(|(_, l)| l).sum();
-    let parts = split(&data, threads.max(1));
+    let parts = split(data, threads.max(1));
     if parts.len() <= 1 {
         for &(off, l) in parts.first().map(Vec::as_slice).unwrap_or_default() {
             copy_range(from, to, off, l)?;
@@ -63,8 +96,7 @@ pub fn copy_open(from: &File, to: &File, threads: usize) -> io::Result<(CopyKind
             })
         })?;
     }
-    // Durability is the caller's call: a save syncs after the guest has resumed.
-    Ok((CopyKind::Sparse, bytes))
+    Ok(bytes)
 }
 
 /// The data extents of `f` (offset, length), holes left out.
@@ -232,6 +264,39 @@ mod tests {
             if kind == CopyKind::Sparse {
                 assert!(bytes >= 3 * ((1 << 20) + 123), "{bytes}");
             }
+        }
+    }
+
+    #[test]
+    fn a_prefix_copy_takes_the_first_data_bytes_only() {
+        assert_eq!(
+            first_bytes(&[(0, 10), (100, 10), (200, 10)], 15),
+            vec![(0, 10), (100, 5)]
+        );
+        assert_eq!(first_bytes(&[(0, 10)], 0), vec![]);
+        assert_eq!(first_bytes(&[(0, 10)], 99), vec![(0, 10)]);
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a");
+        let mut f = File::create(&src).unwrap();
+        f.write_all(&[1u8; 4096]).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[2u8; 8192]).unwrap();
+        drop(f);
+        let dst = dir.path().join("b");
+        let to = File::create(&dst).unwrap();
+        let bytes = copy_prefix(&File::open(&src).unwrap(), &to, 8192, 2).unwrap();
+        assert_eq!(bytes, 8192);
+        let got = std::fs::read(&dst).unwrap();
+        assert_eq!(got.len(), (1 << 20) + 8192, "same length as the source");
+        assert!(got[..4096].iter().all(|&b| b == 1));
+        // Where the filesystem reports the hole, the prefix skips it.
+        let from = File::open(&src).unwrap();
+        if extents(&from, (1 << 20) + 8192).unwrap().len() == 2 {
+            assert!(got[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 2));
+            assert!(
+                got[(1 << 20) + 4096..].iter().all(|&b| b == 0),
+                "past the prefix"
+            );
         }
     }
 

@@ -134,6 +134,23 @@ impl RamMapping {
         Ok(self.open()?.metadata()?.blocks() * 512)
     }
 
+    /// This host's copy rate now (bytes per second): up to `max` bytes of the memory copied
+    /// on `threads` threads into a scratch file `scratch` (removed again), the guest running.
+    /// A busy host copies slower than the rate its last save measured; a save that pauses the
+    /// guest for a copy asks this first.
+    pub fn copy_rate_now(&self, scratch: &Path, max: u64, threads: usize) -> io::Result<u64> {
+        let to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(scratch)?;
+        let t = std::time::Instant::now();
+        let copied = filecopy::copy_prefix(&self.open()?, &to, max, threads);
+        let secs = t.elapsed().as_secs_f64().max(1e-6);
+        drop(to);
+        let _ = std::fs::remove_file(scratch);
+        Ok((copied? as f64 / secs) as u64)
+    }
+
     /// Copy a shared mapping's memory into the new empty file `to` on up to `threads`
     /// threads; QEMU must be paused. Returns the data bytes copied.
     pub fn copy(&self, to: &File, threads: usize) -> io::Result<u64> {
@@ -240,6 +257,10 @@ mod tests {
         let to = new("copy");
         ram.copy(&to, 2).unwrap();
         assert_eq!(std::fs::read(dir.path().join("copy")).unwrap(), want);
+        // The rate probe copies, measures and leaves no file behind.
+        let scratch = dir.path().join("probe");
+        assert!(ram.copy_rate_now(&scratch, 2 * PAGE, 2).unwrap() > 0);
+        assert!(!scratch.exists());
         let private = find(pid, dir.path(), 2 * size).unwrap();
         assert!(!private.shared);
         assert!(private.copy(&new("copy2"), 1).is_err());

@@ -108,7 +108,7 @@ pub(super) fn choose_capture(
     touched: u64,
     rate: u64,
 ) -> std::result::Result<Capture, String> {
-    let fits = touched.saturating_mul(1000) / rate.max(1) <= COPY_PAUSE_BUDGET_MS;
+    let fits = copy_fits(touched, rate);
     match (asked, shared) {
         (Capture::Stream, _) => Ok(Capture::Stream),
         (Capture::Copy, Some(true)) => Ok(Capture::Copy),
@@ -119,6 +119,24 @@ pub(super) fn choose_capture(
         (Capture::Auto, Some(true)) if fits => Ok(Capture::Copy),
         (Capture::Auto, _) => Ok(Capture::Stream),
     }
+}
+
+/// Whether `touched` bytes copy within the pause budget at `rate` bytes per second.
+fn copy_fits(touched: u64, rate: u64) -> bool {
+    touched.saturating_mul(1000) / rate.max(1) <= COPY_PAUSE_BUDGET_MS
+}
+
+/// How much of a guest's memory the rate probe copies (32 ms at 2 GB/s).
+const PROBE_BYTES: u64 = 64 << 20;
+
+/// The rate probe's scratch file (swept at start).
+const PROBE_SUFFIX: &str = ".rate-probe";
+
+/// Whether `auto` measures the copy rate before it decides: when a copy fits the budget at the
+/// rate learned from the last copy but would not at a quarter of it (a host busy now), so a
+/// small guest saves without the probe and a large one streams without it.
+fn needs_probe(touched: u64, learned: u64) -> bool {
+    copy_fits(touched, learned) && !copy_fits(touched, learned / 4)
 }
 
 /// The block node of disk `disk`'s overlay made by the save of state `id`.
@@ -437,7 +455,17 @@ impl Manager {
                 .as_ref()
                 .and_then(|m| m.touched_bytes().ok())
                 .unwrap_or(u64::MAX);
-            let rate = self.s.copy_rate.load(std::sync::atomic::Ordering::Relaxed);
+            let learned = self.s.copy_rate.load(std::sync::atomic::Ordering::Relaxed);
+            let rate = match &ram {
+                Some(m)
+                    if capture == Capture::Auto && m.shared && needs_probe(touched, learned) =>
+                {
+                    self.copy_rate_now(vm, m)
+                        .await
+                        .map_or(learned, |now| now.min(learned))
+                }
+                _ => learned,
+            };
             Some(
                 choose_capture(capture, ram.as_ref().map(|m| m.shared), touched, rate).map_err(
                     |why| HostError::Conflict(format!("VM {vm}'s memory cannot be copied: {why}")),
@@ -965,6 +993,31 @@ impl Manager {
         }
     }
 
+    /// The rate a copy of VM `vm`'s memory runs at now, measured on a part of it while the
+    /// guest runs; `None` (logged) when it could not be measured.
+    async fn copy_rate_now(&self, vm: &str, ram: &crate::guest_ram::RamMapping) -> Option<u64> {
+        let scratch = self.ram_dir().join(format!("{vm}{PROBE_SUFFIX}"));
+        let m = ram.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            m.copy_rate_now(&scratch, PROBE_BYTES, copy_threads())
+        })
+        .await;
+        match measured {
+            Ok(Ok(rate)) => {
+                tracing::debug!(vm, rate, "memory copy rate measured before the save");
+                Some(rate)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(vm, error = %e, "memory copy rate not measured");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(vm, error = %e, "memory copy rate not measured");
+                None
+            }
+        }
+    }
+
     /// Copy a paused guest's memory to state `id`'s RAM file (through a temporary name), and
     /// learn this host's copy rate from it.
     async fn copy_guest_ram(
@@ -1132,6 +1185,7 @@ impl Manager {
                 // ... and RAM files a killed droverd was freeing.
                 if n.ends_with(LOADING_SUFFIX)
                     || n.ends_with(COPYING_SUFFIX)
+                    || n.ends_with(PROBE_SUFFIX)
                     || n.contains(super::qemu_files::FREEING_SUFFIX)
                 {
                     let _ = std::fs::remove_file(e.path());
@@ -1635,6 +1689,20 @@ mod tests {
         assert_eq!(next_state_number(ids.iter().copied(), 0, |_| false), 4);
         // Numbers still in QEMU's node names are skipped.
         assert_eq!(next_state_number(ids.iter().copied(), 0, |n| n < 6), 6);
+    }
+
+    #[test]
+    fn auto_measures_the_rate_only_when_the_choice_hangs_on_it() {
+        let rate = 2_000_000_000;
+        let mib = 1u64 << 20;
+        // 300 MiB: 0.16 s at the learned rate, 0.63 s at a quarter: a copy either way.
+        assert!(!needs_probe(300 * mib, rate));
+        // 1 GiB: 0.54 s learned, 2.1 s at a quarter: measured first.
+        assert!(needs_probe(1024 * mib, rate));
+        // 3 GiB: over the budget already: a stream, nothing to measure.
+        assert!(!needs_probe(3 * 1024 * mib, rate));
+        // Nothing learned yet (0) never divides by zero and never copies.
+        assert!(!needs_probe(mib, 0));
     }
 
     #[test]
