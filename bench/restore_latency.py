@@ -20,7 +20,7 @@ Usage: bench/restore_latency.py [RUNS] [--memory MIB] [--qemu-dir DIR]
 import argparse, json, re, statistics, time
 
 from common import Droverd, poll
-from state import fill_ram
+from state import filled_guest
 import state_libvirt
 
 
@@ -32,13 +32,7 @@ def main():
     a = p.parse_args()
     with Droverd("drover-rl.", log="info,drover_host=debug", qemu_dir=a.qemu_dir) as drover:
         vm = "rl"
-        drover("vm", "create", vm, "--memory", f"{a.memory}M")
-        drover("vm", "start", vm, "--wait")
-
-        def sh(script):
-            return drover("vm", "exec", vm, "--timeout", "600", "--", "sh", "-c", script)
-
-        fill_ram(sh, int(a.memory * 0.75))
+        sh = filled_guest(drover, vm, a.memory)
         sh(state_libvirt.TICKER)
         time.sleep(0.5)
         console = f"{drover.tmp}/state/vms/{vm}/console.log"

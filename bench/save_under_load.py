@@ -19,7 +19,7 @@ Usage: bench/save_under_load.py [RUNS] [--memory MIB] [--load N] [--qemu-dir DIR
 import argparse, json, re, statistics, subprocess, time
 
 from common import Droverd, poll
-from state import fill_ram
+from state import filled_guest
 
 
 def main():
@@ -31,13 +31,7 @@ def main():
     a = p.parse_args()
     with Droverd("drover-sl.", log="info,drover_host=debug", qemu_dir=a.qemu_dir) as drover:
         vm = "sl"
-        drover("vm", "create", vm, "--memory", f"{a.memory}M")
-        drover("vm", "start", vm, "--wait")
-
-        def sh(script):
-            return drover("vm", "exec", vm, "--timeout", "600", "--", "sh", "-c", script)
-
-        fill_ram(sh, int(a.memory * 0.75))
+        filled_guest(drover, vm, a.memory)
         seen = {"idle": [], "busy": []}
         for i in range(a.runs):
             kind = "busy" if i % 2 else "idle"

@@ -64,6 +64,19 @@ def fill_ram(sh, fill_mib):
     sh(f"for i in $(seq {max(1, fill_mib // 64 - 1)}); do cat /tmp/chunk; done > /tmp/fill")
 
 
+def filled_guest(drover, vm, memory_mib):
+    """Create and boot VM `vm` with `memory_mib` MiB, RAM 75 % filled (fill_ram); returns its
+    `sh(script)`, which runs a shell script in the guest."""
+    drover("vm", "create", vm, "--memory", f"{memory_mib}M")
+    drover("vm", "start", vm, "--wait")
+
+    def sh(script):
+        return drover("vm", "exec", vm, "--timeout", "600", "--", "sh", "-c", script)
+
+    fill_ram(sh, int(memory_mib * 0.75))
+    return sh
+
+
 def bench(runs, version, qemu_dir, sizes, side=None):
     """One QEMU installation: {size: {figure: median ms}}. With `side` (a state_libvirt.Side),
     each run follows one of libvirt's on a guest of the same size, and restores are also timed
