@@ -388,7 +388,13 @@ mod tests {
             stale(&dir);
             let p = probe(&system, Accel::Tcg, &dir).await;
             assert!(p.is_ok(), "{:?}", p.err());
-            assert!(!dir.exists(), "left {:?}", std::fs::read_dir(&dir).ok());
+            let left: Vec<_> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert!(!dir.exists(), "the probe left its dir, holding {left:?}");
         }
         stale(&dir);
         let mut missing = QemuInstall::system();
