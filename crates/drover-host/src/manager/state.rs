@@ -1001,15 +1001,13 @@ impl Manager {
         let measured = tokio::task::spawn_blocking(move || {
             m.copy_rate_now(&scratch, PROBE_BYTES, copy_threads())
         })
-        .await;
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match measured {
-            Ok(Ok(rate)) => {
+            Ok(rate) => {
                 tracing::debug!(vm, rate, "memory copy rate measured before the save");
                 Some(rate)
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(vm, error = %e, "memory copy rate not measured");
-                None
             }
             Err(e) => {
                 tracing::debug!(vm, error = %e, "memory copy rate not measured");
