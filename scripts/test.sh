@@ -37,21 +37,14 @@ debian_log=$PWD/target/debian-image.log
 step "building the Debian guest image in the background (log: $debian_log)"
 scripts/image-build.sh --distro debian-12 >"$debian_log" 2>&1 &
 debian_pid=$!
-# The packages (xz, lintian: one core) are made and checked behind clippy too.
-packages_log=$PWD/target/packages.log
-step "Debian packages in the background (built from these binaries, then checked; log: $packages_log)"
-{ PROFILE=debug NO_BUILD=1 scripts/package.sh >/dev/null && scripts/check-packages.sh; } >"$packages_log" 2>&1 &
-packages_pid=$!
+# (Made behind clippy, the packages slowed it by more than they took: 305 s against 73 + 180.)
+step "Debian packages (built from these binaries, then checked)"
+PROFILE=debug NO_BUILD=1 scripts/package.sh >/dev/null
+scripts/check-packages.sh
 step "clippy"
 cargo clippy -q --workspace --all-targets -- -D warnings
 step "building the tests"
 cargo test --workspace --no-run -q
-if ! wait "$packages_pid"; then
-  cat "$packages_log" >&2
-  echo "test.sh: the Debian packages failed their checks" >&2
-  exit 1
-fi
-tail -n 1 "$packages_log" >&2
 if ! wait "$debian_pid"; then
   echo "warning: the Debian image did not build in the background ($debian_log):" >&2
   tail -n 20 "$debian_log" >&2
@@ -71,7 +64,8 @@ if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
   # run on 10.0) and metrics.
   # Also left to the first pass: what is droverd's own logic, the same on any QEMU: bad input,
   # the store, remotes and tokens, scans, the state-id rule, a migration's failure handling,
-  # who may change persistence, request floods.
+  # who may change persistence, request floods, files in and out of the guest (the agent's),
+  # force-delete and kill, and the crash and refusal paths of live changes and clones.
   # The e2e tests are one binary (tests/e2e/tests/main.rs); a file's tests are picked by its
   # module's name. `--workspace` keeps the features of the first pass's build, so the binary is
   # not built again (with `-p drover-e2e` it was: a minute).
@@ -82,6 +76,10 @@ if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
       --skip states::a_state_deleted_during_its_write_out \
       --skip migrate::failures_leave_the_vm_running_on_exactly_one_host \
       --skip runtime_config::only_authorised_callers_change_persistence \
-      --skip privilege::unauthorised_bodies_and_idle_floods_do_not_reach_droverd
+      --skip privilege::unauthorised_bodies_and_idle_floods_do_not_reach_droverd \
+      --skip lifecycle::files_copy_into_and_out_of_the_guest_byte_for_byte \
+      --skip lifecycle::force_delete_and_kill_when_the_guest_ignores_shutdown \
+      --skip runtime_config::crash_after_change_refusals_guest_requests_and_persistence_off \
+      --skip clone::a_clone_cut_off_before_its_identity_gets_it_from_the_next_droverd
 fi
 step "test suite finished"
