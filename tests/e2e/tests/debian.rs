@@ -245,11 +245,19 @@ fn debian_guest_with_packaged_agent_seed_ssh_saves_and_clean_stop() {
         prev.contains("Stopped") || prev.contains("Stopping"),
         "{prev}"
     );
-    let kernel = sh(
-        &d,
-        "journalctl -b 0 -k -q --no-pager -o cat | grep EXT4-fs || true",
+    // The agent can answer before journald has read the kernel's early messages: wait for
+    // them (a suite run once found none at the first look).
+    let kernel = wait_for(
+        "the kernel's ext4 messages in the journal",
+        Duration::from_secs(60),
+        || {
+            let k = sh(
+                &d,
+                "journalctl -b 0 -k -q --no-pager -o cat | grep EXT4-fs || true",
+            );
+            k.contains("EXT4-fs (vda)").then_some(k)
+        },
     );
-    assert!(kernel.contains("EXT4-fs (vda)"), "{kernel}");
     assert!(
         !kernel.contains("recovery complete") && !kernel.contains("orphan"),
         "the root filesystem needed recovery after the stop:\n{kernel}"
