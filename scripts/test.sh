@@ -65,7 +65,11 @@ if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
   # Also left to the first pass: what is droverd's own logic, the same on any QEMU: bad input,
   # the store, remotes and tokens, scans, the state-id rule, a migration's failure handling,
   # who may change persistence, request floods, files in and out of the guest (the agent's),
-  # force-delete and kill, and the crash and refusal paths of live changes and clones.
+  # force-delete and kill, and the crash and refusal paths of live changes and clones. For
+  # CI's time, also the ten clones (90 s; a clone maps its state's memory as every restore
+  # does, which states:: and hibernate:: run here) and a resume grown by hot-plug (69 s; its
+  # memory hot-plug is runtime_config::live_changes', which runs here; its vCPU hot-plug is
+  # no longer run on 10.0 here; it passed on 10.0 in every suite run up to 2026-12-03).
   # The e2e tests are one binary (tests/e2e/tests/main.rs); a file's tests are picked by its
   # module's name. `--workspace` keeps the features of the first pass's build, so the binary is
   # not built again (with `-p drover-e2e` it was: a minute).
@@ -80,6 +84,8 @@ if [ "${DROVER_TEST_QEMU10:-1}" != 0 ]; then
       --skip lifecycle::files_copy_into_and_out_of_the_guest_byte_for_byte \
       --skip lifecycle::force_delete_and_kill_when_the_guest_ignores_shutdown \
       --skip runtime_config::crash_after_change_refusals_guest_requests_and_persistence_off \
-      --skip clone::a_clone_cut_off_before_its_identity_gets_it_from_the_next_droverd
+      --skip clone::a_clone_cut_off_before_its_identity_gets_it_from_the_next_droverd \
+      --skip clone::clones_get_their_own_identity_share_the_template_memory_and_never_write_its_state \
+      --skip hibernate::resume_grows_the_vm_to_the_shape_asked_and_refuses_one_it_cannot_reach
 fi
 step "test suite finished"
