@@ -138,6 +138,10 @@ pub(crate) struct RestoreSpec {
     pub plugged: drover_model::Plugged,
 }
 
+/// The QEMU probe's directory under `run/` (the start-up sweep kills a killed droverd's probe
+/// QEMU by it).
+const PROBE_DIR: &str = ".probe";
+
 const VMS: &str = "vms";
 /// The lifecycle's own per-VM tables (every feature declares its own: [`registry`]).
 const TABLES: &[VmTable] = &[
@@ -422,7 +426,7 @@ impl Manager {
         let probe = match drover_qemu::probe::probe(
             &cfg.qemu,
             accel.accel,
-            &cfg.state_dir.join("run").join(".probe"),
+            &cfg.state_dir.join("run").join(PROBE_DIR),
         )
         .await
         {

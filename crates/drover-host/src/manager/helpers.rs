@@ -86,7 +86,7 @@ impl Manager {
                 continue;
             };
             // The QEMU probe of a droverd killed while it probed (this one's probe is over).
-            if vm.is_none() && owner == ".probe" {
+            if vm.is_none() && owner == super::PROBE_DIR {
                 process::signal(pid, nix::sys::signal::Signal::SIGKILL);
                 killed += 1;
                 tracing::info!(pid, "killed the QEMU probe of an earlier droverd");
